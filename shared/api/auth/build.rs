@@ -1,0 +1,3 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    proto_build::compile(&["ordersaga/auth/v1/auth.proto"], "auth_descriptor")
+}

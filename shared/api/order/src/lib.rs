@@ -1,0 +1,14 @@
+//! OrderService contract and the order aggregate's events.
+//!
+//! Generated from `proto/ordersaga/order/v1/order.proto` by `build.rs`; edit the `.proto`, not
+//! this crate.
+
+/// Generated messages, client and server of `ordersaga.order.v1`.
+#[allow(unreachable_pub, missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("ordersaga.order.v1");
+}
+
+/// Encoded `FileDescriptorSet` of this API and everything it imports, for
+/// server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/order_descriptor.bin"));

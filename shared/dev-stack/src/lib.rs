@@ -1,0 +1,27 @@
+//! The machinery that runs real infrastructure without containers.
+//!
+//! `cargo xtask up` and every integration test use the same pieces:
+//!
+//! - [`tools`] finds the PostgreSQL server binaries and fetches the broker
+//!   (`tansu`, a Kafka-protocol broker) and `grpcurl` into the build tree;
+//! - [`PostgresServer`] runs a private cluster in a temporary folder on a
+//!   free port, [`Broker`] a private broker;
+//! - [`Supervised`] runs a child process that cannot outlive its parent, so
+//!   a test binary killed mid-run leaves no server behind;
+//! - [`TestEnv`] gives each test its own database and topic names on one
+//!   stack per test run, and [`FaultProxy`] lets a test cut a connection.
+
+mod broker;
+mod ports;
+mod postgres;
+mod process;
+mod proxy;
+mod test_env;
+pub mod tools;
+
+pub use broker::Broker;
+pub use ports::free_port;
+pub use postgres::PostgresServer;
+pub use process::Supervised;
+pub use proxy::FaultProxy;
+pub use test_env::{KAFKA_ENV, POSTGRES_ENV, TestDatabase, TestEnv};

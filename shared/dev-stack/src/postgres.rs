@@ -1,0 +1,176 @@
+use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use sqlx::Connection as _;
+
+use crate::process::{Spawn, Supervised};
+use crate::{free_port, tools};
+
+/// A private PostgreSQL cluster in a temporary folder, on a free port of
+/// 127.0.0.1, with `trust` authentication and durability switched off
+/// (`fsync=off`): it exists for development and tests, never for data.
+///
+/// Dropping it stops the server and deletes the folder.
+#[derive(Debug)]
+pub struct PostgresServer {
+    port: u16,
+    folder: PathBuf,
+    process: Supervised,
+}
+
+impl PostgresServer {
+    /// Initialises and starts a cluster, returning once it accepts queries.
+    ///
+    /// PostgreSQL refuses to run as root; when we are root it runs as the
+    /// `postgres` system user, which owns the cluster's folder.
+    pub async fn start() -> anyhow::Result<Self> {
+        // The port is free when chosen but could be taken before the server
+        // binds it; a server that dies at start is retried on another port.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once().await {
+                Ok(server) => return Ok(server),
+                Err(error) if attempt < 3 => {
+                    tracing::warn!(%error, "postgres did not start; trying another port");
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn start_once() -> anyhow::Result<Self> {
+        let bin = tools::postgres_bin_dir()?;
+        let user = server_user()?;
+        let folder = tempfile::Builder::new().prefix("ordersaga-pg-").tempdir()?.keep();
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&folder, Some(uid), Some(gid))?;
+        }
+        let data = folder.join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        if let Some((uid, gid)) = user {
+            initdb.uid(uid).gid(gid);
+        }
+        let output = initdb.output().context("running initdb")?;
+        if !output.status.success() {
+            let _ = std::fs::remove_dir_all(&folder);
+            bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        }
+
+        let port = free_port()?;
+        let log = folder.join("postgres.log");
+        let process = Supervised::spawn(Spawn {
+            name: "postgres",
+            program: &bin.join("postgres"),
+            args: server_args(&data, &folder, port),
+            env: vec![],
+            env_remove: &[],
+            stop_signal: "INT", // fast shutdown: do not wait for clients
+            log: &log,
+            user,
+            // Removed by the watchdog, also when we never get to Drop.
+            scratch: Some(&folder),
+        })?;
+        let mut server = Self { port, folder, process };
+        if let Err(error) = server.wait_ready(Duration::from_secs(30)).await {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(error.context(format!("postgres log:\n{log}")));
+        }
+        Ok(server)
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of the `postgres` superuser on `database`.
+    pub fn admin_url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The server process, for fault injection (`STOP`, `CONT`, `KILL`).
+    pub fn process(&self) -> &Supervised {
+        &self.process
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let url = self.admin_url("postgres");
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match sqlx::PgConnection::connect(&url).await {
+                Ok(connection) => {
+                    connection.close().await?;
+                    return Ok(());
+                }
+                Err(error) => {
+                    if !self.process.is_running() || tokio::time::Instant::now() > deadline {
+                        bail!("postgres on port {} did not come up: {error}", self.port);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        let _ = self.process.stop(Duration::from_secs(10));
+        let _ = std::fs::remove_dir_all(&self.folder);
+    }
+}
+
+fn server_args(data: &Path, socket_dir: &Path, port: u16) -> Vec<String> {
+    let mut args = vec![
+        "-D".to_owned(),
+        data.display().to_string(),
+        "-p".to_owned(),
+        port.to_string(),
+        "-k".to_owned(),
+        socket_dir.display().to_string(),
+    ];
+    for setting in [
+        "listen_addresses=127.0.0.1",
+        // Tests run many services with their own pools at once.
+        "max_connections=400",
+        // Throwaway data: trade durability for speed.
+        "fsync=off",
+        "synchronous_commit=off",
+        "full_page_writes=off",
+        "log_min_messages=warning",
+    ] {
+        args.push("-c".to_owned());
+        args.push(setting.to_owned());
+    }
+    args
+}
+
+/// `Some((uid, gid))` of the `postgres` system user when we are root (the
+/// server will not run as root), `None` otherwise.
+fn server_user() -> anyhow::Result<Option<(u32, u32)>> {
+    let we_are_root = std::fs::metadata("/proc/self")
+        .map(|meta| meta.uid() == 0)
+        .unwrap_or(false);
+    if !we_are_root {
+        return Ok(None);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
+    for line in passwd.lines() {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.first() == Some(&"postgres") && fields.len() > 3 {
+            return Ok(Some((fields[2].parse()?, fields[3].parse()?)));
+        }
+    }
+    bail!("running as root, and PostgreSQL will not: create a `postgres` system user to run it as")
+}

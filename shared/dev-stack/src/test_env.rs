@@ -1,0 +1,119 @@
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use sqlx::Connection as _;
+use tokio::sync::OnceCell;
+
+use crate::{Broker, PostgresServer, broker, tools};
+
+/// Set by `cargo xtask test`: the superuser URL of a running PostgreSQL
+/// (without a database name) that tests share, one database each.
+pub const POSTGRES_ENV: &str = "ORDERSAGA_TEST_POSTGRES";
+/// Set by `cargo xtask test`: `host:port` of a running broker that tests
+/// share, with topic names of their own.
+pub const KAFKA_ENV: &str = "ORDERSAGA_TEST_KAFKA";
+
+/// The infrastructure of one test run: one PostgreSQL cluster and one
+/// broker, shared by every test of the run, each test with its own database
+/// and its own topic names, so tests run in parallel without seeing each
+/// other.
+///
+/// Under `cargo xtask test` the stack is the one xtask started (named by
+/// [`POSTGRES_ENV`] and [`KAFKA_ENV`]); under a plain `cargo test` each test
+/// binary starts its own on first use, which stops when the binary exits.
+#[derive(Debug)]
+pub struct TestEnv {
+    postgres_base_url: String,
+    bootstrap_servers: String,
+    tansu: PathBuf,
+    _owned: Option<(PostgresServer, Broker)>,
+}
+
+static ENV: OnceCell<TestEnv> = OnceCell::const_new();
+
+impl TestEnv {
+    /// The run's stack, started on first use.
+    pub async fn get() -> &'static TestEnv {
+        ENV.get_or_try_init(Self::init)
+            .await
+            .expect("starting the test stack (PostgreSQL and broker)")
+    }
+
+    async fn init() -> anyhow::Result<TestEnv> {
+        let tansu = tools::tansu()?;
+        match (std::env::var(POSTGRES_ENV), std::env::var(KAFKA_ENV)) {
+            (Ok(postgres_base_url), Ok(bootstrap_servers)) => Ok(TestEnv {
+                postgres_base_url,
+                bootstrap_servers,
+                tansu,
+                _owned: None,
+            }),
+            _ => {
+                let (postgres, broker) = tokio::try_join!(PostgresServer::start(), Broker::start())?;
+                Ok(TestEnv {
+                    postgres_base_url: format!("postgres://postgres@127.0.0.1:{}", postgres.port()),
+                    bootstrap_servers: broker.bootstrap_servers(),
+                    tansu,
+                    _owned: Some((postgres, broker)),
+                })
+            }
+        }
+    }
+
+    /// A new, empty database for one test.
+    pub async fn database(&self) -> anyhow::Result<TestDatabase> {
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", self.postgres_base_url))
+            .await
+            .context("connecting to the test cluster")?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+        admin.close().await?;
+        Ok(TestDatabase { base_url: self.postgres_base_url.clone(), name })
+    }
+
+    /// `host:port` of the broker.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+
+    /// A topic prefix no other test uses, such as `t3f9a1c2e.`.
+    pub fn unique_topic_prefix(&self) -> String {
+        format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    }
+
+    /// Creates topics on the run's broker.
+    pub fn create_topics(&self, names: &[String], partitions: u32) -> anyhow::Result<()> {
+        broker::create_topics(&self.tansu, &self.bootstrap_servers, names, partitions)
+    }
+}
+
+/// A database that belongs to one test.
+#[derive(Debug, Clone)]
+pub struct TestDatabase {
+    base_url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Superuser URL of this database.
+    pub fn admin_url(&self) -> String {
+        format!("{}/{}", self.base_url, self.name)
+    }
+
+    /// Provisions a service's role and schema here and returns the URL the
+    /// service connects with.
+    pub async fn provision(&self, account: &database::ServiceAccount) -> anyhow::Result<String> {
+        let admin = sqlx::PgPool::connect(&self.admin_url()).await?;
+        database::provision(&admin, account).await?;
+        admin.close().await;
+        let host = self.base_url.rsplit('@').next().unwrap_or_default();
+        Ok(format!(
+            "postgres://{}:{}@{host}/{}",
+            account.role, account.password, self.name
+        ))
+    }
+}

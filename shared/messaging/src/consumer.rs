@@ -1,0 +1,407 @@
+//! The idempotent consumer.
+//!
+//! For each record: open the envelope, then in one transaction insert the
+//! event id into the inbox and let the handler apply the event. A
+//! redelivered event finds its inbox row and has no second effect. A handler
+//! failure is retried with backoff; an event that fails for good (a
+//! permanent error, or transient errors past the retry budget) is published
+//! to the group's dead-letter topic with its error, recorded as such, and
+//! the consumer moves on. Infrastructure failures (the database is down) are
+//! not the event's fault: they are retried for as long as it takes, without
+//! spending the event's budget.
+//!
+//! Records are handled one at a time in arrival order, which keeps each
+//! aggregate's events (one key, one partition) in order.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prost::Message as _;
+use rdkafka::Message as _;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use sqlx::{PgConnection, PgPool};
+use telemetry::CorrelationId;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::{EventEnvelope, KafkaSettings, Topics, kafka};
+
+/// An event as handed to an [`EventHandler`].
+#[derive(Debug, Clone)]
+pub struct ReceivedEvent {
+    pub envelope: EventEnvelope,
+    pub event_id: Uuid,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The flow the event belongs to (from the envelope).
+    pub correlation: CorrelationId,
+}
+
+/// Why a handler did not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// Might succeed if tried again (a dependency was busy or down).
+    #[error("{0:#}")]
+    Transient(anyhow::Error),
+    /// Will never succeed (the event is malformed or makes no sense here):
+    /// dead-lettered without retrying.
+    #[error("{0:#}")]
+    Permanent(anyhow::Error),
+}
+
+/// Applies events of the topics a [`Consumer`] reads.
+pub trait EventHandler: Send + Sync + 'static {
+    /// Applies `event` using `conn`, which is inside the transaction that
+    /// also records the event in the inbox: both commit or neither does.
+    fn handle(
+        &self,
+        conn: &mut PgConnection,
+        event: &ReceivedEvent,
+    ) -> impl Future<Output = Result<(), HandleError>> + Send;
+}
+
+/// How often a failing event is tried before it is dead-lettered.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 5, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5) }
+    }
+}
+
+/// A consumer group member applying events with an [`EventHandler`]; see
+/// the module documentation.
+pub struct Consumer<H> {
+    group: String,
+    dead_letter_topic: String,
+    kafka: StreamConsumer,
+    producer: FutureProducer,
+    pool: PgPool,
+    handler: Arc<H>,
+    retry: RetryPolicy,
+}
+
+impl<H> std::fmt::Debug for Consumer<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").field("group", &self.group).finish_non_exhaustive()
+    }
+}
+
+/// Outcome of one event, as recorded in the inbox.
+enum Outcome {
+    Handled,
+    Duplicate,
+    Failed { error: String, attempts: u32 },
+}
+
+impl<H: EventHandler> Consumer<H> {
+    /// Joins consumer group `group` (prefixed like the topics) and
+    /// subscribes to `topics`.
+    pub fn new(
+        settings: &KafkaSettings,
+        group: &str,
+        topics: &[String],
+        pool: PgPool,
+        producer: FutureProducer,
+        handler: H,
+    ) -> anyhow::Result<Self> {
+        let names = Topics::new(settings.topic_prefix.clone());
+        let group_id = names.consumer_group(group);
+        let kafka: StreamConsumer = kafka::consumer_config(settings, &group_id, &group_id)
+            .create()
+            .context("creating the Kafka consumer")?;
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        kafka.subscribe(&topic_refs).context("subscribing")?;
+        Ok(Self {
+            group: group_id,
+            dead_letter_topic: names.dead_letter(group),
+            kafka,
+            producer,
+            pool,
+            handler: Arc::new(handler),
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    /// Replaces the default retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Consumes until `shutdown`, then commits the offsets of what it
+    /// finished and leaves the group.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::default();
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => break,
+                message = self.kafka.recv() => message,
+            };
+            match message {
+                Ok(message) => {
+                    backoff.reset();
+                    if self.process(&message, &shutdown).await {
+                        if let Err(error) = self.kafka.store_offset_from_message(&message) {
+                            tracing::warn!(%error, "could not store the consumer offset");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, group = %self.group, "Kafka consumer error");
+                    backoff.wait(&shutdown).await;
+                }
+            }
+        }
+        if let Err(error) = self.kafka.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last commit, or the broker is gone:
+            // either way, redelivery is safe.
+            tracing::debug!(%error, "final offset commit");
+        }
+        tracing::debug!(group = %self.group, "consumer stopped");
+    }
+
+    /// Handles one record; returns false when shutdown interrupted it (the
+    /// record will be delivered again).
+    async fn process(&self, message: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> bool {
+        let headers: Vec<(String, String)> = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .filter_map(|h| Some((h.key.to_owned(), String::from_utf8(h.value?.to_vec()).ok()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let received = telemetry::propagation::extract(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let span = tracing::info_span!(
+            "consumer.process",
+            otel.name = format!("{} process", message.topic()),
+            otel.kind = "consumer",
+            messaging.system = "kafka",
+            messaging.operation.type = "process",
+            messaging.destination.name = message.topic(),
+            messaging.consumer.group.name = %self.group,
+            messaging.kafka.offset = message.offset(),
+            messaging.message.id = tracing::field::Empty,
+            correlation_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::propagation::adopt_parent(&span, received.context);
+
+        let event = match decode(message) {
+            Ok(event) => event,
+            Err(error) => {
+                // Not even an envelope: nothing to deduplicate on, straight
+                // to the dead-letter topic.
+                let error = format!("{error:#}");
+                tracing::error!(parent: &span, %error, "undecodable record");
+                return self.dead_letter(message, &error, 1, shutdown).instrument(span).await;
+            }
+        };
+        span.record("messaging.message.id", tracing::field::display(event.event_id));
+        span.record("correlation_id", tracing::field::display(&event.correlation));
+        let correlation = event.correlation.clone();
+        let work = async {
+            match self.apply_with_retries(&event, shutdown).await {
+                None => false,
+                Some(Outcome::Handled | Outcome::Duplicate) => true,
+                Some(Outcome::Failed { error, attempts }) => {
+                    tracing::error!(%error, attempts, "event failed for good; dead-lettering it");
+                    self.dead_letter(message, &error, attempts, shutdown).await
+                        && self.record_dead_lettered(&event, shutdown).await
+                }
+            }
+        };
+        telemetry::correlation::scope(correlation, work.instrument(span)).await
+    }
+
+    /// Applies the event until it succeeds, turns out to be a duplicate, or
+    /// fails for good; `None` if shutdown came first.
+    async fn apply_with_retries(&self, event: &ReceivedEvent, shutdown: &CancellationToken) -> Option<Outcome> {
+        let mut attempts = 0;
+        let mut handler_backoff = self.retry.initial_backoff;
+        let mut infrastructure_backoff = Backoff::default();
+        loop {
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            match self.apply_once(event).await {
+                Ok(outcome) => return Some(outcome),
+                Err(Failure::Infrastructure(error)) => {
+                    tracing::warn!(error = format!("{error:#}"), "database unavailable; will retry the event");
+                    infrastructure_backoff.wait(shutdown).await;
+                }
+                Err(Failure::Handler(HandleError::Permanent(error))) => {
+                    return Some(Outcome::Failed { error: format!("{error:#}"), attempts: attempts + 1 });
+                }
+                Err(Failure::Handler(HandleError::Transient(error))) => {
+                    attempts += 1;
+                    if attempts >= self.retry.max_attempts {
+                        return Some(Outcome::Failed { error: format!("{error:#}"), attempts });
+                    }
+                    tracing::warn!(error = format!("{error:#}"), attempts, "event failed; will retry");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(jitter(handler_backoff)) => {}
+                    }
+                    handler_backoff = (handler_backoff * 2).min(self.retry.max_backoff);
+                }
+            }
+        }
+    }
+
+    async fn apply_once(&self, event: &ReceivedEvent) -> Result<Outcome, Failure> {
+        let mut tx = self.pool.begin().await.map_err(infrastructure)?;
+        let first_time = sqlx::query(
+            "INSERT INTO inbox (consumer, event_id, outcome) VALUES ($1, $2, 'handled') ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.group)
+        .bind(event.event_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(infrastructure)?
+        .rows_affected()
+            == 1;
+        if !first_time {
+            tracing::debug!("duplicate delivery; already handled");
+            return Ok(Outcome::Duplicate);
+        }
+        if let Err(error) = self.handler.handle(&mut tx, event).await {
+            // A handler whose queries failed because the database went away
+            // is not at fault.
+            return Err(match &error {
+                HandleError::Transient(cause) | HandleError::Permanent(cause) if is_connection_error(cause) => {
+                    Failure::Infrastructure(error.into())
+                }
+                _ => Failure::Handler(error),
+            });
+        }
+        tx.commit().await.map_err(infrastructure)?;
+        Ok(Outcome::Handled)
+    }
+
+    /// Publishes the record unchanged to the dead-letter topic, with the
+    /// error and where it came from in headers. Retries until the broker
+    /// takes it; false if shutdown came first.
+    async fn dead_letter(
+        &self,
+        message: &BorrowedMessage<'_>,
+        error: &str,
+        attempts: u32,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut headers = message.headers().map(|h| h.detach()).unwrap_or_else(OwnedHeaders::new);
+        let source = format!("{}/{}/{}", message.topic(), message.partition(), message.offset());
+        let attempts = attempts.to_string();
+        for (key, value) in [
+            ("dead-letter-error", error),
+            ("dead-letter-consumer", self.group.as_str()),
+            ("dead-letter-source", source.as_str()),
+            ("dead-letter-attempts", attempts.as_str()),
+        ] {
+            headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
+        }
+        let mut backoff = Backoff::default();
+        loop {
+            let mut record = FutureRecord::to(&self.dead_letter_topic).headers(headers.clone());
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(payload) = message.payload() {
+                record = record.payload(payload);
+            }
+            match self.producer.send(record, Timeout::Never).await {
+                Ok(_) => return true,
+                Err((error, _)) => {
+                    tracing::warn!(%error, topic = %self.dead_letter_topic, "could not dead-letter; will retry");
+                    backoff.wait(shutdown).await;
+                    if shutdown.is_cancelled() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records that the event went to the dead-letter topic, so a
+    /// redelivery does not try it (and dead-letter it) again.
+    async fn record_dead_lettered(&self, event: &ReceivedEvent, shutdown: &CancellationToken) -> bool {
+        let mut backoff = Backoff::default();
+        loop {
+            let recorded = sqlx::query(
+                "INSERT INTO inbox (consumer, event_id, outcome) VALUES ($1, $2, 'dead_lettered')
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&self.group)
+            .bind(event.event_id)
+            .execute(&self.pool)
+            .await;
+            match recorded {
+                Ok(_) => return true,
+                Err(error) => {
+                    tracing::warn!(%error, "could not record a dead-lettered event; will retry");
+                    backoff.wait(shutdown).await;
+                    if shutdown.is_cancelled() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Failure {
+    /// The database was unreachable: retry without limit.
+    Infrastructure(anyhow::Error),
+    /// The handler refused or failed.
+    Handler(HandleError),
+}
+
+fn infrastructure(error: sqlx::Error) -> Failure {
+    Failure::Infrastructure(error.into())
+}
+
+/// Whether an error comes from losing the database rather than from the
+/// statement itself.
+fn is_connection_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_))
+        )
+    })
+}
+
+fn decode(message: &BorrowedMessage<'_>) -> anyhow::Result<ReceivedEvent> {
+    let payload = message.payload().context("record without a payload")?;
+    let envelope = EventEnvelope::decode(payload).context("payload is not an event envelope")?;
+    let event_id = Uuid::parse_str(&envelope.event_id).context("envelope event id is not a UUID")?;
+    let correlation = CorrelationId::parse(&envelope.correlation_id).unwrap_or_else(CorrelationId::generate);
+    Ok(ReceivedEvent {
+        event_id,
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        correlation,
+        envelope,
+    })
+}
+
+/// Full jitter on a backoff step, so retrying replicas spread out.
+fn jitter(duration: Duration) -> Duration {
+    duration.mul_f64(rand::random_range(0.5..=1.0))
+}

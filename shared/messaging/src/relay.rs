@@ -1,0 +1,282 @@
+//! The outbox relay: publishes committed outbox rows to Kafka.
+//!
+//! Order matters (one aggregate's events must reach its partition in the
+//! order they were written), so exactly one relay publishes at a time. Each
+//! batch runs in a transaction that first takes an advisory lock on the
+//! schema's outbox; replicas queue on that lock, and whoever holds it
+//! publishes the oldest rows, waits for the broker to acknowledge them, and
+//! deletes them before releasing it. A relay that dies mid-batch rolls back
+//! its delete, so the next holder publishes those rows again: delivery is at
+//! least once, and consumers deduplicate by event id.
+//!
+//! The relay sleeps on `LISTEN` and is woken by the `NOTIFY` that the outbox
+//! trigger sends on commit. A slow sweep also runs in case a notification
+//! was lost while the listening connection was being re-established.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::backoff::Backoff;
+
+/// Publishes one schema's outbox; see the module documentation.
+#[derive(Clone)]
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    batch_size: i64,
+    sweep_interval: Duration,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("batch_size", &self.batch_size).finish_non_exhaustive()
+    }
+}
+
+/// One outbox row, as claimed for publishing.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct OutboxRow {
+    id: i64,
+    event_id: uuid::Uuid,
+    topic: String,
+    message_key: String,
+    envelope: Vec<u8>,
+    headers: sqlx::types::Json<Vec<(String, String)>>,
+}
+
+impl Relay {
+    /// A relay for the schema `pool` is confined to.
+    pub fn new(pool: PgPool, producer: FutureProducer) -> Self {
+        Self { pool, producer, batch_size: 500, sweep_interval: Duration::from_secs(10) }
+    }
+
+    /// How often to look at the outbox without being notified (default 10 s):
+    /// a safety net for notifications lost while reconnecting.
+    pub fn with_sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// Runs until `shutdown`, publishing whenever the outbox is written.
+    /// Failures (database or broker down) are logged and retried with
+    /// backoff; the relay never gives up while the service runs.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::default();
+        'connect: while !shutdown.is_cancelled() {
+            let mut listener = match self.listen().await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "outbox relay cannot listen yet");
+                    backoff.wait(&shutdown).await;
+                    continue;
+                }
+            };
+            loop {
+                // Publish everything there is, including what was written
+                // while we were not listening.
+                if let Err(error) = self.publish_pending().await {
+                    tracing::warn!(error = format!("{error:#}"), "outbox relay could not publish; will retry");
+                    backoff.wait(&shutdown).await;
+                    continue 'connect;
+                }
+                backoff.reset();
+                tokio::select! {
+                    () = shutdown.cancelled() => break 'connect,
+                    received = listener.try_recv() => {
+                        // Ok(None) means the connection was lost and is being
+                        // re-established: notifications may have been missed,
+                        // and the loop publishes anyway.
+                        if let Err(error) = received {
+                            tracing::warn!(%error, "outbox relay lost its listening connection");
+                            continue 'connect;
+                        }
+                    }
+                    () = tokio::time::sleep(self.sweep_interval) => {}
+                }
+            }
+        }
+        tracing::debug!("outbox relay stopped");
+    }
+
+    async fn listen(&self) -> anyhow::Result<PgListener> {
+        let (schema,): (String,) = sqlx::query_as("SELECT current_schema()").fetch_one(&self.pool).await?;
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(&format!("{schema}.outbox")).await?;
+        Ok(listener)
+    }
+
+    /// Publishes the whole backlog, batch by batch; returns how many events
+    /// were published.
+    pub async fn publish_pending(&self) -> anyhow::Result<usize> {
+        let mut published = 0;
+        loop {
+            let mut tx = self.begin_turn().await?;
+            let batch = claim(&mut tx, self.batch_size).await?;
+            if batch.is_empty() {
+                tx.commit().await?;
+                return Ok(published);
+            }
+            let delivered = self.send(&batch).await;
+            let acknowledged = &batch[..delivered.acknowledged];
+            let ids: Vec<i64> = acknowledged.iter().map(|row| row.id).collect();
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await
+                .context("deleting published outbox rows")?;
+            tx.commit().await.context("committing published outbox rows")?;
+            published += acknowledged.len();
+            if let Some(error) = delivered.first_error {
+                return Err(error);
+            }
+            if batch.len() < usize::try_from(self.batch_size).unwrap_or(usize::MAX) {
+                return Ok(published);
+            }
+        }
+    }
+
+    /// Starts a transaction holding this schema's relay lock, waiting for
+    /// another replica's batch to finish if need be.
+    pub(crate) async fn begin_turn(&self) -> anyhow::Result<Transaction<'static, Postgres>> {
+        let mut tx = self.pool.begin().await.context("starting an outbox transaction")?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.outbox', 0))")
+            .execute(&mut *tx)
+            .await
+            .context("taking the outbox lock")?;
+        Ok(tx)
+    }
+
+    /// Hands the batch to the producer in order and waits for every
+    /// acknowledgement. Returns how long the prefix of acknowledged rows is,
+    /// and the first failure: rows after a failure stay in the outbox even
+    /// if the broker took them, so nothing is ever skipped.
+    pub(crate) async fn send(&self, batch: &[OutboxRow]) -> Delivery {
+        let sends = batch.iter().map(|row| {
+            let received = telemetry::propagation::extract(
+                row.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())),
+            );
+            let span = tracing::info_span!(
+                "outbox.publish",
+                otel.name = format!("{} publish", row.topic),
+                otel.kind = "producer",
+                messaging.system = "kafka",
+                messaging.operation.type = "send",
+                messaging.destination.name = %row.topic,
+                messaging.message.id = %row.event_id,
+                correlation_id = received.correlation.as_ref().map(ToString::to_string),
+                trace_id = tracing::field::Empty,
+            );
+            telemetry::propagation::adopt_parent(&span, received.context);
+            let mut headers = OwnedHeaders::new();
+            for (name, value) in telemetry::propagation::headers_for(&span, received.correlation.as_ref()) {
+                headers = headers.insert(Header { key: &name, value: Some(value.as_bytes()) });
+            }
+            let event_id = row.event_id.to_string();
+            headers = headers.insert(Header { key: "event-id", value: Some(event_id.as_bytes()) });
+            let record = FutureRecord::to(&row.topic)
+                .key(row.message_key.as_bytes())
+                .payload(&row.envelope)
+                .headers(headers);
+            self.producer.send(record, Timeout::Never).instrument(span)
+        });
+        let results = futures::future::join_all(sends).await;
+        let acknowledged = results.iter().take_while(|result| result.is_ok()).count();
+        let first_error = results.into_iter().find_map(Result::err).map(|(error, _message)| {
+            anyhow::Error::new(error).context("publishing to Kafka")
+        });
+        Delivery { acknowledged, first_error }
+    }
+}
+
+/// What [`Relay::send`] achieved.
+pub(crate) struct Delivery {
+    acknowledged: usize,
+    first_error: Option<anyhow::Error>,
+}
+
+/// The oldest `limit` rows, in write order. The caller holds the lock.
+pub(crate) async fn claim(tx: &mut Transaction<'static, Postgres>, limit: i64) -> anyhow::Result<Vec<OutboxRow>> {
+    sqlx::query_as("SELECT id, event_id, topic, message_key, envelope, headers FROM outbox ORDER BY id LIMIT $1")
+        .bind(limit)
+        .fetch_all(&mut **tx)
+        .await
+        .context("reading the outbox")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prost::Message as _;
+    use rdkafka::Message as _;
+    use telemetry::CorrelationId;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Relay, claim};
+    use crate::test_support::{Fixture, RecordingHandler, receive, widget_event};
+
+    #[tokio::test]
+    async fn a_relay_killed_between_publishing_and_marking_loses_nothing() {
+        let fixture = Fixture::new().await;
+        let topic = fixture.topics.order_events();
+        let reader = fixture.reader(&topic);
+        // One key, so one partition, so the copies arrive in a known order.
+        let mut tx = fixture.pool.begin().await.unwrap();
+        for _ in 0..3 {
+            let envelope = widget_event("same", &CorrelationId::generate());
+            crate::outbox::enqueue(&mut tx, &topic, &envelope).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+
+        // The first relay publishes its batch and dies before deleting it:
+        // its transaction never commits.
+        let doomed = Relay::new(fixture.pool.clone(), fixture.producer());
+        let mut turn = doomed.begin_turn().await.unwrap();
+        let batch = claim(&mut turn, 100).await.unwrap();
+        let delivery = doomed.send(&batch).await;
+        assert_eq!(delivery.acknowledged, 3);
+        drop(turn);
+
+        // Its successor finds the rows still there and publishes them again.
+        let successor = Relay::new(fixture.pool.clone(), fixture.producer());
+        assert_eq!(successor.publish_pending().await.unwrap(), 3);
+        let records = receive(&reader, 6, Duration::from_secs(20)).await;
+        let ids: Vec<String> = records
+            .iter()
+            .map(|r| crate::EventEnvelope::decode(r.payload().unwrap()).unwrap().event_id)
+            .collect();
+        assert_eq!(ids[..3], ids[3..], "the same three events, twice");
+
+        // The inbox absorbs the duplicates: once a marker written after them
+        // is handled, exactly the three events and the marker had effects.
+        let mut tx = fixture.pool.begin().await.unwrap();
+        crate::outbox::enqueue(&mut tx, &topic, &widget_event("same", &CorrelationId::generate())).await.unwrap();
+        tx.commit().await.unwrap();
+        successor.publish_pending().await.unwrap();
+        let shutdown = CancellationToken::new();
+        let consumer = crate::Consumer::new(
+            &fixture.kafka,
+            "shop-consumer",
+            &[topic],
+            fixture.pool.clone(),
+            fixture.producer(),
+            RecordingHandler::default(),
+        )
+        .unwrap();
+        let consuming = tokio::spawn(consumer.run(shutdown.clone()));
+        fixture.wait_for_effects(4).await;
+        shutdown.cancel();
+        consuming.await.unwrap();
+        let (handled,): (i64,) = sqlx::query_as("SELECT count(*) FROM inbox").fetch_one(&fixture.pool).await.unwrap();
+        assert_eq!(fixture.effects().await.len(), 4);
+        assert_eq!(handled, 4);
+    }
+}

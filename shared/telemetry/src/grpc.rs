@@ -1,0 +1,229 @@
+//! Tower layers that carry the trace context and the correlation id through
+//! gRPC metadata.
+//!
+//! On the server, [`ServerLayer`] opens one span per request (named and
+//! attributed after the OpenTelemetry RPC conventions), continues the
+//! caller's trace from `traceparent`, takes the caller's `x-correlation-id`
+//! or makes one, puts the [`CorrelationId`] into the request extensions and
+//! the task-local scope, and echoes it in the response headers.
+//!
+//! On the client, [`ClientLayer`] opens a client span and injects its trace
+//! context and the current correlation id into the outgoing metadata.
+//!
+//! Health checks and reflection pass through untraced: a probe every few
+//! seconds would bury the traces worth reading.
+
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::correlation::{self, CorrelationId};
+use crate::propagation;
+
+/// Server-side layer; see the module documentation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerLayer;
+
+impl<S> Layer<S> for ServerLayer {
+    type Service = ServerService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ServerService { inner }
+    }
+}
+
+/// The service [`ServerLayer`] wraps around a server.
+#[derive(Debug, Clone)]
+pub struct ServerService<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for ServerService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let correlation = CorrelationId::from_header_or_generate(
+            request.headers().get(correlation::HEADER).and_then(|value| value.to_str().ok()),
+        );
+        request.extensions_mut().insert(correlation.clone());
+        let span = if is_infrastructure(request.uri().path()) {
+            tracing::Span::none()
+        } else {
+            let rpc = Rpc::from_path(request.uri().path());
+            let span = tracing::info_span!(
+                "grpc.server",
+                otel.name = %rpc.full_name,
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                rpc.system = "grpc",
+                rpc.service = %rpc.service,
+                rpc.method = %rpc.method,
+                rpc.grpc.status_code = tracing::field::Empty,
+                correlation_id = %correlation,
+                trace_id = tracing::field::Empty,
+            );
+            let parent = TraceContextPropagator::new().extract(&MetadataExtractor(request.headers()));
+            propagation::adopt_parent(&span, parent);
+            span
+        };
+        let echoed = HeaderValue::from_str(correlation.as_str()).ok();
+
+        // Readiness was checked on `self.inner`; call that one and leave a
+        // fresh clone behind for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let future = span.in_scope(|| inner.call(request));
+        let handled = async move {
+            let mut response = future.await?;
+            record_status(response.headers());
+            if let Some(value) = echoed {
+                response.headers_mut().insert(correlation::HEADER, value);
+            }
+            Ok(response)
+        };
+        Box::pin(correlation::scope(correlation, handled.instrument(span)))
+    }
+}
+
+/// Client-side layer; see the module documentation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientLayer;
+
+impl<S> Layer<S> for ClientLayer {
+    type Service = ClientService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ClientService { inner }
+    }
+}
+
+/// The service [`ClientLayer`] wraps around a channel.
+#[derive(Debug, Clone)]
+pub struct ClientService<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for ClientService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let rpc = Rpc::from_path(request.uri().path());
+        let correlation = correlation::current();
+        let span = tracing::info_span!(
+            "grpc.client",
+            otel.name = %rpc.full_name,
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = %rpc.service,
+            rpc.method = %rpc.method,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        TraceContextPropagator::new().inject_context(&span.context(), &mut MetadataInjector(request.headers_mut()));
+        // A correlation id set explicitly on the request wins over the scope's.
+        if let Some(id) = correlation {
+            if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+                request.headers_mut().entry(correlation::HEADER).or_insert(value);
+            }
+        }
+
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let future = inner.call(request);
+        Box::pin(
+            async move {
+                let response = future.await?;
+                record_status(response.headers());
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Service and method of a gRPC request path `/package.Service/Method`.
+struct Rpc<'a> {
+    full_name: &'a str,
+    service: &'a str,
+    method: &'a str,
+}
+
+impl<'a> Rpc<'a> {
+    fn from_path(path: &'a str) -> Self {
+        let full_name = path.trim_start_matches('/');
+        let (service, method) = full_name.split_once('/').unwrap_or((full_name, ""));
+        Self { full_name, service, method }
+    }
+}
+
+fn is_infrastructure(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
+}
+
+/// Records the gRPC status on the current span. Errors a handler returns
+/// travel in the response headers ("trailers-only"); a response without
+/// `grpc-status` there is a normal reply whose status (almost always OK)
+/// follows in the trailers.
+fn record_status(headers: &HeaderMap) {
+    let code: i32 = headers
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0);
+    let span = tracing::Span::current();
+    span.record("rpc.grpc.status_code", code);
+    if code != 0 {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+struct MetadataExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (http::HeaderName::from_bytes(key.as_bytes()), HeaderValue::from_str(&value)) {
+            self.0.insert(name, value);
+        }
+    }
+}
