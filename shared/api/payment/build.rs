@@ -1,3 +1,6 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    proto_build::compile(&["ordersaga/payment/v1/payment.proto"], "payment_descriptor")
+    proto_build::compile(
+        &["ordersaga/payment/v1/payment.proto"],
+        "payment_descriptor",
+    )
 }

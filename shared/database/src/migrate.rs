@@ -30,11 +30,16 @@ pub struct MigrationSet {
 /// was applied, or dropping one from the list, is refused rather than
 /// silently diverging from what the database holds.
 pub async fn migrate(pool: &PgPool, sets: &[MigrationSet]) -> anyhow::Result<()> {
-    let mut tx = pool.begin().await.context("starting the migration transaction")?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.migrations', 0))")
-        .execute(&mut *tx)
+    let mut tx = pool
+        .begin()
         .await
-        .context("taking the migration lock")?;
+        .context("starting the migration transaction")?;
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.migrations', 0))",
+    )
+    .execute(&mut *tx)
+    .await
+    .context("taking the migration lock")?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
              component  TEXT        NOT NULL,
@@ -58,10 +63,20 @@ pub async fn migrate(pool: &PgPool, sets: &[MigrationSet]) -> anyhow::Result<()>
         .context("reading applied migrations")?;
 
         for (name, checksum) in &applied {
-            match set.migrations.iter().find(|migration| migration.name == name) {
-                None => bail!("migration {}/{name} was applied but is no longer known", set.component),
+            match set
+                .migrations
+                .iter()
+                .find(|migration| migration.name == name)
+            {
+                None => bail!(
+                    "migration {}/{name} was applied but is no longer known",
+                    set.component
+                ),
                 Some(migration) if checksum_of(migration.sql) != *checksum => {
-                    bail!("migration {}/{name} was changed after it was applied", set.component)
+                    bail!(
+                        "migration {}/{name} was changed after it was applied",
+                        set.component
+                    )
                 }
                 Some(_) => {}
             }
@@ -74,15 +89,23 @@ pub async fn migrate(pool: &PgPool, sets: &[MigrationSet]) -> anyhow::Result<()>
             sqlx::raw_sql(migration.sql)
                 .execute(&mut *tx)
                 .await
-                .with_context(|| format!("applying migration {}/{}", set.component, migration.name))?;
-            sqlx::query("INSERT INTO schema_migrations (component, name, checksum) VALUES ($1, $2, $3)")
-                .bind(set.component)
-                .bind(migration.name)
-                .bind(checksum_of(migration.sql))
-                .execute(&mut *tx)
-                .await
-                .context("recording a migration")?;
-            tracing::info!(component = set.component, migration = migration.name, "applied migration");
+                .with_context(|| {
+                    format!("applying migration {}/{}", set.component, migration.name)
+                })?;
+            sqlx::query(
+                "INSERT INTO schema_migrations (component, name, checksum) VALUES ($1, $2, $3)",
+            )
+            .bind(set.component)
+            .bind(migration.name)
+            .bind(checksum_of(migration.sql))
+            .execute(&mut *tx)
+            .await
+            .context("recording a migration")?;
+            tracing::info!(
+                component = set.component,
+                migration = migration.name,
+                "applied migration"
+            );
         }
     }
     tx.commit().await.context("committing migrations")?;

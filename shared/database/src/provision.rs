@@ -33,16 +33,33 @@ pub async fn provision(admin: &PgPool, account: &ServiceAccount) -> anyhow::Resu
     sqlx::raw_sql(sqlx::AssertSqlSafe(provision_sql(account)?))
         .execute(admin)
         .await
-        .with_context(|| format!("provisioning role {} and schema {}", account.role, account.schema))?;
+        .with_context(|| {
+            format!(
+                "provisioning role {} and schema {}",
+                account.role, account.schema
+            )
+        })?;
     Ok(())
 }
 
 /// The SQL that [`provision`] runs, for operators who provision by hand or
 /// from a deployment job.
 pub fn provision_sql(account: &ServiceAccount) -> anyhow::Result<String> {
-    ensure!(is_identifier(account.schema), "schema name {:?} is not a plain identifier", account.schema);
-    ensure!(is_identifier(account.role), "role name {:?} is not a plain identifier", account.role);
-    let ServiceAccount { schema, role, password } = account;
+    ensure!(
+        is_identifier(account.schema),
+        "schema name {:?} is not a plain identifier",
+        account.schema
+    );
+    ensure!(
+        is_identifier(account.role),
+        "role name {:?} is not a plain identifier",
+        account.role
+    );
+    let ServiceAccount {
+        schema,
+        role,
+        password,
+    } = account;
     let password = password.replace('\'', "''");
     Ok(format!(
         r#"
@@ -71,6 +88,8 @@ END $$;
 
 fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|first| first.is_ascii_lowercase() || first == '_')
+    chars
+        .next()
+        .is_some_and(|first| first.is_ascii_lowercase() || first == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }

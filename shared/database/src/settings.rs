@@ -75,7 +75,10 @@ pub async fn connect(settings: &DatabaseSettings, schema: &str) -> anyhow::Resul
             }
             Err(error) => {
                 return Err(error).with_context(|| {
-                    format!("database not reachable within {:?}", settings.connect_timeout)
+                    format!(
+                        "database not reachable within {:?}",
+                        settings.connect_timeout
+                    )
                 });
             }
         }

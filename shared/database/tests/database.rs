@@ -11,13 +11,23 @@ use sqlx::PgPool;
 const WIDGETS: MigrationSet = MigrationSet {
     component: "widgets",
     migrations: &[
-        Migration { name: "0001_widgets.sql", sql: include_str!("migrations/0001_widgets.sql") },
-        Migration { name: "0002_widget_colour.sql", sql: include_str!("migrations/0002_widget_colour.sql") },
+        Migration {
+            name: "0001_widgets.sql",
+            sql: include_str!("migrations/0001_widgets.sql"),
+        },
+        Migration {
+            name: "0002_widget_colour.sql",
+            sql: include_str!("migrations/0002_widget_colour.sql"),
+        },
     ],
 };
 
 fn account(schema: &'static str, role: &'static str) -> ServiceAccount {
-    ServiceAccount { schema, role, password: format!("{role}-test") }
+    ServiceAccount {
+        schema,
+        role,
+        password: format!("{role}-test"),
+    }
 }
 
 fn settings(url: &str) -> DatabaseSettings {
@@ -30,7 +40,9 @@ fn settings(url: &str) -> DatabaseSettings {
 
 async fn service_pool(db: &TestDatabase, account: &ServiceAccount) -> PgPool {
     let url = db.provision(account).await.unwrap();
-    database::connect(&settings(&url), account.schema).await.unwrap()
+    database::connect(&settings(&url), account.schema)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -42,14 +54,36 @@ async fn a_service_role_cannot_read_another_services_schema() {
     database::migrate(&beta, &[WIDGETS]).await.unwrap();
 
     // Unqualified names resolve to the service's own schema.
-    sqlx::query("INSERT INTO widgets (name) VALUES ('mine')").execute(&alpha).await.unwrap();
-    let (schema,): (String,) = sqlx::query_as("SELECT current_schema()").fetch_one(&alpha).await.unwrap();
+    sqlx::query("INSERT INTO widgets (name) VALUES ('mine')")
+        .execute(&alpha)
+        .await
+        .unwrap();
+    let (schema,): (String,) = sqlx::query_as("SELECT current_schema()")
+        .fetch_one(&alpha)
+        .await
+        .unwrap();
     assert_eq!(schema, "alpha");
 
-    let error = sqlx::query("SELECT * FROM alpha.widgets").fetch_all(&beta).await.unwrap_err();
-    assert!(error.to_string().contains("permission denied for schema alpha"), "{error}");
-    let error = sqlx::query("CREATE TABLE public.sneaky (id INT)").execute(&beta).await.unwrap_err();
-    assert!(error.to_string().contains("permission denied for schema public"), "{error}");
+    let error = sqlx::query("SELECT * FROM alpha.widgets")
+        .fetch_all(&beta)
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("permission denied for schema alpha"),
+        "{error}"
+    );
+    let error = sqlx::query("CREATE TABLE public.sneaky (id INT)")
+        .execute(&beta)
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("permission denied for schema public"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -70,15 +104,23 @@ async fn replicas_migrating_at_once_apply_each_migration_exactly_once() {
     }
 
     let pool = database::connect(&settings(&url), "gamma").await.unwrap();
-    let applied: Vec<(String,)> = sqlx::query_as("SELECT name FROM schema_migrations ORDER BY name")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    assert_eq!(applied, vec![("0001_widgets.sql".to_owned(),), ("0002_widget_colour.sql".to_owned(),)]);
-    let (colour,): (String,) = sqlx::query_as("INSERT INTO widgets (name) VALUES ('w') RETURNING colour")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let applied: Vec<(String,)> =
+        sqlx::query_as("SELECT name FROM schema_migrations ORDER BY name")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        applied,
+        vec![
+            ("0001_widgets.sql".to_owned(),),
+            ("0002_widget_colour.sql".to_owned(),)
+        ]
+    );
+    let (colour,): (String,) =
+        sqlx::query_as("INSERT INTO widgets (name) VALUES ('w') RETURNING colour")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(colour, "blue");
 }
 
@@ -91,12 +133,18 @@ async fn an_edited_migration_is_refused() {
     const EDITED: MigrationSet = MigrationSet {
         component: "widgets",
         migrations: &[
-            Migration { name: "0001_widgets.sql", sql: "CREATE TABLE widgets (id INT)" },
+            Migration {
+                name: "0001_widgets.sql",
+                sql: "CREATE TABLE widgets (id INT)",
+            },
             WIDGETS.migrations[1],
         ],
     };
     let error = database::migrate(&pool, &[EDITED]).await.unwrap_err();
-    assert!(error.to_string().contains("0001_widgets.sql was changed"), "{error}");
+    assert!(
+        error.to_string().contains("0001_widgets.sql was changed"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -107,18 +155,28 @@ async fn a_failing_migration_leaves_nothing_behind() {
         component: "widgets",
         migrations: &[
             WIDGETS.migrations[0],
-            Migration { name: "0002_broken.sql", sql: "ALTER TABLE no_such_table ADD COLUMN x INT" },
+            Migration {
+                name: "0002_broken.sql",
+                sql: "ALTER TABLE no_such_table ADD COLUMN x INT",
+            },
         ],
     };
     let error = database::migrate(&pool, &[BROKEN]).await.unwrap_err();
-    assert!(format!("{error:#}").contains("0002_broken.sql"), "{error:#}");
+    assert!(
+        format!("{error:#}").contains("0002_broken.sql"),
+        "{error:#}"
+    );
 
-    let (tables,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM pg_tables WHERE schemaname = 'epsilon' AND tablename = 'widgets'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(tables, 0, "the first migration must roll back with the second");
+    let (tables,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'epsilon' AND tablename = 'widgets'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        tables, 0,
+        "the first migration must roll back with the second"
+    );
 }
 
 #[tokio::test]
@@ -127,7 +185,10 @@ async fn connect_gives_up_after_its_timeout_naming_the_reason() {
     let mut settings = settings(&format!("postgres://nobody@127.0.0.1:{port}/nothing"));
     settings.connect_timeout = Duration::from_millis(300);
     let error = database::connect(&settings, "nothing").await.unwrap_err();
-    assert!(error.to_string().contains("database not reachable within"), "{error}");
+    assert!(
+        error.to_string().contains("database not reachable within"),
+        "{error}"
+    );
 }
 
 async fn futures_join<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {

@@ -36,10 +36,13 @@ impl Broker {
 
     async fn start_once() -> anyhow::Result<Self> {
         let tansu = tools::tansu()?;
-        let folder = tempfile::Builder::new().prefix("ordersaga-broker-").tempdir()?.keep();
+        let folder = tempfile::Builder::new()
+            .prefix("ordersaga-broker-")
+            .tempdir()?
+            .keep();
         let port = free_port()?;
         let listener = format!("tcp://127.0.0.1:{port}");
-        let process = Supervised::spawn(Spawn {
+        let process = Supervised::spawn(&Spawn {
             name: "tansu",
             program: &tansu,
             args: vec![
@@ -58,12 +61,24 @@ impl Broker {
             stop_signal: "TERM",
             log: &folder.join("tansu.log"),
             user: None,
-            // Removed by the watchdog, also when we never get to Drop.
+            // Removed by the watchdog once the broker has stopped.
             scratch: Some(&folder),
         })?;
-        let mut broker = Self { port, tansu, folder, process };
+        let mut broker = Self {
+            port,
+            tansu,
+            folder,
+            process,
+        };
         broker.wait_ready(Duration::from_secs(30)).await?;
         Ok(broker)
+    }
+
+    /// Stops the broker and waits for it (dropping it stops it without
+    /// waiting).
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.process.stop(Duration::from_secs(30))?;
+        Ok(())
     }
 
     /// `host:port` for `bootstrap.servers`.
@@ -79,7 +94,7 @@ impl Broker {
     /// Creates topics (each with `partitions` partitions); existing ones are
     /// left as they are.
     pub fn create_topics(&self, names: &[String], partitions: u32) -> anyhow::Result<()> {
-        create_topics(&self.tansu, &self.bootstrap_servers(), names, partitions)
+        create_topics_with(&self.tansu, &self.bootstrap_servers(), names, partitions)
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
@@ -90,8 +105,12 @@ impl Broker {
                 Ok(_) => return Ok(()),
                 Err(error) => {
                     if !self.process.is_running() || tokio::time::Instant::now() > deadline {
-                        let log = std::fs::read_to_string(self.folder.join("tansu.log")).unwrap_or_default();
-                        bail!("broker on port {} did not come up: {error}\n{log}", self.port);
+                        let log = std::fs::read_to_string(self.folder.join("tansu.log"))
+                            .unwrap_or_default();
+                        bail!(
+                            "broker on port {} did not come up: {error}\n{log}",
+                            self.port
+                        );
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(200));
@@ -101,8 +120,17 @@ impl Broker {
     }
 }
 
-/// Creates topics on any Kafka-protocol broker that `tansu` can talk to.
-pub(crate) fn create_topics(
+/// Creates topics on any Kafka-protocol broker (existing ones are left as
+/// they are), with `tansu topic create`.
+pub fn create_topics(
+    bootstrap_servers: &str,
+    names: &[String],
+    partitions: u32,
+) -> anyhow::Result<()> {
+    create_topics_with(&tools::tansu()?, bootstrap_servers, names, partitions)
+}
+
+pub(crate) fn create_topics_with(
     tansu: &std::path::Path,
     bootstrap_servers: &str,
     names: &[String],

@@ -8,6 +8,8 @@
 //!   free port, [`Broker`] a private broker;
 //! - [`Supervised`] runs a child process that cannot outlive its parent, so
 //!   a test binary killed mid-run leaves no server behind;
+//! - [`ServiceProcess`] runs one of our service binaries and watches its
+//!   health;
 //! - [`TestEnv`] gives each test its own database and topic names on one
 //!   stack per test run, and [`FaultProxy`] lets a test cut a connection.
 
@@ -16,12 +18,15 @@ mod ports;
 mod postgres;
 mod process;
 mod proxy;
+mod service;
 mod test_env;
 pub mod tools;
 
-pub use broker::Broker;
+pub use broker::{Broker, create_topics};
 pub use ports::free_port;
 pub use postgres::PostgresServer;
 pub use process::Supervised;
 pub use proxy::FaultProxy;
+pub use service::ServiceProcess;
 pub use test_env::{KAFKA_ENV, POSTGRES_ENV, TestDatabase, TestEnv};
+pub use tonic_health::pb::health_check_response::ServingStatus;

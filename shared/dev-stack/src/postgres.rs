@@ -1,6 +1,6 @@
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,7 +18,6 @@ use crate::{free_port, tools};
 #[derive(Debug)]
 pub struct PostgresServer {
     port: u16,
-    folder: PathBuf,
     process: Supervised,
 }
 
@@ -46,28 +45,40 @@ impl PostgresServer {
     async fn start_once() -> anyhow::Result<Self> {
         let bin = tools::postgres_bin_dir()?;
         let user = server_user()?;
-        let folder = tempfile::Builder::new().prefix("ordersaga-pg-").tempdir()?.keep();
+        let folder = tempfile::Builder::new()
+            .prefix("ordersaga-pg-")
+            .tempdir()?
+            .keep();
         if let Some((uid, gid)) = user {
             std::os::unix::fs::chown(&folder, Some(uid), Some(gid))?;
         }
         let data = folder.join("data");
         let mut initdb = Command::new(bin.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        initdb.arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
         if let Some((uid, gid)) = user {
             initdb.uid(uid).gid(gid);
         }
         let output = initdb.output().context("running initdb")?;
         if !output.status.success() {
             let _ = std::fs::remove_dir_all(&folder);
-            bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+            bail!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
         }
 
         let port = free_port()?;
         let log = folder.join("postgres.log");
-        let process = Supervised::spawn(Spawn {
+        let process = Supervised::spawn(&Spawn {
             name: "postgres",
             program: &bin.join("postgres"),
             args: server_args(&data, &folder, port),
@@ -76,10 +87,10 @@ impl PostgresServer {
             stop_signal: "INT", // fast shutdown: do not wait for clients
             log: &log,
             user,
-            // Removed by the watchdog, also when we never get to Drop.
+            // Removed by the watchdog once the server has stopped.
             scratch: Some(&folder),
         })?;
-        let mut server = Self { port, folder, process };
+        let mut server = Self { port, process };
         if let Err(error) = server.wait_ready(Duration::from_secs(30)).await {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(error.context(format!("postgres log:\n{log}")));
@@ -124,10 +135,12 @@ impl PostgresServer {
     }
 }
 
-impl Drop for PostgresServer {
-    fn drop(&mut self) {
-        let _ = self.process.stop(Duration::from_secs(10));
-        let _ = std::fs::remove_dir_all(&self.folder);
+impl PostgresServer {
+    /// Stops the server and waits for it (dropping it stops it without
+    /// waiting); the watchdog removes the folder.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.process.stop(Duration::from_secs(30))?;
+        Ok(())
     }
 }
 

@@ -58,8 +58,9 @@ exit "$status"
 "#;
 
 impl Supervised {
-    pub fn spawn(spec: Spawn<'_>) -> anyhow::Result<Self> {
-        let log = File::create(spec.log).with_context(|| format!("creating {}", spec.log.display()))?;
+    pub fn spawn(spec: &Spawn<'_>) -> anyhow::Result<Self> {
+        let log =
+            File::create(spec.log).with_context(|| format!("creating {}", spec.log.display()))?;
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -68,7 +69,10 @@ impl Supervised {
             .arg(spec.program)
             .args(&spec.args)
             .env("STOP_SIGNAL", spec.stop_signal)
-            .env("SCRATCH", spec.scratch.map(Path::as_os_str).unwrap_or_default())
+            .env(
+                "SCRATCH",
+                spec.scratch.map(Path::as_os_str).unwrap_or_default(),
+            )
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -86,8 +90,13 @@ impl Supervised {
         // The watchdog's only output is the program's pid.
         let stdout = watchdog.stdout.take().context("watchdog stdout")?;
         let mut first_line = String::new();
-        BufReader::new(stdout).read_line(&mut first_line).context("reading the child's pid")?;
-        let pid = first_line.trim().parse().with_context(|| format!("bad pid line {first_line:?}"))?;
+        BufReader::new(stdout)
+            .read_line(&mut first_line)
+            .context("reading the child's pid")?;
+        let pid = first_line
+            .trim()
+            .parse()
+            .with_context(|| format!("bad pid line {first_line:?}"))?;
 
         Ok(Self {
             name: spec.name.to_owned(),
@@ -137,24 +146,13 @@ impl Supervised {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-
-    /// Waits for the program to exit on its own, up to `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.watchdog.try_wait()? {
-                return Ok(status.code());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("{} did not exit within {timeout:?}", self.name)
-    }
 }
 
 impl Drop for Supervised {
+    /// Cuts the lifeline without waiting: the watchdog stops the program on
+    /// its own, and waiting here could block an async runtime whose tasks
+    /// the program is waiting for. Call [`stop`](Self::stop) to wait.
     fn drop(&mut self) {
-        if self.lifeline.is_some() {
-            let _ = self.stop(Duration::from_secs(10));
-        }
+        drop(self.lifeline.take());
     }
 }

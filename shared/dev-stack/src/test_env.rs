@@ -49,7 +49,8 @@ impl TestEnv {
                 _owned: None,
             }),
             _ => {
-                let (postgres, broker) = tokio::try_join!(PostgresServer::start(), Broker::start())?;
+                let (postgres, broker) =
+                    tokio::try_join!(PostgresServer::start(), Broker::start())?;
                 Ok(TestEnv {
                     postgres_base_url: format!("postgres://postgres@127.0.0.1:{}", postgres.port()),
                     bootstrap_servers: broker.bootstrap_servers(),
@@ -63,12 +64,18 @@ impl TestEnv {
     /// A new, empty database for one test.
     pub async fn database(&self) -> anyhow::Result<TestDatabase> {
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", self.postgres_base_url))
-            .await
-            .context("connecting to the test cluster")?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+        let mut admin =
+            sqlx::PgConnection::connect(&format!("{}/postgres", self.postgres_base_url))
+                .await
+                .context("connecting to the test cluster")?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await?;
         admin.close().await?;
-        Ok(TestDatabase { base_url: self.postgres_base_url.clone(), name })
+        Ok(TestDatabase {
+            base_url: self.postgres_base_url.clone(),
+            name,
+        })
     }
 
     /// `host:port` of the broker.
@@ -83,7 +90,7 @@ impl TestEnv {
 
     /// Creates topics on the run's broker.
     pub fn create_topics(&self, names: &[String], partitions: u32) -> anyhow::Result<()> {
-        broker::create_topics(&self.tansu, &self.bootstrap_servers, names, partitions)
+        broker::create_topics_with(&self.tansu, &self.bootstrap_servers, names, partitions)
     }
 }
 
@@ -97,6 +104,13 @@ pub struct TestDatabase {
 impl TestDatabase {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Where the database server listens.
+    pub fn address(&self) -> std::net::SocketAddr {
+        let host = self.base_url.rsplit('@').next().unwrap_or_default();
+        host.parse()
+            .expect("the test cluster listens on an IP address and port")
     }
 
     /// Superuser URL of this database.

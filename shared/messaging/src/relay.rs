@@ -37,7 +37,9 @@ pub struct Relay {
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay").field("batch_size", &self.batch_size).finish_non_exhaustive()
+        f.debug_struct("Relay")
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
     }
 }
 
@@ -55,7 +57,12 @@ pub(crate) struct OutboxRow {
 impl Relay {
     /// A relay for the schema `pool` is confined to.
     pub fn new(pool: PgPool, producer: FutureProducer) -> Self {
-        Self { pool, producer, batch_size: 500, sweep_interval: Duration::from_secs(10) }
+        Self {
+            pool,
+            producer,
+            batch_size: 500,
+            sweep_interval: Duration::from_secs(10),
+        }
     }
 
     /// How often to look at the outbox without being notified (default 10 s):
@@ -74,7 +81,10 @@ impl Relay {
             let mut listener = match self.listen().await {
                 Ok(listener) => listener,
                 Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "outbox relay cannot listen yet");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "outbox relay cannot listen yet"
+                    );
                     backoff.wait(&shutdown).await;
                     continue;
                 }
@@ -83,7 +93,10 @@ impl Relay {
                 // Publish everything there is, including what was written
                 // while we were not listening.
                 if let Err(error) = self.publish_pending().await {
-                    tracing::warn!(error = format!("{error:#}"), "outbox relay could not publish; will retry");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "outbox relay could not publish; will retry"
+                    );
                     backoff.wait(&shutdown).await;
                     continue 'connect;
                 }
@@ -107,7 +120,9 @@ impl Relay {
     }
 
     async fn listen(&self) -> anyhow::Result<PgListener> {
-        let (schema,): (String,) = sqlx::query_as("SELECT current_schema()").fetch_one(&self.pool).await?;
+        let (schema,): (String,) = sqlx::query_as("SELECT current_schema()")
+            .fetch_one(&self.pool)
+            .await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(&format!("{schema}.outbox")).await?;
         Ok(listener)
@@ -132,7 +147,9 @@ impl Relay {
                 .execute(&mut *tx)
                 .await
                 .context("deleting published outbox rows")?;
-            tx.commit().await.context("committing published outbox rows")?;
+            tx.commit()
+                .await
+                .context("committing published outbox rows")?;
             published += acknowledged.len();
             if let Some(error) = delivered.first_error {
                 return Err(error);
@@ -146,11 +163,17 @@ impl Relay {
     /// Starts a transaction holding this schema's relay lock, waiting for
     /// another replica's batch to finish if need be.
     pub(crate) async fn begin_turn(&self) -> anyhow::Result<Transaction<'static, Postgres>> {
-        let mut tx = self.pool.begin().await.context("starting an outbox transaction")?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.outbox', 0))")
-            .execute(&mut *tx)
+        let mut tx = self
+            .pool
+            .begin()
             .await
-            .context("taking the outbox lock")?;
+            .context("starting an outbox transaction")?;
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.outbox', 0))",
+        )
+        .execute(&mut *tx)
+        .await
+        .context("taking the outbox lock")?;
         Ok(tx)
     }
 
@@ -161,7 +184,9 @@ impl Relay {
     pub(crate) async fn send(&self, batch: &[OutboxRow]) -> Delivery {
         let sends = batch.iter().map(|row| {
             let received = telemetry::propagation::extract(
-                row.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())),
+                row.headers
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_str())),
             );
             let span = tracing::info_span!(
                 "outbox.publish",
@@ -176,11 +201,19 @@ impl Relay {
             );
             telemetry::propagation::adopt_parent(&span, received.context);
             let mut headers = OwnedHeaders::new();
-            for (name, value) in telemetry::propagation::headers_for(&span, received.correlation.as_ref()) {
-                headers = headers.insert(Header { key: &name, value: Some(value.as_bytes()) });
+            for (name, value) in
+                telemetry::propagation::headers_for(&span, received.correlation.as_ref())
+            {
+                headers = headers.insert(Header {
+                    key: &name,
+                    value: Some(value.as_bytes()),
+                });
             }
             let event_id = row.event_id.to_string();
-            headers = headers.insert(Header { key: "event-id", value: Some(event_id.as_bytes()) });
+            headers = headers.insert(Header {
+                key: "event-id",
+                value: Some(event_id.as_bytes()),
+            });
             let record = FutureRecord::to(&row.topic)
                 .key(row.message_key.as_bytes())
                 .payload(&row.envelope)
@@ -189,10 +222,14 @@ impl Relay {
         });
         let results = futures::future::join_all(sends).await;
         let acknowledged = results.iter().take_while(|result| result.is_ok()).count();
-        let first_error = results.into_iter().find_map(Result::err).map(|(error, _message)| {
-            anyhow::Error::new(error).context("publishing to Kafka")
-        });
-        Delivery { acknowledged, first_error }
+        let first_error = results
+            .into_iter()
+            .find_map(Result::err)
+            .map(|(error, _message)| anyhow::Error::new(error).context("publishing to Kafka"));
+        Delivery {
+            acknowledged,
+            first_error,
+        }
     }
 }
 
@@ -203,7 +240,10 @@ pub(crate) struct Delivery {
 }
 
 /// The oldest `limit` rows, in write order. The caller holds the lock.
-pub(crate) async fn claim(tx: &mut Transaction<'static, Postgres>, limit: i64) -> anyhow::Result<Vec<OutboxRow>> {
+pub(crate) async fn claim(
+    tx: &mut Transaction<'static, Postgres>,
+    limit: i64,
+) -> anyhow::Result<Vec<OutboxRow>> {
     sqlx::query_as("SELECT id, event_id, topic, message_key, envelope, headers FROM outbox ORDER BY id LIMIT $1")
         .bind(limit)
         .fetch_all(&mut **tx)
@@ -232,7 +272,9 @@ mod tests {
         let mut tx = fixture.pool.begin().await.unwrap();
         for _ in 0..3 {
             let envelope = widget_event("same", &CorrelationId::generate());
-            crate::outbox::enqueue(&mut tx, &topic, &envelope).await.unwrap();
+            crate::outbox::enqueue(&mut tx, &topic, &envelope)
+                .await
+                .unwrap();
         }
         tx.commit().await.unwrap();
 
@@ -251,14 +293,24 @@ mod tests {
         let records = receive(&reader, 6, Duration::from_secs(20)).await;
         let ids: Vec<String> = records
             .iter()
-            .map(|r| crate::EventEnvelope::decode(r.payload().unwrap()).unwrap().event_id)
+            .map(|r| {
+                crate::EventEnvelope::decode(r.payload().unwrap())
+                    .unwrap()
+                    .event_id
+            })
             .collect();
         assert_eq!(ids[..3], ids[3..], "the same three events, twice");
 
         // The inbox absorbs the duplicates: once a marker written after them
         // is handled, exactly the three events and the marker had effects.
         let mut tx = fixture.pool.begin().await.unwrap();
-        crate::outbox::enqueue(&mut tx, &topic, &widget_event("same", &CorrelationId::generate())).await.unwrap();
+        crate::outbox::enqueue(
+            &mut tx,
+            &topic,
+            &widget_event("same", &CorrelationId::generate()),
+        )
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
         successor.publish_pending().await.unwrap();
         let shutdown = CancellationToken::new();
@@ -275,7 +327,10 @@ mod tests {
         fixture.wait_for_effects(4).await;
         shutdown.cancel();
         consuming.await.unwrap();
-        let (handled,): (i64,) = sqlx::query_as("SELECT count(*) FROM inbox").fetch_one(&fixture.pool).await.unwrap();
+        let (handled,): (i64,) = sqlx::query_as("SELECT count(*) FROM inbox")
+            .fetch_one(&fixture.pool)
+            .await
+            .unwrap();
         assert_eq!(fixture.effects().await.len(), 4);
         assert_eq!(handled, 4);
     }

@@ -39,7 +39,10 @@ fn parse_brokers(value: &str) -> Result<String, String> {
 }
 
 fn parse_prefix(value: &str) -> Result<String, String> {
-    let valid = value.len() <= 100 && value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let valid = value.len() <= 100
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if valid {
         Ok(value.to_owned())
     } else {

@@ -10,7 +10,9 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -50,7 +52,12 @@ impl Topics {
     /// Every topic the system uses, given the consumer groups that exist:
     /// what deployment creates before the services start.
     pub fn all(&self, consumer_groups: &[&str]) -> Vec<String> {
-        let mut topics = vec![self.user_events(), self.order_events(), self.payment_events(), self.saga_events()];
+        let mut topics = vec![
+            self.user_events(),
+            self.order_events(),
+            self.payment_events(),
+            self.saga_events(),
+        ];
         topics.extend(consumer_groups.iter().map(|group| self.dead_letter(group)));
         topics
     }

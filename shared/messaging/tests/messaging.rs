@@ -19,16 +19,30 @@ use tokio_util::sync::CancellationToken;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn fast_retries() -> RetryPolicy {
-    RetryPolicy { max_attempts: 3, initial_backoff: Duration::from_millis(10), max_backoff: Duration::from_millis(50) }
+    RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+    }
 }
 
 /// Writes one event to the outbox in a transaction together with a widget
 /// row, committing or rolling back.
-async fn change_with_event(fixture: &Fixture, aggregate: &str, commit: bool) -> messaging::EventEnvelope {
+async fn change_with_event(
+    fixture: &Fixture,
+    aggregate: &str,
+    commit: bool,
+) -> messaging::EventEnvelope {
     let envelope = widget_event(aggregate, &CorrelationId::generate());
     let mut tx = fixture.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO widgets (name) VALUES ($1)").bind(aggregate).execute(&mut *tx).await.unwrap();
-    messaging::outbox::enqueue(&mut tx, &fixture.topics.order_events(), &envelope).await.unwrap();
+    sqlx::query("INSERT INTO widgets (name) VALUES ($1)")
+        .bind(aggregate)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    messaging::outbox::enqueue(&mut tx, &fixture.topics.order_events(), &envelope)
+        .await
+        .unwrap();
     if commit {
         tx.commit().await.unwrap();
     } else {
@@ -43,7 +57,8 @@ async fn a_committed_change_is_published_and_a_rolled_back_one_is_not() {
     let reader = fixture.reader(&fixture.topics.order_events());
     let shutdown = CancellationToken::new();
     // A sweep that never comes: only the commit notification can wake it.
-    let relay = Relay::new(fixture.pool.clone(), fixture.producer()).with_sweep_interval(Duration::from_secs(3600));
+    let relay = Relay::new(fixture.pool.clone(), fixture.producer())
+        .with_sweep_interval(Duration::from_secs(3600));
     let relay_task = tokio::spawn(relay.run(shutdown.clone()));
 
     let rolled_back = change_with_event(&fixture, "rolled-back", false).await;
@@ -52,11 +67,18 @@ async fn a_committed_change_is_published_and_a_rolled_back_one_is_not() {
     let records = receive(&reader, 1, WAIT).await;
     let published = messaging::EventEnvelope::decode(records[0].payload().unwrap()).unwrap();
     assert_eq!(published, committed);
-    assert_eq!(records[0].key(), Some(b"committed".as_slice()), "keyed by aggregate id");
+    assert_eq!(
+        records[0].key(),
+        Some(b"committed".as_slice()),
+        "keyed by aggregate id"
+    );
     assert_ne!(published.event_id, rolled_back.event_id);
     assert_nothing_more(&reader, Duration::from_secs(1)).await;
 
-    let (backlog,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox").fetch_one(&fixture.pool).await.unwrap();
+    let (backlog,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
+        .fetch_one(&fixture.pool)
+        .await
+        .unwrap();
     assert_eq!(backlog, 0, "published rows leave the outbox");
     shutdown.cancel();
     relay_task.await.unwrap();
@@ -67,10 +89,14 @@ async fn one_aggregates_events_are_published_in_the_order_written() {
     let fixture = Fixture::new().await;
     let reader = fixture.reader(&fixture.topics.order_events());
     let correlation = CorrelationId::generate();
-    let envelopes: Vec<_> = (0..50).map(|_| widget_event("ordered", &correlation)).collect();
+    let envelopes: Vec<_> = (0..50)
+        .map(|_| widget_event("ordered", &correlation))
+        .collect();
     let mut tx = fixture.pool.begin().await.unwrap();
     for chunk in envelopes.chunks(7) {
-        messaging::outbox::enqueue_all(&mut tx, &fixture.topics.order_events(), chunk).await.unwrap();
+        messaging::outbox::enqueue_all(&mut tx, &fixture.topics.order_events(), chunk)
+            .await
+            .unwrap();
     }
     tx.commit().await.unwrap();
 
@@ -80,7 +106,11 @@ async fn one_aggregates_events_are_published_in_the_order_written() {
     let records = receive(&reader, 50, WAIT).await;
     let ids: Vec<String> = records
         .iter()
-        .map(|r| messaging::EventEnvelope::decode(r.payload().unwrap()).unwrap().event_id)
+        .map(|r| {
+            messaging::EventEnvelope::decode(r.payload().unwrap())
+                .unwrap()
+                .event_id
+        })
         .collect();
     let written: Vec<String> = envelopes.iter().map(|e| e.event_id.clone()).collect();
     assert_eq!(ids, written);
@@ -92,7 +122,9 @@ async fn relays_of_several_replicas_publish_each_event_once_in_order() {
     let reader = fixture.reader(&fixture.topics.order_events());
     let shutdown = CancellationToken::new();
     let relays: Vec<_> = (0..3)
-        .map(|_| tokio::spawn(Relay::new(fixture.pool.clone(), fixture.producer()).run(shutdown.clone())))
+        .map(|_| {
+            tokio::spawn(Relay::new(fixture.pool.clone(), fixture.producer()).run(shutdown.clone()))
+        })
         .collect();
 
     let correlation = CorrelationId::generate();
@@ -100,7 +132,9 @@ async fn relays_of_several_replicas_publish_each_event_once_in_order() {
     for _ in 0..40 {
         let envelope = widget_event("shared-key", &correlation);
         let mut tx = fixture.pool.begin().await.unwrap();
-        messaging::outbox::enqueue(&mut tx, &fixture.topics.order_events(), &envelope).await.unwrap();
+        messaging::outbox::enqueue(&mut tx, &fixture.topics.order_events(), &envelope)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         written.push(envelope.event_id);
     }
@@ -108,7 +142,11 @@ async fn relays_of_several_replicas_publish_each_event_once_in_order() {
     let records = receive(&reader, 40, WAIT).await;
     let ids: Vec<String> = records
         .iter()
-        .map(|r| messaging::EventEnvelope::decode(r.payload().unwrap()).unwrap().event_id)
+        .map(|r| {
+            messaging::EventEnvelope::decode(r.payload().unwrap())
+                .unwrap()
+                .event_id
+        })
         .collect();
     assert_eq!(ids, written);
     assert_nothing_more(&reader, Duration::from_secs(1)).await;
@@ -126,13 +164,22 @@ async fn a_redelivered_event_has_no_second_effect() {
     let envelope = widget_event("once", &CorrelationId::generate()).encode_to_vec();
     for _ in 0..3 {
         producer
-            .send(FutureRecord::to(&topic).key("once").payload(&envelope), Timeout::Never)
+            .send(
+                FutureRecord::to(&topic).key("once").payload(&envelope),
+                Timeout::Never,
+            )
             .await
             .unwrap();
     }
     let marker = widget_event("after", &CorrelationId::generate()).encode_to_vec();
     // Same key, same partition: once the marker is handled, so are the copies.
-    producer.send(FutureRecord::to(&topic).key("once").payload(&marker), Timeout::Never).await.unwrap();
+    producer
+        .send(
+            FutureRecord::to(&topic).key("once").payload(&marker),
+            Timeout::Never,
+        )
+        .await
+        .unwrap();
 
     let shutdown = CancellationToken::new();
     let consumer = Consumer::new(
@@ -150,7 +197,10 @@ async fn a_redelivered_event_has_no_second_effect() {
     task.await.unwrap();
 
     let effects = fixture.effects().await;
-    assert_eq!(effects.iter().map(|(_, a)| a.as_str()).collect::<Vec<_>>(), vec!["after", "once"]);
+    assert_eq!(
+        effects.iter().map(|(_, a)| a.as_str()).collect::<Vec<_>>(),
+        vec!["after", "once"]
+    );
 }
 
 #[tokio::test]
@@ -167,7 +217,10 @@ async fn a_poison_event_is_dead_lettered_with_its_error_and_later_events_still_f
         widget_event("healthy", &CorrelationId::generate()).encode_to_vec(),
     ] {
         producer
-            .send(FutureRecord::to(&topic).key("same-key").payload(&payload), Timeout::Never)
+            .send(
+                FutureRecord::to(&topic).key("same-key").payload(&payload),
+                Timeout::Never,
+            )
             .await
             .unwrap();
     }
@@ -175,23 +228,64 @@ async fn a_poison_event_is_dead_lettered_with_its_error_and_later_events_still_f
     let dead_letters = fixture.reader(&fixture.topics.dead_letter("shop-consumer"));
     let shutdown = CancellationToken::new();
     let handler = RecordingHandler::default();
-    let consumer = Consumer::new(&fixture.kafka, "shop-consumer", &[topic], fixture.pool.clone(), producer.clone(), handler.clone())
-        .unwrap()
-        .with_retry(fast_retries());
+    let consumer = Consumer::new(
+        &fixture.kafka,
+        "shop-consumer",
+        &[topic],
+        fixture.pool.clone(),
+        producer.clone(),
+        handler.clone(),
+    )
+    .unwrap()
+    .with_retry(fast_retries());
     let task = tokio::spawn(consumer.run(shutdown.clone()));
 
     fixture.wait_for_effects(2).await;
-    let effects: Vec<String> = fixture.effects().await.into_iter().map(|(_, a)| a).collect();
-    assert_eq!(effects, vec!["flaky", "healthy"], "events after the poison are handled");
-    assert_eq!(handler.flaky_attempts.load(Ordering::SeqCst), 3, "a transient failure is retried");
+    let effects: Vec<String> = fixture
+        .effects()
+        .await
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
+    assert_eq!(
+        effects,
+        vec!["flaky", "healthy"],
+        "events after the poison are handled"
+    );
+    assert_eq!(
+        handler.flaky_attempts.load(Ordering::SeqCst),
+        3,
+        "a transient failure is retried"
+    );
 
     let dead = receive(&dead_letters, 2, WAIT).await;
-    let poisoned = dead.iter().find(|m| header(m, "dead-letter-error").unwrap().contains("poison")).expect("poison");
-    assert_eq!(poisoned.payload(), Some(poison.encode_to_vec().as_slice()), "dead-lettered unchanged");
-    assert_eq!(header(poisoned, "dead-letter-attempts").as_deref(), Some("3"));
-    assert!(header(poisoned, "dead-letter-source").unwrap().starts_with(&fixture.topics.order_events()));
-    let garbage = dead.iter().find(|m| m.payload() == Some(b"not an envelope".as_slice())).expect("garbage");
-    assert!(header(garbage, "dead-letter-error").unwrap().contains("not an event envelope"));
+    let poisoned = dead
+        .iter()
+        .find(|m| header(m, "dead-letter-error").unwrap().contains("poison"))
+        .expect("poison");
+    assert_eq!(
+        poisoned.payload(),
+        Some(poison.encode_to_vec().as_slice()),
+        "dead-lettered unchanged"
+    );
+    assert_eq!(
+        header(poisoned, "dead-letter-attempts").as_deref(),
+        Some("3")
+    );
+    assert!(
+        header(poisoned, "dead-letter-source")
+            .unwrap()
+            .starts_with(&fixture.topics.order_events())
+    );
+    let garbage = dead
+        .iter()
+        .find(|m| m.payload() == Some(b"not an envelope".as_slice()))
+        .expect("garbage");
+    assert!(
+        header(garbage, "dead-letter-error")
+            .unwrap()
+            .contains("not an event envelope")
+    );
 
     let (outcome,): (String,) = sqlx::query_as("SELECT outcome FROM inbox WHERE event_id = $1")
         .bind(uuid::Uuid::parse_str(&poison.event_id).unwrap())
@@ -221,16 +315,28 @@ async fn trace_context_and_correlation_id_survive_the_kafka_hop() {
     telemetry::correlation::scope(correlation.clone(), async move {
         let _entered = request_span.enter();
         let mut tx = pool.begin().await.unwrap();
-        messaging::outbox::enqueue(&mut tx, &topic, &env).await.unwrap();
+        messaging::outbox::enqueue(&mut tx, &topic, &env)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
     })
     .await;
-    Relay::new(fixture.pool.clone(), fixture.producer()).publish_pending().await.unwrap();
+    Relay::new(fixture.pool.clone(), fixture.producer())
+        .publish_pending()
+        .await
+        .unwrap();
 
     let record = receive(&reader, 1, WAIT).await.remove(0);
-    assert_eq!(header(&record, "x-correlation-id").as_deref(), Some("kafka-hop-1"));
+    assert_eq!(
+        header(&record, "x-correlation-id").as_deref(),
+        Some("kafka-hop-1")
+    );
     let traceparent = header(&record, "traceparent").expect("traceparent header");
-    assert_eq!(traceparent.split('-').nth(1), Some(request_trace.as_str()), "same trace as the request");
+    assert_eq!(
+        traceparent.split('-').nth(1),
+        Some(request_trace.as_str()),
+        "same trace as the request"
+    );
     let published = messaging::EventEnvelope::decode(record.payload().unwrap()).unwrap();
     assert_eq!(published.correlation_id, "kafka-hop-1");
 }

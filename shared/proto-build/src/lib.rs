@@ -26,6 +26,10 @@ const EXTERN_PACKAGES: &[(&str, &str)] = &[
 ///
 /// The crate's own package is never treated as extern, so `api-common`
 /// generates `Money` while every other crate refers to it.
+#[allow(
+    clippy::print_stdout,
+    reason = "cargo reads build-script directives from stdout"
+)]
 pub fn compile(files: &[&str], descriptor_name: &str) -> Result<(), Box<dyn std::error::Error>> {
     let root = proto_root()?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
@@ -43,9 +47,14 @@ pub fn compile(files: &[&str], descriptor_name: &str) -> Result<(), Box<dyn std:
         .map(|file| file.package())
         .collect();
 
-    let mut builder = tonic_prost_build::configure();
+    // Default stubs answer UNIMPLEMENTED, so a service implements its RPCs
+    // one by one and the rest say so on the wire.
+    let mut builder = tonic_prost_build::configure().generate_default_stubs(true);
     for (package, rust_path) in EXTERN_PACKAGES {
-        if !own_packages.iter().any(|own| package.trim_start_matches('.') == *own) {
+        if !own_packages
+            .iter()
+            .any(|own| package.trim_start_matches('.') == *own)
+        {
             builder = builder.extern_path(*package, *rust_path);
         }
     }

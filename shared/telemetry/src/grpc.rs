@@ -61,7 +61,10 @@ where
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let correlation = CorrelationId::from_header_or_generate(
-            request.headers().get(correlation::HEADER).and_then(|value| value.to_str().ok()),
+            request
+                .headers()
+                .get(correlation::HEADER)
+                .and_then(|value| value.to_str().ok()),
         );
         request.extensions_mut().insert(correlation.clone());
         let span = if is_infrastructure(request.uri().path()) {
@@ -80,7 +83,8 @@ where
                 correlation_id = %correlation,
                 trace_id = tracing::field::Empty,
             );
-            let parent = TraceContextPropagator::new().extract(&MetadataExtractor(request.headers()));
+            let parent =
+                TraceContextPropagator::new().extract(&MetadataExtractor(request.headers()));
             propagation::adopt_parent(&span, parent);
             span
         };
@@ -148,12 +152,18 @@ where
             rpc.method = %rpc.method,
             rpc.grpc.status_code = tracing::field::Empty,
         );
-        TraceContextPropagator::new().inject_context(&span.context(), &mut MetadataInjector(request.headers_mut()));
+        TraceContextPropagator::new().inject_context(
+            &span.context(),
+            &mut MetadataInjector(request.headers_mut()),
+        );
         // A correlation id set explicitly on the request wins over the scope's.
-        if let Some(id) = correlation {
-            if let Ok(value) = HeaderValue::from_str(id.as_str()) {
-                request.headers_mut().entry(correlation::HEADER).or_insert(value);
-            }
+        if let Some(id) = correlation
+            && let Ok(value) = HeaderValue::from_str(id.as_str())
+        {
+            request
+                .headers_mut()
+                .entry(correlation::HEADER)
+                .or_insert(value);
         }
 
         let clone = self.inner.clone();
@@ -181,7 +191,11 @@ impl<'a> Rpc<'a> {
     fn from_path(path: &'a str) -> Self {
         let full_name = path.trim_start_matches('/');
         let (service, method) = full_name.split_once('/').unwrap_or((full_name, ""));
-        Self { full_name, service, method }
+        Self {
+            full_name,
+            service,
+            method,
+        }
     }
 }
 
@@ -222,7 +236,10 @@ struct MetadataInjector<'a>(&'a mut HeaderMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (http::HeaderName::from_bytes(key.as_bytes()), HeaderValue::from_str(&value)) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
             self.0.insert(name, value);
         }
     }

@@ -27,7 +27,8 @@ pub fn current_headers() -> Headers {
 /// Headers for a message sent on behalf of `span` and `correlation`.
 pub fn headers_for(span: &tracing::Span, correlation: Option<&CorrelationId>) -> Headers {
     let mut headers = Headers::new();
-    TraceContextPropagator::new().inject_context(&span.context(), &mut HeadersInjector(&mut headers));
+    TraceContextPropagator::new()
+        .inject_context(&span.context(), &mut HeadersInjector(&mut headers));
     if let Some(id) = correlation {
         headers.push((correlation::HEADER.to_owned(), id.to_string()));
     }
@@ -50,7 +51,10 @@ pub fn extract<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Rec
         .iter()
         .find(|(name, _)| name.eq_ignore_ascii_case(correlation::HEADER))
         .and_then(|(_, value)| CorrelationId::parse(value));
-    Received { context, correlation }
+    Received {
+        context,
+        correlation,
+    }
 }
 
 /// Makes `context` the parent of `span` and records the span's trace id in

@@ -1,12 +1,14 @@
+use std::io::IsTerminal as _;
+
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// Telemetry settings shared by every service.
@@ -47,7 +49,9 @@ fn parse_directives(value: &str) -> Result<String, String> {
 }
 
 fn parse_endpoint(value: &str) -> Result<String, String> {
-    let uri: http::Uri = value.parse().map_err(|error: http::uri::InvalidUri| error.to_string())?;
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|error: http::uri::InvalidUri| error.to_string())?;
     match (uri.scheme_str(), uri.host()) {
         (Some("http" | "https"), Some(_)) => Ok(value.to_owned()),
         _ => Err("expected an http:// or https:// URL".to_owned()),
@@ -89,8 +93,12 @@ impl Drop for TelemetryGuard {
 /// context as the global propagator.
 pub fn init(settings: &TelemetrySettings, service_name: &str) -> anyhow::Result<TelemetryGuard> {
     let (subscriber, provider) = subscriber(settings, service_name, std::io::stdout)?;
-    subscriber.try_init().context("installing the tracing subscriber")?;
-    Ok(TelemetryGuard { provider: Some(provider) })
+    subscriber
+        .try_init()
+        .context("installing the tracing subscriber")?;
+    Ok(TelemetryGuard {
+        provider: Some(provider),
+    })
 }
 
 /// The subscriber [`init`] installs, writing logs to `writer`; tests install
@@ -99,13 +107,19 @@ pub fn subscriber<W>(
     settings: &TelemetrySettings,
     service_name: &str,
     writer: W,
-) -> anyhow::Result<(impl tracing::Subscriber + Send + Sync + 'static, SdkTracerProvider)>
+) -> anyhow::Result<(
+    impl tracing::Subscriber + Send + Sync + 'static,
+    SdkTracerProvider,
+)>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let name = settings.service_name.clone().unwrap_or_else(|| service_name.to_owned());
-    let mut builder =
-        SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name(name.clone()).build());
+    let name = settings
+        .service_name
+        .clone()
+        .unwrap_or_else(|| service_name.to_owned());
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(name.clone()).build());
     if let Some(endpoint) = &settings.otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -119,7 +133,9 @@ where
     let provider = builder.build();
     let tracer = provider.tracer(name);
     opentelemetry::global::set_tracer_provider(provider.clone());
-    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
 
     // The log level filters log lines only: spans that carry the trace
     // across services exist whatever the log level, or a quiet service
@@ -137,11 +153,16 @@ where
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .compact()
+            .with_ansi(std::io::stdout().is_terminal())
             .with_writer(writer)
             .boxed(),
     };
     let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(LevelFilter::INFO))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(LevelFilter::INFO),
+        )
         .with(logs.with_filter(log_filter));
     Ok((subscriber, provider))
 }

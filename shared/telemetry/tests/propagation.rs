@@ -18,7 +18,11 @@ struct Captured(Arc<Mutex<Vec<u8>>>);
 impl Captured {
     fn lines(&self) -> Vec<String> {
         let bytes = self.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap().lines().map(str::to_owned).collect()
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -52,7 +56,8 @@ fn install_telemetry() -> (Captured, tracing::subscriber::DefaultGuard) {
         otlp_endpoint: None,
         service_name: None,
     };
-    let (subscriber, _provider) = telemetry::subscriber(&settings, "test", captured.clone()).unwrap();
+    let (subscriber, _provider) =
+        telemetry::subscriber(&settings, "test", captured.clone()).unwrap();
     (captured, tracing::subscriber::set_default(subscriber))
 }
 
@@ -64,7 +69,9 @@ struct Seen {
     trace_id: String,
 }
 
-fn handler(seen: Arc<Mutex<Seen>>) -> tower::util::BoxCloneService<Request<()>, Response<()>, Infallible> {
+fn handler(
+    seen: Arc<Mutex<Seen>>,
+) -> tower::util::BoxCloneService<Request<()>, Response<()>, Infallible> {
     tower::util::BoxCloneService::new(tower::service_fn(move |request: Request<()>| {
         let seen = seen.clone();
         async move {
@@ -97,20 +104,41 @@ async fn trace_and_correlation_survive_a_grpc_hop() {
     let caller_trace = propagation::trace_id(&caller);
     let response = correlation::scope(id.clone(), async {
         let _entered = caller.enter();
-        client.ready().await.unwrap().call(grpc_request()).await.unwrap()
+        client
+            .ready()
+            .await
+            .unwrap()
+            .call(grpc_request())
+            .await
+            .unwrap()
     })
     .await;
 
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.trace_id, caller_trace, "the server span continues the caller's trace");
+    assert_eq!(
+        seen.trace_id, caller_trace,
+        "the server span continues the caller's trace"
+    );
     assert_eq!(seen.scoped_correlation.as_ref(), Some(&id));
     assert_eq!(seen.extension_correlation.as_ref(), Some(&id));
     assert_eq!(response.headers()["x-correlation-id"], "flow-42");
 
-    let handled: Vec<_> = logs.lines().into_iter().filter(|line| line.contains("handling the request")).collect();
+    let handled: Vec<_> = logs
+        .lines()
+        .into_iter()
+        .filter(|line| line.contains("handling the request"))
+        .collect();
     assert_eq!(handled.len(), 1);
-    assert!(has_field(&handled[0], "correlation_id", "flow-42"), "{}", handled[0]);
-    assert!(has_field(&handled[0], "trace_id", &caller_trace), "{}", handled[0]);
+    assert!(
+        has_field(&handled[0], "correlation_id", "flow-42"),
+        "{}",
+        handled[0]
+    );
+    assert!(
+        has_field(&handled[0], "trace_id", &caller_trace),
+        "{}",
+        handled[0]
+    );
 }
 
 #[tokio::test]
@@ -121,11 +149,18 @@ async fn the_server_makes_a_correlation_id_when_the_caller_sends_none_or_a_bad_o
         let mut server = ServerLayer.layer(handler(seen.clone()));
         let mut request = grpc_request();
         if let Some(value) = sent {
-            request.headers_mut().insert("x-correlation-id", value.parse().unwrap());
+            request
+                .headers_mut()
+                .insert("x-correlation-id", value.parse().unwrap());
         }
         let response = server.ready().await.unwrap().call(request).await.unwrap();
 
-        let made = seen.lock().unwrap().scoped_correlation.clone().expect("a correlation id in scope");
+        let made = seen
+            .lock()
+            .unwrap()
+            .scoped_correlation
+            .clone()
+            .expect("a correlation id in scope");
         assert_ne!(Some(made.as_str()), sent);
         assert!(uuid::Uuid::parse_str(made.as_str()).is_ok(), "{made:?}");
         assert_eq!(response.headers()["x-correlation-id"], made.as_str());
@@ -138,11 +173,18 @@ async fn headers_carry_trace_and_correlation_to_a_consumer_span() {
     let producer = tracing::info_span!("producer");
     let id = CorrelationId::generate();
     let headers = propagation::headers_for(&producer, Some(&id));
-    assert!(headers.iter().any(|(name, value)| name == "traceparent" && value.starts_with("00-")));
+    assert!(
+        headers
+            .iter()
+            .any(|(name, value)| name == "traceparent" && value.starts_with("00-"))
+    );
 
     let received = propagation::extract(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let consumer = tracing::info_span!("consumer", trace_id = tracing::field::Empty);
     propagation::adopt_parent(&consumer, received.context);
-    assert_eq!(propagation::trace_id(&consumer), propagation::trace_id(&producer));
+    assert_eq!(
+        propagation::trace_id(&consumer),
+        propagation::trace_id(&producer)
+    );
     assert_eq!(received.correlation, Some(id));
 }

@@ -37,7 +37,11 @@ impl Fixture {
     pub async fn new() -> Self {
         let env = TestEnv::get().await;
         let db = env.database().await.unwrap();
-        let account = ServiceAccount { schema: "shop", role: "shop_service", password: "shop-test".into() };
+        let account = ServiceAccount {
+            schema: "shop",
+            role: "shop_service",
+            password: "shop-test".into(),
+        };
         let url = db.provision(&account).await.unwrap();
         let settings = DatabaseSettings {
             url: sqlx::postgres::PgConnectOptions::from_str(&url).unwrap(),
@@ -45,10 +49,13 @@ impl Fixture {
             connect_timeout: Duration::from_secs(10),
         };
         let pool = database::connect(&settings, "shop").await.unwrap();
-        database::migrate(&pool, &[messaging::MIGRATIONS, EFFECTS]).await.unwrap();
+        database::migrate(&pool, &[messaging::MIGRATIONS, EFFECTS])
+            .await
+            .unwrap();
 
         let topics = Topics::new(env.unique_topic_prefix());
-        env.create_topics(&topics.all(&["shop-consumer"]), PARTITIONS as u32).unwrap();
+        env.create_topics(&topics.all(&["shop-consumer"]), PARTITIONS as u32)
+            .unwrap();
         let kafka = KafkaSettings {
             brokers: env.bootstrap_servers().to_owned(),
             topic_prefix: topics.prefix().to_owned(),
@@ -56,7 +63,11 @@ impl Fixture {
             // Joining a group takes about half the session timeout here.
             session_timeout: Duration::from_secs(2),
         };
-        Self { pool, kafka, topics }
+        Self {
+            pool,
+            kafka,
+            topics,
+        }
     }
 
     pub fn producer(&self) -> rdkafka::producer::FutureProducer {
@@ -74,7 +85,9 @@ impl Fixture {
             .unwrap();
         let mut partitions = rdkafka::TopicPartitionList::new();
         for partition in 0..PARTITIONS {
-            partitions.add_partition_offset(topic, partition, rdkafka::Offset::Beginning).unwrap();
+            partitions
+                .add_partition_offset(topic, partition, rdkafka::Offset::Beginning)
+                .unwrap();
         }
         consumer.assign(&partitions).unwrap();
         consumer
@@ -90,7 +103,10 @@ impl Fixture {
 
 /// A test event (any protobuf message will do as payload).
 pub fn widget_event(aggregate_id: &str, correlation: &CorrelationId) -> EventEnvelope {
-    let payload = prost_types::Duration { seconds: 1, nanos: 0 };
+    let payload = prost_types::Duration {
+        seconds: 1,
+        nanos: 0,
+    };
     messaging::envelope::seal(
         EventMeta {
             producer: "test",
@@ -106,7 +122,11 @@ pub fn widget_event(aggregate_id: &str, correlation: &CorrelationId) -> EventEnv
 }
 
 /// Receives `count` records, failing after `timeout`.
-pub async fn receive(reader: &StreamConsumer, count: usize, timeout: Duration) -> Vec<OwnedMessage> {
+pub async fn receive(
+    reader: &StreamConsumer,
+    count: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
     let mut received = Vec::new();
     tokio::time::timeout(timeout, async {
         while received.len() < count {
@@ -143,7 +163,8 @@ pub fn install_telemetry() -> tracing::subscriber::DefaultGuard {
         otlp_endpoint: None,
         service_name: None,
     };
-    let (subscriber, _provider) = telemetry::subscriber(&settings, "test", std::io::stderr).unwrap();
+    let (subscriber, _provider) =
+        telemetry::subscriber(&settings, "test", std::io::stderr).unwrap();
     tracing::subscriber::set_default(subscriber)
 }
 
@@ -163,9 +184,16 @@ impl messaging::EventHandler for RecordingHandler {
         use messaging::HandleError;
         let aggregate = event.envelope.aggregate_id.as_str();
         if aggregate == "poison" {
-            return Err(HandleError::Transient(anyhow::anyhow!("poison cannot be digested")));
+            return Err(HandleError::Transient(anyhow::anyhow!(
+                "poison cannot be digested"
+            )));
         }
-        if aggregate == "flaky" && self.flaky_attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+        if aggregate == "flaky"
+            && self
+                .flaky_attempts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                < 2
+        {
             return Err(HandleError::Transient(anyhow::anyhow!("not yet")));
         }
         sqlx::query("INSERT INTO effects (event_id, aggregate_id) VALUES ($1, $2)")

@@ -1,0 +1,109 @@
+//! Issues and verifies identities: users, passwords, refresh tokens, service clients and the signing keys of the JWTs every other service verifies.
+
+use std::net::SocketAddr;
+
+use database::{DatabaseSettings, MigrationSet, ServiceAccount};
+use messaging::KafkaSettings;
+use service_runtime::{GrpcServer, Platform, ServerSettings};
+use telemetry::TelemetrySettings;
+use tokio_util::sync::CancellationToken;
+
+/// Service name, in logs, traces and event envelopes.
+pub const NAME: &str = "auth";
+/// Default gRPC port.
+pub const DEFAULT_PORT: u16 = 50051;
+/// The schema this service owns, and the role it connects as.
+pub const SCHEMA: &str = "auth";
+pub const ROLE: &str = "auth_service";
+/// This service's tables.
+pub const MIGRATIONS: MigrationSet = database::migrations!("auth", []);
+
+/// The role and schema to provision for this service.
+pub fn account(password: impl Into<String>) -> ServiceAccount {
+    ServiceAccount {
+        schema: SCHEMA,
+        role: ROLE,
+        password: password.into(),
+    }
+}
+
+/// Everything the service reads from its environment.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "auth",
+    version,
+    about = "Issues and verifies identities: users, passwords, refresh tokens, service clients and the signing keys of the JWTs every other service verifies."
+)]
+pub struct Settings {
+    #[command(flatten)]
+    pub server: ServerSettings,
+    #[command(flatten)]
+    pub database: DatabaseSettings,
+    #[command(flatten)]
+    pub kafka: KafkaSettings,
+    #[command(flatten)]
+    pub telemetry: TelemetrySettings,
+}
+
+/// The service, built and bound, ready to run.
+#[derive(Debug)]
+pub struct Application {
+    server: GrpcServer,
+    platform: Platform,
+    settings: Settings,
+}
+
+impl Application {
+    /// Binds the gRPC port, connects to and migrates the database, and
+    /// connects the Kafka producer.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let server = GrpcServer::bind(settings.server.clone()).await?;
+        let platform = Platform::start(
+            NAME,
+            SCHEMA,
+            &settings.database,
+            &[MIGRATIONS],
+            &settings.kafka,
+        )
+        .await?;
+        Ok(Self {
+            server,
+            platform,
+            settings,
+        })
+    }
+
+    /// Where the gRPC server listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops background work.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            server,
+            mut platform,
+            settings,
+        } = self;
+        platform.spawn_relay(&shutdown);
+        let served = server
+            .add_service(api_auth::v1::auth_service_server::AuthServiceServer::new(
+                grpc::AuthServiceApi,
+            ))
+            .reflect(api_auth::FILE_DESCRIPTOR_SET)
+            .serve(platform.readiness(), shutdown.clone())
+            .await;
+        shutdown.cancel();
+        platform.stop(settings.server.shutdown_grace_period).await;
+        served
+    }
+}
+
+mod grpc {
+    /// The gRPC API. RPCs not implemented yet answer UNIMPLEMENTED.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct AuthServiceApi;
+
+    #[tonic::async_trait]
+    impl api_auth::v1::auth_service_server::AuthService for AuthServiceApi {}
+}

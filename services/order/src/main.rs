@@ -1,0 +1,16 @@
+//! The `order` binary: settings from the environment, then the service
+//! until SIGTERM or SIGINT. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let settings: order_service::Settings =
+        service_runtime::settings::load(order_service::DEFAULT_PORT);
+    let telemetry = settings.telemetry.clone();
+    service_runtime::main(order_service::NAME, &telemetry, |shutdown| async move {
+        order_service::Application::build(settings)
+            .await?
+            .run_until_stopped(shutdown)
+            .await
+    })
+}

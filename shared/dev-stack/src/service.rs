@@ -1,0 +1,200 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::process::{Spawn, Supervised};
+
+/// One of our service binaries, running as a child process.
+///
+/// It listens on a port the kernel picks (`GRPC_ADDR=127.0.0.1:0`); the
+/// address is read from the service's own "listening" log line.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    name: String,
+    process: Supervised,
+    address: SocketAddr,
+    log: PathBuf,
+    _folder: tempfile::TempDir,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with `env` (plus JSON logs and a free port) and
+    /// returns once it listens. It may not be SERVING yet: see
+    /// [`wait_for_health`](Self::wait_for_health).
+    pub async fn start(
+        name: &str,
+        binary: &Path,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
+        let folder = tempfile::Builder::new()
+            .prefix(&format!("ordersaga-{name}-"))
+            .tempdir()?;
+        let log = folder.path().join(format!("{name}.log"));
+        Self::start_with_log(name, binary, env, &log, folder).await
+    }
+
+    /// Like [`start`](Self::start), logging to `log` (kept after the process
+    /// stops).
+    pub async fn start_logging_to(
+        name: &str,
+        binary: &Path,
+        env: Vec<(String, String)>,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let folder = tempfile::Builder::new()
+            .prefix(&format!("ordersaga-{name}-"))
+            .tempdir()?;
+        Self::start_with_log(name, binary, env, log, folder).await
+    }
+
+    async fn start_with_log(
+        name: &str,
+        binary: &Path,
+        mut env: Vec<(String, String)>,
+        log: &Path,
+        folder: tempfile::TempDir,
+    ) -> anyhow::Result<Self> {
+        // A fixed address is used as given; otherwise the kernel picks a port
+        // and the service's JSON "listening" line tells which.
+        let fixed: Option<SocketAddr> = env
+            .iter()
+            .find(|(k, _)| k == "GRPC_ADDR")
+            .and_then(|(_, v)| v.parse().ok())
+            .filter(|address: &SocketAddr| address.port() != 0);
+        if fixed.is_none() {
+            env.retain(|(k, _)| k != "GRPC_ADDR" && k != "LOG_FORMAT");
+            env.push(("GRPC_ADDR".into(), "127.0.0.1:0".into()));
+            env.push(("LOG_FORMAT".into(), "json".into()));
+        }
+        let mut process = Supervised::spawn(&Spawn {
+            name,
+            program: binary,
+            args: vec![],
+            env,
+            env_remove: &["OTEL_EXPORTER_OTLP_ENDPOINT"],
+            stop_signal: "TERM",
+            log,
+            user: None,
+            scratch: None,
+        })?;
+        let address = match fixed {
+            // Reach a wildcard listener through loopback.
+            Some(address) if address.ip().is_unspecified() => {
+                SocketAddr::from(([127, 0, 0, 1], address.port()))
+            }
+            Some(address) => address,
+            None => wait_for_listening(&mut process, log, Duration::from_secs(60))
+                .await
+                .with_context(|| format!("{name} did not start; its log:\n{}", read(log)))?,
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            process,
+            address,
+            log: log.to_owned(),
+            _folder: folder,
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// `http://127.0.0.1:<port>`, for gRPC clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The process, for signals (`KILL` to crash it).
+    pub fn process(&mut self) -> &mut Supervised {
+        &mut self.process
+    }
+
+    /// Everything the service has logged so far.
+    pub fn logs(&self) -> String {
+        read(&self.log)
+    }
+
+    /// The health status of `service` ("" for the whole server).
+    pub async fn health(&self, service: &str) -> anyhow::Result<ServingStatus> {
+        let channel = tonic::transport::Endpoint::from_shared(self.url())?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await?;
+        let mut client = HealthClient::new(channel);
+        let response = client
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await?;
+        Ok(response.into_inner().status())
+    }
+
+    /// Waits until the health of `service` is `status`.
+    pub async fn wait_for_health(
+        &mut self,
+        service: &str,
+        status: ServingStatus,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = None;
+        while tokio::time::Instant::now() < deadline {
+            if !self.process.is_running() {
+                bail!("{} exited; its log:\n{}", self.name, self.logs());
+            }
+            match self.health(service).await {
+                Ok(current) if current == status => return Ok(()),
+                other => last = Some(format!("{other:?}")),
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!(
+            "{} health of {service:?} was not {status:?} within {timeout:?} (last: {last:?})",
+            self.name
+        )
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn stop(&mut self, grace: Duration) -> anyhow::Result<Option<i32>> {
+        self.process.stop(grace)
+    }
+}
+
+/// Reads the log until the "listening" line appears, and parses its address.
+async fn wait_for_listening(
+    process: &mut Supervised,
+    log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<SocketAddr> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        for line in read(log).lines() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if entry["message"] == "gRPC server listening"
+                && let Some(address) = entry["address"].as_str()
+            {
+                return address.parse().context("listening address");
+            }
+        }
+        if !process.is_running() {
+            bail!("exited before listening");
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("not listening after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}

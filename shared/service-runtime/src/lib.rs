@@ -1,0 +1,27 @@
+//! The runtime every service binary shares, so that a service's `main` is a
+//! few lines and its library holds only what is particular to it.
+//!
+//! - [`settings`]: typed settings from the environment (listed by `--help`),
+//!   validated at start; a bad value stops the service naming the setting.
+//! - [`GrpcServer`]: binds first (so tests can ask for port 0), then serves
+//!   the service with `grpc.health.v1` reporting real readiness, server
+//!   reflection (v1 and v1alpha), request timeouts, the telemetry layer and
+//!   graceful shutdown.
+//! - [`Platform`]: the database pool, migrations, Kafka producer and
+//!   background tasks (outbox relay, consumers) of a service.
+//! - [`status`]: deliberate error-to-status mapping helpers.
+//! - [`main`]: the shape of every binary: settings, telemetry, signals,
+//!   run, report, flush.
+
+mod health;
+mod platform;
+mod runner;
+mod server;
+pub mod settings;
+pub mod status;
+
+pub use health::{Readiness, ReadinessCheck};
+pub use platform::Platform;
+pub use runner::{main, shutdown_signal};
+pub use server::GrpcServer;
+pub use settings::ServerSettings;

@@ -1,0 +1,91 @@
+use std::time::Duration;
+
+use anyhow::Context as _;
+use database::{DatabaseSettings, MigrationSet};
+use messaging::{BrokerProbe, KafkaSettings, Relay, Topics};
+use rdkafka::producer::FutureProducer;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Readiness, ReadinessCheck};
+
+/// The shared infrastructure of one service: its database pool (confined to
+/// its schema and migrated), its Kafka producer and topic names, and the
+/// background tasks started on them.
+pub struct Platform {
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+    pub topics: Topics,
+    pub kafka: KafkaSettings,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform")
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Platform {
+    /// Connects to the database (waiting for it, bounded), applies the
+    /// messaging tables and the service's migrations to `schema`, and
+    /// creates the Kafka producer.
+    pub async fn start(
+        service: &'static str,
+        schema: &'static str,
+        database: &DatabaseSettings,
+        migrations: &[MigrationSet],
+        kafka: &KafkaSettings,
+    ) -> anyhow::Result<Self> {
+        let pool = database::connect(database, schema).await?;
+        let mut all = vec![messaging::MIGRATIONS];
+        all.extend_from_slice(migrations);
+        database::migrate(&pool, &all)
+            .await
+            .context("migrating the database")?;
+        let producer = messaging::producer(kafka, service)?;
+        Ok(Self {
+            pool,
+            producer,
+            topics: Topics::new(kafka.topic_prefix.clone()),
+            kafka: kafka.clone(),
+            tasks: Vec::new(),
+        })
+    }
+
+    /// What the health service reports on: the database and the broker.
+    pub fn readiness(&self) -> Readiness {
+        Readiness::new([
+            ReadinessCheck::Database(self.pool.clone()),
+            ReadinessCheck::Broker(BrokerProbe::new(self.producer.clone())),
+        ])
+    }
+
+    /// Starts the outbox relay of this service's schema.
+    pub fn spawn_relay(&mut self, shutdown: &CancellationToken) {
+        let relay = Relay::new(self.pool.clone(), self.producer.clone());
+        self.spawn("outbox relay", relay.run(shutdown.clone()));
+    }
+
+    /// Starts a background task that must stop when `shutdown` is cancelled.
+    pub fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.push((name, tokio::spawn(task)));
+    }
+
+    /// Waits for the background tasks (already told to stop) for at most
+    /// `grace`, then closes the pool.
+    pub async fn stop(self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        for (name, task) in self.tasks {
+            match tokio::time::timeout_at(deadline, task).await {
+                Ok(Ok(())) => tracing::debug!(task = name, "stopped"),
+                Ok(Err(error)) => tracing::error!(task = name, %error, "background task failed"),
+                Err(_) => tracing::warn!(task = name, "did not stop within the grace period"),
+            }
+        }
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,156 @@
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic::transport::server::TcpIncoming;
+
+use crate::ServerSettings;
+use crate::health::{self, Readiness};
+
+/// The gRPC server of a service: bound at construction, then given its
+/// services, then served until shutdown.
+///
+/// Every server carries the same stack, outermost first:
+/// 1. the telemetry layer, so even a timed-out request has its span and
+///    correlation id;
+/// 2. the request timeout, so no handler can hold a connection forever;
+/// 3. the routes: the service's own gRPC services, `grpc.health.v1.Health`
+///    and reflection (v1 and v1alpha, the latter for grpcurl 1.8).
+pub struct GrpcServer {
+    listener: TcpListener,
+    settings: ServerSettings,
+    routes: RoutesBuilder,
+    services: Vec<&'static str>,
+    descriptor_sets: Vec<&'static [u8]>,
+}
+
+impl std::fmt::Debug for GrpcServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcServer")
+            .field("address", &self.listener.local_addr().ok())
+            .field("services", &self.services)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcServer {
+    /// Binds the listening socket now, so the port is known (and taken)
+    /// before anything else starts.
+    pub async fn bind(settings: ServerSettings) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(settings.grpc_addr)
+            .await
+            .with_context(|| format!("binding the gRPC port {}", settings.grpc_addr))?;
+        Ok(Self {
+            listener,
+            settings,
+            routes: Routes::builder(),
+            services: Vec::new(),
+            descriptor_sets: vec![tonic_health::pb::FILE_DESCRIPTOR_SET],
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves `service`; its health is reported under its full name.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower_service::Service<http::Request<tonic::body::Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self.services.push(S::NAME);
+        self
+    }
+
+    /// Makes the services in `descriptor_set` (an encoded
+    /// `FileDescriptorSet`) visible to reflection.
+    pub fn reflect(mut self, descriptor_set: &'static [u8]) -> Self {
+        self.descriptor_sets.push(descriptor_set);
+        self
+    }
+
+    /// Serves until `shutdown`, then stops taking requests and lets those in
+    /// flight finish (for at most the grace period). Health reports SERVING
+    /// only while `readiness` holds, and NOT_SERVING from shutdown on.
+    pub async fn serve(
+        self,
+        readiness: Readiness,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let address = self.local_addr();
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        // The reporter starts out SERVING; nothing is, until checked.
+        health::set_all(
+            &reporter,
+            &self.services,
+            tonic_health::ServingStatus::NotServing,
+        )
+        .await;
+        let reflection = || {
+            self.descriptor_sets.iter().fold(
+                tonic_reflection::server::Builder::configure(),
+                |builder, set| builder.register_encoded_file_descriptor_set(set),
+            )
+        };
+        let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .context("building reflection v1alpha")?;
+        let mut routes = self.routes;
+        routes
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        let health = tokio::spawn(health::report(
+            readiness,
+            reporter,
+            self.services.clone(),
+            self.settings.health_check_interval,
+            shutdown.clone(),
+        ));
+
+        tracing::info!(%address, services = ?self.services, "gRPC server listening");
+        let serving = tonic::transport::Server::builder()
+            .layer(telemetry::grpc::ServerLayer)
+            .timeout(self.settings.request_timeout)
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(self.listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        let mut serving = std::pin::pin!(serving);
+
+        let outcome = tokio::select! {
+            result = &mut serving => result.context("gRPC server failed"),
+            () = shutdown.cancelled() => {
+                tracing::info!("shutting down: finishing in-flight requests");
+                match tokio::time::timeout(self.settings.shutdown_grace_period, serving).await {
+                    Ok(result) => result.context("gRPC server failed while stopping"),
+                    Err(_) => {
+                        tracing::warn!(grace = ?self.settings.shutdown_grace_period, "requests still in flight after the grace period were dropped");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        shutdown.cancel();
+        let _ = health.await;
+        outcome
+    }
+}

@@ -1,0 +1,181 @@
+//! Settings from the environment.
+//!
+//! Each service declares one `clap::Parser` struct that flattens the
+//! settings of the subsystems it uses ([`ServerSettings`] here,
+//! `DatabaseSettings`, `KafkaSettings`, `TelemetrySettings`). Every field
+//! has an environment variable and a flag; `--help` lists them all with
+//! their defaults. [`load`] parses them once at start and, on a bad or
+//! missing value, exits with status 2 and a message naming the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+
+/// Settings of the gRPC server every service runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerSettings {
+    /// Address the gRPC server listens on (port 0 picks a free port).
+    #[arg(long = "grpc-addr", env = "GRPC_ADDR", default_value = "0.0.0.0:50050")]
+    pub grpc_addr: SocketAddr,
+
+    /// Longest a request may run before it is answered DEADLINE_EXCEEDED
+    /// (a client's shorter `grpc-timeout` wins).
+    #[arg(long = "request-timeout", env = "REQUEST_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// How long shutdown waits for in-flight requests and background work.
+    #[arg(long = "shutdown-grace-period", env = "SHUTDOWN_GRACE_PERIOD", default_value = "20s",
+          value_parser = humantime::parse_duration)]
+    pub shutdown_grace_period: Duration,
+
+    /// How often readiness (database and broker) is checked for the health
+    /// service.
+    #[arg(long = "health-check-interval", env = "HEALTH_CHECK_INTERVAL", default_value = "1s",
+          value_parser = humantime::parse_duration)]
+    pub health_check_interval: Duration,
+}
+
+/// Parses settings from the command line and environment, with the
+/// service's own default gRPC port. Exits the process on `--help`,
+/// `--version`, or a bad setting.
+pub fn load<S: clap::Parser>(default_grpc_port: u16) -> S {
+    match try_load_from::<S, _, _>(std::env::args_os(), default_grpc_port) {
+        Ok(settings) => settings,
+        Err(LoadError::Display(error)) => error.exit(),
+        Err(LoadError::Invalid(message)) => {
+            eprintln!("configuration error: {message}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Why settings did not load.
+#[derive(Debug)]
+pub enum LoadError {
+    /// Help or version was asked for, or an error clap explains best.
+    Display(clap::Error),
+    /// A setting is missing or has a bad value; the message names it.
+    Invalid(String),
+}
+
+/// [`load`] without exiting, from explicit arguments (and the environment).
+pub fn try_load_from<S, I, T>(args: I, default_grpc_port: u16) -> Result<S, LoadError>
+where
+    S: clap::Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let default_addr = format!("0.0.0.0:{default_grpc_port}");
+    let mut command = S::command().mut_arg("grpc_addr", |arg| arg.default_value(default_addr));
+    let parsed = command
+        .try_get_matches_from_mut(args)
+        .and_then(|mut matches| S::from_arg_matches_mut(&mut matches));
+    parsed.map_err(|error| describe(&command, error))
+}
+
+/// Turns clap's error about a flag into one about the environment variable
+/// (what operators actually set), keeping clap's reason.
+fn describe(command: &clap::Command, error: clap::Error) -> LoadError {
+    let setting_of = |flag: &str| {
+        let long = flag
+            .trim_start_matches("--")
+            .split([' ', '='])
+            .next()
+            .unwrap_or_default();
+        command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(long))
+            .map(|arg| match arg.get_env() {
+                Some(env) => format!("{} (--{long})", env.to_string_lossy()),
+                None => format!("--{long}"),
+            })
+            .unwrap_or_else(|| flag.to_owned())
+    };
+    match error.kind() {
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation => {
+            let setting = match error.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(flag)) => setting_of(flag),
+                _ => "a setting".to_owned(),
+            };
+            let value = match error.get(ContextKind::InvalidValue) {
+                Some(ContextValue::String(value)) => value.clone(),
+                _ => String::new(),
+            };
+            let reason = std::error::Error::source(&error)
+                .map_or_else(|| "not an accepted value".to_owned(), ToString::to_string);
+            LoadError::Invalid(format!(
+                "{setting} has an invalid value {value:?}: {reason}"
+            ))
+        }
+        ErrorKind::MissingRequiredArgument => {
+            let missing = match error.get(ContextKind::InvalidArg) {
+                Some(ContextValue::Strings(flags)) => flags
+                    .iter()
+                    .map(|flag| setting_of(flag))
+                    .collect::<Vec<_>>(),
+                _ => vec!["a required setting".to_owned()],
+            };
+            LoadError::Invalid(format!("missing {}", missing.join(", ")))
+        }
+        _ => LoadError::Display(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Example {
+        #[command(flatten)]
+        server: ServerSettings,
+        /// A required URL.
+        #[arg(long = "database-url", env = "EXAMPLE_DATABASE_URL")]
+        database_url: String,
+    }
+
+    fn load(args: &[&str]) -> Result<Example, LoadError> {
+        try_load_from::<Example, _, _>(
+            std::iter::once("example").chain(args.iter().copied()),
+            50099,
+        )
+    }
+
+    fn invalid(args: &[&str]) -> String {
+        match load(args) {
+            Err(LoadError::Invalid(message)) => message,
+            other => panic!("expected an invalid setting, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_use_the_services_port() {
+        let settings = load(&["--database-url", "postgres://x"]).unwrap();
+        assert_eq!(settings.server.grpc_addr, "0.0.0.0:50099".parse().unwrap());
+        assert_eq!(settings.server.request_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_bad_value_names_the_environment_variable() {
+        let message = invalid(&["--database-url", "postgres://x", "--grpc-addr", "nowhere"]);
+        assert!(
+            message.starts_with("GRPC_ADDR (--grpc-addr) has an invalid value \"nowhere\""),
+            "{message}"
+        );
+        let message = invalid(&[
+            "--database-url",
+            "postgres://x",
+            "--request-timeout",
+            "soon",
+        ]);
+        assert!(message.contains("REQUEST_TIMEOUT"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_setting_is_named() {
+        let message = invalid(&[]);
+        assert_eq!(message, "missing EXAMPLE_DATABASE_URL (--database-url)");
+    }
+}

@@ -1,0 +1,77 @@
+//! Building the statuses services answer with.
+//!
+//! Errors are mapped to statuses deliberately, once per use case; these
+//! helpers make the common shapes uniform: INVALID_ARGUMENT with a
+//! `BadRequest` detail naming every bad field, and INTERNAL that logs the
+//! whole cause chain but tells the client nothing about the internals.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
+
+/// Bad fields of one request, collected so the client learns about all of
+/// them at once.
+#[derive(Debug, Default)]
+pub struct FieldViolations {
+    violations: Vec<FieldViolation>,
+}
+
+impl FieldViolations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `field` (a path such as `items[2].quantity`) is bad.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.violations
+            .push(FieldViolation::new(field, description));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// `Ok` if nothing was recorded, else INVALID_ARGUMENT naming every field.
+    pub fn into_result(self) -> Result<(), Status> {
+        if self.violations.is_empty() {
+            Ok(())
+        } else {
+            Err(self.into_status())
+        }
+    }
+
+    /// INVALID_ARGUMENT naming every recorded field, in the message and in
+    /// a `BadRequest` detail.
+    pub fn into_status(self) -> Status {
+        let message = self
+            .violations
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Status::with_error_details(
+            Code::InvalidArgument,
+            format!("invalid request: {message}"),
+            ErrorDetails::with_bad_request(self.violations),
+        )
+    }
+}
+
+/// INVALID_ARGUMENT for one bad field.
+pub fn invalid_field(field: impl Into<String>, description: impl Into<String>) -> Status {
+    let mut violations = FieldViolations::new();
+    violations.add(field, description);
+    violations.into_status()
+}
+
+/// INTERNAL for an unexpected failure. The cause chain is logged (with the
+/// request's correlation id, from the span); the client gets none of it.
+pub fn internal(error: &anyhow::Error) -> Status {
+    tracing::error!(error = format!("{error:#}"), "unexpected failure");
+    Status::internal("internal error; the correlation id identifies it in the logs")
+}
+
+/// UNAVAILABLE for a dependency that did not answer; safe to retry.
+pub fn unavailable(what: &str, error: &anyhow::Error) -> Status {
+    tracing::warn!(error = format!("{error:#}"), "{what} unavailable");
+    Status::unavailable(format!("{what} is unavailable; retry later"))
+}

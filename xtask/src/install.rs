@@ -1,0 +1,51 @@
+//! Making sure the machine has what the stack runs.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use dev_stack::tools;
+
+/// PostgreSQL server binaries, the broker and grpcurl: located, or fetched
+/// (PostgreSQL with apt-get on Debian and Ubuntu, when we may).
+pub(crate) fn ensure_tools() -> anyhow::Result<()> {
+    if tools::postgres_bin_dir().is_err() {
+        install_postgres()?;
+        tools::postgres_bin_dir()?;
+    }
+    tools::tansu()?;
+    tools::grpcurl()?;
+    Ok(())
+}
+
+fn install_postgres() -> anyhow::Result<()> {
+    if tools::find_in_path("apt-get").is_none() {
+        bail!(
+            "PostgreSQL server binaries are missing and there is no apt-get to install them: install PostgreSQL (initdb, postgres) and retry"
+        );
+    }
+    eprintln!("PostgreSQL server binaries not found; installing Debian's postgresql package");
+    let sudo: &[&str] = if running_as_root() { &[] } else { &["sudo"] };
+    for args in [
+        &["apt-get", "update", "-qq"][..],
+        &["apt-get", "install", "-y", "-qq", "postgresql"][..],
+    ] {
+        let mut full: Vec<&str> = sudo.to_vec();
+        full.extend_from_slice(args);
+        let status = Command::new(full[0])
+            .args(&full[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .with_context(|| format!("running {}", full.join(" ")))?;
+        if !status.success() {
+            bail!("{} failed", full.join(" "));
+        }
+    }
+    Ok(())
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self")
+        .map(|meta| meta.uid() == 0)
+        .unwrap_or(false)
+}

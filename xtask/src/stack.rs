@@ -1,0 +1,361 @@
+//! `cargo xtask up` and `cargo xtask down`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use database::ServiceAccount;
+use dev_stack::{Broker, PostgresServer, ServiceProcess, ServingStatus, tools};
+use messaging::Topics;
+
+use crate::install;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct UpArgs {
+    /// Return once everything is SERVING and leave it running; stop it with
+    /// `cargo xtask down`.
+    #[arg(long)]
+    detach: bool,
+    /// Build and run the services with the release profile.
+    #[arg(long)]
+    release: bool,
+    /// Internal: the detached supervisor process.
+    #[arg(long, hide = true)]
+    supervise: bool,
+}
+
+/// A service of the system as the local stack runs it.
+struct Service {
+    binary: &'static str,
+    port: u16,
+    account: fn(String) -> ServiceAccount,
+}
+
+const SERVICES: [Service; 4] = [
+    Service {
+        binary: auth_service::NAME,
+        port: auth_service::DEFAULT_PORT,
+        account: auth_service::account,
+    },
+    Service {
+        binary: order_service::NAME,
+        port: order_service::DEFAULT_PORT,
+        account: order_service::account,
+    },
+    Service {
+        binary: payment_service::NAME,
+        port: payment_service::DEFAULT_PORT,
+        account: payment_service::account,
+    },
+    Service {
+        binary: saga_orchestrator::NAME,
+        port: saga_orchestrator::DEFAULT_PORT,
+        account: saga_orchestrator::account,
+    },
+];
+
+/// Consumer groups whose dead-letter topics must exist.
+const CONSUMER_GROUPS: &[&str] = &["saga-orchestrator", "trace-view"];
+
+const DATABASE_NAME: &str = "ordersaga";
+
+fn state_dir() -> PathBuf {
+    tools::tools_dir()
+        .parent()
+        .expect("tools live in the target folder")
+        .join("dev-stack")
+}
+
+fn supervisor_pid_file() -> PathBuf {
+    state_dir().join("supervisor.pid")
+}
+
+fn ready_file() -> PathBuf {
+    state_dir().join("ready.txt")
+}
+
+pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
+    if args.detach {
+        return detach(&args);
+    }
+    let stack = LocalStack::start(args.release).await?;
+    let summary = stack.summary();
+    println!("{summary}");
+    if args.supervise {
+        std::fs::write(ready_file(), &summary)?;
+    } else {
+        println!("Press Ctrl-C to stop everything.");
+    }
+    stack.run_until_signal().await
+}
+
+/// Starts `up --supervise` in a session of its own and waits for it to be
+/// ready (or to fail).
+fn detach(args: &UpArgs) -> anyhow::Result<()> {
+    if let Some(pid) = running_supervisor() {
+        bail!("a stack is already running (supervisor pid {pid}); `cargo xtask down` stops it");
+    }
+    std::fs::create_dir_all(state_dir())?;
+    let _ = std::fs::remove_file(ready_file());
+    let log_path = state_dir().join("supervisor.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut command = Command::new("setsid");
+    command
+        .arg(std::env::current_exe()?)
+        .args(["up", "--supervise"]);
+    if args.release {
+        command.arg("--release");
+    }
+    let mut supervisor = command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the supervisor (needs `setsid`, from util-linux)")?;
+    std::fs::write(supervisor_pid_file(), supervisor.id().to_string())?;
+    loop {
+        if let Ok(summary) = std::fs::read_to_string(ready_file()) {
+            println!("{summary}");
+            println!(
+                "Running in the background; `cargo xtask down` stops it. Supervisor log: {}",
+                log_path.display()
+            );
+            return Ok(());
+        }
+        if let Some(status) = supervisor.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("the stack did not come up ({status}):\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub(crate) async fn down() -> anyhow::Result<()> {
+    let Some(pid) = running_supervisor() else {
+        println!("no stack is running");
+        return Ok(());
+    };
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while is_alive(pid) {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the supervisor (pid {pid}) did not stop within a minute");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_file(supervisor_pid_file());
+    println!("stopped");
+    Ok(())
+}
+
+fn running_supervisor() -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(supervisor_pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    is_alive(pid).then_some(pid)
+}
+
+fn is_alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry; only a live process has a cwd.
+    std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok()
+}
+
+/// Everything `up` started. Dropping it stops everything.
+struct LocalStack {
+    // Fields drop in order: services first, then their infrastructure.
+    services: Vec<ServiceProcess>,
+    database_url: String,
+    brokers: String,
+    logs: PathBuf,
+    broker: Option<Broker>,
+    postgres: Option<PostgresServer>,
+}
+
+impl LocalStack {
+    async fn start(release: bool) -> anyhow::Result<Self> {
+        eprintln!("checking tools");
+        install::ensure_tools()?;
+        eprintln!("building the services");
+        build_services(release)?;
+
+        let (postgres, admin_url) = match std::env::var("DATABASE_URL") {
+            Ok(url) => (None, url),
+            Err(_) => {
+                eprintln!("starting PostgreSQL");
+                let postgres = PostgresServer::start().await?;
+                let admin = postgres.admin_url("postgres");
+                create_database(&admin, DATABASE_NAME).await?;
+                let url = postgres.admin_url(DATABASE_NAME);
+                (Some(postgres), url)
+            }
+        };
+        let (broker, brokers) = match std::env::var("KAFKA_BROKERS") {
+            Ok(brokers) => (None, brokers),
+            Err(_) => {
+                eprintln!("starting the broker");
+                let broker = Broker::start().await?;
+                let brokers = broker.bootstrap_servers();
+                (Some(broker), brokers)
+            }
+        };
+        let topics = Topics::new(std::env::var("KAFKA_TOPIC_PREFIX").unwrap_or_default());
+        dev_stack::create_topics(&brokers, &topics.all(CONSUMER_GROUPS), 3)?;
+
+        let logs = state_dir().join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let admin = sqlx::PgPool::connect(&admin_url)
+            .await
+            .context("connecting to PostgreSQL")?;
+        let target = target_dir(release);
+        let mut services = Vec::new();
+        for service in &SERVICES {
+            let account = (service.account)(format!("{}-dev-password", service.binary));
+            database::provision(&admin, &account).await?;
+            let env = vec![
+                ("DATABASE_URL".to_owned(), url_for(&admin_url, &account)?),
+                ("KAFKA_BROKERS".to_owned(), brokers.clone()),
+                ("KAFKA_TOPIC_PREFIX".to_owned(), topics.prefix().to_owned()),
+                ("GRPC_ADDR".to_owned(), format!("0.0.0.0:{}", service.port)),
+                ("LOG_FORMAT".to_owned(), "pretty".to_owned()),
+            ];
+            eprintln!("starting {}", service.binary);
+            let log = logs.join(format!("{}.log", service.binary));
+            let process = ServiceProcess::start_logging_to(
+                service.binary,
+                &target.join(service.binary),
+                env,
+                &log,
+            )
+            .await?;
+            services.push(process);
+        }
+        admin.close().await;
+        for process in &mut services {
+            process
+                .wait_for_health("", ServingStatus::Serving, Duration::from_secs(60))
+                .await?;
+        }
+        Ok(Self {
+            services,
+            database_url: admin_url,
+            brokers,
+            logs,
+            broker,
+            postgres,
+        })
+    }
+
+    fn summary(&self) -> String {
+        let grpcurl = tools::grpcurl()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "grpcurl".into());
+        let mut text = String::from("\nordersaga is up and SERVING:\n");
+        for (service, process) in SERVICES.iter().zip(&self.services) {
+            text.push_str(&format!(
+                "  {:<18} localhost:{}\n",
+                service.binary,
+                process.address().port()
+            ));
+        }
+        text.push_str(&format!("  {:<18} {}\n", "PostgreSQL", self.database_url));
+        text.push_str(&format!("  {:<18} {}\n", "Kafka broker", self.brokers));
+        text.push_str(&format!("  {:<18} {}\n", "logs", self.logs.display()));
+        text.push_str("\nTry (grpcurl was fetched for you):\n");
+        for service in &SERVICES {
+            text.push_str(&format!(
+                "  {grpcurl} -plaintext localhost:{} list\n",
+                service.port
+            ));
+        }
+        text.push_str(&format!(
+            "  {grpcurl} -plaintext localhost:{} grpc.health.v1.Health/Check\n",
+            SERVICES[1].port
+        ));
+        text
+    }
+
+    /// Runs until SIGINT or SIGTERM, or until a service dies, then stops
+    /// everything (services first).
+    async fn run_until_signal(mut self) -> anyhow::Result<()> {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        let died = loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break None,
+                _ = terminate.recv() => break None,
+                _ = check.tick() => {
+                    if let Some(index) = self.services.iter_mut().position(|s| !s.process().is_running()) {
+                        break Some(SERVICES[index].binary);
+                    }
+                }
+            }
+        };
+        eprintln!("stopping");
+        for process in self.services.iter_mut().rev() {
+            let _ = process.stop(Duration::from_secs(30));
+        }
+        let _ = std::fs::remove_file(ready_file());
+        match died {
+            Some(name) => bail!("{name} exited unexpectedly; see {}", self.logs.display()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn build_services(release: bool) -> anyhow::Result<()> {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.args(["build", "--quiet"]);
+    for service in &SERVICES {
+        command.args(["--bin", service.binary]);
+    }
+    if release {
+        command.arg("--release");
+    }
+    let status = command
+        .current_dir(tools::workspace_root())
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("building the services failed");
+    }
+    Ok(())
+}
+
+fn target_dir(release: bool) -> PathBuf {
+    let target = tools::tools_dir()
+        .parent()
+        .expect("tools live in the target folder")
+        .to_owned();
+    target.join(if release { "release" } else { "debug" })
+}
+
+async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(admin_url).await?;
+    let exists: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_optional(&pool)
+        .await?;
+    if exists.is_none() {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await?;
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// The administrative URL with the service role's credentials instead.
+fn url_for(admin_url: &str, account: &ServiceAccount) -> anyhow::Result<String> {
+    let mut url = url::Url::parse(admin_url).context("DATABASE_URL is not a URL")?;
+    url.set_username(account.role)
+        .map_err(|()| anyhow::anyhow!("cannot set the user of {admin_url}"))?;
+    url.set_password(Some(&account.password))
+        .map_err(|()| anyhow::anyhow!("cannot set the password"))?;
+    Ok(url.to_string())
+}
