@@ -298,7 +298,13 @@ impl LocalStack {
         };
         eprintln!("stopping");
         for process in self.services.iter_mut().rev() {
-            let _ = process.stop(Duration::from_secs(30));
+            let _ = process.stop(Duration::from_secs(30)).await;
+        }
+        if let Some(broker) = self.broker.take() {
+            broker.stop()?;
+        }
+        if let Some(postgres) = self.postgres.take() {
+            postgres.stop()?;
         }
         let _ = std::fs::remove_file(ready_file());
         match died {

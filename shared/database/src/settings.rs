@@ -1,7 +1,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
@@ -63,24 +63,21 @@ pub async fn connect(settings: &DatabaseSettings, schema: &str) -> anyhow::Resul
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(options);
 
+    // The pool itself retries refused connections (with backoff) until its
+    // acquire timeout; errors that retrying cannot fix, such as a wrong
+    // password, come back at once.
     let deadline = tokio::time::Instant::now() + settings.connect_timeout;
-    let mut backoff = Duration::from_millis(50);
     loop {
-        match pool.acquire().await {
-            Ok(_) => return Ok(pool),
-            Err(error) if tokio::time::Instant::now() + backoff < deadline => {
-                tracing::warn!(%error, retry_in = ?backoff, "database not reachable yet");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+        match tokio::time::timeout_at(deadline, pool.acquire()).await {
+            Ok(Ok(_connection)) => return Ok(pool),
+            Ok(Err(sqlx::Error::PoolTimedOut)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!("database not reachable yet; still trying");
             }
-            Err(error) => {
-                return Err(error).with_context(|| {
-                    format!(
-                        "database not reachable within {:?}",
-                        settings.connect_timeout
-                    )
-                });
-            }
+            Ok(Err(error)) => return Err(error).context("connecting to the database"),
+            Err(_elapsed) => bail!(
+                "database not reachable within {:?}",
+                settings.connect_timeout
+            ),
         }
     }
 }

@@ -146,6 +146,24 @@ impl Supervised {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// [`stop`](Self::stop) for async callers: waits without blocking the
+    /// runtime, whose other tasks (a client closing its connection to the
+    /// program, say) may be what the program is waiting for.
+    pub async fn stop_async(&mut self, grace: Duration) -> anyhow::Result<Option<i32>> {
+        drop(self.lifeline.take());
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            if let Some(status) = self.watchdog.try_wait()? {
+                return Ok(status.code());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = self.signal("KILL");
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Supervised {

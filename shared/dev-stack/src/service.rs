@@ -161,9 +161,10 @@ impl ServiceProcess {
         )
     }
 
-    /// Sends SIGTERM and waits for the exit code.
-    pub fn stop(&mut self, grace: Duration) -> anyhow::Result<Option<i32>> {
-        self.process.stop(grace)
+    /// Sends SIGTERM and waits for the exit code (`None` if it had to be
+    /// killed after `grace`).
+    pub async fn stop(&mut self, grace: Duration) -> anyhow::Result<Option<i32>> {
+        self.process.stop_async(grace).await
     }
 }
 

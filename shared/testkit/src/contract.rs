@@ -146,7 +146,8 @@ pub fn help_lists_the_settings(binary: Binary) -> anyhow::Result<()> {
 pub async fn sigterm_stops_it_cleanly(binary: Binary) -> anyhow::Result<()> {
     let scenario = Scenario::new().await?;
     let mut service = ServiceUnderTest::start(&scenario, binary, &[]).await?;
-    let code = service.process.stop(Duration::from_secs(20))?;
+    let code = service.process.stop(Duration::from_secs(20)).await?;
+
     let logs = service.process.logs();
     ensure!(code == Some(0), "exit code {code:?}; log:\n{logs}");
     ensure!(
