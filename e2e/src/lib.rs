@@ -103,11 +103,11 @@ async fn binaries_folder() -> anyhow::Result<&'static PathBuf> {
                 .nth(2)
                 .context("test binary location")?
                 .to_owned();
+            // The same command `cargo xtask test` runs before the tests, so
+            // here it finds everything built.
             let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            build.args(["build", "--quiet"]);
-            for binary in BINARIES {
-                build.args(["--bin", binary.name]);
-            }
+            build.args(["build", "--quiet", "--workspace", "--bins"]);
+
             if folder.file_name().is_some_and(|name| name == "release") {
                 build.arg("--release");
             }

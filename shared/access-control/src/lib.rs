@@ -1,0 +1,44 @@
+//! Who may call what.
+//!
+//! The auth service alone signs tokens (Ed25519 JWTs); every other service
+//! only verifies them with public keys, so no secret is shared. This crate
+//! is the verifying side and the client side of that arrangement:
+//!
+//! - [`Claims`] and [`Role`]: what a verified token says.
+//! - [`KeyCache`]: public keys fetched from the auth service, cached, and
+//!   fetched again when a token names an unknown key (after a rotation); it
+//!   keeps verifying from cache while the auth service is down.
+//! - [`Verifier`]: checks a token: algorithm pinned to EdDSA (so `alg:
+//!   none` and HS256-signed-with-the-public-key forgeries fail), signature,
+//!   `exp`, `iss`, `aud`.
+//! - [`AuthLayer`] with a [`Policy`]: a tower layer in front of a service
+//!   that lets each RPC through only for the roles the policy names, and
+//!   puts the caller's [`Claims`] into the request extensions. Health and
+//!   reflection stay open.
+//! - [`ServiceTokenSource`] and [`BearerLayer`]: a service's own token
+//!   (client-credentials grant), renewed before it expires, attached to
+//!   outgoing calls.
+
+mod claims;
+mod keys;
+mod layer;
+mod service_token;
+mod settings;
+mod verify;
+
+pub use claims::{Claims, Role};
+pub use keys::{KeyCache, KeySource, RemoteKeys, VerificationKey};
+pub use layer::{Access, AuthLayer, AuthService, Policy};
+pub use service_token::{BearerLayer, BearerService, ServiceTokenSource};
+pub use settings::{AuthSettings, ServiceCredentials, TokenSettings};
+pub use verify::{VerifyError, Verifier};
+
+/// The caller of the RPC being handled, as the [`AuthLayer`] verified it.
+///
+/// Handlers of RPCs that the policy does not leave public can rely on it.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<&Claims, tonic::Status> {
+    request
+        .extensions()
+        .get::<Claims>()
+        .ok_or_else(|| tonic::Status::unauthenticated("no verified caller"))
+}
