@@ -35,7 +35,6 @@ pub(crate) async fn test(args: TestArgs) -> anyhow::Result<()> {
     // with the same command those tests use, keeps that out of their time.
     cargo(&["build", "--quiet", "--workspace", "--bins"])?;
 
-
     // One PostgreSQL and one broker for the whole run; every test takes its
     // own database and topic names on them.
     let (postgres, broker) = tokio::try_join!(PostgresServer::start(), Broker::start())?;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use access_control::{Access, AuthLayer, AuthSettings, Policy, Verifier};
 use database::{DatabaseSettings, MigrationSet, ServiceAccount};
 use messaging::KafkaSettings;
 use service_runtime::{GrpcServer, Platform, ServerSettings};
@@ -43,6 +44,22 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
+    #[command(flatten)]
+    pub auth: AuthSettings,
+}
+
+/// Who may call what on the order service.
+fn policy() -> Policy {
+    const SERVICE: &str = "ordersaga.order.v1.OrderService";
+    Policy::new()
+        .rpc(SERVICE, "CreateOrder", Access::User)
+        .rpc(SERVICE, "GetOrder", Access::User)
+        .rpc(SERVICE, "ListOrders", Access::User)
+        .rpc(SERVICE, "CancelOrder", Access::User)
+        .rpc(SERVICE, "ConfirmOrder", Access::Service)
+        .rpc(SERVICE, "RejectOrder", Access::Service)
+        .rpc(SERVICE, "AbortOrder", Access::Service)
+        .rpc(SERVICE, "RebuildReadModel", Access::Admin)
 }
 
 /// The service, built and bound, ready to run.
@@ -86,7 +103,9 @@ impl Application {
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        let verifier = Verifier::remote(&settings.auth)?;
         let served = server
+            .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(
                 api_order::v1::order_service_server::OrderServiceServer::new(grpc::OrderServiceApi),
             )

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use access_control::{Access, AuthLayer, AuthSettings, Policy, Verifier};
 use database::{DatabaseSettings, MigrationSet, ServiceAccount};
 use messaging::KafkaSettings;
 use service_runtime::{GrpcServer, Platform, ServerSettings};
@@ -43,6 +44,19 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
+    #[command(flatten)]
+    pub auth: AuthSettings,
+}
+
+/// Who may call what on the payment service.
+fn policy() -> Policy {
+    const SERVICE: &str = "ordersaga.payment.v1.PaymentService";
+    Policy::new()
+        .rpc(SERVICE, "ProcessPayment", Access::Service)
+        .rpc(SERVICE, "RefundPayment", Access::Service)
+        // Customers see their own payments; the handlers check ownership.
+        .rpc(SERVICE, "GetPayment", Access::Authenticated)
+        .rpc(SERVICE, "ListPaymentsByOrder", Access::Authenticated)
 }
 
 /// The service, built and bound, ready to run.
@@ -86,7 +100,9 @@ impl Application {
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        let verifier = Verifier::remote(&settings.auth)?;
         let served = server
+            .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(
                 api_payment::v1::payment_service_server::PaymentServiceServer::new(
                     grpc::PaymentServiceApi,

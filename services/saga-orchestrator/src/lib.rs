@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use access_control::{Access, AuthLayer, AuthSettings, Policy, Verifier};
 use database::{DatabaseSettings, MigrationSet, ServiceAccount};
 use messaging::KafkaSettings;
 use service_runtime::{GrpcServer, Platform, ServerSettings};
@@ -43,6 +44,34 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
+    #[command(flatten)]
+    pub auth: AuthSettings,
+}
+
+/// Who may call what on the orchestrator: operators only.
+fn policy() -> Policy {
+    const SAGA: &str = "ordersaga.saga.v1.SagaService";
+    const TRACE: &str = "ordersaga.trace.v1.TraceService";
+    let saga = [
+        "GetSagaStatus",
+        "ListActiveSagas",
+        "RetrySaga",
+        "CompensateSaga",
+    ]
+    .into_iter()
+    .fold(Policy::new(), |policy, method| {
+        policy.rpc(SAGA, method, Access::Admin)
+    });
+    [
+        "GetTraceByCorrelation",
+        "GetTraceByOrder",
+        "StreamEvents",
+        "ListActiveFlows",
+    ]
+    .into_iter()
+    .fold(saga, |policy, method| {
+        policy.rpc(TRACE, method, Access::Admin)
+    })
 }
 
 /// The service, built and bound, ready to run.
@@ -86,7 +115,9 @@ impl Application {
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        let verifier = Verifier::remote(&settings.auth)?;
         let served = server
+            .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(api_saga::v1::saga_service_server::SagaServiceServer::new(
                 grpc::SagaServiceApi,
             ))

@@ -38,7 +38,9 @@ impl RemoteKeys {
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5))
             .connect_lazy();
-        Ok(Self { client: AuthServiceClient::new(channel) })
+        Ok(Self {
+            client: AuthServiceClient::new(channel),
+        })
     }
 }
 
@@ -95,8 +97,14 @@ pub struct KeyCache {
 
 impl std::fmt::Debug for KeyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kids: Vec<String> = self.keys.read().map(|keys| keys.keys().cloned().collect()).unwrap_or_default();
-        f.debug_struct("KeyCache").field("kids", &kids).finish_non_exhaustive()
+        let kids: Vec<String> = self
+            .keys
+            .read()
+            .map(|keys| keys.keys().cloned().collect())
+            .unwrap_or_default();
+        f.debug_struct("KeyCache")
+            .field("kids", &kids)
+            .finish_non_exhaustive()
     }
 }
 
@@ -136,11 +144,15 @@ impl KeyCache {
         match self.source.fetch().await {
             Ok(keys) => {
                 self.replace(keys);
-                self.cached(kid).ok_or_else(|| KeyLookupError::Unknown(kid.to_owned()))
+                self.cached(kid)
+                    .ok_or_else(|| KeyLookupError::Unknown(kid.to_owned()))
             }
             Err(error) if self.is_empty() => Err(KeyLookupError::Unavailable(error)),
             Err(error) => {
-                tracing::warn!(error = format!("{error:#}"), "could not refresh verification keys; using the cached ones");
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "could not refresh verification keys; using the cached ones"
+                );
                 Err(KeyLookupError::Unknown(kid.to_owned()))
             }
         }
@@ -149,7 +161,9 @@ impl KeyCache {
     fn cached(&self, kid: &str) -> Option<DecodingKey> {
         let keys = self.keys.read().expect("key cache lock");
         let key = keys.get(kid)?;
-        let usable = key.verify_until.is_none_or(|until| SystemTime::now() < until);
+        let usable = key
+            .verify_until
+            .is_none_or(|until| SystemTime::now() < until);
         usable.then(|| key.decoding.clone())
     }
 

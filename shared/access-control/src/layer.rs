@@ -7,7 +7,7 @@ use tonic::Status;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{Claims, Role, VerifyError, Verifier};
+use crate::{Claims, Role, Verifier, VerifyError};
 
 /// Who may call an RPC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,10 @@ pub struct AuthLayer {
 
 impl AuthLayer {
     pub fn new(verifier: Verifier, policy: Policy) -> Self {
-        Self { verifier: Arc::new(verifier), policy: Arc::new(policy) }
+        Self {
+            verifier: Arc::new(verifier),
+            policy: Arc::new(policy),
+        }
     }
 }
 
@@ -83,7 +86,11 @@ impl<S> Layer<S> for AuthLayer {
     type Service = AuthService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AuthService { inner, verifier: self.verifier.clone(), policy: self.policy.clone() }
+        AuthService {
+            inner,
+            verifier: self.verifier.clone(),
+            policy: self.policy.clone(),
+        }
     }
 }
 
@@ -118,7 +125,10 @@ where
         Box::pin(async move {
             let denied = match access {
                 Some(Access::Public) => None,
-                None => Some(Status::permission_denied(format!("no access rule for {}", request.uri().path()))),
+                None => Some(Status::permission_denied(format!(
+                    "no access rule for {}",
+                    request.uri().path()
+                ))),
                 Some(access) => match authenticate(&verifier, request.headers()).await {
                     Ok(claims) if access.allows(claims.role) => {
                         request.extensions_mut().insert(claims);

@@ -31,7 +31,7 @@ pub use keys::{KeyCache, KeySource, RemoteKeys, VerificationKey};
 pub use layer::{Access, AuthLayer, AuthService, Policy};
 pub use service_token::{BearerLayer, BearerService, ServiceTokenSource};
 pub use settings::{AuthSettings, ServiceCredentials, TokenSettings};
-pub use verify::{VerifyError, Verifier};
+pub use verify::{Verifier, VerifyError};
 
 /// The caller of the RPC being handled, as the [`AuthLayer`] verified it.
 ///

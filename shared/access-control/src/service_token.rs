@@ -31,7 +31,9 @@ pub struct ServiceTokenSource {
 
 impl std::fmt::Debug for ServiceTokenSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceTokenSource").field("client_id", &self.credentials.client_id).finish_non_exhaustive()
+        f.debug_struct("ServiceTokenSource")
+            .field("client_id", &self.credentials.client_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -42,7 +44,11 @@ impl ServiceTokenSource {
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5))
             .connect_lazy();
-        Ok(Self { client: AuthServiceClient::new(channel), credentials, current: Mutex::new(None) })
+        Ok(Self {
+            client: AuthServiceClient::new(channel),
+            credentials,
+            current: Mutex::new(None),
+        })
     }
 
     /// `Bearer <token>` for the `authorization` header.
@@ -60,7 +66,10 @@ impl ServiceTokenSource {
             }
             Err(error) => match current.as_ref().filter(|token| now < token.expires_at) {
                 Some(token) => {
-                    tracing::warn!(error = format!("{error:#}"), "could not renew the service token; using the current one");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "could not renew the service token; using the current one"
+                    );
                     Ok(token.header.clone())
                 }
                 None => Err(error),
@@ -109,7 +118,10 @@ impl<S> Layer<S> for BearerLayer {
     type Service = BearerService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        BearerService { inner, source: self.source.clone() }
+        BearerService {
+            inner,
+            source: self.source.clone(),
+        }
     }
 }
 
@@ -143,14 +155,19 @@ where
         Box::pin(async move {
             match source.authorization().await {
                 Ok(header) => {
-                    request.headers_mut().insert(http::header::AUTHORIZATION, header);
+                    request
+                        .headers_mut()
+                        .insert(http::header::AUTHORIZATION, header);
                     inner.call(request).await
                 }
                 // Without a token the call cannot succeed; answer as the
                 // server would, so callers see one kind of failure.
                 Err(error) => {
                     tracing::warn!(error = format!("{error:#}"), "no service token");
-                    Ok(tonic::Status::unavailable(format!("no service token: {error:#}")).into_http())
+                    Ok(
+                        tonic::Status::unavailable(format!("no service token: {error:#}"))
+                            .into_http(),
+                    )
                 }
             }
         })

@@ -5,11 +5,19 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct TokenSettings {
     /// `iss` of every token.
-    #[arg(long = "auth-issuer", env = "AUTH_ISSUER", default_value = "ordersaga-auth")]
+    #[arg(
+        long = "auth-issuer",
+        env = "AUTH_ISSUER",
+        default_value = "ordersaga-auth"
+    )]
     pub issuer: String,
 
     /// `aud` of every token.
-    #[arg(long = "auth-audience", env = "AUTH_AUDIENCE", default_value = "ordersaga")]
+    #[arg(
+        long = "auth-audience",
+        env = "AUTH_AUDIENCE",
+        default_value = "ordersaga"
+    )]
     pub audience: String,
 }
 
@@ -38,18 +46,26 @@ pub struct ServiceCredentials {
     pub client_id: String,
 
     /// The client's secret.
-    #[arg(long = "service-client-secret", env = "SERVICE_CLIENT_SECRET", hide_env_values = true)]
+    #[arg(
+        long = "service-client-secret",
+        env = "SERVICE_CLIENT_SECRET",
+        hide_env_values = true
+    )]
     pub client_secret: String,
 }
 
 impl std::fmt::Debug for ServiceCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceCredentials").field("client_id", &self.client_id).finish_non_exhaustive()
+        f.debug_struct("ServiceCredentials")
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
     }
 }
 
 pub(crate) fn parse_url(value: &str) -> Result<String, String> {
-    let uri: http::Uri = value.parse().map_err(|error: http::uri::InvalidUri| error.to_string())?;
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|error: http::uri::InvalidUri| error.to_string())?;
     match (uri.scheme_str(), uri.host()) {
         (Some("http" | "https"), Some(_)) => Ok(value.to_owned()),
         _ => Err("expected an http:// or https:// URL".to_owned()),

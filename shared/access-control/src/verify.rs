@@ -3,7 +3,7 @@ use std::sync::Arc;
 use jsonwebtoken::{Algorithm, Validation};
 
 use crate::keys::KeyLookupError;
-use crate::{Claims, KeyCache, TokenSettings};
+use crate::{AuthSettings, Claims, KeyCache, RemoteKeys, TokenSettings};
 
 /// Why a token was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +38,42 @@ impl Verifier {
         Self { keys, validation }
     }
 
+    /// A verifier whose keys come from the auth service named in
+    /// `settings`. A first fetch starts now, so that the first request
+    /// usually finds the keys in cache; if the auth service is not up yet,
+    /// the first token seen fetches them.
+    pub fn remote(settings: &AuthSettings) -> anyhow::Result<Self> {
+        let keys = Arc::new(KeyCache::new(
+            RemoteKeys::new(&settings.url)?,
+            settings.key_refetch_interval,
+        ));
+        tokio::spawn({
+            let keys = keys.clone();
+            async move {
+                if let Err(error) = keys.refresh().await {
+                    tracing::info!(
+                        error = format!("{error:#}"),
+                        "verification keys not fetched yet"
+                    );
+                }
+            }
+        });
+        Ok(Self::new(keys, &settings.token))
+    }
+
     /// The claims of `token` if it is valid now.
     pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|error| VerifyError::Invalid(error.to_string()))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|error| VerifyError::Invalid(error.to_string()))?;
         if header.alg != Algorithm::EdDSA {
-            return Err(VerifyError::Invalid(format!("algorithm {:?} is not accepted", header.alg)));
+            return Err(VerifyError::Invalid(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
         }
-        let kid = header.kid.ok_or_else(|| VerifyError::Invalid("no key id".into()))?;
+        let kid = header
+            .kid
+            .ok_or_else(|| VerifyError::Invalid("no key id".into()))?;
         let key = self.keys.get(&kid).await.map_err(|error| match error {
             KeyLookupError::Unknown(_) => VerifyError::Invalid(error.to_string()),
             KeyLookupError::Unavailable(_) => VerifyError::Unavailable(error.to_string()),

@@ -168,7 +168,22 @@ impl ServiceProcess {
     }
 }
 
+impl Drop for ServiceProcess {
+    /// A failing test shows what the service logged: usually the reason.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- log of {} -----\n{}----- end of {} log -----",
+                self.name,
+                self.logs(),
+                self.name
+            );
+        }
+    }
+}
+
 /// Reads the log until the "listening" line appears, and parses its address.
+
 async fn wait_for_listening(
     process: &mut Supervised,
     log: &Path,

@@ -15,17 +15,21 @@ use crate::health::{self, Readiness};
 /// services, then served until shutdown.
 ///
 /// Every server carries the same stack, outermost first:
-/// 1. the telemetry layer, so even a timed-out request has its span and
-///    correlation id;
-/// 2. the request timeout, so no handler can hold a connection forever;
-/// 3. the routes: the service's own gRPC services, `grpc.health.v1.Health`
+/// 1. the telemetry layer, so even a refused or timed-out request has its
+///    span and correlation id;
+/// 2. access control, when the service has a policy, so no handler runs
+///    for a caller the policy does not admit;
+/// 3. the request timeout, so no handler can hold a connection forever;
+/// 4. the routes: the service's own gRPC services, `grpc.health.v1.Health`
 ///    and reflection (v1 and v1alpha, the latter for grpcurl 1.8).
+
 pub struct GrpcServer {
     listener: TcpListener,
     settings: ServerSettings,
     routes: RoutesBuilder,
     services: Vec<&'static str>,
     descriptor_sets: Vec<&'static [u8]>,
+    access_control: Option<access_control::AuthLayer>,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -50,6 +54,7 @@ impl GrpcServer {
             routes: Routes::builder(),
             services: Vec::new(),
             descriptor_sets: vec![tonic_health::pb::FILE_DESCRIPTOR_SET],
+            access_control: None,
         })
     }
 
@@ -74,6 +79,13 @@ impl GrpcServer {
     {
         self.routes.add_service(service);
         self.services.push(S::NAME);
+        self
+    }
+
+    /// Puts `layer` in front of every service: each RPC is let through only
+    /// for the callers its policy names (health and reflection stay open).
+    pub fn with_access_control(mut self, layer: access_control::AuthLayer) -> Self {
+        self.access_control = Some(layer);
         self
     }
 
@@ -128,6 +140,7 @@ impl GrpcServer {
         tracing::info!(%address, services = ?self.services, "gRPC server listening");
         let serving = tonic::transport::Server::builder()
             .layer(telemetry::grpc::ServerLayer)
+            .layer(tower::util::option_layer(self.access_control))
             .timeout(self.settings.request_timeout)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(

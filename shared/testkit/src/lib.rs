@@ -4,8 +4,10 @@
 //!   in a fresh database and its topics created under a fresh prefix.
 //! - [`contract`]: the checks every binary must pass (health follows its
 //!   dependencies, reflection, settings validation, graceful stop).
+//! - [`grpc`]: channels, bearer tokens and status details for tests.
 
 pub mod contract;
+pub mod grpc;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,6 +52,12 @@ pub struct Scenario {
 pub const CONSUMER_GROUPS: &[&str] = &["saga-orchestrator", "trace-view"];
 
 impl Scenario {
+    /// A superuser pool on the scenario's database, to look behind a
+    /// service's back (count rows, read what it stored).
+    pub async fn inspect(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(sqlx::PgPool::connect(&self.database.admin_url()).await?)
+    }
+
     pub async fn new() -> anyhow::Result<Self> {
         let env = TestEnv::get().await;
         let database = env.database().await?;
