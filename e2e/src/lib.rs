@@ -7,11 +7,18 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use api_auth::v1::auth_service_client::AuthServiceClient;
+use api_auth::v1::{LoginRequest, RegisterRequest};
+use api_order::v1::order_service_client::OrderServiceClient;
+use api_payment::v1::payment_service_client::PaymentServiceClient;
+use api_saga::v1::saga_service_client::SagaServiceClient;
 use dev_stack::{ServiceProcess, ServingStatus};
+use testkit::grpc::channel;
 use testkit::{Binary, Scenario};
 use tokio::sync::OnceCell;
+use tonic::transport::Channel;
 
-/// The four binaries, in start order.
+/// The four binaries, in start order (auth first: the others fetch its keys).
 pub const BINARIES: [Binary; 4] = [
     Binary {
         name: auth_service::NAME,
@@ -46,6 +53,15 @@ pub const BINARIES: [Binary; 4] = [
     },
 ];
 
+/// The operator account every stack bootstraps.
+pub const ADMIN_EMAIL: &str = "admin@ordersaga.test";
+pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
+/// The orchestrator's client credentials.
+pub const SAGA_CLIENT_ID: &str = "saga-orchestrator";
+pub const SAGA_CLIENT_SECRET: &str = "saga-orchestrator-test-secret";
+/// The password of every customer the tests register.
+pub const CUSTOMER_PASSWORD: &str = "correct horse battery staple";
+
 /// The running system.
 #[derive(Debug)]
 pub struct Stack {
@@ -54,16 +70,50 @@ pub struct Stack {
     pub services: Vec<ServiceProcess>,
 }
 
-impl Stack {
-    /// Builds the binaries if needed, then starts all four and waits until
-    /// each reports SERVING.
-    pub async fn start() -> anyhow::Result<Self> {
+/// Extra settings for some services of a [`Stack`].
+#[derive(Debug, Default)]
+pub struct StackBuilder {
+    env: Vec<(&'static str, String, String)>,
+}
+
+impl StackBuilder {
+    /// Sets `key=value` in the environment of `service`.
+    pub fn env(mut self, service: &'static str, key: &str, value: &str) -> Self {
+        self.env.push((service, key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Builds the binaries if needed, then starts all four, each once the
+    /// one before reports SERVING.
+    pub async fn start(self) -> anyhow::Result<Stack> {
         let folder = binaries_folder().await?;
         let scenario = Scenario::new().await?;
-        let mut services = Vec::new();
+        let mut services: Vec<ServiceProcess> = Vec::new();
         for binary in BINARIES {
             let url = scenario.database.provision(&binary.account()).await?;
-            let env = scenario.service_env(&url);
+            let mut env = scenario.service_env(&url);
+            if binary.name == auth_service::NAME {
+                env.push(("AUTH_ADMIN_EMAIL".into(), ADMIN_EMAIL.into()));
+                env.push(("AUTH_ADMIN_PASSWORD".into(), ADMIN_PASSWORD.into()));
+                env.push((
+                    "AUTH_SERVICE_CLIENTS".into(),
+                    format!("{SAGA_CLIENT_ID}={SAGA_CLIENT_SECRET}"),
+                ));
+            } else {
+                env.push(("AUTH_URL".into(), services[0].url()));
+            }
+            if binary.name == saga_orchestrator::NAME {
+                env.push(("SERVICE_CLIENT_ID".into(), SAGA_CLIENT_ID.into()));
+                env.push(("SERVICE_CLIENT_SECRET".into(), SAGA_CLIENT_SECRET.into()));
+                env.push(("ORDER_SERVICE_URL".into(), services[1].url()));
+                env.push(("PAYMENT_SERVICE_URL".into(), services[2].url()));
+            }
+            for (service, key, value) in &self.env {
+                if *service == binary.name {
+                    env.retain(|(k, _)| k != key);
+                    env.push((key.clone(), value.clone()));
+                }
+            }
             let mut process =
                 ServiceProcess::start(binary.name, &folder.join(binary.name), env).await?;
             process
@@ -71,22 +121,94 @@ impl Stack {
                 .await?;
             services.push(process);
         }
-        Ok(Self { scenario, services })
+        Ok(Stack { scenario, services })
+    }
+}
+
+impl Stack {
+    pub fn builder() -> StackBuilder {
+        StackBuilder::default()
+    }
+
+    /// The system with default settings.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::builder().start().await
     }
 
     /// The running service named `name`.
     pub fn service(&self, name: &str) -> &ServiceProcess {
-        let index = BINARIES
-            .iter()
-            .position(|b| b.name == name)
-            .expect("a known service");
-        &self.services[index]
+        &self.services[index_of(name)]
+    }
+
+    /// The running service named `name`, to stop or signal it.
+    pub fn service_mut(&mut self, name: &str) -> &mut ServiceProcess {
+        &mut self.services[index_of(name)]
     }
 
     /// Port of `name`'s gRPC server.
     pub fn port(&self, name: &str) -> u16 {
         self.service(name).address().port()
     }
+
+    pub async fn auth(&self) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(self.channel(auth_service::NAME).await)
+    }
+
+    pub async fn orders(&self) -> OrderServiceClient<Channel> {
+        OrderServiceClient::new(self.channel(order_service::NAME).await)
+    }
+
+    pub async fn payments(&self) -> PaymentServiceClient<Channel> {
+        PaymentServiceClient::new(self.channel(payment_service::NAME).await)
+    }
+
+    pub async fn sagas(&self) -> SagaServiceClient<Channel> {
+        SagaServiceClient::new(self.channel(saga_orchestrator::NAME).await)
+    }
+
+    async fn channel(&self, name: &str) -> Channel {
+        channel(&self.service(name).url())
+            .await
+            .expect("a channel to a running service")
+    }
+
+    /// Registers a customer and returns their access token.
+    pub async fn customer_token(&self, email: &str) -> anyhow::Result<String> {
+        let mut auth = self.auth().await;
+        auth.register(RegisterRequest {
+            email: email.to_owned(),
+            password: CUSTOMER_PASSWORD.to_owned(),
+            display_name: "Test Customer".to_owned(),
+        })
+        .await?;
+        self.login(email, CUSTOMER_PASSWORD).await
+    }
+
+    /// The bootstrapped admin's access token.
+    pub async fn admin_token(&self) -> anyhow::Result<String> {
+        self.login(ADMIN_EMAIL, ADMIN_PASSWORD).await
+    }
+
+    async fn login(&self, email: &str, password: &str) -> anyhow::Result<String> {
+        let pair = self
+            .auth()
+            .await
+            .login(LoginRequest {
+                email: email.to_owned(),
+                password: password.to_owned(),
+            })
+            .await
+            .context("logging in")?
+            .into_inner();
+        Ok(pair.access_token)
+    }
+}
+
+fn index_of(name: &str) -> usize {
+    BINARIES
+        .iter()
+        .position(|b| b.name == name)
+        .expect("a known service")
 }
 
 /// The folder holding the built service binaries (next to this test's own
@@ -107,7 +229,6 @@ async fn binaries_folder() -> anyhow::Result<&'static PathBuf> {
             // here it finds everything built.
             let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
             build.args(["build", "--quiet", "--workspace", "--bins"]);
-
             if folder.file_name().is_some_and(|name| name == "release") {
                 build.arg("--release");
             }

@@ -84,10 +84,11 @@ struct CachedKey {
 
 /// Verification keys by key id, fetched from a [`KeySource`] and cached.
 ///
-/// A token naming an unknown key id triggers one fetch (concurrent lookups
-/// share it), at most once per `min_refetch` so forged key ids cannot turn
+/// A token naming an unknown key id triggers a fetch (concurrent lookups
+/// share it), at most one per `min_refetch` so forged key ids cannot turn
 /// into a flood of fetches. When a fetch fails, the cache stays as it was:
 /// services keep verifying while the auth service is down.
+
 pub struct KeyCache {
     source: Box<dyn KeySource>,
     keys: RwLock<HashMap<String, CachedKey>>,
@@ -137,10 +138,15 @@ impl KeyCache {
         if let Some(key) = self.cached(kid) {
             return Ok(key);
         }
-        if last_fetch.is_some_and(|at| at.elapsed() < self.min_refetch) && !self.is_empty() {
-            return Err(KeyLookupError::Unknown(kid.to_owned()));
+        // Fetch at most once per `min_refetch`: a key that appeared just
+        // after the last fetch (a rotation) waits for the next slot rather
+        // than being refused, and a flood of forged key ids queues here and
+        // costs the auth service one fetch per interval.
+        if let Some(at) = *last_fetch {
+            tokio::time::sleep_until((at + self.min_refetch).into()).await;
         }
         *last_fetch = Some(Instant::now());
+
         match self.source.fetch().await {
             Ok(keys) => {
                 self.replace(keys);

@@ -25,7 +25,7 @@ pub struct TokenSettings {
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuthSettings {
     /// gRPC URL of the auth service, for its public keys.
-    #[arg(long = "auth-url", env = "AUTH_URL", default_value = "http://localhost:50051", value_parser = parse_url)]
+    #[arg(id = "auth_url", long = "auth-url", env = "AUTH_URL", default_value = "http://localhost:50051", value_parser = parse_url)]
     pub url: String,
 
     #[command(flatten)]

@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub struct DatabaseSettings {
     /// PostgreSQL URL of the service's own role, e.g.
     /// postgres://order_service:secret@localhost:5432/ordersaga
-    #[arg(long = "database-url", env = "DATABASE_URL", value_parser = parse_url, hide_env_values = true)]
+    #[arg(id = "database_url", long = "database-url", env = "DATABASE_URL", value_parser = parse_url, hide_env_values = true)]
     pub url: PgConnectOptions,
 
     /// Most connections the service keeps open.

@@ -1,0 +1,354 @@
+//! Tokens issued by the auth service, verified by another service (the
+//! order service), with the real binaries: forgeries, expiry, audience and
+//! issuer, algorithm confusion, key rotation, the auth service going away,
+//! and roles.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use api_auth::v1::{GetPublicKeysRequest, IssueServiceTokenRequest, RotateSigningKeyRequest};
+use api_order::v1::{ConfirmOrderRequest, GetOrderRequest};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use e2e::{SAGA_CLIENT_ID, SAGA_CLIENT_SECRET, Stack};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use testkit::grpc::bearer;
+use tonic::Code;
+
+/// What the order service answers `GetOrder` for a random order with
+/// `token`: the code tells whether the token got past access control.
+async fn get_order_with(stack: &Stack, token: &str) -> Code {
+    let request = GetOrderRequest {
+        order_id: uuid::Uuid::new_v4().to_string(),
+    };
+    match stack.orders().await.get_order(bearer(request, token)).await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// Past access control: the service looked for the (absent) order.
+fn admitted(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::Unauthenticated | Code::PermissionDenied | Code::Unavailable
+    )
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn claims(sub: &str, iss: &str, aud: &str, exp: i64) -> serde_json::Value {
+    serde_json::json!({
+        "sub": sub, "role": "customer", "iat": now() - 10, "exp": exp,
+        "iss": iss, "aud": aud, "jti": uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+/// The current signing key, read from the auth schema as only an attacker
+/// with database access could: lets the test sign tokens that differ from
+/// genuine ones in exactly one respect.
+async fn stolen_signing_key(stack: &Stack) -> (String, EncodingKey) {
+    let pool = stack.scenario.inspect().await.unwrap();
+    let (kid, seed): (String, Vec<u8>) =
+        sqlx::query_as("SELECT kid, private_key FROM auth.signing_keys WHERE retired_at IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let mut der = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    der.extend_from_slice(&seed);
+    (kid, EncodingKey::from_ed_der(&der))
+}
+
+fn sign(kid: &str, key: &EncodingKey, claims: &serde_json::Value) -> String {
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
+
+#[tokio::test]
+async fn forged_expired_and_misdirected_tokens_are_rejected_by_another_service() {
+    let stack = Stack::start().await.unwrap();
+    let genuine = stack.customer_token("ada@example.com").await.unwrap();
+    assert!(
+        admitted(get_order_with(&stack, &genuine).await),
+        "a genuine token is accepted"
+    );
+    let subject = {
+        let payload = genuine.split('.').nth(1).unwrap();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        claims["sub"].as_str().unwrap().to_owned()
+    };
+
+    // Signed with the real key by the test itself: accepted, so each
+    // rejection below is due to the one thing that differs.
+    let (kid, key) = stolen_signing_key(&stack).await;
+    let control = sign(
+        &kid,
+        &key,
+        &claims(&subject, "ordersaga-auth", "ordersaga", now() + 600),
+    );
+    assert!(admitted(get_order_with(&stack, &control).await));
+
+    let expired = sign(
+        &kid,
+        &key,
+        &claims(&subject, "ordersaga-auth", "ordersaga", now() - 60),
+    );
+    let wrong_audience = sign(
+        &kid,
+        &key,
+        &claims(&subject, "ordersaga-auth", "another-system", now() + 600),
+    );
+    let wrong_issuer = sign(
+        &kid,
+        &key,
+        &claims(&subject, "someone-else", "ordersaga", now() + 600),
+    );
+
+    // A genuine token with its signature tampered with.
+    let (signed, signature) = genuine.rsplit_once('.').unwrap();
+    let mut bytes = URL_SAFE_NO_PAD.decode(signature).unwrap();
+    bytes[0] ^= 0x01;
+    let tampered_signature = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(bytes));
+    // A genuine signature over different claims (an admin role).
+    let escalated_claims = {
+        let mut claims = claims(&subject, "ordersaga-auth", "ordersaga", now() + 600);
+        claims["role"] = "admin".into();
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    };
+    let header = genuine.split('.').next().unwrap();
+    let swapped_claims = format!("{header}.{escalated_claims}.{signature}");
+
+    // `alg: none`, no signature at all.
+    let none_header =
+        URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","typ":"JWT","kid":"{kid}"}}"#));
+    let unsigned = format!("{none_header}.{escalated_claims}.");
+
+    // HS256 "signed" with the public key as the HMAC secret: the classic
+    // confusion attack against verifiers that trust the header's `alg`.
+    let public_key = stack
+        .auth()
+        .await
+        .get_public_keys(GetPublicKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .remove(0)
+        .public_key;
+    let mut hs_header = Header::new(Algorithm::HS256);
+    hs_header.kid = Some(kid.clone());
+    let hs256 = jsonwebtoken::encode(
+        &hs_header,
+        &claims(&subject, "ordersaga-auth", "ordersaga", now() + 600),
+        &EncodingKey::from_secret(&public_key),
+    )
+    .unwrap();
+    let hs256_b64_secret = jsonwebtoken::encode(
+        &hs_header,
+        &claims(&subject, "ordersaga-auth", "ordersaga", now() + 600),
+        &EncodingKey::from_secret(URL_SAFE_NO_PAD.encode(&public_key).as_bytes()),
+    )
+    .unwrap();
+
+    // A key id the auth service never issued.
+    let (_, other_key) = {
+        let seed: [u8; 32] = [7; 32];
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&seed);
+        ((), EncodingKey::from_ed_der(&der))
+    };
+    let foreign = sign(
+        "not-a-key-we-know",
+        &other_key,
+        &claims(&subject, "ordersaga-auth", "ordersaga", now() + 600),
+    );
+    let foreign_with_our_kid = sign(
+        &kid,
+        &other_key,
+        &claims(&subject, "ordersaga-auth", "ordersaga", now() + 600),
+    );
+
+    for (name, token) in [
+        ("expired", expired),
+        ("wrong audience", wrong_audience),
+        ("wrong issuer", wrong_issuer),
+        ("tampered signature", tampered_signature),
+        ("swapped claims", swapped_claims),
+        ("alg none", unsigned),
+        ("HS256 with the public key", hs256),
+        ("HS256 with the encoded public key", hs256_b64_secret),
+        ("unknown key id", foreign),
+        ("another key under our key id", foreign_with_our_kid),
+        ("garbage", "not.a.token".to_owned()),
+    ] {
+        assert_eq!(
+            get_order_with(&stack, &token).await,
+            Code::Unauthenticated,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn each_rpc_admits_only_the_roles_its_policy_names() {
+    let stack = Stack::start().await.unwrap();
+    let customer = stack.customer_token("grace@example.com").await.unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    let service = stack
+        .auth()
+        .await
+        .issue_service_token(IssueServiceTokenRequest {
+            client_id: SAGA_CLIENT_ID.into(),
+            client_secret: SAGA_CLIENT_SECRET.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    let confirm = |token: Option<&str>| {
+        let request = ConfirmOrderRequest {
+            order_id: uuid::Uuid::new_v4().to_string(),
+            payment_id: uuid::Uuid::new_v4().to_string(),
+        };
+        let stack = &stack;
+        let token = token.map(str::to_owned);
+        async move {
+            let request = match &token {
+                Some(token) => bearer(request, token),
+                None => tonic::Request::new(request),
+            };
+            match stack.orders().await.confirm_order(request).await {
+                Ok(_) => Code::Ok,
+                Err(status) => status.code(),
+            }
+        }
+    };
+
+    assert_eq!(confirm(None).await, Code::Unauthenticated, "no token");
+    assert_eq!(
+        confirm(Some(&customer)).await,
+        Code::PermissionDenied,
+        "a customer on an internal RPC"
+    );
+    assert_eq!(
+        confirm(Some(&admin)).await,
+        Code::PermissionDenied,
+        "internal RPCs are for services"
+    );
+    assert!(
+        admitted(confirm(Some(&service)).await),
+        "a service token passes"
+    );
+
+    assert!(admitted(get_order_with(&stack, &customer).await));
+    assert!(
+        admitted(get_order_with(&stack, &admin).await),
+        "admins act as users too"
+    );
+    assert_eq!(
+        get_order_with(&stack, &service).await,
+        Code::PermissionDenied,
+        "services are not users"
+    );
+
+    // Operator RPCs of the auth service itself.
+    let rotate = stack
+        .auth()
+        .await
+        .rotate_signing_key(bearer(RotateSigningKeyRequest {}, &customer))
+        .await;
+    assert_eq!(rotate.unwrap_err().code(), Code::PermissionDenied);
+    let unauthenticated = stack
+        .auth()
+        .await
+        .rotate_signing_key(RotateSigningKeyRequest {})
+        .await;
+    assert_eq!(unauthenticated.unwrap_err().code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn tokens_in_flight_survive_a_key_rotation() {
+    let stack = Stack::start().await.unwrap();
+    let before = stack.customer_token("alan@example.com").await.unwrap();
+    assert!(
+        admitted(get_order_with(&stack, &before).await),
+        "the order service has the first key"
+    );
+
+    let admin = stack.admin_token().await.unwrap();
+    let new_key = stack
+        .auth()
+        .await
+        .rotate_signing_key(bearer(RotateSigningKeyRequest {}, &admin))
+        .await
+        .unwrap();
+    let after = stack.customer_token("barbara@example.com").await.unwrap();
+    let kid_of = |token: &str| -> String {
+        let header: serde_json::Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(token.split('.').next().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        header["kid"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        kid_of(&after),
+        new_key.into_inner().kid,
+        "the new key signs"
+    );
+    assert_ne!(kid_of(&after), kid_of(&before));
+
+    // The order service has never seen the new key: it fetches it on sight,
+    // and keeps accepting tokens of the old one.
+    assert!(admitted(get_order_with(&stack, &after).await));
+    assert!(admitted(get_order_with(&stack, &before).await));
+    let published = stack
+        .auth()
+        .await
+        .get_public_keys(GetPublicKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(published.len(), 2);
+    assert!(
+        published[1].verify_until.is_some(),
+        "the retired key says until when it verifies"
+    );
+}
+
+#[tokio::test]
+async fn the_order_service_keeps_verifying_while_the_auth_service_is_down() {
+    let mut stack = Stack::start().await.unwrap();
+    let token = stack.customer_token("edsger@example.com").await.unwrap();
+    assert!(admitted(get_order_with(&stack, &token).await));
+
+    let code = stack
+        .service_mut(auth_service::NAME)
+        .stop(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+
+    assert!(
+        admitted(get_order_with(&stack, &token).await),
+        "verified from the cached keys"
+    );
+    assert_eq!(
+        get_order_with(&stack, "still.not.valid").await,
+        Code::Unauthenticated
+    );
+}
