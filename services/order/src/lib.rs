@@ -1,8 +1,23 @@
-//! Customer orders, event-sourced, with a CQRS read model; their events go out through the outbox.
+//! Customer orders, event-sourced, with a CQRS read model; their events go
+//! out through the outbox.
+//!
+//! - `domain`: the order aggregate, pure: `decide` and `evolve`.
+//! - `event_store`: streams on PostgreSQL with optimistic concurrency.
+//! - `codec`: how order events are stored (protobuf, versioned, upcast).
+//! - `read_model`: the projection queries read, and its rebuild.
+//! - `app`: the use cases; `grpc`: their gRPC face.
+
+mod app;
+mod codec;
+pub mod domain;
+pub mod event_store;
+mod grpc;
+mod read_model;
 
 use std::net::SocketAddr;
 
 use access_control::{Access, AuthLayer, AuthSettings, Policy, Verifier};
+use api_order::v1::order_service_server::OrderServiceServer;
 use database::{DatabaseSettings, MigrationSet, ServiceAccount};
 use messaging::KafkaSettings;
 use service_runtime::{GrpcServer, Platform, ServerSettings};
@@ -17,7 +32,8 @@ pub const DEFAULT_PORT: u16 = 50052;
 pub const SCHEMA: &str = "orders";
 pub const ROLE: &str = "order_service";
 /// This service's tables.
-pub const MIGRATIONS: MigrationSet = database::migrations!("order", []);
+pub const MIGRATIONS: MigrationSet =
+    database::migrations!("order", ["0001_event_store.sql", "0002_read_model.sql"]);
 
 /// The role and schema to provision for this service.
 pub fn account(password: impl Into<String>) -> ServiceAccount {
@@ -46,6 +62,12 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[command(flatten)]
     pub auth: AuthSettings,
+
+    /// Attempts at a command whose order keeps changing concurrently
+    /// before answering ABORTED.
+    #[arg(long = "command-max-attempts", env = "COMMAND_MAX_ATTEMPTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub command_max_attempts: u32,
 }
 
 /// Who may call what on the order service.
@@ -103,12 +125,16 @@ impl Application {
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        let retry = event_store::Retry {
+            max_attempts: settings.command_max_attempts,
+            backoff: std::time::Duration::from_millis(2),
+        };
+        let orders = app::Orders::new(platform.pool.clone(), platform.topics.order_events(), retry);
         let verifier = Verifier::remote(&settings.auth)?;
+
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))
-            .add_service(
-                api_order::v1::order_service_server::OrderServiceServer::new(grpc::OrderServiceApi),
-            )
+            .add_service(OrderServiceServer::new(grpc::OrderApi { orders }))
             .reflect(api_order::FILE_DESCRIPTOR_SET)
             .serve(platform.readiness(), shutdown.clone())
             .await;
@@ -116,13 +142,4 @@ impl Application {
         platform.stop(settings.server.shutdown_grace_period).await;
         served
     }
-}
-
-mod grpc {
-    /// The gRPC API. RPCs not implemented yet answer UNIMPLEMENTED.
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) struct OrderServiceApi;
-
-    #[tonic::async_trait]
-    impl api_order::v1::order_service_server::OrderService for OrderServiceApi {}
 }

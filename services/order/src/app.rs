@@ -1,0 +1,208 @@
+//! The order service's use cases, independent of gRPC.
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::DateTime;
+use sqlx::PgPool;
+use telemetry::CorrelationId;
+use uuid::Uuid;
+
+use crate::NAME;
+use crate::domain::{
+    CustomerId, DomainError, Order, OrderCommand, OrderId, OrderLines, OrderStatus, PaymentMethodToken, Placed,
+};
+use crate::event_store::{self, ExecuteError, Projection as _, Retry, Stream, Writer};
+use crate::read_model::{self, Cursor, OrderProjection, OrderView, Rebuilt};
+
+/// A client's key for one order intent: 1 to 128 visible ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub(crate) fn parse(text: &str) -> Result<Self, &'static str> {
+        match text.len() {
+            0 => Err("is required: send a fresh key per order, and the same key when retrying"),
+            1..=128 if text.bytes().all(|b| b.is_ascii_graphic()) => Ok(Self(text.to_owned())),
+            1..=128 => Err("must be visible ASCII without spaces"),
+            _ => Err("must be at most 128 characters"),
+        }
+    }
+}
+
+/// A new order as the customer asked for it.
+#[derive(Debug, Clone)]
+pub(crate) struct NewOrder {
+    pub(crate) customer_id: CustomerId,
+    pub(crate) key: IdempotencyKey,
+    /// Digest of the request without its key: the same key with a
+    /// different request is refused.
+    pub(crate) request_hash: Vec<u8>,
+    pub(crate) lines: OrderLines,
+    pub(crate) payment_method: PaymentMethodToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CreateError {
+    #[error("the idempotency key was used before with a different request")]
+    KeyReused,
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommandError {
+    #[error(transparent)]
+    Refused(DomainError),
+    #[error("the order kept changing concurrently")]
+    Conflict,
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// One page of a customer's orders.
+#[derive(Debug)]
+pub(crate) struct Page {
+    pub(crate) orders: Vec<OrderView>,
+    pub(crate) next_page_token: Option<String>,
+}
+
+/// The order service's state.
+#[derive(Debug, Clone)]
+pub(crate) struct Orders {
+    pool: PgPool,
+    projection: OrderProjection,
+    retry: Retry,
+}
+
+impl Orders {
+    pub(crate) fn new(pool: PgPool, events_topic: String, retry: Retry) -> Self {
+        Self { pool, projection: OrderProjection { topic: events_topic }, retry }
+    }
+
+    /// Places an order, once per idempotency key.
+    pub(crate) async fn create(&self, order: NewOrder) -> Result<OrderView, CreateError> {
+        let order_id = Uuid::now_v7();
+        let mut tx = self.pool.begin().await.context("starting a transaction")?;
+        // A concurrent request with the same key waits here for ours to
+        // commit, then finds our row below and returns our order.
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency_keys (customer_id, key, request_hash, order_id) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(order.customer_id.as_uuid())
+        .bind(&order.key.0)
+        .bind(&order.request_hash)
+        .bind(order_id)
+        .execute(&mut *tx)
+        .await
+        .context("claiming the idempotency key")?
+        .rows_affected()
+            == 1;
+        if !claimed {
+            drop(tx);
+            return self.replay_create(&order).await;
+        }
+
+        let mut stream = Stream::<Order>::new(order_id);
+        let placed = Placed {
+            order_id: OrderId::new(order_id),
+            customer_id: order.customer_id,
+            lines: order.lines,
+            payment_method: order.payment_method,
+        };
+        let events = stream
+            .state
+            .decide(&OrderCommand::Place(placed))
+            .map_err(|error| anyhow::anyhow!("a new stream refused a placement: {error}"))?;
+        event_store::append(&mut tx, &mut stream, events, &writer())
+            .await
+            .map_err(|error| anyhow::anyhow!("appending to a new stream: {error}"))?;
+        self.projection.apply(&mut tx, &stream, 1).await?;
+        tx.commit().await.context("committing the new order")?;
+        Ok(read_model::view_of(&stream).context("a placed order has a view")?)
+    }
+
+    /// The first order placed with this key, if the request is the same.
+    async fn replay_create(&self, order: &NewOrder) -> Result<OrderView, CreateError> {
+        let (hash, order_id): (Vec<u8>, Uuid) = sqlx::query_as(
+            "SELECT request_hash, order_id FROM idempotency_keys WHERE customer_id = $1 AND key = $2",
+        )
+        .bind(order.customer_id.as_uuid())
+        .bind(&order.key.0)
+        .fetch_one(&self.pool)
+        .await
+        .context("reading the idempotency key")?;
+        if hash != order.request_hash {
+            return Err(CreateError::KeyReused);
+        }
+        let view = read_model::get(&self.pool, order_id).await?;
+        Ok(view.context("an order committed with its key has a view")?)
+    }
+
+    /// An order, if it exists.
+    pub(crate) async fn get(&self, order_id: OrderId) -> anyhow::Result<Option<OrderView>> {
+        read_model::get(&self.pool, order_id.as_uuid()).await
+    }
+
+    /// A page of `customer`'s orders, newest first.
+    pub(crate) async fn list(
+        &self,
+        customer: CustomerId,
+        status: Option<OrderStatus>,
+        page_token: Option<Cursor>,
+        page_size: u32,
+    ) -> anyhow::Result<Page> {
+        // One more than asked tells whether there is a next page.
+        let mut orders =
+            read_model::list(&self.pool, customer.as_uuid(), status, page_token, i64::from(page_size) + 1).await?;
+        let next_page_token = if orders.len() > page_size as usize {
+            orders.truncate(page_size as usize);
+            orders.last().map(|last| encode_cursor(Cursor { created_at: last.created_at, order_id: last.order_id }))
+        } else {
+            None
+        };
+        Ok(Page { orders, next_page_token })
+    }
+
+    /// Carries out `command` on an existing order; retries conflicts.
+    pub(crate) async fn handle(&self, order_id: OrderId, command: OrderCommand) -> Result<OrderView, CommandError> {
+        let stream = event_store::execute(&self.pool, order_id.as_uuid(), &command, &writer(), &self.projection, self.retry)
+            .await
+            .map_err(|error| match error {
+                ExecuteError::Refused(refusal) => CommandError::Refused(refusal),
+                ExecuteError::Conflict { .. } => CommandError::Conflict,
+                ExecuteError::Unexpected(error) => CommandError::Unexpected(error),
+            })?;
+        Ok(read_model::view_of(&stream).context("an existing order has a view")?)
+    }
+
+    /// Replaces the read model with a replay of every event.
+    pub(crate) async fn rebuild_read_model(&self) -> anyhow::Result<Rebuilt> {
+        read_model::rebuild(&self.pool).await
+    }
+}
+
+/// The writer of events for the request being handled.
+fn writer() -> Writer {
+    Writer {
+        producer: NAME,
+        correlation_id: telemetry::correlation::current().unwrap_or_else(CorrelationId::generate),
+        causation_id: None,
+    }
+}
+
+/// Page tokens are opaque to clients: the position after the last order of
+/// the page, as `<created_at in microseconds>:<order id>`, base64url.
+pub(crate) fn encode_cursor(cursor: Cursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{}", cursor.created_at.timestamp_micros(), cursor.order_id))
+}
+
+pub(crate) fn decode_cursor(token: &str) -> Option<Cursor> {
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
+    let (micros, order_id) = text.split_once(':')?;
+    Some(Cursor {
+        created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        order_id: Uuid::parse_str(order_id).ok()?,
+    })
+}
