@@ -12,7 +12,8 @@ use api_auth::v1::{LoginRequest, RegisterRequest};
 use api_order::v1::order_service_client::OrderServiceClient;
 use api_payment::v1::payment_service_client::PaymentServiceClient;
 use api_saga::v1::saga_service_client::SagaServiceClient;
-use dev_stack::{ServiceProcess, ServingStatus};
+use dev_stack::{ServiceProcess, ServingStatus, TopicReader};
+
 use testkit::grpc::channel;
 use testkit::{Binary, Scenario};
 use tokio::sync::OnceCell;
@@ -184,7 +185,27 @@ impl Stack {
         self.login(email, CUSTOMER_PASSWORD).await
     }
 
+    /// A token with role `service`, as the orchestrator gets it.
+    pub async fn service_token(&self) -> anyhow::Result<String> {
+        let token = self
+            .auth()
+            .await
+            .issue_service_token(api_auth::v1::IssueServiceTokenRequest {
+                client_id: SAGA_CLIENT_ID.to_owned(),
+                client_secret: SAGA_CLIENT_SECRET.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(token.access_token)
+    }
+
+    /// Reads `topic` (of this stack's prefix) from its beginning.
+    pub fn reader(&self, topic: &str) -> TopicReader {
+        TopicReader::new(self.scenario.env.bootstrap_servers(), topic, 3).expect("a topic reader")
+    }
+
     /// The bootstrapped admin's access token.
+
     pub async fn admin_token(&self) -> anyhow::Result<String> {
         self.login(ADMIN_EMAIL, ADMIN_PASSWORD).await
     }
@@ -241,4 +262,22 @@ async fn binaries_folder() -> anyhow::Result<&'static PathBuf> {
             Ok(folder)
         })
         .await
+}
+
+/// A line of `quantity` units of `sku` at `unit_price_minor` of `currency`.
+pub fn line(sku: &str, quantity: u32, unit_price_minor: i64, currency: &str) -> api_order::v1::LineItem {
+    api_order::v1::LineItem {
+        sku: sku.to_owned(),
+        quantity,
+        unit_price: Some(api_common::v1::Money { amount_minor: unit_price_minor, currency: currency.to_owned() }),
+    }
+}
+
+/// A valid order of two books and a pen (27.99 EUR), paid with `payment_method_token`.
+pub fn order_request(idempotency_key: &str, payment_method_token: &str) -> api_order::v1::CreateOrderRequest {
+    api_order::v1::CreateOrderRequest {
+        idempotency_key: idempotency_key.to_owned(),
+        items: vec![line("BOOK-42", 2, 1300, "EUR"), line("PEN-1", 1, 199, "EUR")],
+        payment_method_token: payment_method_token.to_owned(),
+    }
 }

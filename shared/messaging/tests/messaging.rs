@@ -12,7 +12,8 @@ use prost::Message as _;
 use rdkafka::Message as _;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
-use support::{Fixture, RecordingHandler, assert_nothing_more, header, receive, widget_event};
+use dev_stack::header;
+use support::{Fixture, RecordingHandler, assert_nothing_more, receive, widget_event};
 use telemetry::CorrelationId;
 use tokio_util::sync::CancellationToken;
 

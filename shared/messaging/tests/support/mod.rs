@@ -8,9 +8,9 @@ use database::{DatabaseSettings, Migration, MigrationSet, ServiceAccount};
 use dev_stack::TestEnv;
 use messaging::envelope::EventMeta;
 use messaging::{EventEnvelope, KafkaSettings, Topics};
+use dev_stack::TopicReader;
 use rdkafka::Message as _;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
-use rdkafka::message::{Headers as _, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use sqlx::PgPool;
 use telemetry::CorrelationId;
 
@@ -74,23 +74,9 @@ impl Fixture {
         messaging::producer(&self.kafka, "test").unwrap()
     }
 
-    /// Reads every record of `topic` from the beginning, without joining a
-    /// consumer group (its partitions are assigned directly).
-    pub fn reader(&self, topic: &str) -> StreamConsumer {
-        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.kafka.brokers)
-            .set("group.id", "unused-without-subscribe")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut partitions = rdkafka::TopicPartitionList::new();
-        for partition in 0..PARTITIONS {
-            partitions
-                .add_partition_offset(topic, partition, rdkafka::Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&partitions).unwrap();
-        consumer
+    /// Reads every record of `topic` from the beginning.
+    pub fn reader(&self, topic: &str) -> TopicReader {
+        TopicReader::new(&self.kafka.brokers, topic, PARTITIONS).unwrap()
     }
 
     pub async fn effects(&self) -> Vec<(uuid::Uuid, String)> {
@@ -122,36 +108,15 @@ pub fn widget_event(aggregate_id: &str, correlation: &CorrelationId) -> EventEnv
 }
 
 /// Receives `count` records, failing after `timeout`.
-pub async fn receive(
-    reader: &StreamConsumer,
-    count: usize,
-    timeout: Duration,
-) -> Vec<OwnedMessage> {
-    let mut received = Vec::new();
-    tokio::time::timeout(timeout, async {
-        while received.len() < count {
-            received.push(reader.recv().await.unwrap().detach());
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("received {} of {count} records", received.len()));
-    received
+pub async fn receive(reader: &TopicReader, count: usize, timeout: Duration) -> Vec<OwnedMessage> {
+    reader.receive(count, timeout).await.unwrap()
 }
 
 /// Asserts nothing more arrives within `quiet`.
-pub async fn assert_nothing_more(reader: &StreamConsumer, quiet: Duration) {
-    if let Ok(Ok(message)) = tokio::time::timeout(quiet, reader.recv()).await {
+pub async fn assert_nothing_more(reader: &TopicReader, quiet: Duration) {
+    if let Some(message) = reader.next_within(quiet).await {
         panic!("unexpected record at offset {}", message.offset());
     }
-}
-
-pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Installs the services' tracing pipeline for this test's thread, so spans
