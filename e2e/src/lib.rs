@@ -265,19 +265,33 @@ async fn binaries_folder() -> anyhow::Result<&'static PathBuf> {
 }
 
 /// A line of `quantity` units of `sku` at `unit_price_minor` of `currency`.
-pub fn line(sku: &str, quantity: u32, unit_price_minor: i64, currency: &str) -> api_order::v1::LineItem {
+pub fn line(
+    sku: &str,
+    quantity: u32,
+    unit_price_minor: i64,
+    currency: &str,
+) -> api_order::v1::LineItem {
     api_order::v1::LineItem {
         sku: sku.to_owned(),
         quantity,
-        unit_price: Some(api_common::v1::Money { amount_minor: unit_price_minor, currency: currency.to_owned() }),
+        unit_price: Some(api_common::v1::Money {
+            amount_minor: unit_price_minor,
+            currency: currency.to_owned(),
+        }),
     }
 }
 
 /// A valid order of two books and a pen (27.99 EUR), paid with `payment_method_token`.
-pub fn order_request(idempotency_key: &str, payment_method_token: &str) -> api_order::v1::CreateOrderRequest {
+pub fn order_request(
+    idempotency_key: &str,
+    payment_method_token: &str,
+) -> api_order::v1::CreateOrderRequest {
     api_order::v1::CreateOrderRequest {
         idempotency_key: idempotency_key.to_owned(),
-        items: vec![line("BOOK-42", 2, 1300, "EUR"), line("PEN-1", 1, 199, "EUR")],
+        items: vec![
+            line("BOOK-42", 2, 1300, "EUR"),
+            line("PEN-1", 1, 199, "EUR"),
+        ],
         payment_method_token: payment_method_token.to_owned(),
     }
 }

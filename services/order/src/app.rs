@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use crate::NAME;
 use crate::domain::{
-    CustomerId, DomainError, Order, OrderCommand, OrderId, OrderLines, OrderStatus, PaymentMethodToken, Placed,
+    CustomerId, DomainError, Order, OrderCommand, OrderId, OrderLines, OrderStatus,
+    PaymentMethodToken, Placed,
 };
 use crate::event_store::{self, ExecuteError, Projection as _, Retry, Stream, Writer};
 use crate::read_model::{self, Cursor, OrderProjection, OrderView, Rebuilt};
@@ -77,7 +78,13 @@ pub(crate) struct Orders {
 
 impl Orders {
     pub(crate) fn new(pool: PgPool, events_topic: String, retry: Retry) -> Self {
-        Self { pool, projection: OrderProjection { topic: events_topic }, retry }
+        Self {
+            pool,
+            projection: OrderProjection {
+                topic: events_topic,
+            },
+            retry,
+        }
     }
 
     /// Places an order, once per idempotency key.
@@ -154,26 +161,51 @@ impl Orders {
         page_size: u32,
     ) -> anyhow::Result<Page> {
         // One more than asked tells whether there is a next page.
-        let mut orders =
-            read_model::list(&self.pool, customer.as_uuid(), status, page_token, i64::from(page_size) + 1).await?;
+        let mut orders = read_model::list(
+            &self.pool,
+            customer.as_uuid(),
+            status,
+            page_token,
+            i64::from(page_size) + 1,
+        )
+        .await?;
         let next_page_token = if orders.len() > page_size as usize {
             orders.truncate(page_size as usize);
-            orders.last().map(|last| encode_cursor(Cursor { created_at: last.created_at, order_id: last.order_id }))
+            orders.last().map(|last| {
+                encode_cursor(Cursor {
+                    created_at: last.created_at,
+                    order_id: last.order_id,
+                })
+            })
         } else {
             None
         };
-        Ok(Page { orders, next_page_token })
+        Ok(Page {
+            orders,
+            next_page_token,
+        })
     }
 
     /// Carries out `command` on an existing order; retries conflicts.
-    pub(crate) async fn handle(&self, order_id: OrderId, command: OrderCommand) -> Result<OrderView, CommandError> {
-        let stream = event_store::execute(&self.pool, order_id.as_uuid(), &command, &writer(), &self.projection, self.retry)
-            .await
-            .map_err(|error| match error {
-                ExecuteError::Refused(refusal) => CommandError::Refused(refusal),
-                ExecuteError::Conflict { .. } => CommandError::Conflict,
-                ExecuteError::Unexpected(error) => CommandError::Unexpected(error),
-            })?;
+    pub(crate) async fn handle(
+        &self,
+        order_id: OrderId,
+        command: OrderCommand,
+    ) -> Result<OrderView, CommandError> {
+        let stream = event_store::execute(
+            &self.pool,
+            order_id.as_uuid(),
+            &command,
+            &writer(),
+            &self.projection,
+            self.retry,
+        )
+        .await
+        .map_err(|error| match error {
+            ExecuteError::Refused(refusal) => CommandError::Refused(refusal),
+            ExecuteError::Conflict { .. } => CommandError::Conflict,
+            ExecuteError::Unexpected(error) => CommandError::Unexpected(error),
+        })?;
         Ok(read_model::view_of(&stream).context("an existing order has a view")?)
     }
 
@@ -195,7 +227,11 @@ fn writer() -> Writer {
 /// Page tokens are opaque to clients: the position after the last order of
 /// the page, as `<created_at in microseconds>:<order id>`, base64url.
 pub(crate) fn encode_cursor(cursor: Cursor) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}:{}", cursor.created_at.timestamp_micros(), cursor.order_id))
+    URL_SAFE_NO_PAD.encode(format!(
+        "{}:{}",
+        cursor.created_at.timestamp_micros(),
+        cursor.order_id
+    ))
 }
 
 pub(crate) fn decode_cursor(token: &str) -> Option<Cursor> {

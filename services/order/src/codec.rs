@@ -13,8 +13,8 @@ use prost::{Message, Name};
 use uuid::Uuid;
 
 use crate::domain::{
-    CustomerId, DomainError, LineItem, Order, OrderCommand, OrderEvent, OrderId, OrderLines, PaymentId,
-    PaymentMethodToken, Placed, Quantity, Reason, Sku,
+    CustomerId, DomainError, LineItem, Order, OrderCommand, OrderEvent, OrderId, OrderLines,
+    PaymentId, PaymentMethodToken, Placed, Quantity, Reason, Sku,
 };
 use crate::event_store::{Aggregate, Encoded};
 
@@ -40,22 +40,37 @@ impl Aggregate for Order {
         let order_id = stream_id.to_string();
         match event {
             OrderEvent::Placed(placed) => encoded(&placed_to_proto(placed), ORDER_PLACED_VERSION),
-            OrderEvent::Confirmed { payment_id } => {
-                encoded(&pb::OrderConfirmed { order_id, payment_id: payment_id.to_string() }, 1)
-            }
-            OrderEvent::Rejected { reason } => {
-                encoded(&pb::OrderRejected { order_id, reason: reason.as_str().to_owned() }, 1)
-            }
-            OrderEvent::CancellationRequested { reason } => encoded(
-                &pb::OrderCancellationRequested {
+            OrderEvent::Confirmed { payment_id } => encoded(
+                &pb::OrderConfirmed {
                     order_id,
-                    reason: reason.as_ref().map(|r| r.as_str().to_owned()).unwrap_or_default(),
+                    payment_id: payment_id.to_string(),
                 },
                 1,
             ),
-            OrderEvent::Cancelled { reason } => {
-                encoded(&pb::OrderCancelled { order_id, reason: reason.as_str().to_owned() }, 1)
-            }
+            OrderEvent::Rejected { reason } => encoded(
+                &pb::OrderRejected {
+                    order_id,
+                    reason: reason.as_str().to_owned(),
+                },
+                1,
+            ),
+            OrderEvent::CancellationRequested { reason } => encoded(
+                &pb::OrderCancellationRequested {
+                    order_id,
+                    reason: reason
+                        .as_ref()
+                        .map(|r| r.as_str().to_owned())
+                        .unwrap_or_default(),
+                },
+                1,
+            ),
+            OrderEvent::Cancelled { reason } => encoded(
+                &pb::OrderCancelled {
+                    order_id,
+                    reason: reason.as_str().to_owned(),
+                },
+                1,
+            ),
         }
     }
 
@@ -65,27 +80,38 @@ impl Aggregate for Order {
             1 if known(pb::OrderPlaced::full_name()) => {
                 OrderEvent::Placed(upcast_placed_v1(pb::OrderPlacedV1::decode(payload)?)?)
             }
-            2 if known(pb::OrderPlaced::full_name()) => OrderEvent::Placed(placed_from_proto(pb::OrderPlaced::decode(payload)?)?),
-            1 if known(pb::OrderConfirmed::full_name()) => OrderEvent::Confirmed {
-                payment_id: PaymentId::parse(&pb::OrderConfirmed::decode(payload)?.payment_id).map_err(anyhow::Error::msg)?,
-            },
-            1 if known(pb::OrderRejected::full_name()) => {
-                OrderEvent::Rejected { reason: reason(&pb::OrderRejected::decode(payload)?.reason)? }
+            2 if known(pb::OrderPlaced::full_name()) => {
+                OrderEvent::Placed(placed_from_proto(pb::OrderPlaced::decode(payload)?)?)
             }
-            1 if known(pb::OrderCancellationRequested::full_name()) => OrderEvent::CancellationRequested {
-                reason: Reason::parse_optional(&pb::OrderCancellationRequested::decode(payload)?.reason)
+            1 if known(pb::OrderConfirmed::full_name()) => OrderEvent::Confirmed {
+                payment_id: PaymentId::parse(&pb::OrderConfirmed::decode(payload)?.payment_id)
                     .map_err(anyhow::Error::msg)?,
             },
-            1 if known(pb::OrderCancelled::full_name()) => {
-                OrderEvent::Cancelled { reason: reason(&pb::OrderCancelled::decode(payload)?.reason)? }
+            1 if known(pb::OrderRejected::full_name()) => OrderEvent::Rejected {
+                reason: reason(&pb::OrderRejected::decode(payload)?.reason)?,
+            },
+            1 if known(pb::OrderCancellationRequested::full_name()) => {
+                OrderEvent::CancellationRequested {
+                    reason: Reason::parse_optional(
+                        &pb::OrderCancellationRequested::decode(payload)?.reason,
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                }
             }
+            1 if known(pb::OrderCancelled::full_name()) => OrderEvent::Cancelled {
+                reason: reason(&pb::OrderCancelled::decode(payload)?.reason)?,
+            },
             _ => bail!("unknown order event {event_type} version {schema_version}"),
         })
     }
 }
 
 fn encoded<M: Message + Name>(message: &M, schema_version: u32) -> Encoded {
-    Encoded { event_type: M::full_name(), schema_version, payload: message.encode_to_vec() }
+    Encoded {
+        event_type: M::full_name(),
+        schema_version,
+        payload: message.encode_to_vec(),
+    }
 }
 
 fn reason(text: &str) -> anyhow::Result<Reason> {
@@ -124,7 +150,12 @@ fn placed_from_proto(proto: pb::OrderPlaced) -> anyhow::Result<Placed> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    placed(&proto.order_id, &proto.customer_id, items, &proto.payment_method_token)
+    placed(
+        &proto.order_id,
+        &proto.customer_id,
+        items,
+        &proto.payment_method_token,
+    )
 }
 
 /// Version 1 to version 2: each line's price gets the order's currency.
@@ -141,14 +172,24 @@ fn upcast_placed_v1(v1: pb::OrderPlacedV1) -> anyhow::Result<Placed> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let placed = placed(&v1.order_id, &v1.customer_id, items, &v1.payment_method_token)?;
+    let placed = placed(
+        &v1.order_id,
+        &v1.customer_id,
+        items,
+        &v1.payment_method_token,
+    )?;
     if placed.lines.total().amount_minor() != v1.total_minor {
         bail!("stored total {} does not match its lines", v1.total_minor);
     }
     Ok(placed)
 }
 
-fn placed(order_id: &str, customer_id: &str, items: Vec<LineItem>, token: &str) -> anyhow::Result<Placed> {
+fn placed(
+    order_id: &str,
+    customer_id: &str,
+    items: Vec<LineItem>,
+    token: &str,
+) -> anyhow::Result<Placed> {
     Ok(Placed {
         order_id: OrderId::parse(order_id).map_err(anyhow::Error::msg)?,
         customer_id: CustomerId::parse(customer_id).map_err(anyhow::Error::msg)?,
@@ -173,15 +214,25 @@ mod tests {
             order_id: order_id.to_string(),
             customer_id: customer_id.to_string(),
             lines: vec![
-                pb::order_placed_v1::Line { sku: "BOOK-1".into(), quantity: 2, unit_price_minor: 1250 },
-                pb::order_placed_v1::Line { sku: "PEN".into(), quantity: 1, unit_price_minor: 199 },
+                pb::order_placed_v1::Line {
+                    sku: "BOOK-1".into(),
+                    quantity: 2,
+                    unit_price_minor: 1250,
+                },
+                pb::order_placed_v1::Line {
+                    sku: "PEN".into(),
+                    quantity: 1,
+                    unit_price_minor: 199,
+                },
             ],
             currency: "EUR".into(),
             total_minor: 2699,
             payment_method_token: "tok_visa".into(),
         };
         let event = Order::decode(&pb::OrderPlaced::full_name(), 1, &v1.encode_to_vec()).unwrap();
-        let OrderEvent::Placed(placed) = event else { panic!("not a placed event: {event:?}") };
+        let OrderEvent::Placed(placed) = event else {
+            panic!("not a placed event: {event:?}")
+        };
         assert_eq!(placed.order_id.as_uuid(), order_id);
         assert_eq!(placed.lines.items()[0].unit_price, eur(1250));
         assert_eq!(placed.lines.items()[1].unit_price, eur(199));
@@ -199,7 +250,11 @@ mod tests {
         let v1 = pb::OrderPlacedV1 {
             order_id: Uuid::now_v7().to_string(),
             customer_id: Uuid::now_v7().to_string(),
-            lines: vec![pb::order_placed_v1::Line { sku: "A".into(), quantity: 1, unit_price_minor: 100 }],
+            lines: vec![pb::order_placed_v1::Line {
+                sku: "A".into(),
+                quantity: 1,
+                unit_price_minor: 100,
+            }],
             currency: "EUR".into(),
             total_minor: 999,
             payment_method_token: "tok".into(),
@@ -211,15 +266,31 @@ mod tests {
     fn every_event_round_trips() {
         let id = Uuid::now_v7();
         let events = [
-            OrderEvent::Confirmed { payment_id: PaymentId::new(Uuid::now_v7()) },
-            OrderEvent::Rejected { reason: Reason::parse("card_declined").unwrap() },
+            OrderEvent::Confirmed {
+                payment_id: PaymentId::new(Uuid::now_v7()),
+            },
+            OrderEvent::Rejected {
+                reason: Reason::parse("card_declined").unwrap(),
+            },
             OrderEvent::CancellationRequested { reason: None },
-            OrderEvent::CancellationRequested { reason: Some(Reason::parse("too slow").unwrap()) },
-            OrderEvent::Cancelled { reason: Reason::parse("refunded").unwrap() },
+            OrderEvent::CancellationRequested {
+                reason: Some(Reason::parse("too slow").unwrap()),
+            },
+            OrderEvent::Cancelled {
+                reason: Reason::parse("refunded").unwrap(),
+            },
         ];
         for event in events {
             let encoded = Order::encode(id, &event);
-            assert_eq!(Order::decode(&encoded.event_type, encoded.schema_version, &encoded.payload).unwrap(), event);
+            assert_eq!(
+                Order::decode(
+                    &encoded.event_type,
+                    encoded.schema_version,
+                    &encoded.payload
+                )
+                .unwrap(),
+                event
+            );
         }
         assert!(Order::decode("ordersaga.order.v1.OrderShipped", 1, &[]).is_err());
     }

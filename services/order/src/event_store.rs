@@ -41,7 +41,8 @@ pub trait Aggregate: Default + Send + Sync + Sized + 'static {
     fn encode(stream_id: Uuid, event: &Self::Event) -> Encoded;
 
     /// The event from a stored payload, upcasting older schema versions.
-    fn decode(event_type: &str, schema_version: u32, payload: &[u8]) -> anyhow::Result<Self::Event>;
+    fn decode(event_type: &str, schema_version: u32, payload: &[u8])
+    -> anyhow::Result<Self::Event>;
 }
 
 /// A stored form of an event.
@@ -69,7 +70,11 @@ pub struct Stream<A: Aggregate> {
 
 impl<A: Aggregate> Stream<A> {
     pub fn new(id: Uuid) -> Self {
-        Self { id, state: A::default(), history: Vec::new() }
+        Self {
+            id,
+            state: A::default(),
+            history: Vec::new(),
+        }
     }
 
     /// Number of events in the stream: the version of its last event.
@@ -88,27 +93,39 @@ pub struct Writer {
 
 /// Loads a stream and folds it into its state.
 pub async fn load<A: Aggregate>(conn: &mut PgConnection, id: Uuid) -> anyhow::Result<Stream<A>> {
-    let rows: Vec<Vec<u8>> = sqlx::query_scalar("SELECT envelope FROM events WHERE stream_id = $1 ORDER BY version")
-        .bind(id)
-        .fetch_all(conn)
-        .await
-        .context("loading an event stream")?;
+    let rows: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT envelope FROM events WHERE stream_id = $1 ORDER BY version")
+            .bind(id)
+            .fetch_all(conn)
+            .await
+            .context("loading an event stream")?;
     replay(id, rows)
 }
 
 /// Folds stored envelopes (in version order) into their stream.
-pub fn replay<A: Aggregate>(id: Uuid, envelopes: impl IntoIterator<Item = Vec<u8>>) -> anyhow::Result<Stream<A>> {
+pub fn replay<A: Aggregate>(
+    id: Uuid,
+    envelopes: impl IntoIterator<Item = Vec<u8>>,
+) -> anyhow::Result<Stream<A>> {
     let mut stream = Stream::<A>::new(id);
     for bytes in envelopes {
         let envelope = EventEnvelope::decode(bytes.as_slice()).context("stored envelope")?;
-        let event = A::decode(&envelope.event_type, envelope.schema_version, &envelope.payload)
-            .with_context(|| format!("stored {} v{}", envelope.event_type, envelope.schema_version))?;
+        let event = A::decode(
+            &envelope.event_type,
+            envelope.schema_version,
+            &envelope.payload,
+        )
+        .with_context(|| {
+            format!(
+                "stored {} v{}",
+                envelope.event_type, envelope.schema_version
+            )
+        })?;
         stream.state = std::mem::take(&mut stream.state).evolve(&event);
         stream.history.push(Recorded { event, envelope });
     }
     Ok(stream)
 }
-
 
 /// Why an append did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +191,9 @@ pub async fn append<A: Aggregate>(
     .await;
     match inserted {
         Ok(_) => {}
-        Err(sqlx::Error::Database(error)) if error.constraint() == Some("events_stream_version") => {
+        Err(sqlx::Error::Database(error))
+            if error.constraint() == Some("events_stream_version") =>
+        {
             return Err(AppendError::Conflict);
         }
         Err(error) => return Err(anyhow::Error::new(error).context("appending events").into()),
@@ -185,7 +204,6 @@ pub async fn append<A: Aggregate>(
     }
     Ok(())
 }
-
 
 /// What must change in the same transaction as an append: the read model
 /// and the outbox are both projections of the stream.
@@ -236,7 +254,10 @@ pub async fn execute<A: Aggregate>(
     for attempt in 1..=retry.max_attempts {
         let mut tx = pool.begin().await.context("starting a transaction")?;
         let mut stream = load::<A>(&mut tx, id).await?;
-        let events = stream.state.decide(command).map_err(ExecuteError::Refused)?;
+        let events = stream
+            .state
+            .decide(command)
+            .map_err(ExecuteError::Refused)?;
         if events.is_empty() {
             return Ok(stream);
         }
@@ -262,5 +283,7 @@ pub async fn execute<A: Aggregate>(
             Err(error) => return Err(anyhow::Error::new(error).context("committing").into()),
         }
     }
-    Err(ExecuteError::Conflict { attempts: retry.max_attempts })
+    Err(ExecuteError::Conflict {
+        attempts: retry.max_attempts,
+    })
 }

@@ -15,8 +15,8 @@ use tonic::{Request, Response, Status};
 
 use crate::app::{self, CommandError, CreateError, IdempotencyKey, NewOrder, Orders};
 use crate::domain::{
-    CustomerId, DomainError, LineItem, LinesError, OrderCommand, OrderId, OrderLines, OrderStatus, PaymentId,
-    PaymentMethodToken, Quantity, Reason, Sku,
+    CustomerId, DomainError, LineItem, LinesError, OrderCommand, OrderId, OrderLines, OrderStatus,
+    PaymentId, PaymentMethodToken, Quantity, Reason, Sku,
 };
 use crate::read_model::OrderView;
 
@@ -31,7 +31,10 @@ pub(crate) struct OrderApi {
 
 #[tonic::async_trait]
 impl OrderService for OrderApi {
-    async fn create_order(&self, request: Request<pb::CreateOrderRequest>) -> Result<Response<pb::Order>, Status> {
+    async fn create_order(
+        &self,
+        request: Request<pb::CreateOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
         let customer_id = customer(&request)?;
         let new_order = parse_create(customer_id, request.into_inner())?;
         match self.orders.create(new_order).await {
@@ -43,10 +46,17 @@ impl OrderService for OrderApi {
         }
     }
 
-    async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::Order>, Status> {
+    async fn get_order(
+        &self,
+        request: Request<pb::GetOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
         let claims = access_control::caller(&request)?.clone();
         let order_id = parse_field("order_id", OrderId::parse(&request.get_ref().order_id))?;
-        let view = self.orders.get(order_id).await.map_err(|error| status::internal(&error))?;
+        let view = self
+            .orders
+            .get(order_id)
+            .await
+            .map_err(|error| status::internal(&error))?;
         // Someone else's order does not exist, as far as this caller knows.
         match view {
             Some(view) if claims.is_admin() || view.customer_id.to_string() == claims.sub => {
@@ -100,57 +110,112 @@ impl OrderService for OrderApi {
         }))
     }
 
-    async fn cancel_order(&self, request: Request<pb::CancelOrderRequest>) -> Result<Response<pb::Order>, Status> {
+    async fn cancel_order(
+        &self,
+        request: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
         let customer_id = customer(&request)?;
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let order_id = check(&mut violations, "order_id", OrderId::parse(&request.order_id));
-        let reason = check(&mut violations, "reason", Reason::parse_optional(&request.reason));
+        let order_id = check(
+            &mut violations,
+            "order_id",
+            OrderId::parse(&request.order_id),
+        );
+        let reason = check(
+            &mut violations,
+            "reason",
+            Reason::parse_optional(&request.reason),
+        );
         let (Some(order_id), Some(reason)) = (order_id, reason) else {
             return Err(violations.into_status());
         };
-        self.command(order_id, OrderCommand::RequestCancellation { requested_by: customer_id, reason }).await
+        self.command(
+            order_id,
+            OrderCommand::RequestCancellation {
+                requested_by: customer_id,
+                reason,
+            },
+        )
+        .await
     }
 
-    async fn confirm_order(&self, request: Request<pb::ConfirmOrderRequest>) -> Result<Response<pb::Order>, Status> {
+    async fn confirm_order(
+        &self,
+        request: Request<pb::ConfirmOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let order_id = check(&mut violations, "order_id", OrderId::parse(&request.order_id));
-        let payment_id = check(&mut violations, "payment_id", PaymentId::parse(&request.payment_id));
+        let order_id = check(
+            &mut violations,
+            "order_id",
+            OrderId::parse(&request.order_id),
+        );
+        let payment_id = check(
+            &mut violations,
+            "payment_id",
+            PaymentId::parse(&request.payment_id),
+        );
         let (Some(order_id), Some(payment_id)) = (order_id, payment_id) else {
             return Err(violations.into_status());
         };
-        self.command(order_id, OrderCommand::Confirm { payment_id }).await
+        self.command(order_id, OrderCommand::Confirm { payment_id })
+            .await
     }
 
-    async fn reject_order(&self, request: Request<pb::RejectOrderRequest>) -> Result<Response<pb::Order>, Status> {
-        let (order_id, reason) = parse_with_reason(&request.get_ref().order_id, &request.get_ref().reason)?;
-        self.command(order_id, OrderCommand::Reject { reason }).await
+    async fn reject_order(
+        &self,
+        request: Request<pb::RejectOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let (order_id, reason) =
+            parse_with_reason(&request.get_ref().order_id, &request.get_ref().reason)?;
+        self.command(order_id, OrderCommand::Reject { reason })
+            .await
     }
 
-    async fn abort_order(&self, request: Request<pb::AbortOrderRequest>) -> Result<Response<pb::Order>, Status> {
-        let (order_id, reason) = parse_with_reason(&request.get_ref().order_id, &request.get_ref().reason)?;
-        self.command(order_id, OrderCommand::Cancel { reason }).await
+    async fn abort_order(
+        &self,
+        request: Request<pb::AbortOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let (order_id, reason) =
+            parse_with_reason(&request.get_ref().order_id, &request.get_ref().reason)?;
+        self.command(order_id, OrderCommand::Cancel { reason })
+            .await
     }
 
     async fn rebuild_read_model(
         &self,
         _request: Request<pb::RebuildReadModelRequest>,
     ) -> Result<Response<pb::RebuildReadModelResponse>, Status> {
-        let rebuilt = self.orders.rebuild_read_model().await.map_err(|error| status::internal(&error))?;
-        Ok(Response::new(pb::RebuildReadModelResponse { events_replayed: rebuilt.events, orders: rebuilt.orders }))
+        let rebuilt = self
+            .orders
+            .rebuild_read_model()
+            .await
+            .map_err(|error| status::internal(&error))?;
+        Ok(Response::new(pb::RebuildReadModelResponse {
+            events_replayed: rebuilt.events,
+            orders: rebuilt.orders,
+        }))
     }
 }
 
 impl OrderApi {
-    async fn command(&self, order_id: OrderId, command: OrderCommand) -> Result<Response<pb::Order>, Status> {
+    async fn command(
+        &self,
+        order_id: OrderId,
+        command: OrderCommand,
+    ) -> Result<Response<pb::Order>, Status> {
         match self.orders.handle(order_id, command).await {
             Ok(view) => Ok(Response::new(to_proto(&view))),
-            Err(CommandError::Refused(DomainError::NotFound)) => Err(Status::not_found("no such order")),
-            Err(CommandError::Refused(refusal)) => Err(Status::failed_precondition(refusal.to_string())),
-            Err(CommandError::Conflict) => {
-                Err(Status::aborted("the order kept changing concurrently; retry the request"))
+            Err(CommandError::Refused(DomainError::NotFound)) => {
+                Err(Status::not_found("no such order"))
             }
+            Err(CommandError::Refused(refusal)) => {
+                Err(Status::failed_precondition(refusal.to_string()))
+            }
+            Err(CommandError::Conflict) => Err(Status::aborted(
+                "the order kept changing concurrently; retry the request",
+            )),
             Err(CommandError::Unexpected(error)) => Err(status::internal(&error)),
         }
     }
@@ -159,12 +224,20 @@ impl OrderApi {
 /// The calling customer (or admin acting as one).
 fn customer<T>(request: &Request<T>) -> Result<CustomerId, Status> {
     let claims: &Claims = access_control::caller(request)?;
-    CustomerId::parse(&claims.sub).map_err(|_| Status::permission_denied("the caller is not a user"))
+    CustomerId::parse(&claims.sub)
+        .map_err(|_| Status::permission_denied("the caller is not a user"))
 }
 
-fn parse_create(customer_id: CustomerId, request: pb::CreateOrderRequest) -> Result<NewOrder, Status> {
+fn parse_create(
+    customer_id: CustomerId,
+    request: pb::CreateOrderRequest,
+) -> Result<NewOrder, Status> {
     let mut violations = FieldViolations::new();
-    let key = check(&mut violations, "idempotency_key", IdempotencyKey::parse(&request.idempotency_key));
+    let key = check(
+        &mut violations,
+        "idempotency_key",
+        IdempotencyKey::parse(&request.idempotency_key),
+    );
     let payment_method = check(
         &mut violations,
         "payment_method_token",
@@ -173,7 +246,10 @@ fn parse_create(customer_id: CustomerId, request: pb::CreateOrderRequest) -> Res
     if request.items.is_empty() {
         violations.add("items", "an order needs at least one line");
     } else if request.items.len() > OrderLines::MAX_LINES {
-        violations.add("items", format!("an order has at most {} lines", OrderLines::MAX_LINES));
+        violations.add(
+            "items",
+            format!("an order has at most {} lines", OrderLines::MAX_LINES),
+        );
     }
     let items: Vec<Option<LineItem>> = request
         .items
@@ -184,12 +260,17 @@ fn parse_create(customer_id: CustomerId, request: pb::CreateOrderRequest) -> Res
         .collect();
     let lines = if violations.is_empty() {
         let items = items.into_iter().flatten().collect();
-        OrderLines::new(items).map_err(|error| match error {
-            LinesError::MixedCurrencies => violations.add("items", "every line must be in the same currency"),
-            LinesError::TotalTooLarge => violations.add("items", "the total is too large"),
-            LinesError::Empty | LinesError::TooMany => violations.add("items", error.to_string()),
-        })
-        .ok()
+        OrderLines::new(items)
+            .map_err(|error| match error {
+                LinesError::MixedCurrencies => {
+                    violations.add("items", "every line must be in the same currency")
+                }
+                LinesError::TotalTooLarge => violations.add("items", "the total is too large"),
+                LinesError::Empty | LinesError::TooMany => {
+                    violations.add("items", error.to_string())
+                }
+            })
+            .ok()
     } else {
         None
     };
@@ -198,11 +279,28 @@ fn parse_create(customer_id: CustomerId, request: pb::CreateOrderRequest) -> Res
     };
     // The same key must come with the same request: hash what the customer
     // asked for (the protobuf encoding of the request without its key).
-    let request_hash = Sha256::digest(pb::CreateOrderRequest { idempotency_key: String::new(), ..request }.encode_to_vec()).to_vec();
-    Ok(NewOrder { customer_id, key, request_hash, lines, payment_method })
+    let request_hash = Sha256::digest(
+        pb::CreateOrderRequest {
+            idempotency_key: String::new(),
+            ..request
+        }
+        .encode_to_vec(),
+    )
+    .to_vec();
+    Ok(NewOrder {
+        customer_id,
+        key,
+        request_hash,
+        lines,
+        payment_method,
+    })
 }
 
-fn parse_item(violations: &mut FieldViolations, index: usize, item: &pb::LineItem) -> Option<LineItem> {
+fn parse_item(
+    violations: &mut FieldViolations,
+    index: usize,
+    item: &pb::LineItem,
+) -> Option<LineItem> {
     let field = |name: &str| format!("items[{index}].{name}");
     let sku = check(violations, &field("sku"), Sku::parse(&item.sku));
     let quantity = check(violations, &field("quantity"), Quantity::new(item.quantity));
@@ -217,11 +315,17 @@ fn parse_item(violations: &mut FieldViolations, index: usize, item: &pb::LineIte
                 None
             }
             Ok(currency) => Money::positive(price.amount_minor, currency)
-                .map_err(|error: MoneyError| violations.add(field("unit_price.amount_minor"), error.to_string()))
+                .map_err(|error: MoneyError| {
+                    violations.add(field("unit_price.amount_minor"), error.to_string())
+                })
                 .ok(),
         },
     };
-    Some(LineItem { sku: sku?, quantity: quantity?, unit_price: unit_price? })
+    Some(LineItem {
+        sku: sku?,
+        quantity: quantity?,
+        unit_price: unit_price?,
+    })
 }
 
 fn parse_with_reason(order_id: &str, reason: &str) -> Result<(OrderId, Reason), Status> {
@@ -234,7 +338,11 @@ fn parse_with_reason(order_id: &str, reason: &str) -> Result<(OrderId, Reason), 
     }
 }
 
-fn check<T>(violations: &mut FieldViolations, field: &str, parsed: Result<T, &'static str>) -> Option<T> {
+fn check<T>(
+    violations: &mut FieldViolations,
+    field: &str,
+    parsed: Result<T, &'static str>,
+) -> Option<T> {
     parsed.map_err(|reason| violations.add(field, reason)).ok()
 }
 
@@ -264,7 +372,10 @@ fn status_to_proto(status: &str) -> pb::OrderStatus {
 }
 
 pub(crate) fn to_proto(view: &OrderView) -> pb::Order {
-    let money = |amount_minor| api_common::v1::Money { amount_minor, currency: view.currency.clone() };
+    let money = |amount_minor| api_common::v1::Money {
+        amount_minor,
+        currency: view.currency.clone(),
+    };
     pb::Order {
         order_id: view.order_id.to_string(),
         customer_id: view.customer_id.to_string(),

@@ -58,8 +58,12 @@ pub(crate) fn view_of(stream: &Stream<Order>) -> Option<OrderView> {
     let last = &stream.history.last()?.envelope;
     let (payment_id, status_reason) = match &stream.state {
         Order::Confirmed { payment_id, .. } => (Some(payment_id.as_uuid()), None),
-        Order::Rejected { reason, .. } | Order::Cancelled { reason, .. } => (None, Some(reason.as_str().to_owned())),
-        Order::CancellationRequested { reason, .. } => (None, reason.as_ref().map(|r| r.as_str().to_owned())),
+        Order::Rejected { reason, .. } | Order::Cancelled { reason, .. } => {
+            (None, Some(reason.as_str().to_owned()))
+        }
+        Order::CancellationRequested { reason, .. } => {
+            (None, reason.as_ref().map(|r| r.as_str().to_owned()))
+        }
         Order::Initial | Order::Pending(_) => (None, None),
     };
     let total = placed.lines.total();
@@ -139,11 +143,15 @@ pub(crate) async fn upsert(conn: &mut PgConnection, views: &[OrderView]) -> anyh
 
 /// One order.
 pub(crate) async fn get(pool: &PgPool, order_id: Uuid) -> anyhow::Result<Option<OrderView>> {
-    sqlx::query_as(concat!("SELECT ", view_columns!(), " FROM order_view WHERE order_id = $1"))
-        .bind(order_id)
-        .fetch_optional(pool)
-        .await
-        .context("reading an order")
+    sqlx::query_as(concat!(
+        "SELECT ",
+        view_columns!(),
+        " FROM order_view WHERE order_id = $1"
+    ))
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await
+    .context("reading an order")
 }
 
 /// Where a page of a customer's orders starts: after this (created_at,
@@ -199,9 +207,16 @@ const REBUILD_BATCH: i64 = 500;
 /// the new ones commit.
 pub(crate) async fn rebuild(pool: &PgPool) -> anyhow::Result<Rebuilt> {
     let mut tx = pool.begin().await?;
-    sqlx::query("LOCK TABLE events IN SHARE MODE").execute(&mut *tx).await?;
-    sqlx::query("DELETE FROM order_view").execute(&mut *tx).await?;
-    let mut rebuilt = Rebuilt { events: 0, orders: 0 };
+    sqlx::query("LOCK TABLE events IN SHARE MODE")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM order_view")
+        .execute(&mut *tx)
+        .await?;
+    let mut rebuilt = Rebuilt {
+        events: 0,
+        orders: 0,
+    };
     let mut after: Option<Uuid> = None;
     loop {
         let ids: Vec<Uuid> = sqlx::query_scalar(
@@ -223,14 +238,21 @@ pub(crate) async fn rebuild(pool: &PgPool) -> anyhow::Result<Rebuilt> {
         rebuilt.events += rows.len() as u64;
         let mut views = Vec::with_capacity(ids.len());
         for chunk in rows.chunk_by(|a, b| a.0 == b.0) {
-            let stream = replay::<Order>(chunk[0].0, chunk.iter().map(|(_, envelope)| envelope.clone()))?;
+            let stream = replay::<Order>(
+                chunk[0].0,
+                chunk.iter().map(|(_, envelope)| envelope.clone()),
+            )?;
             views.extend(view_of(&stream));
         }
         rebuilt.orders += views.len() as u64;
         upsert(&mut tx, &views).await?;
     }
     tx.commit().await?;
-    tracing::info!(events = rebuilt.events, orders = rebuilt.orders, "rebuilt the read model");
+    tracing::info!(
+        events = rebuilt.events,
+        orders = rebuilt.orders,
+        "rebuilt the read model"
+    );
     Ok(rebuilt)
 }
 
@@ -250,7 +272,10 @@ impl Projection<Order> for OrderProjection {
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let new = &stream.history[stream.history.len() - appended..];
-            let envelopes: Vec<_> = new.iter().map(|recorded| recorded.envelope.clone()).collect();
+            let envelopes: Vec<_> = new
+                .iter()
+                .map(|recorded| recorded.envelope.clone())
+                .collect();
             messaging::outbox::enqueue_all(conn, &self.topic, &envelopes).await?;
             upsert(conn, &view_of(stream).into_iter().collect::<Vec<_>>()).await
         })

@@ -1,8 +1,19 @@
-//! Idempotent charges and refunds against a payment provider (a deterministic simulation by default).
+//! Idempotent charges and refunds against a payment provider (a
+//! deterministic simulation by default).
+//!
+//! - `provider`: the provider trait and the simulation.
+//! - `app`: the use cases, serialised per charge key by the database;
+//!   `grpc`: their gRPC face.
+
+mod app;
+mod grpc;
+mod provider;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use access_control::{Access, AuthLayer, AuthSettings, Policy, Verifier};
+use api_payment::v1::payment_service_server::PaymentServiceServer;
 use database::{DatabaseSettings, MigrationSet, ServiceAccount};
 use messaging::KafkaSettings;
 use service_runtime::{GrpcServer, Platform, ServerSettings};
@@ -17,7 +28,7 @@ pub const DEFAULT_PORT: u16 = 50053;
 pub const SCHEMA: &str = "payments";
 pub const ROLE: &str = "payment_service";
 /// This service's tables.
-pub const MIGRATIONS: MigrationSet = database::migrations!("payment", []);
+pub const MIGRATIONS: MigrationSet = database::migrations!("payment", ["0001_payments.sql"]);
 
 /// The role and schema to provision for this service.
 pub fn account(password: impl Into<String>) -> ServiceAccount {
@@ -46,6 +57,31 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[command(flatten)]
     pub auth: AuthSettings,
+    #[command(flatten)]
+    pub provider: ProviderSettings,
+}
+
+/// How the simulated payment provider behaves.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProviderSettings {
+    /// Largest charge the provider approves, in minor units; larger ones
+    /// are declined with `amount_over_limit`.
+    #[arg(long = "payment-amount-limit", env = "PAYMENT_AMOUNT_LIMIT", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub amount_limit_minor: i64,
+
+    /// How long `tok_slow` takes to answer: longer than callers wait.
+    #[arg(long = "provider-slow-delay", env = "PROVIDER_SLOW_DELAY", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub slow_delay: std::time::Duration,
+
+    /// Attempts per idempotency key that `tok_flaky` fails before it succeeds.
+    #[arg(
+        long = "provider-flaky-failures",
+        env = "PROVIDER_FLAKY_FAILURES",
+        default_value_t = 2
+    )]
+    pub flaky_failures: u32,
 }
 
 /// Who may call what on the payment service.
@@ -100,14 +136,29 @@ impl Application {
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        // The simulated provider stands for another system: it gets its own
+        // connections, so a charge never waits for a connection held by a
+        // duplicate request queued behind that very charge's key lock.
+        let provider_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect_lazy_with(platform.pool.connect_options().as_ref().clone());
+        let provider = provider::SimulatedProvider::new(
+            provider_pool,
+            provider::SimulationSettings {
+                amount_limit_minor: settings.provider.amount_limit_minor,
+                slow_delay: settings.provider.slow_delay,
+                flaky_failures: settings.provider.flaky_failures,
+            },
+        );
+        let payments = app::Payments::new(
+            platform.pool.clone(),
+            Arc::new(provider),
+            platform.topics.clone(),
+        );
         let verifier = Verifier::remote(&settings.auth)?;
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))
-            .add_service(
-                api_payment::v1::payment_service_server::PaymentServiceServer::new(
-                    grpc::PaymentServiceApi,
-                ),
-            )
+            .add_service(PaymentServiceServer::new(grpc::PaymentApi { payments }))
             .reflect(api_payment::FILE_DESCRIPTOR_SET)
             .serve(platform.readiness(), shutdown.clone())
             .await;
@@ -115,13 +166,4 @@ impl Application {
         platform.stop(settings.server.shutdown_grace_period).await;
         served
     }
-}
-
-mod grpc {
-    /// The gRPC API. RPCs not implemented yet answer UNIMPLEMENTED.
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) struct PaymentServiceApi;
-
-    #[tonic::async_trait]
-    impl api_payment::v1::payment_service_server::PaymentService for PaymentServiceApi {}
 }

@@ -20,8 +20,8 @@ mod process;
 mod proxy;
 mod service;
 mod test_env;
-mod topic_reader;
 pub mod tools;
+mod topic_reader;
 
 pub use broker::{Broker, create_topics};
 pub use ports::free_port;
@@ -29,6 +29,6 @@ pub use postgres::PostgresServer;
 pub use process::Supervised;
 pub use proxy::FaultProxy;
 pub use service::ServiceProcess;
-pub use topic_reader::{TopicReader, header};
 pub use test_env::{KAFKA_ENV, POSTGRES_ENV, TestDatabase, TestEnv};
 pub use tonic_health::pb::health_check_response::ServingStatus;
+pub use topic_reader::{TopicReader, header};

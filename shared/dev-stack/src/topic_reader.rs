@@ -34,7 +34,11 @@ impl TopicReader {
     }
 
     /// The next `count` records, failing after `timeout`.
-    pub async fn receive(&self, count: usize, timeout: Duration) -> anyhow::Result<Vec<OwnedMessage>> {
+    pub async fn receive(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<OwnedMessage>> {
         let mut received = Vec::with_capacity(count);
         let reading = async {
             while received.len() < count {
@@ -44,7 +48,10 @@ impl TopicReader {
         };
         match tokio::time::timeout(timeout, reading).await {
             Ok(result) => result.map(|()| received),
-            Err(_) => anyhow::bail!("received {} of {count} records within {timeout:?}", received.len()),
+            Err(_) => anyhow::bail!(
+                "received {} of {count} records within {timeout:?}",
+                received.len()
+            ),
         }
     }
 

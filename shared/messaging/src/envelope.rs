@@ -27,11 +27,21 @@ pub struct EventMeta {
 /// Wraps `payload` in a new envelope with a fresh UUIDv7 event id. The
 /// event type is the payload's protobuf name, so it cannot drift from it.
 pub fn seal<M: Message + Name>(meta: EventMeta, schema_version: u32, payload: &M) -> EventEnvelope {
-    seal_encoded(meta, M::full_name(), schema_version, payload.encode_to_vec())
+    seal_encoded(
+        meta,
+        M::full_name(),
+        schema_version,
+        payload.encode_to_vec(),
+    )
 }
 
 /// [`seal`] for a payload already encoded, whose type is named by the caller.
-pub fn seal_encoded(meta: EventMeta, event_type: String, schema_version: u32, payload: Vec<u8>) -> EventEnvelope {
+pub fn seal_encoded(
+    meta: EventMeta,
+    event_type: String,
+    schema_version: u32,
+    payload: Vec<u8>,
+) -> EventEnvelope {
     EventEnvelope {
         event_id: Uuid::now_v7().to_string(),
         event_type,
@@ -45,7 +55,6 @@ pub fn seal_encoded(meta: EventMeta, event_type: String, schema_version: u32, pa
         producer: meta.producer.to_owned(),
         payload,
     }
-
 }
 
 /// Why an envelope could not be opened as the expected payload.

@@ -6,13 +6,13 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use dev_stack::header;
 use messaging::consumer::RetryPolicy;
 use messaging::{Consumer, Relay};
 use prost::Message as _;
 use rdkafka::Message as _;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
-use dev_stack::header;
 use support::{Fixture, RecordingHandler, assert_nothing_more, receive, widget_event};
 use telemetry::CorrelationId;
 use tokio_util::sync::CancellationToken;

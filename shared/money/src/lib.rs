@@ -21,10 +21,34 @@ pub struct Currency {
 
 /// The currencies the system accepts, with their minor-unit digits.
 const KNOWN: &[(&str, u8)] = &[
-    ("AUD", 2), ("BHD", 3), ("BRL", 2), ("CAD", 2), ("CHF", 2), ("CLP", 0), ("CNY", 2), ("CZK", 2),
-    ("DKK", 2), ("EUR", 2), ("GBP", 2), ("HKD", 2), ("HUF", 2), ("INR", 2), ("ISK", 0), ("JPY", 0),
-    ("KRW", 0), ("KWD", 3), ("MXN", 2), ("NOK", 2), ("NZD", 2), ("PLN", 2), ("SEK", 2), ("SGD", 2),
-    ("TND", 3), ("TRY", 2), ("USD", 2), ("ZAR", 2),
+    ("AUD", 2),
+    ("BHD", 3),
+    ("BRL", 2),
+    ("CAD", 2),
+    ("CHF", 2),
+    ("CLP", 0),
+    ("CNY", 2),
+    ("CZK", 2),
+    ("DKK", 2),
+    ("EUR", 2),
+    ("GBP", 2),
+    ("HKD", 2),
+    ("HUF", 2),
+    ("INR", 2),
+    ("ISK", 0),
+    ("JPY", 0),
+    ("KRW", 0),
+    ("KWD", 3),
+    ("MXN", 2),
+    ("NOK", 2),
+    ("NZD", 2),
+    ("PLN", 2),
+    ("SEK", 2),
+    ("SGD", 2),
+    ("TND", 3),
+    ("TRY", 2),
+    ("USD", 2),
+    ("ZAR", 2),
 ];
 
 impl Currency {
@@ -85,7 +109,10 @@ impl Money {
         if amount_minor > MAX_AMOUNT_MINOR {
             return Err(MoneyError::TooLarge);
         }
-        Ok(Self { amount_minor, currency })
+        Ok(Self {
+            amount_minor,
+            currency,
+        })
     }
 
     /// A strictly positive amount: what a price or a charge must be.
@@ -98,7 +125,10 @@ impl Money {
 
     /// Nothing, in `currency`.
     pub fn zero(currency: Currency) -> Self {
-        Self { amount_minor: 0, currency }
+        Self {
+            amount_minor: 0,
+            currency,
+        }
     }
 
     pub fn amount_minor(self) -> i64 {
@@ -114,7 +144,10 @@ impl Money {
         if self.currency != other.currency {
             return Err(MoneyError::CurrencyMismatch(self.currency, other.currency));
         }
-        let sum = self.amount_minor.checked_add(other.amount_minor).ok_or(MoneyError::TooLarge)?;
+        let sum = self
+            .amount_minor
+            .checked_add(other.amount_minor)
+            .ok_or(MoneyError::TooLarge)?;
         Self::new(sum, self.currency)
     }
 
@@ -128,7 +161,10 @@ impl Money {
 
     /// `self * quantity`, if it stays in range.
     pub fn checked_mul(self, quantity: u32) -> Result<Self, MoneyError> {
-        let product = self.amount_minor.checked_mul(i64::from(quantity)).ok_or(MoneyError::TooLarge)?;
+        let product = self
+            .amount_minor
+            .checked_mul(i64::from(quantity))
+            .ok_or(MoneyError::TooLarge)?;
         Self::new(product, self.currency)
     }
 
@@ -138,7 +174,10 @@ impl Money {
     }
 
     pub fn to_proto(self) -> api_common::v1::Money {
-        api_common::v1::Money { amount_minor: self.amount_minor, currency: self.currency.code.to_owned() }
+        api_common::v1::Money {
+            amount_minor: self.amount_minor,
+            currency: self.currency.code.to_owned(),
+        }
     }
 }
 
@@ -174,7 +213,10 @@ mod tests {
         assert_eq!(Currency::parse("EUR").unwrap().minor_digits(), 2);
         assert_eq!(Currency::parse("JPY").unwrap().minor_digits(), 0);
         for bad in ["eur", "EUD", "", "EURO", "XXX"] {
-            assert!(matches!(Currency::parse(bad), Err(MoneyError::UnknownCurrency(_))), "{bad:?}");
+            assert!(
+                matches!(Currency::parse(bad), Err(MoneyError::UnknownCurrency(_))),
+                "{bad:?}"
+            );
         }
     }
 
@@ -183,26 +225,51 @@ mod tests {
         let eur = Currency::parse("EUR").unwrap();
         assert_eq!(Money::new(-1, eur), Err(MoneyError::Negative));
         assert_eq!(Money::positive(0, eur), Err(MoneyError::Zero));
-        assert_eq!(Money::new(MAX_AMOUNT_MINOR + 1, eur), Err(MoneyError::TooLarge));
+        assert_eq!(
+            Money::new(MAX_AMOUNT_MINOR + 1, eur),
+            Err(MoneyError::TooLarge)
+        );
         assert!(Money::new(MAX_AMOUNT_MINOR, eur).is_ok());
     }
 
     #[test]
     fn arithmetic_is_checked() {
         assert_eq!(eur(250).checked_mul(4).unwrap(), eur(1000));
-        assert_eq!(eur(MAX_AMOUNT_MINOR).checked_mul(2), Err(MoneyError::TooLarge));
-        assert_eq!(eur(MAX_AMOUNT_MINOR).checked_mul(u32::MAX), Err(MoneyError::TooLarge));
-        assert_eq!(eur(MAX_AMOUNT_MINOR).checked_add(eur(1)), Err(MoneyError::TooLarge));
+        assert_eq!(
+            eur(MAX_AMOUNT_MINOR).checked_mul(2),
+            Err(MoneyError::TooLarge)
+        );
+        assert_eq!(
+            eur(MAX_AMOUNT_MINOR).checked_mul(u32::MAX),
+            Err(MoneyError::TooLarge)
+        );
+        assert_eq!(
+            eur(MAX_AMOUNT_MINOR).checked_add(eur(1)),
+            Err(MoneyError::TooLarge)
+        );
         assert_eq!(eur(5).checked_sub(eur(6)), Err(MoneyError::Negative));
         let usd = Money::new(1, Currency::parse("USD").unwrap()).unwrap();
-        assert!(matches!(eur(1).checked_add(usd), Err(MoneyError::CurrencyMismatch(..))));
+        assert!(matches!(
+            eur(1).checked_add(usd),
+            Err(MoneyError::CurrencyMismatch(..))
+        ));
     }
 
     #[test]
     fn amounts_display_in_major_units() {
         assert_eq!(eur(2500).to_string(), "25.00 EUR");
         assert_eq!(eur(7).to_string(), "0.07 EUR");
-        assert_eq!(Money::new(1500, Currency::parse("JPY").unwrap()).unwrap().to_string(), "1500 JPY");
-        assert_eq!(Money::new(1234, Currency::parse("KWD").unwrap()).unwrap().to_string(), "1.234 KWD");
+        assert_eq!(
+            Money::new(1500, Currency::parse("JPY").unwrap())
+                .unwrap()
+                .to_string(),
+            "1500 JPY"
+        );
+        assert_eq!(
+            Money::new(1234, Currency::parse("KWD").unwrap())
+                .unwrap()
+                .to_string(),
+            "1.234 KWD"
+        );
     }
 }

@@ -63,9 +63,20 @@ pub fn invalid_field(field: impl Into<String>, description: impl Into<String>) -
     violations.into_status()
 }
 
-/// INTERNAL for an unexpected failure. The cause chain is logged (with the
-/// request's correlation id, from the span); the client gets none of it.
+/// The status for an unexpected failure: UNAVAILABLE when the database was
+/// unreachable or every connection busy (retrying later can succeed),
+/// INTERNAL otherwise. The cause chain is logged (with the request's
+/// correlation id, from the span); the client gets none of it.
 pub fn internal(error: &anyhow::Error) -> Status {
+    let unavailable = error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_))
+        )
+    });
+    if unavailable {
+        return self::unavailable("the database", error);
+    }
     tracing::error!(error = format!("{error:#}"), "unexpected failure");
     Status::internal("internal error; the correlation id identifies it in the logs")
 }

@@ -10,5 +10,6 @@ mod values;
 
 pub use order::{DomainError, Order, OrderCommand, OrderEvent, OrderStatus, Placed};
 pub use values::{
-    CustomerId, LineItem, LinesError, OrderId, OrderLines, PaymentId, PaymentMethodToken, Quantity, Reason, Sku,
+    CustomerId, LineItem, LinesError, OrderId, OrderLines, PaymentId, PaymentMethodToken, Quantity,
+    Reason, Sku,
 };

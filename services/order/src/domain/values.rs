@@ -62,7 +62,10 @@ impl Sku {
         if text.len() > 64 {
             return Err("must be at most 64 characters");
         }
-        if !text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if !text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             return Err("may contain only letters, digits, '-' and '_'");
         }
         Ok(Self(text.to_owned()))
@@ -137,7 +140,10 @@ impl OrderLines {
             if item.unit_price.currency() != currency {
                 return Err(LinesError::MixedCurrencies);
             }
-            let line = item.unit_price.checked_mul(item.quantity.get()).map_err(|_| LinesError::TotalTooLarge)?;
+            let line = item
+                .unit_price
+                .checked_mul(item.quantity.get())
+                .map_err(|_| LinesError::TotalTooLarge)?;
             total = total.checked_add(line).map_err(|error| match error {
                 MoneyError::CurrencyMismatch(..) => LinesError::MixedCurrencies,
                 _ => LinesError::TotalTooLarge,
@@ -205,7 +211,11 @@ impl Reason {
 
     /// An optional reason: empty text is none.
     pub fn parse_optional(text: &str) -> Result<Option<Self>, &'static str> {
-        if text.trim().is_empty() { Ok(None) } else { Self::parse(text).map(Some) }
+        if text.trim().is_empty() {
+            Ok(None)
+        } else {
+            Self::parse(text).map(Some)
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -229,14 +239,18 @@ mod tests {
 
     #[test]
     fn the_total_is_the_sum_of_quantity_times_price() {
-        let lines = OrderLines::new(vec![line("A", 2, 1250, "EUR"), line("B", 1, 99, "EUR")]).unwrap();
+        let lines =
+            OrderLines::new(vec![line("A", 2, 1250, "EUR"), line("B", 1, 99, "EUR")]).unwrap();
         assert_eq!(lines.total().amount_minor(), 2599);
     }
 
     #[test]
     fn lines_are_bounded_and_share_a_currency() {
         assert_eq!(OrderLines::new(vec![]), Err(LinesError::Empty));
-        assert_eq!(OrderLines::new(vec![line("A", 1, 1, "EUR"); 51]), Err(LinesError::TooMany));
+        assert_eq!(
+            OrderLines::new(vec![line("A", 1, 1, "EUR"); 51]),
+            Err(LinesError::TooMany)
+        );
         assert!(OrderLines::new(vec![line("A", 1, 1, "EUR"); 50]).is_ok());
         assert_eq!(
             OrderLines::new(vec![line("A", 1, 100, "EUR"), line("B", 1, 100, "USD")]),
@@ -245,7 +259,10 @@ mod tests {
         let dear = line("A", 1000, money::MAX_AMOUNT_MINOR, "EUR");
         assert_eq!(OrderLines::new(vec![dear]), Err(LinesError::TotalTooLarge));
         let half = line("A", 1, money::MAX_AMOUNT_MINOR / 2 + 1, "EUR");
-        assert_eq!(OrderLines::new(vec![half.clone(), half]), Err(LinesError::TotalTooLarge));
+        assert_eq!(
+            OrderLines::new(vec![half.clone(), half]),
+            Err(LinesError::TotalTooLarge)
+        );
     }
 
     #[test]
@@ -259,7 +276,10 @@ mod tests {
         assert!(PaymentMethodToken::parse("tok visa").is_err());
         assert!(Reason::parse("   ").is_err());
         assert_eq!(Reason::parse_optional(" ").unwrap(), None);
-        assert_eq!(format!("{:?}", PaymentMethodToken::parse("tok_visa_4242").unwrap()), "PaymentMethodToken(tok_vi…)");
+        assert_eq!(
+            format!("{:?}", PaymentMethodToken::parse("tok_visa_4242").unwrap()),
+            "PaymentMethodToken(tok_vi…)"
+        );
         assert_eq!(OrderId::parse("nope"), Err("must be a UUID"));
     }
 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use database::{DatabaseSettings, Migration, MigrationSet, ServiceAccount};
 use dev_stack::TestEnv;
+use dev_stack::TopicReader;
 use messaging::envelope::EventMeta;
 use messaging::{EventEnvelope, KafkaSettings, Topics};
-use dev_stack::TopicReader;
 use rdkafka::Message as _;
 use rdkafka::message::OwnedMessage;
 use sqlx::PgPool;
