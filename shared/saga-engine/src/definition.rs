@@ -1,0 +1,177 @@
+//! How a saga is described: steps with actions, compensations, retry
+//! policies and deadlines. Nothing here knows about any particular saga.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use uuid::Uuid;
+
+/// A saga: groups of steps run in order; the steps of one group run in
+/// parallel. When a step fails for good, every step that may have taken
+/// effect is compensated, group by group in reverse order.
+#[derive(Clone)]
+pub struct SagaDefinition {
+    pub name: &'static str,
+    pub groups: Vec<Vec<Step>>,
+}
+
+impl std::fmt::Debug for SagaDefinition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let groups: Vec<Vec<&str>> = self.groups.iter().map(|g| g.iter().map(|s| s.name).collect()).collect();
+        f.debug_struct("SagaDefinition").field("name", &self.name).field("groups", &groups).finish()
+    }
+}
+
+impl SagaDefinition {
+    /// A saga whose steps run one after another.
+    pub fn sequence(name: &'static str, steps: Vec<Step>) -> Self {
+        Self { name, groups: steps.into_iter().map(|step| vec![step]).collect() }
+    }
+
+    /// The step named `name`, with the index of its group.
+    pub(crate) fn step(&self, name: &str) -> Option<(usize, &Step)> {
+        self.groups
+            .iter()
+            .enumerate()
+            .find_map(|(index, group)| group.iter().find(|step| step.name == name).map(|step| (index, step)))
+    }
+
+    /// The longest time one attempt of any step may take.
+    pub(crate) fn longest_attempt(&self) -> Duration {
+        self.groups
+            .iter()
+            .flatten()
+            .flat_map(|step| [step.attempt_timeout, step.compensation_attempt_timeout])
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// One step: an action, what undoes it, and how hard to try.
+#[derive(Clone)]
+pub struct Step {
+    pub name: &'static str,
+    /// What the step does; `None` for a step that exists only to be
+    /// compensated (it succeeds at once).
+    pub action: Option<Arc<dyn Action>>,
+    /// What undoes the action; run if the action may have taken effect
+    /// (it was attempted at least once).
+    pub compensation: Option<Arc<dyn Action>>,
+    pub retry: RetryPolicy,
+    pub compensation_retry: RetryPolicy,
+    /// Longest time one attempt may take before it counts as failed
+    /// (retryable).
+    pub attempt_timeout: Duration,
+    pub compensation_attempt_timeout: Duration,
+    /// Longest time from the first attempt to success; past it the step
+    /// fails for good.
+    pub deadline: Duration,
+}
+
+impl std::fmt::Debug for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Step").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// What an action or compensation is handed.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    pub saga_id: Uuid,
+    pub step: &'static str,
+    /// The saga's input.
+    pub data: serde_json::Value,
+    /// Outputs of the actions that succeeded so far, by step name.
+    pub outputs: HashMap<String, serde_json::Value>,
+    /// Why the saga is compensating, when it is.
+    pub failure_reason: Option<String>,
+    /// This attempt's number, from 1.
+    pub attempt: u32,
+    /// Time left for this attempt: pass it on as the deadline of calls.
+    pub time_left: Duration,
+    pub correlation_id: String,
+}
+
+impl StepContext {
+    /// An idempotency key for this step's action, the same on every
+    /// attempt and every replica: downstream services deduplicate on it.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}", self.saga_id, self.step)
+    }
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    /// Might succeed if tried again (a timeout, an unavailable service).
+    #[error("{0}")]
+    Retryable(String),
+    /// Will not succeed (a declined payment, a refused command).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// An action or a compensation. Must be idempotent: after a crash or a
+/// timeout it is run again with the same context.
+pub trait Action: Send + Sync + 'static {
+    fn run<'a>(&'a self, context: &'a StepContext) -> BoxFuture<'a, Result<serde_json::Value, StepError>>;
+}
+
+/// Any async closure from a context to an outcome is an action.
+pub struct FnAction<F>(pub F);
+
+impl<F> std::fmt::Debug for FnAction<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnAction")
+    }
+}
+
+impl<F> Action for FnAction<F>
+where
+    F: for<'a> Fn(&'a StepContext) -> BoxFuture<'a, Result<serde_json::Value, StepError>> + Send + Sync + 'static,
+{
+    fn run<'a>(&'a self, context: &'a StepContext) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
+        (self.0)(context)
+    }
+}
+
+/// How often, and how far apart, a failing step is tried.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// The pause after failed attempt `attempt` (from 1): exponential,
+    /// capped, with full jitter so that retrying sagas spread out.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exponential = self.initial_backoff.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
+        let capped = exponential.min(self.max_backoff);
+        capped.mul_f64(rand::random_range(0.5..=1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_with_jitter_up_to_its_cap() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        };
+        for (attempt, full) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (9, 1000)] {
+            for _ in 0..20 {
+                let pause = policy.backoff(attempt);
+                let full = Duration::from_millis(full);
+                assert!(pause >= full / 2 && pause <= full, "attempt {attempt}: {pause:?}");
+            }
+        }
+    }
+}

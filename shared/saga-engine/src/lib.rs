@@ -1,0 +1,28 @@
+//! A durable saga engine on PostgreSQL, for any number of replicas.
+//!
+//! A saga is a sequence of step groups ([`SagaDefinition`]); each step has
+//! an action, a compensation, a retry policy and a deadline. Instances and
+//! their step log live in the service's schema; every transition is one
+//! transaction, and its saga events go to the outbox in that transaction.
+//!
+//! Any replica may drive any saga. Due work is claimed with `FOR UPDATE
+//! SKIP LOCKED` under a lease, and each claim carries a fencing version that
+//! every later write checks, so a replica that lost its lease (it stalled,
+//! or died) cannot overwrite the new owner's work. Timers (retry backoff,
+//! deadlines) are a column, so they survive restarts; new work wakes the
+//! engines with `NOTIFY`, so a saga moves on in milliseconds, not polls.
+//!
+//! - `definition`: describing sagas; `plan`: the pure rules deciding what a
+//!   saga does next; `store`: its tables; `engine`: claiming and driving.
+
+mod definition;
+mod engine;
+mod plan;
+pub mod store;
+
+pub use definition::{Action, FnAction, RetryPolicy, SagaDefinition, Step, StepContext, StepError};
+pub use engine::{Engine, EngineConfig, RequestOutcome};
+pub use store::{Kind, SagaRecord, SagaState, StepRecord};
+
+/// The saga tables, applied in the orchestrator's schema.
+pub const MIGRATIONS: database::MigrationSet = database::migrations!("saga-engine", ["0001_sagas.sql"]);
