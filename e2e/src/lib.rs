@@ -27,6 +27,7 @@ pub const BINARIES: [Binary; 4] = [
         schema: auth_service::SCHEMA,
         role: auth_service::ROLE,
         services: &["ordersaga.auth.v1.AuthService"],
+        required_env: &[],
     },
     Binary {
         name: order_service::NAME,
@@ -34,6 +35,7 @@ pub const BINARIES: [Binary; 4] = [
         schema: order_service::SCHEMA,
         role: order_service::ROLE,
         services: &["ordersaga.order.v1.OrderService"],
+        required_env: &[],
     },
     Binary {
         name: payment_service::NAME,
@@ -41,6 +43,7 @@ pub const BINARIES: [Binary; 4] = [
         schema: payment_service::SCHEMA,
         role: payment_service::ROLE,
         services: &["ordersaga.payment.v1.PaymentService"],
+        required_env: &[],
     },
     Binary {
         name: saga_orchestrator::NAME,
@@ -51,6 +54,7 @@ pub const BINARIES: [Binary; 4] = [
             "ordersaga.saga.v1.SagaService",
             "ordersaga.trace.v1.TraceService",
         ],
+        required_env: &[],
     },
 ];
 
@@ -202,6 +206,76 @@ impl Stack {
     /// Reads `topic` (of this stack's prefix) from its beginning.
     pub fn reader(&self, topic: &str) -> TopicReader {
         TopicReader::new(self.scenario.env.bootstrap_servers(), topic, 3).expect("a topic reader")
+    }
+
+    /// Waits until the saga of `order_id` is in a final state (or FAILED),
+    /// and returns it.
+    pub async fn settled_saga(
+        &self,
+        order_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<api_saga::v1::Saga> {
+        use api_saga::v1::get_saga_status_request::Lookup;
+        use api_saga::v1::{GetSagaStatusRequest, SagaState};
+        let admin = self.admin_token().await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = None;
+        while tokio::time::Instant::now() < deadline {
+            let request = GetSagaStatusRequest {
+                lookup: Some(Lookup::OrderId(order_id.to_owned())),
+            };
+            if let Ok(saga) = self
+                .sagas()
+                .await
+                .get_saga_status(testkit::grpc::bearer(request, &admin))
+                .await
+            {
+                let saga = saga.into_inner();
+                if matches!(
+                    saga.state(),
+                    SagaState::Completed | SagaState::Compensated | SagaState::Failed
+                ) {
+                    return Ok(saga);
+                }
+                last = Some(saga);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "the saga of order {order_id} did not settle within {timeout:?}; last seen: {last:#?}"
+        )
+    }
+
+    /// Waits until the saga of `order_id` has begun step `step` (an attempt
+    /// of its action is in flight or done), and returns the saga.
+    pub async fn saga_reaching(
+        &self,
+        order_id: &str,
+        step: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<api_saga::v1::Saga> {
+        use api_saga::v1::GetSagaStatusRequest;
+        use api_saga::v1::get_saga_status_request::Lookup;
+        let admin = self.admin_token().await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            let request = GetSagaStatusRequest {
+                lookup: Some(Lookup::OrderId(order_id.to_owned())),
+            };
+            if let Ok(saga) = self
+                .sagas()
+                .await
+                .get_saga_status(testkit::grpc::bearer(request, &admin))
+                .await
+            {
+                let saga = saga.into_inner();
+                if saga.steps.iter().any(|s| s.step == step && s.attempts > 0) {
+                    return Ok(saga);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("the saga of order {order_id} did not reach {step} within {timeout:?}")
     }
 
     /// The bootstrapped admin's access token.

@@ -20,6 +20,7 @@ const BINARY: Binary = Binary {
     schema: auth_service::SCHEMA,
     role: auth_service::ROLE,
     services: &["ordersaga.auth.v1.AuthService"],
+    required_env: &[],
 };
 
 const PASSWORD: &str = "correct horse battery staple";

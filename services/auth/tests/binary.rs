@@ -8,6 +8,7 @@ const BINARY: Binary = Binary {
     schema: auth_service::SCHEMA,
     role: auth_service::ROLE,
     services: &["ordersaga.auth.v1.AuthService"],
+    required_env: &[],
 };
 
 #[tokio::test]

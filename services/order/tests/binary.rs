@@ -8,6 +8,7 @@ const BINARY: Binary = Binary {
     schema: order_service::SCHEMA,
     role: order_service::ROLE,
     services: &["ordersaga.order.v1.OrderService"],
+    required_env: &[],
 };
 
 #[tokio::test]

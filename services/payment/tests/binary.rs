@@ -8,6 +8,7 @@ const BINARY: Binary = Binary {
     schema: payment_service::SCHEMA,
     role: payment_service::ROLE,
     services: &["ordersaga.payment.v1.PaymentService"],
+    required_env: &[],
 };
 
 #[tokio::test]

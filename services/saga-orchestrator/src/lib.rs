@@ -1,10 +1,28 @@
-//! Runs each order through payment to confirmation as a durable saga, compensating when a step fails; hosts the trace view.
+//! Runs each order through payment to confirmation as a durable saga,
+//! compensating when a step fails; hosts the operators' saga API and the
+//! trace view.
+//!
+//! - `order_saga`: the order-processing saga (steps, calls, compensations).
+//! - `starter`: starts and calls off sagas from the order events topic.
+//! - `grpc`: SagaService; the engine itself is the `saga-engine` crate.
+
+mod grpc;
+pub mod order_saga;
+mod starter;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use access_control::{Access, AuthLayer, AuthSettings, Policy, Verifier};
+use access_control::{
+    Access, AuthLayer, AuthSettings, Policy, ServiceCredentials, ServiceTokenSource, Verifier,
+};
+use api_saga::v1::saga_service_server::SagaServiceServer;
+use api_trace::v1::trace_service_server::TraceServiceServer;
 use database::{DatabaseSettings, MigrationSet, ServiceAccount};
-use messaging::KafkaSettings;
+use messaging::{Consumer, KafkaSettings};
+use saga_engine::{Engine, EngineConfig, RetryPolicy};
+use service_runtime::client::{self, BreakerSettings};
 use service_runtime::{GrpcServer, Platform, ServerSettings};
 use telemetry::TelemetrySettings;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +34,10 @@ pub const DEFAULT_PORT: u16 = 50054;
 /// The schema this service owns, and the role it connects as.
 pub const SCHEMA: &str = "saga";
 pub const ROLE: &str = "saga_service";
-/// This service's tables.
+/// This service's own tables (the saga tables come with the engine).
 pub const MIGRATIONS: MigrationSet = database::migrations!("saga-orchestrator", []);
+/// The consumer group that starts sagas from order events.
+pub const CONSUMER_GROUP: &str = "saga-orchestrator";
 
 /// The role and schema to provision for this service.
 pub fn account(password: impl Into<String>) -> ServiceAccount {
@@ -46,6 +66,68 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[command(flatten)]
     pub auth: AuthSettings,
+    #[command(flatten)]
+    pub credentials: ServiceCredentials,
+    #[command(flatten)]
+    pub breaker: BreakerSettings,
+    #[command(flatten)]
+    pub saga: SagaSettings,
+
+    /// gRPC URL of the order service.
+    #[arg(
+        long = "order-service-url",
+        env = "ORDER_SERVICE_URL",
+        default_value = "http://localhost:50052"
+    )]
+    pub order_service_url: String,
+
+    /// gRPC URL of the payment service.
+    #[arg(
+        long = "payment-service-url",
+        env = "PAYMENT_SERVICE_URL",
+        default_value = "http://localhost:50053"
+    )]
+    pub payment_service_url: String,
+}
+
+/// How sagas are run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SagaSettings {
+    /// How long a replica's claim on a saga lasts without renewal: how long
+    /// the sagas of a replica that died wait before another takes them.
+    #[arg(long = "saga-lease", env = "SAGA_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+
+    /// Sagas one replica drives at once.
+    #[arg(long = "saga-concurrency", env = "SAGA_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+
+    /// Longest one call of a step may take.
+    #[arg(long = "saga-attempt-timeout", env = "SAGA_ATTEMPT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub attempt_timeout: Duration,
+
+    /// Longest a step may keep trying before it fails for good.
+    #[arg(long = "saga-step-deadline", env = "SAGA_STEP_DEADLINE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub step_deadline: Duration,
+
+    /// Attempts of a step before it fails for good.
+    #[arg(long = "saga-step-max-attempts", env = "SAGA_STEP_MAX_ATTEMPTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub step_max_attempts: u32,
+
+    /// Attempts of a compensation before the saga is parked as FAILED.
+    #[arg(long = "saga-compensation-max-attempts", env = "SAGA_COMPENSATION_MAX_ATTEMPTS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub compensation_max_attempts: u32,
+
+    /// Pause before the first retry; it doubles with each (with jitter).
+    #[arg(long = "saga-retry-backoff", env = "SAGA_RETRY_BACKOFF", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+
+    /// Longest pause between retries.
+    #[arg(long = "saga-retry-max-backoff", env = "SAGA_RETRY_MAX_BACKOFF", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub retry_max_backoff: Duration,
 }
 
 /// Who may call what on the orchestrator: operators only.
@@ -79,25 +161,72 @@ fn policy() -> Policy {
 pub struct Application {
     server: GrpcServer,
     platform: Platform,
+    engine: Arc<Engine>,
     settings: Settings,
 }
 
 impl Application {
-    /// Binds the gRPC port, connects to and migrates the database, and
-    /// connects the Kafka producer.
+    /// Binds the gRPC port, migrates the database, and builds the engine
+    /// with its downstream clients (which connect lazily).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let server = GrpcServer::bind(settings.server.clone()).await?;
         let platform = Platform::start(
             NAME,
             SCHEMA,
             &settings.database,
-            &[MIGRATIONS],
+            &[saga_engine::MIGRATIONS, MIGRATIONS],
             &settings.kafka,
         )
         .await?;
+        let token = Arc::new(ServiceTokenSource::new(
+            &settings.auth.url,
+            settings.credentials.clone(),
+        )?);
+        let downstreams = order_saga::Downstreams {
+            orders: client::downstream(
+                "order",
+                &settings.order_service_url,
+                settings.breaker,
+                Some(token.clone()),
+            )?,
+            payments: client::downstream(
+                "payment",
+                &settings.payment_service_url,
+                settings.breaker,
+                Some(token),
+            )?,
+        };
+        let saga = &settings.saga;
+        let tuning = order_saga::Tuning {
+            attempt_timeout: saga.attempt_timeout,
+            step_deadline: saga.step_deadline,
+            retry: RetryPolicy {
+                max_attempts: saga.step_max_attempts,
+                initial_backoff: saga.retry_backoff,
+                max_backoff: saga.retry_max_backoff,
+            },
+            compensation_retry: RetryPolicy {
+                max_attempts: saga.compensation_max_attempts,
+                initial_backoff: saga.retry_backoff,
+                max_backoff: saga.retry_max_backoff,
+            },
+        };
+        let config = EngineConfig {
+            worker_id: format!("{}-{}", hostname(), std::process::id()),
+            lease: saga.lease,
+            concurrency: saga.concurrency as usize,
+            events_topic: platform.topics.saga_events(),
+            producer: NAME,
+        };
+        let engine = Arc::new(Engine::new(
+            platform.pool.clone(),
+            vec![order_saga::definition(&downstreams, tuning)],
+            config,
+        )?);
         Ok(Self {
             server,
             platform,
+            engine,
             settings,
         })
     }
@@ -107,23 +236,34 @@ impl Application {
         self.server.local_addr()
     }
 
-    /// Serves until `shutdown` is cancelled, then stops background work.
+    /// Serves, consumes and drives sagas until `shutdown` is cancelled,
+    /// then stops everything.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             server,
             mut platform,
+            engine,
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        platform.spawn("saga engine", engine.clone().run(shutdown.clone()));
+        let starter = Consumer::new(
+            &settings.kafka,
+            CONSUMER_GROUP,
+            &[platform.topics.order_events()],
+            platform.pool.clone(),
+            platform.producer.clone(),
+            starter::SagaStarter {
+                engine: engine.clone(),
+            },
+        )?;
+        platform.spawn("order events consumer", starter.run(shutdown.clone()));
+
         let verifier = Verifier::remote(&settings.auth)?;
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))
-            .add_service(api_saga::v1::saga_service_server::SagaServiceServer::new(
-                grpc::SagaServiceApi,
-            ))
-            .add_service(
-                api_trace::v1::trace_service_server::TraceServiceServer::new(grpc::TraceServiceApi),
-            )
+            .add_service(SagaServiceServer::new(grpc::SagaApi { engine }))
+            .add_service(TraceServiceServer::new(TraceApi))
             .reflect(api_saga::FILE_DESCRIPTOR_SET)
             .reflect(api_trace::FILE_DESCRIPTOR_SET)
             .serve(platform.readiness(), shutdown.clone())
@@ -134,18 +274,15 @@ impl Application {
     }
 }
 
-mod grpc {
-    /// The gRPC API. RPCs not implemented yet answer UNIMPLEMENTED.
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) struct SagaServiceApi;
+/// The trace API. RPCs not implemented yet answer UNIMPLEMENTED.
+#[derive(Debug, Clone, Copy)]
+struct TraceApi;
 
-    #[tonic::async_trait]
-    impl api_saga::v1::saga_service_server::SagaService for SagaServiceApi {}
+#[tonic::async_trait]
+impl api_trace::v1::trace_service_server::TraceService for TraceApi {}
 
-    /// The trace API. RPCs not implemented yet answer UNIMPLEMENTED.
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) struct TraceServiceApi;
-
-    #[tonic::async_trait]
-    impl api_trace::v1::trace_service_server::TraceService for TraceServiceApi {}
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "orchestrator".to_owned())
 }

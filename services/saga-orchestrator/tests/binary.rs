@@ -11,6 +11,10 @@ const BINARY: Binary = Binary {
         "ordersaga.saga.v1.SagaService",
         "ordersaga.trace.v1.TraceService",
     ],
+    required_env: &[
+        ("SERVICE_CLIENT_ID", "saga-orchestrator"),
+        ("SERVICE_CLIENT_SECRET", "a-test-client-secret"),
+    ],
 };
 
 #[tokio::test]

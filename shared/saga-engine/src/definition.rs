@@ -19,23 +19,35 @@ pub struct SagaDefinition {
 
 impl std::fmt::Debug for SagaDefinition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let groups: Vec<Vec<&str>> = self.groups.iter().map(|g| g.iter().map(|s| s.name).collect()).collect();
-        f.debug_struct("SagaDefinition").field("name", &self.name).field("groups", &groups).finish()
+        let groups: Vec<Vec<&str>> = self
+            .groups
+            .iter()
+            .map(|g| g.iter().map(|s| s.name).collect())
+            .collect();
+        f.debug_struct("SagaDefinition")
+            .field("name", &self.name)
+            .field("groups", &groups)
+            .finish()
     }
 }
 
 impl SagaDefinition {
     /// A saga whose steps run one after another.
     pub fn sequence(name: &'static str, steps: Vec<Step>) -> Self {
-        Self { name, groups: steps.into_iter().map(|step| vec![step]).collect() }
+        Self {
+            name,
+            groups: steps.into_iter().map(|step| vec![step]).collect(),
+        }
     }
 
     /// The step named `name`, with the index of its group.
     pub(crate) fn step(&self, name: &str) -> Option<(usize, &Step)> {
-        self.groups
-            .iter()
-            .enumerate()
-            .find_map(|(index, group)| group.iter().find(|step| step.name == name).map(|step| (index, step)))
+        self.groups.iter().enumerate().find_map(|(index, group)| {
+            group
+                .iter()
+                .find(|step| step.name == name)
+                .map(|step| (index, step))
+        })
     }
 
     /// The longest time one attempt of any step may take.
@@ -72,7 +84,9 @@ pub struct Step {
 
 impl std::fmt::Debug for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Step").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Step")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,6 +99,10 @@ pub struct StepContext {
     pub data: serde_json::Value,
     /// Outputs of the actions that succeeded so far, by step name.
     pub outputs: HashMap<String, serde_json::Value>,
+    /// Outputs of the compensations that succeeded so far, by step name.
+    pub compensation_outputs: HashMap<String, serde_json::Value>,
+    /// Actions that failed for good, with their last error, by step name.
+    pub failed_actions: HashMap<String, String>,
     /// Why the saga is compensating, when it is.
     pub failure_reason: Option<String>,
     /// This attempt's number, from 1.
@@ -116,7 +134,10 @@ pub enum StepError {
 /// An action or a compensation. Must be idempotent: after a crash or a
 /// timeout it is run again with the same context.
 pub trait Action: Send + Sync + 'static {
-    fn run<'a>(&'a self, context: &'a StepContext) -> BoxFuture<'a, Result<serde_json::Value, StepError>>;
+    fn run<'a>(
+        &'a self,
+        context: &'a StepContext,
+    ) -> BoxFuture<'a, Result<serde_json::Value, StepError>>;
 }
 
 /// Any async closure from a context to an outcome is an action.
@@ -130,9 +151,15 @@ impl<F> std::fmt::Debug for FnAction<F> {
 
 impl<F> Action for FnAction<F>
 where
-    F: for<'a> Fn(&'a StepContext) -> BoxFuture<'a, Result<serde_json::Value, StepError>> + Send + Sync + 'static,
+    F: for<'a> Fn(&'a StepContext) -> BoxFuture<'a, Result<serde_json::Value, StepError>>
+        + Send
+        + Sync
+        + 'static,
 {
-    fn run<'a>(&'a self, context: &'a StepContext) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
+    fn run<'a>(
+        &'a self,
+        context: &'a StepContext,
+    ) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
         (self.0)(context)
     }
 }
@@ -149,7 +176,9 @@ impl RetryPolicy {
     /// The pause after failed attempt `attempt` (from 1): exponential,
     /// capped, with full jitter so that retrying sagas spread out.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exponential = self.initial_backoff.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
+        let exponential = self
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
         let capped = exponential.min(self.max_backoff);
         capped.mul_f64(rand::random_range(0.5..=1.0))
     }
@@ -170,7 +199,10 @@ mod tests {
             for _ in 0..20 {
                 let pause = policy.backoff(attempt);
                 let full = Duration::from_millis(full);
-                assert!(pause >= full / 2 && pause <= full, "attempt {attempt}: {pause:?}");
+                assert!(
+                    pause >= full / 2 && pause <= full,
+                    "attempt {attempt}: {pause:?}"
+                );
             }
         }
     }

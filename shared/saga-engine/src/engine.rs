@@ -47,7 +47,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -63,14 +65,25 @@ pub enum RequestOutcome {
 
 impl Engine {
     /// An engine for `definitions`. Every attempt must fit in the lease.
-    pub fn new(pool: PgPool, definitions: Vec<SagaDefinition>, config: EngineConfig) -> anyhow::Result<Self> {
+    pub fn new(
+        pool: PgPool,
+        definitions: Vec<SagaDefinition>,
+        config: EngineConfig,
+    ) -> anyhow::Result<Self> {
         for definition in &definitions {
             if definition.longest_attempt() >= config.lease {
-                bail!("saga {} has an attempt timeout longer than the lease", definition.name);
+                bail!(
+                    "saga {} has an attempt timeout longer than the lease",
+                    definition.name
+                );
             }
         }
         let definitions = definitions.into_iter().map(|d| (d.name, d)).collect();
-        Ok(Self { pool, definitions, config })
+        Ok(Self {
+            pool,
+            definitions,
+            config,
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -117,11 +130,17 @@ impl Engine {
 
     /// Asks a running saga to compensate (it does so between steps, never
     /// overtaking one in flight), or sends a failed one back to compensating.
-    pub async fn request_compensation(&self, conn: &mut PgConnection, saga_id: Uuid, reason: &str) -> anyhow::Result<RequestOutcome> {
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM saga_instances WHERE saga_id = $1 FOR UPDATE")
-            .bind(saga_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    pub async fn request_compensation(
+        &self,
+        conn: &mut PgConnection,
+        saga_id: Uuid,
+        reason: &str,
+    ) -> anyhow::Result<RequestOutcome> {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM saga_instances WHERE saga_id = $1 FOR UPDATE")
+                .bind(saga_id)
+                .fetch_optional(&mut *conn)
+                .await?;
         let Some(state) = state.and_then(|s| SagaState::parse(&s)) else {
             return Ok(RequestOutcome::NotFound);
         };
@@ -148,11 +167,16 @@ impl Engine {
 
     /// Resumes a failed saga: its failed compensations get a fresh retry
     /// budget.
-    pub async fn retry(&self, conn: &mut PgConnection, saga_id: Uuid) -> anyhow::Result<RequestOutcome> {
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM saga_instances WHERE saga_id = $1 FOR UPDATE")
-            .bind(saga_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    pub async fn retry(
+        &self,
+        conn: &mut PgConnection,
+        saga_id: Uuid,
+    ) -> anyhow::Result<RequestOutcome> {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM saga_instances WHERE saga_id = $1 FOR UPDATE")
+                .bind(saga_id)
+                .fetch_optional(&mut *conn)
+                .await?;
         match state.and_then(|s| SagaState::parse(&s)) {
             None => Ok(RequestOutcome::NotFound),
             Some(SagaState::Failed) => {
@@ -163,7 +187,11 @@ impl Engine {
         }
     }
 
-    async fn resume_compensating(&self, conn: &mut PgConnection, saga_id: Uuid) -> anyhow::Result<()> {
+    async fn resume_compensating(
+        &self,
+        conn: &mut PgConnection,
+        saga_id: Uuid,
+    ) -> anyhow::Result<()> {
         sqlx::query(
             "UPDATE saga_steps SET status = 'waiting', attempts = 0, next_attempt_at = now(), finished_at = NULL
              WHERE saga_id = $1 AND kind = 'compensation' AND status = 'failed'",
@@ -194,7 +222,10 @@ impl Engine {
                 listener = match self.listen().await {
                     Ok(listener) => Some(listener),
                     Err(error) => {
-                        tracing::warn!(error = format!("{error:#}"), "saga engine cannot listen yet");
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            "saga engine cannot listen yet"
+                        );
                         None
                     }
                 };
@@ -204,16 +235,25 @@ impl Engine {
             let claimed = if free == 0 {
                 Vec::new()
             } else {
-                store::claim(&self.pool, &self.config.worker_id, free as i64, self.config.lease)
-                    .await
-                    .unwrap_or_else(|error| {
-                        tracing::warn!(error = format!("{error:#}"), "claiming sagas failed");
-                        Vec::new()
-                    })
+                store::claim(
+                    &self.pool,
+                    &self.config.worker_id,
+                    free as i64,
+                    self.config.lease,
+                )
+                .await
+                .unwrap_or_else(|error| {
+                    tracing::warn!(error = format!("{error:#}"), "claiming sagas failed");
+                    Vec::new()
+                })
             };
             let claimed_any = !claimed.is_empty();
             for (saga_id, fence) in claimed {
-                let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+                let permit = permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
                 let engine = self.clone();
                 let shutdown = shutdown.clone();
                 drivers.spawn(async move {
@@ -249,7 +289,9 @@ impl Engine {
     }
 
     async fn listen(&self) -> anyhow::Result<PgListener> {
-        let schema: String = sqlx::query_scalar("SELECT current_schema()").fetch_one(&self.pool).await?;
+        let schema: String = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&self.pool)
+            .await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(&format!("{schema}.saga_work")).await?;
         Ok(listener)
@@ -257,12 +299,16 @@ impl Engine {
 
     /// Drives one claimed saga until it waits, ends, or is taken over.
     pub async fn drive(&self, saga_id: Uuid, fence: i64, shutdown: &CancellationToken) {
-        let span = tracing::info_span!("saga.drive", %saga_id, correlation_id = tracing::field::Empty);
+        let span =
+            tracing::info_span!("saga.drive", %saga_id, correlation_id = tracing::field::Empty);
         async {
             match self.drive_inner(saga_id, fence, shutdown).await {
                 Ok(()) | Err(WriteError::Fenced) => {}
                 Err(WriteError::Unexpected(error)) => {
-                    tracing::warn!(error = format!("{error:#}"), "driving a saga failed; it will be retried");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "driving a saga failed; it will be retried"
+                    );
                     // The lease runs out and the saga is claimed again.
                 }
             }
@@ -271,28 +317,48 @@ impl Engine {
         .await;
     }
 
-    async fn drive_inner(&self, saga_id: Uuid, fence: i64, shutdown: &CancellationToken) -> Result<(), WriteError> {
+    async fn drive_inner(
+        &self,
+        saga_id: Uuid,
+        fence: i64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WriteError> {
         loop {
-            let saga = store::load(&self.pool, saga_id).await?.context("a claimed saga exists")?;
+            let saga = store::load(&self.pool, saga_id)
+                .await?
+                .context("a claimed saga exists")?;
             if saga.instance.fence != fence {
                 return Err(WriteError::Fenced);
             }
-            tracing::Span::current().record("correlation_id", saga.instance.correlation_id.as_str());
+            tracing::Span::current()
+                .record("correlation_id", saga.instance.correlation_id.as_str());
             let definition = self
                 .definitions
                 .get(saga.instance.saga_type.as_str())
-                .with_context(|| format!("no definition for saga type {}", saga.instance.saga_type))?;
+                .with_context(|| {
+                    format!("no definition for saga type {}", saga.instance.saga_type)
+                })?;
             if shutdown.is_cancelled() {
                 // Hand the saga to whichever replica is still running.
                 return store::release(&self.pool, saga_id, fence, Some(Utc::now())).await;
             }
-            let correlation = CorrelationId::parse(&saga.instance.correlation_id).unwrap_or_else(CorrelationId::generate);
+            let correlation = CorrelationId::parse(&saga.instance.correlation_id)
+                .unwrap_or_else(CorrelationId::generate);
             match plan(definition, &saga, Utc::now()) {
                 Plan::Attempt { kind, steps } => {
-                    telemetry::correlation::scope(correlation, self.attempt(definition, &saga, fence, kind, &steps)).await?;
+                    telemetry::correlation::scope(
+                        correlation,
+                        self.attempt(definition, &saga, fence, kind, &steps),
+                    )
+                    .await?;
                 }
-                Plan::Transition(transition) => self.transition(definition, &saga, fence, transition).await?,
-                Plan::Wait(until) => return store::release(&self.pool, saga_id, fence, Some(until)).await,
+                Plan::Transition(transition) => {
+                    self.transition(definition, &saga, fence, transition)
+                        .await?
+                }
+                Plan::Wait(until) => {
+                    return store::release(&self.pool, saga_id, fence, Some(until)).await;
+                }
                 Plan::Idle => return store::release(&self.pool, saga_id, fence, None).await,
             }
         }
@@ -309,7 +375,10 @@ impl Engine {
         names: &[&'static str],
     ) -> Result<(), WriteError> {
         let saga_id = saga.instance.saga_id;
-        let steps: Vec<&Step> = names.iter().filter_map(|name| definition.step(name).map(|(_, step)| step)).collect();
+        let steps: Vec<&Step> = names
+            .iter()
+            .filter_map(|name| definition.step(name).map(|(_, step)| step))
+            .collect();
 
         // Write ahead: after a crash, the next owner knows these attempts
         // were made and may have had an effect.
@@ -338,55 +407,78 @@ impl Engine {
             tx.commit().await.context("committing the attempts")?;
         }
 
-        let outputs = saga.outputs();
-        let runs = steps.iter().zip(&started).map(|(step, (attempt, deadline_at))| {
-            let limit = match kind {
-                Kind::Action => step.attempt_timeout,
-                Kind::Compensation => step.compensation_attempt_timeout,
-            };
-            let time_left = deadline_at
-                .map(|deadline| (deadline - Utc::now()).to_std().unwrap_or_default())
-                .map_or(limit, |left| left.min(limit));
-            let context = StepContext {
-                saga_id,
-                step: step.name,
-                data: saga.instance.data.0.clone(),
-                outputs: outputs.clone(),
-                failure_reason: saga.instance.failure_reason.clone(),
-                attempt: *attempt,
-                time_left,
-                correlation_id: saga.instance.correlation_id.clone(),
-            };
-            let action = match kind {
-                Kind::Action => step.action.clone(),
-                Kind::Compensation => step.compensation.clone(),
-            };
-            let span = tracing::info_span!(
-                "saga.step",
-                otel.name = format!("{} {} {}", definition.name, step.name, kind.as_str()),
-                saga.step = step.name,
-                saga.kind = kind.as_str(),
-                saga.attempt = *attempt,
-            );
-            async move {
-                let started = std::time::Instant::now();
-                let outcome = match action {
-                    None => Ok(serde_json::Value::Null),
-                    Some(action) => match tokio::time::timeout(time_left, action.run(&context)).await {
-                        Ok(outcome) => outcome,
-                        Err(_) => Err(StepError::Retryable(format!("attempt timed out after {time_left:?}"))),
-                    },
+        let outputs = saga.outputs(Kind::Action);
+        let compensation_outputs = saga.outputs(Kind::Compensation);
+        let failed_actions = saga.failed_actions();
+        let runs = steps
+            .iter()
+            .zip(&started)
+            .map(|(step, (attempt, deadline_at))| {
+                let limit = match kind {
+                    Kind::Action => step.attempt_timeout,
+                    Kind::Compensation => step.compensation_attempt_timeout,
                 };
-                (outcome, started.elapsed())
-            }
-            .instrument(span)
-        });
+                let time_left = deadline_at
+                    .map(|deadline| (deadline - Utc::now()).to_std().unwrap_or_default())
+                    .map_or(limit, |left| left.min(limit));
+                let context = StepContext {
+                    saga_id,
+                    step: step.name,
+                    data: saga.instance.data.0.clone(),
+                    outputs: outputs.clone(),
+                    compensation_outputs: compensation_outputs.clone(),
+                    failed_actions: failed_actions.clone(),
+                    failure_reason: saga.instance.failure_reason.clone(),
+                    attempt: *attempt,
+                    time_left,
+                    correlation_id: saga.instance.correlation_id.clone(),
+                };
+                let action = match kind {
+                    Kind::Action => step.action.clone(),
+                    Kind::Compensation => step.compensation.clone(),
+                };
+                let span = tracing::info_span!(
+                    "saga.step",
+                    otel.name = format!("{} {} {}", definition.name, step.name, kind.as_str()),
+                    saga.step = step.name,
+                    saga.kind = kind.as_str(),
+                    saga.attempt = *attempt,
+                );
+                async move {
+                    let started = std::time::Instant::now();
+                    let outcome = match action {
+                        None => Ok(serde_json::Value::Null),
+                        Some(action) => {
+                            match tokio::time::timeout(time_left, action.run(&context)).await {
+                                Ok(outcome) => outcome,
+                                Err(_) => Err(StepError::Retryable(format!(
+                                    "attempt timed out after {time_left:?}"
+                                ))),
+                            }
+                        }
+                    };
+                    (outcome, started.elapsed())
+                }
+                .instrument(span)
+            });
         let outcomes = futures::future::join_all(runs).await;
 
         let mut tx = self.pool.begin().await.context("starting a transaction")?;
         store::check_fence(&mut tx, saga_id, fence, self.config.lease).await?;
-        for ((step, (attempt, deadline_at)), (outcome, took)) in steps.iter().zip(&started).zip(outcomes) {
-            self.record_outcome(&mut tx, saga, step, kind, *attempt, *deadline_at, outcome, took).await?;
+        for ((step, (attempt, deadline_at)), (outcome, took)) in
+            steps.iter().zip(&started).zip(outcomes)
+        {
+            self.record_outcome(
+                &mut tx,
+                saga,
+                step,
+                kind,
+                *attempt,
+                *deadline_at,
+                outcome,
+                took,
+            )
+            .await?;
         }
         tx.commit().await.context("committing the outcomes")?;
         Ok(())
@@ -441,7 +533,9 @@ impl Engine {
                     StepError::Retryable(_) if attempt >= policy.max_attempts => {
                         Some(format!("{error} (no attempts left after {attempt})"))
                     }
-                    StepError::Retryable(_) if deadline_at.is_some_and(|deadline| retry_at >= deadline) => {
+                    StepError::Retryable(_)
+                        if deadline_at.is_some_and(|deadline| retry_at >= deadline) =>
+                    {
                         Some(format!("{error} (no retry fits before the deadline)"))
                     }
                     StepError::Retryable(_) => None,
@@ -497,9 +591,13 @@ impl Engine {
                     .context("advancing")?;
             }
             Transition::Complete => {
-                self.finish(&mut tx, saga_id, SagaState::Completed, None).await?;
+                self.finish(&mut tx, saga_id, SagaState::Completed, None)
+                    .await?;
                 tracing::info!(saga = definition.name, "saga completed");
-                let event = pb::SagaCompleted { saga_id: saga_id.to_string(), order_id };
+                let event = pb::SagaCompleted {
+                    saga_id: saga_id.to_string(),
+                    order_id,
+                };
                 self.publish(&mut tx, saga_id, correlation, &event).await?;
             }
             Transition::Compensate { reason } => {
@@ -513,7 +611,10 @@ impl Engine {
                 .await
                 .context("starting compensation")?;
                 tracing::info!(saga = definition.name, %reason, "saga compensating");
-                let event = pb::SagaCompensationStarted { saga_id: saga_id.to_string(), reason };
+                let event = pb::SagaCompensationStarted {
+                    saga_id: saga_id.to_string(),
+                    reason,
+                };
                 self.publish(&mut tx, saga_id, correlation, &event).await?;
             }
             Transition::StepFailed { step, kind, reason } => {
@@ -528,7 +629,9 @@ impl Engine {
                 .execute(&mut *tx)
                 .await
                 .context("failing a step")?;
-                let attempts = saga.step(step, kind).map_or(0, |r| u32::try_from(r.attempts).unwrap_or(0));
+                let attempts = saga
+                    .step(step, kind)
+                    .map_or(0, |r| u32::try_from(r.attempts).unwrap_or(0));
                 let event = pb::SagaStepFailed {
                     saga_id: saga_id.to_string(),
                     step: step.to_owned(),
@@ -541,15 +644,25 @@ impl Engine {
             }
             Transition::Compensated => {
                 let reason = saga.instance.failure_reason.clone();
-                self.finish(&mut tx, saga_id, SagaState::Compensated, None).await?;
+                self.finish(&mut tx, saga_id, SagaState::Compensated, None)
+                    .await?;
                 tracing::info!(saga = definition.name, "saga compensated");
-                let event = pb::SagaCompensated { saga_id: saga_id.to_string(), order_id, reason: reason.unwrap_or_default() };
+                let event = pb::SagaCompensated {
+                    saga_id: saga_id.to_string(),
+                    order_id,
+                    reason: reason.unwrap_or_default(),
+                };
                 self.publish(&mut tx, saga_id, correlation, &event).await?;
             }
             Transition::Fail { reason } => {
-                self.finish(&mut tx, saga_id, SagaState::Failed, Some(&reason)).await?;
+                self.finish(&mut tx, saga_id, SagaState::Failed, Some(&reason))
+                    .await?;
                 tracing::error!(saga = definition.name, %reason, "saga failed; it waits for an operator");
-                let event = pb::SagaFailed { saga_id: saga_id.to_string(), order_id, reason };
+                let event = pb::SagaFailed {
+                    saga_id: saga_id.to_string(),
+                    order_id,
+                    reason,
+                };
                 self.publish(&mut tx, saga_id, correlation, &event).await?;
             }
         }
@@ -591,7 +704,8 @@ impl Engine {
                 aggregate_type: "saga",
                 aggregate_id: saga_id.to_string(),
                 aggregate_version: 0,
-                correlation_id: CorrelationId::parse(correlation_id).unwrap_or_else(CorrelationId::generate),
+                correlation_id: CorrelationId::parse(correlation_id)
+                    .unwrap_or_else(CorrelationId::generate),
                 causation_id: None,
             },
             1,

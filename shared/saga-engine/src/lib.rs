@@ -25,4 +25,5 @@ pub use engine::{Engine, EngineConfig, RequestOutcome};
 pub use store::{Kind, SagaRecord, SagaState, StepRecord};
 
 /// The saga tables, applied in the orchestrator's schema.
-pub const MIGRATIONS: database::MigrationSet = database::migrations!("saga-engine", ["0001_sagas.sql"]);
+pub const MIGRATIONS: database::MigrationSet =
+    database::migrations!("saga-engine", ["0001_sagas.sql"]);

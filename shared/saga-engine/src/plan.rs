@@ -10,7 +10,10 @@ use crate::store::{Kind, SagaRecord, SagaState, StepRecord};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Plan {
     /// Attempt these steps' actions or compensations now, in parallel.
-    Attempt { kind: Kind, steps: Vec<&'static str> },
+    Attempt {
+        kind: Kind,
+        steps: Vec<&'static str>,
+    },
     /// Change state without running anything.
     Transition(Transition),
     /// Nothing due before then (a retry, a deadline).
@@ -25,12 +28,20 @@ pub(crate) enum Transition {
     Advance,
     Complete,
     /// Stop going forward and undo what was done.
-    Compensate { reason: String },
+    Compensate {
+        reason: String,
+    },
     /// A step ran out of time: it fails for good.
-    StepFailed { step: &'static str, kind: Kind, reason: String },
+    StepFailed {
+        step: &'static str,
+        kind: Kind,
+        reason: String,
+    },
     Compensated,
     /// A compensation failed for good: an operator must step in.
-    Fail { reason: String },
+    Fail {
+        reason: String,
+    },
 }
 
 pub(crate) fn plan(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
@@ -43,7 +54,9 @@ pub(crate) fn plan(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime
 
 fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
     if let Some(reason) = &saga.instance.compensation_requested {
-        return Plan::Transition(Transition::Compensate { reason: reason.clone() });
+        return Plan::Transition(Transition::Compensate {
+            reason: reason.clone(),
+        });
     }
     let position = usize::try_from(saga.instance.position).unwrap_or(usize::MAX);
     let Some(group) = definition.groups.get(position) else {
@@ -60,13 +73,19 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
         all_succeeded = false;
         if let Some(record) = record.filter(|r| r.status == "failed") {
             let error = record.last_error.as_deref().unwrap_or("failed");
-            return Plan::Transition(Transition::Compensate { reason: format!("{}: {error}", step.name) });
+            return Plan::Transition(Transition::Compensate {
+                reason: format!("{}: {error}", step.name),
+            });
         }
         match next_attempt(step, Kind::Action, record, now) {
             Next::Now => due.push(step.name),
             Next::At(at) => wait = Some(wait.map_or(at, |w| w.min(at))),
             Next::Fail(reason) => {
-                return Plan::Transition(Transition::StepFailed { step: step.name, kind: Kind::Action, reason });
+                return Plan::Transition(Transition::StepFailed {
+                    step: step.name,
+                    kind: Kind::Action,
+                    reason,
+                });
             }
         }
     }
@@ -78,20 +97,30 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
         });
     }
     if !due.is_empty() {
-        return Plan::Attempt { kind: Kind::Action, steps: due };
+        return Plan::Attempt {
+            kind: Kind::Action,
+            steps: due,
+        };
     }
     wait.map_or(Plan::Idle, Plan::Wait)
 }
 
 /// Compensates the latest group with anything left to undo; within it, every
-/// step whose action may have taken effect (it was attempted) and has a
-/// compensation, in parallel.
+/// step whose action may have taken effect and has a compensation, in
+/// parallel. An action may have taken effect once it was attempted; a step
+/// without an action (one that exists to be compensated) takes effect when
+/// the saga reaches it.
 fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
-    for group in definition.groups.iter().rev() {
+    let reached = usize::try_from(saga.instance.position).unwrap_or(0);
+    for (index, group) in definition.groups.iter().enumerate().rev() {
         let mut due = Vec::new();
         let mut wait: Option<DateTime<Utc>> = None;
         for step in group {
-            let attempted = saga.step(step.name, Kind::Action).is_some_and(|r| r.attempts > 0);
+            let attempted = saga
+                .step(step.name, Kind::Action)
+                .is_some_and(|r| r.attempts > 0)
+                || (step.action.is_none() && index <= reached);
+
             if !attempted || step.compensation.is_none() {
                 continue;
             }
@@ -99,7 +128,9 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
             match record.map(|r| r.status.as_str()) {
                 Some("succeeded") => continue,
                 Some("failed") => {
-                    let error = record.and_then(|r| r.last_error.as_deref()).unwrap_or("failed");
+                    let error = record
+                        .and_then(|r| r.last_error.as_deref())
+                        .unwrap_or("failed");
                     return Plan::Transition(Transition::Fail {
                         reason: format!("compensation of {} failed: {error}", step.name),
                     });
@@ -110,12 +141,19 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
                 Next::Now => due.push(step.name),
                 Next::At(at) => wait = Some(wait.map_or(at, |w| w.min(at))),
                 Next::Fail(reason) => {
-                    return Plan::Transition(Transition::StepFailed { step: step.name, kind: Kind::Compensation, reason });
+                    return Plan::Transition(Transition::StepFailed {
+                        step: step.name,
+                        kind: Kind::Compensation,
+                        reason,
+                    });
                 }
             }
         }
         if !due.is_empty() {
-            return Plan::Attempt { kind: Kind::Compensation, steps: due };
+            return Plan::Attempt {
+                kind: Kind::Compensation,
+                steps: due,
+            };
         }
         if let Some(at) = wait {
             return Plan::Wait(at);
@@ -132,14 +170,19 @@ enum Next {
 
 /// When a step that has not succeeded should be attempted again.
 fn next_attempt(step: &Step, kind: Kind, record: Option<&StepRecord>, now: DateTime<Utc>) -> Next {
-    let Some(record) = record else { return Next::Now };
+    let Some(record) = record else {
+        return Next::Now;
+    };
     let max_attempts = match kind {
         Kind::Action => step.retry.max_attempts,
         Kind::Compensation => step.compensation_retry.max_attempts,
     };
     let out_of_attempts = u32::try_from(record.attempts).unwrap_or(u32::MAX) >= max_attempts;
     if record.deadline_at.is_some_and(|deadline| deadline <= now) {
-        return Next::Fail(format!("deadline exceeded after {} attempts", record.attempts));
+        return Next::Fail(format!(
+            "deadline exceeded after {} attempts",
+            record.attempts
+        ));
     }
     match record.status.as_str() {
         // An attempt was started and never recorded: its replica died. It
@@ -150,7 +193,9 @@ fn next_attempt(step: &Step, kind: Kind, record: Option<&StepRecord>, now: DateT
         )),
         "running" => Next::Now,
         _ => match record.next_attempt_at {
-            Some(at) if at > now => Next::At(record.deadline_at.map_or(at, |deadline| at.min(deadline))),
+            Some(at) if at > now => {
+                Next::At(record.deadline_at.map_or(at, |deadline| at.min(deadline)))
+            }
             _ => Next::Now,
         },
     }
@@ -169,13 +214,19 @@ mod tests {
     use crate::definition::{FnAction, RetryPolicy};
     use crate::store::Instance;
 
-    fn nothing(_: &crate::StepContext) -> futures::future::BoxFuture<'_, Result<serde_json::Value, crate::StepError>> {
+    fn nothing(
+        _: &crate::StepContext,
+    ) -> futures::future::BoxFuture<'_, Result<serde_json::Value, crate::StepError>> {
         async { Ok(serde_json::Value::Null) }.boxed()
     }
 
     fn step(name: &'static str, compensated: bool) -> Step {
         let noop: Arc<dyn crate::Action> = Arc::new(FnAction(nothing));
-        let retry = RetryPolicy { max_attempts: 3, initial_backoff: Duration::from_millis(10), max_backoff: Duration::from_secs(1) };
+        let retry = RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+        };
         Step {
             name,
             action: Some(noop.clone()),
@@ -191,7 +242,11 @@ mod tests {
     fn definition() -> SagaDefinition {
         SagaDefinition {
             name: "test",
-            groups: vec![vec![step("a", true)], vec![step("b", true), step("c", false)], vec![step("d", true)]],
+            groups: vec![
+                vec![step("a", true)],
+                vec![step("b", true), step("c", false)],
+                vec![step("d", true)],
+            ],
         }
     }
 
@@ -237,22 +292,51 @@ mod tests {
 
     #[test]
     fn a_new_saga_attempts_its_first_step() {
-        assert_eq!(plan(&definition(), &saga("running", 0, vec![]), Utc::now()), Plan::Attempt { kind: Kind::Action, steps: vec!["a"] });
+        assert_eq!(
+            plan(&definition(), &saga("running", 0, vec![]), Utc::now()),
+            Plan::Attempt {
+                kind: Kind::Action,
+                steps: vec!["a"]
+            }
+        );
     }
 
     #[test]
     fn a_parallel_group_runs_together_and_advances_when_all_succeed() {
         let done_a = record("a", Kind::Action, "succeeded", 1);
-        let partial = saga("running", 1, vec![done_a.clone(), record("b", Kind::Action, "succeeded", 1)]);
-        assert_eq!(plan(&definition(), &partial, Utc::now()), Plan::Attempt { kind: Kind::Action, steps: vec!["c"] });
+        let partial = saga(
+            "running",
+            1,
+            vec![done_a.clone(), record("b", Kind::Action, "succeeded", 1)],
+        );
+        assert_eq!(
+            plan(&definition(), &partial, Utc::now()),
+            Plan::Attempt {
+                kind: Kind::Action,
+                steps: vec!["c"]
+            }
+        );
         let fresh = saga("running", 1, vec![done_a.clone()]);
-        assert_eq!(plan(&definition(), &fresh, Utc::now()), Plan::Attempt { kind: Kind::Action, steps: vec!["b", "c"] });
+        assert_eq!(
+            plan(&definition(), &fresh, Utc::now()),
+            Plan::Attempt {
+                kind: Kind::Action,
+                steps: vec!["b", "c"]
+            }
+        );
         let done = saga(
             "running",
             1,
-            vec![done_a, record("b", Kind::Action, "succeeded", 1), record("c", Kind::Action, "succeeded", 1)],
+            vec![
+                done_a,
+                record("b", Kind::Action, "succeeded", 1),
+                record("c", Kind::Action, "succeeded", 1),
+            ],
         );
-        assert_eq!(plan(&definition(), &done, Utc::now()), Plan::Transition(Transition::Advance));
+        assert_eq!(
+            plan(&definition(), &done, Utc::now()),
+            Plan::Transition(Transition::Advance)
+        );
     }
 
     #[test]
@@ -261,29 +345,67 @@ mod tests {
         let mut waiting = record("a", Kind::Action, "waiting", 1);
         waiting.next_attempt_at = Some(now + chrono::Duration::seconds(5));
         waiting.deadline_at = Some(now + chrono::Duration::seconds(3));
-        assert_eq!(plan(&definition(), &saga("running", 0, vec![waiting.clone()]), now), Plan::Wait(now + chrono::Duration::seconds(3)));
+        assert_eq!(
+            plan(
+                &definition(),
+                &saga("running", 0, vec![waiting.clone()]),
+                now
+            ),
+            Plan::Wait(now + chrono::Duration::seconds(3))
+        );
         let later = now + chrono::Duration::seconds(4);
         assert!(matches!(
             plan(&definition(), &saga("running", 0, vec![waiting]), later),
-            Plan::Transition(Transition::StepFailed { step: "a", kind: Kind::Action, .. })
+            Plan::Transition(Transition::StepFailed {
+                step: "a",
+                kind: Kind::Action,
+                ..
+            })
         ));
     }
 
     #[test]
     fn an_attempt_that_never_reported_back_is_retried_or_failed() {
         let crashed = record("a", Kind::Action, "running", 1);
-        assert_eq!(plan(&definition(), &saga("running", 0, vec![crashed]), Utc::now()), Plan::Attempt { kind: Kind::Action, steps: vec!["a"] });
+        assert_eq!(
+            plan(
+                &definition(),
+                &saga("running", 0, vec![crashed]),
+                Utc::now()
+            ),
+            Plan::Attempt {
+                kind: Kind::Action,
+                steps: vec!["a"]
+            }
+        );
         let exhausted = record("a", Kind::Action, "running", 3);
-        assert!(matches!(plan(&definition(), &saga("running", 0, vec![exhausted]), Utc::now()), Plan::Transition(Transition::StepFailed { .. })));
+        assert!(matches!(
+            plan(
+                &definition(),
+                &saga("running", 0, vec![exhausted]),
+                Utc::now()
+            ),
+            Plan::Transition(Transition::StepFailed { .. })
+        ));
     }
 
     #[test]
     fn a_failed_step_or_a_request_turns_the_saga_to_compensation() {
         let failed = saga("running", 0, vec![record("a", Kind::Action, "failed", 1)]);
-        assert_eq!(plan(&definition(), &failed, Utc::now()), Plan::Transition(Transition::Compensate { reason: "a: boom".into() }));
+        assert_eq!(
+            plan(&definition(), &failed, Utc::now()),
+            Plan::Transition(Transition::Compensate {
+                reason: "a: boom".into()
+            })
+        );
         let mut asked = saga("running", 0, vec![]);
         asked.instance.compensation_requested = Some("customer cancelled".into());
-        assert_eq!(plan(&definition(), &asked, Utc::now()), Plan::Transition(Transition::Compensate { reason: "customer cancelled".into() }));
+        assert_eq!(
+            plan(&definition(), &asked, Utc::now()),
+            Plan::Transition(Transition::Compensate {
+                reason: "customer cancelled".into()
+            })
+        );
     }
 
     #[test]
@@ -295,25 +417,70 @@ mod tests {
             record("c", Kind::Action, "failed", 3),
         ];
         let now = Utc::now();
-        assert_eq!(plan(&definition(), &saga("compensating", 1, log.clone()), now), Plan::Attempt { kind: Kind::Compensation, steps: vec!["b"] });
+        assert_eq!(
+            plan(&definition(), &saga("compensating", 1, log.clone()), now),
+            Plan::Attempt {
+                kind: Kind::Compensation,
+                steps: vec!["b"]
+            }
+        );
         let mut after_b = log.clone();
         after_b.push(record("b", Kind::Compensation, "succeeded", 1));
-        assert_eq!(plan(&definition(), &saga("compensating", 1, after_b.clone()), now), Plan::Attempt { kind: Kind::Compensation, steps: vec!["a"] });
+        assert_eq!(
+            plan(
+                &definition(),
+                &saga("compensating", 1, after_b.clone()),
+                now
+            ),
+            Plan::Attempt {
+                kind: Kind::Compensation,
+                steps: vec!["a"]
+            }
+        );
         after_b.push(record("a", Kind::Compensation, "succeeded", 1));
-        assert_eq!(plan(&definition(), &saga("compensating", 1, after_b), now), Plan::Transition(Transition::Compensated));
+        assert_eq!(
+            plan(&definition(), &saga("compensating", 1, after_b), now),
+            Plan::Transition(Transition::Compensated)
+        );
         let mut broken = log;
         broken.push(record("b", Kind::Compensation, "failed", 3));
-        assert!(matches!(plan(&definition(), &saga("compensating", 1, broken), now), Plan::Transition(Transition::Fail { .. })));
+        assert!(matches!(
+            plan(&definition(), &saga("compensating", 1, broken), now),
+            Plan::Transition(Transition::Fail { .. })
+        ));
+    }
+
+    #[test]
+    fn a_step_without_an_action_is_compensated_even_if_the_saga_never_ran() {
+        let mut definition = definition();
+        definition.groups[0][0].action = None;
+        let asked = saga("compensating", 0, vec![]);
+        assert_eq!(
+            plan(&definition, &asked, Utc::now()),
+            Plan::Attempt {
+                kind: Kind::Compensation,
+                steps: vec!["a"]
+            }
+        );
     }
 
     #[test]
     fn a_saga_past_its_last_group_completes_and_final_states_rest() {
-        let log: Vec<_> = ["a", "b", "c"].iter().map(|s| record(s, Kind::Action, "succeeded", 1)).collect();
+        let log: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|s| record(s, Kind::Action, "succeeded", 1))
+            .collect();
         let mut last = log.clone();
         last.push(record("d", Kind::Action, "succeeded", 1));
-        assert_eq!(plan(&definition(), &saga("running", 2, last), Utc::now()), Plan::Transition(Transition::Complete));
+        assert_eq!(
+            plan(&definition(), &saga("running", 2, last), Utc::now()),
+            Plan::Transition(Transition::Complete)
+        );
         for state in ["completed", "compensated", "failed"] {
-            assert_eq!(plan(&definition(), &saga(state, 0, log.clone()), Utc::now()), Plan::Idle);
+            assert_eq!(
+                plan(&definition(), &saga(state, 0, log.clone()), Utc::now()),
+                Plan::Idle
+            );
         }
     }
 }

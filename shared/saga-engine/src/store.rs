@@ -31,9 +31,15 @@ impl SagaState {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [Self::Running, Self::Compensating, Self::Completed, Self::Compensated, Self::Failed]
-            .into_iter()
-            .find(|state| state.as_str() == text)
+        [
+            Self::Running,
+            Self::Compensating,
+            Self::Completed,
+            Self::Compensated,
+            Self::Failed,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == text)
     }
 
     pub fn is_final(self) -> bool {
@@ -108,15 +114,40 @@ pub struct SagaRecord {
 
 impl SagaRecord {
     pub(crate) fn step(&self, name: &str, kind: Kind) -> Option<&StepRecord> {
-        self.steps.iter().find(|record| record.step == name && record.kind == kind.as_str())
-    }
-
-    /// Outputs of the actions that succeeded, by step name.
-    pub(crate) fn outputs(&self) -> HashMap<String, serde_json::Value> {
         self.steps
             .iter()
-            .filter(|record| record.kind == Kind::Action.as_str() && record.status == "succeeded")
-            .map(|record| (record.step.clone(), record.output.as_ref().map(|o| o.0.clone()).unwrap_or_default()))
+            .find(|record| record.step == name && record.kind == kind.as_str())
+    }
+
+    /// Outputs of the `kind` executions that succeeded, by step name.
+    pub(crate) fn outputs(&self, kind: Kind) -> HashMap<String, serde_json::Value> {
+        self.steps
+            .iter()
+            .filter(|record| record.kind == kind.as_str() && record.status == "succeeded")
+            .map(|record| {
+                (
+                    record.step.clone(),
+                    record
+                        .output
+                        .as_ref()
+                        .map(|o| o.0.clone())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Actions that failed for good, with their last error.
+    pub(crate) fn failed_actions(&self) -> HashMap<String, String> {
+        self.steps
+            .iter()
+            .filter(|record| record.kind == Kind::Action.as_str() && record.status == "failed")
+            .map(|record| {
+                (
+                    record.step.clone(),
+                    record.last_error.clone().unwrap_or_default(),
+                )
+            })
             .collect()
     }
 }
@@ -137,38 +168,58 @@ macro_rules! step_columns {
 
 /// The saga `saga_id` with its step log.
 pub async fn load(pool: &PgPool, saga_id: Uuid) -> anyhow::Result<Option<SagaRecord>> {
-    let instance: Option<Instance> =
-        sqlx::query_as(concat!("SELECT ", instance_columns!(), " FROM saga_instances WHERE saga_id = $1"))
-            .bind(saga_id)
-            .fetch_optional(pool)
-            .await
-            .context("reading a saga")?;
-    let Some(instance) = instance else { return Ok(None) };
-    let steps = sqlx::query_as(concat!("SELECT ", step_columns!(), " FROM saga_steps WHERE saga_id = $1 ORDER BY seq"))
-        .bind(saga_id)
-        .fetch_all(pool)
-        .await
-        .context("reading a saga's steps")?;
+    let instance: Option<Instance> = sqlx::query_as(concat!(
+        "SELECT ",
+        instance_columns!(),
+        " FROM saga_instances WHERE saga_id = $1"
+    ))
+    .bind(saga_id)
+    .fetch_optional(pool)
+    .await
+    .context("reading a saga")?;
+    let Some(instance) = instance else {
+        return Ok(None);
+    };
+    let steps = sqlx::query_as(concat!(
+        "SELECT ",
+        step_columns!(),
+        " FROM saga_steps WHERE saga_id = $1 ORDER BY seq"
+    ))
+    .bind(saga_id)
+    .fetch_all(pool)
+    .await
+    .context("reading a saga's steps")?;
     Ok(Some(SagaRecord { instance, steps }))
 }
 
 /// The id of the saga of `saga_type` for `business_key`, if any.
-pub async fn find_by_business_key(pool: &PgPool, saga_type: &str, business_key: &str) -> anyhow::Result<Option<Uuid>> {
-    sqlx::query_scalar("SELECT saga_id FROM saga_instances WHERE saga_type = $1 AND business_key = $2")
-        .bind(saga_type)
-        .bind(business_key)
-        .fetch_optional(pool)
-        .await
-        .context("finding a saga by key")
+pub async fn find_by_business_key(
+    pool: &PgPool,
+    saga_type: &str,
+    business_key: &str,
+) -> anyhow::Result<Option<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT saga_id FROM saga_instances WHERE saga_type = $1 AND business_key = $2",
+    )
+    .bind(saga_type)
+    .bind(business_key)
+    .fetch_optional(pool)
+    .await
+    .context("finding a saga by key")
 }
 
 /// The id of the (first) saga of a flow.
-pub async fn find_by_correlation(pool: &PgPool, correlation_id: &str) -> anyhow::Result<Option<Uuid>> {
-    sqlx::query_scalar("SELECT saga_id FROM saga_instances WHERE correlation_id = $1 ORDER BY created_at LIMIT 1")
-        .bind(correlation_id)
-        .fetch_optional(pool)
-        .await
-        .context("finding a saga by correlation id")
+pub async fn find_by_correlation(
+    pool: &PgPool,
+    correlation_id: &str,
+) -> anyhow::Result<Option<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT saga_id FROM saga_instances WHERE correlation_id = $1 ORDER BY created_at LIMIT 1",
+    )
+    .bind(correlation_id)
+    .fetch_optional(pool)
+    .await
+    .context("finding a saga by correlation id")
 }
 
 /// Where a page of sagas starts: after (created_at, saga_id), oldest first.
@@ -261,7 +312,12 @@ pub enum WriteError {
 /// First statement of every write of a claimed saga: fails unless our claim
 /// is still the current one, locks the row for the transaction, and renews
 /// the lease (a saga driven through many steps keeps it).
-pub async fn check_fence(conn: &mut PgConnection, saga_id: Uuid, fence: i64, lease: Duration) -> Result<(), WriteError> {
+pub async fn check_fence(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    fence: i64,
+    lease: Duration,
+) -> Result<(), WriteError> {
     let held = sqlx::query(
         "UPDATE saga_instances SET updated_at = now(), lease_expires_at = now() + $3 WHERE saga_id = $1 AND fence = $2",
     )
@@ -272,7 +328,11 @@ pub async fn check_fence(conn: &mut PgConnection, saga_id: Uuid, fence: i64, lea
         .await
         .context("checking the fence")?
         .rows_affected();
-    if held == 1 { Ok(()) } else { Err(WriteError::Fenced) }
+    if held == 1 {
+        Ok(())
+    } else {
+        Err(WriteError::Fenced)
+    }
 }
 
 /// Gives up the lease, scheduling the saga's next work (if any).
@@ -293,5 +353,9 @@ pub async fn release(
     .await
     .context("releasing a saga")?
     .rows_affected();
-    if released == 1 { Ok(()) } else { Err(WriteError::Fenced) }
+    if released == 1 {
+        Ok(())
+    } else {
+        Err(WriteError::Fenced)
+    }
 }

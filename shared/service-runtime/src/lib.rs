@@ -9,10 +9,13 @@
 //!   graceful shutdown.
 //! - [`Platform`]: the database pool, migrations, Kafka producer and
 //!   background tasks (outbox relay, consumers) of a service.
+//! - [`client`]: channels to downstream services with telemetry, the
+//!   service's token and a circuit breaker.
 //! - [`status`]: deliberate error-to-status mapping helpers.
 //! - [`main`]: the shape of every binary: settings, telemetry, signals,
 //!   run, report, flush.
 
+pub mod client;
 mod health;
 mod platform;
 mod runner;

@@ -102,6 +102,7 @@ pub fn a_bad_setting_stops_it_naming_the_setting(binary: Binary) -> anyhow::Resu
     for (env, named) in cases {
         let output = Command::new(binary.path)
             .env_clear()
+            .envs(binary.required_env.iter().copied())
             .envs(env.iter().copied())
             .output()
             .with_context(|| format!("running {}", binary.path))?;

@@ -27,6 +27,8 @@ pub struct Binary {
     pub role: &'static str,
     /// Full names of the gRPC services it serves.
     pub services: &'static [&'static str],
+    /// Settings it cannot start without, beyond the database and broker.
+    pub required_env: &'static [(&'static str, &'static str)],
 }
 
 impl Binary {
@@ -119,10 +121,13 @@ impl ServiceUnderTest {
     ) -> anyhow::Result<Self> {
         let mut env = scenario.service_env(database_url);
         env.extend(
-            extra_env
+            binary
+                .required_env
                 .iter()
+                .chain(extra_env)
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
         );
+
         let mut process =
             ServiceProcess::start(binary.name, &PathBuf::from(binary.path), env).await?;
         process

@@ -1,0 +1,389 @@
+//! The order-processing saga across the four real binaries: the happy
+//! path, a declined card, a provider slower than the deadline, a flaky
+//! provider, a refund after a failed confirmation, a customer cancelling
+//! mid-flight, and an operator retrying and compensating.
+
+use std::time::Duration;
+
+use api_order::v1::{AbortOrderRequest, CancelOrderRequest, GetOrderRequest, Order, OrderStatus};
+use api_payment::v1::{ListPaymentsByOrderRequest, ListPaymentsByOrderResponse, PaymentStatus};
+use api_saga::v1::step_execution::{Kind, Status};
+use api_saga::v1::{CompensateSagaRequest, RetrySagaRequest, Saga, SagaState};
+use e2e::{Stack, order_request};
+use testkit::grpc::bearer;
+use tonic::Code;
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+async fn place(stack: &Stack, customer: &str, key: &str, token: &str) -> Order {
+    stack
+        .orders()
+        .await
+        .create_order(bearer(order_request(key, token), customer))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn order(stack: &Stack, customer: &str, order_id: &str) -> Order {
+    let request = GetOrderRequest {
+        order_id: order_id.to_owned(),
+    };
+    stack
+        .orders()
+        .await
+        .get_order(bearer(request, customer))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn payments(stack: &Stack, customer: &str, order_id: &str) -> ListPaymentsByOrderResponse {
+    let request = ListPaymentsByOrderRequest {
+        order_id: order_id.to_owned(),
+    };
+    stack
+        .payments()
+        .await
+        .list_payments_by_order(bearer(request, customer))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn net_paid(payments: &ListPaymentsByOrderResponse) -> i64 {
+    payments
+        .ledger
+        .as_ref()
+        .and_then(|l| l.net.as_ref())
+        .map_or(0, |net| net.amount_minor)
+}
+
+fn step<'a>(saga: &'a Saga, name: &str, kind: Kind) -> Option<&'a api_saga::v1::StepExecution> {
+    saga.steps
+        .iter()
+        .find(|s| s.step == name && s.kind() == kind)
+}
+
+#[tokio::test]
+async fn happy_path_charges_once_and_confirms() {
+    let stack = Stack::start().await.unwrap();
+    let customer = stack.customer_token("happy@example.com").await.unwrap();
+    let placed = place(&stack, &customer, "happy", "tok_visa").await;
+
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Completed, "{saga:#?}");
+    assert_eq!(saga.correlation_id, placed.correlation_id);
+    let confirmed = order(&stack, &customer, &placed.order_id).await;
+    assert_eq!(confirmed.status(), OrderStatus::Confirmed);
+    let paid = payments(&stack, &customer, &placed.order_id).await;
+    assert_eq!(paid.payments.len(), 1);
+    assert_eq!(paid.payments[0].status(), PaymentStatus::Captured);
+    assert_eq!(confirmed.payment_id, paid.payments[0].payment_id);
+    assert_eq!(net_paid(&paid), 2799);
+    let names: Vec<(&str, Kind)> = saga
+        .steps
+        .iter()
+        .map(|s| (s.step.as_str(), s.kind()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("open-order", Kind::Action),
+            ("process-payment", Kind::Action),
+            ("confirm-order", Kind::Action)
+        ]
+    );
+    assert!(
+        saga.steps
+            .iter()
+            .all(|s| s.status() == Status::Succeeded && s.attempts == 1)
+    );
+}
+
+#[tokio::test]
+async fn a_declined_card_rejects_the_order_and_charges_nothing() {
+    let stack = Stack::start().await.unwrap();
+    let customer = stack.customer_token("declined@example.com").await.unwrap();
+    let placed = place(&stack, &customer, "declined", "tok_declined").await;
+
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
+    assert!(
+        saga.failure_reason.contains("card_declined"),
+        "{}",
+        saga.failure_reason
+    );
+    let rejected = order(&stack, &customer, &placed.order_id).await;
+    assert_eq!(rejected.status(), OrderStatus::Rejected);
+    assert!(
+        rejected.status_reason.contains("card_declined"),
+        "{}",
+        rejected.status_reason
+    );
+    let paid = payments(&stack, &customer, &placed.order_id).await;
+    assert_eq!(
+        paid.payments.iter().map(|p| p.status()).collect::<Vec<_>>(),
+        vec![PaymentStatus::Declined]
+    );
+    assert_eq!(net_paid(&paid), 0);
+    assert!(
+        step(&saga, "confirm-order", Kind::Action).is_none(),
+        "never confirmed"
+    );
+    assert_eq!(
+        step(&saga, "open-order", Kind::Compensation)
+            .unwrap()
+            .status(),
+        Status::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn a_provider_slower_than_the_deadline_fails_the_payment_and_charges_nothing() {
+    let stack = Stack::builder()
+        .env("payment", "PROVIDER_SLOW_DELAY", "30s")
+        .env("saga-orchestrator", "SAGA_ATTEMPT_TIMEOUT", "400ms")
+        .env("saga-orchestrator", "SAGA_STEP_DEADLINE", "2s")
+        .env("saga-orchestrator", "SAGA_RETRY_BACKOFF", "100ms")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("slow@example.com").await.unwrap();
+    let placed = place(&stack, &customer, "slow", "tok_slow").await;
+
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
+    let payment = step(&saga, "process-payment", Kind::Action).unwrap();
+    assert_eq!(payment.status(), Status::Failed);
+    assert!(
+        payment.attempts >= 2,
+        "it was retried before the deadline: {payment:?}"
+    );
+    assert!(
+        payment.last_error.contains("deadline") || payment.last_error.contains("timed out"),
+        "{}",
+        payment.last_error
+    );
+    assert_eq!(
+        order(&stack, &customer, &placed.order_id).await.status(),
+        OrderStatus::Rejected
+    );
+    // The charge was voided: a late answer from the provider cannot charge.
+    let paid = payments(&stack, &customer, &placed.order_id).await;
+    assert_eq!(net_paid(&paid), 0);
+}
+
+#[tokio::test]
+async fn a_flaky_provider_succeeds_on_retry() {
+    let stack = Stack::builder()
+        .env("payment", "PROVIDER_FLAKY_FAILURES", "2")
+        .env("saga-orchestrator", "SAGA_RETRY_BACKOFF", "50ms")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("flaky@example.com").await.unwrap();
+    let placed = place(&stack, &customer, "flaky", "tok_flaky").await;
+
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Completed, "{saga:#?}");
+    assert_eq!(
+        step(&saga, "process-payment", Kind::Action)
+            .unwrap()
+            .attempts,
+        3
+    );
+    assert_eq!(
+        order(&stack, &customer, &placed.order_id).await.status(),
+        OrderStatus::Confirmed
+    );
+    assert_eq!(
+        payments(&stack, &customer, &placed.order_id)
+            .await
+            .payments
+            .len(),
+        1,
+        "charged once"
+    );
+}
+
+#[tokio::test]
+async fn a_confirmation_that_fails_after_the_charge_refunds_it_then_cancels() {
+    let stack = Stack::builder()
+        .env("payment", "PROVIDER_SLOW_DELAY", "1500ms")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("refund@example.com").await.unwrap();
+    let service = stack.service_token().await.unwrap();
+    let placed = place(&stack, &customer, "refund-me", "tok_slow").await;
+
+    // While the charge is in flight, the order is closed behind the saga's
+    // back, so confirming it will fail.
+    stack
+        .saga_reaching(&placed.order_id, "process-payment", SETTLE)
+        .await
+        .unwrap();
+    let close = AbortOrderRequest {
+        order_id: placed.order_id.clone(),
+        reason: "closed by another process".into(),
+    };
+    stack
+        .orders()
+        .await
+        .abort_order(bearer(close, &service))
+        .await
+        .unwrap();
+
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
+    let confirm = step(&saga, "confirm-order", Kind::Action).unwrap();
+    assert_eq!(confirm.status(), Status::Failed);
+    assert!(
+        confirm.last_error.contains("FailedPrecondition"),
+        "{}",
+        confirm.last_error
+    );
+    let refund = step(&saga, "process-payment", Kind::Compensation).unwrap();
+    let close = step(&saga, "open-order", Kind::Compensation).unwrap();
+    assert_eq!(
+        (refund.status(), close.status()),
+        (Status::Succeeded, Status::Succeeded)
+    );
+    let refunded_at = refund.finished_at.unwrap();
+    let closed_at = close.finished_at.unwrap();
+    assert!(
+        (refunded_at.seconds, refunded_at.nanos) <= (closed_at.seconds, closed_at.nanos),
+        "refund, then cancel"
+    );
+    let paid = payments(&stack, &customer, &placed.order_id).await;
+    assert_eq!(
+        paid.payments.iter().map(|p| p.status()).collect::<Vec<_>>(),
+        vec![PaymentStatus::Refunded]
+    );
+    assert_eq!(net_paid(&paid), 0);
+    assert_eq!(
+        order(&stack, &customer, &placed.order_id).await.status(),
+        OrderStatus::Cancelled
+    );
+}
+
+#[tokio::test]
+async fn a_customer_cancelling_mid_flight_gets_the_charge_back() {
+    let stack = Stack::builder()
+        .env("payment", "PROVIDER_SLOW_DELAY", "1500ms")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("cancel@example.com").await.unwrap();
+    let placed = place(&stack, &customer, "cancel-me", "tok_slow").await;
+
+    stack
+        .saga_reaching(&placed.order_id, "process-payment", SETTLE)
+        .await
+        .unwrap();
+    let cancel = CancelOrderRequest {
+        order_id: placed.order_id.clone(),
+        reason: "found it cheaper".into(),
+    };
+    let requested = stack
+        .orders()
+        .await
+        .cancel_order(bearer(cancel, &customer))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(requested.status(), OrderStatus::CancellationRequested);
+
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
+    assert!(
+        saga.failure_reason.contains("cancelled by the customer")
+            || saga.failure_reason.contains("confirm-order"),
+        "{}",
+        saga.failure_reason
+    );
+    let cancelled = order(&stack, &customer, &placed.order_id).await;
+    assert_eq!(cancelled.status(), OrderStatus::Cancelled, "{saga:#?}");
+
+    let paid = payments(&stack, &customer, &placed.order_id).await;
+    assert_eq!(
+        paid.payments.iter().map(|p| p.status()).collect::<Vec<_>>(),
+        vec![PaymentStatus::Refunded]
+    );
+    assert_eq!(net_paid(&paid), 0);
+}
+
+#[tokio::test]
+async fn an_operator_compensates_a_saga_stuck_in_retries() {
+    let stack = Stack::builder()
+        .env("payment", "PROVIDER_FLAKY_FAILURES", "1000")
+        .env("saga-orchestrator", "SAGA_STEP_MAX_ATTEMPTS", "1000")
+        .env("saga-orchestrator", "SAGA_STEP_DEADLINE", "10m")
+        .env("saga-orchestrator", "SAGA_RETRY_BACKOFF", "200ms")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("stuck@example.com").await.unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    let placed = place(&stack, &customer, "stuck", "tok_flaky").await;
+    let saga = stack
+        .saga_reaching(&placed.order_id, "process-payment", SETTLE)
+        .await
+        .unwrap();
+    assert_eq!(saga.state(), SagaState::Running);
+    let saga_id = saga.saga_id;
+    let compensate = CompensateSagaRequest {
+        saga_id: saga_id.clone(),
+        reason: "provider incident".into(),
+    };
+    stack
+        .sagas()
+        .await
+        .compensate_saga(bearer(compensate, &admin))
+        .await
+        .unwrap();
+
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
+    assert!(
+        saga.failure_reason.contains("provider incident"),
+        "{}",
+        saga.failure_reason
+    );
+    assert_eq!(
+        order(&stack, &customer, &placed.order_id).await.status(),
+        OrderStatus::Cancelled
+    );
+    assert_eq!(
+        net_paid(&payments(&stack, &customer, &placed.order_id).await),
+        0
+    );
+
+    // A finished saga is not compensated again, and only failed ones retry.
+    let again = CompensateSagaRequest {
+        saga_id: saga_id.clone(),
+        reason: String::new(),
+    };
+    assert_eq!(
+        stack
+            .sagas()
+            .await
+            .compensate_saga(bearer(again, &admin))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+    let retry = RetrySagaRequest { saga_id };
+    assert_eq!(
+        stack
+            .sagas()
+            .await
+            .retry_saga(bearer(retry, &admin))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+}

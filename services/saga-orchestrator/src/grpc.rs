@@ -1,0 +1,347 @@
+//! The operators' view and controls of sagas (SagaService).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use api_saga::v1 as pb;
+use api_saga::v1::saga_service_server::SagaService;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use saga_engine::store::{self, ListCursor};
+use saga_engine::{Engine, RequestOutcome, SagaRecord, SagaState};
+use service_runtime::status::{self, FieldViolations};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::order_saga::SAGA_TYPE;
+
+const DEFAULT_PAGE_SIZE: u32 = 20;
+const MAX_PAGE_SIZE: u32 = 100;
+
+#[derive(Debug, Clone)]
+pub(crate) struct SagaApi {
+    pub(crate) engine: Arc<Engine>,
+}
+
+#[tonic::async_trait]
+impl SagaService for SagaApi {
+    async fn get_saga_status(
+        &self,
+        request: Request<pb::GetSagaStatusRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        use pb::get_saga_status_request::Lookup;
+        let pool = self.engine.pool();
+        let found = match request.into_inner().lookup {
+            None => {
+                return Err(status::invalid_field(
+                    "lookup",
+                    "set one of saga_id, order_id, correlation_id",
+                ));
+            }
+            Some(Lookup::SagaId(id)) => Some(parse_uuid("saga_id", &id)?),
+            Some(Lookup::OrderId(id)) => {
+                let order_id = parse_uuid("order_id", &id)?;
+                store::find_by_business_key(pool, SAGA_TYPE, &order_id.to_string())
+                    .await
+                    .map_err(|e| status::internal(&e))?
+            }
+            Some(Lookup::CorrelationId(id)) => {
+                if id.is_empty() || id.len() > 128 {
+                    return Err(status::invalid_field(
+                        "correlation_id",
+                        "must be 1 to 128 characters",
+                    ));
+                }
+                store::find_by_correlation(pool, &id)
+                    .await
+                    .map_err(|e| status::internal(&e))?
+            }
+        };
+        let saga = match found {
+            Some(saga_id) => store::load(pool, saga_id)
+                .await
+                .map_err(|e| status::internal(&e))?,
+            None => None,
+        };
+        saga.map(|saga| Response::new(to_proto(&saga)))
+            .ok_or_else(|| Status::not_found("no such saga"))
+    }
+
+    async fn list_active_sagas(
+        &self,
+        request: Request<pb::ListActiveSagasRequest>,
+    ) -> Result<Response<pb::ListActiveSagasResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = FieldViolations::new();
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            1..=MAX_PAGE_SIZE => request.page_size,
+            _ => {
+                violations.add("page_size", "must be at most 100");
+                DEFAULT_PAGE_SIZE
+            }
+        };
+        let cursor = (!request.page_token.is_empty())
+            .then(|| decode_cursor(&request.page_token).ok_or(()))
+            .transpose()
+            .unwrap_or_else(|()| {
+                violations.add("page_token", "is not a token this service issued");
+                None
+            });
+        let mut states = Vec::new();
+        for state in &request.states {
+            match pb::SagaState::try_from(*state)
+                .ok()
+                .and_then(state_from_proto)
+            {
+                Some(state) => states.push(state),
+                None => violations.add("states", "contains an unknown state"),
+            }
+        }
+        if states.is_empty() {
+            states = vec![
+                SagaState::Running,
+                SagaState::Compensating,
+                SagaState::Failed,
+            ];
+        }
+        let older_than = match request.older_than.map(std::time::Duration::try_from) {
+            None => std::time::Duration::ZERO,
+            Some(Ok(duration)) => duration,
+            Some(Err(_)) => {
+                violations.add("older_than", "must not be negative");
+                std::time::Duration::ZERO
+            }
+        };
+        violations.into_result()?;
+        let started_before =
+            Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
+        let mut instances = store::list(
+            self.engine.pool(),
+            &states,
+            started_before,
+            cursor,
+            i64::from(page_size) + 1,
+        )
+        .await
+        .map_err(|e| status::internal(&e))?;
+        let next_page_token = if instances.len() > page_size as usize {
+            instances.truncate(page_size as usize);
+            instances
+                .last()
+                .map(|last| {
+                    encode_cursor(ListCursor {
+                        created_at: last.created_at,
+                        saga_id: last.saga_id,
+                    })
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let sagas = instances
+            .into_iter()
+            .map(|instance| {
+                to_proto(&SagaRecord {
+                    instance,
+                    steps: vec![],
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ListActiveSagasResponse {
+            sagas,
+            next_page_token,
+        }))
+    }
+
+    async fn retry_saga(
+        &self,
+        request: Request<pb::RetrySagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let saga_id = parse_uuid("saga_id", &request.get_ref().saga_id)?;
+        let mut tx = self
+            .engine
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| status::internal(&e.into()))?;
+        let outcome = self
+            .engine
+            .retry(&mut tx, saga_id)
+            .await
+            .map_err(|e| status::internal(&e))?;
+        tx.commit().await.map_err(|e| status::internal(&e.into()))?;
+        self.answer(saga_id, outcome, "only a FAILED saga can be retried")
+            .await
+    }
+
+    async fn compensate_saga(
+        &self,
+        request: Request<pb::CompensateSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let request = request.into_inner();
+        let saga_id = parse_uuid("saga_id", &request.saga_id)?;
+        if request.reason.chars().count() > 500 {
+            return Err(status::invalid_field(
+                "reason",
+                "must be at most 500 characters",
+            ));
+        }
+        let reason = if request.reason.trim().is_empty() {
+            "compensated by an operator".to_owned()
+        } else {
+            format!("compensated by an operator: {}", request.reason.trim())
+        };
+        let mut tx = self
+            .engine
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| status::internal(&e.into()))?;
+        let outcome = self
+            .engine
+            .request_compensation(&mut tx, saga_id, &reason)
+            .await
+            .map_err(|e| status::internal(&e))?;
+        tx.commit().await.map_err(|e| status::internal(&e.into()))?;
+        // Asking a compensating saga to compensate is a no-op, not an error.
+        let outcome = match outcome {
+            RequestOutcome::NotApplicable(SagaState::Compensating) => RequestOutcome::Accepted,
+            other => other,
+        };
+        self.answer(saga_id, outcome, "the saga already finished")
+            .await
+    }
+}
+
+impl SagaApi {
+    async fn answer(
+        &self,
+        saga_id: Uuid,
+        outcome: RequestOutcome,
+        refusal: &str,
+    ) -> Result<Response<pb::Saga>, Status> {
+        match outcome {
+            RequestOutcome::NotFound => Err(Status::not_found("no such saga")),
+            RequestOutcome::NotApplicable(state) => Err(Status::failed_precondition(format!(
+                "{refusal}; it is {}",
+                state.as_str()
+            ))),
+            RequestOutcome::Accepted => {
+                let saga = store::load(self.engine.pool(), saga_id)
+                    .await
+                    .map_err(|e| status::internal(&e))?;
+                saga.map(|saga| Response::new(to_proto(&saga)))
+                    .ok_or_else(|| Status::not_found("no such saga"))
+            }
+        }
+    }
+}
+
+fn parse_uuid(field: &str, text: &str) -> Result<Uuid, Status> {
+    Uuid::parse_str(text).map_err(|_| status::invalid_field(field, "must be a UUID"))
+}
+
+fn state_from_proto(state: pb::SagaState) -> Option<SagaState> {
+    Some(match state {
+        pb::SagaState::Unspecified => return None,
+        pb::SagaState::Running => SagaState::Running,
+        pb::SagaState::Compensating => SagaState::Compensating,
+        pb::SagaState::Completed => SagaState::Completed,
+        pb::SagaState::Compensated => SagaState::Compensated,
+        pb::SagaState::Failed => SagaState::Failed,
+    })
+}
+
+fn state_to_proto(state: SagaState) -> pb::SagaState {
+    match state {
+        SagaState::Running => pb::SagaState::Running,
+        SagaState::Compensating => pb::SagaState::Compensating,
+        SagaState::Completed => pb::SagaState::Completed,
+        SagaState::Compensated => pb::SagaState::Compensated,
+        SagaState::Failed => pb::SagaState::Failed,
+    }
+}
+
+fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    SystemTime::from(at).into()
+}
+
+pub(crate) fn to_proto(saga: &SagaRecord) -> pb::Saga {
+    let instance = &saga.instance;
+    let state = instance.state();
+    // The step running or compensating now: the last one begun, unfinished.
+    let current_step = if state.is_final() {
+        String::new()
+    } else {
+        saga.steps
+            .iter()
+            .rev()
+            .find(|s| s.finished_at.is_none())
+            .map(|s| s.step.clone())
+            .unwrap_or_default()
+    };
+    pb::Saga {
+        saga_id: instance.saga_id.to_string(),
+        saga_type: instance.saga_type.clone(),
+        order_id: instance.business_key.clone(),
+        correlation_id: instance.correlation_id.clone(),
+        state: state_to_proto(state).into(),
+        current_step,
+        failure_reason: instance.failure_reason.clone().unwrap_or_default(),
+        started_at: Some(timestamp(instance.created_at)),
+        updated_at: Some(timestamp(instance.updated_at)),
+        finished_at: instance.finished_at.map(timestamp),
+        steps: saga
+            .steps
+            .iter()
+            .map(|step| {
+                use pb::step_execution::{Kind, Status};
+                let status = match step.status.as_str() {
+                    "running" => Status::Running,
+                    "waiting" => Status::Pending,
+                    "succeeded" => Status::Succeeded,
+                    "failed" => Status::Failed,
+                    _ => Status::Unspecified,
+                };
+                let kind = if step.kind == "compensation" {
+                    Kind::Compensation
+                } else {
+                    Kind::Action
+                };
+                let end = step.finished_at.unwrap_or_else(Utc::now);
+                pb::StepExecution {
+                    step: step.step.clone(),
+                    kind: kind.into(),
+                    status: status.into(),
+                    attempts: u32::try_from(step.attempts).unwrap_or_default(),
+                    last_error: step.last_error.clone().unwrap_or_default(),
+                    started_at: Some(timestamp(step.started_at)),
+                    finished_at: step.finished_at.map(timestamp),
+                    duration: (end - step.started_at)
+                        .to_std()
+                        .ok()
+                        .and_then(|d| prost_types::Duration::try_from(d).ok()),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn encode_cursor(cursor: ListCursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!(
+        "{}:{}",
+        cursor.created_at.timestamp_micros(),
+        cursor.saga_id
+    ))
+}
+
+fn decode_cursor(token: &str) -> Option<ListCursor> {
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
+    let (micros, saga_id) = text.split_once(':')?;
+    Some(ListCursor {
+        created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        saga_id: Uuid::parse_str(saga_id).ok()?,
+    })
+}

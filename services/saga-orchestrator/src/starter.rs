@@ -1,0 +1,101 @@
+//! Starts and calls off order sagas from the order events topic.
+//!
+//! OrderPlaced starts the order's saga (at most one per order, however
+//! often the event is delivered: the saga's unique key and the inbox both
+//! see to it); OrderCancellationRequested asks it to compensate.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use api_order::v1::{OrderCancellationRequested, OrderPlaced};
+use messaging::envelope;
+use messaging::{EventHandler, HandleError, ReceivedEvent};
+use saga_engine::{Engine, RequestOutcome};
+use sqlx::PgConnection;
+
+use crate::order_saga::{OrderData, SAGA_TYPE};
+
+/// The orchestrator's handler of order events.
+#[derive(Debug, Clone)]
+pub(crate) struct SagaStarter {
+    pub(crate) engine: Arc<Engine>,
+}
+
+impl EventHandler for SagaStarter {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        event: &ReceivedEvent,
+    ) -> Result<(), HandleError> {
+        let envelope = &event.envelope;
+        if envelope::is::<OrderPlaced>(envelope) {
+            let placed: OrderPlaced =
+                envelope::open(envelope).map_err(|e| HandleError::Permanent(e.into()))?;
+            let total = placed
+                .total
+                .context("an order without a total")
+                .map_err(HandleError::Permanent)?;
+            let data = OrderData {
+                order_id: placed.order_id.clone(),
+                customer_id: placed.customer_id,
+                amount_minor: total.amount_minor,
+                currency: total.currency,
+                payment_method_token: placed.payment_method_token,
+            };
+            let data = serde_json::to_value(data).map_err(|e| HandleError::Permanent(e.into()))?;
+            let started = self
+                .engine
+                .start(
+                    conn,
+                    SAGA_TYPE,
+                    &placed.order_id,
+                    data,
+                    &envelope.correlation_id,
+                )
+                .await
+                .map_err(HandleError::Transient)?;
+            match started {
+                Some(saga_id) => {
+                    tracing::info!(%saga_id, order_id = %placed.order_id, "saga started")
+                }
+                None => {
+                    tracing::debug!(order_id = %placed.order_id, "the order already has its saga")
+                }
+            }
+        } else if envelope::is::<OrderCancellationRequested>(envelope) {
+            let requested: OrderCancellationRequested =
+                envelope::open(envelope).map_err(|e| HandleError::Permanent(e.into()))?;
+            let saga_id = sqlx::query_scalar(
+                "SELECT saga_id FROM saga_instances WHERE saga_type = $1 AND business_key = $2",
+            )
+            .bind(SAGA_TYPE)
+            .bind(&requested.order_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| HandleError::Transient(e.into()))?;
+            // OrderPlaced precedes it on the same partition, so the saga
+            // exists; if not, the order was never ours to handle.
+            let Some(saga_id) = saga_id else {
+                return Err(HandleError::Permanent(anyhow::anyhow!(
+                    "no saga for order {}",
+                    requested.order_id
+                )));
+            };
+            let reason = if requested.reason.is_empty() {
+                "cancelled by the customer".to_owned()
+            } else {
+                format!("cancelled by the customer: {}", requested.reason)
+            };
+            let outcome = self
+                .engine
+                .request_compensation(conn, saga_id, &reason)
+                .await
+                .map_err(HandleError::Transient)?;
+            if let RequestOutcome::NotApplicable(state) = outcome {
+                tracing::info!(%saga_id, state = state.as_str(), "cancellation arrived after the saga ended");
+            }
+        }
+        // Other order events are the saga's own doing: nothing to start.
+        Ok(())
+    }
+}
