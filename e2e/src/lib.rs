@@ -12,7 +12,7 @@ use api_auth::v1::{LoginRequest, RegisterRequest};
 use api_order::v1::order_service_client::OrderServiceClient;
 use api_payment::v1::payment_service_client::PaymentServiceClient;
 use api_saga::v1::saga_service_client::SagaServiceClient;
-use dev_stack::{ServiceProcess, ServingStatus, TopicReader};
+use dev_stack::{FaultProxy, ServiceProcess, ServingStatus, TopicReader};
 
 use testkit::grpc::channel;
 use testkit::{Binary, Scenario};
@@ -73,12 +73,14 @@ pub struct Stack {
     pub scenario: Scenario,
     /// In the order of [`BINARIES`].
     pub services: Vec<ServiceProcess>,
+    payment_proxy: Option<FaultProxy>,
 }
 
 /// Extra settings for some services of a [`Stack`].
 #[derive(Debug, Default)]
 pub struct StackBuilder {
     env: Vec<(&'static str, String, String)>,
+    payment_proxy: bool,
 }
 
 impl StackBuilder {
@@ -88,12 +90,20 @@ impl StackBuilder {
         self
     }
 
+    /// Routes the orchestrator's calls to the payment service through a
+    /// [`FaultProxy`] that the test can cut ([`Stack::payment_proxy`]).
+    pub fn proxy_payments(mut self) -> Self {
+        self.payment_proxy = true;
+        self
+    }
+
     /// Builds the binaries if needed, then starts all four, each once the
     /// one before reports SERVING.
     pub async fn start(self) -> anyhow::Result<Stack> {
         let folder = binaries_folder().await?;
         let scenario = Scenario::new().await?;
         let mut services: Vec<ServiceProcess> = Vec::new();
+        let mut payment_proxy = None;
         for binary in BINARIES {
             let url = scenario.database.provision(&binary.account()).await?;
             let mut env = scenario.service_env(&url);
@@ -108,10 +118,18 @@ impl StackBuilder {
                 env.push(("AUTH_URL".into(), services[0].url()));
             }
             if binary.name == saga_orchestrator::NAME {
+                let payments = if self.payment_proxy {
+                    let proxy = FaultProxy::start(services[2].address()).await?;
+                    let url = format!("http://{}", proxy.address());
+                    payment_proxy = Some(proxy);
+                    url
+                } else {
+                    services[2].url()
+                };
                 env.push(("SERVICE_CLIENT_ID".into(), SAGA_CLIENT_ID.into()));
                 env.push(("SERVICE_CLIENT_SECRET".into(), SAGA_CLIENT_SECRET.into()));
                 env.push(("ORDER_SERVICE_URL".into(), services[1].url()));
-                env.push(("PAYMENT_SERVICE_URL".into(), services[2].url()));
+                env.push(("PAYMENT_SERVICE_URL".into(), payments));
             }
             for (service, key, value) in &self.env {
                 if *service == binary.name {
@@ -126,7 +144,11 @@ impl StackBuilder {
                 .await?;
             services.push(process);
         }
-        Ok(Stack { scenario, services })
+        Ok(Stack {
+            scenario,
+            services,
+            payment_proxy,
+        })
     }
 }
 
@@ -138,6 +160,14 @@ impl Stack {
     /// The system with default settings.
     pub async fn start() -> anyhow::Result<Self> {
         Self::builder().start().await
+    }
+
+    /// The proxy between the orchestrator and the payment service, when the
+    /// stack was built with [`StackBuilder::proxy_payments`].
+    pub fn payment_proxy(&self) -> &FaultProxy {
+        self.payment_proxy
+            .as_ref()
+            .expect("a stack built with proxy_payments()")
     }
 
     /// The running service named `name`.
@@ -309,7 +339,7 @@ fn index_of(name: &str) -> usize {
 /// The folder holding the built service binaries (next to this test's own
 /// binary), building them once per test process: integration tests of one
 /// package cannot name another package's binaries.
-async fn binaries_folder() -> anyhow::Result<&'static PathBuf> {
+pub async fn binaries_folder() -> anyhow::Result<&'static PathBuf> {
     static FOLDER: OnceCell<PathBuf> = OnceCell::const_new();
     FOLDER
         .get_or_try_init(|| async {

@@ -387,3 +387,63 @@ async fn an_operator_compensates_a_saga_stuck_in_retries() {
         Code::FailedPrecondition
     );
 }
+
+#[tokio::test]
+async fn a_saga_whose_compensation_keeps_failing_waits_for_an_operator_to_retry_it() {
+    let stack = Stack::builder()
+        .proxy_payments()
+        .env("saga-orchestrator", "SAGA_STEP_DEADLINE", "1s")
+        .env("saga-orchestrator", "SAGA_ATTEMPT_TIMEOUT", "300ms")
+        .env("saga-orchestrator", "SAGA_RETRY_BACKOFF", "50ms")
+        .env("saga-orchestrator", "SAGA_COMPENSATION_MAX_ATTEMPTS", "2")
+        .env("saga-orchestrator", "CIRCUIT_BREAKER_COOLDOWN", "100ms")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("outage@example.com").await.unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    // The payment service is unreachable from the orchestrator: the charge
+    // runs out of time, and so does undoing it.
+    stack.payment_proxy().cut();
+    let placed = place(&stack, &customer, "outage", "tok_visa").await;
+
+    let failed = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(failed.state(), SagaState::Failed, "{failed:#?}");
+    assert!(
+        failed
+            .failure_reason
+            .contains("compensation of process-payment"),
+        "{}",
+        failed.failure_reason
+    );
+    let refund = step(&failed, "process-payment", Kind::Compensation).unwrap();
+    assert_eq!((refund.status(), refund.attempts), (Status::Failed, 2));
+    assert_eq!(
+        order(&stack, &customer, &placed.order_id).await.status(),
+        OrderStatus::Pending,
+        "parked as it was"
+    );
+
+    // The outage ends; an operator resumes the saga.
+    stack.payment_proxy().restore();
+    let retry = RetrySagaRequest {
+        saga_id: failed.saga_id.clone(),
+    };
+    let resumed = stack
+        .sagas()
+        .await
+        .retry_saga(bearer(retry, &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.state(), SagaState::Compensating);
+
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
+    assert_eq!(
+        order(&stack, &customer, &placed.order_id).await.status(),
+        OrderStatus::Rejected
+    );
+    let paid = payments(&stack, &customer, &placed.order_id).await;
+    assert!(paid.payments.is_empty(), "nothing was charged: {paid:?}");
+}
