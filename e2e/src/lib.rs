@@ -58,9 +58,11 @@ pub const BINARIES: [Binary; 4] = [
     },
 ];
 
-/// The operator account every stack bootstraps.
-pub const ADMIN_EMAIL: &str = "admin@ordersaga.test";
-pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
+/// The operator account every stack bootstraps: the same as `cargo xtask
+/// up`'s, so the README's commands run as written.
+
+pub const ADMIN_EMAIL: &str = "admin@ordersaga.local";
+pub const ADMIN_PASSWORD: &str = "ordersaga-admin-password";
 /// The orchestrator's client credentials.
 pub const SAGA_CLIENT_ID: &str = "saga-orchestrator";
 pub const SAGA_CLIENT_SECRET: &str = "saga-orchestrator-test-secret";

@@ -2,9 +2,11 @@
 //!
 //! Each block that follows a `<!-- walkthrough: NAME -->` marker is run with
 //! bash (`set -euo pipefail`), with `grpcurl` on the PATH and the default
-//! ports replaced by the ports this test's services listen on.
+//! ports replaced by the ports this test's services listen on. Blocks that
+//! continue a shell session (using `$TOKEN`) run after the ones they need.
 
 use std::process::Command;
+use std::time::Duration;
 
 use dev_stack::tools;
 use e2e::{BINARIES, Stack};
@@ -27,8 +29,9 @@ fn walkthrough(name: &str) -> String {
         .to_owned()
 }
 
-fn run(stack: &Stack, script: &str) -> String {
-    let mut script = script.to_owned();
+/// Runs the named walkthroughs, in order, as one bash script.
+fn run(stack: &Stack, names: &[&str]) -> String {
+    let mut script: String = names.iter().map(|name| walkthrough(name) + "\n").collect();
     let defaults = [
         auth_service::DEFAULT_PORT,
         order_service::DEFAULT_PORT,
@@ -47,8 +50,10 @@ fn run(stack: &Stack, script: &str) -> String {
         grpcurl.parent().unwrap().display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let output = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &script])
+    // The scripts wait in loops; this bounds them.
+    let output = Command::new("timeout")
+        .arg(Duration::from_secs(120).as_secs().to_string())
+        .args(["bash", "-euo", "pipefail", "-c", &script])
         .env("PATH", path)
         .output()
         .unwrap();
@@ -64,7 +69,7 @@ fn run(stack: &Stack, script: &str) -> String {
 #[tokio::test]
 async fn discovery_walkthrough() {
     let stack = Stack::start().await.unwrap();
-    let output = run(&stack, &walkthrough("discovery"));
+    let output = run(&stack, &["discovery"]);
     assert!(
         output.contains("ordersaga.order.v1.OrderService"),
         "{output}"
@@ -75,4 +80,27 @@ async fn discovery_walkthrough() {
         2,
         "{output}"
     );
+}
+
+#[tokio::test]
+async fn login_walkthrough() {
+    let stack = Stack::start().await.unwrap();
+    let output = run(&stack, &["login"]);
+    assert!(output.contains("\"userId\""), "registered: {output}");
+    // ListOrders answered (an empty list prints as `{}`), so the token worked.
+    assert!(output.trim_end().ends_with('}'), "{output}");
+}
+
+#[tokio::test]
+async fn happy_and_declined_walkthroughs() {
+    let stack = Stack::start().await.unwrap();
+    let output = run(&stack, &["login", "happy", "declined"]);
+    assert!(output.contains("SAGA_STATE_COMPLETED"), "{output}");
+    assert!(output.contains("\"step\": \"confirm-order\""), "{output}");
+    assert!(output.contains("SAGA_STATE_COMPENSATED"), "{output}");
+    assert!(
+        output.contains("payment declined: card_declined"),
+        "{output}"
+    );
+    assert!(output.contains("PAYMENT_STATUS_DECLINED"), "{output}");
 }

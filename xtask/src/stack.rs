@@ -60,6 +60,13 @@ const CONSUMER_GROUPS: &[&str] = &["saga-orchestrator", "trace-view"];
 
 const DATABASE_NAME: &str = "ordersaga";
 
+/// The local stack's operator account, printed at start.
+const ADMIN_EMAIL: &str = "admin@ordersaga.local";
+const ADMIN_PASSWORD: &str = "ordersaga-admin-password";
+/// The orchestrator's client credentials on the local stack.
+const SAGA_CLIENT: &str = "saga-orchestrator";
+const SAGA_SECRET: &str = "local-saga-orchestrator-secret";
+
 fn state_dir() -> PathBuf {
     tools::tools_dir()
         .parent()
@@ -216,13 +223,19 @@ impl LocalStack {
         for service in &SERVICES {
             let account = (service.account)(format!("{}-dev-password", service.binary));
             database::provision(&admin, &account).await?;
-            let env = vec![
+            let mut env = vec![
                 ("DATABASE_URL".to_owned(), url_for(&admin_url, &account)?),
                 ("KAFKA_BROKERS".to_owned(), brokers.clone()),
                 ("KAFKA_TOPIC_PREFIX".to_owned(), topics.prefix().to_owned()),
                 ("GRPC_ADDR".to_owned(), format!("0.0.0.0:{}", service.port)),
                 ("LOG_FORMAT".to_owned(), "pretty".to_owned()),
             ];
+            env.extend(
+                service_env(service.binary)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v)),
+            );
+
             eprintln!("starting {}", service.binary);
             let log = logs.join(format!("{}.log", service.binary));
             let process = ServiceProcess::start_logging_to(
@@ -265,6 +278,11 @@ impl LocalStack {
         text.push_str(&format!("  {:<18} {}\n", "PostgreSQL", self.database_url));
         text.push_str(&format!("  {:<18} {}\n", "Kafka broker", self.brokers));
         text.push_str(&format!("  {:<18} {}\n", "logs", self.logs.display()));
+        text.push_str(&format!(
+            "  {:<18} {ADMIN_EMAIL} / {ADMIN_PASSWORD}\n",
+            "admin login"
+        ));
+
         text.push_str("\nTry (grpcurl was fetched for you):\n");
         for service in &SERVICES {
             text.push_str(&format!(
@@ -311,6 +329,30 @@ impl LocalStack {
             Some(name) => bail!("{name} exited unexpectedly; see {}", self.logs.display()),
             None => Ok(()),
         }
+    }
+}
+
+/// Settings particular to one service on the local stack: who the admin
+/// is, how services find and authenticate to each other.
+fn service_env(binary: &str) -> Vec<(&'static str, String)> {
+    let local = |port: u16| format!("http://127.0.0.1:{port}");
+    match binary {
+        auth_service::NAME => vec![
+            ("AUTH_ADMIN_EMAIL", ADMIN_EMAIL.to_owned()),
+            ("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD.to_owned()),
+            (
+                "AUTH_SERVICE_CLIENTS",
+                format!("{SAGA_CLIENT}={SAGA_SECRET}"),
+            ),
+        ],
+        saga_orchestrator::NAME => vec![
+            ("AUTH_URL", local(auth_service::DEFAULT_PORT)),
+            ("SERVICE_CLIENT_ID", SAGA_CLIENT.to_owned()),
+            ("SERVICE_CLIENT_SECRET", SAGA_SECRET.to_owned()),
+            ("ORDER_SERVICE_URL", local(order_service::DEFAULT_PORT)),
+            ("PAYMENT_SERVICE_URL", local(payment_service::DEFAULT_PORT)),
+        ],
+        _ => vec![("AUTH_URL", local(auth_service::DEFAULT_PORT))],
     }
 }
 
