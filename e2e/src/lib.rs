@@ -60,7 +60,6 @@ pub const BINARIES: [Binary; 4] = [
 
 /// The operator account every stack bootstraps: the same as `cargo xtask
 /// up`'s, so the README's commands run as written.
-
 pub const ADMIN_EMAIL: &str = "admin@ordersaga.local";
 pub const ADMIN_PASSWORD: &str = "ordersaga-admin-password";
 /// The orchestrator's client credentials.
@@ -83,12 +82,20 @@ pub struct Stack {
 pub struct StackBuilder {
     env: Vec<(&'static str, String, String)>,
     payment_proxy: bool,
+    without_sagas: bool,
 }
 
 impl StackBuilder {
     /// Sets `key=value` in the environment of `service`.
     pub fn env(mut self, service: &'static str, key: &str, value: &str) -> Self {
         self.env.push((service, key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Leaves the orchestrator out, for tests of the other services that
+    /// must not have sagas acting on their orders meanwhile.
+    pub fn without_sagas(mut self) -> Self {
+        self.without_sagas = true;
         self
     }
 
@@ -107,6 +114,9 @@ impl StackBuilder {
         let mut services: Vec<ServiceProcess> = Vec::new();
         let mut payment_proxy = None;
         for binary in BINARIES {
+            if self.without_sagas && binary.name == saga_orchestrator::NAME {
+                continue;
+            }
             let url = scenario.database.provision(&binary.account()).await?;
             let mut env = scenario.service_env(&url);
             if binary.name == auth_service::NAME {
@@ -311,7 +321,6 @@ impl Stack {
     }
 
     /// The bootstrapped admin's access token.
-
     pub async fn admin_token(&self) -> anyhow::Result<String> {
         self.login(ADMIN_EMAIL, ADMIN_PASSWORD).await
     }

@@ -71,7 +71,7 @@ fn sign(kid: &str, key: &EncodingKey, claims: &serde_json::Value) -> String {
 
 #[tokio::test]
 async fn forged_expired_and_misdirected_tokens_are_rejected_by_another_service() {
-    let stack = Stack::start().await.unwrap();
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
     let genuine = stack.customer_token("ada@example.com").await.unwrap();
     assert!(
         admitted(get_order_with(&stack, &genuine).await),
@@ -200,7 +200,7 @@ async fn forged_expired_and_misdirected_tokens_are_rejected_by_another_service()
 
 #[tokio::test]
 async fn each_rpc_admits_only_the_roles_its_policy_names() {
-    let stack = Stack::start().await.unwrap();
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
     let customer = stack.customer_token("grace@example.com").await.unwrap();
     let admin = stack.admin_token().await.unwrap();
     let service = stack
@@ -277,7 +277,7 @@ async fn each_rpc_admits_only_the_roles_its_policy_names() {
 
 #[tokio::test]
 async fn tokens_in_flight_survive_a_key_rotation() {
-    let stack = Stack::start().await.unwrap();
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
     let before = stack.customer_token("alan@example.com").await.unwrap();
     assert!(
         admitted(get_order_with(&stack, &before).await),
@@ -329,7 +329,7 @@ async fn tokens_in_flight_survive_a_key_rotation() {
 
 #[tokio::test]
 async fn the_order_service_keeps_verifying_while_the_auth_service_is_down() {
-    let mut stack = Stack::start().await.unwrap();
+    let mut stack = Stack::builder().without_sagas().start().await.unwrap();
     let token = stack.customer_token("edsger@example.com").await.unwrap();
     assert!(admitted(get_order_with(&stack, &token).await));
 

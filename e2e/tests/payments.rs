@@ -89,6 +89,7 @@ fn customer() -> String {
 #[tokio::test]
 async fn each_simulated_provider_behaviour() {
     let stack = Stack::builder()
+        .without_sagas()
         .env("payment", "PAYMENT_AMOUNT_LIMIT", "50000")
         .env("payment", "PROVIDER_SLOW_DELAY", "3s")
         .env("payment", "PROVIDER_FLAKY_FAILURES", "2")
@@ -191,7 +192,7 @@ async fn each_simulated_provider_behaviour() {
 
 #[tokio::test]
 async fn twenty_identical_concurrent_charges_charge_once() {
-    let stack = Stack::start().await.unwrap();
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
     let p = payments(&stack).await;
     let request = charge("one-charge", "tok_visa", eur(4999), &customer());
     let attempts: Vec<_> = (0..20).map(|_| p.process(request.clone())).collect();
@@ -236,7 +237,7 @@ async fn twenty_identical_concurrent_charges_charge_once() {
 
 #[tokio::test]
 async fn a_payment_is_refunded_once_however_often_it_is_asked() {
-    let stack = Stack::start().await.unwrap();
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
     let p = payments(&stack).await;
     let paid = p
         .process(charge("to-refund", "tok_visa", eur(3000), &customer()))
@@ -285,7 +286,7 @@ async fn a_payment_is_refunded_once_however_often_it_is_asked() {
 
 #[tokio::test]
 async fn undoing_a_charge_by_its_key_refunds_it_or_voids_it_for_good() {
-    let stack = Stack::start().await.unwrap();
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
     let p = payments(&stack).await;
     let by_key = |key: &str| RefundPaymentRequest {
         target: Some(Target::ChargeIdempotencyKey(key.to_owned())),
@@ -324,7 +325,7 @@ async fn undoing_a_charge_by_its_key_refunds_it_or_voids_it_for_good() {
 
 #[tokio::test]
 async fn bad_amounts_and_fields_are_named_and_nothing_is_written() {
-    let stack = Stack::start().await.unwrap();
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
     let p = payments(&stack).await;
     let base = || charge("key", "tok_visa", eur(100), &customer());
     let cases = [
@@ -449,7 +450,7 @@ async fn bad_amounts_and_fields_are_named_and_nothing_is_written() {
 
 #[tokio::test]
 async fn customers_see_their_own_payments_and_the_ledger_nets_refunds() {
-    let stack = Stack::start().await.unwrap();
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
     let p = payments(&stack).await;
     let customer_token = stack.customer_token("ada-pays@example.com").await.unwrap();
     let stranger_token = stack
@@ -549,7 +550,7 @@ async fn customers_see_their_own_payments_and_the_ledger_nets_refunds() {
 
 #[tokio::test]
 async fn captures_declines_and_refunds_reach_the_topic_with_the_correlation_id() {
-    let stack = Stack::start().await.unwrap();
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
     let p = payments(&stack).await;
     let reader = stack.reader(&stack.scenario.topics.payment_events());
     let with_flow = |request: ProcessPaymentRequest| {

@@ -78,10 +78,10 @@ impl Aggregate for Order {
         let known = |name: String| name == event_type;
         Ok(match schema_version {
             1 if known(pb::OrderPlaced::full_name()) => {
-                OrderEvent::Placed(upcast_placed_v1(pb::OrderPlacedV1::decode(payload)?)?)
+                OrderEvent::Placed(upcast_placed_v1(&pb::OrderPlacedV1::decode(payload)?)?)
             }
             2 if known(pb::OrderPlaced::full_name()) => {
-                OrderEvent::Placed(placed_from_proto(pb::OrderPlaced::decode(payload)?)?)
+                OrderEvent::Placed(placed_from_proto(&pb::OrderPlaced::decode(payload)?)?)
             }
             1 if known(pb::OrderConfirmed::full_name()) => OrderEvent::Confirmed {
                 payment_id: PaymentId::parse(&pb::OrderConfirmed::decode(payload)?.payment_id)
@@ -137,7 +137,7 @@ pub(crate) fn line_to_proto(item: &LineItem) -> pb::LineItem {
     }
 }
 
-fn placed_from_proto(proto: pb::OrderPlaced) -> anyhow::Result<Placed> {
+fn placed_from_proto(proto: &pb::OrderPlaced) -> anyhow::Result<Placed> {
     let items = proto
         .items
         .iter()
@@ -159,7 +159,7 @@ fn placed_from_proto(proto: pb::OrderPlaced) -> anyhow::Result<Placed> {
 }
 
 /// Version 1 to version 2: each line's price gets the order's currency.
-fn upcast_placed_v1(v1: pb::OrderPlacedV1) -> anyhow::Result<Placed> {
+fn upcast_placed_v1(v1: &pb::OrderPlacedV1) -> anyhow::Result<Placed> {
     let currency = Currency::parse(&v1.currency)?;
     let items = v1
         .lines

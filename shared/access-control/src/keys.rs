@@ -88,7 +88,6 @@ struct CachedKey {
 /// share it), at most one per `min_refetch` so forged key ids cannot turn
 /// into a flood of fetches. When a fetch fails, the cache stays as it was:
 /// services keep verifying while the auth service is down.
-
 pub struct KeyCache {
     source: Box<dyn KeySource>,
     keys: RwLock<HashMap<String, CachedKey>>,

@@ -183,7 +183,6 @@ impl Drop for ServiceProcess {
 }
 
 /// Reads the log until the "listening" line appears, and parses its address.
-
 async fn wait_for_listening(
     process: &mut Supervised,
     log: &Path,

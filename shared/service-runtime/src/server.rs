@@ -22,7 +22,6 @@ use crate::health::{self, Readiness};
 /// 3. the request timeout, so no handler can hold a connection forever;
 /// 4. the routes: the service's own gRPC services, `grpc.health.v1.Health`
 ///    and reflection (v1 and v1alpha, the latter for grpcurl 1.8).
-
 pub struct GrpcServer {
     listener: TcpListener,
     settings: ServerSettings,
