@@ -92,6 +92,15 @@ impl StackBuilder {
         self
     }
 
+    /// Sets `key=value` in the environment of every service.
+    pub fn env_all(mut self, key: &str, value: &str) -> Self {
+        for binary in BINARIES {
+            self.env
+                .push((binary.name, key.to_owned(), value.to_owned()));
+        }
+        self
+    }
+
     /// Leaves the orchestrator out, for tests of the other services that
     /// must not have sagas acting on their orders meanwhile.
     pub fn without_sagas(mut self) -> Self {

@@ -7,7 +7,6 @@ use api_auth::v1::GetPublicKeysRequest;
 use api_auth::v1::auth_service_client::AuthServiceClient;
 use futures::future::BoxFuture;
 use jsonwebtoken::DecodingKey;
-use tonic::transport::{Channel, Endpoint};
 
 /// The public half of a signing key, as published by the auth service.
 #[derive(Debug, Clone)]
@@ -27,17 +26,13 @@ pub trait KeySource: Send + Sync + 'static {
 /// The auth service's `GetPublicKeys`.
 #[derive(Debug, Clone)]
 pub struct RemoteKeys {
-    client: AuthServiceClient<Channel>,
+    client: AuthServiceClient<crate::AuthChannel>,
 }
 
 impl RemoteKeys {
     /// Connects lazily: the auth service may start after us.
     pub fn new(url: &str) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(url.to_owned())
-            .context("auth service URL")?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel = crate::auth_channel(url)?;
         Ok(Self {
             client: AuthServiceClient::new(channel),
         })

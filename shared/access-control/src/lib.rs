@@ -33,6 +33,24 @@ pub use service_token::{BearerLayer, BearerService, ServiceTokenSource};
 pub use settings::{AuthSettings, ServiceCredentials, TokenSettings};
 pub use verify::{Verifier, VerifyError};
 
+/// A channel to the auth service, traced like every other call (a token
+/// fetched inside a request belongs to that request's trace).
+pub(crate) type AuthChannel = telemetry::grpc::ClientService<tonic::transport::Channel>;
+
+/// Connects lazily: the auth service may start after us.
+pub(crate) fn auth_channel(url: &str) -> anyhow::Result<AuthChannel> {
+    use anyhow::Context as _;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .context("auth service URL")?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(5))
+        .connect_lazy();
+    Ok(tower_layer::Layer::layer(
+        &telemetry::grpc::ClientLayer,
+        channel,
+    ))
+}
+
 /// The caller of the RPC being handled, as the [`AuthLayer`] verified it.
 ///
 /// Handlers of RPCs that the policy does not leave public can rely on it.

@@ -1,6 +1,6 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use anyhow::Context as _;
 use api_auth::v1::IssueServiceTokenRequest;
@@ -8,7 +8,6 @@ use api_auth::v1::auth_service_client::AuthServiceClient;
 use futures::future::BoxFuture;
 use http::HeaderValue;
 use tokio::sync::Mutex;
-use tonic::transport::{Channel, Endpoint};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -24,7 +23,7 @@ struct Current {
 /// credentials and renewed when three quarters of its life have passed.
 /// If renewal fails, the current token is used for as long as it is valid.
 pub struct ServiceTokenSource {
-    client: AuthServiceClient<Channel>,
+    client: AuthServiceClient<crate::AuthChannel>,
     credentials: ServiceCredentials,
     current: Mutex<Option<Current>>,
 }
@@ -39,11 +38,7 @@ impl std::fmt::Debug for ServiceTokenSource {
 
 impl ServiceTokenSource {
     pub fn new(auth_url: &str, credentials: ServiceCredentials) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(auth_url.to_owned())
-            .context("auth service URL")?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel = crate::auth_channel(auth_url)?;
         Ok(Self {
             client: AuthServiceClient::new(channel),
             credentials,

@@ -31,7 +31,7 @@ pub struct Spawn<'a> {
     pub program: &'a Path,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// Variables of ours the program must not see.
+    /// Variables of ours the program must not inherit.
     pub env_remove: &'a [&'a str],
     /// Signal that stops the program gracefully (`TERM`, `INT`, ...).
     pub stop_signal: &'a str,
@@ -73,13 +73,14 @@ impl Supervised {
                 "SCRATCH",
                 spec.scratch.map(Path::as_os_str).unwrap_or_default(),
             )
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log);
+        // Removed from what we pass on; `env` may still set them explicitly.
         for name in spec.env_remove {
             command.env_remove(name);
         }
+        command.envs(spec.env.iter().map(|(k, v)| (k, v)));
         if let Some((uid, gid)) = spec.user {
             command.uid(uid).gid(gid);
         }

@@ -10,6 +10,9 @@ CREATE TABLE saga_instances (
     -- The saga's input, as its definition reads it.
     data                   JSONB       NOT NULL,
     correlation_id         TEXT        NOT NULL,
+    -- W3C trace context of what started the saga, as [name, value] pairs:
+    -- every step continues that trace, on whichever replica it runs.
+    trace_context          JSONB       NOT NULL DEFAULT '[]',
     -- Index of the step group being run (forward) while running.
     position               INT         NOT NULL DEFAULT 0,
     failure_reason         TEXT,

@@ -103,8 +103,9 @@ impl Engine {
     ) -> anyhow::Result<Option<Uuid>> {
         let saga_id = Uuid::now_v7();
         let inserted = sqlx::query(
-            "INSERT INTO saga_instances (saga_id, saga_type, business_key, state, data, correlation_id, next_run_at)
-             VALUES ($1, $2, $3, 'running', $4, $5, now())
+            "INSERT INTO saga_instances
+                 (saga_id, saga_type, business_key, state, data, correlation_id, trace_context, next_run_at)
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, now())
              ON CONFLICT (saga_type, business_key) DO NOTHING",
         )
         .bind(saga_id)
@@ -112,6 +113,7 @@ impl Engine {
         .bind(business_key)
         .bind(Json(&data))
         .bind(correlation_id)
+        .bind(Json(telemetry::propagation::current_headers()))
         .execute(&mut *conn)
         .await
         .context("starting a saga")?
@@ -297,10 +299,21 @@ impl Engine {
         Ok(listener)
     }
 
-    /// Drives one claimed saga until it waits, ends, or is taken over.
+    /// Drives one claimed saga until it waits, ends, or is taken over. Its
+    /// spans continue the trace of what started the saga.
     pub async fn drive(&self, saga_id: Uuid, fence: i64, shutdown: &CancellationToken) {
-        let span =
-            tracing::info_span!("saga.drive", %saga_id, correlation_id = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "saga.drive",
+            %saga_id,
+            correlation_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        if let Ok(Some(headers)) = store::trace_context(&self.pool, saga_id).await {
+            let received = telemetry::propagation::extract(
+                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+            telemetry::propagation::adopt_parent(&span, received.context);
+        }
         async {
             match self.drive_inner(saga_id, fence, shutdown).await {
                 Ok(()) | Err(WriteError::Fenced) => {}

@@ -192,6 +192,20 @@ pub async fn load(pool: &PgPool, saga_id: Uuid) -> anyhow::Result<Option<SagaRec
     Ok(Some(SagaRecord { instance, steps }))
 }
 
+/// The trace context a saga continues.
+pub(crate) async fn trace_context(
+    pool: &PgPool,
+    saga_id: Uuid,
+) -> anyhow::Result<Option<Vec<(String, String)>>> {
+    let headers: Option<Json<Vec<(String, String)>>> =
+        sqlx::query_scalar("SELECT trace_context FROM saga_instances WHERE saga_id = $1")
+            .bind(saga_id)
+            .fetch_optional(pool)
+            .await
+            .context("reading a saga's trace context")?;
+    Ok(headers.map(|Json(headers)| headers))
+}
+
 /// The id of the saga of `saga_type` for `business_key`, if any.
 pub async fn find_by_business_key(
     pool: &PgPool,

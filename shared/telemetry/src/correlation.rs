@@ -34,12 +34,6 @@ impl CorrelationId {
         acceptable.then(|| Self(value.to_owned()))
     }
 
-    /// The id sent by a client, or a fresh one when it sent none or an
-    /// unacceptable one.
-    pub fn from_header_or_generate(value: Option<&str>) -> Self {
-        value.and_then(Self::parse).unwrap_or_else(Self::generate)
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -57,6 +51,47 @@ impl fmt::Debug for CorrelationId {
     }
 }
 
+/// Header of W3C baggage, which also carries the correlation id (for tools
+/// that follow the standard rather than our header).
+pub const BAGGAGE_HEADER: &str = "baggage";
+const BAGGAGE_KEY: &str = "correlation_id";
+
+impl CorrelationId {
+    /// The id as a W3C baggage list entry, `correlation_id=<percent-encoded>`.
+    pub fn to_baggage(&self) -> String {
+        let mut encoded = String::with_capacity(self.0.len() + BAGGAGE_KEY.len() + 1);
+        encoded.push_str(BAGGAGE_KEY);
+        encoded.push('=');
+        for byte in self.0.bytes() {
+            if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+                encoded.push(char::from(byte));
+            } else {
+                encoded.push_str(&format!("%{byte:02X}"));
+            }
+        }
+        encoded
+    }
+
+    /// The correlation id in a W3C baggage header, if it carries one.
+    pub fn from_baggage(header: &str) -> Option<Self> {
+        let value = header.split(',').find_map(|member| {
+            let (key, value) = member.split_once('=')?;
+            (key.trim() == BAGGAGE_KEY).then(|| value.split(';').next().unwrap_or_default().trim())
+        })?;
+        let mut decoded = Vec::with_capacity(value.len());
+        let mut bytes = value.bytes();
+        while let Some(byte) = bytes.next() {
+            if byte == b'%' {
+                let hex = [bytes.next()?, bytes.next()?];
+                decoded.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            } else {
+                decoded.push(byte);
+            }
+        }
+        Self::parse(std::str::from_utf8(&decoded).ok()?)
+    }
+}
+
 tokio::task_local! {
     static CURRENT: CorrelationId;
 }
@@ -69,4 +104,24 @@ pub async fn scope<F: Future>(id: CorrelationId, future: F) -> F::Output {
 /// The correlation id of the flow being handled, if inside a [`scope`].
 pub fn current() -> Option<CorrelationId> {
     CURRENT.try_with(Clone::clone).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_id_round_trips_through_baggage() {
+        for text in [
+            "flow-42",
+            "a,b;c=d%e",
+            "7f3e2c1a-0000-4000-8000-000000000000",
+        ] {
+            let id = CorrelationId::parse(text).unwrap();
+            let baggage = format!("other=1, {}; prop, more=2", id.to_baggage());
+            assert_eq!(CorrelationId::from_baggage(&baggage), Some(id));
+        }
+        assert_eq!(CorrelationId::from_baggage("other=1"), None);
+        assert_eq!(CorrelationId::from_baggage("correlation_id=%zz"), None);
+    }
 }

@@ -60,12 +60,16 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
-        let correlation = CorrelationId::from_header_or_generate(
+        let header = |name: &str| {
             request
                 .headers()
-                .get(correlation::HEADER)
-                .and_then(|value| value.to_str().ok()),
-        );
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+        };
+        let correlation = header(correlation::HEADER)
+            .and_then(CorrelationId::parse)
+            .or_else(|| header(correlation::BAGGAGE_HEADER).and_then(CorrelationId::from_baggage))
+            .unwrap_or_else(CorrelationId::generate);
         request.extensions_mut().insert(correlation.clone());
         let span = if is_infrastructure(request.uri().path()) {
             tracing::Span::none()
@@ -159,11 +163,13 @@ where
         // A correlation id set explicitly on the request wins over the scope's.
         if let Some(id) = correlation
             && let Ok(value) = HeaderValue::from_str(id.as_str())
+            && let Ok(baggage) = HeaderValue::from_str(&id.to_baggage())
         {
-            request
-                .headers_mut()
-                .entry(correlation::HEADER)
-                .or_insert(value);
+            let headers = request.headers_mut();
+            headers.entry(correlation::HEADER).or_insert(value);
+            headers
+                .entry(correlation::BAGGAGE_HEADER)
+                .or_insert(baggage);
         }
 
         let clone = self.inner.clone();

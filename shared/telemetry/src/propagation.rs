@@ -31,6 +31,7 @@ pub fn headers_for(span: &tracing::Span, correlation: Option<&CorrelationId>) ->
         .inject_context(&span.context(), &mut HeadersInjector(&mut headers));
     if let Some(id) = correlation {
         headers.push((correlation::HEADER.to_owned(), id.to_string()));
+        headers.push((correlation::BAGGAGE_HEADER.to_owned(), id.to_baggage()));
     }
     headers
 }
@@ -47,10 +48,15 @@ pub struct Received {
 pub fn extract<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Received {
     let headers: Vec<(&str, &str)> = headers.into_iter().collect();
     let context = TraceContextPropagator::new().extract(&HeadersExtractor(&headers));
-    let correlation = headers
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(correlation::HEADER))
-        .and_then(|(_, value)| CorrelationId::parse(value));
+    let header = |wanted: &str| {
+        headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(wanted))
+            .map(|(_, value)| *value)
+    };
+    let correlation = header(correlation::HEADER)
+        .and_then(CorrelationId::parse)
+        .or_else(|| header(correlation::BAGGAGE_HEADER).and_then(CorrelationId::from_baggage));
     Received {
         context,
         correlation,
