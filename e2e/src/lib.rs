@@ -12,6 +12,7 @@ use api_auth::v1::{LoginRequest, RegisterRequest};
 use api_order::v1::order_service_client::OrderServiceClient;
 use api_payment::v1::payment_service_client::PaymentServiceClient;
 use api_saga::v1::saga_service_client::SagaServiceClient;
+use api_trace::v1::trace_service_client::TraceServiceClient;
 use dev_stack::{FaultProxy, ServiceProcess, ServingStatus, TopicReader};
 
 use testkit::grpc::channel;
@@ -220,6 +221,10 @@ impl Stack {
 
     pub async fn sagas(&self) -> SagaServiceClient<Channel> {
         SagaServiceClient::new(self.channel(saga_orchestrator::NAME).await)
+    }
+
+    pub async fn traces(&self) -> TraceServiceClient<Channel> {
+        TraceServiceClient::new(self.channel(saga_orchestrator::NAME).await)
     }
 
     async fn channel(&self, name: &str) -> Channel {

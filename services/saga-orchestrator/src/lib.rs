@@ -4,11 +4,15 @@
 //!
 //! - `order_saga`: the order-processing saga (steps, calls, compensations).
 //! - `starter`: starts and calls off sagas from the order events topic.
+//! - `trace_view`: the read model of every service's events, by flow, and
+//!   its live feed; `trace_api`: TraceService over it.
 //! - `grpc`: SagaService; the engine itself is the `saga-engine` crate.
 
 mod grpc;
 pub mod order_saga;
 mod starter;
+mod trace_api;
+mod trace_view;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +39,8 @@ pub const DEFAULT_PORT: u16 = 50054;
 pub const SCHEMA: &str = "saga";
 pub const ROLE: &str = "saga_service";
 /// This service's own tables (the saga tables come with the engine).
-pub const MIGRATIONS: MigrationSet = database::migrations!("saga-orchestrator", []);
+pub const MIGRATIONS: MigrationSet =
+    database::migrations!("saga-orchestrator", ["0001_trace_view.sql"]);
 /// The consumer group that starts sagas from order events.
 pub const CONSUMER_GROUP: &str = "saga-orchestrator";
 
@@ -258,12 +263,36 @@ impl Application {
             },
         )?;
         platform.spawn("order events consumer", starter.run(shutdown.clone()));
+        let topics = &platform.topics;
+        let recorder = Consumer::new(
+            &settings.kafka,
+            trace_view::CONSUMER_GROUP,
+            &[
+                topics.user_events(),
+                topics.order_events(),
+                topics.payment_events(),
+                topics.saga_events(),
+            ],
+            platform.pool.clone(),
+            platform.producer.clone(),
+            trace_view::TraceRecorder,
+        )?;
+        platform.spawn("trace view consumer", recorder.run(shutdown.clone()));
+        let feed = trace_view::LiveFeed::new();
+        platform.spawn(
+            "trace feed",
+            feed.clone().run(platform.pool.clone(), shutdown.clone()),
+        );
+        let trace_api = trace_api::TraceApi {
+            pool: platform.pool.clone(),
+            feed,
+        };
 
         let verifier = Verifier::remote(&settings.auth)?;
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(SagaServiceServer::new(grpc::SagaApi { engine }))
-            .add_service(TraceServiceServer::new(TraceApi))
+            .add_service(TraceServiceServer::new(trace_api))
             .reflect(api_saga::FILE_DESCRIPTOR_SET)
             .reflect(api_trace::FILE_DESCRIPTOR_SET)
             .serve(platform.readiness(), shutdown.clone())
@@ -273,13 +302,6 @@ impl Application {
         served
     }
 }
-
-/// The trace API. RPCs not implemented yet answer UNIMPLEMENTED.
-#[derive(Debug, Clone, Copy)]
-struct TraceApi;
-
-#[tonic::async_trait]
-impl api_trace::v1::trace_service_server::TraceService for TraceApi {}
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

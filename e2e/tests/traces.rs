@@ -1,0 +1,330 @@
+//! TraceService: every service's events of one flow, in order, for a happy
+//! and a compensated saga; a live tail; the flows in progress.
+
+use std::time::Duration;
+
+use api_trace::v1::{
+    GetTraceByCorrelationRequest, GetTraceByOrderRequest, ListActiveFlowsRequest,
+    StreamEventsRequest, Trace,
+};
+use e2e::{Stack, order_request};
+use futures::StreamExt as _;
+use testkit::grpc::bearer;
+use tonic::Code;
+
+/// The trace of `order_id` once it holds `last_type`: the view is fed
+/// from the topics, so it catches up a moment after the saga ends.
+async fn trace_with(stack: &Stack, admin: &str, order_id: &str, last_type: &str) -> Trace {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let request = GetTraceByOrderRequest {
+            order_id: order_id.to_owned(),
+        };
+        if let Ok(trace) = stack
+            .traces()
+            .await
+            .get_trace_by_order(bearer(request, admin))
+            .await
+        {
+            let trace = trace.into_inner();
+            if trace.events.iter().any(|e| e.event_type == last_type) {
+                return trace;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the trace never got {last_type}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn types(trace: &Trace) -> Vec<&str> {
+    trace
+        .events
+        .iter()
+        .map(|e| e.event_type.rsplit('.').next().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_happy_flow_reads_as_one_trace_across_the_services() {
+    let stack = Stack::start().await.unwrap();
+    let customer = stack
+        .customer_token("trace-happy@example.com")
+        .await
+        .unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    let order = stack
+        .orders()
+        .await
+        .create_order(bearer(order_request("t1", "tok_visa"), &customer))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let trace = trace_with(
+        &stack,
+        &admin,
+        &order.order_id,
+        "ordersaga.saga.v1.SagaCompleted",
+    )
+    .await;
+    assert_eq!(trace.order_id, order.order_id);
+    assert_eq!(trace.correlation_id, order.correlation_id);
+    let types = types(&trace);
+    assert_eq!(types.first(), Some(&"OrderPlaced"), "{types:?}");
+    assert_eq!(types.last(), Some(&"SagaCompleted"), "{types:?}");
+    for expected in ["SagaStarted", "PaymentCaptured", "OrderConfirmed"] {
+        assert!(types.contains(&expected), "{types:?}");
+    }
+    let position = |t: &str| types.iter().position(|x| *x == t).unwrap();
+    assert!(
+        position("PaymentCaptured") < position("OrderConfirmed"),
+        "causal order: {types:?}"
+    );
+    let services: std::collections::BTreeSet<&str> =
+        trace.events.iter().map(|e| e.service.as_str()).collect();
+    assert_eq!(
+        services,
+        ["order", "payment", "saga-orchestrator"]
+            .into_iter()
+            .collect()
+    );
+    assert!(
+        trace
+            .events
+            .iter()
+            .all(|e| e.correlation_id == order.correlation_id)
+    );
+    assert!(
+        trace.events[0]
+            .since_previous
+            .as_ref()
+            .is_none_or(|d| d.seconds == 0 && d.nanos == 0)
+    );
+    assert!(
+        trace
+            .events
+            .iter()
+            .all(|e| e.since_start.is_some() && !e.summary.is_empty())
+    );
+    assert!(
+        trace.events[0]
+            .summary
+            .starts_with("order placed: 27.99 EUR"),
+        "{}",
+        trace.events[0].summary
+    );
+    assert!(trace.total_duration.is_some());
+
+    let by_correlation = GetTraceByCorrelationRequest {
+        correlation_id: order.correlation_id.clone(),
+    };
+    let same = stack
+        .traces()
+        .await
+        .get_trace_by_correlation(bearer(by_correlation, &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(same.events.len(), trace.events.len());
+    let unknown = GetTraceByCorrelationRequest {
+        correlation_id: "nobody-knows".into(),
+    };
+    assert_eq!(
+        stack
+            .traces()
+            .await
+            .get_trace_by_correlation(bearer(unknown, &admin))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let customer_call = GetTraceByOrderRequest {
+        order_id: order.order_id.clone(),
+    };
+    assert_eq!(
+        stack
+            .traces()
+            .await
+            .get_trace_by_order(bearer(customer_call, &customer))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+}
+
+#[tokio::test]
+async fn a_compensated_flow_shows_the_failure_and_the_undoing() {
+    let stack = Stack::start().await.unwrap();
+    let customer = stack
+        .customer_token("trace-declined@example.com")
+        .await
+        .unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    let order = stack
+        .orders()
+        .await
+        .create_order(bearer(order_request("t2", "tok_declined"), &customer))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let trace = trace_with(
+        &stack,
+        &admin,
+        &order.order_id,
+        "ordersaga.saga.v1.SagaCompensated",
+    )
+    .await;
+    let types = types(&trace);
+    for expected in [
+        "OrderPlaced",
+        "PaymentDeclined",
+        "SagaStepFailed",
+        "SagaCompensationStarted",
+        "OrderRejected",
+        "SagaCompensated",
+    ] {
+        assert!(types.contains(&expected), "{expected} missing: {types:?}");
+    }
+    let declined = trace
+        .events
+        .iter()
+        .find(|e| e.event_type.ends_with("PaymentDeclined"))
+        .unwrap();
+    assert_eq!(declined.summary, "payment declined: card_declined");
+    let failed = trace
+        .events
+        .iter()
+        .find(|e| e.event_type.ends_with("SagaStepFailed"))
+        .unwrap();
+    assert!(
+        failed.summary.contains("process-payment"),
+        "{}",
+        failed.summary
+    );
+}
+
+#[tokio::test]
+async fn stream_events_delivers_what_happens_after_it_opened() {
+    let stack = Stack::start().await.unwrap();
+    let customer = stack
+        .customer_token("trace-live@example.com")
+        .await
+        .unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    let filter = StreamEventsRequest {
+        correlation_id: "live-flow".into(),
+        event_types: vec![],
+    };
+    let mut stream = stack
+        .traces()
+        .await
+        .stream_events(bearer(filter, &admin))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut request = bearer(order_request("live", "tok_visa"), &customer);
+    request
+        .metadata_mut()
+        .insert("x-correlation-id", "live-flow".parse().unwrap());
+    stack.orders().await.create_order(request).await.unwrap();
+
+    // Each topic is consumed on its own, so events of different services
+    // arrive in any order; wait for one of each.
+    let expected = [
+        "OrderPlaced",
+        "PaymentCaptured",
+        "OrderConfirmed",
+        "SagaCompleted",
+    ];
+    let mut seen: Vec<String> = Vec::new();
+    let all_seen = |seen: &[String]| expected.iter().all(|t| seen.iter().any(|s| s.ends_with(t)));
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = stream.next().await {
+            let event = event.unwrap();
+            assert_eq!(event.correlation_id, "live-flow");
+            seen.push(event.event_type);
+            if all_seen(&seen) {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the stream stopped short: {seen:?}"));
+
+    let only = StreamEventsRequest {
+        correlation_id: String::new(),
+        event_types: vec!["ordersaga.order.v1.OrderConfirmed".into()],
+    };
+    let mut confirmations = stack
+        .traces()
+        .await
+        .stream_events(bearer(only, &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    stack
+        .orders()
+        .await
+        .create_order(bearer(order_request("live-2", "tok_visa"), &customer))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(30), confirmations.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.event_type, "ordersaga.order.v1.OrderConfirmed");
+}
+
+#[tokio::test]
+async fn flows_in_progress_are_listed_with_their_current_step() {
+    let stack = Stack::builder()
+        .env("payment", "PROVIDER_FLAKY_FAILURES", "1000")
+        .env("saga-orchestrator", "SAGA_STEP_MAX_ATTEMPTS", "1000")
+        .env("saga-orchestrator", "SAGA_STEP_DEADLINE", "10m")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack
+        .customer_token("trace-stuck@example.com")
+        .await
+        .unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    let order = stack
+        .orders()
+        .await
+        .create_order(bearer(order_request("t3", "tok_flaky"), &customer))
+        .await
+        .unwrap()
+        .into_inner();
+    stack
+        .saga_reaching(&order.order_id, "process-payment", Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let flows = stack
+        .traces()
+        .await
+        .list_active_flows(bearer(ListActiveFlowsRequest::default(), &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    let flow = flows
+        .flows
+        .iter()
+        .find(|f| f.order_id == order.order_id)
+        .expect("the stuck flow");
+    assert_eq!(
+        (flow.state.as_str(), flow.current_step.as_str()),
+        ("RUNNING", "process-payment")
+    );
+    assert_eq!(flow.correlation_id, order.correlation_id);
+    assert!(flow.age.is_some());
+}

@@ -1,0 +1,246 @@
+//! TraceService: the trace view and the flows in progress, for operators.
+
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use api_trace::v1 as pb;
+use api_trace::v1::trace_service_server::TraceService;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt as _};
+use service_runtime::status::{self, FieldViolations};
+use sqlx::PgPool;
+use tokio_stream::wrappers::BroadcastStream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::trace_view::{self, LiveFeed, TraceEventRow};
+
+const DEFAULT_PAGE_SIZE: u32 = 20;
+const MAX_PAGE_SIZE: u32 = 100;
+
+#[derive(Debug, Clone)]
+pub(crate) struct TraceApi {
+    pub(crate) pool: PgPool,
+    pub(crate) feed: LiveFeed,
+}
+
+/// What StreamEvents answers with (the generated service's `BoxStream`).
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TraceEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TraceService for TraceApi {
+    async fn get_trace_by_correlation(
+        &self,
+        request: Request<pb::GetTraceByCorrelationRequest>,
+    ) -> Result<Response<pb::Trace>, Status> {
+        let correlation_id = request.into_inner().correlation_id;
+        if correlation_id.is_empty() || correlation_id.len() > 128 {
+            return Err(status::invalid_field(
+                "correlation_id",
+                "must be 1 to 128 characters",
+            ));
+        }
+        self.trace(&correlation_id).await
+    }
+
+    async fn get_trace_by_order(
+        &self,
+        request: Request<pb::GetTraceByOrderRequest>,
+    ) -> Result<Response<pb::Trace>, Status> {
+        let order_id = Uuid::parse_str(&request.get_ref().order_id)
+            .map_err(|_| status::invalid_field("order_id", "must be a UUID"))?;
+        let correlation = trace_view::correlation_of_order(&self.pool, order_id)
+            .await
+            .map_err(|e| status::internal(&e))?
+            .ok_or_else(|| Status::not_found("no event mentions that order"))?;
+        self.trace(&correlation).await
+    }
+
+    async fn stream_events(
+        &self,
+        request: Request<pb::StreamEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let filter = request.into_inner();
+        let mut violations = FieldViolations::new();
+        if filter.correlation_id.len() > 128 {
+            violations.add("correlation_id", "must be at most 128 characters");
+        }
+        if filter.event_types.len() > 50 || filter.event_types.iter().any(|t| t.len() > 200) {
+            violations.add("event_types", "at most 50 types of at most 200 characters");
+        }
+        violations.into_result()?;
+        // Subscribed before answering: everything recorded from now on.
+        let events = BroadcastStream::new(self.feed.subscribe()).filter_map(move |received| {
+            let keep = received.ok().filter(|row| {
+                (filter.correlation_id.is_empty() || row.correlation_id == filter.correlation_id)
+                    && (filter.event_types.is_empty()
+                        || filter.event_types.contains(&row.event_type))
+            });
+            async move { keep.map(|row| Ok(to_proto(&row, None, None))) }
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn list_active_flows(
+        &self,
+        request: Request<pb::ListActiveFlowsRequest>,
+    ) -> Result<Response<pb::ListActiveFlowsResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = FieldViolations::new();
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            1..=MAX_PAGE_SIZE => request.page_size,
+            _ => {
+                violations.add("page_size", "must be at most 100");
+                DEFAULT_PAGE_SIZE
+            }
+        };
+        let cursor = if request.page_token.is_empty() {
+            None
+        } else {
+            let cursor = decode_cursor(&request.page_token);
+            if cursor.is_none() {
+                violations.add("page_token", "is not a token this service issued");
+            }
+            cursor
+        };
+        violations.into_result()?;
+        let mut flows = active_flows(&self.pool, cursor, i64::from(page_size) + 1)
+            .await
+            .map_err(|e| status::internal(&e))?;
+        let next_page_token = if flows.len() > page_size as usize {
+            flows.truncate(page_size as usize);
+            flows
+                .last()
+                .map(|flow| encode_cursor(flow.created_at, flow.saga_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let now = Utc::now();
+        Ok(Response::new(pb::ListActiveFlowsResponse {
+            flows: flows
+                .into_iter()
+                .map(|flow| pb::ActiveFlow {
+                    saga_id: flow.saga_id.to_string(),
+                    order_id: flow.business_key,
+                    correlation_id: flow.correlation_id,
+                    state: flow.state.to_uppercase(),
+                    current_step: flow.current_step.unwrap_or_default(),
+                    age: duration(now - flow.created_at),
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+}
+
+impl TraceApi {
+    async fn trace(&self, correlation_id: &str) -> Result<Response<pb::Trace>, Status> {
+        let rows = trace_view::by_correlation(&self.pool, correlation_id)
+            .await
+            .map_err(|e| status::internal(&e))?;
+        let first = rows
+            .first()
+            .ok_or_else(|| Status::not_found("no event carries that correlation id"))?;
+        let start = first.occurred_at;
+        let order_id = rows
+            .iter()
+            .find_map(|row| row.order_id)
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        let mut previous = start;
+        let events = rows
+            .iter()
+            .map(|row| {
+                let event = to_proto(row, Some(previous), Some(start));
+                previous = row.occurred_at;
+                event
+            })
+            .collect();
+        let total = rows
+            .last()
+            .map_or(chrono::Duration::zero(), |last| last.occurred_at - start);
+        Ok(Response::new(pb::Trace {
+            correlation_id: correlation_id.to_owned(),
+            order_id,
+            events,
+            total_duration: duration(total),
+        }))
+    }
+}
+
+/// A flow in progress: a saga not yet finished, with its current step.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct ActiveFlow {
+    pub(crate) saga_id: Uuid,
+    pub(crate) business_key: String,
+    pub(crate) correlation_id: String,
+    pub(crate) state: String,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) current_step: Option<String>,
+}
+
+/// Sagas not finished, oldest first, after `cursor`.
+pub(crate) async fn active_flows(
+    pool: &PgPool,
+    cursor: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> anyhow::Result<Vec<ActiveFlow>> {
+    Ok(sqlx::query_as(
+        "SELECT i.saga_id, i.business_key, i.correlation_id, i.state, i.created_at,
+                (SELECT s.step FROM saga_steps s WHERE s.saga_id = i.saga_id AND s.finished_at IS NULL
+                 ORDER BY s.seq DESC LIMIT 1) AS current_step
+         FROM saga_instances i
+         WHERE i.state IN ('running', 'compensating', 'failed')
+           AND ($1::timestamptz IS NULL OR (i.created_at, i.saga_id) > ($1, $2))
+         ORDER BY i.created_at, i.saga_id
+         LIMIT $3",
+    )
+    .bind(cursor.map(|c| c.0))
+    .bind(cursor.map(|c| c.1))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+fn duration(span: chrono::Duration) -> Option<prost_types::Duration> {
+    span.to_std()
+        .ok()
+        .and_then(|d| prost_types::Duration::try_from(d).ok())
+}
+
+pub(crate) fn to_proto(
+    row: &TraceEventRow,
+    previous: Option<DateTime<Utc>>,
+    start: Option<DateTime<Utc>>,
+) -> pb::TraceEvent {
+    pb::TraceEvent {
+        event_id: row.event_id.to_string(),
+        service: row.service.clone(),
+        event_type: row.event_type.clone(),
+        aggregate_type: row.aggregate_type.clone(),
+        aggregate_id: row.aggregate_id.clone(),
+        correlation_id: row.correlation_id.clone(),
+        causation_id: row.causation_id.clone().unwrap_or_default(),
+        occurred_at: Some(SystemTime::from(row.occurred_at).into()),
+        since_previous: previous.and_then(|at| duration(row.occurred_at - at)),
+        since_start: start.and_then(|at| duration(row.occurred_at - at)),
+        summary: row.summary.clone(),
+    }
+}
+
+fn encode_cursor(created_at: DateTime<Utc>, saga_id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{saga_id}", created_at.timestamp_micros()))
+}
+
+fn decode_cursor(token: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
+    let (micros, saga_id) = text.split_once(':')?;
+    Some((
+        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        Uuid::parse_str(saga_id).ok()?,
+    ))
+}

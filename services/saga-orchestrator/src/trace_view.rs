@@ -1,0 +1,371 @@
+//! The trace view: a read model of every service's events, by flow.
+//!
+//! A consumer group of its own reads the user, order, payment and saga
+//! topics and records each event once (inbox and primary key), with the
+//! order it concerns and a one-line summary. New rows are announced with
+//! `NOTIFY`, row included, so the live streams of every replica see every
+//! event whichever replica consumed it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use api_order::v1 as order;
+use api_payment::v1 as payment;
+use api_saga::v1 as saga;
+use chrono::{DateTime, Utc};
+use messaging::envelope::{self, OpenError};
+use messaging::{EventEnvelope, EventHandler, HandleError, ReceivedEvent};
+use prost::{Message, Name};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The consumer group of the trace view.
+pub(crate) const CONSUMER_GROUP: &str = "trace-view";
+
+/// An event as the trace view keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
+pub(crate) struct TraceEventRow {
+    pub(crate) event_id: Uuid,
+    pub(crate) correlation_id: String,
+    pub(crate) order_id: Option<Uuid>,
+    pub(crate) service: String,
+    pub(crate) event_type: String,
+    pub(crate) aggregate_type: String,
+    pub(crate) aggregate_id: String,
+    pub(crate) aggregate_version: i64,
+    pub(crate) causation_id: Option<String>,
+    pub(crate) occurred_at: DateTime<Utc>,
+    pub(crate) summary: String,
+}
+
+macro_rules! trace_columns {
+    () => {
+        "event_id, correlation_id, order_id, service, event_type, aggregate_type, aggregate_id, \
+         aggregate_version, causation_id, occurred_at, summary"
+    };
+}
+
+/// Longest trace returned at once.
+const MAX_TRACE_EVENTS: i64 = 1000;
+
+/// Records every event it is handed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TraceRecorder;
+
+impl EventHandler for TraceRecorder {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        event: &ReceivedEvent,
+    ) -> Result<(), HandleError> {
+        let envelope = &event.envelope;
+        let (order_id, summary) = describe(conn, envelope)
+            .await
+            .map_err(|error| match error {
+                Described::Malformed(error) => HandleError::Permanent(error.into()),
+                Described::Database(error) => HandleError::Transient(error.into()),
+            })?;
+        let occurred_at = envelope
+            .occurred_at
+            .and_then(|at| {
+                DateTime::from_timestamp(at.seconds, u32::try_from(at.nanos).unwrap_or(0))
+            })
+            .unwrap_or_else(Utc::now);
+        sqlx::query(
+            "INSERT INTO trace_events (event_id, correlation_id, order_id, service, event_type, aggregate_type,
+                                       aggregate_id, aggregate_version, causation_id, occurred_at, summary)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(event.event_id)
+        .bind(&envelope.correlation_id)
+        .bind(order_id)
+        .bind(&envelope.producer)
+        .bind(&envelope.event_type)
+        .bind(&envelope.aggregate_type)
+        .bind(&envelope.aggregate_id)
+        .bind(i64::try_from(envelope.aggregate_version).unwrap_or(i64::MAX))
+        .bind((!envelope.causation_id.is_empty()).then_some(&envelope.causation_id))
+        .bind(occurred_at)
+        .bind(summary)
+        .execute(conn)
+        .await
+        .map_err(|error| HandleError::Transient(error.into()))?;
+        Ok(())
+    }
+}
+
+enum Described {
+    Malformed(OpenError),
+    Database(sqlx::Error),
+}
+
+impl From<OpenError> for Described {
+    fn from(error: OpenError) -> Self {
+        Self::Malformed(error)
+    }
+}
+
+/// The order an event concerns, and a line saying what happened.
+async fn describe(
+    conn: &mut PgConnection,
+    envelope: &EventEnvelope,
+) -> Result<(Option<Uuid>, String), Described> {
+    fn open<M: Message + Default + Name>(envelope: &EventEnvelope) -> Result<M, OpenError> {
+        envelope::open(envelope)
+    }
+    let uuid = |text: &str| Uuid::parse_str(text).ok();
+    let money = |amount: Option<&api_common::v1::Money>| {
+        amount
+            .and_then(|amount| money::Money::from_proto(amount).ok())
+            .map_or_else(
+                || "an unknown amount".to_owned(),
+                |amount| amount.to_string(),
+            )
+    };
+    let event_type = envelope.event_type.as_str();
+    let described = match event_type {
+        t if t == order::OrderPlaced::full_name() => {
+            let placed: order::OrderPlaced = open(envelope)?;
+            let lines = placed.items.len();
+            (
+                uuid(&placed.order_id),
+                format!(
+                    "order placed: {}, {lines} line{}",
+                    money(placed.total.as_ref()),
+                    if lines == 1 { "" } else { "s" }
+                ),
+            )
+        }
+        t if t == order::OrderConfirmed::full_name() => {
+            (uuid(&envelope.aggregate_id), "order confirmed".to_owned())
+        }
+        t if t == order::OrderRejected::full_name() => {
+            let rejected: order::OrderRejected = open(envelope)?;
+            (
+                uuid(&rejected.order_id),
+                format!("order rejected: {}", rejected.reason),
+            )
+        }
+        t if t == order::OrderCancellationRequested::full_name() => (
+            uuid(&envelope.aggregate_id),
+            "customer asked to cancel".to_owned(),
+        ),
+        t if t == order::OrderCancelled::full_name() => {
+            let cancelled: order::OrderCancelled = open(envelope)?;
+            (
+                uuid(&cancelled.order_id),
+                format!("order cancelled: {}", cancelled.reason),
+            )
+        }
+        t if t == payment::PaymentCaptured::full_name() => {
+            let captured: payment::PaymentCaptured = open(envelope)?;
+            (
+                uuid(&captured.order_id),
+                format!("payment captured: {}", money(captured.amount.as_ref())),
+            )
+        }
+        t if t == payment::PaymentDeclined::full_name() => {
+            let declined: payment::PaymentDeclined = open(envelope)?;
+            (
+                uuid(&declined.order_id),
+                format!("payment declined: {}", declined.decline_reason),
+            )
+        }
+        t if t == payment::PaymentRefunded::full_name() => {
+            let refunded: payment::PaymentRefunded = open(envelope)?;
+            (
+                uuid(&refunded.order_id),
+                format!("payment refunded: {}", money(refunded.amount.as_ref())),
+            )
+        }
+        t if t == saga::SagaStarted::full_name() => {
+            let started: saga::SagaStarted = open(envelope)?;
+            (
+                uuid(&started.order_id),
+                format!("saga {} started", started.saga_type),
+            )
+        }
+        t if t == saga::SagaStepSucceeded::full_name() => {
+            let step: saga::SagaStepSucceeded = open(envelope)?;
+            let what = if step.compensation {
+                "compensation of"
+            } else {
+                "step"
+            };
+            let attempts = if step.attempts == 1 {
+                String::new()
+            } else {
+                format!(" after {} attempts", step.attempts)
+            };
+            (None, format!("{what} {} succeeded{attempts}", step.step))
+        }
+        t if t == saga::SagaStepFailed::full_name() => {
+            let step: saga::SagaStepFailed = open(envelope)?;
+            let what = if step.compensation {
+                "compensation of"
+            } else {
+                "step"
+            };
+            let next = if step.will_retry {
+                "will retry"
+            } else {
+                "gave up"
+            };
+            (
+                None,
+                format!("{what} {} failed ({next}): {}", step.step, step.error),
+            )
+        }
+        t if t == saga::SagaCompensationStarted::full_name() => {
+            let started: saga::SagaCompensationStarted = open(envelope)?;
+            (None, format!("compensation started: {}", started.reason))
+        }
+        t if t == saga::SagaCompleted::full_name() => {
+            let completed: saga::SagaCompleted = open(envelope)?;
+            (uuid(&completed.order_id), "saga completed".to_owned())
+        }
+        t if t == saga::SagaCompensated::full_name() => {
+            let compensated: saga::SagaCompensated = open(envelope)?;
+            (
+                uuid(&compensated.order_id),
+                format!("saga compensated: {}", compensated.reason),
+            )
+        }
+        t if t == saga::SagaFailed::full_name() => {
+            let failed: saga::SagaFailed = open(envelope)?;
+            (
+                uuid(&failed.order_id),
+                format!("saga failed, waiting for an operator: {}", failed.reason),
+            )
+        }
+        t if t == api_auth::v1::UserRegistered::full_name() => (None, "user registered".to_owned()),
+        other => (None, other.rsplit('.').next().unwrap_or(other).to_owned()),
+    };
+    let (mut order_id, summary) = described;
+    // Saga events without an order id belong to their saga's order.
+    if order_id.is_none() && envelope.aggregate_type == "saga" {
+        let saga_id = uuid(&envelope.aggregate_id);
+        order_id = sqlx::query_scalar::<_, String>(
+            "SELECT business_key FROM saga_instances WHERE saga_id = $1",
+        )
+        .bind(saga_id)
+        .fetch_optional(conn)
+        .await
+        .map_err(Described::Database)?
+        .and_then(|key| uuid(&key));
+    }
+    Ok((order_id, summary.chars().take(500).collect()))
+}
+
+/// Every event of a flow, in causal and time order.
+pub(crate) async fn by_correlation(
+    pool: &PgPool,
+    correlation_id: &str,
+) -> anyhow::Result<Vec<TraceEventRow>> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        trace_columns!(),
+        " FROM trace_events WHERE correlation_id = $1
+         ORDER BY occurred_at, aggregate_version, event_id LIMIT $2"
+    ))
+    .bind(correlation_id)
+    .bind(MAX_TRACE_EVENTS)
+    .fetch_all(pool)
+    .await
+    .context("reading a trace")
+}
+
+/// The flow that placed an order: the correlation id of its OrderPlaced.
+pub(crate) async fn correlation_of_order(
+    pool: &PgPool,
+    order_id: Uuid,
+) -> anyhow::Result<Option<String>> {
+    sqlx::query_scalar(
+        "SELECT correlation_id FROM trace_events WHERE order_id = $1
+         ORDER BY (event_type = $2) DESC, occurred_at LIMIT 1",
+    )
+    .bind(order_id)
+    .bind(order::OrderPlaced::full_name())
+    .fetch_optional(pool)
+    .await
+    .context("finding an order's flow")
+}
+
+/// The newest recorded events, newest first.
+pub(crate) async fn recent(pool: &PgPool, limit: i64) -> anyhow::Result<Vec<TraceEventRow>> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        trace_columns!(),
+        " FROM trace_events ORDER BY recorded_at DESC LIMIT $1"
+    ))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("reading recent events")
+}
+
+/// New events as they are recorded, on this replica.
+#[derive(Debug, Clone)]
+pub(crate) struct LiveFeed {
+    sender: broadcast::Sender<Arc<TraceEventRow>>,
+}
+
+impl LiveFeed {
+    pub(crate) fn new() -> Self {
+        // A slow subscriber that falls this far behind skips what it missed.
+        Self {
+            sender: broadcast::channel(1024).0,
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<TraceEventRow>> {
+        self.sender.subscribe()
+    }
+
+    /// Relays the trace view's notifications to subscribers until `shutdown`.
+    pub(crate) async fn run(self, pool: PgPool, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            let mut listener = match listen(&pool).await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "trace feed cannot listen yet");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    notification = listener.recv() => match notification {
+                        Ok(notification) => match serde_json::from_str::<TraceEventRow>(notification.payload()) {
+                            // No subscribers is not an error.
+                            Ok(row) => { let _ = self.sender.send(Arc::new(row)); }
+                            Err(error) => tracing::warn!(%error, "malformed trace notification"),
+                        },
+                        Err(error) => {
+                            tracing::warn!(%error, "trace feed lost its connection");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn listen(pool: &PgPool) -> anyhow::Result<PgListener> {
+    let schema: String = sqlx::query_scalar("SELECT current_schema()")
+        .fetch_one(pool)
+        .await?;
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(&format!("{schema}.trace_events")).await?;
+    Ok(listener)
+}
