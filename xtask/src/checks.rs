@@ -30,7 +30,7 @@ pub(crate) async fn test(args: TestArgs) -> anyhow::Result<()> {
             "warnings",
         ])?;
     }
-    install::ensure_tools()?;
+    install::ensure_test_tools()?;
     // The end-to-end tests run the service binaries; building them here,
     // with the same command those tests use, keeps that out of their time.
     cargo(&["build", "--quiet", "--workspace", "--bins"])?;

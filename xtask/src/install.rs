@@ -1,4 +1,4 @@
-//! Making sure the machine has what the stack runs.
+//! Making sure the machine has what the stack and the tests run.
 
 use std::process::Command;
 
@@ -9,7 +9,10 @@ use dev_stack::tools;
 /// (PostgreSQL with apt-get on Debian and Ubuntu, when we may).
 pub(crate) fn ensure_tools() -> anyhow::Result<()> {
     if tools::postgres_bin_dir().is_err() {
-        install_postgres()?;
+        apt_install(
+            "postgresql",
+            "PostgreSQL server binaries (initdb, postgres)",
+        )?;
         tools::postgres_bin_dir()?;
     }
     tools::tansu()?;
@@ -17,17 +20,28 @@ pub(crate) fn ensure_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn install_postgres() -> anyhow::Result<()> {
+/// What the tests need beyond [`ensure_tools`]: a headless Chromium for the
+/// dashboard's browser test.
+pub(crate) fn ensure_test_tools() -> anyhow::Result<()> {
+    ensure_tools()?;
+    if tools::chromium().is_err() {
+        apt_install("chromium", "Chromium (for the dashboard's browser test)")?;
+        tools::chromium()?;
+    }
+    Ok(())
+}
+
+fn apt_install(package: &str, what: &str) -> anyhow::Result<()> {
     if tools::find_in_path("apt-get").is_none() {
         bail!(
-            "PostgreSQL server binaries are missing and there is no apt-get to install them: install PostgreSQL (initdb, postgres) and retry"
+            "{what} missing, and there is no apt-get to install them: install {package} and retry"
         );
     }
-    eprintln!("PostgreSQL server binaries not found; installing Debian's postgresql package");
+    eprintln!("{what} not found; installing Debian's {package} package");
     let sudo: &[&str] = if running_as_root() { &[] } else { &["sudo"] };
     for args in [
         &["apt-get", "update", "-qq"][..],
-        &["apt-get", "install", "-y", "-qq", "postgresql"][..],
+        &["apt-get", "install", "-y", "-qq", package][..],
     ] {
         let mut full: Vec<&str> = sudo.to_vec();
         full.extend_from_slice(args);

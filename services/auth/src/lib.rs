@@ -237,6 +237,7 @@ impl Application {
             .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(AuthServiceServer::new(grpc::AuthApi { auth }))
             .reflect(api_auth::FILE_DESCRIPTOR_SET)
+            .collect_metrics(platform.outbox_metrics())
             .serve(platform.readiness(), shutdown.clone())
             .await;
         shutdown.cancel();

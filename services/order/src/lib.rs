@@ -136,6 +136,7 @@ impl Application {
             .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(OrderServiceServer::new(grpc::OrderApi { orders }))
             .reflect(api_order::FILE_DESCRIPTOR_SET)
+            .collect_metrics(platform.outbox_metrics())
             .serve(platform.readiness(), shutdown.clone())
             .await;
         shutdown.cancel();

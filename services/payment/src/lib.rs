@@ -160,6 +160,7 @@ impl Application {
             .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(PaymentServiceServer::new(grpc::PaymentApi { payments }))
             .reflect(api_payment::FILE_DESCRIPTOR_SET)
+            .collect_metrics(platform.outbox_metrics())
             .serve(platform.readiness(), shutdown.clone())
             .await;
         shutdown.cancel();

@@ -8,6 +8,7 @@
 //!   its live feed; `trace_api`: TraceService over it.
 //! - `grpc`: SagaService; the engine itself is the `saga-engine` crate.
 
+mod dashboard;
 mod grpc;
 pub mod order_saga;
 mod starter;
@@ -289,12 +290,16 @@ impl Application {
         };
 
         let verifier = Verifier::remote(&settings.auth)?;
+        let dashboard = dashboard::routes(platform.pool.clone(), Arc::new(verifier.clone()));
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(SagaServiceServer::new(grpc::SagaApi { engine }))
             .add_service(TraceServiceServer::new(trace_api))
             .reflect(api_saga::FILE_DESCRIPTOR_SET)
             .reflect(api_trace::FILE_DESCRIPTOR_SET)
+            .http_routes(dashboard)
+            .collect_metrics(platform.outbox_metrics())
+            .collect_metrics(dashboard::saga_metrics(platform.pool.clone()))
             .serve(platform.readiness(), shutdown.clone())
             .await;
         shutdown.cancel();

@@ -115,6 +115,16 @@ impl ServiceProcess {
         &mut self.process
     }
 
+    /// Where the service's HTTP server (metrics, dashboard) listens, from
+    /// its "HTTP server listening" log line (JSON logs only).
+    pub fn http_address(&self) -> Option<SocketAddr> {
+        self.logs().lines().find_map(|line| {
+            let entry = serde_json::from_str::<serde_json::Value>(line).ok()?;
+            (entry["message"] == "HTTP server listening")
+                .then(|| entry["address"].as_str()?.parse().ok())?
+        })
+    }
+
     /// Everything the service has logged so far.
     pub fn logs(&self) -> String {
         read(&self.log)

@@ -175,3 +175,12 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
 }
+
+/// A Chromium to run headless, for the dashboard's browser test: Debian's
+/// `chromium` package (`cargo xtask test` installs it where apt-get can).
+pub fn chromium() -> anyhow::Result<PathBuf> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|name| find_in_path(name))
+        .context("no Chromium found: install Debian's `chromium` package (`cargo xtask test` does)")
+}

@@ -91,7 +91,7 @@ impl Default for RetryPolicy {
 pub struct Consumer<H> {
     group: String,
     dead_letter_topic: String,
-    kafka: StreamConsumer,
+    kafka: StreamConsumer<kafka::LagReporter>,
     producer: FutureProducer,
     pool: PgPool,
     handler: Arc<H>,
@@ -126,9 +126,13 @@ impl<H: EventHandler> Consumer<H> {
     ) -> anyhow::Result<Self> {
         let names = Topics::new(settings.topic_prefix.clone());
         let group_id = names.consumer_group(group);
-        let kafka: StreamConsumer = kafka::consumer_config(settings, &group_id, &group_id)
-            .create()
-            .context("creating the Kafka consumer")?;
+        let lag = kafka::LagReporter {
+            group: group_id.clone(),
+        };
+        let kafka: StreamConsumer<kafka::LagReporter> =
+            kafka::consumer_config(settings, &group_id, &group_id)
+                .create_with_context(lag)
+                .context("creating the Kafka consumer")?;
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         kafka.subscribe(&topic_refs).context("subscribing")?;
         Ok(Self {
@@ -218,6 +222,8 @@ impl<H: EventHandler> Consumer<H> {
                 // to the dead-letter topic.
                 let error = format!("{error:#}");
                 tracing::error!(parent: &span, %error, "undecodable record");
+                metrics::counter!("events_consumed_total", "group" => self.group.clone(), "outcome" => "dead_lettered")
+                    .increment(1);
                 return self
                     .dead_letter(message, &error, 1, shutdown)
                     .instrument(span)
@@ -233,12 +239,23 @@ impl<H: EventHandler> Consumer<H> {
             tracing::field::display(&event.correlation),
         );
         let correlation = event.correlation.clone();
+        let count = |outcome: &'static str| {
+            metrics::counter!("events_consumed_total", "group" => self.group.clone(), "outcome" => outcome).increment(1);
+        };
         let work = async {
             match self.apply_with_retries(&event, shutdown).await {
                 None => false,
-                Some(Outcome::Handled | Outcome::Duplicate) => true,
+                Some(Outcome::Handled) => {
+                    count("handled");
+                    true
+                }
+                Some(Outcome::Duplicate) => {
+                    count("duplicate");
+                    true
+                }
                 Some(Outcome::Failed { error, attempts }) => {
                     tracing::error!(%error, attempts, "event failed for good; dead-lettering it");
+                    count("dead_lettered");
                     self.dead_letter(message, &error, attempts, shutdown).await
                         && self.record_dead_lettered(&event, shutdown).await
                 }

@@ -44,6 +44,8 @@ pub(crate) fn consumer_config(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // Lag figures for the metrics, every few seconds.
+        .set("statistics.interval.ms", "5000")
         // A replica that dies loses its partitions after this long.
         .set(
             "session.timeout.ms",
@@ -89,3 +91,32 @@ impl BrokerProbe {
         .await?
     }
 }
+
+/// The context of our consumers: reports each partition's lag (how far the
+/// group's position trails the newest record) as a gauge, from librdkafka's
+/// periodic statistics.
+#[derive(Debug, Clone)]
+pub(crate) struct LagReporter {
+    pub(crate) group: String,
+}
+
+impl rdkafka::ClientContext for LagReporter {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, details) in &statistics.topics {
+            for (partition, numbers) in &details.partitions {
+                // -1 means unknown (not assigned here, or nothing fetched yet).
+                if *partition >= 0 && numbers.consumer_lag >= 0 {
+                    metrics::gauge!(
+                        "kafka_consumer_lag",
+                        "group" => self.group.clone(),
+                        "topic" => topic.clone(),
+                        "partition" => partition.to_string()
+                    )
+                    .set(numbers.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagReporter {}

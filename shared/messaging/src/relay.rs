@@ -151,6 +151,7 @@ impl Relay {
                 .await
                 .context("committing published outbox rows")?;
             published += acknowledged.len();
+            metrics::counter!("outbox_published_total").increment(acknowledged.len() as u64);
             if let Some(error) = delivered.first_error {
                 return Err(error);
             }

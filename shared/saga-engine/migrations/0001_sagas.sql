@@ -37,6 +37,8 @@ CREATE INDEX saga_instances_due ON saga_instances (next_run_at) WHERE next_run_a
 CREATE INDEX saga_instances_by_correlation ON saga_instances (correlation_id);
 CREATE INDEX saga_instances_active ON saga_instances (created_at, saga_id)
     WHERE state IN ('running', 'compensating', 'failed');
+-- Recently finished sagas, for the dashboard's rates and reasons.
+CREATE INDEX saga_instances_finished ON saga_instances (finished_at) WHERE finished_at IS NOT NULL;
 
 -- The step log: one row per step action or compensation, written before
 -- each attempt (so a crash mid-call is known to have attempted it) and

@@ -518,6 +518,8 @@ impl Engine {
         let correlation = &saga.instance.correlation_id;
         match outcome {
             Ok(output) => {
+                metrics::histogram!("saga_step_duration_seconds", "step" => step.name, "kind" => kind.as_str(), "outcome" => "succeeded")
+                    .record(took.as_secs_f64());
                 sqlx::query(
                     "UPDATE saga_steps SET status = 'succeeded', output = $4, finished_at = now(), next_attempt_at = NULL
                      WHERE saga_id = $1 AND step = $2 AND kind = $3",
@@ -554,6 +556,15 @@ impl Engine {
                     StepError::Retryable(_) => None,
                 };
                 let will_retry = matches!(error, StepError::Retryable(_)) && give_up.is_none();
+                let reason = match &error {
+                    StepError::Permanent(_) => "permanent",
+                    StepError::Retryable(_) if give_up.is_some() => "exhausted",
+                    StepError::Retryable(_) => "retryable",
+                };
+                metrics::counter!("saga_step_failures_total", "step" => step.name, "kind" => kind.as_str(), "reason" => reason)
+                    .increment(1);
+                metrics::histogram!("saga_step_duration_seconds", "step" => step.name, "kind" => kind.as_str(), "outcome" => "failed")
+                    .record(took.as_secs_f64());
                 let error = give_up.unwrap_or_else(|| error.to_string());
                 tracing::warn!(step = step.name, kind = kind.as_str(), attempt, will_retry, %error, "saga step failed");
                 sqlx::query(
@@ -593,6 +604,18 @@ impl Engine {
         let saga_id = saga.instance.saga_id;
         let correlation = saga.instance.correlation_id.as_str();
         let order_id = saga.instance.business_key.clone();
+        // Counted once the transition has committed.
+        let finished = match &transition {
+            Transition::Complete => Some(SagaState::Completed),
+            Transition::Compensated => Some(SagaState::Compensated),
+            Transition::Fail { .. } => Some(SagaState::Failed),
+            _ => None,
+        };
+        let compensating = matches!(transition, Transition::Compensate { .. });
+        let past_deadline = match &transition {
+            Transition::StepFailed { step, kind, .. } => Some((*step, *kind)),
+            _ => None,
+        };
         let mut tx = self.pool.begin().await.context("starting a transaction")?;
         store::check_fence(&mut tx, saga_id, fence, self.config.lease).await?;
         match transition {
@@ -680,6 +703,17 @@ impl Engine {
             }
         }
         tx.commit().await.context("committing a transition")?;
+        if let Some(state) = finished {
+            metrics::counter!("sagas_finished_total", "saga" => definition.name, "state" => state.as_str()).increment(1);
+        }
+        if compensating {
+            metrics::counter!("saga_compensations_started_total", "saga" => definition.name)
+                .increment(1);
+        }
+        if let Some((step, kind)) = past_deadline {
+            metrics::counter!("saga_step_failures_total", "step" => step, "kind" => kind.as_str(), "reason" => "deadline")
+                .increment(1);
+        }
         Ok(())
     }
 

@@ -17,6 +17,7 @@
 
 pub mod client;
 mod health;
+pub mod http;
 mod platform;
 mod runner;
 mod server;

@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -62,6 +63,27 @@ impl Platform {
             ReadinessCheck::Database(self.pool.clone()),
             ReadinessCheck::Broker(BrokerProbe::new(self.producer.clone())),
         ])
+    }
+
+    /// Sets the outbox gauges before each scrape: how many events wait, and
+    /// for how long the oldest has (the table holds only the backlog, so
+    /// this reads a handful of rows).
+    pub fn outbox_metrics(&self) -> crate::http::Collector {
+        let pool = self.pool.clone();
+        Arc::new(move || {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let read = sqlx::query_as::<_, (i64, Option<f64>)>(
+                    "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox",
+                )
+                .fetch_one(&pool)
+                .await;
+                if let Ok((backlog, oldest)) = read {
+                    metrics::gauge!("outbox_backlog").set(backlog as f64);
+                    metrics::gauge!("outbox_oldest_age_seconds").set(oldest.unwrap_or(0.0));
+                }
+            })
+        })
     }
 
     /// Starts the outbox relay of this service's schema.

@@ -34,6 +34,10 @@ where
                 return ExitCode::FAILURE;
             }
         };
+        if let Err(error) = crate::http::recorder() {
+            eprintln!("{name}: cannot record metrics: {error:#}");
+            return ExitCode::FAILURE;
+        }
         let shutdown = CancellationToken::new();
         tokio::spawn({
             let shutdown = shutdown.clone();

@@ -10,6 +10,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::ServerSettings;
 use crate::health::{self, Readiness};
+use crate::http::{Collector, HttpServer};
 
 /// The gRPC server of a service: bound at construction, then given its
 /// services, then served until shutdown.
@@ -22,6 +23,9 @@ use crate::health::{self, Readiness};
 /// 3. the request timeout, so no handler can hold a connection forever;
 /// 4. the routes: the service's own gRPC services, `grpc.health.v1.Health`
 ///    and reflection (v1 and v1alpha, the latter for grpcurl 1.8).
+///
+/// Beside it runs a small HTTP server with `/metrics` (and any routes the
+/// service adds), on its own port.
 pub struct GrpcServer {
     listener: TcpListener,
     settings: ServerSettings,
@@ -29,6 +33,7 @@ pub struct GrpcServer {
     services: Vec<&'static str>,
     descriptor_sets: Vec<&'static [u8]>,
     access_control: Option<access_control::AuthLayer>,
+    http: HttpServer,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -47,6 +52,7 @@ impl GrpcServer {
         let listener = TcpListener::bind(settings.grpc_addr)
             .await
             .with_context(|| format!("binding the gRPC port {}", settings.grpc_addr))?;
+        let http = HttpServer::bind(settings.metrics_addr).await?;
         Ok(Self {
             listener,
             settings,
@@ -54,7 +60,26 @@ impl GrpcServer {
             services: Vec::new(),
             descriptor_sets: vec![tonic_health::pb::FILE_DESCRIPTOR_SET],
             access_control: None,
+            http,
         })
+    }
+
+    /// The address the HTTP (metrics) server actually bound.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.http.local_addr()
+    }
+
+    /// Serves `router`'s routes on the HTTP port, beside `/metrics`.
+    pub fn http_routes(mut self, router: axum::Router) -> Self {
+        self.http.merge(router);
+        self
+    }
+
+    /// Runs `collector` before each metrics scrape, to set gauges that are
+    /// read rather than counted.
+    pub fn collect_metrics(mut self, collector: Collector) -> Self {
+        self.http.collect(collector);
+        self
     }
 
     /// The address actually bound.
@@ -136,6 +161,7 @@ impl GrpcServer {
             shutdown.clone(),
         ));
 
+        let http = tokio::spawn(self.http.serve(shutdown.clone()));
         tracing::info!(%address, services = ?self.services, "gRPC server listening");
         let serving = tonic::transport::Server::builder()
             .layer(telemetry::grpc::ServerLayer)
@@ -163,6 +189,14 @@ impl GrpcServer {
         };
         shutdown.cancel();
         let _ = health.await;
+        match http.await {
+            Ok(Err(error)) => tracing::warn!(
+                error = format!("{error:#}"),
+                "HTTP server stopped with an error"
+            ),
+            Err(error) => tracing::warn!(%error, "HTTP server task failed"),
+            Ok(Ok(())) => {}
+        }
         outcome
     }
 }

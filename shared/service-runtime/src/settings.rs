@@ -35,6 +35,21 @@ pub struct ServerSettings {
     #[arg(long = "health-check-interval", env = "HEALTH_CHECK_INTERVAL", default_value = "1s",
           value_parser = humantime::parse_duration)]
     pub health_check_interval: Duration,
+
+    /// Address of the HTTP server for Prometheus metrics (`/metrics`), and
+    /// on the orchestrator the dashboard.
+    #[arg(
+        long = "metrics-addr",
+        env = "METRICS_ADDR",
+        default_value = "0.0.0.0:9050"
+    )]
+    pub metrics_addr: SocketAddr,
+}
+
+/// The default metrics port of a service: its gRPC port minus 41000, so
+/// 50051 goes with 9051.
+pub fn default_metrics_port(grpc_port: u16) -> u16 {
+    grpc_port.saturating_sub(41_000)
 }
 
 /// Parses settings from the command line and environment, with the
@@ -68,7 +83,12 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let default_addr = format!("0.0.0.0:{default_grpc_port}");
-    let mut command = S::command().mut_arg("grpc_addr", |arg| arg.default_value(default_addr));
+    let default_metrics_addr = format!("0.0.0.0:{}", default_metrics_port(default_grpc_port));
+    let mut command = S::command()
+        .mut_arg("grpc_addr", |arg| arg.default_value(default_addr))
+        .mut_arg("metrics_addr", |arg| {
+            arg.default_value(default_metrics_addr)
+        });
     let parsed = command
         .try_get_matches_from_mut(args)
         .and_then(|mut matches| S::from_arg_matches_mut(&mut matches));

@@ -71,7 +71,9 @@ where
             .or_else(|| header(correlation::BAGGAGE_HEADER).and_then(CorrelationId::from_baggage))
             .unwrap_or_else(CorrelationId::generate);
         request.extensions_mut().insert(correlation.clone());
-        let span = if is_infrastructure(request.uri().path()) {
+        let infrastructure = is_infrastructure(request.uri().path());
+        let method = request.uri().path().trim_start_matches('/').to_owned();
+        let span = if infrastructure {
             tracing::Span::none()
         } else {
             let rpc = Rpc::from_path(request.uri().path());
@@ -99,9 +101,16 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let future = span.in_scope(|| inner.call(request));
+        let started = std::time::Instant::now();
         let handled = async move {
             let mut response = future.await?;
-            record_status(response.headers());
+            let code = record_status(response.headers());
+            if !infrastructure {
+                let code = format!("{:?}", tonic::Code::from(code));
+                metrics::counter!("grpc_server_requests_total", "method" => method.clone(), "code" => code).increment(1);
+                metrics::histogram!("grpc_server_request_duration_seconds", "method" => method)
+                    .record(started.elapsed().as_secs_f64());
+            }
             if let Some(value) = echoed {
                 response.headers_mut().insert(correlation::HEADER, value);
             }
@@ -213,7 +222,7 @@ fn is_infrastructure(path: &str) -> bool {
 /// travel in the response headers ("trailers-only"); a response without
 /// `grpc-status` there is a normal reply whose status (almost always OK)
 /// follows in the trailers.
-fn record_status(headers: &HeaderMap) {
+fn record_status(headers: &HeaderMap) -> i32 {
     let code: i32 = headers
         .get("grpc-status")
         .and_then(|value| value.to_str().ok())
@@ -224,6 +233,7 @@ fn record_status(headers: &HeaderMap) {
     if code != 0 {
         span.record("otel.status_code", "ERROR");
     }
+    code
 }
 
 struct MetadataExtractor<'a>(&'a HeaderMap);

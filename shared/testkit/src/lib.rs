@@ -82,6 +82,7 @@ impl Scenario {
             ("KAFKA_TOPIC_PREFIX", self.topics.prefix()),
             ("KAFKA_SESSION_TIMEOUT", "2s"),
             ("HEALTH_CHECK_INTERVAL", "100ms"),
+            ("METRICS_ADDR", "127.0.0.1:0"),
             ("SHUTDOWN_GRACE_PERIOD", "5s"),
             ("LOG_LEVEL", "info"),
         ]

@@ -1,0 +1,260 @@
+//! The operators' dashboard, on the orchestrator's HTTP port: a page (`/`)
+//! and the JSON it reads (`/api/summary`, `/api/trace`), built from the same
+//! read models as the gRPC APIs. The JSON needs an admin token, as the
+//! gRPC APIs do; the page asks for one.
+
+use std::sync::Arc;
+
+use access_control::Verifier;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::trace_api;
+use crate::trace_view;
+
+#[derive(Clone)]
+struct Dashboard {
+    pool: PgPool,
+    verifier: Arc<Verifier>,
+}
+
+/// The dashboard's routes.
+pub(crate) fn routes(pool: PgPool, verifier: Arc<Verifier>) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { Html(include_str!("dashboard/index.html")) }),
+        )
+        .route("/api/summary", get(summary))
+        .route("/api/trace", get(trace))
+        .with_state(Dashboard { pool, verifier })
+}
+
+/// Sets the gauge of sagas by active state before each scrape.
+pub(crate) fn saga_metrics(pool: PgPool) -> service_runtime::http::Collector {
+    Arc::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            if let Ok(counts) = active_counts(&pool).await {
+                for state in ["running", "compensating", "failed"] {
+                    let count = counts
+                        .iter()
+                        .find(|(s, _)| s == state)
+                        .map_or(0, |(_, n)| *n);
+                    metrics::gauge!("sagas_active", "state" => state).set(count as f64);
+                }
+            }
+        })
+    })
+}
+
+async fn active_counts(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "SELECT state, count(*) FROM saga_instances
+         WHERE state IN ('running', 'compensating', 'failed') GROUP BY state",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Lets the request through for an admin's token only.
+async fn authorize(dashboard: &Dashboard, headers: &HeaderMap) -> Result<(), Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            (
+                StatusCode::UNAUTHORIZED,
+                "an admin bearer token is required",
+            )
+                .into_response()
+        })?;
+    match dashboard.verifier.verify(token).await {
+        Ok(claims) if claims.is_admin() => Ok(()),
+        Ok(_) => Err((StatusCode::FORBIDDEN, "admins only").into_response()),
+        Err(_) => Err((StatusCode::UNAUTHORIZED, "invalid token").into_response()),
+    }
+}
+
+fn failure(error: &anyhow::Error) -> Response {
+    tracing::error!(error = format!("{error:#}"), "dashboard query failed");
+    (StatusCode::INTERNAL_SERVER_ERROR, "query failed").into_response()
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    active: Counts,
+    last_hour: LastHour,
+    top_failure_reasons: Vec<Reason>,
+    active_flows: Vec<Flow>,
+    recently_finished: Vec<Finished>,
+    recent_events: Vec<Event>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Counts {
+    running: i64,
+    compensating: i64,
+    failed: i64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct LastHour {
+    completed: i64,
+    compensated: i64,
+    failed: i64,
+    /// Completed among finished, from 0 to 1; none finished gives none.
+    completion_rate: Option<f64>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct Reason {
+    reason: String,
+    count: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct Flow {
+    saga_id: Uuid,
+    order_id: String,
+    correlation_id: String,
+    state: String,
+    current_step: Option<String>,
+    age_seconds: i64,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct Finished {
+    saga_id: Uuid,
+    order_id: String,
+    correlation_id: String,
+    state: String,
+    failure_reason: Option<String>,
+    finished_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize)]
+struct Event {
+    occurred_at: DateTime<Utc>,
+    service: String,
+    event_type: String,
+    correlation_id: String,
+    order_id: Option<Uuid>,
+    summary: String,
+}
+
+impl From<trace_view::TraceEventRow> for Event {
+    fn from(row: trace_view::TraceEventRow) -> Self {
+        Self {
+            occurred_at: row.occurred_at,
+            service: row.service,
+            event_type: row.event_type,
+            correlation_id: row.correlation_id,
+            order_id: row.order_id,
+            summary: row.summary,
+        }
+    }
+}
+
+async fn summary(State(dashboard): State<Dashboard>, headers: HeaderMap) -> Response {
+    if let Err(refusal) = authorize(&dashboard, &headers).await {
+        return refusal;
+    }
+    match read_summary(&dashboard.pool).await {
+        Ok(summary) => Json(summary).into_response(),
+        Err(error) => failure(&error),
+    }
+}
+
+async fn read_summary(pool: &PgPool) -> anyhow::Result<Summary> {
+    let mut active = Counts::default();
+    for (state, count) in active_counts(pool).await? {
+        match state.as_str() {
+            "running" => active.running = count,
+            "compensating" => active.compensating = count,
+            _ => active.failed = count,
+        }
+    }
+    let finished: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, count(*) FROM saga_instances WHERE finished_at > now() - interval '1 hour' GROUP BY state",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut last_hour = LastHour::default();
+    for (state, count) in finished {
+        match state.as_str() {
+            "completed" => last_hour.completed = count,
+            "compensated" => last_hour.compensated = count,
+            _ => last_hour.failed += count,
+        }
+    }
+    let total = last_hour.completed + last_hour.compensated + last_hour.failed;
+    last_hour.completion_rate = (total > 0).then(|| last_hour.completed as f64 / total as f64);
+    let top_failure_reasons = sqlx::query_as(
+        "SELECT failure_reason AS reason, count(*) AS count FROM saga_instances
+         WHERE finished_at > now() - interval '1 hour' AND state IN ('compensated', 'failed')
+           AND failure_reason IS NOT NULL
+         GROUP BY failure_reason ORDER BY count(*) DESC, failure_reason LIMIT 5",
+    )
+    .fetch_all(pool)
+    .await?;
+    let now = Utc::now();
+    let active_flows = trace_api::active_flows(pool, None, 20)
+        .await?
+        .into_iter()
+        .map(|flow| Flow {
+            saga_id: flow.saga_id,
+            order_id: flow.business_key,
+            correlation_id: flow.correlation_id,
+            state: flow.state,
+            current_step: flow.current_step,
+            age_seconds: (now - flow.created_at).num_seconds(),
+        })
+        .collect();
+    let recently_finished = sqlx::query_as(
+        "SELECT saga_id, business_key AS order_id, correlation_id, state, failure_reason, finished_at
+         FROM saga_instances WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 10",
+    )
+    .fetch_all(pool)
+    .await?;
+    let recent_events = trace_view::recent(pool, 20)
+        .await?
+        .into_iter()
+        .map(Event::from)
+        .collect();
+    Ok(Summary {
+        active,
+        last_hour,
+        top_failure_reasons,
+        active_flows,
+        recently_finished,
+        recent_events,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct TraceQuery {
+    correlation: String,
+}
+
+async fn trace(
+    State(dashboard): State<Dashboard>,
+    headers: HeaderMap,
+    Query(query): Query<TraceQuery>,
+) -> Response {
+    if let Err(refusal) = authorize(&dashboard, &headers).await {
+        return refusal;
+    }
+    match trace_view::by_correlation(&dashboard.pool, &query.correlation).await {
+        Ok(rows) => Json(rows.into_iter().map(Event::from).collect::<Vec<_>>()).into_response(),
+        Err(error) => failure(&error),
+    }
+}
