@@ -128,31 +128,16 @@ impl StackBuilder {
                 continue;
             }
             let url = scenario.database.provision(&binary.account()).await?;
+            if binary.name == saga_orchestrator::NAME && self.payment_proxy {
+                payment_proxy = Some(FaultProxy::start(services[2].address()).await?);
+            }
             let mut env = scenario.service_env(&url);
-            if binary.name == auth_service::NAME {
-                env.push(("AUTH_ADMIN_EMAIL".into(), ADMIN_EMAIL.into()));
-                env.push(("AUTH_ADMIN_PASSWORD".into(), ADMIN_PASSWORD.into()));
-                env.push((
-                    "AUTH_SERVICE_CLIENTS".into(),
-                    format!("{SAGA_CLIENT_ID}={SAGA_CLIENT_SECRET}"),
-                ));
-            } else {
-                env.push(("AUTH_URL".into(), services[0].url()));
-            }
-            if binary.name == saga_orchestrator::NAME {
-                let payments = if self.payment_proxy {
-                    let proxy = FaultProxy::start(services[2].address()).await?;
-                    let url = format!("http://{}", proxy.address());
-                    payment_proxy = Some(proxy);
-                    url
-                } else {
-                    services[2].url()
-                };
-                env.push(("SERVICE_CLIENT_ID".into(), SAGA_CLIENT_ID.into()));
-                env.push(("SERVICE_CLIENT_SECRET".into(), SAGA_CLIENT_SECRET.into()));
-                env.push(("ORDER_SERVICE_URL".into(), services[1].url()));
-                env.push(("PAYMENT_SERVICE_URL".into(), payments));
-            }
+            env.extend(peer_env(binary.name, |peer| match &payment_proxy {
+                Some(proxy) if peer == payment_service::NAME => {
+                    format!("http://{}", proxy.address())
+                }
+                _ => services[index_of(peer)].url(),
+            }));
             for (service, key, value) in &self.env {
                 if *service == binary.name {
                     env.retain(|(k, _)| k != key);
@@ -352,6 +337,31 @@ impl Stack {
             .into_inner();
         Ok(pair.access_token)
     }
+}
+
+/// What `binary` needs beyond its database and broker: for auth, the admin
+/// and the orchestrator's client credentials; for the others, where auth
+/// is; for the orchestrator, also where its steps go. `url_of` gives the
+/// URL of a peer service by name.
+pub fn peer_env(binary: &str, url_of: impl Fn(&str) -> String) -> Vec<(String, String)> {
+    let mut env: Vec<(&str, String)> = Vec::new();
+    if binary == auth_service::NAME {
+        env.push(("AUTH_ADMIN_EMAIL", ADMIN_EMAIL.into()));
+        env.push(("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD.into()));
+        env.push((
+            "AUTH_SERVICE_CLIENTS",
+            format!("{SAGA_CLIENT_ID}={SAGA_CLIENT_SECRET}"),
+        ));
+    } else {
+        env.push(("AUTH_URL", url_of(auth_service::NAME)));
+    }
+    if binary == saga_orchestrator::NAME {
+        env.push(("SERVICE_CLIENT_ID", SAGA_CLIENT_ID.into()));
+        env.push(("SERVICE_CLIENT_SECRET", SAGA_CLIENT_SECRET.into()));
+        env.push(("ORDER_SERVICE_URL", url_of(order_service::NAME)));
+        env.push(("PAYMENT_SERVICE_URL", url_of(payment_service::NAME)));
+    }
+    env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 fn index_of(name: &str) -> usize {

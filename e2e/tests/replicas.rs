@@ -11,7 +11,7 @@ use std::time::Duration;
 use api_order::v1::order_service_client::OrderServiceClient;
 use api_order::v1::{CancelOrderRequest, CreateOrderRequest};
 use dev_stack::{ServiceProcess, ServingStatus};
-use e2e::{BINARIES, SAGA_CLIENT_ID, SAGA_CLIENT_SECRET, order_request};
+use e2e::{BINARIES, order_request};
 use futures::StreamExt as _;
 use testkit::Scenario;
 use testkit::grpc::{bearer, channel};
@@ -52,37 +52,22 @@ impl Cluster {
     async fn start() -> Self {
         let scenario = Scenario::new().await.unwrap();
 
-        let auth_env = vec![
-            ("AUTH_ADMIN_EMAIL".to_owned(), e2e::ADMIN_EMAIL.to_owned()),
-            (
-                "AUTH_ADMIN_PASSWORD".to_owned(),
-                e2e::ADMIN_PASSWORD.to_owned(),
-            ),
-            (
-                "AUTH_SERVICE_CLIENTS".to_owned(),
-                format!("{SAGA_CLIENT_ID}={SAGA_CLIENT_SECRET}"),
-            ),
-        ];
         let scenario_ref = &scenario;
+        let auth_env = e2e::peer_env(auth_service::NAME, |_| unreachable!("auth calls no one"));
         let auth = start(clone(scenario_ref), 0, &auth_env).await;
-        let with_auth = vec![("AUTH_URL".to_owned(), auth.url())];
+        let with_auth = e2e::peer_env(order_service::NAME, |_| auth.url());
         let (orders, payments) = tokio::join!(
             futures::future::join_all((0..2).map(|_| start(clone(scenario_ref), 1, &with_auth))),
             futures::future::join_all((0..2).map(|_| start(clone(scenario_ref), 2, &with_auth))),
         );
         let orchestrators = futures::future::join_all((0..3).map(|n| {
-            let mut env = with_auth.clone();
+            // Each orchestrator calls its own pair of order and payment replicas.
+            let mut env = e2e::peer_env(saga_orchestrator::NAME, |peer| match peer {
+                order_service::NAME => orders[n % 2].url(),
+                payment_service::NAME => payments[(n + 1) % 2].url(),
+                _ => auth.url(),
+            });
             env.extend([
-                ("SERVICE_CLIENT_ID".to_owned(), SAGA_CLIENT_ID.to_owned()),
-                (
-                    "SERVICE_CLIENT_SECRET".to_owned(),
-                    SAGA_CLIENT_SECRET.to_owned(),
-                ),
-                ("ORDER_SERVICE_URL".to_owned(), orders[n % 2].url()),
-                (
-                    "PAYMENT_SERVICE_URL".to_owned(),
-                    payments[(n + 1) % 2].url(),
-                ),
                 // A dead replica's sagas are taken over after this long.
                 ("SAGA_LEASE".to_owned(), "3s".to_owned()),
                 ("SAGA_ATTEMPT_TIMEOUT".to_owned(), "2s".to_owned()),

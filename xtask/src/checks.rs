@@ -30,6 +30,8 @@ pub(crate) async fn test(args: TestArgs) -> anyhow::Result<()> {
             "warnings",
         ])?;
     }
+    // Manifests that drift from the services fail here, before the tests.
+    crate::deploy::check().await?;
     install::ensure_test_tools()?;
     // The end-to-end tests run the service binaries; building them here,
     // with the same command those tests use, keeps that out of their time.

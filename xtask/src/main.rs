@@ -3,8 +3,10 @@
 //! - `cargo xtask up [--detach]`: PostgreSQL, a Kafka-protocol broker and
 //!   the four services on their default ports, until Ctrl-C (or until
 //!   `cargo xtask down` with `--detach`).
-//! - `cargo xtask test`: format check, clippy, and every test against a
-//!   private PostgreSQL and broker: what CI runs.
+//! - `cargo xtask test`: format check, clippy, the deployment check, and
+//!   every test against a private PostgreSQL and broker: what CI runs.
+//! - `cargo xtask deploy-check`: docker-compose.yml and every Kubernetes
+//!   overlay validated, and checked against the services' settings.
 
 // A command-line tool: printing to stdout is its job.
 #![allow(clippy::print_stdout)]
@@ -14,6 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod checks;
+mod deploy;
 mod install;
 mod stack;
 
@@ -30,8 +33,11 @@ enum Command {
     Up(stack::UpArgs),
     /// Stop a stack started with `up --detach`.
     Down,
-    /// Format check, clippy and every test (what CI runs).
+    /// Format check, clippy, the deployment check and every test (what CI runs).
     Test(checks::TestArgs),
+    /// Validate docker-compose.yml and the Kubernetes overlays, and check
+    /// them against the settings each service reads.
+    DeployCheck,
 }
 
 fn main() -> ExitCode {
@@ -45,6 +51,7 @@ fn main() -> ExitCode {
             Command::Up(args) => stack::up(args).await,
             Command::Down => stack::down().await,
             Command::Test(args) => checks::test(args).await,
+            Command::DeployCheck => deploy::check().await,
         }
     });
     match outcome {

@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use database::ServiceAccount;
 use dev_stack::{Broker, PostgresServer, ServiceProcess, ServingStatus, tools};
 use messaging::Topics;
+use service_runtime::settings::default_metrics_port;
 
 use crate::install;
 
@@ -54,9 +55,6 @@ const SERVICES: [Service; 4] = [
         account: saga_orchestrator::account,
     },
 ];
-
-/// Consumer groups whose dead-letter topics must exist.
-const CONSUMER_GROUPS: &[&str] = &["saga-orchestrator", "trace-view"];
 
 const DATABASE_NAME: &str = "ordersaga";
 
@@ -210,8 +208,13 @@ impl LocalStack {
                 (Some(broker), brokers)
             }
         };
+        // The same job a deployment runs (docker-compose.yml, k8s/).
         let topics = Topics::new(std::env::var("KAFKA_TOPIC_PREFIX").unwrap_or_default());
-        dev_stack::create_topics(&brokers, &topics.all(CONSUMER_GROUPS), 3)?;
+        let layout = ops::TopicLayout {
+            partitions: 3,
+            replication_factor: 1,
+        };
+        ops::create_topics(&brokers, topics.prefix(), &layout, Duration::from_secs(30)).await?;
 
         let logs = state_dir().join("logs");
         std::fs::create_dir_all(&logs)?;
@@ -277,6 +280,17 @@ impl LocalStack {
         }
         text.push_str(&format!("  {:<18} {}\n", "PostgreSQL", self.database_url));
         text.push_str(&format!("  {:<18} {}\n", "Kafka broker", self.brokers));
+        let http_port = |service: &Service| default_metrics_port(service.port);
+        text.push_str(&format!(
+            "  {:<18} http://localhost:{}/\n",
+            "saga dashboard",
+            http_port(&SERVICES[3])
+        ));
+        let metrics: Vec<String> = SERVICES
+            .iter()
+            .map(|service| format!("http://localhost:{}/metrics", http_port(service)))
+            .collect();
+        text.push_str(&format!("  {:<18} {}\n", "metrics", metrics.join(" ")));
         text.push_str(&format!("  {:<18} {}\n", "logs", self.logs.display()));
         text.push_str(&format!(
             "  {:<18} {ADMIN_EMAIL} / {ADMIN_PASSWORD}\n",

@@ -44,6 +44,9 @@ pub const MIGRATIONS: MigrationSet =
     database::migrations!("saga-orchestrator", ["0001_trace_view.sql"]);
 /// The consumer group that starts sagas from order events.
 pub const CONSUMER_GROUP: &str = "saga-orchestrator";
+/// Every consumer group of the system (each has a dead-letter topic that
+/// deployment creates). Only the orchestrator consumes.
+pub const CONSUMER_GROUPS: &[&str] = &[CONSUMER_GROUP, trace_view::CONSUMER_GROUP];
 
 /// The role and schema to provision for this service.
 pub fn account(password: impl Into<String>) -> ServiceAccount {

@@ -120,16 +120,9 @@ impl Broker {
     }
 }
 
-/// Creates topics on any Kafka-protocol broker (existing ones are left as
-/// they are), with `tansu topic create`.
-pub fn create_topics(
-    bootstrap_servers: &str,
-    names: &[String],
-    partitions: u32,
-) -> anyhow::Result<()> {
-    create_topics_with(&tools::tansu()?, bootstrap_servers, names, partitions)
-}
-
+/// Creates topics on a Kafka-protocol broker (existing ones are left as
+/// they are), with `tansu topic create`. (Deployments use `ordersaga-ops
+/// create-topics`, which speaks the Kafka admin API to any broker.)
 pub(crate) fn create_topics_with(
     tansu: &std::path::Path,
     bootstrap_servers: &str,

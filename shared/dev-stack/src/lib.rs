@@ -23,7 +23,7 @@ mod test_env;
 pub mod tools;
 mod topic_reader;
 
-pub use broker::{Broker, create_topics};
+pub use broker::Broker;
 pub use ports::free_port;
 pub use postgres::PostgresServer;
 pub use process::Supervised;

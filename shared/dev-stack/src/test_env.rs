@@ -124,10 +124,16 @@ impl TestDatabase {
         let admin = sqlx::PgPool::connect(&self.admin_url()).await?;
         database::provision(&admin, account).await?;
         admin.close().await;
+        Ok(self.url_for(account))
+    }
+
+    /// The URL a service connects with as `account` (provisioned by
+    /// [`provision`](Self::provision) or by a deployment job).
+    pub fn url_for(&self, account: &database::ServiceAccount) -> String {
         let host = self.base_url.rsplit('@').next().unwrap_or_default();
-        Ok(format!(
+        format!(
             "postgres://{}:{}@{host}/{}",
             account.role, account.password, self.name
-        ))
+        )
     }
 }

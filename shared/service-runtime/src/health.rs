@@ -9,6 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+/// The health service name that reports SERVING for as long as the server
+/// answers, whatever its dependencies do: what a liveness probe asks.
+/// Readiness probes ask about "" (the whole server).
+pub const LIVENESS: &str = "liveness";
+
 /// One dependency that must answer for the service to be ready.
 #[derive(Debug, Clone)]
 pub enum ReadinessCheck {

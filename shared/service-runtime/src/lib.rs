@@ -24,7 +24,7 @@ mod server;
 pub mod settings;
 pub mod status;
 
-pub use health::{Readiness, ReadinessCheck};
+pub use health::{LIVENESS, Readiness, ReadinessCheck};
 pub use platform::Platform;
 pub use runner::{main, shutdown_signal};
 pub use server::GrpcServer;

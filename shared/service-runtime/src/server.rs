@@ -137,6 +137,11 @@ impl GrpcServer {
             tonic_health::ServingStatus::NotServing,
         )
         .await;
+        // Liveness is the server answering at all: a database outage makes a
+        // replica unready, never a candidate for a restart.
+        reporter
+            .set_service_status(health::LIVENESS, tonic_health::ServingStatus::Serving)
+            .await;
         let reflection = || {
             self.descriptor_sets.iter().fold(
                 tonic_reflection::server::Builder::configure(),

@@ -10,7 +10,8 @@ use dev_stack::{FaultProxy, ServingStatus, tools};
 use crate::{Binary, Scenario, ServiceUnderTest};
 
 /// Health reports NOT_SERVING while the database is unreachable and
-/// SERVING again once it is back, for the whole server and each service.
+/// SERVING again once it is back, for the whole server and each service;
+/// liveness stays SERVING throughout.
 pub async fn health_follows_the_database(binary: Binary) -> anyhow::Result<()> {
     let scenario = Scenario::new().await?;
     let url = scenario.database.provision(&binary.account()).await?;
@@ -37,6 +38,11 @@ pub async fn health_follows_the_database(binary: Binary) -> anyhow::Result<()> {
             .wait_for_health(name, ServingStatus::NotServing, Duration::from_secs(10))
             .await?;
     }
+    // Unready, yet alive: a liveness probe must not restart it for this.
+    ensure!(
+        process.health(service_runtime::LIVENESS).await? == ServingStatus::Serving,
+        "liveness must stay SERVING while the database is away"
+    );
 
     proxy.restore();
     process

@@ -50,7 +50,9 @@ pub struct Scenario {
     pub topics: Topics,
 }
 
-/// Consumer groups whose dead-letter topics exist in every scenario.
+/// Consumer groups whose dead-letter topics exist in every scenario: the
+/// orchestrator's `CONSUMER_GROUPS` (testkit sits below the services, so
+/// it cannot name theirs; `deploy/ops`'s tests check the two agree).
 pub const CONSUMER_GROUPS: &[&str] = &["saga-orchestrator", "trace-view"];
 
 impl Scenario {

@@ -1,0 +1,197 @@
+//! The deployment's one-off jobs, shared by `docker-compose.yml`, the
+//! Kubernetes manifests, `cargo xtask up` and the tests, so that all of
+//! them provision and create topics with the same code:
+//!
+//! - [`provision`]: each service's role and schema (replica-safe);
+//! - [`create_topics`]: every topic and dead-letter topic (idempotent);
+//! - [`health_check`]: a gRPC health check, for container health checks.
+
+pub mod cli;
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use database::ServiceAccount;
+use messaging::Topics;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Every service's account, with the password it is given.
+pub fn accounts(passwords: &Passwords) -> [ServiceAccount; 4] {
+    [
+        auth_service::account(passwords.auth.clone()),
+        order_service::account(passwords.order.clone()),
+        payment_service::account(passwords.payment.clone()),
+        saga_orchestrator::account(passwords.saga.clone()),
+    ]
+}
+
+/// The database password of each service's role.
+#[derive(Clone, clap::Args)]
+pub struct Passwords {
+    #[arg(
+        long = "auth-db-password",
+        env = "AUTH_DB_PASSWORD",
+        hide_env_values = true
+    )]
+    pub auth: String,
+    #[arg(
+        long = "order-db-password",
+        env = "ORDER_DB_PASSWORD",
+        hide_env_values = true
+    )]
+    pub order: String,
+    #[arg(
+        long = "payment-db-password",
+        env = "PAYMENT_DB_PASSWORD",
+        hide_env_values = true
+    )]
+    pub payment: String,
+    #[arg(
+        long = "saga-db-password",
+        env = "SAGA_DB_PASSWORD",
+        hide_env_values = true
+    )]
+    pub saga: String,
+}
+
+impl std::fmt::Debug for Passwords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passwords(<redacted>)")
+    }
+}
+
+/// Creates (or brings up to date) every service's role and schema in the
+/// database `admin_url` names, waiting up to `wait` for it to answer.
+pub async fn provision(
+    admin_url: &str,
+    passwords: &Passwords,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let admin = loop {
+        match sqlx::PgPool::connect(admin_url).await {
+            Ok(pool) => break pool,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                eprintln!("database not reachable yet ({error}); retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => {
+                return Err(error).context("connecting to the database as its administrator");
+            }
+        }
+    };
+    for account in accounts(passwords) {
+        database::provision(&admin, &account).await?;
+    }
+    admin.close().await;
+    Ok(())
+}
+
+/// How the topics are laid out.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopicLayout {
+    /// Partitions of each topic: the most replicas of a consumer that can
+    /// share its work.
+    #[arg(long = "kafka-topic-partitions", env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 6,
+          value_parser = clap::value_parser!(i32).range(1..=1000))]
+    pub partitions: i32,
+
+    /// Copies of each partition (3 on a production cluster).
+    #[arg(long = "kafka-replication-factor", env = "KAFKA_REPLICATION_FACTOR", default_value_t = 1,
+          value_parser = clap::value_parser!(i32).range(1..=10))]
+    pub replication_factor: i32,
+}
+
+/// Every topic the system uses, for its consumer groups.
+pub fn topics(prefix: &str) -> Vec<String> {
+    Topics::new(prefix).all(saga_orchestrator::CONSUMER_GROUPS)
+}
+
+/// Creates every topic that does not exist yet, waiting up to `wait` for
+/// the brokers.
+pub async fn create_topics(
+    brokers: &str,
+    prefix: &str,
+    layout: &TopicLayout,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("creating a Kafka admin client")?;
+    let names = topics(prefix);
+    let new_topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                layout.partitions,
+                TopicReplication::Fixed(layout.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match admin.create_topics(&new_topics, &options).await {
+            Ok(results) => {
+                for result in results {
+                    match result {
+                        Ok(name) => eprintln!("created topic {name}"),
+                        Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                            eprintln!("topic {name} exists")
+                        }
+                        Err((name, code)) => bail!("creating topic {name}: {code}"),
+                    }
+                }
+                return Ok(());
+            }
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                eprintln!("brokers not reachable yet ({error}); retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(error).context("creating topics"),
+        }
+    }
+}
+
+/// Whether the gRPC server at `address` reports `service` ("" for all) SERVING.
+pub async fn health_check(address: &str, service: &str) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .status();
+    if status != ServingStatus::Serving {
+        bail!("{address} reports {}", status.as_str_name());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        crate::cli::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_jobs_create_the_dead_letter_topics_the_tests_create() {
+        assert_eq!(saga_orchestrator::CONSUMER_GROUPS, testkit::CONSUMER_GROUPS);
+    }
+}
