@@ -10,14 +10,19 @@
 //! not the event's fault: they are retried for as long as it takes, without
 //! spending the event's budget.
 //!
-//! Records are handled one at a time in arrival order, which keeps each
-//! aggregate's events (one key, one partition) in order.
+//! Records are handled in arrival order, which keeps each aggregate's
+//! events (one key, one partition) in order. Whatever has already arrived
+//! when the consumer looks (up to [`MAX_BATCH`] records) is applied in one
+//! transaction, so a backlog costs one commit per batch, not per event; if
+//! any record of a batch fails, the batch is rolled back and its records
+//! are handled one at a time, each with its own retries.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::FutureExt as _;
 use prost::Message as _;
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
@@ -32,6 +37,9 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::{EventEnvelope, KafkaSettings, Topics, kafka};
+
+/// The most records applied in one transaction.
+pub const MAX_BATCH: usize = 256;
 
 /// An event as handed to an [`EventHandler`].
 #[derive(Debug, Clone)]
@@ -58,6 +66,9 @@ pub enum HandleError {
 }
 
 /// Applies events of the topics a [`Consumer`] reads.
+///
+/// All of a handler's effects must live in the transaction it is given: an
+/// event whose batch is rolled back is handed to it again.
 pub trait EventHandler: Send + Sync + 'static {
     /// Applies `event` using `conn`, which is inside the transaction that
     /// also records the event in the inbox: both commit or neither does.
@@ -164,10 +175,24 @@ impl<H: EventHandler> Consumer<H> {
             match message {
                 Ok(message) => {
                     backoff.reset();
-                    if self.process(&message, &shutdown).await
-                        && let Err(error) = self.kafka.store_offset_from_message(&message)
-                    {
-                        tracing::warn!(%error, "could not store the consumer offset");
+                    // Records that have arrived meanwhile join this one,
+                    // without waiting for more.
+                    let mut batch = vec![message];
+                    while batch.len() < MAX_BATCH {
+                        match self.kafka.recv().now_or_never() {
+                            Some(Ok(message)) => batch.push(message),
+                            Some(Err(error)) => {
+                                tracing::warn!(%error, group = %self.group, "Kafka consumer error");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    let done = self.process_batch(&batch, &shutdown).await;
+                    for message in &batch[..done] {
+                        if let Err(error) = self.kafka.store_offset_from_message(message) {
+                            tracing::warn!(%error, "could not store the consumer offset");
+                        }
                     }
                 }
                 Err(error) => {
@@ -184,9 +209,71 @@ impl<H: EventHandler> Consumer<H> {
         tracing::debug!(group = %self.group, "consumer stopped");
     }
 
-    /// Handles one record; returns false when shutdown interrupted it (the
-    /// record will be delivered again).
-    async fn process(&self, message: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> bool {
+    /// Handles `batch` in order; returns how many of its records, from the
+    /// first, are done (the rest, interrupted by shutdown, come again).
+    async fn process_batch(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        shutdown: &CancellationToken,
+    ) -> usize {
+        if batch.len() > 1 && self.apply_all_at_once(batch).await {
+            return batch.len();
+        }
+        for (done, message) in batch.iter().enumerate() {
+            if !self.process(message, shutdown).await {
+                return done;
+            }
+        }
+        batch.len()
+    }
+
+    /// The fast path: every record of `batch` applied in one transaction.
+    /// False, with nothing applied, if a record is undecodable, a handler
+    /// fails or the transaction does: then each record goes the slow way.
+    async fn apply_all_at_once(&self, batch: &[BorrowedMessage<'_>]) -> bool {
+        let mut events = Vec::with_capacity(batch.len());
+        for message in batch {
+            let Ok(event) = decode(message) else {
+                return false;
+            };
+            let span = self.span_for(message);
+            record_event(&span, &event);
+            events.push((span, event));
+        }
+        let Ok(mut tx) = self.pool.begin().await else {
+            return false;
+        };
+        let mut outcomes = Vec::with_capacity(events.len());
+        for (span, event) in &events {
+            let apply = self.apply_in(&mut tx, event).instrument(span.clone());
+            match telemetry::correlation::scope(event.correlation.clone(), apply).await {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(_) => {
+                    tracing::debug!(
+                        size = batch.len(),
+                        "a record of the batch failed; one at a time"
+                    );
+                    return false;
+                }
+            }
+        }
+        if tx.commit().await.is_err() {
+            return false;
+        }
+        for outcome in outcomes {
+            let outcome = match outcome {
+                Outcome::Duplicate => "duplicate",
+                Outcome::Handled | Outcome::Failed { .. } => "handled",
+            };
+            metrics::counter!("events_consumed_total", "group" => self.group.clone(), "outcome" => outcome)
+                .increment(1);
+        }
+        true
+    }
+
+    /// The span of processing `message`, a child of the span that produced
+    /// it (from its `traceparent` header).
+    fn span_for(&self, message: &BorrowedMessage<'_>) -> tracing::Span {
         let headers: Vec<(String, String)> = message
             .headers()
             .map(|headers| {
@@ -214,7 +301,13 @@ impl<H: EventHandler> Consumer<H> {
             trace_id = tracing::field::Empty,
         );
         telemetry::propagation::adopt_parent(&span, received.context);
+        span
+    }
 
+    /// Handles one record; returns false when shutdown interrupted it (the
+    /// record will be delivered again).
+    async fn process(&self, message: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> bool {
+        let span = self.span_for(message);
         let event = match decode(message) {
             Ok(event) => event,
             Err(error) => {
@@ -230,14 +323,7 @@ impl<H: EventHandler> Consumer<H> {
                     .await;
             }
         };
-        span.record(
-            "messaging.message.id",
-            tracing::field::display(event.event_id),
-        );
-        span.record(
-            "correlation_id",
-            tracing::field::display(&event.correlation),
-        );
+        record_event(&span, &event);
         let correlation = event.correlation.clone();
         let count = |outcome: &'static str| {
             metrics::counter!("events_consumed_total", "group" => self.group.clone(), "outcome" => outcome).increment(1);
@@ -318,12 +404,24 @@ impl<H: EventHandler> Consumer<H> {
 
     async fn apply_once(&self, event: &ReceivedEvent) -> Result<Outcome, Failure> {
         let mut tx = self.pool.begin().await.map_err(infrastructure)?;
+        let outcome = self.apply_in(&mut tx, event).await?;
+        tx.commit().await.map_err(infrastructure)?;
+        Ok(outcome)
+    }
+
+    /// Records `event` in the inbox and applies it, inside the caller's
+    /// transaction: a duplicate is recognised and skipped.
+    async fn apply_in(
+        &self,
+        conn: &mut PgConnection,
+        event: &ReceivedEvent,
+    ) -> Result<Outcome, Failure> {
         let first_time = sqlx::query(
             "INSERT INTO inbox (consumer, event_id, outcome) VALUES ($1, $2, 'handled') ON CONFLICT DO NOTHING",
         )
         .bind(&self.group)
         .bind(event.event_id)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await
         .map_err(infrastructure)?
         .rows_affected()
@@ -332,7 +430,7 @@ impl<H: EventHandler> Consumer<H> {
             tracing::debug!("duplicate delivery; already handled");
             return Ok(Outcome::Duplicate);
         }
-        if let Err(error) = self.handler.handle(&mut tx, event).await {
+        if let Err(error) = self.handler.handle(conn, event).await {
             // A handler whose queries failed because the database went away
             // is not at fault.
             return Err(match &error {
@@ -344,7 +442,6 @@ impl<H: EventHandler> Consumer<H> {
                 _ => Failure::Handler(error),
             });
         }
-        tx.commit().await.map_err(infrastructure)?;
         Ok(Outcome::Handled)
     }
 
@@ -472,6 +569,18 @@ fn decode(message: &BorrowedMessage<'_>) -> anyhow::Result<ReceivedEvent> {
         correlation,
         envelope,
     })
+}
+
+/// Puts what the envelope says on the span of processing it.
+fn record_event(span: &tracing::Span, event: &ReceivedEvent) {
+    span.record(
+        "messaging.message.id",
+        tracing::field::display(event.event_id),
+    );
+    span.record(
+        "correlation_id",
+        tracing::field::display(&event.correlation),
+    );
 }
 
 /// Full jitter on a backoff step, so retrying replicas spread out.

@@ -341,3 +341,69 @@ async fn trace_context_and_correlation_id_survive_the_kafka_hop() {
     let published = messaging::EventEnvelope::decode(record.payload().unwrap()).unwrap();
     assert_eq!(published.correlation_id, "kafka-hop-1");
 }
+
+#[tokio::test]
+async fn a_backlog_is_applied_in_batches_once_each_in_order() {
+    const EVENTS: usize = 300;
+    let fixture = Fixture::new().await;
+    let topic = fixture.topics.order_events();
+    let producer = fixture.producer();
+    // Three aggregates, interleaved, all published before the consumer runs.
+    let mut produced: Vec<(String, uuid::Uuid)> = Vec::new();
+    for n in 0..EVENTS {
+        let aggregate = format!("widget-{}", n % 3);
+        let event = widget_event(&aggregate, &CorrelationId::generate());
+        produced.push((aggregate.clone(), event.event_id.parse().unwrap()));
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key(&aggregate)
+                    .payload(&event.encode_to_vec()),
+                Timeout::Never,
+            )
+            .await
+            .unwrap();
+    }
+
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(
+        &fixture.kafka,
+        "shop-consumer",
+        &[topic],
+        fixture.pool.clone(),
+        producer.clone(),
+        RecordingHandler::default(),
+    )
+    .unwrap();
+    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    fixture.wait_for_effects(EVENTS).await;
+    shutdown.cancel();
+    task.await.unwrap();
+
+    // Each event once, each aggregate's events in the order published.
+    let applied: Vec<(String, uuid::Uuid)> =
+        sqlx::query_as("SELECT aggregate_id, event_id FROM effects ORDER BY seq")
+            .fetch_all(&fixture.pool)
+            .await
+            .unwrap();
+    assert_eq!(applied.len(), EVENTS);
+    for aggregate in ["widget-0", "widget-1", "widget-2"] {
+        let of = |events: &[(String, uuid::Uuid)]| -> Vec<uuid::Uuid> {
+            events
+                .iter()
+                .filter(|(a, _)| a == aggregate)
+                .map(|(_, id)| *id)
+                .collect()
+        };
+        assert_eq!(of(&applied), of(&produced), "{aggregate} in order");
+    }
+    // A backlog costs a commit per batch, not per event.
+    let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT tx) FROM effects")
+        .fetch_one(&fixture.pool)
+        .await
+        .unwrap();
+    assert!(
+        transactions <= (EVENTS / 10) as i64,
+        "{EVENTS} events took {transactions} transactions"
+    );
+}

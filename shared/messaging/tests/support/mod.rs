@@ -19,7 +19,10 @@ const EFFECTS: MigrationSet = MigrationSet {
     component: "messaging-test",
     migrations: &[Migration {
         name: "0001_effects.sql",
-        sql: "CREATE TABLE effects (event_id UUID NOT NULL, aggregate_id TEXT NOT NULL);
+        // `seq` is the order effects were applied in, `tx` the transaction
+        // that applied them.
+        sql: "CREATE TABLE effects (seq BIGSERIAL, event_id UUID NOT NULL, aggregate_id TEXT NOT NULL,
+                                    tx BIGINT NOT NULL DEFAULT txid_current());
               CREATE TABLE widgets (name TEXT PRIMARY KEY);",
     }],
 };
