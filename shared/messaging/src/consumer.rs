@@ -261,9 +261,10 @@ impl<H: EventHandler> Consumer<H> {
             return false;
         }
         for outcome in outcomes {
-            let outcome = match outcome {
-                Outcome::Duplicate => "duplicate",
-                Outcome::Handled | Outcome::Failed { .. } => "handled",
+            let outcome = if matches!(outcome, Outcome::Duplicate) {
+                "duplicate"
+            } else {
+                "handled"
             };
             metrics::counter!("events_consumed_total", "group" => self.group.clone(), "outcome" => outcome)
                 .increment(1);
