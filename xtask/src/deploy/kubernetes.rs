@@ -1,0 +1,372 @@
+//! The rendered Kubernetes manifests of an overlay: every container of our
+//! image gets the settings its program reads, and each service keeps what
+//! the project promises of it (replicas, probes, resources, a hardened pod,
+//! a disruption budget, an autoscaler), next to the jobs and a default-deny
+//! network policy.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+
+use super::settings::{Container, check_env};
+use super::{IMAGE, OPS, SERVICES, ServiceBinary, image_name, prefixed, strings};
+
+/// What is wrong with one overlay's rendered `documents`.
+pub(super) fn check_kubernetes(documents: &[Value]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let of_kind = |kind: &'static str| documents.iter().filter(move |doc| doc["kind"] == kind);
+    let name_of = |doc: &Value| {
+        doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    // Keys of every ConfigMap and Secret, for envFrom.
+    let keys = |kind: &'static str| -> BTreeMap<String, BTreeSet<String>> {
+        of_kind(kind)
+            .map(|doc| {
+                let keys = ["data", "stringData", "binaryData"]
+                    .iter()
+                    .filter_map(|field| doc[field].as_object())
+                    .flat_map(|map| map.keys().cloned())
+                    .collect();
+                (name_of(doc), keys)
+            })
+            .collect()
+    };
+    let config_maps = keys("ConfigMap");
+    let secrets = keys("Secret");
+
+    // Every container of our image, in every kind of workload.
+    let workloads: Vec<&Value> = documents
+        .iter()
+        .filter(|doc| !doc["spec"]["template"]["spec"]["containers"].is_null())
+        .collect();
+    let mut ours: Vec<(&Value, &Value)> = Vec::new();
+    for workload in &workloads {
+        let pod = &workload["spec"]["template"]["spec"];
+        for container in pod["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(pod["initContainers"].as_array().into_iter().flatten())
+        {
+            if image_name(container["image"].as_str().unwrap_or_default()) != IMAGE {
+                continue;
+            }
+            let place = format!(
+                "{}/{} container {}",
+                workload["kind"].as_str().unwrap_or_default(),
+                name_of(workload),
+                container["name"].as_str().unwrap_or_default()
+            );
+            let mut env: BTreeSet<String> = container["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|var| var["name"].as_str().map(str::to_owned))
+                .collect();
+            for source in container["envFrom"].as_array().into_iter().flatten() {
+                let prefix = source["prefix"].as_str().unwrap_or_default();
+                let (reference, sources) = if source["configMapRef"].is_null() {
+                    (&source["secretRef"], &secrets)
+                } else {
+                    (&source["configMapRef"], &config_maps)
+                };
+                let referenced = reference["name"].as_str().unwrap_or_default();
+                match sources.get(referenced) {
+                    Some(keys) => env.extend(keys.iter().map(|key| format!("{prefix}{key}"))),
+                    None => problems.push(format!(
+                        "{place}: envFrom names {referenced:?}, which this overlay does not define"
+                    )),
+                }
+            }
+            problems.extend(check_env(&Container {
+                place: place.clone(),
+                command: strings(&container["command"]),
+                env,
+            }));
+            ours.push((workload, container));
+        }
+    }
+
+    for binary in &SERVICES {
+        let Some((deployment, container)) = ours.iter().copied().find(|(workload, container)| {
+            workload["kind"] == "Deployment"
+                && strings(&container["command"]).first().map(String::as_str) == Some(binary.name)
+        }) else {
+            problems.push(format!("no Deployment runs `{}`", binary.name));
+            continue;
+        };
+        let place = format!("Deployment/{}", name_of(deployment));
+        problems.extend(prefixed(
+            &place,
+            check_deployment(deployment, container, binary),
+        ));
+        let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+        let selects_pods = |selector: &Value| {
+            selector.as_object().is_some_and(|selector| {
+                !selector.is_empty()
+                    && selector
+                        .iter()
+                        .all(|(key, value)| pod_labels[key] == *value)
+            })
+        };
+        let service = of_kind("Service").find(|service| selects_pods(&service["spec"]["selector"]));
+        match service {
+            None => problems.push(format!("{place}: no Service selects its pods")),
+            Some(service) => {
+                let grpc_port = service["spec"]["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|port| port["name"] == "grpc");
+                if !grpc_port {
+                    problems.push(format!("Service/{}: no port named grpc", name_of(service)));
+                }
+            }
+        }
+        if !of_kind("PodDisruptionBudget")
+            .any(|pdb| selects_pods(&pdb["spec"]["selector"]["matchLabels"]))
+        {
+            problems.push(format!("{place}: no PodDisruptionBudget covers it"));
+        }
+        let hpa = of_kind("HorizontalPodAutoscaler").find(|hpa| {
+            hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+                && hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+        });
+        match hpa {
+            None => problems.push(format!("{place}: no HorizontalPodAutoscaler scales it")),
+            Some(hpa) if hpa["spec"]["minReplicas"].as_u64().unwrap_or(1) < binary.min_replicas => {
+                problems.push(format!(
+                    "HorizontalPodAutoscaler/{}: minReplicas below {}",
+                    name_of(hpa),
+                    binary.min_replicas
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+
+    for job in ["provision", "create-topics"] {
+        let runs_job = ours.iter().any(|(workload, container)| {
+            workload["kind"] == "Job" && strings(&container["command"]) == [OPS, job]
+        });
+        if !runs_job {
+            problems.push(format!("no Job runs `{OPS} {job}`"));
+        }
+    }
+
+    let default_deny = of_kind("NetworkPolicy").any(|policy| {
+        let spec = &policy["spec"];
+        spec["podSelector"]
+            .as_object()
+            .is_some_and(serde_json::Map::is_empty)
+            && strings(&spec["policyTypes"]) == ["Ingress", "Egress"]
+            && spec["ingress"].is_null()
+            && spec["egress"].is_null()
+    });
+    if !default_deny {
+        problems
+            .push("no default-deny NetworkPolicy (all pods, Ingress and Egress, no rules)".into());
+    }
+    problems
+}
+
+/// Replicas, probes, resources and the hardened pod of one service.
+fn check_deployment(deployment: &Value, container: &Value, binary: &ServiceBinary) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pod = &deployment["spec"]["template"]["spec"];
+    if deployment["spec"]["replicas"].as_u64().unwrap_or(1) < binary.min_replicas {
+        problems.push(format!("fewer than {} replicas", binary.min_replicas));
+    }
+    let grpc_port = container["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|port| port["name"] == "grpc")
+        .and_then(|port| port["containerPort"].as_u64());
+    if grpc_port != Some(u64::from(binary.grpc_port)) {
+        problems.push(format!(
+            "its port named grpc is not {} (the port {} listens on)",
+            binary.grpc_port, binary.name
+        ));
+    }
+    for probe in ["readinessProbe", "livenessProbe"] {
+        if container[probe]["grpc"]["port"].as_u64() != Some(u64::from(binary.grpc_port)) {
+            problems.push(format!(
+                "{probe} is not a gRPC probe of port {}",
+                binary.grpc_port
+            ));
+        }
+    }
+    if container["livenessProbe"]["grpc"]["service"] != service_runtime::LIVENESS {
+        problems.push(format!(
+            "livenessProbe must ask for {:?}: readiness follows the database, and an outage must not restart pods",
+            service_runtime::LIVENESS
+        ));
+    }
+    for field in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            if container["resources"][field][resource].is_null() {
+                problems.push(format!("no {resource} {field}"));
+            }
+        }
+    }
+    let pod_security = &pod["securityContext"];
+    let security = &container["securityContext"];
+    let hardened = [
+        (
+            "runAsNonRoot",
+            pod_security["runAsNonRoot"] == true || security["runAsNonRoot"] == true,
+        ),
+        (
+            "readOnlyRootFilesystem",
+            security["readOnlyRootFilesystem"] == true,
+        ),
+        (
+            "allowPrivilegeEscalation: false",
+            security["allowPrivilegeEscalation"] == false,
+        ),
+        (
+            "capabilities drop ALL",
+            strings(&security["capabilities"]["drop"])
+                .iter()
+                .any(|cap| cap == "ALL"),
+        ),
+    ];
+    for (requirement, holds) in hardened {
+        if !holds {
+            problems.push(format!("pod not hardened: {requirement}"));
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A minimal overlay that passes, for the tests below to break.
+    fn good_overlay() -> Vec<Value> {
+        let mut documents = vec![
+            json!({"kind": "ConfigMap", "metadata": {"name": "platform-abc"}, "data": {"KAFKA_BROKERS": "kafka:9092"}}),
+            json!({"kind": "NetworkPolicy", "metadata": {"name": "deny"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}),
+        ];
+        for job in ["provision", "create-topics"] {
+            let env = if job == "provision" {
+                json!([{"name": "ADMIN_DATABASE_URL"}, {"name": "AUTH_DB_PASSWORD"}, {"name": "ORDER_DB_PASSWORD"}, {"name": "PAYMENT_DB_PASSWORD"}, {"name": "SAGA_DB_PASSWORD"}])
+            } else {
+                json!([{"name": "KAFKA_BROKERS"}])
+            };
+            documents.push(json!({"kind": "Job", "metadata": {"name": job}, "spec": {"template": {"spec": {
+                "containers": [{"name": job, "image": "ordersaga:dev", "command": [OPS, job], "env": env}]}}}}));
+        }
+        for binary in &SERVICES {
+            let name = binary.name;
+            let mut env = vec![json!({"name": "DATABASE_URL"})];
+            match name {
+                "auth" => {}
+                "saga-orchestrator" => {
+                    for var in [
+                        "AUTH_URL",
+                        "ORDER_SERVICE_URL",
+                        "PAYMENT_SERVICE_URL",
+                        "SERVICE_CLIENT_ID",
+                        "SERVICE_CLIENT_SECRET",
+                    ] {
+                        env.push(json!({"name": var}));
+                    }
+                }
+                _ => env.push(json!({"name": "AUTH_URL"})),
+            }
+            let labels = json!({"app": name});
+            let probe = |service: Option<&str>| match service {
+                Some(service) => json!({"grpc": {"port": binary.grpc_port, "service": service}}),
+                None => json!({"grpc": {"port": binary.grpc_port}}),
+            };
+            documents.push(json!({"kind": "Deployment", "metadata": {"name": name}, "spec": {
+                "replicas": binary.min_replicas,
+                "template": {"metadata": {"labels": labels}, "spec": {
+                    "securityContext": {"runAsNonRoot": true},
+                    "containers": [{
+                        "name": name, "image": "registry.example.com/ordersaga:1", "command": [name],
+                        "ports": [{"name": "grpc", "containerPort": binary.grpc_port}],
+                        "env": env,
+                        "envFrom": [{"configMapRef": {"name": "platform-abc"}}],
+                        "readinessProbe": probe(None),
+                        "livenessProbe": probe(Some(service_runtime::LIVENESS)),
+                        "resources": {"requests": {"cpu": "1", "memory": "1"}, "limits": {"cpu": "1", "memory": "1"}},
+                        "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}
+                    }]}}}}));
+            documents.push(json!({"kind": "Service", "metadata": {"name": name}, "spec": {"selector": labels, "ports": [{"name": "grpc", "port": binary.grpc_port}]}}));
+            documents.push(json!({"kind": "PodDisruptionBudget", "metadata": {"name": name}, "spec": {"selector": {"matchLabels": labels}}}));
+            documents.push(json!({"kind": "HorizontalPodAutoscaler", "metadata": {"name": name}, "spec": {
+                "scaleTargetRef": {"kind": "Deployment", "name": name}, "minReplicas": binary.min_replicas}}));
+        }
+        documents
+    }
+
+    #[test]
+    fn a_complete_overlay_passes() {
+        assert_eq!(check_kubernetes(&good_overlay()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_config_map_key_counts_and_a_missing_map_is_reported() {
+        let mut documents = good_overlay();
+        // KAFKA_BROKERS comes only from the ConfigMap: without it, every service misses it.
+        documents.retain(|doc| doc["kind"] != "ConfigMap");
+        let problems = check_kubernetes(&documents);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("envFrom names \"platform-abc\"")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p
+                    .contains("Deployment/order container order: required setting KAFKA_BROKERS")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn weakened_manifests_are_reported() {
+        let mut documents = good_overlay();
+        for doc in &mut documents {
+            if doc["kind"] == "Deployment" && doc["metadata"]["name"] == "saga-orchestrator" {
+                doc["spec"]["replicas"] = json!(2);
+                let container = &mut doc["spec"]["template"]["spec"]["containers"][0];
+                container["securityContext"]["readOnlyRootFilesystem"] = json!(false);
+                container["livenessProbe"] = json!({"grpc": {"port": 50054}});
+            }
+        }
+        documents.retain(|doc| {
+            !(doc["kind"] == "HorizontalPodAutoscaler" && doc["metadata"]["name"] == "payment")
+        });
+        documents
+            .retain(|doc| !(doc["kind"] == "Job" && doc["metadata"]["name"] == "create-topics"));
+        documents.retain(|doc| doc["kind"] != "NetworkPolicy");
+        let problems = check_kubernetes(&documents);
+        for expected in [
+            "Deployment/saga-orchestrator: fewer than 3 replicas",
+            "Deployment/saga-orchestrator: pod not hardened: readOnlyRootFilesystem",
+            "Deployment/saga-orchestrator: livenessProbe must ask for \"liveness\"",
+            "Deployment/payment: no HorizontalPodAutoscaler scales it",
+            "no Job runs `ordersaga-ops create-topics`",
+            "no default-deny NetworkPolicy",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "missing {expected:?} in {problems:?}"
+            );
+        }
+        assert_eq!(problems.len(), 6, "{problems:?}");
+    }
+}
