@@ -262,9 +262,15 @@ async fn replicas_survive_a_killed_orchestrator_and_keep_the_money_right() {
             other => panic!("order {order_id} ended {other} with saga {saga}"),
         }
     }
+    let reasons: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT failure_reason, count(*) FROM saga.saga_instances GROUP BY 1 ORDER BY 2 DESC",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert!(
         confirmed > ORDERS / 2 && closed > ORDERS / 10,
-        "{confirmed} confirmed, {closed} closed"
+        "{confirmed} confirmed, {closed} closed; saga failure reasons: {reasons:?}"
     );
     let survivors = &mut cluster.orchestrators[1..];
     for orchestrator in survivors {

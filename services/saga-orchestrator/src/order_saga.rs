@@ -104,9 +104,16 @@ fn request<T>(message: T, context: &StepContext) -> tonic::Request<T> {
 }
 
 /// Whether a failed call may succeed if made again: the downstream was
-/// unreachable, overloaded, slow, or our token was refused (it renews).
+/// unreachable, overloaded, slow, or our token was refused (it renews). A
+/// call an open circuit refused was never made, and costs no attempt.
 fn classify(status: &tonic::Status) -> StepError {
     let message = format!("{:?}: {}", status.code(), status.message());
+    if let Some(retry_after) = service_runtime::client::refused_by_circuit(status) {
+        return StepError::NotAttempted {
+            reason: message,
+            retry_after,
+        };
+    }
     match status.code() {
         Code::Unavailable
         | Code::DeadlineExceeded

@@ -129,6 +129,15 @@ pub enum StepError {
     /// Will not succeed (a declined payment, a refused command).
     #[error("{0}")]
     Permanent(String),
+    /// Nothing was tried (a circuit breaker refused the call): try again
+    /// after `retry_after`, without spending one of the step's attempts
+    /// (its deadline still holds). Otherwise an open circuit would use up a
+    /// saga's retries in moments and compensate it for no fault of its own.
+    #[error("{reason}")]
+    NotAttempted {
+        reason: String,
+        retry_after: Duration,
+    },
 }
 
 /// An action or a compensation. Must be idempotent: after a crash or a

@@ -540,25 +540,28 @@ impl Engine {
                 self.publish(conn, saga_id, correlation, &event).await?;
             }
             Err(error) => {
-                let retry_at = Utc::now() + chrono::Duration::from_std(policy.backoff(attempt))?;
+                let (delay, spent) = match &error {
+                    StepError::NotAttempted { retry_after, .. } => (*retry_after, false),
+                    _ => (policy.backoff(attempt), true),
+                };
+                let retry_at = Utc::now() + chrono::Duration::from_std(delay)?;
+                let retryable = !matches!(error, StepError::Permanent(_));
                 // Give up as soon as no retry can happen: no attempts left,
                 // or the next one would start after the deadline.
-                let give_up = match &error {
-                    StepError::Permanent(_) => None,
-                    StepError::Retryable(_) if attempt >= policy.max_attempts => {
-                        Some(format!("{error} (no attempts left after {attempt})"))
-                    }
-                    StepError::Retryable(_)
-                        if deadline_at.is_some_and(|deadline| retry_at >= deadline) =>
-                    {
-                        Some(format!("{error} (no retry fits before the deadline)"))
-                    }
-                    StepError::Retryable(_) => None,
+                let give_up = if !retryable {
+                    None
+                } else if spent && attempt >= policy.max_attempts {
+                    Some(format!("{error} (no attempts left after {attempt})"))
+                } else if deadline_at.is_some_and(|deadline| retry_at >= deadline) {
+                    Some(format!("{error} (no retry fits before the deadline)"))
+                } else {
+                    None
                 };
-                let will_retry = matches!(error, StepError::Retryable(_)) && give_up.is_none();
+                let will_retry = retryable && give_up.is_none();
                 let reason = match &error {
                     StepError::Permanent(_) => "permanent",
-                    StepError::Retryable(_) if give_up.is_some() => "exhausted",
+                    _ if give_up.is_some() => "exhausted",
+                    StepError::NotAttempted { .. } => "not_attempted",
                     StepError::Retryable(_) => "retryable",
                 };
                 metrics::counter!("saga_step_failures_total", "step" => step.name, "kind" => kind.as_str(), "reason" => reason)
@@ -567,9 +570,11 @@ impl Engine {
                     .record(took.as_secs_f64());
                 let error = give_up.unwrap_or_else(|| error.to_string());
                 tracing::warn!(step = step.name, kind = kind.as_str(), attempt, will_retry, %error, "saga step failed");
+                // An attempt that was not made is given back.
                 sqlx::query(
                     "UPDATE saga_steps SET status = $4, last_error = $5, next_attempt_at = $6,
-                         finished_at = CASE WHEN $4 = 'failed' THEN now() END
+                         finished_at = CASE WHEN $4 = 'failed' THEN now() END,
+                         attempts = attempts - CASE WHEN $7 THEN 0 ELSE 1 END
                      WHERE saga_id = $1 AND step = $2 AND kind = $3",
                 )
                 .bind(saga_id)
@@ -578,13 +583,14 @@ impl Engine {
                 .bind(if will_retry { "waiting" } else { "failed" })
                 .bind(&error)
                 .bind(will_retry.then_some(retry_at))
+                .bind(spent)
                 .execute(&mut *conn)
                 .await?;
                 let event = pb::SagaStepFailed {
                     saga_id: saga_id.to_string(),
                     step: step.name.to_owned(),
                     compensation,
-                    attempts: attempt,
+                    attempts: if spent { attempt } else { attempt - 1 },
                     error,
                     will_retry,
                 };

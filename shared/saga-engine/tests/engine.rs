@@ -197,6 +197,37 @@ async fn a_retryable_failure_is_retried_with_growing_backoff_until_it_succeeds()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_before_they_were_made_cost_no_attempt() {
+    let pool = pool().await;
+    let journal = Journal::default();
+    // Five refusals (an open circuit) then a real failure, against a budget
+    // of three attempts: only the real failure spends one.
+    let mut failures: Vec<StepError> = (0..5)
+        .map(|_| StepError::NotAttempted {
+            reason: "circuit open".into(),
+            retry_after: Duration::from_millis(20),
+        })
+        .collect();
+    failures.push(StepError::Retryable("busy".into()));
+    let definition = SagaDefinition::sequence("test", vec![step("a", &journal, failures)]);
+    let engine = engine(&pool, definition, "worker-1");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+
+    let saga_id = start(&engine, "refused").await;
+    let saga = wait_for(&pool, saga_id, SagaState::Completed).await;
+    assert_eq!(
+        entries(&journal).len(),
+        7,
+        "five refusals, a failure, a success"
+    );
+    let a = saga.steps.iter().find(|s| s.step == "a").unwrap();
+    assert_eq!((a.attempts, a.status.as_str()), (2, "succeeded"));
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_past_its_deadline_fails_and_the_saga_compensates() {
     let pool = pool().await;
     let journal = Journal::default();

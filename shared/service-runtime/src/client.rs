@@ -118,16 +118,37 @@ struct State {
 enum Admission {
     Closed,
     Trial,
-    Refused,
+    /// Refused without calling; worth asking again after this long.
+    Refused(Duration),
+}
+
+/// Metadata on the UNAVAILABLE status of a call that an open circuit
+/// refused without making it: milliseconds until the circuit lets a call
+/// through again.
+const CIRCUIT_RETRY_AFTER: &str = "ordersaga-circuit-retry-after-ms";
+
+/// If `status` is an open circuit's refusal (the call was not made), how
+/// long until the circuit may let a call through again.
+pub fn refused_by_circuit(status: &tonic::Status) -> Option<Duration> {
+    let millis = status
+        .metadata()
+        .get(CIRCUIT_RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(millis))
 }
 
 impl Breaker {
     fn admit(&self) -> Admission {
         let mut state = self.state.lock().expect("breaker lock");
+        let now = Instant::now();
         match state.open_until {
             None => Admission::Closed,
-            Some(until) if Instant::now() < until => Admission::Refused,
-            Some(_) if state.trial_in_flight => Admission::Refused,
+            Some(until) if now < until => Admission::Refused(until - now),
+            // The trial's answer will settle it soon.
+            Some(_) if state.trial_in_flight => Admission::Refused(self.settings.cooldown / 4),
             Some(_) => {
                 state.trial_in_flight = true;
                 Admission::Trial
@@ -186,12 +207,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let breaker = self.breaker.clone();
         Box::pin(async move {
-            if let Admission::Refused = breaker.admit() {
-                return Ok(tonic::Status::unavailable(format!(
-                    "circuit to {} is open",
-                    breaker.name
-                ))
-                .into_http());
+            if let Admission::Refused(retry_after) = breaker.admit() {
+                let mut status =
+                    tonic::Status::unavailable(format!("circuit to {} is open", breaker.name));
+                if let Ok(value) = retry_after.as_millis().to_string().parse() {
+                    status.metadata_mut().insert(CIRCUIT_RETRY_AFTER, value);
+                }
+                return Ok(status.into_http());
             }
             let response = inner.call(request).await;
             let failed = match &response {
@@ -246,7 +268,7 @@ mod tests {
             breaker.record(true);
         }
         assert!(
-            matches!(breaker.admit(), Admission::Refused),
+            matches!(breaker.admit(), Admission::Refused(_)),
             "open after three in a row"
         );
         std::thread::sleep(Duration::from_millis(60));
@@ -254,10 +276,10 @@ mod tests {
             matches!(breaker.admit(), Admission::Trial),
             "one trial after the cool-down"
         );
-        assert!(matches!(breaker.admit(), Admission::Refused), "only one");
+        assert!(matches!(breaker.admit(), Admission::Refused(_)), "only one");
         breaker.record(true);
         assert!(
-            matches!(breaker.admit(), Admission::Refused),
+            matches!(breaker.admit(), Admission::Refused(_)),
             "a failed trial reopens it"
         );
         std::thread::sleep(Duration::from_millis(60));
@@ -267,5 +289,15 @@ mod tests {
             matches!(breaker.admit(), Admission::Closed),
             "a good trial closes it"
         );
+    }
+
+    #[test]
+    fn a_refusal_says_when_to_ask_again() {
+        let breaker = breaker(1, Duration::from_secs(5));
+        breaker.record(true);
+        let Admission::Refused(after) = breaker.admit() else {
+            panic!("the circuit is open");
+        };
+        assert!(after > Duration::from_secs(4) && after <= Duration::from_secs(5));
     }
 }
