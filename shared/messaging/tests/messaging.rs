@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dev_stack::header;
+use messaging::Relay;
 use messaging::consumer::RetryPolicy;
-use messaging::{Consumer, Relay};
 use prost::Message as _;
 use rdkafka::Message as _;
 use rdkafka::producer::FutureRecord;
@@ -183,15 +183,7 @@ async fn a_redelivered_event_has_no_second_effect() {
         .unwrap();
 
     let shutdown = CancellationToken::new();
-    let consumer = Consumer::new(
-        &fixture.kafka,
-        "shop-consumer",
-        &[topic],
-        fixture.pool.clone(),
-        fixture.producer(),
-        RecordingHandler::default(),
-    )
-    .unwrap();
+    let consumer = fixture.consumer(&topic, RecordingHandler::default());
     let task = tokio::spawn(consumer.run(shutdown.clone()));
     fixture.wait_for_effects(2).await;
     shutdown.cancel();
@@ -229,16 +221,9 @@ async fn a_poison_event_is_dead_lettered_with_its_error_and_later_events_still_f
     let dead_letters = fixture.reader(&fixture.topics.dead_letter("shop-consumer"));
     let shutdown = CancellationToken::new();
     let handler = RecordingHandler::default();
-    let consumer = Consumer::new(
-        &fixture.kafka,
-        "shop-consumer",
-        &[topic],
-        fixture.pool.clone(),
-        producer.clone(),
-        handler.clone(),
-    )
-    .unwrap()
-    .with_retry(fast_retries());
+    let consumer = fixture
+        .consumer(&topic, handler.clone())
+        .with_retry(fast_retries());
     let task = tokio::spawn(consumer.run(shutdown.clone()));
 
     fixture.wait_for_effects(2).await;
@@ -366,15 +351,7 @@ async fn a_backlog_is_applied_in_batches_once_each_in_order() {
     }
 
     let shutdown = CancellationToken::new();
-    let consumer = Consumer::new(
-        &fixture.kafka,
-        "shop-consumer",
-        &[topic],
-        fixture.pool.clone(),
-        producer.clone(),
-        RecordingHandler::default(),
-    )
-    .unwrap();
+    let consumer = fixture.consumer(&topic, RecordingHandler::default());
     let task = tokio::spawn(consumer.run(shutdown.clone()));
     fixture.wait_for_effects(EVENTS).await;
     shutdown.cancel();

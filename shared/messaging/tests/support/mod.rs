@@ -77,6 +77,24 @@ impl Fixture {
         messaging::producer(&self.kafka, "test").unwrap()
     }
 
+    /// A member of the test consumer group "shop-consumer", reading `topic`
+    /// with `handler`.
+    pub fn consumer(
+        &self,
+        topic: &str,
+        handler: RecordingHandler,
+    ) -> messaging::Consumer<RecordingHandler> {
+        messaging::Consumer::new(
+            &self.kafka,
+            "shop-consumer",
+            &[topic.to_owned()],
+            self.pool.clone(),
+            self.producer(),
+            handler,
+        )
+        .unwrap()
+    }
+
     /// Reads every record of `topic` from the beginning.
     pub fn reader(&self, topic: &str) -> TopicReader {
         TopicReader::new(&self.kafka.brokers, topic, PARTITIONS).unwrap()
