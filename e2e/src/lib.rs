@@ -75,14 +75,17 @@ pub struct Stack {
     pub scenario: Scenario,
     /// In the order of [`BINARIES`].
     pub services: Vec<ServiceProcess>,
-    payment_proxy: Option<FaultProxy>,
+    /// The environment each service was started with, to restart it.
+    envs: Vec<Vec<(String, String)>>,
+    /// Between the orchestrator and the services it calls, by service name.
+    proxies: Vec<(&'static str, FaultProxy)>,
 }
 
 /// Extra settings for some services of a [`Stack`].
 #[derive(Debug, Default)]
 pub struct StackBuilder {
     env: Vec<(&'static str, String, String)>,
-    payment_proxy: bool,
+    proxied: Vec<&'static str>,
     without_sagas: bool,
 }
 
@@ -109,10 +112,11 @@ impl StackBuilder {
         self
     }
 
-    /// Routes the orchestrator's calls to the payment service through a
-    /// [`FaultProxy`] that the test can cut ([`Stack::payment_proxy`]).
-    pub fn proxy_payments(mut self) -> Self {
-        self.payment_proxy = true;
+    /// Routes the orchestrator's calls to `service` (payment or order)
+    /// through a [`FaultProxy`] that the test can cut, or make lose answers
+    /// ([`Stack::proxy`]).
+    pub fn proxy(mut self, service: &'static str) -> Self {
+        self.proxied.push(service);
         self
     }
 
@@ -122,21 +126,25 @@ impl StackBuilder {
         let folder = binaries_folder().await?;
         let scenario = Scenario::new().await?;
         let mut services: Vec<ServiceProcess> = Vec::new();
-        let mut payment_proxy = None;
+        let mut envs = Vec::new();
+        let mut proxies = Vec::new();
         for binary in BINARIES {
             if self.without_sagas && binary.name == saga_orchestrator::NAME {
                 continue;
             }
             let url = scenario.database.provision(&binary.account()).await?;
-            if binary.name == saga_orchestrator::NAME && self.payment_proxy {
-                payment_proxy = Some(FaultProxy::start(services[2].address()).await?);
+            if binary.name == saga_orchestrator::NAME {
+                for &peer in &self.proxied {
+                    let target = services[index_of(peer)].address();
+                    proxies.push((peer, FaultProxy::start_grpc(target).await?));
+                }
             }
             let mut env = scenario.service_env(&url);
-            env.extend(peer_env(binary.name, |peer| match &payment_proxy {
-                Some(proxy) if peer == payment_service::NAME => {
-                    format!("http://{}", proxy.address())
+            env.extend(peer_env(binary.name, |peer| {
+                match proxies.iter().find(|(name, _)| *name == peer) {
+                    Some((_, proxy)) => format!("http://{}", proxy.address()),
+                    None => services[index_of(peer)].url(),
                 }
-                _ => services[index_of(peer)].url(),
             }));
             for (service, key, value) in &self.env {
                 if *service == binary.name {
@@ -145,16 +153,18 @@ impl StackBuilder {
                 }
             }
             let mut process =
-                ServiceProcess::start(binary.name, &folder.join(binary.name), env).await?;
+                ServiceProcess::start(binary.name, &folder.join(binary.name), env.clone()).await?;
             process
                 .wait_for_health("", ServingStatus::Serving, Duration::from_secs(30))
                 .await?;
             services.push(process);
+            envs.push(env);
         }
         Ok(Stack {
             scenario,
             services,
-            payment_proxy,
+            envs,
+            proxies,
         })
     }
 }
@@ -169,12 +179,14 @@ impl Stack {
         Self::builder().start().await
     }
 
-    /// The proxy between the orchestrator and the payment service, when the
-    /// stack was built with [`StackBuilder::proxy_payments`].
-    pub fn payment_proxy(&self) -> &FaultProxy {
-        self.payment_proxy
-            .as_ref()
-            .expect("a stack built with proxy_payments()")
+    /// The proxy between the orchestrator and `service`, when the stack was
+    /// built with [`StackBuilder::proxy`] for it.
+    pub fn proxy(&self, service: &str) -> &FaultProxy {
+        self.proxies
+            .iter()
+            .find(|(name, _)| *name == service)
+            .map(|(_, proxy)| proxy)
+            .expect("a stack built with proxy() for this service")
     }
 
     /// The running service named `name`.
@@ -185,6 +197,25 @@ impl Stack {
     /// The running service named `name`, to stop or signal it.
     pub fn service_mut(&mut self, name: &str) -> &mut ServiceProcess {
         &mut self.services[index_of(name)]
+    }
+
+    /// Starts `name` again on the address it had (after a test killed it),
+    /// and waits until it is SERVING.
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let index = index_of(name);
+        let mut env = self.envs[index].clone();
+        env.retain(|(key, _)| key != "GRPC_ADDR");
+        env.push((
+            "GRPC_ADDR".into(),
+            self.services[index].address().to_string(),
+        ));
+        let folder = binaries_folder().await?;
+        let mut process = ServiceProcess::start(name, &folder.join(name), env).await?;
+        process
+            .wait_for_health("", ServingStatus::Serving, Duration::from_secs(30))
+            .await?;
+        self.services[index] = process;
+        Ok(())
     }
 
     /// Port of `name`'s gRPC server.
@@ -433,4 +464,25 @@ pub fn order_request(
         ],
         payment_method_token: payment_method_token.to_owned(),
     }
+}
+
+/// GET over plain HTTP/1.1 (all the tests need: metrics and the
+/// dashboard), optionally with a token; the body of a 200 answer.
+pub async fn http_get(url: &str, token: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n{auth}connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{Stack, order_request};
+use e2e::{Stack, http_get, order_request};
 use testkit::grpc::bearer;
 
 /// The service's metrics, as `name{labels} -> value`.
@@ -23,26 +23,6 @@ async fn scrape(stack: &Stack, service: &str) -> HashMap<String, f64> {
             Some((series.to_owned(), value.parse().ok()?))
         })
         .collect()
-}
-
-/// GET over plain HTTP/1.1 (all this test needs), optionally with a token.
-async fn http_get(url: &str, token: Option<&str>) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
-    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-    let auth = token
-        .map(|t| format!("authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n{auth}connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
 }
 
 /// The sum of every series of `name` with the given label (all if none).

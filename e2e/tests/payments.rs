@@ -82,6 +82,45 @@ async fn count(stack: &Stack, sql: &'static str) -> i64 {
     n
 }
 
+/// What the simulated provider holds of an order's money: captured and
+/// not refunded.
+async fn held(stack: &Stack, order_id: &str) -> i64 {
+    let pool = stack.scenario.inspect().await.unwrap();
+    let held: Option<i64> = sqlx::query_scalar(
+        "SELECT held_minor FROM payments.simulated_provider_holdings WHERE order_id = $1::uuid",
+    )
+    .bind(order_id)
+    .fetch_optional(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    held.unwrap_or(0)
+}
+
+/// How the simulated provider saw a key: charge attempts, and whether it
+/// was voided.
+async fn at_provider(stack: &Stack, key: &str) -> Option<(i32, bool)> {
+    let pool = stack.scenario.inspect().await.unwrap();
+    let seen = sqlx::query_as(
+        "SELECT attempts, voided_at IS NOT NULL FROM payments.simulated_provider_charges
+         WHERE idempotency_key = $1",
+    )
+    .bind(key)
+    .fetch_optional(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    seen
+}
+
+fn by_key(key: &str) -> RefundPaymentRequest {
+    RefundPaymentRequest {
+        target: Some(Target::ChargeIdempotencyKey(key.to_owned())),
+        idempotency_key: format!("undo-{key}"),
+        reason: "saga compensation".into(),
+    }
+}
+
 fn customer() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -288,11 +327,6 @@ async fn a_payment_is_refunded_once_however_often_it_is_asked() {
 async fn undoing_a_charge_by_its_key_refunds_it_or_voids_it_for_good() {
     let stack = Stack::builder().without_sagas().start().await.unwrap();
     let p = payments(&stack).await;
-    let by_key = |key: &str| RefundPaymentRequest {
-        target: Some(Target::ChargeIdempotencyKey(key.to_owned())),
-        idempotency_key: format!("undo-{key}"),
-        reason: "saga compensation".into(),
-    };
 
     // Captured: refunded.
     p.process(charge("made", "tok_visa", eur(100), &customer()))
@@ -315,12 +349,133 @@ async fn undoing_a_charge_by_its_key_refunds_it_or_voids_it_for_good() {
         p.refund(by_key("never")).await.unwrap().status(),
         PaymentStatus::Voided
     );
-    let late = p
-        .process(charge("never", "tok_visa", eur(100), &customer()))
-        .await
-        .unwrap();
+    let late_charge = charge("never", "tok_visa", eur(100), &customer());
+    let late = p.process(late_charge.clone()).await.unwrap();
     assert_eq!(late.status(), PaymentStatus::Voided);
-    assert_eq!(count(&stack, "SELECT count(*) FROM payments.simulated_provider_charges WHERE idempotency_key = 'never'").await, 0);
+    // The provider was told, and was never asked to charge.
+    assert_eq!(
+        at_provider(&stack, "never").await,
+        Some((0, true)),
+        "voided at the provider before any attempt"
+    );
+    assert_eq!(held(&stack, &late_charge.order_id).await, 0);
+
+    // Tried and failed transiently, then voided: nothing was charged, and
+    // a retry charges nothing.
+    let flaky = charge("flaky-then-undone", "tok_flaky", eur(100), &customer());
+    assert_eq!(
+        p.process(flaky.clone()).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    assert_eq!(
+        p.refund(by_key("flaky-then-undone"))
+            .await
+            .unwrap()
+            .status(),
+        PaymentStatus::Voided
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            p.process(flaky.clone()).await.unwrap().status(),
+            PaymentStatus::Voided
+        );
+    }
+    assert_eq!(
+        at_provider(&stack, "flaky-then-undone").await,
+        Some((1, true))
+    );
+    assert_eq!(held(&stack, &flaky.order_id).await, 0);
+}
+
+#[tokio::test]
+async fn a_capture_whose_answer_was_lost_is_found_by_its_key_and_refunded() {
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
+    let p = payments(&stack).await;
+    let reader = stack.reader(&stack.scenario.topics.payment_events());
+    let lost = charge("lost", "tok_capture_answer_lost", eur(1500), &customer());
+
+    // The provider captures, but the answer never arrives: every attempt
+    // is UNAVAILABLE, we record nothing, and the provider holds the money.
+    for _ in 0..2 {
+        assert_eq!(
+            p.process(lost.clone()).await.unwrap_err().code(),
+            Code::Unavailable
+        );
+    }
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM payments.payments").await,
+        0
+    );
+    assert_eq!(held(&stack, &lost.order_id).await, 1500);
+
+    // Undone by its key: the provider is asked, refunds what it captured,
+    // and says what that was.
+    let undone = p.refund(by_key("lost")).await.unwrap();
+    assert_eq!(undone.status(), PaymentStatus::Refunded);
+    assert_eq!(undone.amount, Some(eur(1500)));
+    assert_eq!(
+        (undone.order_id.as_str(), undone.customer_id.as_str()),
+        (lost.order_id.as_str(), lost.customer_id.as_str())
+    );
+    assert!(undone.provider_reference.starts_with("sim_ch_"));
+    assert!(undone.refunded_at.is_some());
+    assert_eq!(held(&stack, &lost.order_id).await, 0);
+    assert_eq!(
+        p.refund(by_key("lost")).await.unwrap(),
+        undone,
+        "asking again gives the same answer"
+    );
+
+    // Our ledger agrees with the provider: captured, refunded, net 0.
+    let listed = stack
+        .payments()
+        .await
+        .list_payments_by_order(bearer(
+            ListPaymentsByOrderRequest {
+                order_id: lost.order_id.clone(),
+            },
+            &p.service,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.payments, vec![undone.clone()]);
+    let ledger = listed.ledger.unwrap();
+    assert_eq!(
+        (ledger.captured, ledger.refunded, ledger.net),
+        (Some(eur(1500)), Some(eur(1500)), Some(eur(0)))
+    );
+
+    // And the events say what happened, in order.
+    let records = reader.receive(2, Duration::from_secs(20)).await.unwrap();
+    let events: Vec<(String, String)> = records
+        .iter()
+        .map(|record| {
+            let envelope = EventEnvelope::decode(record.payload().unwrap()).unwrap();
+            (envelope.event_type, envelope.aggregate_id)
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            (
+                "ordersaga.payment.v1.PaymentCaptured".to_owned(),
+                undone.payment_id.clone()
+            ),
+            (
+                "ordersaga.payment.v1.PaymentRefunded".to_owned(),
+                undone.payment_id.clone()
+            ),
+        ]
+    );
+
+    // A late or retried charge with the key returns the refund and never
+    // reaches the provider.
+    let attempts = at_provider(&stack, "lost").await;
+    assert_eq!(attempts, Some((2, false)));
+    assert_eq!(p.process(lost.clone()).await.unwrap(), undone);
+    assert_eq!(at_provider(&stack, "lost").await, attempts);
+    assert_eq!(held(&stack, &lost.order_id).await, 0);
 }
 
 #[tokio::test]

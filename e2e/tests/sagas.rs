@@ -1,7 +1,10 @@
 //! The order-processing saga across the four real binaries: the happy
 //! path, a declined card, a provider slower than the deadline, a flaky
 //! provider, a refund after a failed confirmation, a customer cancelling
-//! mid-flight, and an operator retrying and compensating.
+//! mid-flight, an operator retrying and compensating, and the point of no
+//! return: confirmations whose answers are lost, a compensation asked for
+//! while the confirmation is in flight, and a capture whose answer died
+//! with the payment service.
 
 use std::time::Duration;
 
@@ -391,7 +394,7 @@ async fn an_operator_compensates_a_saga_stuck_in_retries() {
 #[tokio::test]
 async fn a_saga_whose_compensation_keeps_failing_waits_for_an_operator_to_retry_it() {
     let stack = Stack::builder()
-        .proxy_payments()
+        .proxy("payment")
         .env("saga-orchestrator", "SAGA_STEP_DEADLINE", "1s")
         .env("saga-orchestrator", "SAGA_ATTEMPT_TIMEOUT", "300ms")
         .env("saga-orchestrator", "SAGA_RETRY_BACKOFF", "50ms")
@@ -404,7 +407,7 @@ async fn a_saga_whose_compensation_keeps_failing_waits_for_an_operator_to_retry_
     let admin = stack.admin_token().await.unwrap();
     // The payment service is unreachable from the orchestrator: the charge
     // runs out of time, and so does undoing it.
-    stack.payment_proxy().cut();
+    stack.proxy("payment").cut();
     let placed = place(&stack, &customer, "outage", "tok_visa").await;
 
     let failed = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
@@ -425,7 +428,7 @@ async fn a_saga_whose_compensation_keeps_failing_waits_for_an_operator_to_retry_
     );
 
     // The outage ends; an operator resumes the saga.
-    stack.payment_proxy().restore();
+    stack.proxy("payment").restore();
     let retry = RetrySagaRequest {
         saga_id: failed.saga_id.clone(),
     };
@@ -446,4 +449,245 @@ async fn a_saga_whose_compensation_keeps_failing_waits_for_an_operator_to_retry_
     );
     let paid = payments(&stack, &customer, &placed.order_id).await;
     assert!(paid.payments.is_empty(), "nothing was charged: {paid:?}");
+}
+
+/// What the simulated provider holds of an order's money.
+async fn provider_holds(stack: &Stack, order_id: &str) -> i64 {
+    let pool = stack.scenario.inspect().await.unwrap();
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(held_minor), 0)::bigint FROM payments.simulated_provider_holdings
+         WHERE order_id = $1::uuid",
+    )
+    .bind(order_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+}
+
+/// The saga of `order_id` as it is now (NOT_FOUND until it has started).
+async fn saga_now(stack: &Stack, admin: &str, order_id: &str) -> Result<Saga, tonic::Status> {
+    use api_saga::v1::GetSagaStatusRequest;
+    use api_saga::v1::get_saga_status_request::Lookup;
+    let request = GetSagaStatusRequest {
+        lookup: Some(Lookup::OrderId(order_id.to_owned())),
+    };
+    stack
+        .sagas()
+        .await
+        .get_saga_status(bearer(request, admin))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn compensate(stack: &Stack, admin: &str, saga_id: &str) -> Result<Saga, tonic::Status> {
+    let request = CompensateSagaRequest {
+        saga_id: saga_id.to_owned(),
+        reason: "operator".into(),
+    };
+    stack
+        .sagas()
+        .await
+        .compensate_saga(bearer(request, admin))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_confirmation_whose_answers_are_lost_past_its_deadline_still_confirms() {
+    let stack = Stack::builder()
+        .proxy("order")
+        .env("saga-orchestrator", "SAGA_ATTEMPT_TIMEOUT", "300ms")
+        .env("saga-orchestrator", "SAGA_STEP_DEADLINE", "1s")
+        .env("saga-orchestrator", "SAGA_STEP_MAX_ATTEMPTS", "2")
+        .env("saga-orchestrator", "SAGA_RETRY_BACKOFF", "50ms")
+        .env("saga-orchestrator", "SAGA_RETRY_MAX_BACKOFF", "200ms")
+        .env("saga-orchestrator", "CIRCUIT_BREAKER_COOLDOWN", "100ms")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("lost@example.com").await.unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    // Every ConfirmOrder reaches the order service and is handled; every
+    // answer is lost on its way back.
+    stack.proxy("order").lose_answers();
+    let placed = place(&stack, &customer, "lost-answers", "tok_visa").await;
+
+    let overdue = tokio::time::timeout(SETTLE, async {
+        loop {
+            if let Ok(saga) = saga_now(&stack, &admin, &placed.order_id).await
+                && !saga.overdue_step.is_empty()
+            {
+                return saga;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the confirmation is flagged once past its deadline");
+    assert_eq!(overdue.state(), SagaState::Running, "{overdue:#?}");
+    assert_eq!(overdue.overdue_step, "confirm-order");
+    assert_eq!(overdue.pivot_step, "confirm-order");
+    assert!(overdue.forward_only_since.is_some());
+    let confirm = step(&overdue, "confirm-order", Kind::Action).unwrap();
+    assert!(confirm.outcome_unknown, "{confirm:?}");
+    assert!(confirm.attempts > 2, "past its attempt budget: {confirm:?}");
+    // The order was confirmed by an attempt whose answer was lost, so the
+    // saga must not turn back, and an operator cannot make it.
+    assert_eq!(
+        order(&stack, &customer, &placed.order_id).await.status(),
+        OrderStatus::Confirmed
+    );
+    let refused = compensate(&stack, &admin, &overdue.saga_id)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("confirm-order"),
+        "{}",
+        refused.message()
+    );
+    let metrics = stack
+        .service("saga-orchestrator")
+        .http_address()
+        .expect("the orchestrator logged its HTTP address");
+    let metrics = e2e::http_get(&format!("http://{metrics}/metrics"), None).await;
+    assert!(metrics.contains("sagas_overdue 1"), "{metrics}");
+
+    // The network heals: the next attempt hears that the order is confirmed.
+    stack.proxy("order").restore();
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Completed, "{saga:#?}");
+    assert!(saga.overdue_step.is_empty(), "cleared: {saga:#?}");
+    assert!(step(&saga, "process-payment", Kind::Compensation).is_none());
+    let paid = payments(&stack, &customer, &placed.order_id).await;
+    assert_eq!(
+        paid.payments.iter().map(|p| p.status()).collect::<Vec<_>>(),
+        vec![PaymentStatus::Captured]
+    );
+    assert_eq!(net_paid(&paid), 2799);
+    assert_eq!(provider_holds(&stack, &placed.order_id).await, 2799);
+}
+
+#[tokio::test]
+async fn a_compensation_asked_for_while_the_confirmation_is_in_flight_is_refused_and_one_before_it_wins()
+ {
+    let mut stack = Stack::builder()
+        .env("payment", "PROVIDER_SLOW_DELAY", "1s")
+        .env("saga-orchestrator", "SAGA_ATTEMPT_TIMEOUT", "2s")
+        .env("saga-orchestrator", "SAGA_RETRY_BACKOFF", "100ms")
+        .env("saga-orchestrator", "CIRCUIT_BREAKER_COOLDOWN", "100ms")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("inflight@example.com").await.unwrap();
+    let admin = stack.admin_token().await.unwrap();
+
+    // Asked for while the charge is still being made, before the pivot:
+    // accepted, and the saga turns back.
+    let early = place(&stack, &customer, "early", "tok_slow").await;
+    let saga = stack
+        .saga_reaching(&early.order_id, "process-payment", SETTLE)
+        .await
+        .unwrap();
+    compensate(&stack, &admin, &saga.saga_id).await.unwrap();
+    let saga = stack.settled_saga(&early.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
+    assert!(
+        step(&saga, "confirm-order", Kind::Action).is_none(),
+        "{saga:#?}"
+    );
+    assert_eq!(
+        order(&stack, &customer, &early.order_id).await.status(),
+        OrderStatus::Cancelled
+    );
+    let paid = payments(&stack, &customer, &early.order_id).await;
+    assert_eq!(
+        paid.payments.iter().map(|p| p.status()).collect::<Vec<_>>(),
+        vec![PaymentStatus::Refunded]
+    );
+    assert_eq!(net_paid(&paid), 0);
+
+    // Asked for while ConfirmOrder is in flight: the order service is held
+    // (SIGSTOP) between the request and its answer. Refused, naming the pivot.
+    let late = place(&stack, &customer, "late", "tok_slow").await;
+    stack
+        .saga_reaching(&late.order_id, "process-payment", SETTLE)
+        .await
+        .unwrap();
+    stack.service_mut("order").process().signal("STOP").unwrap();
+    let in_flight = stack
+        .saga_reaching(&late.order_id, "confirm-order", SETTLE)
+        .await;
+    let refused = match &in_flight {
+        Ok(saga) => compensate(&stack, &admin, &saga.saga_id).await,
+        Err(_) => Ok(Saga::default()),
+    };
+    stack.service_mut("order").process().signal("CONT").unwrap();
+    in_flight.unwrap();
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("confirm-order"),
+        "{}",
+        refused.message()
+    );
+
+    let saga = stack.settled_saga(&late.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Completed, "{saga:#?}");
+    assert_eq!(
+        order(&stack, &customer, &late.order_id).await.status(),
+        OrderStatus::Confirmed
+    );
+    let paid = payments(&stack, &customer, &late.order_id).await;
+    assert_eq!(
+        paid.payments.iter().map(|p| p.status()).collect::<Vec<_>>(),
+        vec![PaymentStatus::Captured]
+    );
+    assert_eq!(net_paid(&paid), 2799);
+}
+
+#[tokio::test]
+async fn a_capture_whose_answer_died_with_the_payment_service_is_refunded_at_the_provider() {
+    let mut stack = Stack::builder()
+        .env("saga-orchestrator", "SAGA_ATTEMPT_TIMEOUT", "500ms")
+        .env("saga-orchestrator", "SAGA_STEP_MAX_ATTEMPTS", "3")
+        .env("saga-orchestrator", "SAGA_RETRY_BACKOFF", "100ms")
+        .env("saga-orchestrator", "CIRCUIT_BREAKER_COOLDOWN", "100ms")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("died@example.com").await.unwrap();
+    // The provider captures, and its answer never reaches our ledger.
+    let placed = place(&stack, &customer, "died", "tok_capture_answer_lost").await;
+    tokio::time::timeout(SETTLE, async {
+        while provider_holds(&stack, &placed.order_id).await == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the provider captures");
+    // The payment service dies before it could record anything, and comes back.
+    stack
+        .service_mut("payment")
+        .process()
+        .signal("KILL")
+        .unwrap();
+    stack.restart("payment").await.unwrap();
+
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
+    let charge = step(&saga, "process-payment", Kind::Action).unwrap();
+    assert!(charge.outcome_unknown, "{charge:?}");
+    assert_eq!(provider_holds(&stack, &placed.order_id).await, 0);
+    let paid = payments(&stack, &customer, &placed.order_id).await;
+    assert_eq!(
+        paid.payments.iter().map(|p| p.status()).collect::<Vec<_>>(),
+        vec![PaymentStatus::Refunded],
+        "the capture found at the provider, and its refund"
+    );
+    assert_eq!(net_paid(&paid), 0);
+    assert!(matches!(
+        order(&stack, &customer, &placed.order_id).await.status(),
+        OrderStatus::Cancelled | OrderStatus::Rejected
+    ));
 }

@@ -3,6 +3,12 @@
 //! Every write takes a per-key advisory lock first (the charge's
 //! idempotency key), so a charge, its retries, its racing duplicates and
 //! its voiding are serialised by the database: one key, one charge.
+//!
+//! Undoing a charge by its key when we have no record of it asks the
+//! provider to void the key, because only the provider knows whether the
+//! charge was captured and its answer lost (a crash, a cancelled call, a
+//! lost reply). What it says is recorded as the payment, so our ledger and
+//! the provider's books agree.
 
 use std::sync::Arc;
 
@@ -13,12 +19,14 @@ use messaging::envelope::EventMeta;
 use messaging::{EventEnvelope, Topics};
 use money::Money;
 use prost::{Message, Name};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use telemetry::CorrelationId;
 use uuid::Uuid;
 
 use crate::NAME;
-use crate::provider::{Charge, ChargeOutcome, PaymentProvider, ProviderError};
+use crate::provider::{
+    Charge, ChargeOutcome, ChargeRecord, PaymentProvider, ProviderError, VoidOutcome,
+};
 
 /// A payment as stored.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -123,8 +131,13 @@ impl Payments {
         let mut tx = self.pool.begin().await.context("starting a transaction")?;
         lock_key(&mut tx, &request.idempotency_key).await?;
         if let Some(existing) = find_by_key(&mut tx, &request.idempotency_key).await? {
-            if existing.status != "voided"
-                && existing.request_hash.as_deref() != Some(&request.request_hash)
+            // A payment without a request hash was settled by a void of its
+            // key (see `refund`) before any request was seen here: what the
+            // provider said then stands, whatever this request is.
+            if existing
+                .request_hash
+                .as_ref()
+                .is_some_and(|hash| *hash != request.request_hash)
             {
                 return Err(ProcessError::KeyReused);
             }
@@ -136,57 +149,38 @@ impl Payments {
             idempotency_key: request.idempotency_key.clone(),
             amount: request.amount,
             payment_method: request.payment_method.clone(),
+            order_id: request.order_id,
+            customer_id: request.customer_id,
         };
         let outcome = self.provider.charge(&charge).await?;
         let (status, decline_reason, reference) = match &outcome {
-            ChargeOutcome::Captured { reference } => ("captured", None, Some(reference.clone())),
+            ChargeOutcome::Captured { reference } => ("captured", None, Some(reference.as_str())),
             ChargeOutcome::Declined(reason) => ("declined", Some(reason.as_str()), None),
         };
-        let row: PaymentRow = sqlx::query_as(concat!(
-            "INSERT INTO payments (payment_id, idempotency_key, status, request_hash, order_id, customer_id,
-                                   amount_minor, currency, decline_reason, provider_reference)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING ",
-            payment_columns!()
-        ))
-        .bind(Uuid::now_v7())
-        .bind(&request.idempotency_key)
-        .bind(status)
-        .bind(&request.request_hash)
-        .bind(request.order_id)
-        .bind(request.customer_id)
-        .bind(request.amount.amount_minor())
-        .bind(request.amount.currency().code())
-        .bind(decline_reason)
-        .bind(&reference)
-        .fetch_one(&mut *tx)
+        let row = insert(
+            &mut tx,
+            &NewPayment {
+                idempotency_key: &request.idempotency_key,
+                status,
+                request_hash: Some(&request.request_hash),
+                charge: Some(&ChargeRecord {
+                    amount: request.amount,
+                    order_id: request.order_id,
+                    customer_id: request.customer_id,
+                }),
+                decline_reason,
+                provider_reference: reference,
+                refund: None,
+            },
+        )
         .await
         .context("recording the payment")?;
-        let amount = Some(request.amount.to_proto());
-        let (payment_id, order_id, customer_id) = (
-            row.payment_id.to_string(),
-            request.order_id.to_string(),
-            request.customer_id.to_string(),
-        );
         match outcome {
-            ChargeOutcome::Captured { reference } => {
-                let event = pb::PaymentCaptured {
-                    payment_id,
-                    order_id,
-                    customer_id,
-                    amount,
-                    provider_reference: reference,
-                };
-                self.publish(&mut tx, &row, &event).await?;
+            ChargeOutcome::Captured { .. } => {
+                self.publish(&mut tx, &row, &captured_event(&row)).await?
             }
-            ChargeOutcome::Declined(reason) => {
-                let event = pb::PaymentDeclined {
-                    payment_id,
-                    order_id,
-                    customer_id,
-                    amount,
-                    decline_reason: reason.as_str().to_owned(),
-                };
-                self.publish(&mut tx, &row, &event).await?;
+            ChargeOutcome::Declined(_) => {
+                self.publish(&mut tx, &row, &declined_event(&row)).await?
             }
         }
         tx.commit().await.context("committing the payment")?;
@@ -223,23 +217,7 @@ impl Payments {
                 lock_key(&mut tx, key).await?;
                 match find_by_key(&mut tx, key).await? {
                     Some(row) => row,
-                    None => {
-                        // No charge was made: make sure none ever is.
-                        let voided: PaymentRow = sqlx::query_as(concat!(
-                            "INSERT INTO payments (payment_id, idempotency_key, status, refund_idempotency_key, refund_reason)
-                             VALUES ($1, $2, 'voided', $3, $4) RETURNING ",
-                            payment_columns!()
-                        ))
-                        .bind(Uuid::now_v7())
-                        .bind(key)
-                        .bind(refund_key)
-                        .bind(reason)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .context("voiding the charge")?;
-                        tx.commit().await.context("committing the void")?;
-                        return Ok(voided);
-                    }
+                    None => return self.void(tx, key, refund_key, reason).await,
                 }
             }
         };
@@ -248,7 +226,16 @@ impl Payments {
             // nothing more to do; the earlier result stands.
             return Ok(row);
         }
-        self.provider.refund(&row.idempotency_key).await?;
+        match self.provider.void(&row.idempotency_key).await? {
+            VoidOutcome::Refunded { .. } => {}
+            other => {
+                return Err(anyhow::anyhow!(
+                    "the provider holds no capture for captured payment {}: {other:?}",
+                    row.payment_id
+                )
+                .into());
+            }
+        }
         let refunded: PaymentRow = sqlx::query_as(concat!(
             "UPDATE payments SET status = 'refunded', refunded_at = now(), refund_idempotency_key = $2, refund_reason = $3
              WHERE payment_id = $1 RETURNING ",
@@ -260,22 +247,86 @@ impl Payments {
         .fetch_one(&mut *tx)
         .await
         .context("recording the refund")?;
-        let event = pb::PaymentRefunded {
-            payment_id: refunded.payment_id.to_string(),
-            order_id: refunded
-                .order_id
-                .map(|id| id.to_string())
-                .unwrap_or_default(),
-            customer_id: refunded
-                .customer_id
-                .map(|id| id.to_string())
-                .unwrap_or_default(),
-            amount: money_of(&refunded),
-            reason: reason.to_owned(),
-        };
-        self.publish(&mut tx, &refunded, &event).await?;
+        self.publish(&mut tx, &refunded, &refunded_event(&refunded, reason))
+            .await?;
         tx.commit().await.context("committing the refund")?;
         Ok(refunded)
+    }
+
+    /// Undoes a charge we have no record of, with the key's lock held in
+    /// `tx`: the charge never reached the provider, or its answer was lost
+    /// after the provider captured. The provider, asked by key, tells which,
+    /// and what it says is recorded, with its events, in one transaction.
+    async fn void(
+        &self,
+        mut tx: Transaction<'_, Postgres>,
+        key: &str,
+        refund_key: &str,
+        reason: &str,
+    ) -> Result<PaymentRow, RefundError> {
+        let refund = Some((refund_key, reason));
+        let row = match self.provider.void(key).await? {
+            // No charge was made, and none ever will be.
+            VoidOutcome::Voided => insert(
+                &mut tx,
+                &NewPayment {
+                    idempotency_key: key,
+                    status: "voided",
+                    request_hash: None,
+                    charge: None,
+                    decline_reason: None,
+                    provider_reference: None,
+                    refund,
+                },
+            )
+            .await
+            .context("voiding the charge")?,
+            VoidOutcome::Declined {
+                reason: decline,
+                charge,
+            } => {
+                let row = insert(
+                    &mut tx,
+                    &NewPayment {
+                        idempotency_key: key,
+                        status: "declined",
+                        request_hash: None,
+                        charge: Some(&charge),
+                        decline_reason: Some(decline.as_str()),
+                        provider_reference: None,
+                        refund: None,
+                    },
+                )
+                .await
+                .context("recording the declined charge")?;
+                self.publish(&mut tx, &row, &declined_event(&row)).await?;
+                row
+            }
+            // Captured and its answer lost: now refunded. Recorded as both,
+            // so the ledger shows the money that moved and came back.
+            VoidOutcome::Refunded { reference, charge } => {
+                let row = insert(
+                    &mut tx,
+                    &NewPayment {
+                        idempotency_key: key,
+                        status: "refunded",
+                        request_hash: None,
+                        charge: Some(&charge),
+                        decline_reason: None,
+                        provider_reference: Some(&reference),
+                        refund,
+                    },
+                )
+                .await
+                .context("recording the refunded charge")?;
+                self.publish(&mut tx, &row, &captured_event(&row)).await?;
+                self.publish(&mut tx, &row, &refunded_event(&row, reason))
+                    .await?;
+                row
+            }
+        };
+        tx.commit().await.context("committing the void")?;
+        Ok(row)
     }
 
     pub(crate) async fn get(&self, payment_id: Uuid) -> anyhow::Result<Option<PaymentRow>> {
@@ -334,6 +385,83 @@ impl Payments {
             event,
         );
         messaging::outbox::enqueue(conn, &self.topics.payment_events(), &envelope).await
+    }
+}
+
+/// A payment to record.
+struct NewPayment<'a> {
+    idempotency_key: &'a str,
+    status: &'a str,
+    /// Empty when the payment was settled by a void of its key.
+    request_hash: Option<&'a [u8]>,
+    /// Empty only for a voided key.
+    charge: Option<&'a ChargeRecord>,
+    decline_reason: Option<&'a str>,
+    provider_reference: Option<&'a str>,
+    /// The refund's idempotency key and reason, when it is refunded or voided.
+    refund: Option<(&'a str, &'a str)>,
+}
+
+async fn insert(conn: &mut PgConnection, payment: &NewPayment<'_>) -> anyhow::Result<PaymentRow> {
+    let charge = payment.charge;
+    let refunded = payment.status == "refunded";
+    let row = sqlx::query_as(concat!(
+        "INSERT INTO payments (payment_id, idempotency_key, status, request_hash, order_id, customer_id,
+                               amount_minor, currency, decline_reason, provider_reference,
+                               refunded_at, refund_idempotency_key, refund_reason)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $11 THEN now() END, $12, $13)
+         RETURNING ",
+        payment_columns!()
+    ))
+    .bind(Uuid::now_v7())
+    .bind(payment.idempotency_key)
+    .bind(payment.status)
+    .bind(payment.request_hash)
+    .bind(charge.map(|charge| charge.order_id))
+    .bind(charge.map(|charge| charge.customer_id))
+    .bind(charge.map(|charge| charge.amount.amount_minor()))
+    .bind(charge.map(|charge| charge.amount.currency().code()))
+    .bind(payment.decline_reason)
+    .bind(payment.provider_reference)
+    .bind(refunded)
+    .bind(payment.refund.map(|(key, _)| key))
+    .bind(payment.refund.map(|(_, reason)| reason))
+    .fetch_one(conn)
+    .await?;
+    Ok(row)
+}
+
+fn id_text(id: Option<Uuid>) -> String {
+    id.map(|id| id.to_string()).unwrap_or_default()
+}
+
+fn captured_event(row: &PaymentRow) -> pb::PaymentCaptured {
+    pb::PaymentCaptured {
+        payment_id: row.payment_id.to_string(),
+        order_id: id_text(row.order_id),
+        customer_id: id_text(row.customer_id),
+        amount: money_of(row),
+        provider_reference: row.provider_reference.clone().unwrap_or_default(),
+    }
+}
+
+fn declined_event(row: &PaymentRow) -> pb::PaymentDeclined {
+    pb::PaymentDeclined {
+        payment_id: row.payment_id.to_string(),
+        order_id: id_text(row.order_id),
+        customer_id: id_text(row.customer_id),
+        amount: money_of(row),
+        decline_reason: row.decline_reason.clone().unwrap_or_default(),
+    }
+}
+
+fn refunded_event(row: &PaymentRow, reason: &str) -> pb::PaymentRefunded {
+    pb::PaymentRefunded {
+        payment_id: row.payment_id.to_string(),
+        order_id: id_text(row.order_id),
+        customer_id: id_text(row.customer_id),
+        amount: money_of(row),
+        reason: reason.to_owned(),
     }
 }
 

@@ -28,7 +28,10 @@ pub const DEFAULT_PORT: u16 = 50053;
 pub const SCHEMA: &str = "payments";
 pub const ROLE: &str = "payment_service";
 /// This service's tables.
-pub const MIGRATIONS: MigrationSet = database::migrations!("payment", ["0001_payments.sql"]);
+pub const MIGRATIONS: MigrationSet = database::migrations!(
+    "payment",
+    ["0001_payments.sql", "0002_provider_holdings.sql"]
+);
 
 /// The role and schema to provision for this service.
 pub fn account(password: impl Into<String>) -> ServiceAccount {

@@ -37,7 +37,8 @@ pub(crate) fn routes(pool: PgPool, verifier: Arc<Verifier>) -> Router {
         .with_state(Dashboard { pool, verifier })
 }
 
-/// Sets the gauge of sagas by active state before each scrape.
+/// Sets the gauges of sagas by active state, and of overdue sagas, before
+/// each scrape.
 pub(crate) fn saga_metrics(pool: PgPool) -> service_runtime::http::Collector {
     Arc::new(move || {
         let pool = pool.clone();
@@ -51,8 +52,21 @@ pub(crate) fn saga_metrics(pool: PgPool) -> service_runtime::http::Collector {
                     metrics::gauge!("sagas_active", "state" => state).set(count as f64);
                 }
             }
+            if let Ok(overdue) = overdue_count(&pool).await {
+                metrics::gauge!("sagas_overdue").set(overdue as f64);
+            }
         })
     })
+}
+
+/// Sagas retrying a step past its deadline that they cannot give up.
+async fn overdue_count(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM saga_instances
+         WHERE overdue_since IS NOT NULL AND state IN ('running', 'failed')",
+    )
+    .fetch_one(pool)
+    .await
 }
 
 async fn active_counts(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
@@ -92,6 +106,7 @@ fn failure(error: &anyhow::Error) -> Response {
 #[derive(Debug, Serialize)]
 struct Summary {
     active: Counts,
+    overdue: Vec<Overdue>,
     last_hour: LastHour,
     top_failure_reasons: Vec<Reason>,
     active_flows: Vec<Flow>,
@@ -104,6 +119,18 @@ struct Counts {
     running: i64,
     compensating: i64,
     failed: i64,
+    overdue: i64,
+}
+
+/// A saga past its pivot whose step is past its deadline: it is retried
+/// until it succeeds, and an operator should look at what it calls.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct Overdue {
+    saga_id: Uuid,
+    order_id: String,
+    correlation_id: String,
+    step: String,
+    overdue_since: DateTime<Utc>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -183,6 +210,14 @@ async fn read_summary(pool: &PgPool) -> anyhow::Result<Summary> {
             _ => active.failed = count,
         }
     }
+    active.overdue = overdue_count(pool).await?;
+    let overdue = sqlx::query_as(
+        "SELECT saga_id, business_key AS order_id, correlation_id, overdue_step AS step, overdue_since
+         FROM saga_instances WHERE overdue_since IS NOT NULL AND state IN ('running', 'failed')
+         ORDER BY overdue_since LIMIT 20",
+    )
+    .fetch_all(pool)
+    .await?;
     let finished: Vec<(String, i64)> = sqlx::query_as(
         "SELECT state, count(*) FROM saga_instances WHERE finished_at > now() - interval '1 hour' GROUP BY state",
     )
@@ -232,6 +267,7 @@ async fn read_summary(pool: &PgPool) -> anyhow::Result<Summary> {
         .collect();
     Ok(Summary {
         active,
+        overdue,
         last_hour,
         top_failure_reasons,
         active_flows,

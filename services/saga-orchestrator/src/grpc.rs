@@ -64,7 +64,7 @@ impl SagaService for SagaApi {
                 .map_err(|e| status::internal(&e))?,
             None => None,
         };
-        saga.map(|saga| Response::new(to_proto(&saga)))
+        saga.map(|saga| Response::new(self.to_proto(&saga)))
             .ok_or_else(|| Status::not_found("no such saga"))
     }
 
@@ -143,7 +143,7 @@ impl SagaService for SagaApi {
         let sagas = instances
             .into_iter()
             .map(|instance| {
-                to_proto(&SagaRecord {
+                self.to_proto(&SagaRecord {
                     instance,
                     steps: vec![],
                 })
@@ -228,14 +228,29 @@ impl SagaApi {
                 "{refusal}; it is {}",
                 state.as_str()
             ))),
+            RequestOutcome::ForwardOnly { pivot, since } => {
+                Err(Status::failed_precondition(format!(
+                    "the saga is past its pivot step {pivot} (attempted since {}): the order may be confirmed, so the saga only goes forward and cannot be compensated",
+                    since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                )))
+            }
             RequestOutcome::Accepted => {
                 let saga = store::load(self.engine.pool(), saga_id)
                     .await
                     .map_err(|e| status::internal(&e))?;
-                saga.map(|saga| Response::new(to_proto(&saga)))
+                saga.map(|saga| Response::new(self.to_proto(&saga)))
                     .ok_or_else(|| Status::not_found("no such saga"))
             }
         }
+    }
+
+    /// The saga for the wire, with what its definition says of it.
+    fn to_proto(&self, saga: &SagaRecord) -> pb::Saga {
+        let pivot = self
+            .engine
+            .definition(&saga.instance.saga_type)
+            .and_then(|definition| definition.pivot);
+        to_proto(saga, pivot)
     }
 }
 
@@ -268,7 +283,7 @@ fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     SystemTime::from(at).into()
 }
 
-pub(crate) fn to_proto(saga: &SagaRecord) -> pb::Saga {
+pub(crate) fn to_proto(saga: &SagaRecord, pivot: Option<&str>) -> pb::Saga {
     let instance = &saga.instance;
     let state = instance.state();
     // The step running or compensating now: the last one begun, unfinished.
@@ -293,6 +308,10 @@ pub(crate) fn to_proto(saga: &SagaRecord) -> pb::Saga {
         started_at: Some(timestamp(instance.created_at)),
         updated_at: Some(timestamp(instance.updated_at)),
         finished_at: instance.finished_at.map(timestamp),
+        pivot_step: pivot.unwrap_or_default().to_owned(),
+        forward_only_since: instance.forward_only_since.map(timestamp),
+        overdue_step: instance.overdue_step.clone().unwrap_or_default(),
+        overdue_since: instance.overdue_since.map(timestamp),
         steps: saga
             .steps
             .iter()
@@ -323,6 +342,7 @@ pub(crate) fn to_proto(saga: &SagaRecord) -> pb::Saga {
                         .to_std()
                         .ok()
                         .and_then(|d| prost_types::Duration::try_from(d).ok()),
+                    outcome_unknown: step.outcome_unknown(),
                 }
             })
             .collect(),

@@ -1,11 +1,23 @@
 //! The order-processing saga: charge the order, then confirm it; undo what
 //! was done when a step fails, the customer cancels, or an operator asks.
 //!
-//! | step | action | compensation |
-//! |---|---|---|
-//! | `open-order` | (none: the saga takes charge of the order) | `close-order`: AbortOrder if money was taken back or the saga was called off, RejectOrder if the payment failed |
-//! | `process-payment` | ProcessPayment, idempotency key = saga id + step | RefundPayment by that key: refunds a capture, voids a charge not made |
-//! | `confirm-order` | ConfirmOrder with the payment id | (none: it is the last step) |
+//! | step | class | action | compensation |
+//! |---|---|---|---|
+//! | `open-order` | compensatable | (none: the saga takes charge of the order) | `close-order`: AbortOrder if money was taken back or the saga was called off, RejectOrder if the payment failed |
+//! | `process-payment` | compensatable | ProcessPayment, idempotency key = saga id + step | RefundPayment by that key: refunds a capture, voids a charge not made (at the provider too) |
+//! | `confirm-order` | pivot | ConfirmOrder with the payment id | (none: past it the saga only goes forward) |
+//!
+//! `confirm-order` is the point of no return, and the order aggregate is
+//! what makes it one: it decides ConfirmOrder against the customer's
+//! CancelOrder atomically. Once the saga has begun confirming, it can no
+//! longer know the order is not confirmed, so it refuses to compensate and
+//! repeats ConfirmOrder (idempotent) until the order answers for certain:
+//! confirmed (done), or refused because the customer's cancellation came
+//! first (then, and only then, it refunds and cancels).
+//!
+//! An unknown outcome of the charge (its answer was lost) needs no separate
+//! question: refunding by the charge's key asks the payment service, which
+//! asks the provider, under the key's lock, and undoes whatever happened.
 //!
 //! Compensation runs in reverse, so a refund always precedes the order's
 //! cancellation. Every call is idempotent, so the engine may repeat any of
@@ -21,7 +33,7 @@ use api_payment::v1::refund_payment_request::Target;
 use api_payment::v1::{PaymentStatus, ProcessPaymentRequest, RefundPaymentRequest};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use saga_engine::{Action, RetryPolicy, SagaDefinition, Step, StepContext, StepError};
+use saga_engine::{Action, RetryPolicy, SagaDefinition, Settle, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 use service_runtime::client::Downstream;
 use tonic::Code;
@@ -30,6 +42,8 @@ use tonic::Code;
 pub const SAGA_TYPE: &str = "order-processing";
 
 const PROCESS_PAYMENT: &str = "process-payment";
+/// The saga's pivot.
+pub const CONFIRM_ORDER: &str = "confirm-order";
 
 /// What the saga knows about its order, from the OrderPlaced event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +82,9 @@ pub fn definition(downstreams: &Downstreams, tuning: Tuning) -> SagaDefinition {
             attempt_timeout: tuning.attempt_timeout,
             compensation_attempt_timeout: tuning.attempt_timeout,
             deadline: tuning.step_deadline,
+            // Only process-payment has both an action and a compensation,
+            // and its refund by key settles an unknown charge by itself.
+            settle: Settle::ByCompensation,
         };
     SagaDefinition::sequence(
         SAGA_TYPE,
@@ -83,12 +100,13 @@ pub fn definition(downstreams: &Downstreams, tuning: Tuning) -> SagaDefinition {
                 Some(Arc::new(RefundPayment(downstreams.payments.clone()))),
             ),
             step(
-                "confirm-order",
+                CONFIRM_ORDER,
                 Some(Arc::new(ConfirmOrder(downstreams.orders.clone()))),
                 None,
             ),
         ],
     )
+    .with_pivot(CONFIRM_ORDER)
 }
 
 fn data(context: &StepContext) -> Result<OrderData, StepError> {
@@ -103,9 +121,12 @@ fn request<T>(message: T, context: &StepContext) -> tonic::Request<T> {
     request
 }
 
-/// Whether a failed call may succeed if made again: the downstream was
-/// unreachable, overloaded, slow, or our token was refused (it renews). A
-/// call an open circuit refused was never made, and costs no attempt.
+/// What a failed call tells us. A call an open circuit refused was never
+/// made, and costs no attempt. A call that timed out, was cancelled, or
+/// broke (unavailable, unknown, internal) may have taken effect before its
+/// answer was lost: unknown. A service that refused for now (overloaded, a
+/// conflict, our token renewing) did nothing: retryable. Anything else is a
+/// refusal for certain.
 fn classify(status: &tonic::Status) -> StepError {
     let message = format!("{:?}: {}", status.code(), status.message());
     if let Some(retry_after) = service_runtime::client::refused_by_circuit(status) {
@@ -118,11 +139,12 @@ fn classify(status: &tonic::Status) -> StepError {
         Code::Unavailable
         | Code::DeadlineExceeded
         | Code::Cancelled
-        | Code::ResourceExhausted
-        | Code::Aborted
         | Code::Internal
         | Code::Unknown
-        | Code::Unauthenticated => StepError::Retryable(message),
+        | Code::DataLoss => StepError::Unknown(message),
+        Code::ResourceExhausted | Code::Aborted | Code::Unauthenticated => {
+            StepError::Retryable(message)
+        }
         _ => StepError::Permanent(message),
     }
 }

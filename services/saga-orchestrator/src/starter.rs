@@ -91,8 +91,16 @@ impl EventHandler for SagaStarter {
                 .request_compensation(conn, saga_id, &reason)
                 .await
                 .map_err(HandleError::Transient)?;
-            if let RequestOutcome::NotApplicable(state) = outcome {
-                tracing::info!(%saga_id, state = state.as_str(), "cancellation arrived after the saga ended");
+            match outcome {
+                RequestOutcome::NotApplicable(state) => {
+                    tracing::info!(%saga_id, state = state.as_str(), "cancellation arrived after the saga ended");
+                }
+                // The order decides: the cancellation it recorded makes the
+                // saga's confirmation fail, and the saga then compensates.
+                RequestOutcome::ForwardOnly { pivot, .. } => {
+                    tracing::info!(%saga_id, pivot, "cancellation arrived while the order was being confirmed; the order decides");
+                }
+                RequestOutcome::Accepted | RequestOutcome::NotFound => {}
             }
         }
         // Other order events are the saga's own doing: nothing to start.

@@ -1,35 +1,66 @@
 use std::net::SocketAddr;
 
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// A TCP forwarder between a service and one of its dependencies, which a
-/// test can cut and restore to make the dependency look down and back up.
+/// test can cut and restore to make the dependency look down and back up,
+/// or (for gRPC) make lose its answers.
 ///
 /// While cut, open connections are closed and new ones are accepted and
 /// closed at once, which is what a client sees of a crashed server.
 #[derive(Debug)]
 pub struct FaultProxy {
     address: SocketAddr,
-    up: watch::Sender<bool>,
+    mode: watch::Sender<Mode>,
     task: tokio::task::JoinHandle<()>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Forward,
+    Cut,
+    LoseAnswers,
+}
+
+/// What the proxy forwards: opaque bytes, or HTTP/2 frames it can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Bytes,
+    Http2,
+}
+
 impl FaultProxy {
-    /// Starts forwarding a free port of 127.0.0.1 to `target`.
+    /// Starts forwarding a free port of 127.0.0.1 to `target`, any protocol.
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
+        Self::start_with(target, Protocol::Bytes).await
+    }
+
+    /// Starts forwarding to a gRPC (HTTP/2, cleartext) server, so that the
+    /// proxy can also [lose answers](Self::lose_answers).
+    pub async fn start_grpc(target: SocketAddr) -> std::io::Result<Self> {
+        Self::start_with(target, Protocol::Http2).await
+    }
+
+    async fn start_with(target: SocketAddr, protocol: Protocol) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
-        let (up, watcher) = watch::channel(true);
+        let (mode, watcher) = watch::channel(Mode::Forward);
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
-                if !*watcher.borrow() {
+                if *watcher.borrow() == Mode::Cut {
                     continue; // dropping `inbound` closes it
                 }
-                tokio::spawn(forward(inbound, target, watcher.clone()));
+                tokio::spawn(forward(inbound, target, protocol, watcher.clone()));
             }
         });
-        Ok(Self { address, up, task })
+        Ok(Self {
+            address,
+            mode,
+            task,
+        })
     }
 
     /// Where clients should connect instead of the target.
@@ -39,12 +70,22 @@ impl FaultProxy {
 
     /// Closes every connection and refuses new ones until [`restore`](Self::restore).
     pub fn cut(&self) {
-        self.up.send_replace(false);
+        self.mode.send_replace(Mode::Cut);
+    }
+
+    /// Delivers every request but loses every answer, until
+    /// [`restore`](Self::restore): when the server begins to answer a call
+    /// (its first HEADERS frame on a stream, sent once the call was
+    /// handled), the connection is closed instead. The client sees its
+    /// connection break mid-call, and cannot know the call took effect.
+    /// Only for a proxy started with [`start_grpc`](Self::start_grpc).
+    pub fn lose_answers(&self) {
+        self.mode.send_replace(Mode::LoseAnswers);
     }
 
     /// Forwards again.
     pub fn restore(&self) {
-        self.up.send_replace(true);
+        self.mode.send_replace(Mode::Forward);
     }
 }
 
@@ -55,12 +96,56 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn forward(mut inbound: TcpStream, target: SocketAddr, mut up: watch::Receiver<bool>) {
-    let Ok(mut outbound) = TcpStream::connect(target).await else {
+async fn forward(
+    inbound: TcpStream,
+    target: SocketAddr,
+    protocol: Protocol,
+    mut mode: watch::Receiver<Mode>,
+) {
+    let Ok(outbound) = TcpStream::connect(target).await else {
         return;
     };
+    let (mut client_reads, mut client_writes) = inbound.into_split();
+    let (mut server_reads, mut server_writes) = outbound.into_split();
+    let watching = mode.clone();
+    let answers = async {
+        match protocol {
+            Protocol::Bytes => tokio::io::copy(&mut server_reads, &mut client_writes)
+                .await
+                .map(drop),
+            Protocol::Http2 => {
+                http2_answers(&mut server_reads, &mut client_writes, &watching).await
+            }
+        }
+    };
+    // Whichever side ends first ends both: dropping the halves closes them.
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-        _ = up.wait_for(|up| !*up) => {}
+        _ = tokio::io::copy(&mut client_reads, &mut server_writes) => {}
+        _ = answers => {}
+        _ = mode.wait_for(|mode| *mode == Mode::Cut) => {}
+    }
+}
+
+const HEADERS: u8 = 0x1;
+
+/// Copies the server's HTTP/2 frames (9-byte header, then payload) to the
+/// client, until one begins an answer while answers are being lost.
+async fn http2_answers(
+    from: &mut OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
+    mode: &watch::Receiver<Mode>,
+) -> std::io::Result<()> {
+    let mut header = [0u8; 9];
+    loop {
+        from.read_exact(&mut header).await?;
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; length];
+        from.read_exact(&mut payload).await?;
+        if header[3] == HEADERS && stream != 0 && *mode.borrow() == Mode::LoseAnswers {
+            return Ok(());
+        }
+        to.write_all(&header).await?;
+        to.write_all(&payload).await?;
     }
 }

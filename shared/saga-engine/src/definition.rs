@@ -11,10 +11,33 @@ use uuid::Uuid;
 /// A saga: groups of steps run in order; the steps of one group run in
 /// parallel. When a step fails for good, every step that may have taken
 /// effect is compensated, group by group in reverse order.
+///
+/// Steps are of three classes (Garcia-Molina & Salem's sagas, as
+/// Richardson names them): the steps before the pivot are compensatable,
+/// the pivot is the point of no return, and the steps after it are
+/// retriable. Once the pivot may have taken effect the saga only goes
+/// forward: compensation requests are refused, and the pivot and the steps
+/// after it are retried until they answer for certain, however long that
+/// takes (past their deadline they are flagged as overdue, never undone).
+/// Only a definite refusal of the pivot itself turns the saga back.
 #[derive(Clone)]
 pub struct SagaDefinition {
     pub name: &'static str,
     pub groups: Vec<Vec<Step>>,
+    /// The pivot step's name; `None` for a saga that can always turn back.
+    pub pivot: Option<&'static str>,
+}
+
+/// Where a step stands relative to the saga's point of no return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepClass {
+    /// Before the pivot: undone if the saga turns back.
+    Compensatable,
+    /// The point of no return: once it may have taken effect, the saga only
+    /// goes forward, unless the pivot is refused for certain.
+    Pivot,
+    /// After the pivot: retried until it succeeds; never undone.
+    Retriable,
 }
 
 impl std::fmt::Debug for SagaDefinition {
@@ -37,7 +60,69 @@ impl SagaDefinition {
         Self {
             name,
             groups: steps.into_iter().map(|step| vec![step]).collect(),
+            pivot: None,
         }
+    }
+
+    /// This saga with `step` as its pivot; see [`StepClass`]. The pivot's
+    /// action must be idempotent and its refusal final: once it answers
+    /// "no" for certain, no attempt of it (not even one still in flight)
+    /// can take effect. The order's confirmation is such a step: the order
+    /// aggregate decides it against the customer's cancellation atomically,
+    /// and a cancelled order is never confirmed.
+    #[must_use]
+    pub fn with_pivot(mut self, step: &'static str) -> Self {
+        self.pivot = Some(step);
+        self
+    }
+
+    /// Index of the pivot's group, if the saga has a pivot.
+    pub(crate) fn pivot_group(&self) -> Option<usize> {
+        let pivot = self.pivot?;
+        self.groups
+            .iter()
+            .position(|group| group.iter().any(|step| step.name == pivot))
+    }
+
+    /// The class of the steps of group `index`.
+    pub(crate) fn class(&self, index: usize) -> StepClass {
+        match self.pivot_group() {
+            Some(pivot) if index == pivot => StepClass::Pivot,
+            Some(pivot) if index > pivot => StepClass::Retriable,
+            _ => StepClass::Compensatable,
+        }
+    }
+
+    /// Checks what the engine relies on: the pivot exists and is alone in
+    /// its group, and nothing from the pivot on has a compensation.
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        let Some(pivot) = self.pivot else {
+            return Ok(());
+        };
+        let Some(index) = self.pivot_group() else {
+            anyhow::bail!(
+                "saga {}: the pivot {pivot} is not one of its steps",
+                self.name
+            );
+        };
+        if self.groups[index].len() != 1 {
+            anyhow::bail!(
+                "saga {}: the pivot {pivot} must be alone in its group",
+                self.name
+            );
+        }
+        if let Some(step) = self.groups[index..]
+            .iter()
+            .flatten()
+            .find(|step| step.compensation.is_some())
+        {
+            anyhow::bail!(
+                "saga {}: {} is at or after the pivot, so it is never undone; it cannot have a compensation",
+                self.name,
+                step.name
+            );
+        }
+        Ok(())
     }
 
     /// The step named `name`, with the index of its group.
@@ -68,18 +153,35 @@ pub struct Step {
     /// What the step does; `None` for a step that exists only to be
     /// compensated (it succeeds at once).
     pub action: Option<Arc<dyn Action>>,
-    /// What undoes the action; run if the action may have taken effect
-    /// (it was attempted at least once).
+    /// What undoes the action; run if the action may have taken effect.
+    /// Only steps before the pivot have one.
     pub compensation: Option<Arc<dyn Action>>,
     pub retry: RetryPolicy,
     pub compensation_retry: RetryPolicy,
-    /// Longest time one attempt may take before it counts as failed
-    /// (retryable).
+    /// Longest time one attempt may take; past it the attempt's outcome is
+    /// unknown.
     pub attempt_timeout: Duration,
     pub compensation_attempt_timeout: Duration,
-    /// Longest time from the first attempt to success; past it the step
-    /// fails for good.
+    /// Longest time from the first attempt to success; past it a
+    /// compensatable step fails for good, and the pivot or a retriable step
+    /// is flagged as overdue (and retried on).
     pub deadline: Duration,
+    /// How the engine learns, before compensating, whether an action whose
+    /// answer was lost took effect.
+    pub settle: Settle,
+}
+
+/// What the engine does before it compensates a step whose action's last
+/// outcome is unknown (a timeout, a lost connection, a crash mid-call): an
+/// unknown outcome is a question to ask, not a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Repeats the action (it is idempotent) until it answers for certain;
+    /// the compensation runs only if it took effect.
+    ByRepeating,
+    /// The compensation itself settles it: it undoes whatever the action
+    /// came to, nothing included (a refund-or-void by the charge's key).
+    ByCompensation,
 }
 
 impl std::fmt::Debug for Step {
@@ -123,9 +225,15 @@ impl StepContext {
 /// Why an attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepError {
-    /// Might succeed if tried again (a timeout, an unavailable service).
+    /// Did not take effect, and might if tried again (the service refused
+    /// for now: overloaded, a conflict, a token to renew).
     #[error("{0}")]
     Retryable(String),
+    /// The answer was lost (the attempt timed out, was cancelled, or its
+    /// connection broke): it may or may not have taken effect. Retried like
+    /// a retryable error, and settled before the step is compensated.
+    #[error("{0}")]
+    Unknown(String),
     /// Will not succeed (a declined payment, a refused command).
     #[error("{0}")]
     Permanent(String),

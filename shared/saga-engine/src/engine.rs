@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::definition::{SagaDefinition, Step, StepContext, StepError};
+use crate::definition::{SagaDefinition, Step, StepClass, StepContext, StepError};
 use crate::plan::{Plan, Transition, plan};
 use crate::store::{self, Kind, SagaRecord, SagaState, WriteError};
 
@@ -60,6 +60,12 @@ pub enum RequestOutcome {
     Accepted,
     /// The saga was already in this final (or failed) state.
     NotApplicable(SagaState),
+    /// The saga's pivot may have taken effect (its first attempt began at
+    /// `since`): it only goes forward, and cannot be compensated.
+    ForwardOnly {
+        pivot: &'static str,
+        since: DateTime<Utc>,
+    },
     NotFound,
 }
 
@@ -71,6 +77,7 @@ impl Engine {
         config: EngineConfig,
     ) -> anyhow::Result<Self> {
         for definition in &definitions {
+            definition.validate()?;
             if definition.longest_attempt() >= config.lease {
                 bail!(
                     "saga {} has an attempt timeout longer than the lease",
@@ -88,6 +95,11 @@ impl Engine {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The definition of `saga_type`, if this engine runs it.
+    pub fn definition(&self, saga_type: &str) -> Option<&SagaDefinition> {
+        self.definitions.get(saga_type)
     }
 
     /// Starts a saga of `saga_type` for `business_key` in the caller's
@@ -132,20 +144,26 @@ impl Engine {
 
     /// Asks a running saga to compensate (it does so between steps, never
     /// overtaking one in flight), or sends a failed one back to compensating.
+    /// Refused once the saga's pivot may have taken effect: the row's lock
+    /// orders this request and the pivot's first attempt, so exactly one of
+    /// them goes ahead.
     pub async fn request_compensation(
         &self,
         conn: &mut PgConnection,
         saga_id: Uuid,
         reason: &str,
     ) -> anyhow::Result<RequestOutcome> {
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM saga_instances WHERE saga_id = $1 FOR UPDATE")
-                .bind(saga_id)
-                .fetch_optional(&mut *conn)
-                .await?;
-        let Some(state) = state.and_then(|s| SagaState::parse(&s)) else {
+        let Some((state, saga_type, forward_only_since)) = self.lock(conn, saga_id).await? else {
             return Ok(RequestOutcome::NotFound);
         };
+        if let Some(since) = forward_only_since.filter(|_| !state.is_final()) {
+            let pivot = self
+                .definitions
+                .get(saga_type.as_str())
+                .and_then(|d| d.pivot)
+                .unwrap_or("the pivot");
+            return Ok(RequestOutcome::ForwardOnly { pivot, since });
+        }
         match state {
             SagaState::Running => {
                 sqlx::query(
@@ -160,7 +178,7 @@ impl Engine {
                 Ok(RequestOutcome::Accepted)
             }
             SagaState::Failed => {
-                self.resume_compensating(conn, saga_id).await?;
+                self.resume(conn, saga_id, SagaState::Compensating).await?;
                 Ok(RequestOutcome::Accepted)
             }
             other => Ok(RequestOutcome::NotApplicable(other)),
@@ -168,46 +186,75 @@ impl Engine {
     }
 
     /// Resumes a failed saga: its failed compensations get a fresh retry
-    /// budget.
+    /// budget, or, for a saga that failed past its pivot, its failed steps
+    /// do and it goes forward again.
     pub async fn retry(
         &self,
         conn: &mut PgConnection,
         saga_id: Uuid,
     ) -> anyhow::Result<RequestOutcome> {
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM saga_instances WHERE saga_id = $1 FOR UPDATE")
-                .bind(saga_id)
-                .fetch_optional(&mut *conn)
-                .await?;
-        match state.and_then(|s| SagaState::parse(&s)) {
+        match self.lock(conn, saga_id).await? {
             None => Ok(RequestOutcome::NotFound),
-            Some(SagaState::Failed) => {
-                self.resume_compensating(conn, saga_id).await?;
+            // Failed past its pivot: it can only go forward.
+            Some((SagaState::Failed, _, Some(_))) => {
+                self.resume(conn, saga_id, SagaState::Running).await?;
                 Ok(RequestOutcome::Accepted)
             }
-            Some(other) => Ok(RequestOutcome::NotApplicable(other)),
+            Some((SagaState::Failed, _, None)) => {
+                self.resume(conn, saga_id, SagaState::Compensating).await?;
+                Ok(RequestOutcome::Accepted)
+            }
+            Some((other, _, _)) => Ok(RequestOutcome::NotApplicable(other)),
         }
     }
 
-    async fn resume_compensating(
+    /// Locks a saga's row for the caller's transaction: its state, type and
+    /// since when it is forward-only.
+    async fn lock(
         &self,
         conn: &mut PgConnection,
         saga_id: Uuid,
-    ) -> anyhow::Result<()> {
-        sqlx::query(
-            "UPDATE saga_steps SET status = 'waiting', attempts = 0, next_attempt_at = now(), finished_at = NULL
-             WHERE saga_id = $1 AND kind = 'compensation' AND status = 'failed'",
+    ) -> anyhow::Result<Option<(SagaState, String, Option<DateTime<Utc>>)>> {
+        let row: Option<(String, String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT state, saga_type, forward_only_since FROM saga_instances WHERE saga_id = $1 FOR UPDATE",
         )
         .bind(saga_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .context("locking a saga")?;
+        Ok(row.and_then(|(state, saga_type, since)| {
+            SagaState::parse(&state).map(|state| (state, saga_type, since))
+        }))
+    }
+
+    /// Sends a failed saga back to `state` (running, or compensating): the
+    /// executions that failed in that direction get a fresh retry budget.
+    async fn resume(
+        &self,
+        conn: &mut PgConnection,
+        saga_id: Uuid,
+        state: SagaState,
+    ) -> anyhow::Result<()> {
+        let kind = match state {
+            SagaState::Running => Kind::Action,
+            _ => Kind::Compensation,
+        };
+        sqlx::query(
+            "UPDATE saga_steps SET status = 'waiting', attempts = 0, next_attempt_at = now(), finished_at = NULL
+             WHERE saga_id = $1 AND kind = $2 AND status = 'failed'",
+        )
+        .bind(saga_id)
+        .bind(kind.as_str())
         .execute(&mut *conn)
         .await?;
         // A new fence: whatever held the saga before has no say any more.
         sqlx::query(
-            "UPDATE saga_instances SET state = 'compensating', next_run_at = now(), finished_at = NULL,
+            "UPDATE saga_instances SET state = $2, next_run_at = now(), finished_at = NULL,
                  lease_owner = NULL, lease_expires_at = NULL, fence = fence + 1
              WHERE saga_id = $1",
         )
         .bind(saga_id)
+        .bind(state.as_str())
         .execute(&mut *conn)
         .await?;
         Ok(())
@@ -388,24 +435,44 @@ impl Engine {
         names: &[&'static str],
     ) -> Result<(), WriteError> {
         let saga_id = saga.instance.saga_id;
-        let steps: Vec<&Step> = names
+        let forward = kind == Kind::Action && saga.instance.state() == SagaState::Running;
+        let steps: Vec<(&Step, StepClass)> = names
             .iter()
-            .filter_map(|name| definition.step(name).map(|(_, step)| step))
+            .filter_map(|name| definition.step(name))
+            .map(|(index, step)| (step, definition.class(index)))
             .collect();
+        // The pivot and the steps after it never give up, and neither does
+        // asking again whether an action took effect: their deadline only
+        // flags them, and bounds neither their attempts nor their time.
+        let persistent = |class: StepClass| {
+            class != StepClass::Compensatable || (kind == Kind::Action && !forward)
+        };
 
         // Write ahead: after a crash, the next owner knows these attempts
         // were made and may have had an effect.
         let mut started = Vec::with_capacity(steps.len());
         {
             let mut tx = self.pool.begin().await.context("starting a transaction")?;
-            store::check_fence(&mut tx, saga_id, fence, self.config.lease).await?;
-            for step in &steps {
+            let held = store::check_fence(&mut tx, saga_id, fence, self.config.lease).await?;
+            if forward && held.turning_back {
+                // A compensation request was accepted since this plan was
+                // made: begin nothing (the transaction rolls back), plan again.
+                return Ok(());
+            }
+            if forward && steps.iter().any(|(_, class)| *class == StepClass::Pivot) {
+                // From this commit on, the saga only goes forward.
+                store::mark_forward_only(&mut tx, saga_id).await?;
+            }
+            for (step, _) in &steps {
                 let deadline = chrono::Duration::from_std(step.deadline).context("deadline")?;
+                // An attempt still `running` never reported back: its
+                // outcome is unknown, whatever the next one says.
                 let (attempts, deadline_at): (i32, Option<DateTime<Utc>>) = sqlx::query_as(
                     "INSERT INTO saga_steps (saga_id, step, kind, status, attempts, deadline_at)
                      VALUES ($1, $2, $3, 'running', 1, CASE WHEN $3 = 'action' THEN now() + $4 END)
                      ON CONFLICT (saga_id, step, kind) DO UPDATE
-                         SET status = 'running', attempts = saga_steps.attempts + 1
+                         SET status = 'running', attempts = saga_steps.attempts + 1,
+                             outcome_unknown = saga_steps.outcome_unknown OR saga_steps.status = 'running'
                      RETURNING attempts, deadline_at",
                 )
                 .bind(saga_id)
@@ -426,12 +493,13 @@ impl Engine {
         let runs = steps
             .iter()
             .zip(&started)
-            .map(|(step, (attempt, deadline_at))| {
+            .map(|((step, class), (attempt, deadline_at))| {
                 let limit = match kind {
                     Kind::Action => step.attempt_timeout,
                     Kind::Compensation => step.compensation_attempt_timeout,
                 };
                 let time_left = deadline_at
+                    .filter(|_| !persistent(*class))
                     .map(|deadline| (deadline - Utc::now()).to_std().unwrap_or_default())
                     .map_or(limit, |left| left.min(limit));
                 let context = StepContext {
@@ -464,7 +532,7 @@ impl Engine {
                         Some(action) => {
                             match tokio::time::timeout(time_left, action.run(&context)).await {
                                 Ok(outcome) => outcome,
-                                Err(_) => Err(StepError::Retryable(format!(
+                                Err(_) => Err(StepError::Unknown(format!(
                                     "attempt timed out after {time_left:?}"
                                 ))),
                             }
@@ -478,14 +546,19 @@ impl Engine {
 
         let mut tx = self.pool.begin().await.context("starting a transaction")?;
         store::check_fence(&mut tx, saga_id, fence, self.config.lease).await?;
-        for ((step, (attempt, deadline_at)), (outcome, took)) in
+        for (((step, class), (attempt, deadline_at)), (outcome, took)) in
             steps.iter().zip(&started).zip(outcomes)
         {
+            if *class == StepClass::Pivot && matches!(outcome, Err(StepError::Permanent(_))) {
+                // Refused for certain: the pivot did not take effect.
+                store::clear_forward_only(&mut tx, saga_id).await?;
+            }
             self.record_outcome(
                 &mut tx,
                 saga,
                 step,
                 kind,
+                persistent(*class),
                 *attempt,
                 *deadline_at,
                 outcome,
@@ -504,6 +577,7 @@ impl Engine {
         saga: &SagaRecord,
         step: &Step,
         kind: Kind,
+        persistent: bool,
         attempt: u32,
         deadline_at: Option<DateTime<Utc>>,
         outcome: Result<serde_json::Value, StepError>,
@@ -521,7 +595,8 @@ impl Engine {
                 metrics::histogram!("saga_step_duration_seconds", "step" => step.name, "kind" => kind.as_str(), "outcome" => "succeeded")
                     .record(took.as_secs_f64());
                 sqlx::query(
-                    "UPDATE saga_steps SET status = 'succeeded', output = $4, finished_at = now(), next_attempt_at = NULL
+                    "UPDATE saga_steps SET status = 'succeeded', output = $4, finished_at = now(), next_attempt_at = NULL,
+                         outcome_unknown = false
                      WHERE saga_id = $1 AND step = $2 AND kind = $3",
                 )
                 .bind(saga_id)
@@ -548,7 +623,7 @@ impl Engine {
                 let retryable = !matches!(error, StepError::Permanent(_));
                 // Give up as soon as no retry can happen: no attempts left,
                 // or the next one would start after the deadline.
-                let give_up = if !retryable {
+                let give_up = if !retryable || persistent {
                     None
                 } else if spent && attempt >= policy.max_attempts {
                     Some(format!("{error} (no attempts left after {attempt})"))
@@ -563,19 +638,29 @@ impl Engine {
                     _ if give_up.is_some() => "exhausted",
                     StepError::NotAttempted { .. } => "not_attempted",
                     StepError::Retryable(_) => "retryable",
+                    StepError::Unknown(_) => "unknown",
+                };
+                // A definite answer settles what earlier attempts left
+                // unknown; a refusal for now leaves it as it was.
+                let outcome_unknown = match &error {
+                    StepError::Unknown(_) => Some(true),
+                    StepError::Permanent(_) => Some(false),
+                    StepError::Retryable(_) | StepError::NotAttempted { .. } => None,
                 };
                 metrics::counter!("saga_step_failures_total", "step" => step.name, "kind" => kind.as_str(), "reason" => reason)
                     .increment(1);
                 metrics::histogram!("saga_step_duration_seconds", "step" => step.name, "kind" => kind.as_str(), "outcome" => "failed")
                     .record(took.as_secs_f64());
                 let error = give_up.unwrap_or_else(|| error.to_string());
-                tracing::warn!(step = step.name, kind = kind.as_str(), attempt, will_retry, %error, "saga step failed");
+                tracing::warn!(step = step.name, kind = kind.as_str(), attempt, will_retry, ?outcome_unknown, %error, "saga step failed");
                 // An attempt that was not made is given back.
-                sqlx::query(
+                let outcome_unknown: bool = sqlx::query_scalar(
                     "UPDATE saga_steps SET status = $4, last_error = $5, next_attempt_at = $6,
                          finished_at = CASE WHEN $4 = 'failed' THEN now() END,
-                         attempts = attempts - CASE WHEN $7 THEN 0 ELSE 1 END
-                     WHERE saga_id = $1 AND step = $2 AND kind = $3",
+                         attempts = attempts - CASE WHEN $7 THEN 0 ELSE 1 END,
+                         outcome_unknown = coalesce($8, outcome_unknown)
+                     WHERE saga_id = $1 AND step = $2 AND kind = $3
+                     RETURNING outcome_unknown",
                 )
                 .bind(saga_id)
                 .bind(step.name)
@@ -584,7 +669,8 @@ impl Engine {
                 .bind(&error)
                 .bind(will_retry.then_some(retry_at))
                 .bind(spent)
-                .execute(&mut *conn)
+                .bind(outcome_unknown)
+                .fetch_one(&mut *conn)
                 .await?;
                 let event = pb::SagaStepFailed {
                     saga_id: saga_id.to_string(),
@@ -593,6 +679,7 @@ impl Engine {
                     attempts: if spent { attempt } else { attempt - 1 },
                     error,
                     will_retry,
+                    outcome_unknown,
                 };
                 self.publish(conn, saga_id, correlation, &event).await?;
             }
@@ -622,9 +709,28 @@ impl Engine {
             Transition::StepFailed { step, kind, .. } => Some((*step, *kind)),
             _ => None,
         };
+        let overdue = match &transition {
+            Transition::Overdue { step, .. } => Some(*step),
+            _ => None,
+        };
+        // An overdue step that moved on is no longer flagged.
+        let clear_overdue = saga.instance.overdue_step.is_some()
+            && matches!(transition, Transition::Advance | Transition::Complete);
         let mut tx = self.pool.begin().await.context("starting a transaction")?;
         store::check_fence(&mut tx, saga_id, fence, self.config.lease).await?;
+        if clear_overdue {
+            store::set_overdue(&mut tx, saga_id, None).await?;
+        }
         match transition {
+            Transition::Overdue { step, since } => {
+                store::set_overdue(&mut tx, saga_id, Some((step, since))).await?;
+                tracing::error!(
+                    saga = definition.name,
+                    step,
+                    %since,
+                    "saga step is past its deadline; past the pivot it is retried until it succeeds, never undone"
+                );
+            }
             Transition::Advance => {
                 sqlx::query("UPDATE saga_instances SET position = position + 1 WHERE saga_id = $1")
                     .bind(saga_id)
@@ -660,15 +766,18 @@ impl Engine {
                 self.publish(&mut tx, saga_id, correlation, &event).await?;
             }
             Transition::StepFailed { step, kind, reason } => {
-                sqlx::query(
-                    "UPDATE saga_steps SET status = 'failed', last_error = $4, finished_at = now(), next_attempt_at = NULL
-                     WHERE saga_id = $1 AND step = $2 AND kind = $3",
+                // An attempt that never reported back leaves the outcome unknown.
+                let outcome_unknown: bool = sqlx::query_scalar(
+                    "UPDATE saga_steps SET status = 'failed', last_error = $4, finished_at = now(), next_attempt_at = NULL,
+                         outcome_unknown = outcome_unknown OR status = 'running'
+                     WHERE saga_id = $1 AND step = $2 AND kind = $3
+                     RETURNING outcome_unknown",
                 )
                 .bind(saga_id)
                 .bind(step)
                 .bind(kind.as_str())
                 .bind(&reason)
-                .execute(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await
                 .context("failing a step")?;
                 let attempts = saga
@@ -681,6 +790,7 @@ impl Engine {
                     attempts,
                     error: reason,
                     will_retry: false,
+                    outcome_unknown,
                 };
                 self.publish(&mut tx, saga_id, correlation, &event).await?;
             }
@@ -714,6 +824,10 @@ impl Engine {
         }
         if compensating {
             metrics::counter!("saga_compensations_started_total", "saga" => definition.name)
+                .increment(1);
+        }
+        if let Some(step) = overdue {
+            metrics::counter!("saga_steps_overdue_total", "saga" => definition.name, "step" => step)
                 .increment(1);
         }
         if let Some((step, kind)) = past_deadline {

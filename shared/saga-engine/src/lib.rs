@@ -5,6 +5,11 @@
 //! their step log live in the service's schema; every transition is one
 //! transaction, and its saga events go to the outbox in that transaction.
 //!
+//! A definition may name a pivot, its point of no return: once the pivot
+//! may have taken effect the saga only goes forward (see [`StepClass`]).
+//! An attempt whose answer was lost has an unknown outcome, not a failed
+//! one, and is settled before its step is compensated (see [`Settle`]).
+//!
 //! Any replica may drive any saga. Due work is claimed with `FOR UPDATE
 //! SKIP LOCKED` under a lease, and each claim carries a fencing version that
 //! every later write checks, so a replica that lost its lease (it stalled,
@@ -20,10 +25,12 @@ mod engine;
 mod plan;
 pub mod store;
 
-pub use definition::{Action, FnAction, RetryPolicy, SagaDefinition, Step, StepContext, StepError};
+pub use definition::{
+    Action, FnAction, RetryPolicy, SagaDefinition, Settle, Step, StepClass, StepContext, StepError,
+};
 pub use engine::{Engine, EngineConfig, RequestOutcome};
 pub use store::{Kind, SagaRecord, SagaState, StepRecord};
 
 /// The saga tables, applied in the orchestrator's schema.
 pub const MIGRATIONS: database::MigrationSet =
-    database::migrations!("saga-engine", ["0001_sagas.sql"]);
+    database::migrations!("saga-engine", ["0001_sagas.sql", "0002_pivot.sql"]);

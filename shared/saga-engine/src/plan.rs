@@ -3,13 +3,15 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::definition::{SagaDefinition, Step};
+use crate::definition::{SagaDefinition, Settle, Step, StepClass};
 use crate::store::{Kind, SagaRecord, SagaState, StepRecord};
 
 /// The next thing to do for a saga.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Plan {
     /// Attempt these steps' actions or compensations now, in parallel.
+    /// While compensating, an action is attempted again only to settle an
+    /// unknown outcome.
     Attempt {
         kind: Kind,
         steps: Vec<&'static str>,
@@ -31,14 +33,21 @@ pub(crate) enum Transition {
     Compensate {
         reason: String,
     },
-    /// A step ran out of time: it fails for good.
+    /// A compensatable step ran out of time: it fails for good.
     StepFailed {
         step: &'static str,
         kind: Kind,
         reason: String,
     },
+    /// A step that cannot give up (the pivot, or one after it) is past its
+    /// deadline: flag it for operators, and go on retrying.
+    Overdue {
+        step: &'static str,
+        since: DateTime<Utc>,
+    },
     Compensated,
-    /// A compensation failed for good: an operator must step in.
+    /// A compensation failed for good, or a step after the pivot was
+    /// refused: an operator must step in.
     Fail {
         reason: String,
     },
@@ -53,7 +62,15 @@ pub(crate) fn plan(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime
 }
 
 fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
-    if let Some(reason) = &saga.instance.compensation_requested {
+    // A request is refused once the saga is forward-only, and no forward
+    // attempt begins while one waits; so a request seen here came first.
+    let forward_only = saga.instance.forward_only_since.is_some();
+    if let Some(reason) = saga
+        .instance
+        .compensation_requested
+        .as_ref()
+        .filter(|_| !forward_only)
+    {
         return Plan::Transition(Transition::Compensate {
             reason: reason.clone(),
         });
@@ -62,6 +79,7 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
     let Some(group) = definition.groups.get(position) else {
         return Plan::Transition(Transition::Complete);
     };
+    let class = definition.class(position);
     let mut due = Vec::new();
     let mut wait: Option<DateTime<Utc>> = None;
     let mut all_succeeded = true;
@@ -73,11 +91,30 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
         all_succeeded = false;
         if let Some(record) = record.filter(|r| r.status == "failed") {
             let error = record.last_error.as_deref().unwrap_or("failed");
-            return Plan::Transition(Transition::Compensate {
-                reason: format!("{}: {error}", step.name),
+            return Plan::Transition(match class {
+                // Refused for certain: it did not take effect. Before the
+                // pivot, or at it, the saga turns back.
+                StepClass::Compensatable | StepClass::Pivot => Transition::Compensate {
+                    reason: format!("{}: {error}", step.name),
+                },
+                StepClass::Retriable => Transition::Fail {
+                    reason: format!(
+                        "{}: {error}; past the pivot the saga only goes forward: retry it once the cause is fixed",
+                        step.name
+                    ),
+                },
             });
         }
-        match next_attempt(step, Kind::Action, record, now) {
+        if class != StepClass::Compensatable
+            && saga.instance.overdue_step.is_none()
+            && let Some(since) = record.and_then(|r| r.deadline_at).filter(|d| *d <= now)
+        {
+            return Plan::Transition(Transition::Overdue {
+                step: step.name,
+                since,
+            });
+        }
+        match next_attempt(step, Kind::Action, class, record, now) {
             Next::Now => due.push(step.name),
             Next::At(at) => wait = Some(wait.map_or(at, |w| w.min(at))),
             Next::Fail(reason) => {
@@ -109,19 +146,37 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
 /// step whose action may have taken effect and has a compensation, in
 /// parallel. An action may have taken effect once it was attempted; a step
 /// without an action (one that exists to be compensated) takes effect when
-/// the saga reaches it.
+/// the saga reaches it. A step settled by repeating whose outcome is
+/// unknown is first asked again until it answers for certain; one that
+/// answered "no" for certain has nothing to undo.
 fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
     let reached = usize::try_from(saga.instance.position).unwrap_or(0);
     for (index, group) in definition.groups.iter().enumerate().rev() {
+        let mut settle = Vec::new();
         let mut due = Vec::new();
         let mut wait: Option<DateTime<Utc>> = None;
+        let mut wait_until =
+            |at: DateTime<Utc>| wait = Some(wait.map_or(at, |w: DateTime<Utc>| w.min(at)));
         for step in group {
-            let attempted = saga
-                .step(step.name, Kind::Action)
-                .is_some_and(|r| r.attempts > 0)
+            let action = saga.step(step.name, Kind::Action);
+            let attempted = action.is_some_and(|r| r.attempts > 0)
                 || (step.action.is_none() && index <= reached);
-
             if !attempted || step.compensation.is_none() {
+                continue;
+            }
+            if let Some(action) =
+                action.filter(|r| step.settle == Settle::ByRepeating && r.status != "succeeded")
+            {
+                if !action.outcome_unknown() {
+                    continue; // it answered for certain that it did nothing
+                }
+                match action
+                    .next_attempt_at
+                    .filter(|at| *at > now && action.status == "waiting")
+                {
+                    Some(at) => wait_until(at),
+                    None => settle.push(step.name),
+                }
                 continue;
             }
             let record = saga.step(step.name, Kind::Compensation);
@@ -137,9 +192,15 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
                 }
                 _ => {}
             }
-            match next_attempt(step, Kind::Compensation, record, now) {
+            match next_attempt(
+                step,
+                Kind::Compensation,
+                StepClass::Compensatable,
+                record,
+                now,
+            ) {
                 Next::Now => due.push(step.name),
-                Next::At(at) => wait = Some(wait.map_or(at, |w| w.min(at))),
+                Next::At(at) => wait_until(at),
                 Next::Fail(reason) => {
                     return Plan::Transition(Transition::StepFailed {
                         step: step.name,
@@ -148,6 +209,12 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
                     });
                 }
             }
+        }
+        if !settle.is_empty() {
+            return Plan::Attempt {
+                kind: Kind::Action,
+                steps: settle,
+            };
         }
         if !due.is_empty() {
             return Plan::Attempt {
@@ -168,17 +235,27 @@ enum Next {
     Fail(String),
 }
 
-/// When a step that has not succeeded should be attempted again.
-fn next_attempt(step: &Step, kind: Kind, record: Option<&StepRecord>, now: DateTime<Utc>) -> Next {
+/// When a step that has not succeeded should be attempted again. A
+/// compensatable step (or a compensation) gives up when out of attempts or
+/// time; the pivot and the steps after it never do.
+fn next_attempt(
+    step: &Step,
+    kind: Kind,
+    class: StepClass,
+    record: Option<&StepRecord>,
+    now: DateTime<Utc>,
+) -> Next {
     let Some(record) = record else {
         return Next::Now;
     };
+    let gives_up = class == StepClass::Compensatable;
     let max_attempts = match kind {
         Kind::Action => step.retry.max_attempts,
         Kind::Compensation => step.compensation_retry.max_attempts,
     };
     let out_of_attempts = u32::try_from(record.attempts).unwrap_or(u32::MAX) >= max_attempts;
-    if record.deadline_at.is_some_and(|deadline| deadline <= now) {
+    let deadline = record.deadline_at.filter(|_| gives_up);
+    if deadline.is_some_and(|deadline| deadline <= now) {
         return Next::Fail(format!(
             "deadline exceeded after {} attempts",
             record.attempts
@@ -186,16 +263,14 @@ fn next_attempt(step: &Step, kind: Kind, record: Option<&StepRecord>, now: DateT
     }
     match record.status.as_str() {
         // An attempt was started and never recorded: its replica died. It
-        // counts as a failed attempt whose effect is unknown.
-        "running" if out_of_attempts => Next::Fail(format!(
+        // counts as an attempt whose outcome is unknown.
+        "running" if out_of_attempts && gives_up => Next::Fail(format!(
             "attempt {} did not report back and no attempts are left",
             record.attempts
         )),
         "running" => Next::Now,
         _ => match record.next_attempt_at {
-            Some(at) if at > now => {
-                Next::At(record.deadline_at.map_or(at, |deadline| at.min(deadline)))
-            }
+            Some(at) if at > now => Next::At(deadline.map_or(at, |deadline| at.min(deadline))),
             _ => Next::Now,
         },
     }
@@ -236,6 +311,7 @@ mod tests {
             attempt_timeout: Duration::from_secs(1),
             compensation_attempt_timeout: Duration::from_secs(1),
             deadline: Duration::from_secs(10),
+            settle: Settle::ByRepeating,
         }
     }
 
@@ -247,6 +323,7 @@ mod tests {
                 vec![step("b", true), step("c", false)],
                 vec![step("d", true)],
             ],
+            pivot: None,
         }
     }
 
@@ -263,6 +340,9 @@ mod tests {
                 position,
                 failure_reason: None,
                 compensation_requested: None,
+                forward_only_since: None,
+                overdue_step: None,
+                overdue_since: None,
                 next_run_at: None,
                 lease_owner: None,
                 lease_expires_at: None,
@@ -287,6 +367,7 @@ mod tests {
             finished_at: None,
             next_attempt_at: None,
             deadline_at: None,
+            outcome_unknown: false,
         }
     }
 
@@ -462,6 +543,138 @@ mod tests {
                 steps: vec!["a"]
             }
         );
+    }
+
+    /// a (compensatable), p (the pivot), r (retriable).
+    fn pivoted() -> SagaDefinition {
+        SagaDefinition::sequence(
+            "test",
+            vec![step("a", true), step("p", false), step("r", false)],
+        )
+        .with_pivot("p")
+    }
+
+    #[test]
+    fn past_the_pivot_deadlines_and_budgets_flag_a_step_but_never_fail_it() {
+        let now = Utc::now();
+        let mut lost = record("p", Kind::Action, "waiting", 7);
+        lost.outcome_unknown = true;
+        lost.deadline_at = Some(now - chrono::Duration::seconds(1));
+        lost.next_attempt_at = Some(now + chrono::Duration::seconds(2));
+        let log = vec![record("a", Kind::Action, "succeeded", 1), lost];
+        let mut saga = saga("running", 1, log);
+        saga.instance.forward_only_since = Some(now);
+        assert_eq!(
+            plan(&pivoted(), &saga, now),
+            Plan::Transition(Transition::Overdue {
+                step: "p",
+                since: now - chrono::Duration::seconds(1)
+            })
+        );
+        saga.instance.overdue_step = Some("p".into());
+        assert_eq!(
+            plan(&pivoted(), &saga, now),
+            Plan::Wait(now + chrono::Duration::seconds(2)),
+            "retried at its time, not cut short by the deadline"
+        );
+        saga.steps[1].status = "running".into(); // its replica died mid-call
+        assert_eq!(
+            plan(&pivoted(), &saga, now),
+            Plan::Attempt {
+                kind: Kind::Action,
+                steps: vec!["p"]
+            }
+        );
+        // A request that somehow reached a forward-only saga is not acted on.
+        saga.instance.compensation_requested = Some("operator".into());
+        assert!(matches!(plan(&pivoted(), &saga, now), Plan::Attempt { .. }));
+    }
+
+    #[test]
+    fn a_refused_pivot_turns_back_and_a_refused_step_after_it_waits_for_an_operator() {
+        let a = record("a", Kind::Action, "succeeded", 1);
+        let refused = saga(
+            "running",
+            1,
+            vec![a.clone(), record("p", Kind::Action, "failed", 2)],
+        );
+        assert_eq!(
+            plan(&pivoted(), &refused, Utc::now()),
+            Plan::Transition(Transition::Compensate {
+                reason: "p: boom".into()
+            })
+        );
+        let parked = saga(
+            "running",
+            2,
+            vec![
+                a,
+                record("p", Kind::Action, "succeeded", 1),
+                record("r", Kind::Action, "failed", 1),
+            ],
+        );
+        assert!(matches!(
+            plan(&pivoted(), &parked, Utc::now()),
+            Plan::Transition(Transition::Fail { .. })
+        ));
+    }
+
+    #[test]
+    fn an_unknown_outcome_is_settled_before_compensating_and_a_certain_no_is_not_undone() {
+        let now = Utc::now();
+        let mut lost = record("a", Kind::Action, "failed", 3);
+        lost.outcome_unknown = true;
+        let settling = saga("compensating", 0, vec![lost.clone()]);
+        assert_eq!(
+            plan(&definition(), &settling, now),
+            Plan::Attempt {
+                kind: Kind::Action,
+                steps: vec!["a"]
+            },
+            "asked again first"
+        );
+        let mut asked_again = lost.clone();
+        asked_again.status = "waiting".into();
+        asked_again.next_attempt_at = Some(now + chrono::Duration::seconds(1));
+        assert_eq!(
+            plan(
+                &definition(),
+                &saga("compensating", 0, vec![asked_again]),
+                now
+            ),
+            Plan::Wait(now + chrono::Duration::seconds(1))
+        );
+        let mut no = lost;
+        no.outcome_unknown = false;
+        assert_eq!(
+            plan(&definition(), &saga("compensating", 0, vec![no]), now),
+            Plan::Transition(Transition::Compensated),
+            "it did nothing, for certain: nothing to undo"
+        );
+        // A compensation that undoes whatever happened needs no question.
+        let mut covered = definition();
+        covered.groups[0][0].settle = Settle::ByCompensation;
+        assert_eq!(
+            plan(&covered, &settling, now),
+            Plan::Attempt {
+                kind: Kind::Compensation,
+                steps: vec!["a"]
+            }
+        );
+    }
+
+    #[test]
+    fn a_definition_keeps_compensations_before_its_pivot() {
+        assert!(pivoted().validate().is_ok());
+        let mut undoable = pivoted();
+        undoable.groups[2][0] = step("r", true);
+        assert!(
+            undoable.validate().is_err(),
+            "a retriable step cannot be undone"
+        );
+        let mut missing = pivoted();
+        missing.pivot = Some("nowhere");
+        assert!(missing.validate().is_err());
     }
 
     #[test]

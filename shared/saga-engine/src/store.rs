@@ -75,6 +75,11 @@ pub struct Instance {
     pub position: i32,
     pub failure_reason: Option<String>,
     pub compensation_requested: Option<String>,
+    /// Since when the pivot may have taken effect: the saga only goes forward.
+    pub forward_only_since: Option<DateTime<Utc>>,
+    /// A step past its deadline that is retried on because it cannot give up.
+    pub overdue_step: Option<String>,
+    pub overdue_since: Option<DateTime<Utc>>,
     pub next_run_at: Option<DateTime<Utc>>,
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
@@ -103,6 +108,16 @@ pub struct StepRecord {
     pub finished_at: Option<DateTime<Utc>>,
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub deadline_at: Option<DateTime<Utc>>,
+    /// The last attempt's answer was lost: it may have taken effect.
+    pub outcome_unknown: bool,
+}
+
+impl StepRecord {
+    /// Whether the last attempt may have taken effect without our knowing:
+    /// its answer was lost, or it never reported back (its replica died).
+    pub fn outcome_unknown(&self) -> bool {
+        self.outcome_unknown || self.status == "running"
+    }
 }
 
 /// A saga with its step log, in the order executions began.
@@ -155,14 +170,15 @@ impl SagaRecord {
 macro_rules! instance_columns {
     () => {
         "saga_id, saga_type, business_key, state, data, correlation_id, position, failure_reason, \
-         compensation_requested, next_run_at, lease_owner, lease_expires_at, fence, created_at, updated_at, \
-         finished_at"
+         compensation_requested, forward_only_since, overdue_step, overdue_since, next_run_at, lease_owner, \
+         lease_expires_at, fence, created_at, updated_at, finished_at"
     };
 }
 
 macro_rules! step_columns {
     () => {
-        "step, kind, status, attempts, last_error, output, started_at, finished_at, next_attempt_at, deadline_at"
+        "step, kind, status, attempts, last_error, output, started_at, finished_at, next_attempt_at, deadline_at, \
+         outcome_unknown"
     };
 }
 
@@ -323,6 +339,14 @@ pub enum WriteError {
     Unexpected(#[from] anyhow::Error),
 }
 
+/// What [`check_fence`] found under the row's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// A compensation was requested and the saga can still turn back: a
+    /// forward attempt must not begin (the request was accepted first).
+    pub turning_back: bool,
+}
+
 /// First statement of every write of a claimed saga: fails unless our claim
 /// is still the current one, locks the row for the transaction, and renews
 /// the lease (a saga driven through many steps keeps it).
@@ -331,22 +355,70 @@ pub async fn check_fence(
     saga_id: Uuid,
     fence: i64,
     lease: Duration,
-) -> Result<(), WriteError> {
-    let held = sqlx::query(
-        "UPDATE saga_instances SET updated_at = now(), lease_expires_at = now() + $3 WHERE saga_id = $1 AND fence = $2",
+) -> Result<Held, WriteError> {
+    let turning_back: Option<bool> = sqlx::query_scalar(
+        "UPDATE saga_instances SET updated_at = now(), lease_expires_at = now() + $3
+         WHERE saga_id = $1 AND fence = $2
+         RETURNING compensation_requested IS NOT NULL AND forward_only_since IS NULL",
     )
     .bind(saga_id)
     .bind(fence)
     .bind(chrono::Duration::from_std(lease).context("lease")?)
+    .fetch_optional(conn)
+    .await
+    .context("checking the fence")?;
+    turning_back
+        .map(|turning_back| Held { turning_back })
+        .ok_or(WriteError::Fenced)
+}
+
+/// Marks the saga forward-only: its pivot's first attempt is being written
+/// ahead. In the transaction of that write, after [`check_fence`].
+pub(crate) async fn mark_forward_only(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE saga_instances SET forward_only_since = coalesce(forward_only_since, now())
+         WHERE saga_id = $1",
+    )
+    .bind(saga_id)
     .execute(conn)
+    .await
+    .context("marking the saga forward-only")?;
+    Ok(())
+}
+
+/// The pivot was refused for certain: it did not take effect, and the saga
+/// may turn back again.
+pub(crate) async fn clear_forward_only(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+) -> anyhow::Result<()> {
+    sqlx::query("UPDATE saga_instances SET forward_only_since = NULL WHERE saga_id = $1")
+        .bind(saga_id)
+        .execute(conn)
         .await
-        .context("checking the fence")?
-        .rows_affected();
-    if held == 1 {
-        Ok(())
-    } else {
-        Err(WriteError::Fenced)
-    }
+        .context("clearing forward-only")?;
+    Ok(())
+}
+
+/// Flags `step` as past its deadline (or clears the flag, with `None`).
+pub(crate) async fn set_overdue(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    step: Option<(&str, DateTime<Utc>)>,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE saga_instances SET overdue_step = $2, overdue_since = $3 WHERE saga_id = $1",
+    )
+    .bind(saga_id)
+    .bind(step.map(|(name, _)| name))
+    .bind(step.map(|(_, since)| since))
+    .execute(conn)
+    .await
+    .context("flagging an overdue step")?;
+    Ok(())
 }
 
 /// Gives up the lease, scheduling the saga's next work (if any).

@@ -13,8 +13,8 @@ use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use saga_engine::store::{self, WriteError};
 use saga_engine::{
-    Action, Engine, EngineConfig, RequestOutcome, RetryPolicy, SagaDefinition, SagaState, Step,
-    StepContext, StepError,
+    Action, Engine, EngineConfig, RequestOutcome, RetryPolicy, SagaDefinition, SagaState, Settle,
+    Step, StepContext, StepError,
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -79,6 +79,7 @@ fn step(name: &'static str, journal: &Journal, failures: Vec<StepError>) -> Step
         attempt_timeout: Duration::from_secs(2),
         compensation_attempt_timeout: Duration::from_secs(2),
         deadline: Duration::from_secs(10),
+        settle: Settle::ByRepeating,
     }
 }
 
@@ -231,12 +232,13 @@ async fn calls_refused_before_they_were_made_cost_no_attempt() {
 async fn a_step_past_its_deadline_fails_and_the_saga_compensates() {
     let pool = pool().await;
     let journal = Journal::default();
-    let forever_busy = (0..100)
-        .map(|_| StepError::Retryable("busy".into()))
+    let forever_lost = (0..100)
+        .map(|_| StepError::Unknown("timed out".into()))
         .collect();
-    let mut slow = step("b", &journal, forever_busy);
+    let mut slow = step("b", &journal, forever_lost);
     slow.retry = retry(100, 40);
     slow.deadline = Duration::from_millis(400);
+    slow.settle = Settle::ByCompensation;
     let definition = SagaDefinition::sequence("test", vec![step("a", &journal, vec![]), slow]);
     let engine = engine(&pool, definition, "worker-1");
     let shutdown = CancellationToken::new();
@@ -255,7 +257,8 @@ async fn a_step_past_its_deadline_fails_and_the_saga_compensates() {
         "{b:?}"
     );
     assert!(saga.instance.failure_reason.unwrap().starts_with("b: "));
-    // b was attempted, so it may have taken effect: both are undone, b first.
+    // b's answers were lost, so it may have taken effect: its compensation
+    // (which settles that by itself) runs, then a's.
     let undone: Vec<String> = entries(&journal)
         .into_iter()
         .filter(|e| e.starts_with("undo"))
@@ -266,7 +269,7 @@ async fn a_step_past_its_deadline_fails_and_the_saga_compensates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compensation_runs_in_reverse_order_over_what_was_attempted() {
+async fn compensation_runs_in_reverse_order_over_what_may_have_taken_effect() {
     let pool = pool().await;
     let journal = Journal::default();
     let definition = SagaDefinition::sequence(
@@ -286,8 +289,8 @@ async fn compensation_runs_in_reverse_order_over_what_was_attempted() {
     let saga = wait_for(&pool, saga_id, SagaState::Compensated).await;
     assert_eq!(
         entries(&journal),
-        vec!["a", "b", "c", "undo c", "undo b", "undo a"],
-        "d never ran"
+        vec!["a", "b", "c", "undo b", "undo a"],
+        "c was refused for certain, so there is nothing to undo; d never ran"
     );
     assert_eq!(saga.instance.failure_reason.as_deref(), Some("c: refused"));
     let c = saga
@@ -301,7 +304,7 @@ async fn compensation_runs_in_reverse_order_over_what_was_attempted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_parallel_group_with_one_failing_branch_compensates_both_branches() {
+async fn a_parallel_group_with_one_refused_branch_undoes_the_other() {
     let pool = pool().await;
     let journal = Journal::default();
     let definition = SagaDefinition {
@@ -314,6 +317,7 @@ async fn a_parallel_group_with_one_failing_branch_compensates_both_branches() {
             ],
             vec![step("after", &journal, vec![])],
         ],
+        pivot: None,
     };
     let engine = engine(&pool, definition, "worker-1");
     let shutdown = CancellationToken::new();
@@ -326,14 +330,11 @@ async fn a_parallel_group_with_one_failing_branch_compensates_both_branches() {
     let mut branches = log[1..3].to_vec();
     branches.sort();
     assert_eq!(branches, vec!["left", "right"], "the branches ran together");
-    let mut undone = log[3..5].to_vec();
-    undone.sort();
     assert_eq!(
-        undone,
-        vec!["undo left", "undo right"],
-        "the group is undone together"
+        log[3..],
+        ["undo left", "undo reserve"],
+        "the branch that ran is undone (the refused one did nothing), then the group before it"
     );
-    assert_eq!(log[5..], ["undo reserve"], "then the group before it");
     assert!(!log.contains(&"after".to_owned()));
     shutdown.cancel();
     running.await.unwrap();
@@ -490,4 +491,528 @@ async fn one_saga_per_business_key_and_requests_between_steps() {
     );
     shutdown.cancel();
     running.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_is_asked_again_before_it_is_compensated() {
+    let pool = pool().await;
+    let lost = || StepError::Unknown("timed out".into());
+    for (settled, undone) in [
+        (None, vec!["undo b", "undo a"]),
+        (
+            Some(StepError::Permanent("never happened".into())),
+            vec!["undo a"],
+        ),
+    ] {
+        let journal = Journal::default();
+        // b's three attempts lose their answers; then the saga turns back,
+        // and asks b once more: it answers that it happened (or, for
+        // certain, that it did not).
+        let mut failures = vec![lost(), lost(), lost()];
+        failures.extend(settled.clone());
+        let definition = SagaDefinition::sequence(
+            "test",
+            vec![step("a", &journal, vec![]), step("b", &journal, failures)],
+        );
+        let engine = engine(&pool, definition, "worker-1");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let saga_id = start(&engine, &format!("settle-{}", settled.is_some())).await;
+        let saga = wait_for(&pool, saga_id, SagaState::Compensated).await;
+        let log = entries(&journal);
+        assert_eq!(log[..5], ["a", "b", "b", "b", "b"], "asked once more");
+        assert_eq!(log[5..], undone, "settled: {settled:?}");
+        let b = saga
+            .steps
+            .iter()
+            .find(|s| s.step == "b" && s.kind == "action")
+            .unwrap();
+        assert!(!b.outcome_unknown(), "settled: {b:?}");
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+}
+
+/// a, then the pivot p, then the retriable r.
+fn pivoted(journal: &Journal, p: Vec<StepError>, r: Vec<StepError>) -> SagaDefinition {
+    let mut pivot = step("p", journal, p);
+    pivot.compensation = None;
+    let mut after = step("r", journal, r);
+    after.compensation = None;
+    for step in [&mut pivot, &mut after] {
+        step.retry = retry(2, 20);
+        step.deadline = Duration::from_millis(150);
+    }
+    SagaDefinition::sequence("test", vec![step("a", journal, vec![]), pivot, after]).with_pivot("p")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_pivot_the_saga_only_goes_forward_and_flags_overdue_steps() {
+    let pool = pool().await;
+    let journal = Journal::default();
+    let lost = (0..8).map(|_| StepError::Unknown("lost".into())).collect();
+    let busy = (0..4)
+        .map(|_| StepError::Retryable("busy".into()))
+        .collect();
+    let engine = engine(&pool, pivoted(&journal, lost, busy), "worker-1");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+    let saga_id = start(&engine, "forward").await;
+
+    // Once p was attempted, a compensation request is refused.
+    let overdue = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let saga = store::load(&pool, saga_id).await.unwrap().unwrap();
+            if saga.instance.overdue_step.is_some() {
+                return saga;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("p is flagged once past its deadline");
+    assert_eq!(overdue.instance.overdue_step.as_deref(), Some("p"));
+    assert!(overdue.instance.forward_only_since.is_some());
+    let mut tx = pool.begin().await.unwrap();
+    let refused = engine
+        .request_compensation(&mut tx, saga_id, "operator")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(
+        matches!(refused, RequestOutcome::ForwardOnly { pivot: "p", .. }),
+        "{refused:?}"
+    );
+
+    // p and r go on past their attempt budgets and deadlines, and succeed.
+    let saga = wait_for(&pool, saga_id, SagaState::Completed).await;
+    let log = entries(&journal);
+    assert!(log.iter().all(|e| !e.starts_with("undo")), "{log:?}");
+    assert_eq!(log.iter().filter(|e| *e == "p").count(), 9);
+    assert_eq!(log.iter().filter(|e| *e == "r").count(), 5);
+    assert_eq!(saga.instance.overdue_step, None, "cleared once it moved on");
+    assert_eq!(saga.instance.compensation_requested, None);
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pivot_refused_for_certain_turns_the_saga_back_and_a_step_after_it_parks() {
+    let pool = pool().await;
+    let journal = Journal::default();
+    let refused = vec![
+        StepError::Unknown("lost".into()),
+        StepError::Permanent("refused".into()),
+    ];
+    let turning = engine(&pool, pivoted(&journal, refused, vec![]), "worker-1");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(turning.clone().run(shutdown.clone()));
+    let saga_id = start(&turning, "refused").await;
+    let saga = wait_for(&pool, saga_id, SagaState::Compensated).await;
+    assert_eq!(entries(&journal), vec!["a", "p", "p", "undo a"]);
+    assert_eq!(saga.instance.forward_only_since, None);
+    assert_eq!(saga.instance.failure_reason.as_deref(), Some("p: refused"));
+    shutdown.cancel();
+    running.await.unwrap();
+
+    // A step after the pivot that is refused cannot turn the saga back: it
+    // waits for an operator, whose retry sends it forward again.
+    let journal = Journal::default();
+    let engine = engine(
+        &pool,
+        pivoted(&journal, vec![], vec![StepError::Permanent("no".into())]),
+        "worker-2",
+    );
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+    let saga_id = start(&engine, "parked").await;
+    let failed = wait_for(&pool, saga_id, SagaState::Failed).await;
+    assert!(
+        failed
+            .instance
+            .failure_reason
+            .as_deref()
+            .unwrap()
+            .starts_with("r: no"),
+        "{:?}",
+        failed.instance.failure_reason
+    );
+    let mut tx = pool.begin().await.unwrap();
+    assert!(matches!(
+        engine
+            .request_compensation(&mut tx, saga_id, "operator")
+            .await
+            .unwrap(),
+        RequestOutcome::ForwardOnly { pivot: "p", .. }
+    ));
+    assert_eq!(
+        engine.retry(&mut tx, saga_id).await.unwrap(),
+        RequestOutcome::Accepted
+    );
+    tx.commit().await.unwrap();
+    wait_for(&pool, saga_id, SagaState::Completed).await;
+    assert_eq!(entries(&journal), vec!["a", "p", "r", "r"]);
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
+/// The randomised money check: an order saga's shape (open the order,
+/// charge, confirm as the pivot) over a model of the order aggregate and
+/// the provider, with random lost answers, hung calls, refusals, customer
+/// cancellations, operator compensations and replica crashes. Whatever the
+/// interleaving, the money ends right: held = total for a confirmed order,
+/// 0 for every other, and the saga completes exactly when the order is
+/// confirmed.
+mod money {
+    use std::collections::HashMap;
+
+    use rand::rngs::StdRng;
+    use rand::{Rng as _, SeedableRng as _};
+
+    use super::*;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum OrderState {
+        Pending,
+        CancellationRequested,
+        Confirmed,
+        Cancelled,
+        Rejected,
+    }
+
+    /// What the provider knows of one charge key.
+    #[derive(Debug, Default, Clone, Copy)]
+    struct Charge {
+        captured: bool,
+        declined: bool,
+        refunded: bool,
+        voided: bool,
+    }
+
+    /// How one call goes.
+    #[derive(Debug, Clone, Copy)]
+    enum Fate {
+        Answer,
+        /// Refused for certain (a decline, for the charge).
+        Refuse,
+        /// Takes effect, then the answer is lost.
+        LostAfter,
+        /// Lost before it took effect.
+        LostBefore,
+        /// Takes effect, then hangs past the attempt's time limit.
+        Hang,
+    }
+
+    #[derive(Debug, Default)]
+    struct World {
+        orders: HashMap<u64, OrderState>,
+        charges: HashMap<u64, Charge>,
+        fates: HashMap<(u64, &'static str), Vec<Fate>>,
+    }
+
+    type Shared = Arc<Mutex<World>>;
+
+    fn order_of(context: &StepContext) -> u64 {
+        context.data["order"].as_u64().unwrap()
+    }
+
+    fn fate(world: &Shared, order: u64, call: &'static str) -> Fate {
+        let mut world = world.lock().unwrap();
+        let fates = world.fates.entry((order, call)).or_default();
+        if fates.is_empty() {
+            Fate::Answer
+        } else {
+            fates.remove(0)
+        }
+    }
+
+    /// Runs `effect` on the world as `fate` says, and answers as it says.
+    async fn call(
+        world: &Shared,
+        order: u64,
+        name: &'static str,
+        effect: impl FnOnce(&mut World, u64) -> Result<(), String>,
+    ) -> Result<serde_json::Value, StepError> {
+        let fate = fate(world, order, name);
+        let applied = match fate {
+            Fate::LostBefore => None,
+            Fate::Refuse if name == "charge" => {
+                let mut world = world.lock().unwrap();
+                let charge = world.charges.entry(order).or_default();
+                if !charge.captured && !charge.voided {
+                    charge.declined = true;
+                }
+                Some(effect(&mut world, order))
+            }
+            _ => Some(effect(&mut world.lock().unwrap(), order)),
+        };
+        match (fate, applied) {
+            (Fate::Hang, _) => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                unreachable!("the attempt's time limit ends it")
+            }
+            (Fate::LostAfter | Fate::LostBefore, _) => Err(StepError::Unknown("lost".into())),
+            (_, Some(Err(refusal))) => Err(StepError::Permanent(refusal)),
+            _ => Ok(serde_json::Value::Null),
+        }
+    }
+
+    /// A call to the modelled world.
+    struct Call {
+        world: Shared,
+        name: &'static str,
+        effect: fn(&mut World, u64) -> Result<(), String>,
+    }
+
+    impl Action for Call {
+        fn run<'a>(
+            &'a self,
+            context: &'a StepContext,
+        ) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
+            call(&self.world, order_of(context), self.name, self.effect).boxed()
+        }
+    }
+
+    fn action(
+        world: &Shared,
+        name: &'static str,
+        effect: fn(&mut World, u64) -> Result<(), String>,
+    ) -> Arc<dyn Action> {
+        Arc::new(Call {
+            world: world.clone(),
+            name,
+            effect,
+        })
+    }
+
+    fn charge(world: &mut World, order: u64) -> Result<(), String> {
+        let charge = world.charges.entry(order).or_default();
+        if charge.voided || (charge.declined && !charge.captured) {
+            return Err("declined".into());
+        }
+        charge.captured = true;
+        Ok(())
+    }
+
+    /// Refund-or-void by the charge's key: undoes whatever it came to.
+    fn reverse(world: &mut World, order: u64) -> Result<(), String> {
+        let charge = world.charges.entry(order).or_default();
+        if charge.captured {
+            charge.refunded = true;
+        } else {
+            charge.voided = true;
+        }
+        Ok(())
+    }
+
+    /// The aggregate: confirming is refused once cancellation was asked for.
+    fn confirm(world: &mut World, order: u64) -> Result<(), String> {
+        let state = world.orders.get_mut(&order).unwrap();
+        match *state {
+            OrderState::Pending => *state = OrderState::Confirmed,
+            OrderState::Confirmed => {}
+            other => return Err(format!("the order is {other:?}")),
+        }
+        Ok(())
+    }
+
+    fn close(world: &mut World, order: u64) -> Result<(), String> {
+        let refunded = world.charges.get(&order).is_some_and(|c| c.refunded);
+        let state = world.orders.get_mut(&order).unwrap();
+        match *state {
+            OrderState::Confirmed => return Err("the order is confirmed".into()),
+            OrderState::Pending | OrderState::CancellationRequested => {
+                *state = if refunded || *state == OrderState::CancellationRequested {
+                    OrderState::Cancelled
+                } else {
+                    OrderState::Rejected
+                };
+            }
+            OrderState::Cancelled | OrderState::Rejected => {}
+        }
+        Ok(())
+    }
+
+    fn definition(world: &Shared) -> SagaDefinition {
+        let quick = |mut step: Step| {
+            step.attempt_timeout = Duration::from_millis(150);
+            step.compensation_attempt_timeout = Duration::from_millis(150);
+            step.retry = retry(3, 5);
+            step.compensation_retry = retry(20, 5);
+            step.deadline = Duration::from_millis(400);
+            step
+        };
+        let journal = Journal::default();
+        let mut open = quick(step("open-order", &journal, vec![]));
+        open.action = None;
+        open.compensation = Some(action(world, "close", close));
+        let mut pay = quick(step("process-payment", &journal, vec![]));
+        pay.action = Some(action(world, "charge", charge));
+        pay.compensation = Some(action(world, "reverse", reverse));
+        pay.settle = Settle::ByCompensation;
+        let mut confirm_order = quick(step("confirm-order", &journal, vec![]));
+        confirm_order.action = Some(action(world, "confirm", confirm));
+        confirm_order.compensation = None;
+        SagaDefinition::sequence("test", vec![open, pay, confirm_order]).with_pivot("confirm-order")
+    }
+
+    fn random_fates(rng: &mut StdRng, refusals: bool) -> Vec<Fate> {
+        (0..rng.random_range(0..5))
+            .map(|_| match rng.random_range(0..10) {
+                0..=3 => Fate::LostAfter,
+                4..=5 => Fate::LostBefore,
+                6 => Fate::Hang,
+                7 if refusals => Fate::Refuse,
+                _ => Fate::Answer,
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_interleavings_keep_the_money_invariant() {
+        let seed = std::env::var("SAGA_MONEY_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random::<u64>);
+        eprintln!("SAGA_MONEY_SEED={seed}");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let pool = pool().await;
+        let world = Shared::default();
+        let definition = definition(&world);
+        let config = |n: usize| EngineConfig {
+            worker_id: format!("replica-{n}"),
+            lease: Duration::from_millis(600),
+            concurrency: 16,
+            events_topic: "test.saga.events".into(),
+            producer: "test",
+        };
+        let replica = |n: usize| {
+            let engine =
+                Arc::new(Engine::new(pool.clone(), vec![definition.clone()], config(n)).unwrap());
+            tokio::spawn(engine.run(CancellationToken::new()))
+        };
+
+        const SAGAS: u64 = 100;
+        let starter =
+            Arc::new(Engine::new(pool.clone(), vec![definition.clone()], config(0)).unwrap());
+        let mut sagas = Vec::new();
+        let mut requests = Vec::new();
+        for order in 0..SAGAS {
+            {
+                let mut world = world.lock().unwrap();
+                world.orders.insert(order, OrderState::Pending);
+                for (call, refusals) in [
+                    ("charge", true),
+                    ("reverse", false),
+                    ("confirm", false),
+                    ("close", false),
+                ] {
+                    world
+                        .fates
+                        .insert((order, call), random_fates(&mut rng, refusals));
+                }
+            }
+            let mut tx = pool.begin().await.unwrap();
+            let saga_id = starter
+                .start(
+                    &mut tx,
+                    "test",
+                    &order.to_string(),
+                    serde_json::json!({ "order": order }),
+                    "flow",
+                )
+                .await
+                .unwrap()
+                .unwrap();
+            tx.commit().await.unwrap();
+            sagas.push((order, saga_id));
+            // A customer cancels, or an operator compensates, at a random moment.
+            match rng.random_range(0..4) {
+                0 => requests.push((
+                    order,
+                    saga_id,
+                    true,
+                    Duration::from_millis(rng.random_range(0..300)),
+                )),
+                1 => requests.push((
+                    order,
+                    saga_id,
+                    false,
+                    Duration::from_millis(rng.random_range(0..300)),
+                )),
+                _ => {}
+            }
+        }
+        let mut replicas: Vec<_> = (1..=2).map(replica).collect();
+        let mut asking = tokio::task::JoinSet::new();
+        for (order, saga_id, customer, after) in requests {
+            let (pool, world, engine) = (pool.clone(), world.clone(), starter.clone());
+            asking.spawn(async move {
+                tokio::time::sleep(after).await;
+                if customer {
+                    // The aggregate records it only while the order is pending.
+                    let mut world = world.lock().unwrap();
+                    let state = world.orders.get_mut(&order).unwrap();
+                    if *state != OrderState::Pending {
+                        return;
+                    }
+                    *state = OrderState::CancellationRequested;
+                }
+                let mut tx = pool.begin().await.unwrap();
+                engine
+                    .request_compensation(&mut tx, saga_id, "called off")
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            });
+        }
+        // Replicas die mid-flight (their in-flight calls are dropped, their
+        // outcomes never recorded) and come back under new names.
+        for crash in 0..6 {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+            let victim = rng.random_range(0..replicas.len());
+            replicas.remove(victim).abort();
+            replicas.push(replica(3 + crash));
+        }
+        while asking.join_next().await.is_some() {}
+
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (order, saga_id) in &sagas {
+            let saga = loop {
+                let saga = store::load(&pool, *saga_id).await.unwrap().unwrap();
+                let state = saga.instance.state();
+                if matches!(
+                    state,
+                    SagaState::Completed | SagaState::Compensated | SagaState::Failed
+                ) || Instant::now() > deadline
+                {
+                    break saga;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            let world = world.lock().unwrap();
+            let state = world.orders[order];
+            let charge = world.charges.get(order).copied().unwrap_or_default();
+            let held = charge.captured && !charge.refunded;
+            let context =
+                format!("seed {seed}, order {order}: {state:?}, {charge:?}, saga {saga:#?}");
+            match saga.instance.state() {
+                SagaState::Completed => {
+                    assert_eq!(state, OrderState::Confirmed, "{context}");
+                    assert!(held, "a confirmed order has its money: {context}");
+                }
+                SagaState::Compensated => {
+                    assert!(
+                        matches!(state, OrderState::Cancelled | OrderState::Rejected),
+                        "{context}"
+                    );
+                    assert!(!held, "a called-off order holds no money: {context}");
+                }
+                other => panic!("the saga ended {other:?}: {context}"),
+            }
+        }
+        for replica in replicas {
+            replica.abort();
+        }
+    }
 }

@@ -181,6 +181,37 @@ impl Breaker {
     }
 }
 
+/// One admitted call's outcome, to record. A call dropped before it
+/// answered (its caller gave up: a timeout, a cancelled task) counts as a
+/// failure: otherwise a trial that never finished would hold the circuit
+/// open for good.
+struct Pending {
+    breaker: Arc<Breaker>,
+    recorded: bool,
+}
+
+impl Pending {
+    fn new(breaker: Arc<Breaker>) -> Self {
+        Self {
+            breaker,
+            recorded: false,
+        }
+    }
+
+    fn record(mut self, failed: bool) {
+        self.recorded = true;
+        self.breaker.record(failed);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.breaker.record(true);
+        }
+    }
+}
+
 /// The service [`CircuitBreakerLayer`] wraps around a channel.
 #[derive(Debug, Clone)]
 pub struct CircuitBreaker<S> {
@@ -215,12 +246,13 @@ where
                 }
                 return Ok(status.into_http());
             }
+            let pending = Pending::new(breaker);
             let response = inner.call(request).await;
             let failed = match &response {
                 Err(_) => true,
                 Ok(response) => counts_as_failure(response.headers()),
             };
-            breaker.record(failed);
+            pending.record(failed);
             response
         })
     }
@@ -288,6 +320,24 @@ mod tests {
         assert!(
             matches!(breaker.admit(), Admission::Closed),
             "a good trial closes it"
+        );
+    }
+
+    #[test]
+    fn a_trial_whose_caller_gave_up_counts_as_failed_and_frees_the_next_trial() {
+        let breaker = Arc::new(breaker(1, Duration::from_millis(20)));
+        breaker.record(true);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(matches!(breaker.admit(), Admission::Trial));
+        drop(Pending::new(breaker.clone())); // the caller timed out mid-call
+        assert!(
+            matches!(breaker.admit(), Admission::Refused(_)),
+            "reopened, not stuck"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            matches!(breaker.admit(), Admission::Trial),
+            "the next trial is let through"
         );
     }
 
