@@ -8,8 +8,6 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use api_saga::v1 as pb;
 use chrono::{DateTime, Utc};
-use messaging::envelope::EventMeta;
-use prost::{Message, Name};
 use sqlx::postgres::PgListener;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
@@ -20,8 +18,9 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::definition::{SagaDefinition, Step, StepClass, StepContext, StepError};
-use crate::plan::{Plan, Transition, plan};
-use crate::store::{self, Kind, SagaRecord, SagaState, WriteError};
+use crate::plan::{Plan, plan};
+use crate::store::{self, Claimed, Kind, Lease, SagaState, WriteError, Written};
+use crate::turn::{self, Count, Turn};
 
 /// How the engine runs.
 #[derive(Debug, Clone)]
@@ -138,7 +137,8 @@ impl Engine {
             saga_type: saga_type.to_owned(),
             order_id: business_key.to_owned(),
         };
-        self.publish(conn, saga_id, correlation_id, &event).await?;
+        let envelope = turn::saga_event(self.config.producer, saga_id, correlation_id, &event);
+        messaging::outbox::enqueue(conn, &self.config.events_topic, &envelope).await?;
         Ok(Some(saga_id))
     }
 
@@ -297,7 +297,7 @@ impl Engine {
                 })
             };
             let claimed_any = !claimed.is_empty();
-            for (saga_id, fence) in claimed {
+            for claim in claimed {
                 let permit = permits
                     .clone()
                     .acquire_owned()
@@ -306,7 +306,7 @@ impl Engine {
                 let engine = self.clone();
                 let shutdown = shutdown.clone();
                 drivers.spawn(async move {
-                    engine.drive(saga_id, fence, &shutdown).await;
+                    engine.drive(claim, &shutdown).await;
                     drop(permit);
                 });
             }
@@ -348,21 +348,22 @@ impl Engine {
 
     /// Drives one claimed saga until it waits, ends, or is taken over. Its
     /// spans continue the trace of what started the saga.
-    pub async fn drive(&self, saga_id: Uuid, fence: i64, shutdown: &CancellationToken) {
+    pub async fn drive(&self, claim: Claimed, shutdown: &CancellationToken) {
         let span = tracing::info_span!(
             "saga.drive",
-            %saga_id,
-            correlation_id = tracing::field::Empty,
+            saga_id = %claim.saga.instance.saga_id,
+            correlation_id = claim.saga.instance.correlation_id.as_str(),
             trace_id = tracing::field::Empty,
         );
-        if let Ok(Some(headers)) = store::trace_context(&self.pool, saga_id).await {
-            let received = telemetry::propagation::extract(
-                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            );
-            telemetry::propagation::adopt_parent(&span, received.context);
-        }
+        let received = telemetry::propagation::extract(
+            claim
+                .trace_context
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        telemetry::propagation::adopt_parent(&span, received.context);
         async {
-            match self.drive_inner(saga_id, fence, shutdown).await {
+            match self.drive_inner(claim, shutdown).await {
                 Ok(()) | Err(WriteError::Fenced) => {}
                 Err(WriteError::Unexpected(error)) => {
                     tracing::warn!(
@@ -377,65 +378,99 @@ impl Engine {
         .await;
     }
 
+    /// The saga lives in memory while this replica holds it: each plan is
+    /// made from the record as the last turn left it, and each turn (the
+    /// outcomes of the attempts just made, the transitions they lead to,
+    /// and the write-ahead of the next attempts) is one fenced transaction.
     async fn drive_inner(
         &self,
-        saga_id: Uuid,
-        fence: i64,
+        claim: Claimed,
         shutdown: &CancellationToken,
     ) -> Result<(), WriteError> {
+        let fence = claim.fence();
+        let saga_type = claim.saga.instance.saga_type.clone();
+        let definition = self
+            .definitions
+            .get(saga_type.as_str())
+            .with_context(|| format!("no definition for saga type {saga_type}"))?;
+        let correlation = CorrelationId::parse(&claim.saga.instance.correlation_id)
+            .unwrap_or_else(CorrelationId::generate);
+        let mut turn = Turn::new(claim.saga, self.config.producer);
         loop {
-            let saga = store::load(&self.pool, saga_id)
-                .await?
-                .context("a claimed saga exists")?;
-            if saga.instance.fence != fence {
-                return Err(WriteError::Fenced);
-            }
-            tracing::Span::current()
-                .record("correlation_id", saga.instance.correlation_id.as_str());
-            let definition = self
-                .definitions
-                .get(saga.instance.saga_type.as_str())
-                .with_context(|| {
-                    format!("no definition for saga type {}", saga.instance.saga_type)
-                })?;
+            let now = Utc::now();
             if shutdown.is_cancelled() {
                 // Hand the saga to whichever replica is still running.
-                return store::release(&self.pool, saga_id, fence, Some(Utc::now())).await;
+                return self
+                    .commit(&mut turn, fence, Lease::Release(Some(now)))
+                    .await
+                    .map(drop);
             }
-            let correlation = CorrelationId::parse(&saga.instance.correlation_id)
-                .unwrap_or_else(CorrelationId::generate);
-            match plan(definition, &saga, Utc::now()) {
+            match plan(definition, &turn.saga, now) {
+                Plan::Transition(transition) => turn.transition(definition, transition, now),
                 Plan::Attempt { kind, steps } => {
-                    telemetry::correlation::scope(
-                        correlation,
-                        self.attempt(definition, &saga, fence, kind, &steps),
+                    let began = telemetry::correlation::scope(
+                        correlation.clone(),
+                        self.attempt(definition, &mut turn, fence, kind, &steps),
                     )
                     .await?;
-                }
-                Plan::Transition(transition) => {
-                    self.transition(definition, &saga, fence, transition)
-                        .await?
+                    if !began {
+                        // A compensation request came first: read the saga
+                        // again and plan from what it says.
+                        let saga = store::load(&self.pool, turn.saga.instance.saga_id)
+                            .await?
+                            .context("a claimed saga exists")?;
+                        if saga.instance.fence != fence {
+                            return Err(WriteError::Fenced);
+                        }
+                        turn = Turn::new(saga, self.config.producer);
+                    }
                 }
                 Plan::Wait(until) => {
-                    return store::release(&self.pool, saga_id, fence, Some(until)).await;
+                    return self
+                        .commit(&mut turn, fence, Lease::Release(Some(until)))
+                        .await
+                        .map(drop);
                 }
-                Plan::Idle => return store::release(&self.pool, saga_id, fence, None).await,
+                Plan::Idle => {
+                    return self
+                        .commit(&mut turn, fence, Lease::Release(None))
+                        .await
+                        .map(drop);
+                }
             }
         }
     }
 
-    /// One attempt of each of `names`, in parallel: recorded as started,
-    /// run with their time limits, then recorded with their outcomes.
+    /// Writes the turn, and starts the next one from what was written.
+    /// False, with nothing written, if the turn began forward attempts and
+    /// a compensation request was accepted since the saga was read.
+    async fn commit(&self, turn: &mut Turn, fence: i64, lease: Lease) -> Result<bool, WriteError> {
+        match store::write(&self.pool, fence, turn, lease, &self.config.events_topic).await? {
+            Written::Committed(instance) => {
+                turn.saga.instance = *instance;
+                for count in turn.committed() {
+                    count_committed(&turn.saga.instance.saga_type, count);
+                }
+                Ok(true)
+            }
+            Written::TurningBack => Ok(false),
+        }
+    }
+
+    /// One attempt of each of `names`, in parallel: written ahead with the
+    /// turn so far, run with their time limits, and their outcomes added to
+    /// the next turn. Returns false, having begun nothing, if a compensation
+    /// request was accepted since the saga was read (the turn was rolled
+    /// back).
     async fn attempt(
         &self,
         definition: &SagaDefinition,
-        saga: &SagaRecord,
+        turn: &mut Turn,
         fence: i64,
         kind: Kind,
         names: &[&'static str],
-    ) -> Result<(), WriteError> {
-        let saga_id = saga.instance.saga_id;
-        let forward = kind == Kind::Action && saga.instance.state() == SagaState::Running;
+    ) -> Result<bool, WriteError> {
+        let forward = kind == Kind::Action && turn.saga.instance.state() == SagaState::Running;
         let steps: Vec<(&Step, StepClass)> = names
             .iter()
             .filter_map(|name| definition.step(name))
@@ -447,46 +482,33 @@ impl Engine {
         let persistent = |class: StepClass| {
             class != StepClass::Compensatable || (kind == Kind::Action && !forward)
         };
+        let now = Utc::now();
+        let started: Vec<(u32, Option<DateTime<Utc>>)> = steps
+            .iter()
+            .map(|(step, _)| turn.begin(step, kind, now))
+            .collect();
 
-        // Write ahead: after a crash, the next owner knows these attempts
-        // were made and may have had an effect.
-        let mut started = Vec::with_capacity(steps.len());
-        {
-            let mut tx = self.pool.begin().await.context("starting a transaction")?;
-            let held = store::check_fence(&mut tx, saga_id, fence, self.config.lease).await?;
-            if forward && held.turning_back {
-                // A compensation request was accepted since this plan was
-                // made: begin nothing (the transaction rolls back), plan again.
-                return Ok(());
+        // A step with nothing to do (it exists to be compensated) takes no
+        // effect, so it needs no write-ahead: it succeeds in this turn.
+        let acts = |step: &Step| match kind {
+            Kind::Action => step.action.is_some(),
+            Kind::Compensation => step.compensation.is_some(),
+        };
+        if steps.iter().any(|(step, _)| acts(step)) {
+            // Write ahead: after a crash, the next owner knows these
+            // attempts were made and may have had an effect.
+            turn.begins_forward = forward;
+            turn.begins_pivot =
+                forward && steps.iter().any(|(_, class)| *class == StepClass::Pivot);
+            if !self
+                .commit(turn, fence, Lease::Keep(self.config.lease))
+                .await?
+            {
+                return Ok(false);
             }
-            if forward && steps.iter().any(|(_, class)| *class == StepClass::Pivot) {
-                // From this commit on, the saga only goes forward.
-                store::mark_forward_only(&mut tx, saga_id).await?;
-            }
-            for (step, _) in &steps {
-                let deadline = chrono::Duration::from_std(step.deadline).context("deadline")?;
-                // An attempt still `running` never reported back: its
-                // outcome is unknown, whatever the next one says.
-                let (attempts, deadline_at): (i32, Option<DateTime<Utc>>) = sqlx::query_as(
-                    "INSERT INTO saga_steps (saga_id, step, kind, status, attempts, deadline_at)
-                     VALUES ($1, $2, $3, 'running', 1, CASE WHEN $3 = 'action' THEN now() + $4 END)
-                     ON CONFLICT (saga_id, step, kind) DO UPDATE
-                         SET status = 'running', attempts = saga_steps.attempts + 1,
-                             outcome_unknown = saga_steps.outcome_unknown OR saga_steps.status = 'running'
-                     RETURNING attempts, deadline_at",
-                )
-                .bind(saga_id)
-                .bind(step.name)
-                .bind(kind.as_str())
-                .bind(deadline)
-                .fetch_one(&mut *tx)
-                .await
-                .context("recording an attempt")?;
-                started.push((u32::try_from(attempts).unwrap_or(u32::MAX), deadline_at));
-            }
-            tx.commit().await.context("committing the attempts")?;
         }
 
+        let saga = &turn.saga;
         let outputs = saga.outputs(Kind::Action);
         let compensation_outputs = saga.outputs(Kind::Compensation);
         let failed_actions = saga.failed_actions();
@@ -503,7 +525,7 @@ impl Engine {
                     .map(|deadline| (deadline - Utc::now()).to_std().unwrap_or_default())
                     .map_or(limit, |left| left.min(limit));
                 let context = StepContext {
-                    saga_id,
+                    saga_id: saga.instance.saga_id,
                     step: step.name,
                     data: saga.instance.data.0.clone(),
                     outputs: outputs.clone(),
@@ -544,18 +566,15 @@ impl Engine {
             });
         let outcomes = futures::future::join_all(runs).await;
 
-        let mut tx = self.pool.begin().await.context("starting a transaction")?;
-        store::check_fence(&mut tx, saga_id, fence, self.config.lease).await?;
+        let now = Utc::now();
         for (((step, class), (attempt, deadline_at)), (outcome, took)) in
             steps.iter().zip(&started).zip(outcomes)
         {
             if *class == StepClass::Pivot && matches!(outcome, Err(StepError::Permanent(_))) {
                 // Refused for certain: the pivot did not take effect.
-                store::clear_forward_only(&mut tx, saga_id).await?;
+                turn.pivot_refused();
             }
-            self.record_outcome(
-                &mut tx,
-                saga,
+            turn.outcome(
                 step,
                 kind,
                 persistent(*class),
@@ -563,321 +582,31 @@ impl Engine {
                 *deadline_at,
                 outcome,
                 took,
-            )
-            .await?;
+                now,
+            );
         }
-        tx.commit().await.context("committing the outcomes")?;
-        Ok(())
+        Ok(true)
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    async fn record_outcome(
-        &self,
-        conn: &mut PgConnection,
-        saga: &SagaRecord,
-        step: &Step,
-        kind: Kind,
-        persistent: bool,
-        attempt: u32,
-        deadline_at: Option<DateTime<Utc>>,
-        outcome: Result<serde_json::Value, StepError>,
-        took: Duration,
-    ) -> anyhow::Result<()> {
-        let saga_id = saga.instance.saga_id;
-        let policy = match kind {
-            Kind::Action => step.retry,
-            Kind::Compensation => step.compensation_retry,
-        };
-        let compensation = kind == Kind::Compensation;
-        let correlation = &saga.instance.correlation_id;
-        match outcome {
-            Ok(output) => {
-                metrics::histogram!("saga_step_duration_seconds", "step" => step.name, "kind" => kind.as_str(), "outcome" => "succeeded")
-                    .record(took.as_secs_f64());
-                sqlx::query(
-                    "UPDATE saga_steps SET status = 'succeeded', output = $4, finished_at = now(), next_attempt_at = NULL,
-                         outcome_unknown = false
-                     WHERE saga_id = $1 AND step = $2 AND kind = $3",
-                )
-                .bind(saga_id)
-                .bind(step.name)
-                .bind(kind.as_str())
-                .bind(Json(output))
-                .execute(&mut *conn)
-                .await?;
-                let event = pb::SagaStepSucceeded {
-                    saga_id: saga_id.to_string(),
-                    step: step.name.to_owned(),
-                    compensation,
-                    attempts: attempt,
-                    duration: prost_types::Duration::try_from(took).ok(),
-                };
-                self.publish(conn, saga_id, correlation, &event).await?;
-            }
-            Err(error) => {
-                let (delay, spent) = match &error {
-                    StepError::NotAttempted { retry_after, .. } => (*retry_after, false),
-                    _ => (policy.backoff(attempt), true),
-                };
-                let retry_at = Utc::now() + chrono::Duration::from_std(delay)?;
-                let retryable = !matches!(error, StepError::Permanent(_));
-                // Give up as soon as no retry can happen: no attempts left,
-                // or the next one would start after the deadline.
-                let give_up = if !retryable || persistent {
-                    None
-                } else if spent && attempt >= policy.max_attempts {
-                    Some(format!("{error} (no attempts left after {attempt})"))
-                } else if deadline_at.is_some_and(|deadline| retry_at >= deadline) {
-                    Some(format!("{error} (no retry fits before the deadline)"))
-                } else {
-                    None
-                };
-                let will_retry = retryable && give_up.is_none();
-                let reason = match &error {
-                    StepError::Permanent(_) => "permanent",
-                    _ if give_up.is_some() => "exhausted",
-                    StepError::NotAttempted { .. } => "not_attempted",
-                    StepError::Retryable(_) => "retryable",
-                    StepError::Unknown(_) => "unknown",
-                };
-                // A definite answer settles what earlier attempts left
-                // unknown; a refusal for now leaves it as it was.
-                let outcome_unknown = match &error {
-                    StepError::Unknown(_) => Some(true),
-                    StepError::Permanent(_) => Some(false),
-                    StepError::Retryable(_) | StepError::NotAttempted { .. } => None,
-                };
-                metrics::counter!("saga_step_failures_total", "step" => step.name, "kind" => kind.as_str(), "reason" => reason)
-                    .increment(1);
-                metrics::histogram!("saga_step_duration_seconds", "step" => step.name, "kind" => kind.as_str(), "outcome" => "failed")
-                    .record(took.as_secs_f64());
-                let error = give_up.unwrap_or_else(|| error.to_string());
-                tracing::warn!(step = step.name, kind = kind.as_str(), attempt, will_retry, ?outcome_unknown, %error, "saga step failed");
-                // An attempt that was not made is given back.
-                let outcome_unknown: bool = sqlx::query_scalar(
-                    "UPDATE saga_steps SET status = $4, last_error = $5, next_attempt_at = $6,
-                         finished_at = CASE WHEN $4 = 'failed' THEN now() END,
-                         attempts = attempts - CASE WHEN $7 THEN 0 ELSE 1 END,
-                         outcome_unknown = coalesce($8, outcome_unknown)
-                     WHERE saga_id = $1 AND step = $2 AND kind = $3
-                     RETURNING outcome_unknown",
-                )
-                .bind(saga_id)
-                .bind(step.name)
-                .bind(kind.as_str())
-                .bind(if will_retry { "waiting" } else { "failed" })
-                .bind(&error)
-                .bind(will_retry.then_some(retry_at))
-                .bind(spent)
-                .bind(outcome_unknown)
-                .fetch_one(&mut *conn)
-                .await?;
-                let event = pb::SagaStepFailed {
-                    saga_id: saga_id.to_string(),
-                    step: step.name.to_owned(),
-                    compensation,
-                    attempts: if spent { attempt } else { attempt - 1 },
-                    error,
-                    will_retry,
-                    outcome_unknown,
-                };
-                self.publish(conn, saga_id, correlation, &event).await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn transition(
-        &self,
-        definition: &SagaDefinition,
-        saga: &SagaRecord,
-        fence: i64,
-        transition: Transition,
-    ) -> Result<(), WriteError> {
-        let saga_id = saga.instance.saga_id;
-        let correlation = saga.instance.correlation_id.as_str();
-        let order_id = saga.instance.business_key.clone();
-        // Counted once the transition has committed.
-        let finished = match &transition {
-            Transition::Complete => Some(SagaState::Completed),
-            Transition::Compensated => Some(SagaState::Compensated),
-            Transition::Fail { .. } => Some(SagaState::Failed),
-            _ => None,
-        };
-        let compensating = matches!(transition, Transition::Compensate { .. });
-        let past_deadline = match &transition {
-            Transition::StepFailed { step, kind, .. } => Some((*step, *kind)),
-            _ => None,
-        };
-        let overdue = match &transition {
-            Transition::Overdue { step, .. } => Some(*step),
-            _ => None,
-        };
-        // An overdue step that moved on is no longer flagged.
-        let clear_overdue = saga.instance.overdue_step.is_some()
-            && matches!(transition, Transition::Advance | Transition::Complete);
-        let mut tx = self.pool.begin().await.context("starting a transaction")?;
-        store::check_fence(&mut tx, saga_id, fence, self.config.lease).await?;
-        if clear_overdue {
-            store::set_overdue(&mut tx, saga_id, None).await?;
-        }
-        match transition {
-            Transition::Overdue { step, since } => {
-                store::set_overdue(&mut tx, saga_id, Some((step, since))).await?;
-                tracing::error!(
-                    saga = definition.name,
-                    step,
-                    %since,
-                    "saga step is past its deadline; past the pivot it is retried until it succeeds, never undone"
-                );
-            }
-            Transition::Advance => {
-                sqlx::query("UPDATE saga_instances SET position = position + 1 WHERE saga_id = $1")
-                    .bind(saga_id)
-                    .execute(&mut *tx)
-                    .await
-                    .context("advancing")?;
-            }
-            Transition::Complete => {
-                self.finish(&mut tx, saga_id, SagaState::Completed, None)
-                    .await?;
-                tracing::info!(saga = definition.name, "saga completed");
-                let event = pb::SagaCompleted {
-                    saga_id: saga_id.to_string(),
-                    order_id,
-                };
-                self.publish(&mut tx, saga_id, correlation, &event).await?;
-            }
-            Transition::Compensate { reason } => {
-                sqlx::query(
-                    "UPDATE saga_instances SET state = 'compensating', failure_reason = $2, compensation_requested = NULL
-                     WHERE saga_id = $1",
-                )
-                .bind(saga_id)
-                .bind(&reason)
-                .execute(&mut *tx)
-                .await
-                .context("starting compensation")?;
-                tracing::info!(saga = definition.name, %reason, "saga compensating");
-                let event = pb::SagaCompensationStarted {
-                    saga_id: saga_id.to_string(),
-                    reason,
-                };
-                self.publish(&mut tx, saga_id, correlation, &event).await?;
-            }
-            Transition::StepFailed { step, kind, reason } => {
-                // An attempt that never reported back leaves the outcome unknown.
-                let outcome_unknown: bool = sqlx::query_scalar(
-                    "UPDATE saga_steps SET status = 'failed', last_error = $4, finished_at = now(), next_attempt_at = NULL,
-                         outcome_unknown = outcome_unknown OR status = 'running'
-                     WHERE saga_id = $1 AND step = $2 AND kind = $3
-                     RETURNING outcome_unknown",
-                )
-                .bind(saga_id)
-                .bind(step)
-                .bind(kind.as_str())
-                .bind(&reason)
-                .fetch_one(&mut *tx)
-                .await
-                .context("failing a step")?;
-                let attempts = saga
-                    .step(step, kind)
-                    .map_or(0, |r| u32::try_from(r.attempts).unwrap_or(0));
-                let event = pb::SagaStepFailed {
-                    saga_id: saga_id.to_string(),
-                    step: step.to_owned(),
-                    compensation: kind == Kind::Compensation,
-                    attempts,
-                    error: reason,
-                    will_retry: false,
-                    outcome_unknown,
-                };
-                self.publish(&mut tx, saga_id, correlation, &event).await?;
-            }
-            Transition::Compensated => {
-                let reason = saga.instance.failure_reason.clone();
-                self.finish(&mut tx, saga_id, SagaState::Compensated, None)
-                    .await?;
-                tracing::info!(saga = definition.name, "saga compensated");
-                let event = pb::SagaCompensated {
-                    saga_id: saga_id.to_string(),
-                    order_id,
-                    reason: reason.unwrap_or_default(),
-                };
-                self.publish(&mut tx, saga_id, correlation, &event).await?;
-            }
-            Transition::Fail { reason } => {
-                self.finish(&mut tx, saga_id, SagaState::Failed, Some(&reason))
-                    .await?;
-                tracing::error!(saga = definition.name, %reason, "saga failed; it waits for an operator");
-                let event = pb::SagaFailed {
-                    saga_id: saga_id.to_string(),
-                    order_id,
-                    reason,
-                };
-                self.publish(&mut tx, saga_id, correlation, &event).await?;
-            }
-        }
-        tx.commit().await.context("committing a transition")?;
-        if let Some(state) = finished {
-            metrics::counter!("sagas_finished_total", "saga" => definition.name, "state" => state.as_str()).increment(1);
-        }
-        if compensating {
-            metrics::counter!("saga_compensations_started_total", "saga" => definition.name)
+/// Counts what a turn did, once it is written.
+fn count_committed(saga: &str, count: Count) {
+    let saga = saga.to_owned();
+    match count {
+        Count::Finished(state) => {
+            metrics::counter!("sagas_finished_total", "saga" => saga, "state" => state.as_str())
                 .increment(1);
         }
-        if let Some(step) = overdue {
-            metrics::counter!("saga_steps_overdue_total", "saga" => definition.name, "step" => step)
+        Count::CompensationStarted => {
+            metrics::counter!("saga_compensations_started_total", "saga" => saga).increment(1);
+        }
+        Count::Overdue(step) => {
+            metrics::counter!("saga_steps_overdue_total", "saga" => saga, "step" => step)
                 .increment(1);
         }
-        if let Some((step, kind)) = past_deadline {
+        Count::PastDeadline(step, kind) => {
             metrics::counter!("saga_step_failures_total", "step" => step, "kind" => kind.as_str(), "reason" => "deadline")
                 .increment(1);
         }
-        Ok(())
-    }
-
-    async fn finish(
-        &self,
-        conn: &mut PgConnection,
-        saga_id: Uuid,
-        state: SagaState,
-        reason: Option<&str>,
-    ) -> anyhow::Result<()> {
-        sqlx::query(
-            "UPDATE saga_instances SET state = $2, failure_reason = coalesce($3, failure_reason),
-                 finished_at = now(), next_run_at = NULL
-             WHERE saga_id = $1",
-        )
-        .bind(saga_id)
-        .bind(state.as_str())
-        .bind(reason)
-        .execute(conn)
-        .await
-        .context("finishing a saga")?;
-        Ok(())
-    }
-
-    async fn publish<M: Message + Name>(
-        &self,
-        conn: &mut PgConnection,
-        saga_id: Uuid,
-        correlation_id: &str,
-        event: &M,
-    ) -> anyhow::Result<()> {
-        let envelope = messaging::envelope::seal(
-            EventMeta {
-                producer: self.config.producer,
-                aggregate_type: "saga",
-                aggregate_id: saga_id.to_string(),
-                aggregate_version: 0,
-                correlation_id: CorrelationId::parse(correlation_id)
-                    .unwrap_or_else(CorrelationId::generate),
-                causation_id: None,
-            },
-            1,
-            event,
-        );
-        messaging::outbox::enqueue(conn, &self.config.events_topic, &envelope).await
     }
 }

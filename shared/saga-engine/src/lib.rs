@@ -2,8 +2,12 @@
 //!
 //! A saga is a sequence of step groups ([`SagaDefinition`]); each step has
 //! an action, a compensation, a retry policy and a deadline. Instances and
-//! their step log live in the service's schema; every transition is one
-//! transaction, and its saga events go to the outbox in that transaction.
+//! their step log live in the service's schema. A replica that claims a
+//! saga keeps its record in memory while it holds the lease, and writes
+//! each turn as one fenced transaction: the outcomes of the attempts just
+//! made, the transitions they lead to, the write-ahead of the next
+//! attempts, and the saga events, which go to the outbox in that
+//! transaction. A happy three-step saga costs three such transactions.
 //!
 //! A definition may name a pivot, its point of no return: once the pivot
 //! may have taken effect the saga only goes forward (see [`StepClass`]).
@@ -18,12 +22,15 @@
 //! engines with `NOTIFY`, so a saga moves on in milliseconds, not polls.
 //!
 //! - `definition`: describing sagas; `plan`: the pure rules deciding what a
-//!   saga does next; `store`: its tables; `engine`: claiming and driving.
+//!   saga does next; `turn`: applying attempts, outcomes and transitions to
+//!   the record in memory; `store`: its tables (every statement); `engine`:
+//!   claiming and driving.
 
 mod definition;
 mod engine;
 mod plan;
 pub mod store;
+mod turn;
 
 pub use definition::{
     Action, FnAction, RetryPolicy, SagaDefinition, Settle, Step, StepClass, StepContext, StepError,

@@ -1,13 +1,16 @@
-//! The sagas' tables: reading them, and every write, fenced.
+//! The sagas' tables: reading them, and every write of a claimed saga,
+//! fenced by the `WHERE` clause of the update that locks its row.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
+use sqlx::PgPool;
 use sqlx::types::Json;
-use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
+
+use crate::turn::Turn;
 
 /// Where a saga is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -208,20 +211,6 @@ pub async fn load(pool: &PgPool, saga_id: Uuid) -> anyhow::Result<Option<SagaRec
     Ok(Some(SagaRecord { instance, steps }))
 }
 
-/// The trace context a saga continues.
-pub(crate) async fn trace_context(
-    pool: &PgPool,
-    saga_id: Uuid,
-) -> anyhow::Result<Option<Vec<(String, String)>>> {
-    let headers: Option<Json<Vec<(String, String)>>> =
-        sqlx::query_scalar("SELECT trace_context FROM saga_instances WHERE saga_id = $1")
-            .bind(saga_id)
-            .fetch_optional(pool)
-            .await
-            .context("reading a saga's trace context")?;
-    Ok(headers.map(|Json(headers)| headers))
-}
-
 /// The id of the saga of `saga_type` for `business_key`, if any.
 pub async fn find_by_business_key(
     pool: &PgPool,
@@ -286,15 +275,45 @@ pub async fn list(
     .context("listing sagas")
 }
 
+/// A saga this replica claimed: its record, and the trace it continues.
+#[derive(Debug)]
+pub struct Claimed {
+    pub saga: SagaRecord,
+    /// W3C trace context of what started the saga, as (name, value) pairs.
+    pub trace_context: Vec<(String, String)>,
+}
+
+impl Claimed {
+    /// The fence of this claim: every write of it must match.
+    pub fn fence(&self) -> i64 {
+        self.saga.instance.fence
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    #[sqlx(flatten)]
+    instance: Instance,
+    trace_context: Json<Vec<(String, String)>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OwnedStep {
+    saga_id: Uuid,
+    #[sqlx(flatten)]
+    record: StepRecord,
+}
+
 /// Claims up to `limit` sagas with work due now whose lease is free or
-/// expired: each gets this worker as owner and a new fence.
+/// expired: each gets this worker as owner and a new fence, and comes back
+/// whole (with its step log), so the engine drives it from memory.
 pub async fn claim(
     pool: &PgPool,
     worker: &str,
     limit: i64,
     lease: Duration,
-) -> anyhow::Result<Vec<(Uuid, i64)>> {
-    sqlx::query_as(
+) -> anyhow::Result<Vec<Claimed>> {
+    let rows: Vec<ClaimedRow> = sqlx::query_as(
         "WITH due AS (
              SELECT saga_id FROM saga_instances
              WHERE next_run_at <= now()
@@ -307,14 +326,155 @@ pub async fn claim(
          UPDATE saga_instances s
          SET lease_owner = $1, lease_expires_at = now() + $3, fence = s.fence + 1
          FROM due WHERE s.saga_id = due.saga_id
-         RETURNING s.saga_id, s.fence",
+         RETURNING s.*",
     )
     .bind(worker)
     .bind(limit)
     .bind(chrono::Duration::from_std(lease)?)
     .fetch_all(pool)
     .await
-    .context("claiming sagas")
+    .context("claiming sagas")?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.instance.saga_id).collect();
+    let mut steps: HashMap<Uuid, Vec<StepRecord>> = HashMap::new();
+    let owned: Vec<OwnedStep> = sqlx::query_as(concat!(
+        "SELECT saga_id, ",
+        step_columns!(),
+        " FROM saga_steps WHERE saga_id = ANY($1) ORDER BY seq"
+    ))
+    .bind(&ids)
+    .fetch_all(pool)
+    .await
+    .context("reading the claimed sagas' steps")?;
+    for step in owned {
+        steps.entry(step.saga_id).or_default().push(step.record);
+    }
+    Ok(rows
+        .into_iter()
+        .map(|row| Claimed {
+            saga: SagaRecord {
+                steps: steps.remove(&row.instance.saga_id).unwrap_or_default(),
+                instance: row.instance,
+            },
+            trace_context: row.trace_context.0,
+        })
+        .collect())
+}
+
+/// What a turn does with the lease.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lease {
+    /// Keep driving: renew it for this long.
+    Keep(Duration),
+    /// Give it up, with the saga's next work due then (if ever).
+    Release(Option<DateTime<Utc>>),
+}
+
+/// What became of a turn's write.
+#[derive(Debug)]
+pub(crate) enum Written {
+    /// Committed: the saga's row as it now stands.
+    Committed(Box<Instance>),
+    /// Rolled back: the turn began forward attempts, and a compensation
+    /// request was accepted since the saga was read.
+    TurningBack,
+}
+
+/// Writes a turn in one transaction: the saga's row (fenced: the `WHERE`
+/// clause of that update is the fence check, and it locks the row first),
+/// every changed step execution in one statement, and the turn's events in
+/// one statement to the outbox.
+pub(crate) async fn write(
+    pool: &PgPool,
+    fence: i64,
+    turn: &Turn,
+    lease: Lease,
+    events_topic: &str,
+) -> Result<Written, WriteError> {
+    let instance = &turn.saga.instance;
+    let (hold, next_run_at, renew) = match lease {
+        Lease::Keep(duration) => (true, None, duration),
+        Lease::Release(next) => (false, next, Duration::ZERO),
+    };
+    let mut tx = pool.begin().await.context("starting a transaction")?;
+    let written: Option<Instance> = sqlx::query_as(concat!(
+        "UPDATE saga_instances SET
+             state = $3, position = $4, failure_reason = $5,
+             compensation_requested = CASE WHEN $6 THEN NULL ELSE compensation_requested END,
+             forward_only_since = CASE
+                 WHEN $7 AND compensation_requested IS NULL THEN coalesce(forward_only_since, now())
+                 WHEN $8 THEN NULL
+                 ELSE forward_only_since END,
+             overdue_step = $9, overdue_since = $10, finished_at = $11,
+             next_run_at = CASE WHEN $12 THEN next_run_at ELSE $13 END,
+             lease_owner = CASE WHEN $12 THEN lease_owner END,
+             lease_expires_at = CASE WHEN $12 THEN now() + $14 END,
+             updated_at = now()
+         WHERE saga_id = $1 AND fence = $2
+         RETURNING ",
+        instance_columns!()
+    ))
+    .bind(instance.saga_id)
+    .bind(fence)
+    .bind(&instance.state)
+    .bind(instance.position)
+    .bind(&instance.failure_reason)
+    .bind(turn.clears_request)
+    .bind(turn.begins_pivot)
+    .bind(turn.clears_forward_only)
+    .bind(&instance.overdue_step)
+    .bind(instance.overdue_since)
+    .bind(instance.finished_at)
+    .bind(hold)
+    .bind(next_run_at)
+    .bind(chrono::Duration::from_std(renew).context("lease")?)
+    .fetch_optional(&mut *tx)
+    .await
+    .context("writing the saga")?;
+    let Some(written) = written else {
+        return Err(WriteError::Fenced);
+    };
+    if turn.begins_forward
+        && written.compensation_requested.is_some()
+        && written.forward_only_since.is_none()
+    {
+        return Ok(Written::TurningBack); // dropping `tx` rolls it back
+    }
+    let rows: Vec<&StepRecord> = turn.rows().collect();
+    if !rows.is_empty() {
+        sqlx::query(
+            "INSERT INTO saga_steps (saga_id, step, kind, status, attempts, last_error, output, started_at,
+                                     finished_at, next_attempt_at, deadline_at, outcome_unknown)
+             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::jsonb[],
+                                      $8::timestamptz[], $9::timestamptz[], $10::timestamptz[],
+                                      $11::timestamptz[], $12::bool[])
+             ON CONFLICT (saga_id, step, kind) DO UPDATE SET
+                 status = EXCLUDED.status, attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
+                 output = EXCLUDED.output, finished_at = EXCLUDED.finished_at,
+                 next_attempt_at = EXCLUDED.next_attempt_at, deadline_at = EXCLUDED.deadline_at,
+                 outcome_unknown = EXCLUDED.outcome_unknown",
+        )
+        .bind(instance.saga_id)
+        .bind(rows.iter().map(|r| r.step.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.attempts).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.last_error.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.output.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.started_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.next_attempt_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.deadline_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.outcome_unknown).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .context("writing the steps")?;
+    }
+    messaging::outbox::enqueue_all(&mut tx, events_topic, &turn.events).await?;
+    tx.commit().await.context("committing a turn")?;
+    Ok(Written::Committed(Box::new(written)))
 }
 
 /// When the next saga becomes claimable: its work falls due, or the lease
@@ -337,111 +497,4 @@ pub enum WriteError {
     Fenced,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
-}
-
-/// What [`check_fence`] found under the row's lock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Held {
-    /// A compensation was requested and the saga can still turn back: a
-    /// forward attempt must not begin (the request was accepted first).
-    pub turning_back: bool,
-}
-
-/// First statement of every write of a claimed saga: fails unless our claim
-/// is still the current one, locks the row for the transaction, and renews
-/// the lease (a saga driven through many steps keeps it).
-pub async fn check_fence(
-    conn: &mut PgConnection,
-    saga_id: Uuid,
-    fence: i64,
-    lease: Duration,
-) -> Result<Held, WriteError> {
-    let turning_back: Option<bool> = sqlx::query_scalar(
-        "UPDATE saga_instances SET updated_at = now(), lease_expires_at = now() + $3
-         WHERE saga_id = $1 AND fence = $2
-         RETURNING compensation_requested IS NOT NULL AND forward_only_since IS NULL",
-    )
-    .bind(saga_id)
-    .bind(fence)
-    .bind(chrono::Duration::from_std(lease).context("lease")?)
-    .fetch_optional(conn)
-    .await
-    .context("checking the fence")?;
-    turning_back
-        .map(|turning_back| Held { turning_back })
-        .ok_or(WriteError::Fenced)
-}
-
-/// Marks the saga forward-only: its pivot's first attempt is being written
-/// ahead. In the transaction of that write, after [`check_fence`].
-pub(crate) async fn mark_forward_only(
-    conn: &mut PgConnection,
-    saga_id: Uuid,
-) -> anyhow::Result<()> {
-    sqlx::query(
-        "UPDATE saga_instances SET forward_only_since = coalesce(forward_only_since, now())
-         WHERE saga_id = $1",
-    )
-    .bind(saga_id)
-    .execute(conn)
-    .await
-    .context("marking the saga forward-only")?;
-    Ok(())
-}
-
-/// The pivot was refused for certain: it did not take effect, and the saga
-/// may turn back again.
-pub(crate) async fn clear_forward_only(
-    conn: &mut PgConnection,
-    saga_id: Uuid,
-) -> anyhow::Result<()> {
-    sqlx::query("UPDATE saga_instances SET forward_only_since = NULL WHERE saga_id = $1")
-        .bind(saga_id)
-        .execute(conn)
-        .await
-        .context("clearing forward-only")?;
-    Ok(())
-}
-
-/// Flags `step` as past its deadline (or clears the flag, with `None`).
-pub(crate) async fn set_overdue(
-    conn: &mut PgConnection,
-    saga_id: Uuid,
-    step: Option<(&str, DateTime<Utc>)>,
-) -> anyhow::Result<()> {
-    sqlx::query(
-        "UPDATE saga_instances SET overdue_step = $2, overdue_since = $3 WHERE saga_id = $1",
-    )
-    .bind(saga_id)
-    .bind(step.map(|(name, _)| name))
-    .bind(step.map(|(_, since)| since))
-    .execute(conn)
-    .await
-    .context("flagging an overdue step")?;
-    Ok(())
-}
-
-/// Gives up the lease, scheduling the saga's next work (if any).
-pub async fn release(
-    pool: &PgPool,
-    saga_id: Uuid,
-    fence: i64,
-    next_run_at: Option<DateTime<Utc>>,
-) -> Result<(), WriteError> {
-    let released = sqlx::query(
-        "UPDATE saga_instances SET lease_owner = NULL, lease_expires_at = NULL, next_run_at = $3
-         WHERE saga_id = $1 AND fence = $2",
-    )
-    .bind(saga_id)
-    .bind(fence)
-    .bind(next_run_at)
-    .execute(pool)
-    .await
-    .context("releasing a saga")?
-    .rows_affected();
-    if released == 1 {
-        Ok(())
-    } else {
-        Err(WriteError::Fenced)
-    }
 }

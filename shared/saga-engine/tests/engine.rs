@@ -11,7 +11,7 @@ use database::{DatabaseSettings, MigrationSet, ServiceAccount};
 use dev_stack::TestEnv;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use saga_engine::store::{self, WriteError};
+use saga_engine::store;
 use saga_engine::{
     Action, Engine, EngineConfig, RequestOutcome, RetryPolicy, SagaDefinition, SagaState, Settle,
     Step, StepContext, StepError,
@@ -352,9 +352,9 @@ async fn a_stale_claim_is_fenced_off() {
     let saga_id = start(&engine, "fence").await;
     let lease = Duration::from_millis(200);
 
-    let first = store::claim(&pool, "replica-a", 10, lease).await.unwrap();
+    let mut first = store::claim(&pool, "replica-a", 10, lease).await.unwrap();
     assert_eq!(first.len(), 1);
-    let (_, stale_fence) = first[0];
+    let stale = first.remove(0);
     assert!(
         store::claim(&pool, "replica-b", 10, lease)
             .await
@@ -365,30 +365,24 @@ async fn a_stale_claim_is_fenced_off() {
 
     // replica-a stalls past its lease; replica-b takes over.
     tokio::time::sleep(lease + Duration::from_millis(50)).await;
-    let second = store::claim(&pool, "replica-b", 10, lease).await.unwrap();
+    let mut second = store::claim(&pool, "replica-b", 10, lease).await.unwrap();
     assert_eq!(second.len(), 1);
-    let (_, fence) = second[0];
-    assert!(fence > stale_fence);
+    let current = second.remove(0);
+    assert!(current.fence() > stale.fence());
 
-    let mut tx = pool.begin().await.unwrap();
-    let stale = store::check_fence(&mut tx, saga_id, stale_fence, lease).await;
-    assert!(
-        matches!(stale, Err(WriteError::Fenced)),
-        "the stale writer is refused"
-    );
-    drop(tx);
-    assert!(matches!(
-        store::release(&pool, saga_id, stale_fence, None).await,
-        Err(WriteError::Fenced)
-    ));
-    let mut tx = pool.begin().await.unwrap();
-    store::check_fence(&mut tx, saga_id, fence, lease)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    store::release(&pool, saga_id, fence, Some(chrono::Utc::now()))
-        .await
-        .unwrap();
+    // The stale owner's first write is refused: it begins nothing.
+    let shutdown = CancellationToken::new();
+    engine.drive(stale, &shutdown).await;
+    assert!(entries(&journal).is_empty(), "the stale writer did nothing");
+    let saga = store::load(&pool, saga_id).await.unwrap().unwrap();
+    assert!(saga.steps.is_empty());
+    assert_eq!(saga.instance.lease_owner.as_deref(), Some("replica-b"));
+
+    engine.drive(current, &shutdown).await;
+    assert_eq!(entries(&journal), vec!["a"]);
+    let saga = store::load(&pool, saga_id).await.unwrap().unwrap();
+    assert_eq!(saga.instance.state(), SagaState::Completed);
+    assert_eq!(saga.instance.lease_owner, None, "released at the end");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,17 +415,12 @@ async fn a_saga_whose_replica_died_mid_step_is_finished_by_another() {
     let claimed = store::claim(&pool, "doomed", 1, Duration::from_millis(500))
         .await
         .unwrap();
-    let (_, fence) = claimed[0];
-    let mut tx = pool.begin().await.unwrap();
-    store::check_fence(&mut tx, saga_id, fence, Duration::from_millis(500))
-        .await
-        .unwrap();
+    assert_eq!(claimed.len(), 1);
     sqlx::query("INSERT INTO saga_steps (saga_id, step, kind, status, attempts) VALUES ($1, 'a', 'action', 'running', 1)")
         .bind(saga_id)
-        .execute(&mut *tx)
+        .execute(&pool)
         .await
         .unwrap();
-    tx.commit().await.unwrap();
 
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(engine.clone().run(shutdown.clone()));

@@ -1,0 +1,379 @@
+//! One turn of a claimed saga, in memory: the attempts it begins, their
+//! outcomes, and the transitions that follow, applied to the saga's record
+//! exactly as the store will write them, in one fenced transaction. The
+//! engine keeps the record between turns instead of reading it back, so
+//! what is decided here is what the next plan sees. No I/O here.
+
+use std::time::Duration;
+
+use api_saga::v1 as pb;
+use chrono::{DateTime, Utc};
+use messaging::EventEnvelope;
+use messaging::envelope::EventMeta;
+use prost::{Message, Name};
+use sqlx::types::Json;
+use telemetry::CorrelationId;
+
+use crate::definition::{SagaDefinition, Step, StepError};
+use crate::plan::Transition;
+use crate::store::{Kind, SagaRecord, SagaState, StepRecord};
+
+/// A counter to bump once the turn has committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Count {
+    Finished(SagaState),
+    CompensationStarted,
+    Overdue(&'static str),
+    PastDeadline(&'static str, Kind),
+}
+
+/// The saga as it will be once this turn commits, and what changed.
+#[derive(Debug)]
+pub(crate) struct Turn {
+    pub(crate) saga: SagaRecord,
+    producer: &'static str,
+    /// Step executions changed since the last commit, by (step, kind).
+    pub(crate) dirty: Vec<(String, Kind)>,
+    /// The turn begins forward attempts: they must not begin if a
+    /// compensation request was accepted since the saga was read.
+    pub(crate) begins_forward: bool,
+    /// The turn begins the pivot: from its commit on, the saga is
+    /// forward-only.
+    pub(crate) begins_pivot: bool,
+    /// The turn acted on the compensation request.
+    pub(crate) clears_request: bool,
+    /// The pivot was refused for certain: the saga may turn back.
+    pub(crate) clears_forward_only: bool,
+    pub(crate) events: Vec<EventEnvelope>,
+    pub(crate) counts: Vec<Count>,
+}
+
+impl Turn {
+    pub(crate) fn new(saga: SagaRecord, producer: &'static str) -> Self {
+        Self {
+            saga,
+            producer,
+            dirty: Vec::new(),
+            begins_forward: false,
+            begins_pivot: false,
+            clears_request: false,
+            clears_forward_only: false,
+            events: Vec::new(),
+            counts: Vec::new(),
+        }
+    }
+
+    /// The changes are written: start the next turn from here.
+    pub(crate) fn committed(&mut self) -> Vec<Count> {
+        self.dirty.clear();
+        self.events.clear();
+        self.begins_forward = false;
+        self.begins_pivot = false;
+        self.clears_request = false;
+        self.clears_forward_only = false;
+        std::mem::take(&mut self.counts)
+    }
+
+    /// The step execution `(name, kind)` as it will be written.
+    pub(crate) fn rows(&self) -> impl Iterator<Item = &StepRecord> {
+        self.dirty
+            .iter()
+            .filter_map(|(name, kind)| self.saga.step(name, *kind))
+    }
+
+    fn touch(&mut self, name: &str, kind: Kind) -> &mut StepRecord {
+        if !self
+            .dirty
+            .iter()
+            .any(|(dirty, k)| dirty == name && *k == kind)
+        {
+            self.dirty.push((name.to_owned(), kind));
+        }
+        let index = self
+            .saga
+            .steps
+            .iter()
+            .position(|r| r.step == name && r.kind == kind.as_str())
+            .expect("a step execution begun before it is changed");
+        &mut self.saga.steps[index]
+    }
+
+    /// Records that an attempt of `step` begins (written ahead of it, so a
+    /// crash mid-call leaves it known to have been made): its number, and
+    /// the step's deadline. An earlier attempt still `running` never
+    /// reported back, so its outcome is unknown, whatever this one says.
+    pub(crate) fn begin(
+        &mut self,
+        step: &Step,
+        kind: Kind,
+        now: DateTime<Utc>,
+    ) -> (u32, Option<DateTime<Utc>>) {
+        if self.saga.step(step.name, kind).is_none() {
+            let deadline = (kind == Kind::Action).then(|| {
+                now + chrono::Duration::from_std(step.deadline).unwrap_or(chrono::Duration::MAX)
+            });
+            self.saga.steps.push(StepRecord {
+                step: step.name.to_owned(),
+                kind: kind.as_str().to_owned(),
+                status: "running".into(),
+                attempts: 0,
+                last_error: None,
+                output: None,
+                started_at: now,
+                finished_at: None,
+                next_attempt_at: None,
+                deadline_at: deadline,
+                outcome_unknown: false,
+            });
+        }
+        let record = self.touch(step.name, kind);
+        record.outcome_unknown |= record.status == "running" && record.attempts > 0;
+        record.status = "running".into();
+        record.attempts += 1;
+        (
+            u32::try_from(record.attempts).unwrap_or(u32::MAX),
+            record.deadline_at,
+        )
+    }
+
+    /// Records how attempt `attempt` of `step` went. `persistent` steps
+    /// (the pivot, the steps after it, and an action asked again to settle
+    /// an unknown outcome) never give up; the others give up when out of
+    /// attempts, or when no retry fits before the deadline.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn outcome(
+        &mut self,
+        step: &Step,
+        kind: Kind,
+        persistent: bool,
+        attempt: u32,
+        deadline_at: Option<DateTime<Utc>>,
+        outcome: Result<serde_json::Value, StepError>,
+        took: Duration,
+        now: DateTime<Utc>,
+    ) {
+        let policy = match kind {
+            Kind::Action => step.retry,
+            Kind::Compensation => step.compensation_retry,
+        };
+        let compensation = kind == Kind::Compensation;
+        match outcome {
+            Ok(output) => {
+                metrics::histogram!("saga_step_duration_seconds", "step" => step.name, "kind" => kind.as_str(), "outcome" => "succeeded")
+                    .record(took.as_secs_f64());
+                let record = self.touch(step.name, kind);
+                record.status = "succeeded".into();
+                record.output = Some(Json(output));
+                record.finished_at = Some(now);
+                record.next_attempt_at = None;
+                record.outcome_unknown = false;
+                let event = pb::SagaStepSucceeded {
+                    saga_id: self.saga.instance.saga_id.to_string(),
+                    step: step.name.to_owned(),
+                    compensation,
+                    attempts: attempt,
+                    duration: prost_types::Duration::try_from(took).ok(),
+                };
+                self.emit(&event);
+            }
+            Err(error) => {
+                let (delay, spent) = match &error {
+                    StepError::NotAttempted { retry_after, .. } => (*retry_after, false),
+                    _ => (policy.backoff(attempt), true),
+                };
+                let retry_at =
+                    now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                let retryable = !matches!(error, StepError::Permanent(_));
+                // Give up as soon as no retry can happen: no attempts left,
+                // or the next one would start after the deadline.
+                let give_up = if !retryable || persistent {
+                    None
+                } else if spent && attempt >= policy.max_attempts {
+                    Some(format!("{error} (no attempts left after {attempt})"))
+                } else if deadline_at.is_some_and(|deadline| retry_at >= deadline) {
+                    Some(format!("{error} (no retry fits before the deadline)"))
+                } else {
+                    None
+                };
+                let will_retry = retryable && give_up.is_none();
+                let reason = match &error {
+                    StepError::Permanent(_) => "permanent",
+                    _ if give_up.is_some() => "exhausted",
+                    StepError::NotAttempted { .. } => "not_attempted",
+                    StepError::Retryable(_) => "retryable",
+                    StepError::Unknown(_) => "unknown",
+                };
+                // A definite answer settles what earlier attempts left
+                // unknown; a refusal for now leaves it as it was.
+                let settles = match &error {
+                    StepError::Unknown(_) => Some(true),
+                    StepError::Permanent(_) => Some(false),
+                    StepError::Retryable(_) | StepError::NotAttempted { .. } => None,
+                };
+                metrics::counter!("saga_step_failures_total", "step" => step.name, "kind" => kind.as_str(), "reason" => reason)
+                    .increment(1);
+                metrics::histogram!("saga_step_duration_seconds", "step" => step.name, "kind" => kind.as_str(), "outcome" => "failed")
+                    .record(took.as_secs_f64());
+                let error = give_up.unwrap_or_else(|| error.to_string());
+                let saga_id = self.saga.instance.saga_id.to_string();
+                tracing::warn!(step = step.name, kind = kind.as_str(), attempt, will_retry, ?settles, %error, "saga step failed");
+                let record = self.touch(step.name, kind);
+                record.status = if will_retry { "waiting" } else { "failed" }.into();
+                record.last_error = Some(error.clone());
+                record.next_attempt_at = will_retry.then_some(retry_at);
+                record.finished_at = (!will_retry).then_some(now);
+                // An attempt that was not made is given back.
+                if !spent {
+                    record.attempts -= 1;
+                }
+                if let Some(unknown) = settles {
+                    record.outcome_unknown = unknown;
+                }
+                let event = pb::SagaStepFailed {
+                    saga_id,
+                    step: step.name.to_owned(),
+                    compensation,
+                    attempts: if spent { attempt } else { attempt - 1 },
+                    error,
+                    will_retry,
+                    outcome_unknown: record.outcome_unknown,
+                };
+                self.emit(&event);
+            }
+        }
+    }
+
+    /// Applies a transition the plan chose.
+    pub(crate) fn transition(
+        &mut self,
+        definition: &SagaDefinition,
+        transition: Transition,
+        now: DateTime<Utc>,
+    ) {
+        let saga_id = self.saga.instance.saga_id.to_string();
+        let order_id = self.saga.instance.business_key.clone();
+        // An overdue step that moved on is no longer flagged.
+        if matches!(transition, Transition::Advance | Transition::Complete) {
+            self.saga.instance.overdue_step = None;
+            self.saga.instance.overdue_since = None;
+        }
+        match transition {
+            Transition::Overdue { step, since } => {
+                self.saga.instance.overdue_step = Some(step.to_owned());
+                self.saga.instance.overdue_since = Some(since);
+                self.counts.push(Count::Overdue(step));
+                tracing::error!(
+                    saga = definition.name,
+                    step,
+                    %since,
+                    "saga step is past its deadline; past the pivot it is retried until it succeeds, never undone"
+                );
+            }
+            Transition::Advance => self.saga.instance.position += 1,
+            Transition::Complete => {
+                self.finish(SagaState::Completed, None, now);
+                tracing::info!(saga = definition.name, "saga completed");
+                self.emit(&pb::SagaCompleted { saga_id, order_id });
+            }
+            Transition::Compensate { reason } => {
+                let instance = &mut self.saga.instance;
+                instance.state = SagaState::Compensating.as_str().into();
+                instance.failure_reason = Some(reason.clone());
+                instance.compensation_requested = None;
+                self.clears_request = true;
+                self.counts.push(Count::CompensationStarted);
+                tracing::info!(saga = definition.name, %reason, "saga compensating");
+                self.emit(&pb::SagaCompensationStarted { saga_id, reason });
+            }
+            Transition::StepFailed { step, kind, reason } => {
+                let record = self.touch(step, kind);
+                // An attempt that never reported back leaves it unknown.
+                record.outcome_unknown |= record.status == "running";
+                record.status = "failed".into();
+                record.last_error = Some(reason.clone());
+                record.finished_at = Some(now);
+                record.next_attempt_at = None;
+                let event = pb::SagaStepFailed {
+                    saga_id,
+                    step: step.to_owned(),
+                    compensation: kind == Kind::Compensation,
+                    attempts: u32::try_from(record.attempts).unwrap_or(0),
+                    error: reason,
+                    will_retry: false,
+                    outcome_unknown: record.outcome_unknown,
+                };
+                self.counts.push(Count::PastDeadline(step, kind));
+                self.emit(&event);
+            }
+            Transition::Compensated => {
+                let reason = self.saga.instance.failure_reason.clone();
+                self.finish(SagaState::Compensated, None, now);
+                tracing::info!(saga = definition.name, "saga compensated");
+                self.emit(&pb::SagaCompensated {
+                    saga_id,
+                    order_id,
+                    reason: reason.unwrap_or_default(),
+                });
+            }
+            Transition::Fail { reason } => {
+                self.finish(SagaState::Failed, Some(reason.clone()), now);
+                tracing::error!(saga = definition.name, %reason, "saga failed; it waits for an operator");
+                self.emit(&pb::SagaFailed {
+                    saga_id,
+                    order_id,
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// The pivot was refused for certain: it did not take effect.
+    pub(crate) fn pivot_refused(&mut self) {
+        self.saga.instance.forward_only_since = None;
+        self.clears_forward_only = true;
+    }
+
+    fn finish(&mut self, state: SagaState, reason: Option<String>, now: DateTime<Utc>) {
+        let instance = &mut self.saga.instance;
+        instance.state = state.as_str().into();
+        if reason.is_some() {
+            instance.failure_reason = reason;
+        }
+        instance.finished_at = Some(now);
+        instance.next_run_at = None;
+        self.counts.push(Count::Finished(state));
+    }
+
+    fn emit<M: Message + Name>(&mut self, event: &M) {
+        let instance = &self.saga.instance;
+        let envelope = saga_event(
+            self.producer,
+            instance.saga_id,
+            &instance.correlation_id,
+            event,
+        );
+        self.events.push(envelope);
+    }
+}
+
+/// A saga event, sealed for the outbox.
+pub(crate) fn saga_event<M: Message + Name>(
+    producer: &'static str,
+    saga_id: uuid::Uuid,
+    correlation_id: &str,
+    event: &M,
+) -> EventEnvelope {
+    messaging::envelope::seal(
+        EventMeta {
+            producer,
+            aggregate_type: "saga",
+            aggregate_id: saga_id.to_string(),
+            aggregate_version: 0,
+            correlation_id: CorrelationId::parse(correlation_id)
+                .unwrap_or_else(CorrelationId::generate),
+            causation_id: None,
+        },
+        1,
+        event,
+    )
+}
