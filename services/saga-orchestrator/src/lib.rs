@@ -40,8 +40,10 @@ pub const DEFAULT_PORT: u16 = 50054;
 pub const SCHEMA: &str = "saga";
 pub const ROLE: &str = "saga_service";
 /// This service's own tables (the saga tables come with the engine).
-pub const MIGRATIONS: MigrationSet =
-    database::migrations!("saga-orchestrator", ["0001_trace_view.sql"]);
+pub const MIGRATIONS: MigrationSet = database::migrations!(
+    "saga-orchestrator",
+    ["0001_trace_view.sql", "0002_trace_notify_per_statement.sql"]
+);
 /// The consumer group that starts sagas from order events.
 pub const CONSUMER_GROUP: &str = "saga-orchestrator";
 /// Every consumer group of the system (each has a dead-letter topic that

@@ -1,10 +1,11 @@
 //! The trace view: a read model of every service's events, by flow.
 //!
 //! A consumer group of its own reads the user, order, payment and saga
-//! topics and records each event once (inbox and primary key), with the
-//! order it concerns and a one-line summary. New rows are announced with
-//! `NOTIFY`, row included, so the live streams of every replica see every
-//! event whichever replica consumed it.
+//! topics and records each event once (its primary key is the event id,
+//! so it needs no inbox), with the order it concerns and a one-line
+//! summary, a consumer batch in one statement. New rows are announced with
+//! `NOTIFY`, rows included, a few per notification, so the live streams of
+//! every replica see every event whichever replica consumed it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,69 +54,97 @@ macro_rules! trace_columns {
 /// Longest trace returned at once.
 const MAX_TRACE_EVENTS: i64 = 1000;
 
-/// Records every event it is handed.
+/// Records every event it is handed, a batch in one statement. Its rows
+/// are keyed by event id, so a redelivered event changes nothing and needs
+/// no inbox row.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TraceRecorder;
 
 impl EventHandler for TraceRecorder {
+    const KEYED_BY_EVENT_ID: bool = true;
+
     async fn handle(
         &self,
         conn: &mut PgConnection,
         event: &ReceivedEvent,
     ) -> Result<(), HandleError> {
-        let envelope = &event.envelope;
-        let (order_id, summary) = describe(conn, envelope)
+        self.handle_batch(conn, std::slice::from_ref(event)).await
+    }
+
+    async fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[ReceivedEvent],
+    ) -> Result<(), HandleError> {
+        let mut rows = Vec::with_capacity(events.len());
+        for event in events {
+            let envelope = &event.envelope;
+            let (order_id, summary) =
+                describe(envelope).map_err(|error| HandleError::Permanent(error.into()))?;
+            let occurred_at = envelope
+                .occurred_at
+                .and_then(|at| {
+                    DateTime::from_timestamp(at.seconds, u32::try_from(at.nanos).unwrap_or(0))
+                })
+                .unwrap_or_else(Utc::now);
+            rows.push(TraceEventRow {
+                event_id: event.event_id,
+                correlation_id: envelope.correlation_id.clone(),
+                order_id,
+                service: envelope.producer.clone(),
+                event_type: envelope.event_type.clone(),
+                aggregate_type: envelope.aggregate_type.clone(),
+                aggregate_id: envelope.aggregate_id.clone(),
+                aggregate_version: i64::try_from(envelope.aggregate_version).unwrap_or(i64::MAX),
+                causation_id: (!envelope.causation_id.is_empty())
+                    .then(|| envelope.causation_id.clone()),
+                occurred_at,
+                summary,
+            });
+        }
+        record(conn, &rows)
             .await
-            .map_err(|error| match error {
-                Described::Malformed(error) => HandleError::Permanent(error.into()),
-                Described::Database(error) => HandleError::Transient(error.into()),
-            })?;
-        let occurred_at = envelope
-            .occurred_at
-            .and_then(|at| {
-                DateTime::from_timestamp(at.seconds, u32::try_from(at.nanos).unwrap_or(0))
-            })
-            .unwrap_or_else(Utc::now);
-        sqlx::query(
-            "INSERT INTO trace_events (event_id, correlation_id, order_id, service, event_type, aggregate_type,
-                                       aggregate_id, aggregate_version, causation_id, occurred_at, summary)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-             ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind(event.event_id)
-        .bind(&envelope.correlation_id)
-        .bind(order_id)
-        .bind(&envelope.producer)
-        .bind(&envelope.event_type)
-        .bind(&envelope.aggregate_type)
-        .bind(&envelope.aggregate_id)
-        .bind(i64::try_from(envelope.aggregate_version).unwrap_or(i64::MAX))
-        .bind((!envelope.causation_id.is_empty()).then_some(&envelope.causation_id))
-        .bind(occurred_at)
-        .bind(summary)
-        .execute(conn)
-        .await
-        .map_err(|error| HandleError::Transient(error.into()))?;
-        Ok(())
+            .map_err(|error| HandleError::Transient(error.into()))
     }
 }
 
-enum Described {
-    Malformed(OpenError),
-    Database(sqlx::Error),
+/// Inserts `rows` in one statement; rows already recorded are left alone.
+/// Saga events that do not name their order get their saga's.
+async fn record(conn: &mut PgConnection, rows: &[TraceEventRow]) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO trace_events (event_id, correlation_id, order_id, service, event_type, aggregate_type,
+                                   aggregate_id, aggregate_version, causation_id, occurred_at, summary)
+         SELECT e.event_id, e.correlation_id,
+                coalesce(e.order_id, CASE WHEN e.aggregate_type = 'saga' THEN
+                    (SELECT s.business_key::uuid FROM saga_instances s WHERE s.saga_id::text = e.aggregate_id) END),
+                e.service, e.event_type, e.aggregate_type, e.aggregate_id, e.aggregate_version,
+                e.causation_id, e.occurred_at, e.summary
+         FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[],
+                     $8::int8[], $9::text[], $10::timestamptz[], $11::text[])
+              WITH ORDINALITY AS e(event_id, correlation_id, order_id, service, event_type, aggregate_type,
+                                   aggregate_id, aggregate_version, causation_id, occurred_at, summary, n)
+         ORDER BY e.n
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.correlation_id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.order_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.service.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.event_type.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.aggregate_type.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.aggregate_id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.aggregate_version).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.causation_id.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.summary.as_str()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
-impl From<OpenError> for Described {
-    fn from(error: OpenError) -> Self {
-        Self::Malformed(error)
-    }
-}
-
-/// The order an event concerns, and a line saying what happened.
-async fn describe(
-    conn: &mut PgConnection,
-    envelope: &EventEnvelope,
-) -> Result<(Option<Uuid>, String), Described> {
+/// The order an event concerns (if the event says), and a line saying
+/// what happened.
+fn describe(envelope: &EventEnvelope) -> Result<(Option<Uuid>, String), OpenError> {
     fn open<M: Message + Default + Name>(envelope: &EventEnvelope) -> Result<M, OpenError> {
         envelope::open(envelope)
     }
@@ -247,19 +276,7 @@ async fn describe(
         t if t == api_auth::v1::UserRegistered::full_name() => (None, "user registered".to_owned()),
         other => (None, other.rsplit('.').next().unwrap_or(other).to_owned()),
     };
-    let (mut order_id, summary) = described;
-    // Saga events without an order id belong to their saga's order.
-    if order_id.is_none() && envelope.aggregate_type == "saga" {
-        let saga_id = uuid(&envelope.aggregate_id);
-        order_id = sqlx::query_scalar::<_, String>(
-            "SELECT business_key FROM saga_instances WHERE saga_id = $1",
-        )
-        .bind(saga_id)
-        .fetch_optional(conn)
-        .await
-        .map_err(Described::Database)?
-        .and_then(|key| uuid(&key));
-    }
+    let (order_id, summary) = described;
     Ok((order_id, summary.chars().take(500).collect()))
 }
 
@@ -345,9 +362,13 @@ impl LiveFeed {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     notification = listener.recv() => match notification {
-                        Ok(notification) => match serde_json::from_str::<TraceEventRow>(notification.payload()) {
-                            // No subscribers is not an error.
-                            Ok(row) => { let _ = self.sender.send(Arc::new(row)); }
+                        // A notification carries some of the rows one
+                        // statement inserted.
+                        Ok(notification) => match serde_json::from_str::<Vec<TraceEventRow>>(notification.payload()) {
+                            Ok(rows) => for row in rows {
+                                // No subscribers is not an error.
+                                let _ = self.sender.send(Arc::new(row));
+                            },
                             Err(error) => tracing::warn!(%error, "malformed trace notification"),
                         },
                         Err(error) => {

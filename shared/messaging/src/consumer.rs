@@ -16,6 +16,12 @@
 //! transaction, so a backlog costs one commit per batch, not per event; if
 //! any record of a batch fails, the batch is rolled back and its records
 //! are handled one at a time, each with its own retries.
+//!
+//! A handler whose every effect is keyed by the event id (a projection
+//! that inserts one row per event and ignores a row it already has) says
+//! so with [`EventHandler::KEYED_BY_EVENT_ID`]: a redelivery is harmless,
+//! so its events get no inbox row, and a batch goes to
+//! [`EventHandler::handle_batch`] at once, for one statement per batch.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -70,6 +76,11 @@ pub enum HandleError {
 /// All of a handler's effects must live in the transaction it is given: an
 /// event whose batch is rolled back is handed to it again.
 pub trait EventHandler: Send + Sync + 'static {
+    /// Whether applying an event twice has no second effect by itself,
+    /// because every effect is keyed by the event id: then the consumer
+    /// records no inbox row for it.
+    const KEYED_BY_EVENT_ID: bool = false;
+
     /// Applies `event` using `conn`, which is inside the transaction that
     /// also records the event in the inbox: both commit or neither does.
     fn handle(
@@ -77,6 +88,21 @@ pub trait EventHandler: Send + Sync + 'static {
         conn: &mut PgConnection,
         event: &ReceivedEvent,
     ) -> impl Future<Output = Result<(), HandleError>> + Send;
+
+    /// Applies `events`, in order, in one transaction (for a handler keyed
+    /// by the event id). By default, one at a time.
+    fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[ReceivedEvent],
+    ) -> impl Future<Output = Result<(), HandleError>> + Send {
+        async move {
+            for event in events {
+                self.handle(conn, event).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// How often a failing event is tried before it is dead-lettered.
@@ -243,6 +269,18 @@ impl<H: EventHandler> Consumer<H> {
         let Ok(mut tx) = self.pool.begin().await else {
             return false;
         };
+        if H::KEYED_BY_EVENT_ID {
+            let events: Vec<ReceivedEvent> = events.into_iter().map(|(_, event)| event).collect();
+            if self.handler.handle_batch(&mut tx, &events).await.is_err()
+                || tx.commit().await.is_err()
+            {
+                tracing::debug!(size = batch.len(), "the batch failed; one at a time");
+                return false;
+            }
+            metrics::counter!("events_consumed_total", "group" => self.group.clone(), "outcome" => "handled")
+                .increment(events.len() as u64);
+            return true;
+        }
         let mut outcomes = Vec::with_capacity(events.len());
         for (span, event) in &events {
             let apply = self.apply_in(&mut tx, event).instrument(span.clone());
@@ -411,13 +449,15 @@ impl<H: EventHandler> Consumer<H> {
     }
 
     /// Records `event` in the inbox and applies it, inside the caller's
-    /// transaction: a duplicate is recognised and skipped.
+    /// transaction: a duplicate is recognised and skipped. (A handler keyed
+    /// by the event id recognises duplicates itself.)
     async fn apply_in(
         &self,
         conn: &mut PgConnection,
         event: &ReceivedEvent,
     ) -> Result<Outcome, Failure> {
-        let first_time = sqlx::query(
+        let first_time = H::KEYED_BY_EVENT_ID
+            || sqlx::query(
             "INSERT INTO inbox (consumer, event_id, outcome) VALUES ($1, $2, 'handled') ON CONFLICT DO NOTHING",
         )
         .bind(&self.group)
