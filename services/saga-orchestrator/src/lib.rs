@@ -229,11 +229,14 @@ impl Application {
             events_topic: platform.topics.saga_events(),
             producer: NAME,
         };
-        let engine = Arc::new(Engine::new(
-            platform.pool.clone(),
-            vec![order_saga::definition(&downstreams, tuning)],
-            config,
-        )?);
+        let engine = Arc::new(
+            Engine::new(
+                platform.pool.clone(),
+                vec![order_saga::definition(&downstreams, tuning)],
+                config,
+            )?
+            .with_journal(Arc::new(trace_view::TraceJournal)),
+        );
         Ok(Self {
             server,
             platform,
@@ -273,11 +276,11 @@ impl Application {
         let recorder = Consumer::new(
             &settings.kafka,
             trace_view::CONSUMER_GROUP,
+            // Saga events are recorded by the engine itself (TraceJournal).
             &[
                 topics.user_events(),
                 topics.order_events(),
                 topics.payment_events(),
-                topics.saga_events(),
             ],
             platform.pool.clone(),
             platform.producer.clone(),

@@ -1,7 +1,9 @@
 //! The trace view: a read model of every service's events, by flow.
 //!
-//! A consumer group of its own reads the user, order, payment and saga
-//! topics and records each event once (its primary key is the event id,
+//! A consumer group of its own reads the user, order and payment topics
+//! (the orchestrator's own saga events are written here by the engine, in
+//! the transaction that makes them: [`TraceJournal`]) and records each
+//! event once (its primary key is the event id,
 //! so it needs no inbox), with the order it concerns and a one-line
 //! summary, a consumer batch in one statement. New rows are announced with
 //! `NOTIFY`, rows included, a few per notification, so the live streams of
@@ -15,6 +17,7 @@ use api_order::v1 as order;
 use api_payment::v1 as payment;
 use api_saga::v1 as saga;
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use messaging::envelope::{self, OpenError};
 use messaging::{EventEnvelope, EventHandler, HandleError, ReceivedEvent};
 use prost::{Message, Name};
@@ -76,36 +79,61 @@ impl EventHandler for TraceRecorder {
         conn: &mut PgConnection,
         events: &[ReceivedEvent],
     ) -> Result<(), HandleError> {
-        let mut rows = Vec::with_capacity(events.len());
-        for event in events {
-            let envelope = &event.envelope;
-            let (order_id, summary) =
-                describe(envelope).map_err(|error| HandleError::Permanent(error.into()))?;
-            let occurred_at = envelope
-                .occurred_at
-                .and_then(|at| {
-                    DateTime::from_timestamp(at.seconds, u32::try_from(at.nanos).unwrap_or(0))
-                })
-                .unwrap_or_else(Utc::now);
-            rows.push(TraceEventRow {
-                event_id: event.event_id,
-                correlation_id: envelope.correlation_id.clone(),
-                order_id,
-                service: envelope.producer.clone(),
-                event_type: envelope.event_type.clone(),
-                aggregate_type: envelope.aggregate_type.clone(),
-                aggregate_id: envelope.aggregate_id.clone(),
-                aggregate_version: i64::try_from(envelope.aggregate_version).unwrap_or(i64::MAX),
-                causation_id: (!envelope.causation_id.is_empty())
-                    .then(|| envelope.causation_id.clone()),
-                occurred_at,
-                summary,
-            });
-        }
+        let rows = events
+            .iter()
+            .map(|event| row_of(event.event_id, &event.envelope))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| HandleError::Permanent(error.into()))?;
         record(conn, &rows)
             .await
             .map_err(|error| HandleError::Transient(error.into()))
     }
+}
+
+/// The orchestrator's own saga events go into the trace view in the
+/// transaction that makes them, with no round trip through the broker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TraceJournal;
+
+impl saga_engine::Journal for TraceJournal {
+    fn record<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [EventEnvelope],
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let rows = events
+                .iter()
+                .map(|envelope| {
+                    let event_id = Uuid::parse_str(&envelope.event_id).context("an event id")?;
+                    Ok(row_of(event_id, envelope)?)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            record(conn, &rows).await.context("recording saga events")
+        })
+    }
+}
+
+/// The trace view's row for an event.
+fn row_of(event_id: Uuid, envelope: &EventEnvelope) -> Result<TraceEventRow, OpenError> {
+    let (order_id, summary) = describe(envelope)?;
+    let occurred_at = envelope
+        .occurred_at
+        .and_then(|at| DateTime::from_timestamp(at.seconds, u32::try_from(at.nanos).unwrap_or(0)))
+        .unwrap_or_else(Utc::now);
+    Ok(TraceEventRow {
+        event_id,
+        correlation_id: envelope.correlation_id.clone(),
+        order_id,
+        service: envelope.producer.clone(),
+        event_type: envelope.event_type.clone(),
+        aggregate_type: envelope.aggregate_type.clone(),
+        aggregate_id: envelope.aggregate_id.clone(),
+        aggregate_version: i64::try_from(envelope.aggregate_version).unwrap_or(i64::MAX),
+        causation_id: (!envelope.causation_id.is_empty()).then(|| envelope.causation_id.clone()),
+        occurred_at,
+        summary,
+    })
 }
 
 /// Inserts `rows` in one statement; rows already recorded are left alone.
@@ -116,7 +144,7 @@ async fn record(conn: &mut PgConnection, rows: &[TraceEventRow]) -> sqlx::Result
                                    aggregate_id, aggregate_version, causation_id, occurred_at, summary)
          SELECT e.event_id, e.correlation_id,
                 coalesce(e.order_id, CASE WHEN e.aggregate_type = 'saga' THEN
-                    (SELECT s.business_key::uuid FROM saga_instances s WHERE s.saga_id::text = e.aggregate_id) END),
+                    (SELECT s.business_key::uuid FROM saga_instances s WHERE s.saga_id = e.aggregate_id::uuid) END),
                 e.service, e.event_type, e.aggregate_type, e.aggregate_id, e.aggregate_version,
                 e.causation_id, e.occurred_at, e.summary
          FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[],

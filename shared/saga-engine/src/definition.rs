@@ -301,6 +301,18 @@ impl RetryPolicy {
     }
 }
 
+/// Where every saga event is recorded, in the transaction that makes it
+/// (a service's trace view, say). With a journal, the events topic carries
+/// only what subscribers act on (a saga started, turned back, ended);
+/// without one, it carries every event.
+pub trait Journal: Send + Sync + 'static {
+    fn record<'a>(
+        &'a self,
+        conn: &'a mut sqlx::PgConnection,
+        events: &'a [messaging::EventEnvelope],
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

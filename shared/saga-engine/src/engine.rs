@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::definition::{SagaDefinition, Step, StepClass, StepContext, StepError};
+use crate::definition::{Journal, SagaDefinition, Step, StepClass, StepContext, StepError};
 use crate::plan::{Plan, plan};
 use crate::store::{self, Claimed, Kind, Lease, SagaState, WriteError, Written};
 use crate::turn::{self, Count, Turn};
@@ -42,6 +42,7 @@ pub struct Engine {
     pool: PgPool,
     definitions: HashMap<&'static str, SagaDefinition>,
     config: EngineConfig,
+    journal: Option<Arc<dyn Journal>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -89,7 +90,24 @@ impl Engine {
             pool,
             definitions,
             config,
+            journal: None,
         })
+    }
+
+    /// This engine, recording every saga event in `journal`; see [`Journal`].
+    #[must_use]
+    pub fn with_journal(mut self, journal: Arc<dyn Journal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Where a turn's events go: the journal, if any, records them all,
+    /// and the events topic gets those worth publishing.
+    pub(crate) fn events(&self) -> store::Events<'_> {
+        store::Events {
+            topic: &self.config.events_topic,
+            journal: self.journal.as_deref(),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -138,7 +156,9 @@ impl Engine {
             order_id: business_key.to_owned(),
         };
         let envelope = turn::saga_event(self.config.producer, saga_id, correlation_id, &event);
-        messaging::outbox::enqueue(conn, &self.config.events_topic, &envelope).await?;
+        self.events()
+            .write(conn, std::slice::from_ref(&envelope))
+            .await?;
         Ok(Some(saga_id))
     }
 
@@ -445,7 +465,7 @@ impl Engine {
     /// False, with nothing written, if the turn began forward attempts and
     /// a compensation request was accepted since the saga was read.
     async fn commit(&self, turn: &mut Turn, fence: i64, lease: Lease) -> Result<bool, WriteError> {
-        match store::write(&self.pool, fence, turn, lease, &self.config.events_topic).await? {
+        match store::write(&self.pool, fence, turn, lease, self.events()).await? {
             Written::Committed(instance) => {
                 turn.saga.instance = *instance;
                 for count in turn.committed() {

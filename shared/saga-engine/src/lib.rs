@@ -33,7 +33,8 @@ pub mod store;
 mod turn;
 
 pub use definition::{
-    Action, FnAction, RetryPolicy, SagaDefinition, Settle, Step, StepClass, StepContext, StepError,
+    Action, FnAction, Journal, RetryPolicy, SagaDefinition, Settle, Step, StepClass, StepContext,
+    StepError,
 };
 pub use engine::{Engine, EngineConfig, RequestOutcome};
 pub use store::{Kind, SagaRecord, SagaState, StepRecord};

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use messaging::EventEnvelope;
 use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::definition::Journal;
 use crate::turn::Turn;
 
 /// Where a saga is in its life.
@@ -391,7 +393,7 @@ pub(crate) async fn write(
     fence: i64,
     turn: &Turn,
     lease: Lease,
-    events_topic: &str,
+    events: Events<'_>,
 ) -> Result<Written, WriteError> {
     let instance = &turn.saga.instance;
     let (hold, next_run_at, renew) = match lease {
@@ -472,9 +474,48 @@ pub(crate) async fn write(
         .await
         .context("writing the steps")?;
     }
-    messaging::outbox::enqueue_all(&mut tx, events_topic, &turn.events).await?;
+    events.write(&mut tx, &turn.events).await?;
     tx.commit().await.context("committing a turn")?;
     Ok(Written::Committed(Box::new(written)))
+}
+
+/// Where saga events go, in the caller's transaction.
+#[derive(Clone, Copy)]
+pub(crate) struct Events<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) journal: Option<&'a dyn Journal>,
+}
+
+impl Events<'_> {
+    /// Records `events` in the journal, and puts on the topic (through the
+    /// outbox) those worth publishing: with a journal, what a saga came to
+    /// rather than each of its steps.
+    pub(crate) async fn write(
+        &self,
+        conn: &mut PgConnection,
+        events: &[EventEnvelope],
+    ) -> anyhow::Result<()> {
+        let Some(journal) = self.journal else {
+            return messaging::outbox::enqueue_all(conn, self.topic, events).await;
+        };
+        if events.is_empty() {
+            return Ok(());
+        }
+        journal.record(conn, events).await?;
+        let published: Vec<EventEnvelope> = events
+            .iter()
+            .filter(|event| !is_step_event(&event.event_type))
+            .cloned()
+            .collect();
+        messaging::outbox::enqueue_all(conn, self.topic, &published).await
+    }
+}
+
+/// A step's success or failure, as opposed to what the saga came to.
+fn is_step_event(event_type: &str) -> bool {
+    use prost::Name as _;
+    event_type == api_saga::v1::SagaStepSucceeded::full_name()
+        || event_type == api_saga::v1::SagaStepFailed::full_name()
 }
 
 /// When the next saga becomes claimable: its work falls due, or the lease
