@@ -22,6 +22,12 @@ pub(crate) struct SagaStarter {
 }
 
 impl EventHandler for SagaStarter {
+    /// The order's other events are the saga's own doing.
+    fn wants(&self, envelope: &messaging::EventEnvelope) -> bool {
+        envelope::is::<OrderPlaced>(envelope)
+            || envelope::is::<OrderCancellationRequested>(envelope)
+    }
+
     async fn handle(
         &self,
         conn: &mut PgConnection,

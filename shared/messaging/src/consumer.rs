@@ -81,6 +81,13 @@ pub trait EventHandler: Send + Sync + 'static {
     /// records no inbox row for it.
     const KEYED_BY_EVENT_ID: bool = false;
 
+    /// Whether the handler acts on events like this one at all. Events it
+    /// ignores are passed over without an inbox row. By default, all.
+    fn wants(&self, envelope: &EventEnvelope) -> bool {
+        let _ = envelope;
+        true
+    }
+
     /// Applies `event` using `conn`, which is inside the transaction that
     /// also records the event in the inbox: both commit or neither does.
     fn handle(
@@ -147,7 +154,12 @@ impl<H> std::fmt::Debug for Consumer<H> {
 enum Outcome {
     Handled,
     Duplicate,
-    Failed { error: String, attempts: u32 },
+    /// The handler does not act on events of this kind.
+    Ignored,
+    Failed {
+        error: String,
+        attempts: u32,
+    },
 }
 
 impl<H: EventHandler> Consumer<H> {
@@ -299,10 +311,10 @@ impl<H: EventHandler> Consumer<H> {
             return false;
         }
         for outcome in outcomes {
-            let outcome = if matches!(outcome, Outcome::Duplicate) {
-                "duplicate"
-            } else {
-                "handled"
+            let outcome = match outcome {
+                Outcome::Duplicate => "duplicate",
+                Outcome::Ignored => "ignored",
+                _ => "handled",
             };
             metrics::counter!("events_consumed_total", "group" => self.group.clone(), "outcome" => outcome)
                 .increment(1);
@@ -376,6 +388,10 @@ impl<H: EventHandler> Consumer<H> {
                 }
                 Some(Outcome::Duplicate) => {
                     count("duplicate");
+                    true
+                }
+                Some(Outcome::Ignored) => {
+                    count("ignored");
                     true
                 }
                 Some(Outcome::Failed { error, attempts }) => {
@@ -456,6 +472,9 @@ impl<H: EventHandler> Consumer<H> {
         conn: &mut PgConnection,
         event: &ReceivedEvent,
     ) -> Result<Outcome, Failure> {
+        if !self.handler.wants(&event.envelope) {
+            return Ok(Outcome::Ignored);
+        }
         let first_time = H::KEYED_BY_EVENT_ID
             || sqlx::query(
             "INSERT INTO inbox (consumer, event_id, outcome) VALUES ($1, $2, 'handled') ON CONFLICT DO NOTHING",

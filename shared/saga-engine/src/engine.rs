@@ -335,7 +335,9 @@ impl Engine {
                 continue;
             }
             // Sleep until the next timer, a notification, a driver freeing
-            // its hands, or a slow safety sweep.
+            // its hands (if every hand was busy: work may be waiting), or a
+            // slow safety sweep.
+            let saturated = permits.available_permits() == 0;
             let next_due = store::next_due(&self.pool).await.ok().flatten();
             let sleep = next_due
                 .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
@@ -344,7 +346,7 @@ impl Engine {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(sleep) => {}
-                Some(_) = drivers.join_next(), if !drivers.is_empty() => {}
+                Some(_) = drivers.join_next(), if saturated && !drivers.is_empty() => {}
                 received = async { listener.as_mut().expect("guarded").try_recv().await }, if listener.is_some() => {
                     if received.is_err() {
                         listener = None;
