@@ -5,8 +5,11 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::filter::LevelFilter;
+use tracing::Level;
+use tracing_subscriber::Registry;
+use tracing_subscriber::filter::dynamic_filter_fn;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::Filter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
@@ -137,10 +140,17 @@ where
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
 
-    // The log level filters log lines only: spans that carry the trace
-    // across services exist whatever the log level, or a quiet service
-    // would break every trace that passes through it.
+    // One filter for both layers: spans at INFO and above, whatever the log
+    // level (spans carry the trace across services, and a quiet service
+    // must not break every trace that passes through it), and events at the
+    // log level. Two filters, one per layer, disagreed on events that only
+    // one of them kept, and the line after such an event could go missing;
+    // one filter, in front of both, also decides for both at once.
     let log_filter = EnvFilter::builder().parse(&settings.log_level)?;
+    let shared = dynamic_filter_fn(move |metadata, context| {
+        (metadata.is_span() && *metadata.level() <= Level::INFO)
+            || Filter::<Registry>::enabled(&log_filter, metadata, context)
+    });
     let logs = match settings.log_format {
         // Span fields (correlation_id, trace_id) of every enclosing span go
         // into each line, so any line can be tied to its request.
@@ -158,11 +168,8 @@ where
             .boxed(),
     };
     let subscriber = tracing_subscriber::registry()
-        .with(
-            tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                .with_filter(LevelFilter::INFO),
-        )
-        .with(logs.with_filter(log_filter));
+        .with(shared)
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(logs);
     Ok((subscriber, provider))
 }

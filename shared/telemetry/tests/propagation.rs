@@ -188,3 +188,35 @@ async fn headers_carry_trace_and_correlation_to_a_consumer_span() {
     );
     assert_eq!(received.correlation, Some(id));
 }
+
+#[tokio::test]
+async fn the_log_level_filters_events_but_not_the_spans_that_carry_the_trace() {
+    let captured = Captured::default();
+    let settings = TelemetrySettings {
+        log_format: LogFormat::Json,
+        log_level: "warn,kept=info".into(),
+        otlp_endpoint: None,
+        service_name: None,
+    };
+    let (subscriber, _provider) =
+        telemetry::subscriber(&settings, "test", captured.clone()).unwrap();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let span = tracing::info_span!("request", trace_id = tracing::field::Empty);
+    let _entered = span.enter();
+    for n in 0..3 {
+        tracing::info!(target: "dropped", n, "below the log level");
+        tracing::info!(target: "kept", n, "at the log level");
+    }
+    let lines = captured.lines();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("at the log level"))
+            .count(),
+        3,
+        "{lines:#?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("below the log level")));
+    // The span still reaches OpenTelemetry: it has a real trace id.
+    assert_ne!(propagation::trace_id(&span), "");
+}
