@@ -691,3 +691,110 @@ async fn a_capture_whose_answer_died_with_the_payment_service_is_refunded_at_the
         OrderStatus::Cancelled | OrderStatus::Rejected
     ));
 }
+
+/// The most a saga may cost the database, counted by the test below on a
+/// stack at light load (a burst of sixty orders), where batching helps
+/// less than under the benchmark's load. The target is 50 statements and
+/// 12 commits per saga; these are a little above what the code costs
+/// today, so that a change that makes a saga dearer fails here.
+const STATEMENTS_PER_SAGA: f64 = 80.0;
+const COMMITS_PER_SAGA: f64 = 14.0;
+
+#[tokio::test]
+async fn a_saga_costs_the_database_no_more_than_its_budget() {
+    const SAGAS: usize = 60;
+    // Health checks query and commit whatever the load: not while counting.
+    let stack = Stack::builder()
+        .env_all("HEALTH_CHECK_INTERVAL", "1h")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("budget@example.com").await.unwrap();
+    let pool = stack.scenario.inspect().await.unwrap();
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Every saga done, and everything it set off: the relays have emptied
+    // the outboxes and the trace view has the orders' last events. Polled
+    // as the superuser, whose statements are not counted.
+    let quiet = |sagas: usize| {
+        let pool = pool.clone();
+        async move {
+            tokio::time::timeout(SETTLE, async {
+                loop {
+                    let done: bool = sqlx::query_scalar(
+                        "SELECT (SELECT count(*) FROM saga.saga_instances WHERE state = 'completed') = $1
+                            AND (SELECT count(*) FROM saga.trace_events WHERE event_type LIKE '%OrderConfirmed') = $1
+                            AND NOT EXISTS (SELECT 1 FROM orders.outbox)
+                            AND NOT EXISTS (SELECT 1 FROM payments.outbox)
+                            AND NOT EXISTS (SELECT 1 FROM saga.outbox)",
+                    )
+                    .bind(i64::try_from(sagas).unwrap())
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                    if done {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .expect("the stack goes quiet");
+        }
+    };
+    // Statements the services ran in this test's database, and the
+    // transactions they committed (COMMIT statements: a statement run on
+    // its own, outside a transaction, counts as a statement only).
+    let counts = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64, i64)>(
+                "SELECT coalesce(sum(calls), 0)::bigint,
+                        coalesce(sum(calls) FILTER (WHERE query = 'COMMIT'), 0)::bigint
+                 FROM pg_stat_statements
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND userid <> (SELECT oid FROM pg_roles WHERE rolname = current_user)",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let place_all = |from: usize, to: usize| {
+        let stack = &stack;
+        let customer = &customer;
+        futures::future::join_all((from..to).map(move |n| async move {
+            place(stack, customer, &format!("budget-{n}"), "tok_visa").await
+        }))
+    };
+    place_all(0, 5).await; // warm-up: connections, caches, group assignment
+    quiet(5).await;
+    let (statements_before, commits_before) = counts().await;
+    place_all(5, 5 + SAGAS).await;
+    quiet(5 + SAGAS).await;
+    let (statements_after, commits_after) = counts().await;
+
+    let per_saga = |delta: i64| delta as f64 / SAGAS as f64;
+    let statements = per_saga(statements_after - statements_before);
+    let commits = per_saga(commits_after - commits_before);
+    let top: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 100) FROM pg_stat_statements
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND userid <> (SELECT oid FROM pg_roles WHERE rolname = current_user)
+         ORDER BY calls DESC LIMIT 25",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    eprintln!("per saga: {statements:.1} statements, {commits:.1} commits; most run: {top:#?}");
+    assert!(
+        statements <= STATEMENTS_PER_SAGA,
+        "{statements:.1} statements per saga, over the budget of {STATEMENTS_PER_SAGA}: {top:#?}"
+    );
+    assert!(
+        commits <= COMMITS_PER_SAGA,
+        "{commits:.1} commits per saga, over the budget of {COMMITS_PER_SAGA}"
+    );
+}

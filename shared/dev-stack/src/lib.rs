@@ -5,13 +5,15 @@
 //! - [`tools`] finds the PostgreSQL server binaries and fetches the broker
 //!   (`tansu`, a Kafka-protocol broker) and `grpcurl` into the build tree;
 //! - [`PostgresServer`] runs a private cluster in a temporary folder on a
-//!   free port, [`Broker`] a private broker;
+//!   free port (throwaway for tests, or durable for benchmarks),
+//!   [`Broker`] a private broker;
 //! - [`Supervised`] runs a child process that cannot outlive its parent, so
 //!   a test binary killed mid-run leaves no server behind;
 //! - [`ServiceProcess`] runs one of our service binaries and watches its
 //!   health;
 //! - [`TestEnv`] gives each test its own database and topic names on one
-//!   stack per test run, and [`FaultProxy`] lets a test cut a connection.
+//!   stack per test run (started on first use, or installed from servers
+//!   the program started), and [`FaultProxy`] lets a test cut a connection.
 
 mod broker;
 mod ports;

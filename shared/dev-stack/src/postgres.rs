@@ -11,8 +11,10 @@ use crate::process::{Spawn, Supervised};
 use crate::{free_port, tools};
 
 /// A private PostgreSQL cluster in a temporary folder, on a free port of
-/// 127.0.0.1, with `trust` authentication and durability switched off
-/// (`fsync=off`): it exists for development and tests, never for data.
+/// 127.0.0.1, with `trust` authentication. From [`start`](Self::start),
+/// durability is switched off (`fsync=off`): it exists for development and
+/// tests, never for data. From [`start_durable`](Self::start_durable) it
+/// commits as a deployment's server does, for benchmarks.
 ///
 /// Dropping it stops the server and deletes the folder.
 #[derive(Debug)]
@@ -21,17 +23,49 @@ pub struct PostgresServer {
     process: Supervised,
 }
 
+/// What a cluster is for: its `initdb` and server settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Tests and development: nothing is ever synced to disk.
+    Throwaway,
+    /// Benchmarks: every commit is flushed (`fsync`, `synchronous_commit`),
+    /// as on a deployment's server, and `pg_stat_statements` counts what
+    /// the clients ran.
+    Durable,
+}
+
 impl PostgresServer {
     /// Initialises and starts a cluster, returning once it accepts queries.
     ///
     /// PostgreSQL refuses to run as root; when we are root it runs as the
     /// `postgres` system user, which owns the cluster's folder.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Durability::Throwaway).await
+    }
+
+    /// Like [`start`](Self::start), but durable: `initdb` syncs its files,
+    /// the server runs with PostgreSQL's defaults for `fsync`,
+    /// `synchronous_commit` and `full_page_writes` (all on), and
+    /// `pg_stat_statements` is loaded (`track=all`) with its extension
+    /// created in the `postgres` database. For benchmarks: what a commit
+    /// costs here is what it costs on a real server on the same disk.
+    pub async fn start_durable() -> anyhow::Result<Self> {
+        let server = Self::start_with(Durability::Durable).await?;
+        let mut admin = sqlx::PgConnection::connect(&server.admin_url("postgres")).await?;
+        sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&mut admin)
+            .await
+            .context("creating the pg_stat_statements extension")?;
+        admin.close().await?;
+        Ok(server)
+    }
+
+    async fn start_with(durability: Durability) -> anyhow::Result<Self> {
         // The port is free when chosen but could be taken before the server
         // binds it; a server that dies at start is retried on another port.
         let mut attempt = 1;
         loop {
-            match Self::start_once().await {
+            match Self::start_once(durability).await {
                 Ok(server) => return Ok(server),
                 Err(error) if attempt < 3 => {
                     tracing::warn!(%error, "postgres did not start; trying another port");
@@ -42,7 +76,7 @@ impl PostgresServer {
         }
     }
 
-    async fn start_once() -> anyhow::Result<Self> {
+    async fn start_once(durability: Durability) -> anyhow::Result<Self> {
         let bin = tools::postgres_bin_dir()?;
         let user = server_user()?;
         let folder = tempfile::Builder::new()
@@ -59,11 +93,13 @@ impl PostgresServer {
             "trust",
             "-U",
             "postgres",
-            "--no-sync",
             "-E",
             "UTF8",
             "--locale=C",
         ]);
+        if durability == Durability::Throwaway {
+            initdb.arg("--no-sync");
+        }
         if let Some((uid, gid)) = user {
             initdb.uid(uid).gid(gid);
         }
@@ -81,7 +117,10 @@ impl PostgresServer {
         let process = Supervised::spawn(&Spawn {
             name: "postgres",
             program: &bin.join("postgres"),
-            args: server_args(&data, &folder, port),
+            args: match durability {
+                Durability::Throwaway => server_args(&data, &folder, port),
+                Durability::Durable => durable_server_args(&data, &folder, port),
+            },
             env: vec![],
             env_remove: &[],
             stop_signal: "INT", // fast shutdown: do not wait for clients
@@ -145,6 +184,55 @@ impl PostgresServer {
 }
 
 fn server_args(data: &Path, socket_dir: &Path, port: u16) -> Vec<String> {
+    with_settings(
+        data,
+        socket_dir,
+        port,
+        &[
+            "listen_addresses=127.0.0.1",
+            // Tests run many services with their own pools at once.
+            "max_connections=400",
+            // Throwaway data: trade durability for speed.
+            "fsync=off",
+            "synchronous_commit=off",
+            "full_page_writes=off",
+            "log_min_messages=warning",
+            // Statement counts per database, for the test that keeps what
+            // a saga costs within its budget; room for every test's
+            // statements in one run.
+            "shared_preload_libraries=pg_stat_statements",
+            "pg_stat_statements.track=all",
+            "pg_stat_statements.max=20000",
+        ],
+    )
+}
+
+/// The durable server: PostgreSQL's own defaults for everything that
+/// decides what a commit costs, plus statement counting.
+fn durable_server_args(data: &Path, socket_dir: &Path, port: u16) -> Vec<String> {
+    with_settings(
+        data,
+        socket_dir,
+        port,
+        &[
+            "listen_addresses=127.0.0.1",
+            // Room for the services' pools and a benchmark's own
+            // connections; it does not change what a commit costs.
+            "max_connections=400",
+            "log_min_messages=warning",
+            // Stated, not left to a configuration file, since measuring
+            // them is the point.
+            "fsync=on",
+            "synchronous_commit=on",
+            "full_page_writes=on",
+            "shared_preload_libraries=pg_stat_statements",
+            // Statements inside functions too, not only the clients' own.
+            "pg_stat_statements.track=all",
+        ],
+    )
+}
+
+fn with_settings(data: &Path, socket_dir: &Path, port: u16, settings: &[&str]) -> Vec<String> {
     let mut args = vec![
         "-D".to_owned(),
         data.display().to_string(),
@@ -153,18 +241,9 @@ fn server_args(data: &Path, socket_dir: &Path, port: u16) -> Vec<String> {
         "-k".to_owned(),
         socket_dir.display().to_string(),
     ];
-    for setting in [
-        "listen_addresses=127.0.0.1",
-        // Tests run many services with their own pools at once.
-        "max_connections=400",
-        // Throwaway data: trade durability for speed.
-        "fsync=off",
-        "synchronous_commit=off",
-        "full_page_writes=off",
-        "log_min_messages=warning",
-    ] {
+    for setting in settings {
         args.push("-c".to_owned());
-        args.push(setting.to_owned());
+        args.push((*setting).to_owned());
     }
     args
 }

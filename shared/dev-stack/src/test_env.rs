@@ -21,12 +21,17 @@ pub const KAFKA_ENV: &str = "ORDERSAGA_TEST_KAFKA";
 /// Under `cargo xtask test` the stack is the one xtask started (named by
 /// [`POSTGRES_ENV`] and [`KAFKA_ENV`]); under a plain `cargo test` each test
 /// binary starts its own on first use, which stops when the binary exits.
+/// A program that needs servers of another kind (a benchmark's durable
+/// PostgreSQL) starts them itself and [`install`](Self::install)s them
+/// before the first use.
 #[derive(Debug)]
 pub struct TestEnv {
     postgres_base_url: String,
     bootstrap_servers: String,
     tansu: PathBuf,
-    _owned: Option<(PostgresServer, Broker)>,
+    /// The servers this run started, if it did; they stop with the process.
+    postgres: Option<PostgresServer>,
+    broker: Option<Broker>,
 }
 
 static ENV: OnceCell<TestEnv> = OnceCell::const_new();
@@ -46,19 +51,72 @@ impl TestEnv {
                 postgres_base_url,
                 bootstrap_servers,
                 tansu,
-                _owned: None,
+                postgres: None,
+                broker: None,
             }),
             _ => {
                 let (postgres, broker) =
                     tokio::try_join!(PostgresServer::start(), Broker::start())?;
-                Ok(TestEnv {
-                    postgres_base_url: format!("postgres://postgres@127.0.0.1:{}", postgres.port()),
-                    bootstrap_servers: broker.bootstrap_servers(),
-                    tansu,
-                    _owned: Some((postgres, broker)),
-                })
+                Ok(Self::owning(postgres, broker, tansu))
             }
         }
+    }
+
+    fn owning(postgres: PostgresServer, broker: Broker, tansu: PathBuf) -> TestEnv {
+        TestEnv {
+            postgres_base_url: format!("postgres://postgres@127.0.0.1:{}", postgres.port()),
+            bootstrap_servers: broker.bootstrap_servers(),
+            tansu,
+            postgres: Some(postgres),
+            broker: Some(broker),
+        }
+    }
+
+    /// Makes `postgres` and `broker`, started by the caller, the run's
+    /// stack, which every later [`get`](Self::get) returns (the environment
+    /// variables are not read). Fails if the stack exists already: call it
+    /// before anything that starts one. The servers stop when the process
+    /// exits.
+    pub fn install(postgres: PostgresServer, broker: Broker) -> anyhow::Result<&'static TestEnv> {
+        Self::set(Self::owning(postgres, broker, tools::tansu()?))
+    }
+
+    /// Like [`install`](Self::install), with a PostgreSQL the caller does
+    /// not own: `postgres_base_url` is a superuser URL without a database
+    /// name (`postgres://user:password@127.0.0.1:5432`), as in
+    /// [`POSTGRES_ENV`].
+    pub fn install_with_url(
+        postgres_base_url: impl Into<String>,
+        broker: Broker,
+    ) -> anyhow::Result<&'static TestEnv> {
+        Self::set(TestEnv {
+            postgres_base_url: postgres_base_url.into(),
+            bootstrap_servers: broker.bootstrap_servers(),
+            tansu: tools::tansu()?,
+            postgres: None,
+            broker: Some(broker),
+        })
+    }
+
+    fn set(env: TestEnv) -> anyhow::Result<&'static TestEnv> {
+        ENV.set(env)
+            .map_err(|_| anyhow::anyhow!("the test stack was started before it was installed"))?;
+        Ok(ENV.get().expect("set just now"))
+    }
+
+    /// The superuser URL of the PostgreSQL server, without a database name.
+    pub fn postgres_base_url(&self) -> &str {
+        &self.postgres_base_url
+    }
+
+    /// The PostgreSQL server, when this run started it.
+    pub fn postgres(&self) -> Option<&PostgresServer> {
+        self.postgres.as_ref()
+    }
+
+    /// The broker, when this run started it.
+    pub fn broker(&self) -> Option<&Broker> {
+        self.broker.as_ref()
     }
 
     /// A new, empty database for one test.
