@@ -170,18 +170,21 @@ async fn the_dashboard_shows_live_sagas_and_a_flows_trace() {
         .saga_reaching(&stuck.order_id, "process-payment", Duration::from_secs(60))
         .await
         .unwrap();
-    // The trace view is fed from the topics: wait until it has the whole
-    // happy flow, as the page will show it.
+    // The other services' events reach the trace view through the topics,
+    // the saga's at once: wait until it has the whole happy flow, as the
+    // page will show it.
     let address = stack.service("saga-orchestrator").http_address().unwrap();
     let trace_url = format!(
         "http://{address}/api/trace?correlation={}",
         happy.correlation_id
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !http_get(&trace_url, Some(&admin))
-        .await
-        .contains("saga completed")
-    {
+    let whole = |trace: &str| {
+        ["order placed", "payment captured", "saga completed"]
+            .iter()
+            .all(|line| trace.contains(line))
+    };
+    while !whole(&http_get(&trace_url, Some(&admin)).await) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the trace view never caught up"
