@@ -771,17 +771,19 @@ impl PhaseFigures {
 
     /// First creation to last end, in seconds.
     fn span(&self) -> f64 {
-        let first = self
-            .timeline
+        self.latest(|t| t.1) - self.earliest(|t| t.0)
+    }
+
+    /// The smallest and the largest of one timestamp over the timeline.
+    fn earliest(&self, at: fn(&(f64, f64)) -> f64) -> f64 {
+        self.timeline.iter().map(at).fold(f64::INFINITY, f64::min)
+    }
+
+    fn latest(&self, at: fn(&(f64, f64)) -> f64) -> f64 {
+        self.timeline
             .iter()
-            .map(|t| t.0)
-            .fold(f64::INFINITY, f64::min);
-        let last = self
-            .timeline
-            .iter()
-            .map(|t| t.1)
-            .fold(f64::NEG_INFINITY, f64::max);
-        last - first
+            .map(at)
+            .fold(f64::NEG_INFINITY, f64::max)
     }
 
     fn finished_within(&self, from: f64, to: f64) -> usize {
@@ -792,16 +794,8 @@ impl PhaseFigures {
     }
 
     fn row(&self, out: &mut String, name: &str, finished_per_sec: f64) -> std::fmt::Result {
-        let first = self
-            .timeline
-            .iter()
-            .map(|t| t.0)
-            .fold(f64::INFINITY, f64::min);
-        let last = self
-            .timeline
-            .iter()
-            .map(|t| t.0)
-            .fold(f64::NEG_INFINITY, f64::max);
+        let first = self.earliest(|t| t.0);
+        let last = self.latest(|t| t.0);
         let end_to_end = percentiles(
             self.timeline
                 .iter()

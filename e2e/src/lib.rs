@@ -280,6 +280,24 @@ impl Stack {
         TopicReader::new(self.scenario.env.bootstrap_servers(), topic, 3).expect("a topic reader")
     }
 
+    /// The saga of `order_id` as it is now (NOT_FOUND until it started).
+    pub async fn saga_status(
+        &self,
+        order_id: &str,
+        admin: &str,
+    ) -> Result<api_saga::v1::Saga, tonic::Status> {
+        use api_saga::v1::GetSagaStatusRequest;
+        use api_saga::v1::get_saga_status_request::Lookup;
+        let request = GetSagaStatusRequest {
+            lookup: Some(Lookup::OrderId(order_id.to_owned())),
+        };
+        self.sagas()
+            .await
+            .get_saga_status(testkit::grpc::bearer(request, admin))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// Waits until the saga of `order_id` is in a final state (or FAILED),
     /// and returns it.
     pub async fn settled_saga(
@@ -287,22 +305,12 @@ impl Stack {
         order_id: &str,
         timeout: Duration,
     ) -> anyhow::Result<api_saga::v1::Saga> {
-        use api_saga::v1::get_saga_status_request::Lookup;
-        use api_saga::v1::{GetSagaStatusRequest, SagaState};
+        use api_saga::v1::SagaState;
         let admin = self.admin_token().await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = None;
         while tokio::time::Instant::now() < deadline {
-            let request = GetSagaStatusRequest {
-                lookup: Some(Lookup::OrderId(order_id.to_owned())),
-            };
-            if let Ok(saga) = self
-                .sagas()
-                .await
-                .get_saga_status(testkit::grpc::bearer(request, &admin))
-                .await
-            {
-                let saga = saga.into_inner();
+            if let Ok(saga) = self.saga_status(order_id, &admin).await {
                 if matches!(
                     saga.state(),
                     SagaState::Completed | SagaState::Compensated | SagaState::Failed
@@ -326,24 +334,13 @@ impl Stack {
         step: &str,
         timeout: Duration,
     ) -> anyhow::Result<api_saga::v1::Saga> {
-        use api_saga::v1::GetSagaStatusRequest;
-        use api_saga::v1::get_saga_status_request::Lookup;
         let admin = self.admin_token().await?;
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
-            let request = GetSagaStatusRequest {
-                lookup: Some(Lookup::OrderId(order_id.to_owned())),
-            };
-            if let Ok(saga) = self
-                .sagas()
-                .await
-                .get_saga_status(testkit::grpc::bearer(request, &admin))
-                .await
+            if let Ok(saga) = self.saga_status(order_id, &admin).await
+                && saga.steps.iter().any(|s| s.step == step && s.attempts > 0)
             {
-                let saga = saga.into_inner();
-                if saga.steps.iter().any(|s| s.step == step && s.attempts > 0) {
-                    return Ok(saga);
-                }
+                return Ok(saga);
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -464,21 +464,6 @@ async fn provider_holds(stack: &Stack, order_id: &str) -> i64 {
     .unwrap()
 }
 
-/// The saga of `order_id` as it is now (NOT_FOUND until it has started).
-async fn saga_now(stack: &Stack, admin: &str, order_id: &str) -> Result<Saga, tonic::Status> {
-    use api_saga::v1::GetSagaStatusRequest;
-    use api_saga::v1::get_saga_status_request::Lookup;
-    let request = GetSagaStatusRequest {
-        lookup: Some(Lookup::OrderId(order_id.to_owned())),
-    };
-    stack
-        .sagas()
-        .await
-        .get_saga_status(bearer(request, admin))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
 async fn compensate(stack: &Stack, admin: &str, saga_id: &str) -> Result<Saga, tonic::Status> {
     let request = CompensateSagaRequest {
         saga_id: saga_id.to_owned(),
@@ -514,7 +499,7 @@ async fn a_confirmation_whose_answers_are_lost_past_its_deadline_still_confirms(
 
     let overdue = tokio::time::timeout(SETTLE, async {
         loop {
-            if let Ok(saga) = saga_now(&stack, &admin, &placed.order_id).await
+            if let Ok(saga) = stack.saga_status(&placed.order_id, &admin).await
                 && !saga.overdue_step.is_empty()
             {
                 return saga;

@@ -189,49 +189,31 @@ fn server_args(data: &Path, socket_dir: &Path, port: u16) -> Vec<String> {
         socket_dir,
         port,
         &[
-            "listen_addresses=127.0.0.1",
-            // Tests run many services with their own pools at once.
-            "max_connections=400",
             // Throwaway data: trade durability for speed.
             "fsync=off",
             "synchronous_commit=off",
             "full_page_writes=off",
-            "log_min_messages=warning",
-            // Statement counts per database, for the test that keeps what
-            // a saga costs within its budget; room for every test's
-            // statements in one run.
-            "shared_preload_libraries=pg_stat_statements",
-            "pg_stat_statements.track=all",
+            // Room for every test's statements in one run, for the test that
+            // keeps what a saga costs within its budget.
             "pg_stat_statements.max=20000",
         ],
     )
 }
 
 /// The durable server: PostgreSQL's own defaults for everything that
-/// decides what a commit costs, plus statement counting.
+/// decides what a commit costs, stated, not left to a configuration file,
+/// since measuring them is the point.
 fn durable_server_args(data: &Path, socket_dir: &Path, port: u16) -> Vec<String> {
     with_settings(
         data,
         socket_dir,
         port,
-        &[
-            "listen_addresses=127.0.0.1",
-            // Room for the services' pools and a benchmark's own
-            // connections; it does not change what a commit costs.
-            "max_connections=400",
-            "log_min_messages=warning",
-            // Stated, not left to a configuration file, since measuring
-            // them is the point.
-            "fsync=on",
-            "synchronous_commit=on",
-            "full_page_writes=on",
-            "shared_preload_libraries=pg_stat_statements",
-            // Statements inside functions too, not only the clients' own.
-            "pg_stat_statements.track=all",
-        ],
+        &["fsync=on", "synchronous_commit=on", "full_page_writes=on"],
     )
 }
 
+/// The server's arguments: what every cluster of ours runs with, then
+/// `settings`.
 fn with_settings(data: &Path, socket_dir: &Path, port: u16, settings: &[&str]) -> Vec<String> {
     let mut args = vec![
         "-D".to_owned(),
@@ -241,7 +223,18 @@ fn with_settings(data: &Path, socket_dir: &Path, port: u16, settings: &[&str]) -
         "-k".to_owned(),
         socket_dir.display().to_string(),
     ];
-    for setting in settings {
+    let common = [
+        "listen_addresses=127.0.0.1",
+        // Tests and benchmarks run many services with their own pools at
+        // once; it does not change what a commit costs.
+        "max_connections=400",
+        "log_min_messages=warning",
+        // Statement counts per database and role, statements inside
+        // functions (triggers) included.
+        "shared_preload_libraries=pg_stat_statements",
+        "pg_stat_statements.track=all",
+    ];
+    for setting in common.iter().chain(settings) {
         args.push("-c".to_owned());
         args.push((*setting).to_owned());
     }
