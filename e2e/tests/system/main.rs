@@ -1,0 +1,15 @@
+//! The system's end-to-end tests, in one test binary: each module starts
+//! the four real service binaries (with a private PostgreSQL and broker)
+//! and exercises one area. One binary, not one per area, because each
+//! links all four services and linking dominates a clean CI build.
+
+mod access;
+mod deployment;
+mod observability;
+mod orders;
+mod payments;
+mod readme;
+mod replicas;
+mod sagas;
+mod traces;
+mod tracing;
