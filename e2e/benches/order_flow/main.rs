@@ -3,7 +3,8 @@
 //! the broker, all on this machine.
 //!
 //!     cargo bench -p e2e --bench order_flow [-- --rate 200 --paced-secs 20
-//!         --saturation-secs 30 --clients 16 --backlog 1000 --pgbench-secs 10]
+//!         --saturation-secs 30 --clients 16 --backlog 1000 --pgbench-secs 10
+//!         --history 0]
 //!
 //! The run, in order (about two minutes with the defaults):
 //!
@@ -23,6 +24,11 @@
 //!    until every saga it created is final, the run counts commits, SQL
 //!    statements and CPU time by process, per saga.
 //!
+//! With `--history N`, N finished flows are copied into the database after
+//! a warm-up of 20 orders and before the paced phase (`history.rs` says
+//! how), so the same figures can be read on an empty database and on one
+//! that has already seen a million orders.
+//!
 //! Latencies run from the order's creation to its saga's end (completed or
 //! compensated), both timestamps read from the database afterwards, so
 //! nothing is polled for timing. (A one-line progress display on stderr
@@ -34,6 +40,8 @@
 
 // Printing its figures is the benchmark's job.
 #![allow(clippy::print_stdout)]
+
+mod history;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -72,6 +80,10 @@ struct Args {
     /// Length of each pgbench run, in seconds (0 skips pgbench).
     #[arg(long, default_value_t = 10)]
     pgbench_secs: u32,
+    /// Finished sagas (with all their rows) put in the database before the
+    /// run, to show that a saga costs the same on a long-lived database.
+    #[arg(long, default_value_t = 0)]
+    history: u64,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -138,6 +150,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         progress.created.fetch_add(1, Ordering::Relaxed);
     }
     progress.drained().await?;
+    if args.history > 0 {
+        progress.phase("history");
+        history::preload(&stack.scenario.database.admin_url(), args.history).await?;
+    }
 
     let pool = stack.scenario.inspect().await?;
     let paced = if args.rate > 0 && args.paced_secs > 0 {
@@ -670,6 +686,11 @@ impl Progress {
     async fn poll(&self, pool: sqlx::PgPool) -> anyhow::Result<()> {
         // One connection, so the poller's queries are easy to count.
         let mut connection = pool.acquire().await?;
+        // Sagas finished since the run began: an index range however much
+        // history the database holds.
+        let since: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut *connection)
+            .await?;
         let mut ticks = tokio::time::interval(POLL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last = (Instant::now(), 0);
@@ -684,8 +705,9 @@ impl Progress {
                 let (completed, other): (i64, i64) = sqlx::query_as(
                     "SELECT count(*) FILTER (WHERE state = 'completed'),
                             count(*) FILTER (WHERE state IN ('compensated', 'failed'))
-                       FROM saga.saga_instances",
+                       FROM saga.saga_instances WHERE finished_at >= $1",
                 )
+                .bind(since)
                 .fetch_one(&mut *connection)
                 .await?;
                 self.own_queries.fetch_add(1, Ordering::Relaxed);
