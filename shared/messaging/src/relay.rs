@@ -1,13 +1,15 @@
 //! The outbox relay: publishes committed outbox rows to Kafka.
 //!
 //! Order matters (one aggregate's events must reach its partition in the
-//! order they were written), so exactly one relay publishes at a time. Each
-//! batch runs in a transaction that first takes an advisory lock on the
-//! schema's outbox; replicas queue on that lock, and whoever holds it
-//! publishes the oldest rows, waits for the broker to acknowledge them, and
-//! deletes them before releasing it. A relay that dies mid-batch rolls back
-//! its delete, so the next holder publishes those rows again: delivery is at
-//! least once, and consumers deduplicate by event id.
+//! order they were written), so one relay publishes a given row range at a
+//! time. A batch is one statement in a transaction: it deletes the oldest
+//! rows and returns them, holding their row locks. The relay publishes
+//! them, waits for the broker to acknowledge every one, and only then
+//! commits. A replica whose batch reaches a locked row waits there until
+//! the holder commits, then skips the rows it deleted: the next batch
+//! begins after the last one, never beside it. A relay that dies or fails
+//! mid-batch rolls its delete back, so those rows are published again:
+//! delivery is at least once, and consumers deduplicate by event id.
 //!
 //! The relay sleeps on `LISTEN` and is woken by the `NOTIFY` that the outbox
 //! trigger sends on commit. A slow sweep also runs in case a notification
@@ -133,56 +135,32 @@ impl Relay {
     pub async fn publish_pending(&self) -> anyhow::Result<usize> {
         let mut published = 0;
         loop {
-            let mut tx = self.begin_turn().await?;
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .context("starting an outbox transaction")?;
             let batch = claim(&mut tx, self.batch_size).await?;
             if batch.is_empty() {
-                tx.commit().await?;
-                return Ok(published);
+                return Ok(published); // dropping `tx` ends it: nothing was written
             }
-            let delivered = self.send(&batch).await;
-            let acknowledged = &batch[..delivered.acknowledged];
-            let ids: Vec<i64> = acknowledged.iter().map(|row| row.id).collect();
-            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await
-                .context("deleting published outbox rows")?;
+            // Every row acknowledged, or none deleted: a failure rolls the
+            // whole batch back, and it is published again.
+            self.send(&batch).await?;
             tx.commit()
                 .await
                 .context("committing published outbox rows")?;
-            published += acknowledged.len();
-            metrics::counter!("outbox_published_total").increment(acknowledged.len() as u64);
-            if let Some(error) = delivered.first_error {
-                return Err(error);
-            }
+            published += batch.len();
+            metrics::counter!("outbox_published_total").increment(batch.len() as u64);
             if batch.len() < usize::try_from(self.batch_size).unwrap_or(usize::MAX) {
                 return Ok(published);
             }
         }
     }
 
-    /// Starts a transaction holding this schema's relay lock, waiting for
-    /// another replica's batch to finish if need be.
-    pub(crate) async fn begin_turn(&self) -> anyhow::Result<Transaction<'static, Postgres>> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .context("starting an outbox transaction")?;
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.outbox', 0))",
-        )
-        .execute(&mut *tx)
-        .await
-        .context("taking the outbox lock")?;
-        Ok(tx)
-    }
-
     /// Hands the batch to the producer in order and waits for every
-    /// acknowledgement. Returns how long the prefix of acknowledged rows is,
-    /// and the first failure: rows after a failure stay in the outbox even
-    /// if the broker took them, so nothing is ever skipped.
-    pub(crate) async fn send(&self, batch: &[OutboxRow]) -> Delivery {
+    /// acknowledgement; fails with the first failure.
+    pub(crate) async fn send(&self, batch: &[OutboxRow]) -> anyhow::Result<()> {
         let sends = batch.iter().map(|row| {
             let received = telemetry::propagation::extract(
                 row.headers
@@ -221,35 +199,35 @@ impl Relay {
                 .headers(headers);
             self.producer.send(record, Timeout::Never).instrument(span)
         });
-        let results = futures::future::join_all(sends).await;
-        let acknowledged = results.iter().take_while(|result| result.is_ok()).count();
-        let first_error = results
-            .into_iter()
-            .find_map(Result::err)
-            .map(|(error, _message)| anyhow::Error::new(error).context("publishing to Kafka"));
-        Delivery {
-            acknowledged,
-            first_error,
+        for result in futures::future::join_all(sends).await {
+            result
+                .map_err(|(error, _message)| anyhow::Error::new(error))
+                .context("publishing to Kafka")?;
         }
+        Ok(())
     }
 }
 
-/// What [`Relay::send`] achieved.
-pub(crate) struct Delivery {
-    acknowledged: usize,
-    first_error: Option<anyhow::Error>,
-}
-
-/// The oldest `limit` rows, in write order. The caller holds the lock.
+/// Deletes the oldest `limit` rows in the caller's transaction and returns
+/// them in write order, holding their row locks until it ends. A concurrent
+/// batch waits at the first of these rows and, once this one commits, finds
+/// them gone and starts after them (`FOR UPDATE` re-checks a row it waited
+/// for, and the lock sits below the `LIMIT`, so skipped rows do not count).
 pub(crate) async fn claim(
     tx: &mut Transaction<'static, Postgres>,
     limit: i64,
 ) -> anyhow::Result<Vec<OutboxRow>> {
-    sqlx::query_as("SELECT id, event_id, topic, message_key, envelope, headers FROM outbox ORDER BY id LIMIT $1")
-        .bind(limit)
-        .fetch_all(&mut **tx)
-        .await
-        .context("reading the outbox")
+    let mut rows: Vec<OutboxRow> = sqlx::query_as(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE)
+         RETURNING id, event_id, topic, message_key, envelope, headers",
+    )
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await
+    .context("taking a batch from the outbox")?;
+    // RETURNING follows no particular order.
+    rows.sort_unstable_by_key(|row| row.id);
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -282,10 +260,10 @@ mod tests {
         // The first relay publishes its batch and dies before deleting it:
         // its transaction never commits.
         let doomed = Relay::new(fixture.pool.clone(), fixture.producer());
-        let mut turn = doomed.begin_turn().await.unwrap();
+        let mut turn = fixture.pool.begin().await.unwrap();
         let batch = claim(&mut turn, 100).await.unwrap();
-        let delivery = doomed.send(&batch).await;
-        assert_eq!(delivery.acknowledged, 3);
+        assert_eq!(batch.len(), 3);
+        doomed.send(&batch).await.unwrap();
         drop(turn);
 
         // Its successor finds the rows still there and publishes them again.
