@@ -5,6 +5,7 @@
 
 mod access;
 mod deployment;
+mod hostile_input;
 mod observability;
 mod orders;
 mod payments;

@@ -9,6 +9,7 @@ use api_order::v1 as pb;
 use api_order::v1::order_service_server::OrderService;
 use money::{Currency, Money, MoneyError};
 use prost::Message as _;
+use service_runtime::fields;
 use service_runtime::status::{self, FieldViolations};
 use sha2::{Digest as _, Sha256};
 use tonic::{Request, Response, Status};
@@ -23,6 +24,8 @@ use crate::read_model::OrderView;
 /// Orders per page unless asked otherwise, and at most.
 const DEFAULT_PAGE_SIZE: u32 = 20;
 const MAX_PAGE_SIZE: u32 = 100;
+/// Longest page token this service issues, with room to spare.
+const MAX_PAGE_TOKEN_CHARS: usize = 256;
 
 #[derive(Debug, Clone)]
 pub(crate) struct OrderApi {
@@ -84,7 +87,14 @@ impl OrderService for OrderApi {
         let cursor = if request.page_token.is_empty() {
             None
         } else {
-            let cursor = app::decode_cursor(&request.page_token);
+            // Bounded before decoding, and only positions PostgreSQL can
+            // compare with: anything else is not a token we issued.
+            let cursor = (request.page_token.len() <= MAX_PAGE_TOKEN_CHARS)
+                .then(|| app::decode_cursor(&request.page_token))
+                .flatten()
+                .filter(|cursor| {
+                    fields::TIMESTAMP_MICROS.contains(&cursor.created_at.timestamp_micros())
+                });
             if cursor.is_none() {
                 violations.add("page_token", "is not a token this service issued");
             }
@@ -125,7 +135,7 @@ impl OrderService for OrderApi {
         let reason = check(
             &mut violations,
             "reason",
-            Reason::parse_optional(&request.reason),
+            reason_text(&request.reason).and_then(Reason::parse_optional),
         );
         let (Some(order_id), Some(reason)) = (order_id, reason) else {
             return Err(violations.into_status());
@@ -331,11 +341,21 @@ fn parse_item(
 fn parse_with_reason(order_id: &str, reason: &str) -> Result<(OrderId, Reason), Status> {
     let mut violations = FieldViolations::new();
     let order_id = check(&mut violations, "order_id", OrderId::parse(order_id));
-    let reason = check(&mut violations, "reason", Reason::parse(reason));
+    let reason = check(
+        &mut violations,
+        "reason",
+        reason_text(reason).and_then(Reason::parse),
+    );
     match (order_id, reason) {
         (Some(order_id), Some(reason)) => Ok((order_id, reason)),
         _ => Err(violations.into_status()),
     }
+}
+
+/// A reason's text, refused with a NUL character (which PostgreSQL's text
+/// cannot hold); `Reason` bounds its length.
+fn reason_text(text: &str) -> Result<&str, &'static str> {
+    fields::without_nul(text).map_err(|_| "must not contain NUL characters")
 }
 
 fn check<T>(

@@ -1,7 +1,12 @@
-//! The operators' dashboard, on the orchestrator's HTTP port: a page (`/`)
-//! and the JSON it reads (`/api/summary`, `/api/trace`), built from the same
-//! read models as the gRPC APIs. The JSON needs an admin token, as the
-//! gRPC APIs do; the page asks for one.
+//! The operators' dashboard, on the orchestrator's HTTP port: a page (`/`,
+//! with its script and style sheet) and the JSON it reads (`/api/summary`,
+//! `/api/trace`), built from the same read models as the gRPC APIs. The
+//! JSON needs an admin token, as the gRPC APIs do; the page asks for one.
+//!
+//! The page's script and style are files of their own, served from here,
+//! so that its Content-Security-Policy can allow scripts and styles from
+//! this origin only: no inline script, nothing from elsewhere, no framing.
+//! The HTTP server adds the other security headers to every answer.
 
 use std::sync::Arc;
 
@@ -25,20 +30,52 @@ struct Dashboard {
     verifier: Arc<Verifier>,
 }
 
+/// What the page may load: its own script, style sheet and JSON, from this
+/// origin; nothing inline, no plugins, no `<base>`, no forms, no framing.
+pub(crate) const PAGE_CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
+
 /// The dashboard's routes.
 pub(crate) fn routes(pool: PgPool, verifier: Arc<Verifier>) -> Router {
     Router::new()
         .route(
             "/",
-            get(|| async { Html(include_str!("dashboard/index.html")) }),
+            get(|| async {
+                (
+                    [(
+                        header::CONTENT_SECURITY_POLICY,
+                        PAGE_CONTENT_SECURITY_POLICY,
+                    )],
+                    Html(include_str!("dashboard/index.html")),
+                )
+            }),
+        )
+        .route(
+            "/dashboard.js",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                    include_str!("dashboard/dashboard.js"),
+                )
+            }),
+        )
+        .route(
+            "/dashboard.css",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+                    include_str!("dashboard/dashboard.css"),
+                )
+            }),
         )
         .route("/api/summary", get(summary))
         .route("/api/trace", get(trace))
         .with_state(Dashboard { pool, verifier })
 }
 
-/// Sets the gauges of sagas by active state, and of overdue sagas, before
-/// each scrape.
+/// Sets the gauges of sagas by active state, and of overdue sagas, when a
+/// scrape finds them older than the refresh interval.
 pub(crate) fn saga_metrics(pool: PgPool) -> service_runtime::http::Collector {
     Arc::new(move || {
         let pool = pool.clone();
@@ -196,7 +233,7 @@ async fn summary(State(dashboard): State<Dashboard>, headers: HeaderMap) -> Resp
         return refusal;
     }
     match read_summary(&dashboard.pool).await {
-        Ok(summary) => Json(summary).into_response(),
+        Ok(summary) => private(Json(summary)),
         Err(error) => failure(&error),
     }
 }
@@ -289,8 +326,19 @@ async fn trace(
     if let Err(refusal) = authorize(&dashboard, &headers).await {
         return refusal;
     }
-    match trace_view::by_correlation(&dashboard.pool, &query.correlation).await {
-        Ok(rows) => Json(rows.into_iter().map(Event::from).collect::<Vec<_>>()).into_response(),
+    let correlation = match service_runtime::fields::correlation_id(&query.correlation) {
+        Ok(correlation) => correlation,
+        Err(reason) => {
+            return (StatusCode::BAD_REQUEST, format!("correlation: {reason}")).into_response();
+        }
+    };
+    match trace_view::by_correlation(&dashboard.pool, correlation.as_str()).await {
+        Ok(rows) => private(Json(rows.into_iter().map(Event::from).collect::<Vec<_>>())),
         Err(error) => failure(&error),
     }
+}
+
+/// An answer with an operator's data: kept out of shared caches.
+fn private(answer: impl IntoResponse) -> Response {
+    ([(header::CACHE_CONTROL, "no-store")], answer).into_response()
 }

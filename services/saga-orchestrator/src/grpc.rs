@@ -1,7 +1,7 @@
 //! The operators' view and controls of sagas (SagaService).
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use api_saga::v1 as pb;
 use api_saga::v1::saga_service_server::SagaService;
@@ -10,6 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use saga_engine::store::{self, ListCursor};
 use saga_engine::{Engine, RequestOutcome, SagaRecord, SagaState};
+use service_runtime::fields;
 use service_runtime::status::{self, FieldViolations};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -18,6 +19,13 @@ use crate::order_saga::SAGA_TYPE;
 
 const DEFAULT_PAGE_SIZE: u32 = 20;
 const MAX_PAGE_SIZE: u32 = 100;
+/// Longest `older_than`: a century (no saga is older), which keeps
+/// `now - older_than` a timestamp that chrono and PostgreSQL both hold.
+const MAX_OLDER_THAN: Duration = Duration::from_secs(100 * 31_557_600);
+/// Longest operator's reason for a compensation.
+const MAX_REASON_CHARS: usize = 500;
+/// Longest page token this service issues, with room to spare.
+const MAX_PAGE_TOKEN_CHARS: usize = 256;
 
 #[derive(Debug, Clone)]
 pub(crate) struct SagaApi {
@@ -47,13 +55,9 @@ impl SagaService for SagaApi {
                     .map_err(|e| status::internal(&e))?
             }
             Some(Lookup::CorrelationId(id)) => {
-                if id.is_empty() || id.len() > 128 {
-                    return Err(status::invalid_field(
-                        "correlation_id",
-                        "must be 1 to 128 characters",
-                    ));
-                }
-                store::find_by_correlation(pool, &id)
+                let id = fields::correlation_id(&id)
+                    .map_err(|reason| status::invalid_field("correlation_id", reason))?;
+                store::find_by_correlation(pool, id.as_str())
                     .await
                     .map_err(|e| status::internal(&e))?
             }
@@ -90,14 +94,20 @@ impl SagaService for SagaApi {
                 None
             });
         let mut states = Vec::new();
+        let mut unknown = false;
         for state in &request.states {
             match pb::SagaState::try_from(*state)
                 .ok()
                 .and_then(state_from_proto)
             {
-                Some(state) => states.push(state),
-                None => violations.add("states", "contains an unknown state"),
+                Some(state) if !states.contains(&state) => states.push(state),
+                Some(_) => {}
+                None => unknown = true,
             }
+        }
+        // Once, however many: the answer must not grow with the request.
+        if unknown {
+            violations.add("states", "contains an unknown state");
         }
         if states.is_empty() {
             states = vec![
@@ -106,17 +116,17 @@ impl SagaService for SagaApi {
                 SagaState::Failed,
             ];
         }
-        let older_than = match request.older_than.map(std::time::Duration::try_from) {
-            None => std::time::Duration::ZERO,
-            Some(Ok(duration)) => duration,
-            Some(Err(_)) => {
-                violations.add("older_than", "must not be negative");
-                std::time::Duration::ZERO
-            }
-        };
+        let older_than = request
+            .older_than
+            .map_or(Some(Duration::ZERO), |older_than| {
+                violations.duration("older_than", &older_than, MAX_OLDER_THAN)
+            });
         violations.into_result()?;
-        let started_before =
-            Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
+        // Within a century of now: no overflow, and a timestamp PostgreSQL holds.
+        let older_than = older_than
+            .and_then(|older_than| chrono::Duration::from_std(older_than).ok())
+            .unwrap_or_default();
+        let started_before = Utc::now() - older_than;
         let mut instances = store::list(
             self.engine.pool(),
             &states,
@@ -182,12 +192,8 @@ impl SagaService for SagaApi {
     ) -> Result<Response<pb::Saga>, Status> {
         let request = request.into_inner();
         let saga_id = parse_uuid("saga_id", &request.saga_id)?;
-        if request.reason.chars().count() > 500 {
-            return Err(status::invalid_field(
-                "reason",
-                "must be at most 500 characters",
-            ));
-        }
+        fields::text(&request.reason, MAX_REASON_CHARS)
+            .map_err(|error| status::invalid_field("reason", error.to_string()))?;
         let reason = if request.reason.trim().is_empty() {
             "compensated by an operator".to_owned()
         } else {
@@ -357,11 +363,20 @@ fn encode_cursor(cursor: ListCursor) -> String {
     ))
 }
 
+/// The position a page token names; `None` for anything this service did
+/// not issue (including a timestamp PostgreSQL could not compare with).
 fn decode_cursor(token: &str) -> Option<ListCursor> {
+    if token.len() > MAX_PAGE_TOKEN_CHARS {
+        return None;
+    }
     let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
     let (micros, saga_id) = text.split_once(':')?;
+    let micros = micros
+        .parse()
+        .ok()
+        .filter(|micros| fields::TIMESTAMP_MICROS.contains(micros))?;
     Some(ListCursor {
-        created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        created_at: DateTime::from_timestamp_micros(micros)?,
         saga_id: Uuid::parse_str(saga_id).ok()?,
     })
 }

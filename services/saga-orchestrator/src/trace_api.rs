@@ -9,6 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt as _};
+use service_runtime::fields;
 use service_runtime::status::{self, FieldViolations};
 use sqlx::PgPool;
 use tokio_stream::wrappers::BroadcastStream;
@@ -19,6 +20,11 @@ use crate::trace_view::{self, LiveFeed, TraceEventRow};
 
 const DEFAULT_PAGE_SIZE: u32 = 20;
 const MAX_PAGE_SIZE: u32 = 100;
+/// What StreamEvents may filter on.
+const MAX_EVENT_TYPES: usize = 50;
+const MAX_EVENT_TYPE_CHARS: usize = 200;
+/// Longest page token this service issues, with room to spare.
+const MAX_PAGE_TOKEN_CHARS: usize = 256;
 
 #[derive(Debug, Clone)]
 pub(crate) struct TraceApi {
@@ -35,14 +41,9 @@ impl TraceService for TraceApi {
         &self,
         request: Request<pb::GetTraceByCorrelationRequest>,
     ) -> Result<Response<pb::Trace>, Status> {
-        let correlation_id = request.into_inner().correlation_id;
-        if correlation_id.is_empty() || correlation_id.len() > 128 {
-            return Err(status::invalid_field(
-                "correlation_id",
-                "must be 1 to 128 characters",
-            ));
-        }
-        self.trace(&correlation_id).await
+        let correlation_id = fields::correlation_id(&request.get_ref().correlation_id)
+            .map_err(|reason| status::invalid_field("correlation_id", reason))?;
+        self.trace(correlation_id.as_str()).await
     }
 
     async fn get_trace_by_order(
@@ -64,11 +65,28 @@ impl TraceService for TraceApi {
     ) -> Result<Response<EventStream>, Status> {
         let filter = request.into_inner();
         let mut violations = FieldViolations::new();
-        if filter.correlation_id.len() > 128 {
-            violations.add("correlation_id", "must be at most 128 characters");
+        // Only compared in memory, but held to the same rules as the
+        // fields that reach the database: one rule per kind of field.
+        if !filter.correlation_id.is_empty() {
+            violations.correlation_id("correlation_id", &filter.correlation_id);
         }
-        if filter.event_types.len() > 50 || filter.event_types.iter().any(|t| t.len() > 200) {
-            violations.add("event_types", "at most 50 types of at most 200 characters");
+        if filter.event_types.len() > MAX_EVENT_TYPES {
+            violations.add(
+                "event_types",
+                format!("must be at most {MAX_EVENT_TYPES} types"),
+            );
+        } else if let Some((index, error)) =
+            filter
+                .event_types
+                .iter()
+                .enumerate()
+                .find_map(|(index, t)| {
+                    fields::text(t, MAX_EVENT_TYPE_CHARS)
+                        .err()
+                        .map(|error| (index, error))
+                })
+        {
+            violations.add(format!("event_types[{index}]"), error.to_string());
         }
         violations.into_result()?;
         // Subscribed before answering: everything recorded from now on.
@@ -236,11 +254,20 @@ fn encode_cursor(created_at: DateTime<Utc>, saga_id: Uuid) -> String {
     URL_SAFE_NO_PAD.encode(format!("{}:{saga_id}", created_at.timestamp_micros()))
 }
 
+/// The position a page token names; `None` for anything this service did
+/// not issue (including a timestamp PostgreSQL could not compare with).
 fn decode_cursor(token: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    if token.len() > MAX_PAGE_TOKEN_CHARS {
+        return None;
+    }
     let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
     let (micros, saga_id) = text.split_once(':')?;
+    let micros = micros
+        .parse()
+        .ok()
+        .filter(|micros| fields::TIMESTAMP_MICROS.contains(micros))?;
     Some((
-        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        DateTime::from_timestamp_micros(micros)?,
         Uuid::parse_str(saga_id).ok()?,
     ))
 }

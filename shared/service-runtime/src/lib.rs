@@ -12,10 +12,16 @@
 //! - [`client`]: channels to downstream services with telemetry, the
 //!   service's token and a circuit breaker.
 //! - [`status`]: deliberate error-to-status mapping helpers.
+//! - [`fields`]: edge checks of request fields (text without NUL and of
+//!   bounded length, durations in range, timestamps PostgreSQL can hold),
+//!   recorded as field violations.
+//! - [`http`]: the HTTP port beside gRPC (`/metrics`, the dashboard), with
+//!   its timeouts, connection limit, cached gauges and security headers.
 //! - [`main`]: the shape of every binary: settings, telemetry, signals,
 //!   run, report, flush.
 
 pub mod client;
+pub mod fields;
 mod health;
 pub mod http;
 mod platform;

@@ -17,7 +17,10 @@ use crate::http::{Collector, HttpServer};
 ///
 /// Every server carries the same stack, outermost first:
 /// 1. the telemetry layer, so even a refused or timed-out request has its
-///    span and correlation id;
+///    span and correlation id (named after the method only when it is one
+///    this server serves, as listed by the descriptor sets given to
+///    [`reflect`](Self::reflect): callers choose paths, and metric series
+///    must stay few);
 /// 2. access control, when the service has a policy, so no handler runs
 ///    for a caller the policy does not admit;
 /// 3. the request timeout, so no handler can hold a connection forever;
@@ -166,10 +169,11 @@ impl GrpcServer {
             shutdown.clone(),
         ));
 
-        let http = tokio::spawn(self.http.serve(shutdown.clone()));
+        let methods = served_methods(&self.descriptor_sets, &self.services)?;
+        let http = tokio::spawn(self.http.serve(self.settings.http(), shutdown.clone()));
         tracing::info!(%address, services = ?self.services, "gRPC server listening");
         let serving = tonic::transport::Server::builder()
-            .layer(telemetry::grpc::ServerLayer)
+            .layer(telemetry::grpc::ServerLayer::new(methods))
             .layer(tower::util::option_layer(self.access_control))
             .timeout(self.settings.request_timeout)
             .add_routes(routes.routes())
@@ -203,5 +207,80 @@ impl GrpcServer {
             Ok(Ok(())) => {}
         }
         outcome
+    }
+}
+
+/// The full names (`package.Service/Method`) of every method of `services`,
+/// from the encoded `FileDescriptorSet`s. A served service missing from them
+/// is an error: its calls would all be counted as `unknown`.
+fn served_methods(
+    descriptor_sets: &[&[u8]],
+    services: &[&str],
+) -> anyhow::Result<telemetry::grpc::KnownMethods> {
+    use prost::Message as _;
+    let mut methods = Vec::new();
+    let mut found = Vec::new();
+    for set in descriptor_sets {
+        let set = prost_types::FileDescriptorSet::decode(*set)
+            .context("decoding a file descriptor set")?;
+        for file in &set.file {
+            let package = file.package();
+            for service in &file.service {
+                let name = if package.is_empty() {
+                    service.name().to_owned()
+                } else {
+                    format!("{package}.{}", service.name())
+                };
+                if services.contains(&name.as_str()) {
+                    methods.extend(
+                        service
+                            .method
+                            .iter()
+                            .map(|method| format!("{name}/{}", method.name())),
+                    );
+                    found.push(name);
+                }
+            }
+        }
+    }
+    if let Some(missing) = services.iter().find(|s| !found.iter().any(|f| f == *s)) {
+        anyhow::bail!(
+            "the service {missing} is served but no descriptor set describes it: pass its FILE_DESCRIPTOR_SET to reflect()"
+        );
+    }
+    Ok(telemetry::grpc::KnownMethods::new(methods))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_methods_come_from_the_descriptor_sets() {
+        let methods = served_methods(
+            &[tonic_health::pb::FILE_DESCRIPTOR_SET],
+            &["grpc.health.v1.Health"],
+        )
+        .unwrap();
+        assert!(methods.contains("grpc.health.v1.Health/Check"));
+        assert!(methods.contains("grpc.health.v1.Health/Watch"));
+        assert!(!methods.contains("grpc.health.v1.Health/Nope"));
+        assert_eq!(methods.len(), methods_of_health());
+
+        let missing = served_methods(&[tonic_health::pb::FILE_DESCRIPTOR_SET], &["x.y.Z"])
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("x.y.Z"), "{missing}");
+    }
+
+    fn methods_of_health() -> usize {
+        use prost::Message as _;
+        prost_types::FileDescriptorSet::decode(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .unwrap()
+            .file
+            .iter()
+            .flat_map(|file| &file.service)
+            .map(|service| service.method.len())
+            .sum()
     }
 }

@@ -44,6 +44,37 @@ pub struct ServerSettings {
         default_value = "0.0.0.0:9050"
     )]
     pub metrics_addr: SocketAddr,
+
+    /// Longest an HTTP client may take to send a request's headers, and a
+    /// handler to answer it (503 after that); an idle keep-alive connection
+    /// is closed after as long.
+    #[arg(long = "http-request-timeout", env = "HTTP_REQUEST_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub http_request_timeout: Duration,
+
+    /// Most HTTP connections served at once (each serves one request at a
+    /// time); further clients wait to be accepted.
+    #[arg(long = "http-max-connections", env = "HTTP_MAX_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub http_max_connections: u32,
+
+    /// How long gauges read from the database (outbox backlog, sagas by
+    /// state) are kept: a scrape refreshes them only when they are older,
+    /// so scrapes, however many, query at most once per interval.
+    #[arg(long = "metrics-refresh-interval", env = "METRICS_REFRESH_INTERVAL", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub metrics_refresh_interval: Duration,
+}
+
+impl ServerSettings {
+    /// What the HTTP server needs of these settings.
+    pub(crate) fn http(&self) -> crate::http::HttpLimits {
+        crate::http::HttpLimits {
+            request_timeout: self.http_request_timeout,
+            max_connections: self.http_max_connections as usize,
+            refresh_interval: self.metrics_refresh_interval,
+        }
+    }
 }
 
 /// The default metrics port of a service: its gRPC port minus 41000, so
@@ -175,6 +206,15 @@ mod tests {
         let settings = load(&["--database-url", "postgres://x"]).unwrap();
         assert_eq!(settings.server.grpc_addr, "0.0.0.0:50099".parse().unwrap());
         assert_eq!(settings.server.request_timeout, Duration::from_secs(10));
+        assert_eq!(
+            settings.server.http_request_timeout,
+            Duration::from_secs(10)
+        );
+        assert_eq!(settings.server.http_max_connections, 64);
+        assert_eq!(
+            settings.server.metrics_refresh_interval,
+            Duration::from_secs(5)
+        );
     }
 
     #[test]
@@ -191,6 +231,13 @@ mod tests {
             "soon",
         ]);
         assert!(message.contains("REQUEST_TIMEOUT"), "{message}");
+        let message = invalid(&[
+            "--database-url",
+            "postgres://x",
+            "--http-max-connections",
+            "0",
+        ]);
+        assert!(message.starts_with("HTTP_MAX_CONNECTIONS"), "{message}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use http::{Request, Response};
 use telemetry::correlation::{self, CorrelationId};
-use telemetry::grpc::{ClientLayer, ServerLayer};
+use telemetry::grpc::{ClientLayer, KnownMethods, ServerLayer};
 use telemetry::{LogFormat, TelemetrySettings, propagation};
 use tower::{Layer as _, Service as _, ServiceExt as _};
 
@@ -86,6 +86,13 @@ fn handler(
     }))
 }
 
+/// The server layer of a server serving the method [`grpc_request`] calls.
+fn server_layer() -> ServerLayer {
+    ServerLayer::new(KnownMethods::new([
+        "ordersaga.order.v1.OrderService/GetOrder",
+    ]))
+}
+
 fn grpc_request() -> Request<()> {
     Request::builder()
         .uri("http://order.test/ordersaga.order.v1.OrderService/GetOrder")
@@ -97,7 +104,7 @@ fn grpc_request() -> Request<()> {
 async fn trace_and_correlation_survive_a_grpc_hop() {
     let (logs, _guard) = install_telemetry();
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let mut client = ClientLayer.layer(ServerLayer.layer(handler(seen.clone())));
+    let mut client = ClientLayer.layer(server_layer().layer(handler(seen.clone())));
 
     let id = CorrelationId::parse("flow-42").unwrap();
     let caller = tracing::info_span!("caller", trace_id = tracing::field::Empty);
@@ -146,7 +153,7 @@ async fn the_server_makes_a_correlation_id_when_the_caller_sends_none_or_a_bad_o
     let (_logs, _guard) = install_telemetry();
     for sent in [None, Some(""), Some("has spaces"), Some(&*"x".repeat(129))] {
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let mut server = ServerLayer.layer(handler(seen.clone()));
+        let mut server = server_layer().layer(handler(seen.clone()));
         let mut request = grpc_request();
         if let Some(value) = sent {
             request
