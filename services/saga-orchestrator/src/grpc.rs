@@ -291,7 +291,7 @@ fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
 
 pub(crate) fn to_proto(saga: &SagaRecord, pivot: Option<&str>) -> pb::Saga {
     let instance = &saga.instance;
-    let state = instance.state();
+    let state = instance.state;
     // The step running or compensating now: the last one begun, unfinished.
     let current_step = if state.is_final() {
         String::new()
@@ -323,17 +323,15 @@ pub(crate) fn to_proto(saga: &SagaRecord, pivot: Option<&str>) -> pb::Saga {
             .iter()
             .map(|step| {
                 use pb::step_execution::{Kind, Status};
-                let status = match step.status.as_str() {
-                    "running" => Status::Running,
-                    "waiting" => Status::Pending,
-                    "succeeded" => Status::Succeeded,
-                    "failed" => Status::Failed,
-                    _ => Status::Unspecified,
+                let status = match step.status {
+                    saga_engine::StepStatus::Running => Status::Running,
+                    saga_engine::StepStatus::Waiting => Status::Pending,
+                    saga_engine::StepStatus::Succeeded => Status::Succeeded,
+                    saga_engine::StepStatus::Failed => Status::Failed,
                 };
-                let kind = if step.kind == "compensation" {
-                    Kind::Compensation
-                } else {
-                    Kind::Action
+                let kind = match step.kind {
+                    saga_engine::Kind::Action => Kind::Action,
+                    saga_engine::Kind::Compensation => Kind::Compensation,
                 };
                 let end = step.finished_at.unwrap_or_else(Utc::now);
                 pb::StepExecution {

@@ -1,5 +1,7 @@
 //! The engine: claims sagas with due work, drives each until it waits or
-//! ends, and records every transition in one fenced transaction.
+//! ends, and records every transition in one fenced transaction. It
+//! decides (what a request means in which state, what each turn does); the
+//! statements that carry it out are in `store`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +11,6 @@ use anyhow::{Context as _, bail};
 use api_saga::v1 as pb;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
-use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use telemetry::CorrelationId;
 use tokio::sync::Semaphore;
@@ -19,7 +20,7 @@ use uuid::Uuid;
 
 use crate::definition::{Journal, SagaDefinition, Step, StepClass, StepContext, StepError};
 use crate::plan::{Plan, plan};
-use crate::store::{self, Claimed, Kind, Lease, SagaState, WriteError, Written};
+use crate::store::{self, Claimed, Kind, Lease, Locked, SagaState, WriteError, Written};
 use crate::turn::{self, Count, Turn};
 
 /// How the engine runs.
@@ -131,23 +132,17 @@ impl Engine {
         correlation_id: &str,
     ) -> anyhow::Result<Option<Uuid>> {
         let saga_id = Uuid::now_v7();
-        let inserted = sqlx::query(
-            "INSERT INTO saga_instances
-                 (saga_id, saga_type, business_key, state, data, correlation_id, trace_context, next_run_at)
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, now())
-             ON CONFLICT (saga_type, business_key) DO NOTHING",
+        let created = store::create(
+            conn,
+            saga_id,
+            saga_type,
+            business_key,
+            &data,
+            correlation_id,
+            &telemetry::propagation::current_headers(),
         )
-        .bind(saga_id)
-        .bind(saga_type)
-        .bind(business_key)
-        .bind(Json(&data))
-        .bind(correlation_id)
-        .bind(Json(telemetry::propagation::current_headers()))
-        .execute(&mut *conn)
-        .await
-        .context("starting a saga")?
-        .rows_affected();
-        if inserted == 0 {
+        .await?;
+        if !created {
             return Ok(None);
         }
         let event = pb::SagaStarted {
@@ -173,32 +168,24 @@ impl Engine {
         saga_id: Uuid,
         reason: &str,
     ) -> anyhow::Result<RequestOutcome> {
-        let Some((state, saga_type, forward_only_since)) = self.lock(conn, saga_id).await? else {
+        let Some(saga) = store::lock(conn, saga_id).await? else {
             return Ok(RequestOutcome::NotFound);
         };
-        if let Some(since) = forward_only_since.filter(|_| !state.is_final()) {
+        if let Some(since) = saga.forward_only_since.filter(|_| !saga.state.is_final()) {
             let pivot = self
                 .definitions
-                .get(saga_type.as_str())
+                .get(saga.saga_type.as_str())
                 .and_then(|d| d.pivot)
                 .unwrap_or("the pivot");
             return Ok(RequestOutcome::ForwardOnly { pivot, since });
         }
-        match state {
+        match saga.state {
             SagaState::Running => {
-                sqlx::query(
-                    "UPDATE saga_instances SET compensation_requested = $2,
-                         next_run_at = CASE WHEN lease_owner IS NULL THEN now() ELSE next_run_at END
-                     WHERE saga_id = $1",
-                )
-                .bind(saga_id)
-                .bind(reason)
-                .execute(&mut *conn)
-                .await?;
+                store::request_compensation(conn, &saga, reason).await?;
                 Ok(RequestOutcome::Accepted)
             }
             SagaState::Failed => {
-                self.resume(conn, saga_id, SagaState::Compensating).await?;
+                resume(conn, &saga, SagaState::Compensating).await?;
                 Ok(RequestOutcome::Accepted)
             }
             other => Ok(RequestOutcome::NotApplicable(other)),
@@ -213,71 +200,21 @@ impl Engine {
         conn: &mut PgConnection,
         saga_id: Uuid,
     ) -> anyhow::Result<RequestOutcome> {
-        match self.lock(conn, saga_id).await? {
-            None => Ok(RequestOutcome::NotFound),
-            // Failed past its pivot: it can only go forward.
-            Some((SagaState::Failed, _, Some(_))) => {
-                self.resume(conn, saga_id, SagaState::Running).await?;
-                Ok(RequestOutcome::Accepted)
-            }
-            Some((SagaState::Failed, _, None)) => {
-                self.resume(conn, saga_id, SagaState::Compensating).await?;
-                Ok(RequestOutcome::Accepted)
-            }
-            Some((other, _, _)) => Ok(RequestOutcome::NotApplicable(other)),
-        }
-    }
-
-    /// Locks a saga's row for the caller's transaction: its state, type and
-    /// since when it is forward-only.
-    async fn lock(
-        &self,
-        conn: &mut PgConnection,
-        saga_id: Uuid,
-    ) -> anyhow::Result<Option<(SagaState, String, Option<DateTime<Utc>>)>> {
-        let row: Option<(String, String, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "SELECT state, saga_type, forward_only_since FROM saga_instances WHERE saga_id = $1 FOR UPDATE",
-        )
-        .bind(saga_id)
-        .fetch_optional(&mut *conn)
-        .await
-        .context("locking a saga")?;
-        Ok(row.and_then(|(state, saga_type, since)| {
-            SagaState::parse(&state).map(|state| (state, saga_type, since))
-        }))
-    }
-
-    /// Sends a failed saga back to `state` (running, or compensating): the
-    /// executions that failed in that direction get a fresh retry budget.
-    async fn resume(
-        &self,
-        conn: &mut PgConnection,
-        saga_id: Uuid,
-        state: SagaState,
-    ) -> anyhow::Result<()> {
-        let kind = match state {
-            SagaState::Running => Kind::Action,
-            _ => Kind::Compensation,
+        let Some(saga) = store::lock(conn, saga_id).await? else {
+            return Ok(RequestOutcome::NotFound);
         };
-        sqlx::query(
-            "UPDATE saga_steps SET status = 'waiting', attempts = 0, next_attempt_at = now(), finished_at = NULL
-             WHERE saga_id = $1 AND kind = $2 AND status = 'failed'",
-        )
-        .bind(saga_id)
-        .bind(kind.as_str())
-        .execute(&mut *conn)
-        .await?;
-        // A new fence: whatever held the saga before has no say any more.
-        sqlx::query(
-            "UPDATE saga_instances SET state = $2, next_run_at = now(), finished_at = NULL,
-                 lease_owner = NULL, lease_expires_at = NULL, fence = fence + 1
-             WHERE saga_id = $1",
-        )
-        .bind(saga_id)
-        .bind(state.as_str())
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+        match (saga.state, saga.forward_only_since) {
+            // Failed past its pivot: it can only go forward.
+            (SagaState::Failed, Some(_)) => {
+                resume(conn, &saga, SagaState::Running).await?;
+                Ok(RequestOutcome::Accepted)
+            }
+            (SagaState::Failed, None) => {
+                resume(conn, &saga, SagaState::Compensating).await?;
+                Ok(RequestOutcome::Accepted)
+            }
+            (other, _) => Ok(RequestOutcome::NotApplicable(other)),
+        }
     }
 
     /// Runs until `shutdown`: claims due sagas whenever work appears
@@ -288,7 +225,7 @@ impl Engine {
         let mut listener: Option<PgListener> = None;
         while !shutdown.is_cancelled() {
             if listener.is_none() {
-                listener = match self.listen().await {
+                listener = match store::listen(&self.pool).await {
                     Ok(listener) => Some(listener),
                     Err(error) => {
                         tracing::warn!(
@@ -357,15 +294,6 @@ impl Engine {
         // Drivers stop between steps once shutdown is cancelled.
         while drivers.join_next().await.is_some() {}
         tracing::debug!("saga engine stopped");
-    }
-
-    async fn listen(&self) -> anyhow::Result<PgListener> {
-        let schema: String = sqlx::query_scalar("SELECT current_schema()")
-            .fetch_one(&self.pool)
-            .await?;
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(&format!("{schema}.saga_work")).await?;
-        Ok(listener)
     }
 
     /// Drives one claimed saga until it waits, ends, or is taken over. Its
@@ -492,7 +420,7 @@ impl Engine {
         kind: Kind,
         names: &[&'static str],
     ) -> Result<bool, WriteError> {
-        let forward = kind == Kind::Action && turn.saga.instance.state() == SagaState::Running;
+        let forward = kind == Kind::Action && turn.saga.instance.state == SagaState::Running;
         let steps: Vec<(&Step, StepClass)> = names
             .iter()
             .filter_map(|name| definition.step(name))
@@ -609,6 +537,17 @@ impl Engine {
         }
         Ok(true)
     }
+}
+
+/// Sends a failed saga (locked) back to `state`, running or compensating:
+/// the executions that failed in that direction get a fresh retry budget,
+/// and the saga a new fence.
+async fn resume(conn: &mut PgConnection, saga: &Locked, state: SagaState) -> anyhow::Result<()> {
+    let kind = match state {
+        SagaState::Running => Kind::Action,
+        _ => Kind::Compensation,
+    };
+    store::reopen(conn, saga, state, kind).await
 }
 
 /// Counts what a turn did, once it is written.

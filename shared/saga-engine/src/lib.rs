@@ -23,8 +23,8 @@
 //!
 //! - `definition`: describing sagas; `plan`: the pure rules deciding what a
 //!   saga does next; `turn`: applying attempts, outcomes and transitions to
-//!   the record in memory; `store`: its tables (every statement); `engine`:
-//!   claiming and driving.
+//!   the record in memory; `store`: its tables (every statement, and what
+//!   fences each write); `engine`: claiming and driving.
 
 mod definition;
 mod engine;
@@ -37,7 +37,7 @@ pub use definition::{
     StepError,
 };
 pub use engine::{Engine, EngineConfig, RequestOutcome};
-pub use store::{Kind, SagaRecord, SagaState, StepRecord};
+pub use store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
 
 /// The saga tables, applied in the orchestrator's schema.
 pub const MIGRATIONS: database::MigrationSet =

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::definition::{SagaDefinition, Settle, Step, StepClass};
-use crate::store::{Kind, SagaRecord, SagaState, StepRecord};
+use crate::store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
 
 /// The next thing to do for a saga.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +54,7 @@ pub(crate) enum Transition {
 }
 
 pub(crate) fn plan(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
-    match saga.instance.state() {
+    match saga.instance.state {
         SagaState::Running => forward(definition, saga, now),
         SagaState::Compensating => backward(definition, saga, now),
         SagaState::Completed | SagaState::Compensated | SagaState::Failed => Plan::Idle,
@@ -85,11 +85,11 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
     let mut all_succeeded = true;
     for step in group {
         let record = saga.step(step.name, Kind::Action);
-        if record.is_some_and(|r| r.status == "succeeded") {
+        if record.is_some_and(|r| r.status == StepStatus::Succeeded) {
             continue;
         }
         all_succeeded = false;
-        if let Some(record) = record.filter(|r| r.status == "failed") {
+        if let Some(record) = record.filter(|r| r.status == StepStatus::Failed) {
             let error = record.last_error.as_deref().unwrap_or("failed");
             return Plan::Transition(match class {
                 // Refused for certain: it did not take effect. Before the
@@ -164,15 +164,15 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
             if !attempted || step.compensation.is_none() {
                 continue;
             }
-            if let Some(action) =
-                action.filter(|r| step.settle == Settle::ByRepeating && r.status != "succeeded")
+            if let Some(action) = action
+                .filter(|r| step.settle == Settle::ByRepeating && r.status != StepStatus::Succeeded)
             {
                 if !action.outcome_unknown() {
                     continue; // it answered for certain that it did nothing
                 }
                 match action
                     .next_attempt_at
-                    .filter(|at| *at > now && action.status == "waiting")
+                    .filter(|at| *at > now && action.status == StepStatus::Waiting)
                 {
                     Some(at) => wait_until(at),
                     None => settle.push(step.name),
@@ -180,9 +180,9 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
                 continue;
             }
             let record = saga.step(step.name, Kind::Compensation);
-            match record.map(|r| r.status.as_str()) {
-                Some("succeeded") => continue,
-                Some("failed") => {
+            match record.map(|r| r.status) {
+                Some(StepStatus::Succeeded) => continue,
+                Some(StepStatus::Failed) => {
                     let error = record
                         .and_then(|r| r.last_error.as_deref())
                         .unwrap_or("failed");
@@ -190,7 +190,7 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
                         reason: format!("compensation of {} failed: {error}", step.name),
                     });
                 }
-                _ => {}
+                Some(StepStatus::Waiting | StepStatus::Running) | None => {}
             }
             match next_attempt(
                 step,
@@ -261,18 +261,20 @@ fn next_attempt(
             record.attempts
         ));
     }
-    match record.status.as_str() {
+    match record.status {
         // An attempt was started and never recorded: its replica died. It
         // counts as an attempt whose outcome is unknown.
-        "running" if out_of_attempts && gives_up => Next::Fail(format!(
+        StepStatus::Running if out_of_attempts && gives_up => Next::Fail(format!(
             "attempt {} did not report back and no attempts are left",
             record.attempts
         )),
-        "running" => Next::Now,
-        _ => match record.next_attempt_at {
-            Some(at) if at > now => Next::At(deadline.map_or(at, |deadline| at.min(deadline))),
-            _ => Next::Now,
-        },
+        StepStatus::Running => Next::Now,
+        StepStatus::Waiting | StepStatus::Succeeded | StepStatus::Failed => {
+            match record.next_attempt_at {
+                Some(at) if at > now => Next::At(deadline.map_or(at, |deadline| at.min(deadline))),
+                _ => Next::Now,
+            }
+        }
     }
 }
 
@@ -327,14 +329,14 @@ mod tests {
         }
     }
 
-    fn saga(state: &str, position: i32, steps: Vec<StepRecord>) -> SagaRecord {
+    fn saga(state: SagaState, position: i32, steps: Vec<StepRecord>) -> SagaRecord {
         let now = Utc::now();
         SagaRecord {
             instance: Instance {
                 saga_id: Uuid::nil(),
                 saga_type: "test".into(),
                 business_key: "k".into(),
-                state: state.into(),
+                state,
                 data: Json(serde_json::Value::Null),
                 correlation_id: "c".into(),
                 position,
@@ -355,11 +357,11 @@ mod tests {
         }
     }
 
-    fn record(step: &str, kind: Kind, status: &str, attempts: i32) -> StepRecord {
+    fn record(step: &str, kind: Kind, status: StepStatus, attempts: i32) -> StepRecord {
         StepRecord {
             step: step.into(),
-            kind: kind.as_str().into(),
-            status: status.into(),
+            kind,
+            status,
             attempts,
             last_error: Some("boom".into()),
             output: None,
@@ -374,7 +376,11 @@ mod tests {
     #[test]
     fn a_new_saga_attempts_its_first_step() {
         assert_eq!(
-            plan(&definition(), &saga("running", 0, vec![]), Utc::now()),
+            plan(
+                &definition(),
+                &saga(SagaState::Running, 0, vec![]),
+                Utc::now()
+            ),
             Plan::Attempt {
                 kind: Kind::Action,
                 steps: vec!["a"]
@@ -384,11 +390,14 @@ mod tests {
 
     #[test]
     fn a_parallel_group_runs_together_and_advances_when_all_succeed() {
-        let done_a = record("a", Kind::Action, "succeeded", 1);
+        let done_a = record("a", Kind::Action, StepStatus::Succeeded, 1);
         let partial = saga(
-            "running",
+            SagaState::Running,
             1,
-            vec![done_a.clone(), record("b", Kind::Action, "succeeded", 1)],
+            vec![
+                done_a.clone(),
+                record("b", Kind::Action, StepStatus::Succeeded, 1),
+            ],
         );
         assert_eq!(
             plan(&definition(), &partial, Utc::now()),
@@ -397,7 +406,7 @@ mod tests {
                 steps: vec!["c"]
             }
         );
-        let fresh = saga("running", 1, vec![done_a.clone()]);
+        let fresh = saga(SagaState::Running, 1, vec![done_a.clone()]);
         assert_eq!(
             plan(&definition(), &fresh, Utc::now()),
             Plan::Attempt {
@@ -406,12 +415,12 @@ mod tests {
             }
         );
         let done = saga(
-            "running",
+            SagaState::Running,
             1,
             vec![
                 done_a,
-                record("b", Kind::Action, "succeeded", 1),
-                record("c", Kind::Action, "succeeded", 1),
+                record("b", Kind::Action, StepStatus::Succeeded, 1),
+                record("c", Kind::Action, StepStatus::Succeeded, 1),
             ],
         );
         assert_eq!(
@@ -423,20 +432,24 @@ mod tests {
     #[test]
     fn a_waiting_retry_waits_until_its_time_and_its_deadline_fails_it() {
         let now = Utc::now();
-        let mut waiting = record("a", Kind::Action, "waiting", 1);
+        let mut waiting = record("a", Kind::Action, StepStatus::Waiting, 1);
         waiting.next_attempt_at = Some(now + chrono::Duration::seconds(5));
         waiting.deadline_at = Some(now + chrono::Duration::seconds(3));
         assert_eq!(
             plan(
                 &definition(),
-                &saga("running", 0, vec![waiting.clone()]),
+                &saga(SagaState::Running, 0, vec![waiting.clone()]),
                 now
             ),
             Plan::Wait(now + chrono::Duration::seconds(3))
         );
         let later = now + chrono::Duration::seconds(4);
         assert!(matches!(
-            plan(&definition(), &saga("running", 0, vec![waiting]), later),
+            plan(
+                &definition(),
+                &saga(SagaState::Running, 0, vec![waiting]),
+                later
+            ),
             Plan::Transition(Transition::StepFailed {
                 step: "a",
                 kind: Kind::Action,
@@ -447,11 +460,11 @@ mod tests {
 
     #[test]
     fn an_attempt_that_never_reported_back_is_retried_or_failed() {
-        let crashed = record("a", Kind::Action, "running", 1);
+        let crashed = record("a", Kind::Action, StepStatus::Running, 1);
         assert_eq!(
             plan(
                 &definition(),
-                &saga("running", 0, vec![crashed]),
+                &saga(SagaState::Running, 0, vec![crashed]),
                 Utc::now()
             ),
             Plan::Attempt {
@@ -459,11 +472,11 @@ mod tests {
                 steps: vec!["a"]
             }
         );
-        let exhausted = record("a", Kind::Action, "running", 3);
+        let exhausted = record("a", Kind::Action, StepStatus::Running, 3);
         assert!(matches!(
             plan(
                 &definition(),
-                &saga("running", 0, vec![exhausted]),
+                &saga(SagaState::Running, 0, vec![exhausted]),
                 Utc::now()
             ),
             Plan::Transition(Transition::StepFailed { .. })
@@ -472,14 +485,18 @@ mod tests {
 
     #[test]
     fn a_failed_step_or_a_request_turns_the_saga_to_compensation() {
-        let failed = saga("running", 0, vec![record("a", Kind::Action, "failed", 1)]);
+        let failed = saga(
+            SagaState::Running,
+            0,
+            vec![record("a", Kind::Action, StepStatus::Failed, 1)],
+        );
         assert_eq!(
             plan(&definition(), &failed, Utc::now()),
             Plan::Transition(Transition::Compensate {
                 reason: "a: boom".into()
             })
         );
-        let mut asked = saga("running", 0, vec![]);
+        let mut asked = saga(SagaState::Running, 0, vec![]);
         asked.instance.compensation_requested = Some("customer cancelled".into());
         assert_eq!(
             plan(&definition(), &asked, Utc::now()),
@@ -493,24 +510,28 @@ mod tests {
     fn compensation_goes_group_by_group_in_reverse_over_attempted_steps() {
         // a and b succeeded, c failed (never compensated: it has none), d never ran.
         let log = vec![
-            record("a", Kind::Action, "succeeded", 1),
-            record("b", Kind::Action, "succeeded", 1),
-            record("c", Kind::Action, "failed", 3),
+            record("a", Kind::Action, StepStatus::Succeeded, 1),
+            record("b", Kind::Action, StepStatus::Succeeded, 1),
+            record("c", Kind::Action, StepStatus::Failed, 3),
         ];
         let now = Utc::now();
         assert_eq!(
-            plan(&definition(), &saga("compensating", 1, log.clone()), now),
+            plan(
+                &definition(),
+                &saga(SagaState::Compensating, 1, log.clone()),
+                now
+            ),
             Plan::Attempt {
                 kind: Kind::Compensation,
                 steps: vec!["b"]
             }
         );
         let mut after_b = log.clone();
-        after_b.push(record("b", Kind::Compensation, "succeeded", 1));
+        after_b.push(record("b", Kind::Compensation, StepStatus::Succeeded, 1));
         assert_eq!(
             plan(
                 &definition(),
-                &saga("compensating", 1, after_b.clone()),
+                &saga(SagaState::Compensating, 1, after_b.clone()),
                 now
             ),
             Plan::Attempt {
@@ -518,15 +539,23 @@ mod tests {
                 steps: vec!["a"]
             }
         );
-        after_b.push(record("a", Kind::Compensation, "succeeded", 1));
+        after_b.push(record("a", Kind::Compensation, StepStatus::Succeeded, 1));
         assert_eq!(
-            plan(&definition(), &saga("compensating", 1, after_b), now),
+            plan(
+                &definition(),
+                &saga(SagaState::Compensating, 1, after_b),
+                now
+            ),
             Plan::Transition(Transition::Compensated)
         );
         let mut broken = log;
-        broken.push(record("b", Kind::Compensation, "failed", 3));
+        broken.push(record("b", Kind::Compensation, StepStatus::Failed, 3));
         assert!(matches!(
-            plan(&definition(), &saga("compensating", 1, broken), now),
+            plan(
+                &definition(),
+                &saga(SagaState::Compensating, 1, broken),
+                now
+            ),
             Plan::Transition(Transition::Fail { .. })
         ));
     }
@@ -535,7 +564,7 @@ mod tests {
     fn a_step_without_an_action_is_compensated_even_if_the_saga_never_ran() {
         let mut definition = definition();
         definition.groups[0][0].action = None;
-        let asked = saga("compensating", 0, vec![]);
+        let asked = saga(SagaState::Compensating, 0, vec![]);
         assert_eq!(
             plan(&definition, &asked, Utc::now()),
             Plan::Attempt {
@@ -557,12 +586,12 @@ mod tests {
     #[test]
     fn past_the_pivot_deadlines_and_budgets_flag_a_step_but_never_fail_it() {
         let now = Utc::now();
-        let mut lost = record("p", Kind::Action, "waiting", 7);
+        let mut lost = record("p", Kind::Action, StepStatus::Waiting, 7);
         lost.outcome_unknown = true;
         lost.deadline_at = Some(now - chrono::Duration::seconds(1));
         lost.next_attempt_at = Some(now + chrono::Duration::seconds(2));
-        let log = vec![record("a", Kind::Action, "succeeded", 1), lost];
-        let mut saga = saga("running", 1, log);
+        let log = vec![record("a", Kind::Action, StepStatus::Succeeded, 1), lost];
+        let mut saga = saga(SagaState::Running, 1, log);
         saga.instance.forward_only_since = Some(now);
         assert_eq!(
             plan(&pivoted(), &saga, now),
@@ -577,7 +606,7 @@ mod tests {
             Plan::Wait(now + chrono::Duration::seconds(2)),
             "retried at its time, not cut short by the deadline"
         );
-        saga.steps[1].status = "running".into(); // its replica died mid-call
+        saga.steps[1].status = StepStatus::Running; // its replica died mid-call
         assert_eq!(
             plan(&pivoted(), &saga, now),
             Plan::Attempt {
@@ -592,11 +621,11 @@ mod tests {
 
     #[test]
     fn a_refused_pivot_turns_back_and_a_refused_step_after_it_waits_for_an_operator() {
-        let a = record("a", Kind::Action, "succeeded", 1);
+        let a = record("a", Kind::Action, StepStatus::Succeeded, 1);
         let refused = saga(
-            "running",
+            SagaState::Running,
             1,
-            vec![a.clone(), record("p", Kind::Action, "failed", 2)],
+            vec![a.clone(), record("p", Kind::Action, StepStatus::Failed, 2)],
         );
         assert_eq!(
             plan(&pivoted(), &refused, Utc::now()),
@@ -605,12 +634,12 @@ mod tests {
             })
         );
         let parked = saga(
-            "running",
+            SagaState::Running,
             2,
             vec![
                 a,
-                record("p", Kind::Action, "succeeded", 1),
-                record("r", Kind::Action, "failed", 1),
+                record("p", Kind::Action, StepStatus::Succeeded, 1),
+                record("r", Kind::Action, StepStatus::Failed, 1),
             ],
         );
         assert!(matches!(
@@ -622,9 +651,9 @@ mod tests {
     #[test]
     fn an_unknown_outcome_is_settled_before_compensating_and_a_certain_no_is_not_undone() {
         let now = Utc::now();
-        let mut lost = record("a", Kind::Action, "failed", 3);
+        let mut lost = record("a", Kind::Action, StepStatus::Failed, 3);
         lost.outcome_unknown = true;
-        let settling = saga("compensating", 0, vec![lost.clone()]);
+        let settling = saga(SagaState::Compensating, 0, vec![lost.clone()]);
         assert_eq!(
             plan(&definition(), &settling, now),
             Plan::Attempt {
@@ -634,12 +663,12 @@ mod tests {
             "asked again first"
         );
         let mut asked_again = lost.clone();
-        asked_again.status = "waiting".into();
+        asked_again.status = StepStatus::Waiting;
         asked_again.next_attempt_at = Some(now + chrono::Duration::seconds(1));
         assert_eq!(
             plan(
                 &definition(),
-                &saga("compensating", 0, vec![asked_again]),
+                &saga(SagaState::Compensating, 0, vec![asked_again]),
                 now
             ),
             Plan::Wait(now + chrono::Duration::seconds(1))
@@ -647,7 +676,11 @@ mod tests {
         let mut no = lost;
         no.outcome_unknown = false;
         assert_eq!(
-            plan(&definition(), &saga("compensating", 0, vec![no]), now),
+            plan(
+                &definition(),
+                &saga(SagaState::Compensating, 0, vec![no]),
+                now
+            ),
             Plan::Transition(Transition::Compensated),
             "it did nothing, for certain: nothing to undo"
         );
@@ -681,15 +714,23 @@ mod tests {
     fn a_saga_past_its_last_group_completes_and_final_states_rest() {
         let log: Vec<_> = ["a", "b", "c"]
             .iter()
-            .map(|s| record(s, Kind::Action, "succeeded", 1))
+            .map(|s| record(s, Kind::Action, StepStatus::Succeeded, 1))
             .collect();
         let mut last = log.clone();
-        last.push(record("d", Kind::Action, "succeeded", 1));
+        last.push(record("d", Kind::Action, StepStatus::Succeeded, 1));
         assert_eq!(
-            plan(&definition(), &saga("running", 2, last), Utc::now()),
+            plan(
+                &definition(),
+                &saga(SagaState::Running, 2, last),
+                Utc::now()
+            ),
             Plan::Transition(Transition::Complete)
         );
-        for state in ["completed", "compensated", "failed"] {
+        for state in [
+            SagaState::Completed,
+            SagaState::Compensated,
+            SagaState::Failed,
+        ] {
             assert_eq!(
                 plan(&definition(), &saga(state, 0, log.clone()), Utc::now()),
                 Plan::Idle

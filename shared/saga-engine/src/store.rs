@@ -1,5 +1,32 @@
-//! The sagas' tables: reading them, and every write of a claimed saga,
-//! fenced by the `WHERE` clause of the update that locks its row.
+//! The sagas' tables, and every statement run on them: this file answers
+//! what is written, and what fences it. The engine decides (what a request
+//! means in which state, what a turn changes); the functions here only
+//! read and write.
+//!
+//! Every write, and what keeps it from overwriting a newer owner's work:
+//!
+//! | function               | writes                                       | fenced by                                              |
+//! |------------------------|----------------------------------------------|--------------------------------------------------------|
+//! | `create`               | `saga_instances` (insert)                    | nothing to fence: a new row, one per type and key      |
+//! | `claim`                | `saga_instances` (lease, fence + 1)          | takes the fence, under `FOR UPDATE SKIP LOCKED`, of    |
+//! |                        |                                              | sagas whose lease is free or has run out               |
+//! | `write`                | `saga_instances`, `saga_steps`, outbox,      | `WHERE fence = $2` on the row's update, which locks    |
+//! |                        | journal                                      | the row before anything else is written                |
+//! | `request_compensation` | `saga_instances` (the request, next run)     | the row lock of `lock`; leaves the fence, so the owner |
+//! |                        |                                              | acts on the request between steps                      |
+//! | `reopen`               | `saga_steps`, `saga_instances` (state,       | the row lock of `lock`; takes a new fence, so whoever  |
+//! |                        | lease cleared, fence + 1)                    | held the saga is fenced off                            |
+//! | `Events::write`        | outbox, journal                              | the transaction it joins: `create`'s or `write`'s      |
+//!
+//! `lock` writes nothing: it takes the row lock that orders a request
+//! against the owner's turns. The rest only read: `load`,
+//! `find_by_business_key`, `find_by_correlation`, `list`, `next_due`, and
+//! `listen` (the channel on which the trigger of `0001_sagas.sql` announces
+//! due work).
+//!
+//! States, step statuses and kinds are enums here, stored as the TEXT
+//! values the tables' CHECK constraints allow; a value the engine does not
+//! know is a decode error, never a guess.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -7,6 +34,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use messaging::EventEnvelope;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{
+    PgArgumentBuffer, PgHasArrayType, PgListener, PgTypeInfo, PgValueRef, Postgres,
+};
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -14,7 +45,7 @@ use uuid::Uuid;
 use crate::definition::Journal;
 use crate::turn::Turn;
 
-/// Where a saga is in its life.
+/// Where a saga is in its life (`saga_instances.state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SagaState {
     Running,
@@ -25,6 +56,15 @@ pub enum SagaState {
 }
 
 impl SagaState {
+    pub const ALL: [Self; 5] = [
+        Self::Running,
+        Self::Compensating,
+        Self::Completed,
+        Self::Compensated,
+        Self::Failed,
+    ];
+
+    /// The value as stored.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
@@ -36,15 +76,7 @@ impl SagaState {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::Running,
-            Self::Compensating,
-            Self::Completed,
-            Self::Compensated,
-            Self::Failed,
-        ]
-        .into_iter()
-        .find(|state| state.as_str() == text)
+        Self::ALL.into_iter().find(|state| state.as_str() == text)
     }
 
     pub fn is_final(self) -> bool {
@@ -52,7 +84,38 @@ impl SagaState {
     }
 }
 
-/// An action or its compensation.
+/// Where one execution of a step's action or compensation stands
+/// (`saga_steps.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StepStatus {
+    /// A retry is scheduled at `next_attempt_at`.
+    Waiting,
+    /// An attempt is in flight, or its replica died in it.
+    Running,
+    Succeeded,
+    /// Failed for good: out of attempts or time, or refused.
+    Failed,
+}
+
+impl StepStatus {
+    pub const ALL: [Self; 4] = [Self::Waiting, Self::Running, Self::Succeeded, Self::Failed];
+
+    /// The value as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == text)
+    }
+}
+
+/// An action or its compensation (`saga_steps.kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Action,
@@ -60,13 +123,71 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Self; 2] = [Self::Action, Self::Compensation];
+
+    /// The value as stored.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Action => "action",
             Self::Compensation => "compensation",
         }
     }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == text)
+    }
 }
+
+/// Stores `$ty` as PostgreSQL `text` through its `as_str` and `parse`: the
+/// same type as a `&str` bind (no type lookup, no extra statement), and a
+/// decode error for any value `parse` does not know.
+macro_rules! stored_as_text {
+    ($ty:ty, $what:literal) => {
+        impl sqlx::Type<Postgres> for $ty {
+            fn type_info() -> PgTypeInfo {
+                <str as sqlx::Type<Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <str as sqlx::Type<Postgres>>::compatible(ty)
+            }
+        }
+
+        impl PgHasArrayType for $ty {
+            fn array_type_info() -> PgTypeInfo {
+                <&str as PgHasArrayType>::array_type_info()
+            }
+
+            fn array_compatible(ty: &PgTypeInfo) -> bool {
+                <&str as PgHasArrayType>::array_compatible(ty)
+            }
+        }
+
+        impl sqlx::Encode<'_, Postgres> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut PgArgumentBuffer,
+            ) -> Result<sqlx::encode::IsNull, BoxDynError> {
+                <&str as sqlx::Encode<Postgres>>::encode(self.as_str(), buf)
+            }
+
+            fn size_hint(&self) -> usize {
+                self.as_str().len()
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, Postgres> for $ty {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                let text = <&str as sqlx::Decode<Postgres>>::decode(value)?;
+                Self::parse(text).ok_or_else(|| format!("unknown {} {text:?}", $what).into())
+            }
+        }
+    };
+}
+
+stored_as_text!(SagaState, "saga state");
+stored_as_text!(StepStatus, "step status");
+stored_as_text!(Kind, "step kind");
 
 /// A saga instance as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -74,7 +195,7 @@ pub struct Instance {
     pub saga_id: Uuid,
     pub saga_type: String,
     pub business_key: String,
-    pub state: String,
+    pub state: SagaState,
     pub data: Json<serde_json::Value>,
     pub correlation_id: String,
     pub position: i32,
@@ -94,18 +215,12 @@ pub struct Instance {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-impl Instance {
-    pub fn state(&self) -> SagaState {
-        SagaState::parse(&self.state).unwrap_or(SagaState::Failed)
-    }
-}
-
 /// One execution of a step's action or compensation.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StepRecord {
     pub step: String,
-    pub kind: String,
-    pub status: String,
+    pub kind: Kind,
+    pub status: StepStatus,
     pub attempts: i32,
     pub last_error: Option<String>,
     pub output: Option<Json<serde_json::Value>>,
@@ -121,7 +236,7 @@ impl StepRecord {
     /// Whether the last attempt may have taken effect without our knowing:
     /// its answer was lost, or it never reported back (its replica died).
     pub fn outcome_unknown(&self) -> bool {
-        self.outcome_unknown || self.status == "running"
+        self.outcome_unknown || self.status == StepStatus::Running
     }
 }
 
@@ -136,14 +251,14 @@ impl SagaRecord {
     pub(crate) fn step(&self, name: &str, kind: Kind) -> Option<&StepRecord> {
         self.steps
             .iter()
-            .find(|record| record.step == name && record.kind == kind.as_str())
+            .find(|record| record.step == name && record.kind == kind)
     }
 
     /// Outputs of the `kind` executions that succeeded, by step name.
     pub(crate) fn outputs(&self, kind: Kind) -> HashMap<String, serde_json::Value> {
         self.steps
             .iter()
-            .filter(|record| record.kind == kind.as_str() && record.status == "succeeded")
+            .filter(|record| record.kind == kind && record.status == StepStatus::Succeeded)
             .map(|record| {
                 (
                     record.step.clone(),
@@ -161,7 +276,7 @@ impl SagaRecord {
     pub(crate) fn failed_actions(&self) -> HashMap<String, String> {
         self.steps
             .iter()
-            .filter(|record| record.kind == Kind::Action.as_str() && record.status == "failed")
+            .filter(|record| record.kind == Kind::Action && record.status == StepStatus::Failed)
             .map(|record| {
                 (
                     record.step.clone(),
@@ -187,7 +302,8 @@ macro_rules! step_columns {
     };
 }
 
-/// The saga `saga_id` with its step log.
+/// The saga `saga_id` with its step log. Reads only (two statements, not
+/// one snapshot: the engine reads a claimed saga, whose rows only it writes).
 pub async fn load(pool: &PgPool, saga_id: Uuid) -> anyhow::Result<Option<SagaRecord>> {
     let instance: Option<Instance> = sqlx::query_as(concat!(
         "SELECT ",
@@ -213,7 +329,7 @@ pub async fn load(pool: &PgPool, saga_id: Uuid) -> anyhow::Result<Option<SagaRec
     Ok(Some(SagaRecord { instance, steps }))
 }
 
-/// The id of the saga of `saga_type` for `business_key`, if any.
+/// The id of the saga of `saga_type` for `business_key`, if any. Reads only.
 pub async fn find_by_business_key(
     pool: &PgPool,
     saga_type: &str,
@@ -229,7 +345,7 @@ pub async fn find_by_business_key(
     .context("finding a saga by key")
 }
 
-/// The id of the (first) saga of a flow.
+/// The id of the (first) saga of a flow. Reads only.
 pub async fn find_by_correlation(
     pool: &PgPool,
     correlation_id: &str,
@@ -251,6 +367,7 @@ pub struct ListCursor {
 }
 
 /// Sagas in `states`, started before `started_before`, oldest first.
+/// Reads only.
 pub async fn list(
     pool: &PgPool,
     states: &[SagaState],
@@ -258,7 +375,6 @@ pub async fn list(
     after: Option<ListCursor>,
     limit: i64,
 ) -> anyhow::Result<Vec<Instance>> {
-    let states: Vec<&str> = states.iter().map(|state| state.as_str()).collect();
     sqlx::query_as(concat!(
         "SELECT ",
         instance_columns!(),
@@ -267,7 +383,7 @@ pub async fn list(
            AND ($3::timestamptz IS NULL OR (created_at, saga_id) > ($3, $4))
          ORDER BY created_at, saga_id LIMIT $5"
     ))
-    .bind(&states)
+    .bind(states)
     .bind(started_before)
     .bind(after.map(|c| c.created_at))
     .bind(after.map(|c| c.saga_id))
@@ -275,6 +391,39 @@ pub async fn list(
     .fetch_all(pool)
     .await
     .context("listing sagas")
+}
+
+/// Inserts a saga of `saga_type` for `business_key`, running and due now,
+/// in the caller's transaction; false (and nothing written) if that type
+/// has a saga for that key already. Writes `saga_instances`; nothing to
+/// fence: the row is new, unleased, at fence 0, and the unique key keeps it
+/// the only one. Its trigger wakes the engines when the transaction commits.
+pub(crate) async fn create(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    saga_type: &str,
+    business_key: &str,
+    data: &serde_json::Value,
+    correlation_id: &str,
+    trace_context: &[(String, String)],
+) -> anyhow::Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO saga_instances
+             (saga_id, saga_type, business_key, state, data, correlation_id, trace_context, next_run_at)
+         VALUES ($1, $2, $3, 'running', $4, $5, $6, now())
+         ON CONFLICT (saga_type, business_key) DO NOTHING",
+    )
+    .bind(saga_id)
+    .bind(saga_type)
+    .bind(business_key)
+    .bind(Json(data))
+    .bind(correlation_id)
+    .bind(Json(trace_context))
+    .execute(&mut *conn)
+    .await
+    .context("starting a saga")?
+    .rows_affected();
+    Ok(inserted > 0)
 }
 
 /// A saga this replica claimed: its record, and the trace it continues.
@@ -309,6 +458,11 @@ struct OwnedStep {
 /// Claims up to `limit` sagas with work due now whose lease is free or
 /// expired: each gets this worker as owner and a new fence, and comes back
 /// whole (with its step log), so the engine drives it from memory.
+///
+/// Writes `saga_instances` (lease owner, lease expiry, fence + 1). It does
+/// not check a fence, it takes one: `FOR UPDATE SKIP LOCKED` keeps two
+/// replicas from claiming one saga, only a free or expired lease is taken,
+/// and the new fence refuses every later write of the previous owner.
 pub async fn claim(
     pool: &PgPool,
     worker: &str,
@@ -387,7 +541,14 @@ pub(crate) enum Written {
 /// Writes a turn in one transaction: the saga's row (fenced: the `WHERE`
 /// clause of that update is the fence check, and it locks the row first),
 /// every changed step execution in one statement, and the turn's events in
-/// one statement to the outbox.
+/// one statement to the outbox (and to the journal, if any).
+///
+/// Writes `saga_instances`, `saga_steps`, the outbox and the journal, all
+/// behind the row update `WHERE saga_id = $1 AND fence = $2`: with another
+/// fence it matches no row and nothing is written ([`WriteError::Fenced`]).
+/// Holding that row's lock, it also sees a compensation request accepted
+/// since the saga was read, and rolls back a turn that begins forward
+/// attempts ([`Written::TurningBack`]).
 pub(crate) async fn write(
     pool: &PgPool,
     fence: i64,
@@ -420,7 +581,7 @@ pub(crate) async fn write(
     ))
     .bind(instance.saga_id)
     .bind(fence)
-    .bind(&instance.state)
+    .bind(instance.state)
     .bind(instance.position)
     .bind(&instance.failure_reason)
     .bind(turn.clears_request)
@@ -460,8 +621,8 @@ pub(crate) async fn write(
         )
         .bind(instance.saga_id)
         .bind(rows.iter().map(|r| r.step.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.attempts).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.last_error.as_deref()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.output.clone()).collect::<Vec<_>>())
@@ -479,6 +640,99 @@ pub(crate) async fn write(
     Ok(Written::Committed(Box::new(written)))
 }
 
+/// A saga's row, locked for the caller's transaction by [`lock`]: what a
+/// request is decided on.
+#[derive(Debug, Clone)]
+pub(crate) struct Locked {
+    pub(crate) saga_id: Uuid,
+    pub(crate) state: SagaState,
+    pub(crate) saga_type: String,
+    /// Since when the pivot may have taken effect.
+    pub(crate) forward_only_since: Option<DateTime<Utc>>,
+}
+
+/// Locks the saga's row for the caller's transaction (`SELECT ... FOR
+/// UPDATE`), and reads what a request is decided on. Writes nothing; the
+/// lock orders the request against the owner's turns, whose fenced update
+/// waits for it: the owner sees the request's outcome, or the request sees
+/// the turn's (the pivot begun, say).
+pub(crate) async fn lock(conn: &mut PgConnection, saga_id: Uuid) -> anyhow::Result<Option<Locked>> {
+    let row: Option<(SagaState, String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT state, saga_type, forward_only_since FROM saga_instances WHERE saga_id = $1 FOR UPDATE",
+    )
+    .bind(saga_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("locking a saga")?;
+    Ok(row.map(|(state, saga_type, forward_only_since)| Locked {
+        saga_id,
+        state,
+        saga_type,
+        forward_only_since,
+    }))
+}
+
+/// Records a request to compensate the saga, with its reason, and makes it
+/// due now unless a replica holds it (the owner acts on it between steps).
+///
+/// Writes `saga_instances` (`compensation_requested`, `next_run_at`). Not
+/// fenced, on purpose: it leaves the fence and the lease alone, so the
+/// owner keeps driving and turns back at its next plan. It runs under the
+/// row lock of [`lock`], so the owner's next turn sees it: a turn that
+/// begins forward attempts rolls back (see [`write`]).
+pub(crate) async fn request_compensation(
+    conn: &mut PgConnection,
+    saga: &Locked,
+    reason: &str,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE saga_instances SET compensation_requested = $2,
+             next_run_at = CASE WHEN lease_owner IS NULL THEN now() ELSE next_run_at END
+         WHERE saga_id = $1",
+    )
+    .bind(saga.saga_id)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await
+    .context("requesting a compensation")?;
+    Ok(())
+}
+
+/// Sends the saga to `state`, due now: its executions of `kind` that failed
+/// for good wait for a retry, with a fresh budget of attempts.
+///
+/// Writes `saga_steps` (the failed `kind` executions) and `saga_instances`
+/// (state, `next_run_at`, `finished_at`, lease cleared). Under the row
+/// lock of [`lock`]; it takes a new fence (fence + 1), so whatever held the
+/// saga before has no say any more: its next write is fenced off.
+pub(crate) async fn reopen(
+    conn: &mut PgConnection,
+    saga: &Locked,
+    state: SagaState,
+    kind: Kind,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE saga_steps SET status = 'waiting', attempts = 0, next_attempt_at = now(), finished_at = NULL
+         WHERE saga_id = $1 AND kind = $2 AND status = 'failed'",
+    )
+    .bind(saga.saga_id)
+    .bind(kind)
+    .execute(&mut *conn)
+    .await
+    .context("retrying a saga's failed steps")?;
+    sqlx::query(
+        "UPDATE saga_instances SET state = $2, next_run_at = now(), finished_at = NULL,
+             lease_owner = NULL, lease_expires_at = NULL, fence = fence + 1
+         WHERE saga_id = $1",
+    )
+    .bind(saga.saga_id)
+    .bind(state)
+    .execute(&mut *conn)
+    .await
+    .context("reopening a saga")?;
+    Ok(())
+}
+
 /// Where saga events go, in the caller's transaction.
 #[derive(Clone, Copy)]
 pub(crate) struct Events<'a> {
@@ -490,6 +744,10 @@ impl Events<'_> {
     /// Records `events` in the journal, and puts on the topic (through the
     /// outbox) those worth publishing: with a journal, what a saga came to
     /// rather than each of its steps.
+    ///
+    /// Writes the outbox and the journal's tables, in the caller's
+    /// transaction, and is fenced by it: [`write`]'s fenced update, or a
+    /// new saga's insert ([`create`]).
     pub(crate) async fn write(
         &self,
         conn: &mut PgConnection,
@@ -519,7 +777,7 @@ fn is_step_event(event_type: &str) -> bool {
 }
 
 /// When the next saga becomes claimable: its work falls due, or the lease
-/// of a replica that stopped renewing runs out.
+/// of a replica that stopped renewing runs out. Reads only.
 pub(crate) async fn next_due(pool: &PgPool) -> anyhow::Result<Option<DateTime<Utc>>> {
     sqlx::query_scalar(
         "SELECT min(greatest(next_run_at, coalesce(lease_expires_at, next_run_at)))
@@ -528,6 +786,24 @@ pub(crate) async fn next_due(pool: &PgPool) -> anyhow::Result<Option<DateTime<Ut
     .fetch_one(pool)
     .await
     .context("finding the next due saga")
+}
+
+/// A listener on the channel where the `saga_work_notify` trigger announces
+/// work due now, in this schema (the pool's `current_schema()`). Writes
+/// nothing.
+pub(crate) async fn listen(pool: &PgPool) -> anyhow::Result<PgListener> {
+    let schema: String = sqlx::query_scalar("SELECT current_schema()")
+        .fetch_one(pool)
+        .await
+        .context("reading the current schema")?;
+    let mut listener = PgListener::connect_with(pool)
+        .await
+        .context("connecting a listener")?;
+    listener
+        .listen(&format!("{schema}.saga_work"))
+        .await
+        .context("listening for due work")?;
+    Ok(listener)
 }
 
 /// Why a fenced write did not happen.

@@ -16,7 +16,7 @@ use telemetry::CorrelationId;
 
 use crate::definition::{SagaDefinition, Step, StepError};
 use crate::plan::Transition;
-use crate::store::{Kind, SagaRecord, SagaState, StepRecord};
+use crate::store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
 
 /// A counter to bump once the turn has committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +93,7 @@ impl Turn {
             .saga
             .steps
             .iter()
-            .position(|r| r.step == name && r.kind == kind.as_str())
+            .position(|r| r.step == name && r.kind == kind)
             .expect("a step execution begun before it is changed");
         &mut self.saga.steps[index]
     }
@@ -114,8 +114,8 @@ impl Turn {
             });
             self.saga.steps.push(StepRecord {
                 step: step.name.to_owned(),
-                kind: kind.as_str().to_owned(),
-                status: "running".into(),
+                kind,
+                status: StepStatus::Running,
                 attempts: 0,
                 last_error: None,
                 output: None,
@@ -127,8 +127,8 @@ impl Turn {
             });
         }
         let record = self.touch(step.name, kind);
-        record.outcome_unknown |= record.status == "running" && record.attempts > 0;
-        record.status = "running".into();
+        record.outcome_unknown |= record.status == StepStatus::Running && record.attempts > 0;
+        record.status = StepStatus::Running;
         record.attempts += 1;
         (
             u32::try_from(record.attempts).unwrap_or(u32::MAX),
@@ -162,7 +162,7 @@ impl Turn {
                 metrics::histogram!("saga_step_duration_seconds", "step" => step.name, "kind" => kind.as_str(), "outcome" => "succeeded")
                     .record(took.as_secs_f64());
                 let record = self.touch(step.name, kind);
-                record.status = "succeeded".into();
+                record.status = StepStatus::Succeeded;
                 record.output = Some(Json(output));
                 record.finished_at = Some(now);
                 record.next_attempt_at = None;
@@ -218,7 +218,11 @@ impl Turn {
                 let saga_id = self.saga.instance.saga_id.to_string();
                 tracing::warn!(step = step.name, kind = kind.as_str(), attempt, will_retry, ?settles, %error, "saga step failed");
                 let record = self.touch(step.name, kind);
-                record.status = if will_retry { "waiting" } else { "failed" }.into();
+                record.status = if will_retry {
+                    StepStatus::Waiting
+                } else {
+                    StepStatus::Failed
+                };
                 record.last_error = Some(error.clone());
                 record.next_attempt_at = will_retry.then_some(retry_at);
                 record.finished_at = (!will_retry).then_some(now);
@@ -277,7 +281,7 @@ impl Turn {
             }
             Transition::Compensate { reason } => {
                 let instance = &mut self.saga.instance;
-                instance.state = SagaState::Compensating.as_str().into();
+                instance.state = SagaState::Compensating;
                 instance.failure_reason = Some(reason.clone());
                 instance.compensation_requested = None;
                 self.clears_request = true;
@@ -288,8 +292,8 @@ impl Turn {
             Transition::StepFailed { step, kind, reason } => {
                 let record = self.touch(step, kind);
                 // An attempt that never reported back leaves it unknown.
-                record.outcome_unknown |= record.status == "running";
-                record.status = "failed".into();
+                record.outcome_unknown |= record.status == StepStatus::Running;
+                record.status = StepStatus::Failed;
                 record.last_error = Some(reason.clone());
                 record.finished_at = Some(now);
                 record.next_attempt_at = None;
@@ -335,7 +339,7 @@ impl Turn {
 
     fn finish(&mut self, state: SagaState, reason: Option<String>, now: DateTime<Utc>) {
         let instance = &mut self.saga.instance;
-        instance.state = state.as_str().into();
+        instance.state = state;
         if reason.is_some() {
             instance.failure_reason = reason;
         }

@@ -13,8 +13,8 @@ use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use saga_engine::store;
 use saga_engine::{
-    Action, Engine, EngineConfig, RequestOutcome, RetryPolicy, SagaDefinition, SagaState, Settle,
-    Step, StepContext, StepError,
+    Action, Engine, EngineConfig, Kind, RequestOutcome, RetryPolicy, SagaDefinition, SagaState,
+    Settle, Step, StepContext, StepError, StepStatus,
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -138,7 +138,7 @@ async fn wait_for(pool: &PgPool, saga_id: Uuid, state: SagaState) -> saga_engine
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let saga = store::load(pool, saga_id).await.unwrap().unwrap();
-            if saga.instance.state() == state {
+            if saga.instance.state == state {
                 return saga;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -155,6 +155,56 @@ fn entries(journal: &Journal) -> Vec<String> {
         .iter()
         .map(|(entry, _)| entry.clone())
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_are_stored_as_the_text_the_tables_allow_and_nothing_else_is_read() {
+    let pool = pool().await;
+    let journal = Journal::default();
+    let engine = engine(
+        &pool,
+        SagaDefinition::sequence("test", vec![step("a", &journal, vec![])]),
+        "unused",
+    );
+    let saga_id = start(&engine, "states").await;
+    // Every value the engine writes passes the table's CHECK constraint and
+    // reads back as itself.
+    for state in SagaState::ALL {
+        let read: SagaState = sqlx::query_scalar(
+            "UPDATE saga_instances SET state = $2 WHERE saga_id = $1 RETURNING state",
+        )
+        .bind(saga_id)
+        .bind(state)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(read, state);
+    }
+    for kind in Kind::ALL {
+        for status in StepStatus::ALL {
+            let read: (Kind, StepStatus) = sqlx::query_as(
+                "INSERT INTO saga_steps (saga_id, step, kind, status) VALUES ($1, 'a', $2, $3)
+                 ON CONFLICT (saga_id, step, kind) DO UPDATE SET status = EXCLUDED.status
+                 RETURNING kind, status",
+            )
+            .bind(saga_id)
+            .bind(kind)
+            .bind(status)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            assert_eq!(read, (kind, status));
+        }
+    }
+    // A value the engine does not know is an error, not a guess.
+    let unknown = sqlx::query_scalar::<_, StepStatus>("SELECT 'skipped'::text")
+        .fetch_one(&pool)
+        .await;
+    assert!(
+        matches!(&unknown, Err(sqlx::Error::ColumnDecode { source, .. })
+            if source.to_string() == "unknown step status \"skipped\""),
+        "{unknown:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,8 +228,8 @@ async fn a_retryable_failure_is_retried_with_growing_backoff_until_it_succeeds()
     assert_eq!(entries(&journal), vec!["a", "a", "a", "b"]);
     let a = saga.steps.iter().find(|s| s.step == "a").unwrap();
     assert_eq!(
-        (a.attempts, a.status.as_str(), a.last_error.as_deref()),
-        (3, "succeeded", Some("still busy"))
+        (a.attempts, a.status, a.last_error.as_deref()),
+        (3, StepStatus::Succeeded, Some("still busy"))
     );
     // Full jitter keeps each pause within [half, all] of 50 ms, then 100 ms.
     let times: Vec<Instant> = journal.lock().unwrap().iter().map(|(_, at)| *at).collect();
@@ -223,7 +273,7 @@ async fn calls_refused_before_they_were_made_cost_no_attempt() {
         "five refusals, a failure, a success"
     );
     let a = saga.steps.iter().find(|s| s.step == "a").unwrap();
-    assert_eq!((a.attempts, a.status.as_str()), (2, "succeeded"));
+    assert_eq!((a.attempts, a.status), (2, StepStatus::Succeeded));
     shutdown.cancel();
     running.await.unwrap();
 }
@@ -249,9 +299,9 @@ async fn a_step_past_its_deadline_fails_and_the_saga_compensates() {
     let b = saga
         .steps
         .iter()
-        .find(|s| s.step == "b" && s.kind == "action")
+        .find(|s| s.step == "b" && s.kind == Kind::Action)
         .unwrap();
-    assert_eq!(b.status, "failed");
+    assert_eq!(b.status, StepStatus::Failed);
     assert!(
         b.last_error.as_deref().unwrap().contains("deadline"),
         "{b:?}"
@@ -296,7 +346,7 @@ async fn compensation_runs_in_reverse_order_over_what_may_have_taken_effect() {
     let c = saga
         .steps
         .iter()
-        .find(|s| s.step == "c" && s.kind == "action")
+        .find(|s| s.step == "c" && s.kind == Kind::Action)
         .unwrap();
     assert_eq!(c.attempts, 1, "a permanent failure is not retried");
     shutdown.cancel();
@@ -381,7 +431,7 @@ async fn a_stale_claim_is_fenced_off() {
     engine.drive(current, &shutdown).await;
     assert_eq!(entries(&journal), vec!["a"]);
     let saga = store::load(&pool, saga_id).await.unwrap().unwrap();
-    assert_eq!(saga.instance.state(), SagaState::Completed);
+    assert_eq!(saga.instance.state, SagaState::Completed);
     assert_eq!(saga.instance.lease_owner, None, "released at the end");
 }
 
@@ -514,7 +564,7 @@ async fn an_unknown_outcome_is_asked_again_before_it_is_compensated() {
         let b = saga
             .steps
             .iter()
-            .find(|s| s.step == "b" && s.kind == "action")
+            .find(|s| s.step == "b" && s.kind == Kind::Action)
             .unwrap();
         assert!(!b.outcome_unknown(), "settled: {b:?}");
         shutdown.cancel();
@@ -969,7 +1019,7 @@ mod money {
         for (order, saga_id) in &sagas {
             let saga = loop {
                 let saga = store::load(&pool, *saga_id).await.unwrap().unwrap();
-                let state = saga.instance.state();
+                let state = saga.instance.state;
                 if matches!(
                     state,
                     SagaState::Completed | SagaState::Compensated | SagaState::Failed
@@ -985,7 +1035,7 @@ mod money {
             let held = charge.captured && !charge.refunded;
             let context =
                 format!("seed {seed}, order {order}: {state:?}, {charge:?}, saga {saga:#?}");
-            match saga.instance.state() {
+            match saga.instance.state {
                 SagaState::Completed => {
                     assert_eq!(state, OrderState::Confirmed, "{context}");
                     assert!(held, "a confirmed order has its money: {context}");
