@@ -267,9 +267,7 @@ impl Application {
             &[platform.topics.order_events()],
             platform.pool.clone(),
             platform.producer.clone(),
-            starter::SagaStarter {
-                engine: engine.clone(),
-            },
+            starter::SagaStarter::new(engine.clone()),
         )?;
         platform.spawn("order events consumer", starter.run(shutdown.clone()));
         let topics = &platform.topics;

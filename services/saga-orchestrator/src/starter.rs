@@ -4,21 +4,36 @@
 //! often the event is delivered: the saga's unique key and the inbox both
 //! see to it); OrderCancellationRequested asks it to compensate.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use api_order::v1::{OrderCancellationRequested, OrderPlaced};
 use messaging::envelope;
 use messaging::{EventHandler, HandleError, ReceivedEvent};
-use saga_engine::{Engine, RequestOutcome};
+use saga_engine::{Engine, RequestOutcome, Started};
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::order_saga::{OrderData, SAGA_TYPE};
 
 /// The orchestrator's handler of order events.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct SagaStarter {
-    pub(crate) engine: Arc<Engine>,
+    engine: Arc<Engine>,
+    /// Sagas started by events whose transaction has not committed yet,
+    /// by event id: this replica drives each once it has. An event whose
+    /// transaction rolls back is applied again, and its entry replaced.
+    starting: Mutex<HashMap<Uuid, Started>>,
+}
+
+impl SagaStarter {
+    pub(crate) fn new(engine: Arc<Engine>) -> Self {
+        Self {
+            engine,
+            starting: Mutex::default(),
+        }
+    }
 }
 
 impl EventHandler for SagaStarter {
@@ -26,6 +41,16 @@ impl EventHandler for SagaStarter {
     fn wants(&self, envelope: &messaging::EventEnvelope) -> bool {
         envelope::is::<OrderPlaced>(envelope)
             || envelope::is::<OrderCancellationRequested>(envelope)
+    }
+
+    /// The sagas these events started are in the database now: drive them.
+    fn committed(&self, events: &[&ReceivedEvent]) {
+        let mut starting = self.starting.lock().expect("not poisoned");
+        for event in events {
+            if let Some(started) = starting.remove(&event.event_id) {
+                self.engine.adopt(started);
+            }
+        }
     }
 
     async fn handle(
@@ -51,7 +76,7 @@ impl EventHandler for SagaStarter {
             let data = serde_json::to_value(data).map_err(|e| HandleError::Permanent(e.into()))?;
             let started = self
                 .engine
-                .start(
+                .start_here(
                     conn,
                     SAGA_TYPE,
                     &placed.order_id,
@@ -61,8 +86,12 @@ impl EventHandler for SagaStarter {
                 .await
                 .map_err(HandleError::Transient)?;
             match started {
-                Some(saga_id) => {
-                    tracing::info!(%saga_id, order_id = %placed.order_id, "saga started")
+                Some(started) => {
+                    tracing::info!(saga_id = %started.saga_id, order_id = %placed.order_id, "saga started");
+                    self.starting
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(event.event_id, started);
                 }
                 None => {
                     tracing::debug!(order_id = %placed.order_id, "the order already has its saga")

@@ -96,6 +96,15 @@ pub trait EventHandler: Send + Sync + 'static {
         event: &ReceivedEvent,
     ) -> impl Future<Output = Result<(), HandleError>> + Send;
 
+    /// Called once the transaction that took `events` has committed (those
+    /// it passed over as duplicates or unwanted included), for work that may
+    /// begin only when their effects are visible to others. Events of a
+    /// transaction that rolled back are applied again later, or
+    /// dead-lettered; this is not called for them then.
+    fn committed(&self, events: &[&ReceivedEvent]) {
+        let _ = events;
+    }
+
     /// Applies `events`, in order, in one transaction (for a handler keyed
     /// by the event id). By default, one at a time.
     fn handle_batch(
@@ -289,6 +298,7 @@ impl<H: EventHandler> Consumer<H> {
                 tracing::debug!(size = batch.len(), "the batch failed; one at a time");
                 return false;
             }
+            self.handler.committed(&events.iter().collect::<Vec<_>>());
             metrics::counter!("events_consumed_total", "group" => self.group.clone(), "outcome" => "handled")
                 .increment(events.len() as u64);
             return true;
@@ -310,6 +320,8 @@ impl<H: EventHandler> Consumer<H> {
         if tx.commit().await.is_err() {
             return false;
         }
+        self.handler
+            .committed(&events.iter().map(|(_, event)| event).collect::<Vec<_>>());
         for outcome in outcomes {
             let outcome = match outcome {
                 Outcome::Duplicate => "duplicate",
@@ -461,6 +473,7 @@ impl<H: EventHandler> Consumer<H> {
         let mut tx = self.pool.begin().await.map_err(infrastructure)?;
         let outcome = self.apply_in(&mut tx, event).await?;
         tx.commit().await.map_err(infrastructure)?;
+        self.handler.committed(&[event]);
         Ok(outcome)
     }
 

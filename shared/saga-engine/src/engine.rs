@@ -4,7 +4,7 @@
 //! statements that carry it out are in `store`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -13,14 +13,16 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use telemetry::CorrelationId;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::definition::{Journal, SagaDefinition, Step, StepClass, StepContext, StepError};
 use crate::plan::{Plan, plan};
-use crate::store::{self, Claimed, Kind, Lease, Locked, SagaState, WriteError, Written};
+use crate::store::{
+    self, Claimed, Kind, Lease, Locked, SagaRecord, SagaState, WriteError, Written,
+};
 use crate::turn::{self, Count, Turn};
 
 /// How the engine runs.
@@ -44,6 +46,23 @@ pub struct Engine {
     definitions: HashMap<&'static str, SagaDefinition>,
     config: EngineConfig,
     journal: Option<Arc<dyn Journal>>,
+    /// Sagas this replica may drive at once: each driver holds one hand.
+    hands: Arc<Semaphore>,
+    /// Sagas started here whose transaction has committed, on their way
+    /// to a driver (see [`Engine::start_here`]).
+    adopted: mpsc::UnboundedSender<Claimed>,
+    adoptions: Mutex<Option<mpsc::UnboundedReceiver<Claimed>>>,
+}
+
+/// A saga just started by [`Engine::start_here`], in a transaction that
+/// has not committed yet.
+#[derive(Debug)]
+#[must_use = "a saga started here waits for its lease to run out unless adopted"]
+pub struct Started {
+    pub saga_id: Uuid,
+    /// Its row as written, leased to this replica; `None` if every hand
+    /// was busy and it was left for any replica to claim.
+    claim: Option<Claimed>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -87,11 +106,15 @@ impl Engine {
             }
         }
         let definitions = definitions.into_iter().map(|d| (d.name, d)).collect();
+        let (adopted, adoptions) = mpsc::unbounded_channel();
         Ok(Self {
             pool,
             definitions,
+            hands: Arc::new(Semaphore::new(config.concurrency)),
             config,
             journal: None,
+            adopted,
+            adoptions: Mutex::new(Some(adoptions)),
         })
     }
 
@@ -122,7 +145,8 @@ impl Engine {
 
     /// Starts a saga of `saga_type` for `business_key` in the caller's
     /// transaction, unless one exists: `None` then. Work is due at once and
-    /// the engines are woken when the transaction commits.
+    /// the engines are woken when the transaction commits; any replica may
+    /// claim it.
     pub async fn start(
         &self,
         conn: &mut PgConnection,
@@ -131,20 +155,65 @@ impl Engine {
         data: serde_json::Value,
         correlation_id: &str,
     ) -> anyhow::Result<Option<Uuid>> {
-        let saga_id = Uuid::now_v7();
-        let created = store::create(
-            conn,
-            saga_id,
+        let started = self
+            .create(conn, saga_type, business_key, &data, correlation_id, false)
+            .await?;
+        Ok(started.map(|started| started.saga_id))
+    }
+
+    /// Like [`start`](Self::start), but the saga is leased to this replica
+    /// from the first (if it has a free hand), so that once the caller's
+    /// transaction commits and the caller passes it to
+    /// [`adopt`](Self::adopt), it is driven at once: no notification, no
+    /// claim, no reading back what was just written (an eager start). If
+    /// this replica dies first, the lease runs out and another claims it.
+    pub async fn start_here(
+        &self,
+        conn: &mut PgConnection,
+        saga_type: &str,
+        business_key: &str,
+        data: serde_json::Value,
+        correlation_id: &str,
+    ) -> anyhow::Result<Option<Started>> {
+        let here = self.hands.available_permits() > 0;
+        self.create(conn, saga_type, business_key, &data, correlation_id, here)
+            .await
+    }
+
+    /// Drives a saga [`start_here`](Self::start_here) began, once the
+    /// transaction that started it has committed (before, its row is not
+    /// there to be written). A saga left for any replica needs nothing.
+    pub fn adopt(&self, started: Started) {
+        if let Some(claim) = started.claim {
+            // Fails only when the engine has stopped running; the lease
+            // then runs out and another replica claims the saga.
+            let _ = self.adopted.send(claim);
+        }
+    }
+
+    async fn create(
+        &self,
+        conn: &mut PgConnection,
+        saga_type: &str,
+        business_key: &str,
+        data: &serde_json::Value,
+        correlation_id: &str,
+        here: bool,
+    ) -> anyhow::Result<Option<Started>> {
+        let trace_context = telemetry::propagation::current_headers();
+        let new = store::NewSaga {
+            saga_id: Uuid::now_v7(),
             saga_type,
             business_key,
-            &data,
+            data,
             correlation_id,
-            &telemetry::propagation::current_headers(),
-        )
-        .await?;
-        if !created {
+            trace_context: &trace_context,
+        };
+        let owner = here.then_some((self.config.worker_id.as_str(), self.config.lease));
+        let Some(instance) = store::create(conn, &new, owner).await? else {
             return Ok(None);
-        }
+        };
+        let saga_id = instance.saga_id;
         let event = pb::SagaStarted {
             saga_id: saga_id.to_string(),
             saga_type: saga_type.to_owned(),
@@ -154,7 +223,14 @@ impl Engine {
         self.events()
             .write(conn, std::slice::from_ref(&envelope))
             .await?;
-        Ok(Some(saga_id))
+        let claim = here.then(|| Claimed {
+            saga: SagaRecord {
+                instance,
+                steps: Vec::new(),
+            },
+            trace_context,
+        });
+        Ok(Some(Started { saga_id, claim }))
     }
 
     /// Asks a running saga to compensate (it does so between steps, never
@@ -220,7 +296,13 @@ impl Engine {
     /// Runs until `shutdown`: claims due sagas whenever work appears
     /// (notification) or a timer falls due, and drives them.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let permits = self.hands.clone();
+        let mut adoptions = self
+            .adoptions
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .expect("an engine runs once");
         let mut drivers = tokio::task::JoinSet::new();
         let mut listener: Option<PgListener> = None;
         while !shutdown.is_cancelled() {
@@ -282,6 +364,19 @@ impl Engine {
                 .min(Duration::from_secs(5));
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                Some(claim) = adoptions.recv() => {
+                    // A hand was free when it started; if it has been taken
+                    // since, the saga waits here for the next (it is leased
+                    // to no one else).
+                    let permit = permits.clone().acquire_owned();
+                    let engine = self.clone();
+                    let shutdown = shutdown.clone();
+                    drivers.spawn(async move {
+                        let permit = permit.await.expect("the semaphore is never closed");
+                        engine.drive(claim, &shutdown).await;
+                        drop(permit);
+                    });
+                }
                 () = tokio::time::sleep(sleep) => {}
                 Some(_) = drivers.join_next(), if saturated && !drivers.is_empty() => {}
                 received = async { listener.as_mut().expect("guarded").try_recv().await }, if listener.is_some() => {
@@ -291,7 +386,15 @@ impl Engine {
                 }
             }
         }
-        // Drivers stop between steps once shutdown is cancelled.
+        // Sagas started here but not yet driven go back to being claimable
+        // (a driver does that first thing once shutdown is cancelled), and
+        // drivers stop between steps.
+        adoptions.close();
+        while let Some(claim) = adoptions.recv().await {
+            let engine = self.clone();
+            let shutdown = shutdown.clone();
+            drivers.spawn(async move { engine.drive(claim, &shutdown).await });
+        }
         while drivers.join_next().await.is_some() {}
         tracing::debug!("saga engine stopped");
     }

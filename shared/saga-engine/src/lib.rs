@@ -36,7 +36,7 @@ pub use definition::{
     Action, FnAction, Journal, RetryPolicy, SagaDefinition, Settle, Step, StepClass, StepContext,
     StepError,
 };
-pub use engine::{Engine, EngineConfig, RequestOutcome};
+pub use engine::{Engine, EngineConfig, RequestOutcome, Started};
 pub use store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
 
 /// The saga tables, applied in the orchestrator's schema.

@@ -7,7 +7,8 @@
 //!
 //! | function               | writes                                       | fenced by                                              |
 //! |------------------------|----------------------------------------------|--------------------------------------------------------|
-//! | `create`               | `saga_instances` (insert)                    | nothing to fence: a new row, one per type and key      |
+//! | `create`               | `saga_instances` (insert; unowned, or leased | nothing to fence: a new row, one per type and key      |
+//! |                        | at fence 1 to the replica starting it)       |                                                        |
 //! | `claim`                | `saga_instances` (lease, fence + 1)          | takes the fence, under `FOR UPDATE SKIP LOCKED`, of    |
 //! |                        |                                              | sagas whose lease is free or has run out               |
 //! | `write`                | `saga_instances`, `saga_steps`, outbox,      | `WHERE fence = $2` on the row's update, which locks    |
@@ -394,36 +395,49 @@ pub async fn list(
 }
 
 /// Inserts a saga of `saga_type` for `business_key`, running and due now,
-/// in the caller's transaction; false (and nothing written) if that type
-/// has a saga for that key already. Writes `saga_instances`; nothing to
-/// fence: the row is new, unleased, at fence 0, and the unique key keeps it
-/// the only one. Its trigger wakes the engines when the transaction commits.
+/// in the caller's transaction, and returns its row; `None` (and nothing
+/// written) if that type has a saga for that key already. Writes
+/// `saga_instances`; nothing to fence: the row is new, and the unique key
+/// keeps it the only one. Unowned, it is at fence 0 and its trigger wakes
+/// the engines when the transaction commits; owned by `owner` (a started
+/// saga this replica drives at once), it is at fence 1 under that lease,
+/// and nobody is woken.
 pub(crate) async fn create(
     conn: &mut PgConnection,
-    saga_id: Uuid,
-    saga_type: &str,
-    business_key: &str,
-    data: &serde_json::Value,
-    correlation_id: &str,
-    trace_context: &[(String, String)],
-) -> anyhow::Result<bool> {
-    let inserted = sqlx::query(
+    new: &NewSaga<'_>,
+    owner: Option<(&str, Duration)>,
+) -> anyhow::Result<Option<Instance>> {
+    let (lease_owner, lease) = owner.unzip();
+    sqlx::query_as(concat!(
         "INSERT INTO saga_instances
-             (saga_id, saga_type, business_key, state, data, correlation_id, trace_context, next_run_at)
-         VALUES ($1, $2, $3, 'running', $4, $5, $6, now())
-         ON CONFLICT (saga_type, business_key) DO NOTHING",
-    )
-    .bind(saga_id)
-    .bind(saga_type)
-    .bind(business_key)
-    .bind(Json(data))
-    .bind(correlation_id)
-    .bind(Json(trace_context))
-    .execute(&mut *conn)
+             (saga_id, saga_type, business_key, state, data, correlation_id, trace_context, next_run_at,
+              lease_owner, lease_expires_at, fence)
+         VALUES ($1, $2, $3, 'running', $4, $5, $6, now(), $7, now() + $8, CASE WHEN $7 IS NULL THEN 0 ELSE 1 END)
+         ON CONFLICT (saga_type, business_key) DO NOTHING
+         RETURNING ",
+        instance_columns!()
+    ))
+    .bind(new.saga_id)
+    .bind(new.saga_type)
+    .bind(new.business_key)
+    .bind(Json(new.data))
+    .bind(new.correlation_id)
+    .bind(Json(new.trace_context))
+    .bind(lease_owner)
+    .bind(lease.map(chrono::Duration::from_std).transpose()?)
+    .fetch_optional(&mut *conn)
     .await
-    .context("starting a saga")?
-    .rows_affected();
-    Ok(inserted > 0)
+    .context("starting a saga")
+}
+
+/// A saga about to be created.
+pub(crate) struct NewSaga<'a> {
+    pub(crate) saga_id: Uuid,
+    pub(crate) saga_type: &'a str,
+    pub(crate) business_key: &'a str,
+    pub(crate) data: &'a serde_json::Value,
+    pub(crate) correlation_id: &'a str,
+    pub(crate) trace_context: &'a [(String, String)],
 }
 
 /// A saga this replica claimed: its record, and the trace it continues.

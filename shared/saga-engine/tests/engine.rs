@@ -278,6 +278,111 @@ async fn calls_refused_before_they_were_made_cost_no_attempt() {
     running.await.unwrap();
 }
 
+/// Starts a saga leased to `engine` in a committed transaction, as the
+/// orchestrator's starter does (the caller adopts it, or not).
+async fn start_here(engine: &Engine, key: &str) -> saga_engine::Started {
+    let mut tx = engine.pool().begin().await.unwrap();
+    let started = engine
+        .start_here(
+            &mut tx,
+            "test",
+            key,
+            serde_json::json!({ "key": key }),
+            "flow-1",
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    tx.commit().await.unwrap();
+    started
+}
+
+async fn fence_and_owner(pool: &PgPool, saga_id: Uuid) -> (i64, Option<String>) {
+    sqlx::query_as("SELECT fence, lease_owner FROM saga_instances WHERE saga_id = $1")
+        .bind(saga_id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_started_here_is_driven_at_once_without_being_claimed() {
+    let pool = pool().await;
+    let journal = Journal::default();
+    let definition = SagaDefinition::sequence(
+        "test",
+        vec![step("a", &journal, vec![]), step("b", &journal, vec![])],
+    );
+    let engine = engine(&pool, definition, "worker-1");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+
+    let started = start_here(&engine, "eager").await;
+    let saga_id = started.saga_id;
+    // Leased to this replica from the start: no other can claim it.
+    assert_eq!(
+        fence_and_owner(&pool, saga_id).await,
+        (1, Some("worker-1".to_owned()))
+    );
+    engine.adopt(started);
+    wait_for(&pool, saga_id, SagaState::Completed).await;
+    assert_eq!(entries(&journal), ["a", "b"]);
+    // A claim would have taken fence 2.
+    assert_eq!(fence_and_owner(&pool, saga_id).await, (1, None));
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_started_by_a_replica_that_died_before_driving_it_is_claimed_when_its_lease_runs_out()
+ {
+    let pool = pool().await;
+    let journal = Journal::default();
+    let definition = SagaDefinition::sequence("test", vec![step("a", &journal, vec![])]);
+    let dead = engine(&pool, definition.clone(), "worker-dead");
+    let started = start_here(&dead, "orphan").await;
+    let saga_id = started.saga_id;
+    drop(started); // its replica died after the commit, before adopting it
+
+    let survivor = engine(&pool, definition, "worker-2");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(survivor.clone().run(shutdown.clone()));
+    let saga = wait_for(&pool, saga_id, SagaState::Completed).await;
+    assert_eq!(entries(&journal), ["a"]);
+    assert!(
+        saga.instance.updated_at - saga.instance.created_at >= chrono::Duration::seconds(5),
+        "claimed only once the dead replica's lease ran out"
+    );
+    assert_eq!(fence_and_owner(&pool, saga_id).await, (2, None));
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_started_here_but_not_yet_driven_is_released_at_shutdown() {
+    let pool = pool().await;
+    let journal = Journal::default();
+    let definition = SagaDefinition::sequence("test", vec![step("a", &journal, vec![])]);
+    let stopping = engine(&pool, definition.clone(), "worker-stopping");
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let started = start_here(&stopping, "handed-over").await;
+    let saga_id = started.saga_id;
+    stopping.adopt(started);
+    // Stopping at once, it gives the saga back instead of driving it.
+    stopping.clone().run(shutdown).await;
+    assert!(entries(&journal).is_empty());
+    assert_eq!(fence_and_owner(&pool, saga_id).await, (1, None));
+
+    let successor = engine(&pool, definition, "worker-2");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(successor.clone().run(shutdown.clone()));
+    wait_for(&pool, saga_id, SagaState::Completed).await;
+    assert_eq!(entries(&journal), ["a"]);
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_past_its_deadline_fails_and_the_saga_compensates() {
     let pool = pool().await;
