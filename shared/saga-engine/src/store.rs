@@ -552,10 +552,11 @@ pub(crate) enum Written {
     TurningBack,
 }
 
-/// Writes a turn in one transaction: the saga's row (fenced: the `WHERE`
-/// clause of that update is the fence check, and it locks the row first),
-/// every changed step execution in one statement, and the turn's events in
-/// one statement to the outbox (and to the journal, if any).
+/// Writes a turn in one transaction of two statements: the saga's row
+/// (fenced: the `WHERE` clause of that update is the fence check, and it
+/// locks the row first) with every changed step execution, written only if
+/// the fence held; then the turn's events, to the outbox (and to the
+/// journal, if any).
 ///
 /// Writes `saga_instances`, `saga_steps`, the outbox and the journal, all
 /// behind the row update `WHERE saga_id = $1 AND fence = $2`: with another
@@ -575,23 +576,42 @@ pub(crate) async fn write(
         Lease::Keep(duration) => (true, None, duration),
         Lease::Release(next) => (false, next, Duration::ZERO),
     };
+    let rows: Vec<&StepRecord> = turn.rows().collect();
     let mut tx = pool.begin().await.context("starting a transaction")?;
+    // One statement: the saga's row, then (only if the fence held, which
+    // the `EXISTS` waits for) every changed step execution.
     let written: Option<Instance> = sqlx::query_as(concat!(
-        "UPDATE saga_instances SET
-             state = $3, position = $4, failure_reason = $5,
-             compensation_requested = CASE WHEN $6 THEN NULL ELSE compensation_requested END,
-             forward_only_since = CASE
-                 WHEN $7 AND compensation_requested IS NULL THEN coalesce(forward_only_since, now())
-                 WHEN $8 THEN NULL
-                 ELSE forward_only_since END,
-             overdue_step = $9, overdue_since = $10, finished_at = $11,
-             next_run_at = CASE WHEN $12 THEN next_run_at ELSE $13 END,
-             lease_owner = CASE WHEN $12 THEN lease_owner END,
-             lease_expires_at = CASE WHEN $12 THEN now() + $14 END,
-             updated_at = now()
-         WHERE saga_id = $1 AND fence = $2
-         RETURNING ",
-        instance_columns!()
+        "WITH saga AS (
+             UPDATE saga_instances SET
+                 state = $3, position = $4, failure_reason = $5,
+                 compensation_requested = CASE WHEN $6 THEN NULL ELSE compensation_requested END,
+                 forward_only_since = CASE
+                     WHEN $7 AND compensation_requested IS NULL THEN coalesce(forward_only_since, now())
+                     WHEN $8 THEN NULL
+                     ELSE forward_only_since END,
+                 overdue_step = $9, overdue_since = $10, finished_at = $11,
+                 next_run_at = CASE WHEN $12 THEN next_run_at ELSE $13 END,
+                 lease_owner = CASE WHEN $12 THEN lease_owner END,
+                 lease_expires_at = CASE WHEN $12 THEN now() + $14 END,
+                 updated_at = now()
+             WHERE saga_id = $1 AND fence = $2
+             RETURNING ",
+        instance_columns!(),
+        "
+         ), steps AS (
+             INSERT INTO saga_steps (saga_id, step, kind, status, attempts, last_error, output, started_at,
+                                     finished_at, next_attempt_at, deadline_at, outcome_unknown)
+             SELECT $1, * FROM UNNEST($15::text[], $16::text[], $17::text[], $18::int4[], $19::text[],
+                                      $20::jsonb[], $21::timestamptz[], $22::timestamptz[],
+                                      $23::timestamptz[], $24::timestamptz[], $25::bool[])
+             WHERE EXISTS (SELECT FROM saga)
+             ON CONFLICT (saga_id, step, kind) DO UPDATE SET
+                 status = EXCLUDED.status, attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
+                 output = EXCLUDED.output, finished_at = EXCLUDED.finished_at,
+                 next_attempt_at = EXCLUDED.next_attempt_at, deadline_at = EXCLUDED.deadline_at,
+                 outcome_unknown = EXCLUDED.outcome_unknown
+         )
+         SELECT * FROM saga"
     ))
     .bind(instance.saga_id)
     .bind(fence)
@@ -607,47 +627,29 @@ pub(crate) async fn write(
     .bind(hold)
     .bind(next_run_at)
     .bind(chrono::Duration::from_std(renew).context("lease")?)
+    .bind(rows.iter().map(|r| r.step.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.attempts).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.last_error.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.output.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.started_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.next_attempt_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.deadline_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.outcome_unknown).collect::<Vec<_>>())
     .fetch_optional(&mut *tx)
     .await
-    .context("writing the saga")?;
+    .context("writing the saga and its steps")?;
     let Some(written) = written else {
         return Err(WriteError::Fenced);
     };
+    // The steps were written with it; rolling back undoes them too.
     if turn.begins_forward
         && written.compensation_requested.is_some()
         && written.forward_only_since.is_none()
     {
         return Ok(Written::TurningBack); // dropping `tx` rolls it back
-    }
-    let rows: Vec<&StepRecord> = turn.rows().collect();
-    if !rows.is_empty() {
-        sqlx::query(
-            "INSERT INTO saga_steps (saga_id, step, kind, status, attempts, last_error, output, started_at,
-                                     finished_at, next_attempt_at, deadline_at, outcome_unknown)
-             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::jsonb[],
-                                      $8::timestamptz[], $9::timestamptz[], $10::timestamptz[],
-                                      $11::timestamptz[], $12::bool[])
-             ON CONFLICT (saga_id, step, kind) DO UPDATE SET
-                 status = EXCLUDED.status, attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
-                 output = EXCLUDED.output, finished_at = EXCLUDED.finished_at,
-                 next_attempt_at = EXCLUDED.next_attempt_at, deadline_at = EXCLUDED.deadline_at,
-                 outcome_unknown = EXCLUDED.outcome_unknown",
-        )
-        .bind(instance.saga_id)
-        .bind(rows.iter().map(|r| r.step.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.attempts).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.last_error.as_deref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.output.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.started_at).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.next_attempt_at).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.deadline_at).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.outcome_unknown).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await
-        .context("writing the steps")?;
     }
     events.write(&mut tx, &turn.events).await?;
     tx.commit().await.context("committing a turn")?;
