@@ -42,7 +42,11 @@ pub const ROLE: &str = "saga_service";
 /// This service's own tables (the saga tables come with the engine).
 pub const MIGRATIONS: MigrationSet = database::migrations!(
     "saga-orchestrator",
-    ["0001_trace_view.sql", "0002_trace_notify_per_statement.sql"]
+    [
+        "0001_trace_view.sql",
+        "0002_trace_notify_per_statement.sql",
+        "0003_trace_notify_by_the_writer.sql",
+    ]
 );
 /// The consumer group that starts sagas from order events.
 pub const CONSUMER_GROUP: &str = "saga-orchestrator";

@@ -5,9 +5,10 @@
 //! the transaction that makes them: [`TraceJournal`]) and records each
 //! event once (its primary key is the event id,
 //! so it needs no inbox), with the order it concerns and a one-line
-//! summary, a consumer batch in one statement. New rows are announced with
-//! `NOTIFY`, rows included, a few per notification, so the live streams of
-//! every replica see every event whichever replica consumed it.
+//! summary, a consumer batch in one statement. That statement also
+//! announces its new rows with `NOTIFY`, rows included, a few per
+//! notification, so the live streams of every replica see every event
+//! whichever replica consumed it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,11 +137,18 @@ fn row_of(event_id: Uuid, envelope: &EventEnvelope) -> Result<TraceEventRow, Ope
     })
 }
 
-/// Inserts `rows` in one statement; rows already recorded are left alone.
+/// Inserts `rows` and announces the new ones to the live feeds, in one
+/// statement; rows already recorded are left alone (and not announced).
 /// Saga events that do not name their order get their saga's.
+///
+/// The announcement is a `NOTIFY` on `<schema>.trace_events`, delivered
+/// when the transaction commits: the rows as a JSON array, eight to a
+/// notification (a payload holds at most 8000 bytes, and a row, its summary
+/// at most 500 characters, stays under 1000).
 async fn record(conn: &mut PgConnection, rows: &[TraceEventRow]) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO trace_events (event_id, correlation_id, order_id, service, event_type, aggregate_type,
+        "WITH recorded AS (
+         INSERT INTO trace_events (event_id, correlation_id, order_id, service, event_type, aggregate_type,
                                    aggregate_id, aggregate_version, causation_id, occurred_at, summary)
          SELECT e.event_id, e.correlation_id,
                 coalesce(e.order_id, CASE WHEN e.aggregate_type = 'saga' THEN
@@ -152,7 +160,18 @@ async fn record(conn: &mut PgConnection, rows: &[TraceEventRow]) -> sqlx::Result
               WITH ORDINALITY AS e(event_id, correlation_id, order_id, service, event_type, aggregate_type,
                                    aggregate_id, aggregate_version, causation_id, occurred_at, summary, n)
          ORDER BY e.n
-         ON CONFLICT (event_id) DO NOTHING",
+         ON CONFLICT (event_id) DO NOTHING
+         RETURNING *
+         )
+         SELECT pg_notify(current_schema() || '.trace_events', chunk)
+         FROM (SELECT json_agg(json_build_object(
+                          'event_id', event_id, 'correlation_id', correlation_id, 'order_id', order_id,
+                          'service', service, 'event_type', event_type, 'aggregate_type', aggregate_type,
+                          'aggregate_id', aggregate_id, 'aggregate_version', aggregate_version,
+                          'causation_id', causation_id, 'occurred_at', occurred_at, 'summary', summary)
+                          ORDER BY occurred_at)::text AS chunk
+               FROM (SELECT *, (row_number() OVER () - 1) / 8 AS part FROM recorded) AS numbered
+               GROUP BY part) AS chunks",
     )
     .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.correlation_id.as_str()).collect::<Vec<_>>())
