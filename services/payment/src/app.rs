@@ -1,80 +1,129 @@
-//! The payment service's use cases, independent of gRPC.
+//! The payment service's use cases: the I/O around `crate::domain`'s rules.
 //!
-//! Every write takes a per-key advisory lock first (the charge's
-//! idempotency key), so a charge, its retries, its racing duplicates and
-//! its voiding are serialised by the database: one key, one charge.
+//! # One key, one charge, and nothing held while the provider answers
 //!
-//! Undoing a charge by its key when we have no record of it asks the
+//! A provider call can take long (`tok_slow` takes longer than callers
+//! wait), so no transaction, lock or pooled connection is held across it.
+//! Instead each charge key has a claim row (`charge_claims`) next to its
+//! payment, and a request goes through three steps:
+//!
+//! 1. **Claim.** It reads the key's claim and payment, and
+//!    `domain::decide` says what to do: answer with the payment, wait, or
+//!    call the provider. To call, it takes the key's *lease*: for a key
+//!    never seen, by inserting the claim with itself as the holder (one
+//!    statement, the common case; the primary key lets one insert win);
+//!    otherwise by an UPDATE that succeeds only if the claim's `version` is
+//!    still the one it read. Either commits at once.
+//! 2. **Call** the provider, with no transaction open, for at most
+//!    [`Leases::call_limit`], which is shorter than the lease.
+//! 3. **Record**, in one short transaction: free the lease
+//!    `WHERE lease_holder = <us>`; if no row matches, someone took the
+//!    lease over (a void, or a retry after the lease expired), so this
+//!    request records nothing, reads the key again and answers with what
+//!    the new holder records. Otherwise insert the payment (or mark it
+//!    refunded) with its events in the outbox, and commit.
+//!
+//! A provider error frees the lease, and the caller gets UNAVAILABLE (retry
+//! with the same key). A request that goes away (cancelled, timed out)
+//! frees it from a drop guard. A process that crashes leaves its lease to
+//! expire ([`Leases::lease`]). Requests that find a live lease poll the key
+//! with a growing pause, holding no connection in between.
+//!
+//! Why no one is charged twice, and a refund happens once, however the
+//! requests interleave:
+//!
+//! - **Duplicates racing.** One takes the lease; the others see it live and
+//!   wait until the payment is recorded, then answer with it. The holder
+//!   stops calling after `call_limit`, before its lease can expire, so no
+//!   two requests call the provider for one key at a time.
+//! - **A crash after the provider charged, before the outcome was
+//!   recorded.** The claim keeps a holder that is gone. A retry waits for
+//!   the lease to expire, takes it over and asks the provider again under
+//!   the same key; the provider is idempotent by key and answers with the
+//!   first charge (or decline) instead of charging again, and that answer
+//!   is recorded. A crash after recording leaves nothing to resolve.
+//! - **A void (refund by charge key) while a charge is in flight.** The
+//!   void takes the lease even from a live charge, and the key's intent
+//!   becomes `undo`, for good. It asks the provider to void the key, and the
+//!   provider settles the race: a charge it has not decided yet is declined
+//!   (`charge_voided`) and the key can never charge; a charge it captured
+//!   is refunded. Either way it holds nothing afterwards. The charge, when
+//!   its answer comes, no longer holds the lease: it records nothing and
+//!   answers with what the void recorded. A charge that comes after a void
+//!   started waits for it or, if the void was left unfinished, finishes it;
+//!   it never calls the provider to charge.
+//! - **A refund racing a charge or another refund.** A refund of a captured
+//!   payment takes the lease like a void does (refunds of one key wait for
+//!   each other); the provider refunds a key at most once however often it
+//!   is asked, and the one lease holder records the refund with an update
+//!   from `captured`, so its event is published once.
+//! - **A stale read.** A lease is taken only from the claim as it was read,
+//!   and an outcome is recorded only by the lease's holder: a decision made
+//!   on what another request has since changed is never acted on.
+//!
+//! When we have no record of a charge, undoing it by its key asks the
 //! provider to void the key, because only the provider knows whether the
 //! charge was captured and its answer lost (a crash, a cancelled call, a
 //! lost reply). What it says is recorded as the payment, so our ledger and
 //! the provider's books agree.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use api_payment::v1 as pb;
 use chrono::{DateTime, Utc};
 use messaging::envelope::EventMeta;
 use messaging::{EventEnvelope, Topics};
-use money::Money;
+use money::{Currency, Money};
 use prost::{Message, Name};
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool};
 use telemetry::CorrelationId;
 use uuid::Uuid;
 
 use crate::NAME;
-use crate::provider::{
-    Charge, ChargeOutcome, ChargeRecord, PaymentProvider, ProviderError, VoidOutcome,
+use crate::domain::{
+    self, Call, ChargeDetails, ChargeKey, ChargeRequest, Claim, CustomerId, Intent, KeyCommand,
+    KeyReused, Lease, NewPayment, NothingToRefund, OrderId, Payment, PaymentEvent, PaymentId,
+    PaymentStatus, Refund, RefundKey, RefundReason, RequestHash, Settlement, Step,
 };
+use crate::provider::{Charge, PaymentProvider, ProviderError};
 
-/// A payment as stored.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub(crate) struct PaymentRow {
-    pub(crate) payment_id: Uuid,
-    pub(crate) idempotency_key: String,
-    pub(crate) status: String,
-    pub(crate) request_hash: Option<Vec<u8>>,
-    pub(crate) order_id: Option<Uuid>,
-    pub(crate) customer_id: Option<Uuid>,
-    pub(crate) amount_minor: Option<i64>,
-    pub(crate) currency: Option<String>,
-    pub(crate) decline_reason: Option<String>,
-    pub(crate) provider_reference: Option<String>,
-    pub(crate) created_at: DateTime<Utc>,
-    pub(crate) refunded_at: Option<DateTime<Utc>>,
+/// How long a provider call may take, and how long a lease on a key lasts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Leases {
+    /// A provider call is given up after this; the caller gets UNAVAILABLE
+    /// and may retry with the same key.
+    pub(crate) call_limit: Duration,
+    /// How long a lease lasts, from its claim's commit: longer than
+    /// `call_limit`, so that its holder has stopped calling the provider
+    /// before anyone may take the lease over.
+    pub(crate) lease: Duration,
 }
 
-/// Columns of [`PaymentRow`], for queries that read whole rows.
-macro_rules! payment_columns {
-    () => {
-        "payment_id, idempotency_key, status, request_hash, order_id, customer_id, amount_minor, currency, \
-         decline_reason, provider_reference, created_at, refunded_at"
-    };
-}
-
-/// A charge as asked for.
-#[derive(Debug, Clone)]
-pub(crate) struct ChargeRequest {
-    pub(crate) order_id: Uuid,
-    pub(crate) customer_id: Uuid,
-    pub(crate) amount: Money,
-    pub(crate) payment_method: String,
-    pub(crate) idempotency_key: String,
-    pub(crate) request_hash: Vec<u8>,
+impl Leases {
+    /// For a server that ends every request after `request_timeout`: no
+    /// call outlives its request, and the margin covers the time between
+    /// the claim's commit and the start of the call.
+    pub(crate) fn for_request_timeout(request_timeout: Duration) -> Self {
+        Self {
+            call_limit: request_timeout,
+            lease: request_timeout + Duration::from_secs(5),
+        }
+    }
 }
 
 /// What to refund.
 #[derive(Debug, Clone)]
 pub(crate) enum RefundTarget {
-    Payment(Uuid),
-    ChargeKey(String),
+    Payment(PaymentId),
+    ChargeKey(ChargeKey),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProcessError {
-    #[error("the idempotency key was used before with a different request")]
-    KeyReused,
+    #[error(transparent)]
+    KeyReused(#[from] KeyReused),
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
@@ -85,8 +134,8 @@ pub(crate) enum ProcessError {
 pub(crate) enum RefundError {
     #[error("no such payment")]
     NotFound,
-    #[error("the payment was declined; there is nothing to refund")]
-    NothingToRefund,
+    #[error(transparent)]
+    NothingToRefund(#[from] NothingToRefund),
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
@@ -106,85 +155,58 @@ pub(crate) struct Payments {
     pool: PgPool,
     provider: Arc<dyn PaymentProvider>,
     topics: Topics,
+    leases: Leases,
 }
 
 impl std::fmt::Debug for Payments {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Payments").finish_non_exhaustive()
+        f.debug_struct("Payments")
+            .field("leases", &self.leases)
+            .finish_non_exhaustive()
     }
 }
 
+/// Why settling a key stopped.
+#[derive(Debug, thiserror::Error)]
+enum SettleError {
+    #[error(transparent)]
+    KeyReused(#[from] KeyReused),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
 impl Payments {
-    pub(crate) fn new(pool: PgPool, provider: Arc<dyn PaymentProvider>, topics: Topics) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        provider: Arc<dyn PaymentProvider>,
+        topics: Topics,
+        leases: Leases,
+    ) -> Self {
         Self {
             pool,
             provider,
             topics,
+            leases,
         }
     }
 
     /// Charges once per idempotency key; a decline is a result.
-    pub(crate) async fn process(
-        &self,
-        request: &ChargeRequest,
-    ) -> Result<PaymentRow, ProcessError> {
-        let mut tx = self.pool.begin().await.context("starting a transaction")?;
-        lock_key(&mut tx, &request.idempotency_key).await?;
-        if let Some(existing) = find_by_key(&mut tx, &request.idempotency_key).await? {
-            // A payment without a request hash was settled by a void of its
-            // key (see `refund`) before any request was seen here: what the
-            // provider said then stands, whatever this request is.
-            if existing
-                .request_hash
-                .as_ref()
-                .is_some_and(|hash| *hash != request.request_hash)
-            {
-                return Err(ProcessError::KeyReused);
-            }
-            return Ok(existing);
-        }
-        // The lock is held while the provider answers: a duplicate waits
-        // here and then finds this payment instead of charging again.
-        let charge = Charge {
-            idempotency_key: request.idempotency_key.clone(),
-            amount: request.amount,
-            payment_method: request.payment_method.clone(),
-            order_id: request.order_id,
-            customer_id: request.customer_id,
-        };
-        let outcome = self.provider.charge(&charge).await?;
-        let (status, decline_reason, reference) = match &outcome {
-            ChargeOutcome::Captured { reference } => ("captured", None, Some(reference.as_str())),
-            ChargeOutcome::Declined(reason) => ("declined", Some(reason.as_str()), None),
-        };
-        let row = insert(
-            &mut tx,
-            &NewPayment {
-                idempotency_key: &request.idempotency_key,
-                status,
-                request_hash: Some(&request.request_hash),
-                charge: Some(&ChargeRecord {
-                    amount: request.amount,
-                    order_id: request.order_id,
-                    customer_id: request.customer_id,
-                }),
-                decline_reason,
-                provider_reference: reference,
-                refund: None,
-            },
-        )
-        .await
-        .context("recording the payment")?;
-        match outcome {
-            ChargeOutcome::Captured { .. } => {
-                self.publish(&mut tx, &row, &captured_event(&row)).await?
-            }
-            ChargeOutcome::Declined(_) => {
-                self.publish(&mut tx, &row, &declined_event(&row)).await?
-            }
-        }
-        tx.commit().await.context("committing the payment")?;
-        Ok(row)
+    pub(crate) async fn process(&self, request: &ChargeRequest) -> Result<Payment, ProcessError> {
+        // A key never seen, the common case: claimed in one statement.
+        let lease = self
+            .claim_new(&request.key, &Intent::Charge, Some(&request.request_hash))
+            .await?
+            .map(|held| (Call::Charge, held));
+        let command = KeyCommand::Charge(&request.request_hash);
+        self.settle(&request.key, command, Some(request), lease)
+            .await
+            .map_err(|error| match error {
+                SettleError::KeyReused(error) => error.into(),
+                SettleError::Provider(error) => error.into(),
+                SettleError::Unexpected(error) => error.into(),
+            })
     }
 
     /// Refunds a captured payment in full; by charge key, undoes whatever
@@ -192,305 +214,1072 @@ impl Payments {
     pub(crate) async fn refund(
         &self,
         target: &RefundTarget,
-        refund_key: &str,
-        reason: &str,
-    ) -> Result<PaymentRow, RefundError> {
-        let mut tx = self.pool.begin().await.context("starting a transaction")?;
-        let row = match target {
+        refund: &Refund,
+    ) -> Result<Payment, RefundError> {
+        let (key, lease) = match target {
             RefundTarget::Payment(payment_id) => {
-                let row: Option<PaymentRow> = sqlx::query_as(concat!(
-                    "SELECT ",
-                    payment_columns!(),
-                    " FROM payments WHERE payment_id = $1 FOR UPDATE"
-                ))
-                .bind(payment_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .context("reading the payment")?;
-                let row = row.ok_or(RefundError::NotFound)?;
-                if row.status == "declined" {
-                    return Err(RefundError::NothingToRefund);
-                }
-                row
+                let payment = self.get(*payment_id).await?.ok_or(RefundError::NotFound)?;
+                payment.check_refundable()?;
+                (payment.charge_key, None)
             }
             RefundTarget::ChargeKey(key) => {
-                lock_key(&mut tx, key).await?;
-                match find_by_key(&mut tx, key).await? {
-                    Some(row) => row,
-                    None => return self.void(tx, key, refund_key, reason).await,
-                }
+                let lease = self
+                    .claim_new(key, &Intent::Undo(refund.clone()), None)
+                    .await?
+                    .map(|held| (Call::Void(refund.clone()), held));
+                (key.clone(), lease)
             }
         };
-        if row.status != "captured" {
-            // Refunded (with this or another key), declined or voided:
-            // nothing more to do; the earlier result stands.
-            return Ok(row);
-        }
-        match self.provider.void(&row.idempotency_key).await? {
-            VoidOutcome::Refunded { .. } => {}
-            other => {
-                return Err(anyhow::anyhow!(
-                    "the provider holds no capture for captured payment {}: {other:?}",
-                    row.payment_id
-                )
-                .into());
-            }
-        }
-        let refunded: PaymentRow = sqlx::query_as(concat!(
-            "UPDATE payments SET status = 'refunded', refunded_at = now(), refund_idempotency_key = $2, refund_reason = $3
-             WHERE payment_id = $1 RETURNING ",
-            payment_columns!()
-        ))
-        .bind(row.payment_id)
-        .bind(refund_key)
-        .bind(reason)
-        .fetch_one(&mut *tx)
-        .await
-        .context("recording the refund")?;
-        self.publish(&mut tx, &refunded, &refunded_event(&refunded, reason))
-            .await?;
-        tx.commit().await.context("committing the refund")?;
-        Ok(refunded)
+        self.settle(&key, KeyCommand::Undo(refund), None, lease)
+            .await
+            .map_err(|error| match error {
+                SettleError::Provider(error) => error.into(),
+                SettleError::Unexpected(error) => error.into(),
+                SettleError::KeyReused(error) => anyhow::Error::new(error)
+                    .context("a refund was refused as a charge")
+                    .into(),
+            })
     }
 
-    /// Undoes a charge we have no record of, with the key's lock held in
-    /// `tx`: the charge never reached the provider, or its answer was lost
-    /// after the provider captured. The provider, asked by key, tells which,
-    /// and what it says is recorded, with its events, in one transaction.
+    /// Drives `command` on `key` to a payment: reads the key, does what the
+    /// domain decides, and again, until the key is settled. `lease`, when
+    /// given, is already held (a new key's claim) for that call.
+    async fn settle(
+        &self,
+        key: &ChargeKey,
+        command: KeyCommand<'_>,
+        charge: Option<&ChargeRequest>,
+        mut lease: Option<(Call, HeldLease)>,
+    ) -> Result<Payment, SettleError> {
+        let mut pause = Pause::default();
+        loop {
+            let (call, held) = match lease.take() {
+                Some(leased) => leased,
+                None => {
+                    let (payment, claim) = self.read_key(key).await?;
+                    let step =
+                        domain::decide(payment.as_ref(), claim.as_ref().map(|c| &c.0), command)?;
+                    match step {
+                        Step::Answer => {
+                            return payment
+                                .context("the domain answered without a payment")
+                                .map_err(SettleError::from);
+                        }
+                        Step::Wait => {
+                            pause.wait().await;
+                            continue;
+                        }
+                        Step::Call(call) => {
+                            let version = claim.map(|(_, version)| version);
+                            match self.take_lease(key, version, &call, charge).await? {
+                                Some(held) => (call, held),
+                                // The claim changed since we read it: read again.
+                                None => continue,
+                            }
+                        }
+                    }
+                }
+            };
+            let recorded = match &call {
+                Call::Charge => {
+                    let charge = charge.context("a refund decided to charge")?;
+                    self.charge(charge, held).await?
+                }
+                Call::Void(refund) => self.void(key, refund, held).await?,
+            };
+            match recorded {
+                Some(payment) => {
+                    if let (KeyCommand::Charge(hash), Call::Charge) = (command, &call) {
+                        payment.answer_charge(hash)?;
+                    }
+                    return Ok(payment);
+                }
+                // Our lease was taken over before we recorded: what its new
+                // holder records stands. Read the key again.
+                None => pause.wait().await,
+            }
+        }
+    }
+
+    /// Charges at the provider, holding the key's lease, and records the
+    /// answer if we still hold it (`None` if we do not).
+    async fn charge(
+        &self,
+        request: &ChargeRequest,
+        held: HeldLease,
+    ) -> Result<Option<Payment>, SettleError> {
+        let charge = Charge {
+            idempotency_key: request.key.as_str().to_owned(),
+            amount: request.details.amount,
+            payment_method: request.payment_method.as_str().to_owned(),
+            order_id: request.details.order_id,
+            customer_id: request.details.customer_id,
+        };
+        let outcome = match self.call(self.provider.charge(&charge)).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                held.release().await;
+                return Err(error.into());
+            }
+        };
+        let mut tx = self.pool.begin().await.context("starting a transaction")?;
+        if !free_lease(&mut tx, &request.key, held.holder).await? {
+            held.lost();
+            return Ok(None);
+        }
+        let (new, events) = domain::charged(request, &outcome);
+        let payment = match insert(&mut tx, &new).await? {
+            Some(payment) => {
+                self.publish(&mut tx, &payment, &events).await?;
+                payment
+            }
+            // Recorded meanwhile by a replica of the version before claims
+            // (during an upgrade): that record stands.
+            None => find_by_key(&mut *tx, &request.key, false)
+                .await?
+                .context("the payment that conflicted is gone")?,
+        };
+        tx.commit().await.context("committing the payment")?;
+        held.lost();
+        Ok(Some(payment))
+    }
+
+    /// Voids the key at the provider for `refund`, holding the key's lease,
+    /// and records what that settles if we still hold it (`None` if not).
     async fn void(
         &self,
-        mut tx: Transaction<'_, Postgres>,
-        key: &str,
-        refund_key: &str,
-        reason: &str,
-    ) -> Result<PaymentRow, RefundError> {
-        let refund = Some((refund_key, reason));
-        let row = match self.provider.void(key).await? {
-            // No charge was made, and none ever will be.
-            VoidOutcome::Voided => insert(
-                &mut tx,
-                &NewPayment {
-                    idempotency_key: key,
-                    status: "voided",
-                    request_hash: None,
-                    charge: None,
-                    decline_reason: None,
-                    provider_reference: None,
-                    refund,
-                },
-            )
-            .await
-            .context("voiding the charge")?,
-            VoidOutcome::Declined {
-                reason: decline,
-                charge,
-            } => {
-                let row = insert(
-                    &mut tx,
-                    &NewPayment {
-                        idempotency_key: key,
-                        status: "declined",
-                        request_hash: None,
-                        charge: Some(&charge),
-                        decline_reason: Some(decline.as_str()),
-                        provider_reference: None,
-                        refund: None,
-                    },
-                )
-                .await
-                .context("recording the declined charge")?;
-                self.publish(&mut tx, &row, &declined_event(&row)).await?;
-                row
-            }
-            // Captured and its answer lost: now refunded. Recorded as both,
-            // so the ledger shows the money that moved and came back.
-            VoidOutcome::Refunded { reference, charge } => {
-                let row = insert(
-                    &mut tx,
-                    &NewPayment {
-                        idempotency_key: key,
-                        status: "refunded",
-                        request_hash: None,
-                        charge: Some(&charge),
-                        decline_reason: None,
-                        provider_reference: Some(&reference),
-                        refund,
-                    },
-                )
-                .await
-                .context("recording the refunded charge")?;
-                self.publish(&mut tx, &row, &captured_event(&row)).await?;
-                self.publish(&mut tx, &row, &refunded_event(&row, reason))
-                    .await?;
-                row
+        key: &ChargeKey,
+        refund: &Refund,
+        held: HeldLease,
+    ) -> Result<Option<Payment>, SettleError> {
+        let outcome = match self.call(self.provider.void(key.as_str())).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                held.release().await;
+                return Err(error.into());
             }
         };
-        tx.commit().await.context("committing the void")?;
-        Ok(row)
+        let mut tx = self.pool.begin().await.context("starting a transaction")?;
+        if !free_lease(&mut tx, key, held.holder).await? {
+            held.lost();
+            return Ok(None);
+        }
+        let existing = find_by_key(&mut *tx, key, true).await?;
+        let settlement =
+            domain::voided(key, existing.as_ref(), refund, outcome).map_err(anyhow::Error::new)?;
+        let payment = match settlement {
+            Settlement::Record(new, events) => {
+                let payment = insert(&mut tx, &new)
+                    .await?
+                    .context("a payment appeared under a locked key")?;
+                self.publish(&mut tx, &payment, &events).await?;
+                payment
+            }
+            Settlement::Refunded { refund, events } => {
+                let captured = existing.context("refunded without a payment")?;
+                let payment = mark_refunded(&mut tx, captured.id, &refund).await?;
+                self.publish(&mut tx, &payment, &events).await?;
+                payment
+            }
+            Settlement::Stands => existing.context("a payment stands without a payment")?,
+        };
+        tx.commit().await.context("committing the refund")?;
+        held.lost();
+        Ok(Some(payment))
     }
 
-    pub(crate) async fn get(&self, payment_id: Uuid) -> anyhow::Result<Option<PaymentRow>> {
-        sqlx::query_as(concat!(
+    /// A provider call, given up after the call limit: by then the lease
+    /// may be about to expire.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        let limit = self.leases.call_limit;
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(ProviderError::Transient(format!(
+                "no answer within {}",
+                humantime::format_duration(limit)
+            )))
+        })
+    }
+
+    /// Claims a key no request has claimed before, holding its lease:
+    /// `None` if the key has a claim already.
+    async fn claim_new(
+        &self,
+        key: &ChargeKey,
+        intent: &Intent,
+        request_hash: Option<&RequestHash>,
+    ) -> anyhow::Result<Option<HeldLease>> {
+        let holder = Uuid::new_v4();
+        let refund = match intent {
+            Intent::Charge => None,
+            Intent::Undo(refund) => Some(refund),
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO charge_claims (charge_key, intent, request_hash, refund_idempotency_key, refund_reason,
+                                        lease_holder, lease_expires_at, provider_calls)
+             VALUES ($1, $2, $3, $4, $5, $6, now() + $7 * interval '1 millisecond', 1)
+             ON CONFLICT (charge_key) DO NOTHING",
+        )
+        .bind(key.as_str())
+        .bind(intent_text(intent))
+        .bind(request_hash.map(RequestHash::as_bytes))
+        .bind(refund.map(|refund| refund.key.as_str()))
+        .bind(refund.map(|refund| refund.reason.as_str()))
+        .bind(holder)
+        .bind(self.lease_millis())
+        .execute(&self.pool)
+        .await
+        .context("claiming the idempotency key")?
+        .rows_affected()
+            == 1;
+        Ok(inserted.then(|| self.held(key, holder)))
+    }
+
+    /// Takes the lease of `key` for `call`, if its claim is still at
+    /// `version` as read (or, with no claim read, if there still is none).
+    async fn take_lease(
+        &self,
+        key: &ChargeKey,
+        version: Option<i64>,
+        call: &Call,
+        charge: Option<&ChargeRequest>,
+    ) -> anyhow::Result<Option<HeldLease>> {
+        let intent = match call {
+            Call::Charge => Intent::Charge,
+            Call::Void(refund) => Intent::Undo(refund.clone()),
+        };
+        // Only a charge binds the key to its request.
+        let request_hash = match call {
+            Call::Charge => charge.map(|charge| &charge.request_hash),
+            Call::Void(_) => None,
+        };
+        let Some(version) = version else {
+            return self.claim_new(key, &intent, request_hash).await;
+        };
+        let holder = Uuid::new_v4();
+        let refund = match &intent {
+            Intent::Charge => None,
+            Intent::Undo(refund) => Some(refund),
+        };
+        let taken = sqlx::query(
+            "UPDATE charge_claims
+             SET intent = $3, refund_idempotency_key = $4, refund_reason = $5,
+                 request_hash = coalesce(request_hash, $6),
+                 lease_holder = $7, lease_expires_at = now() + $8 * interval '1 millisecond',
+                 provider_calls = provider_calls + 1, version = version + 1, updated_at = now()
+             WHERE charge_key = $1 AND version = $2",
+        )
+        .bind(key.as_str())
+        .bind(version)
+        .bind(intent_text(&intent))
+        .bind(refund.map(|refund| refund.key.as_str()))
+        .bind(refund.map(|refund| refund.reason.as_str()))
+        .bind(request_hash.map(RequestHash::as_bytes))
+        .bind(holder)
+        .bind(self.lease_millis())
+        .execute(&self.pool)
+        .await
+        .context("taking the idempotency key's lease")?
+        .rows_affected()
+            == 1;
+        Ok(taken.then(|| self.held(key, holder)))
+    }
+
+    /// The key's payment and claim (with its version), as read now. The
+    /// claim is read first: a payment recorded after it changes the claim's
+    /// version, so a decision to call on this read cannot take the lease.
+    async fn read_key(
+        &self,
+        key: &ChargeKey,
+    ) -> anyhow::Result<(Option<Payment>, Option<(Claim, i64)>)> {
+        let claim: Option<ClaimRow> = sqlx::query_as(
+            "SELECT intent, request_hash, refund_idempotency_key, refund_reason, version,
+                    CASE WHEN lease_holder IS NULL THEN 'free'
+                         WHEN lease_expires_at > now() THEN 'live'
+                         ELSE 'expired' END AS lease
+             FROM charge_claims WHERE charge_key = $1",
+        )
+        .bind(key.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .context("reading the idempotency key's claim")?;
+        let claim = claim.map(ClaimRow::into_claim).transpose()?;
+        let payment = find_by_key(&self.pool, key, false).await?;
+        Ok((payment, claim))
+    }
+
+    fn held(&self, key: &ChargeKey, holder: Uuid) -> HeldLease {
+        HeldLease {
+            pool: self.pool.clone(),
+            key: key.clone(),
+            holder,
+            held: true,
+        }
+    }
+
+    fn lease_millis(&self) -> i64 {
+        i64::try_from(self.leases.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    pub(crate) async fn get(&self, payment_id: PaymentId) -> anyhow::Result<Option<Payment>> {
+        let row: Option<PaymentRow> = sqlx::query_as(concat!(
             "SELECT ",
             payment_columns!(),
             " FROM payments WHERE payment_id = $1"
         ))
-        .bind(payment_id)
+        .bind(payment_id.as_uuid())
         .fetch_optional(&self.pool)
         .await
-        .context("reading a payment")
+        .context("reading a payment")?;
+        row.map(Payment::try_from).transpose()
     }
 
     /// An order's payments, oldest first, and its ledger.
     pub(crate) async fn by_order(
         &self,
-        order_id: Uuid,
-    ) -> anyhow::Result<(Vec<PaymentRow>, Option<Ledger>)> {
-        let payments = sqlx::query_as(concat!(
+        order_id: OrderId,
+    ) -> anyhow::Result<(Vec<Payment>, Option<Ledger>)> {
+        let rows: Vec<PaymentRow> = sqlx::query_as(concat!(
             "SELECT ",
             payment_columns!(),
             " FROM payments WHERE order_id = $1 ORDER BY created_at, payment_id"
         ))
-        .bind(order_id)
+        .bind(order_id.as_uuid())
         .fetch_all(&self.pool)
         .await
         .context("reading an order's payments")?;
         let ledger = sqlx::query_as(
             "SELECT currency, captured_minor, refunded_minor FROM order_ledger WHERE order_id = $1",
         )
-        .bind(order_id)
+        .bind(order_id.as_uuid())
         .fetch_optional(&self.pool)
         .await
         .context("reading an order's ledger")?;
+        let payments = rows
+            .into_iter()
+            .map(Payment::try_from)
+            .collect::<anyhow::Result<_>>()?;
         Ok((payments, ledger))
     }
 
-    async fn publish<M: Message + Name>(
+    /// Enqueues `events` of `payment`, in order, in one statement.
+    async fn publish(
         &self,
         conn: &mut PgConnection,
-        row: &PaymentRow,
-        event: &M,
+        payment: &Payment,
+        events: &[PaymentEvent],
     ) -> anyhow::Result<()> {
-        let envelope: EventEnvelope = messaging::envelope::seal(
-            EventMeta {
-                producer: NAME,
-                aggregate_type: "payment",
-                aggregate_id: row.payment_id.to_string(),
-                aggregate_version: 0,
-                correlation_id: telemetry::correlation::current()
-                    .unwrap_or_else(CorrelationId::generate),
-                causation_id: None,
-            },
-            1,
-            event,
-        );
-        messaging::outbox::enqueue(conn, &self.topics.payment_events(), &envelope).await
+        let envelopes: Vec<EventEnvelope> = events
+            .iter()
+            .map(|event| match event {
+                PaymentEvent::Captured => envelope(payment, &captured_event(payment)),
+                PaymentEvent::Declined => envelope(payment, &declined_event(payment)),
+                PaymentEvent::Refunded { reason } => {
+                    envelope(payment, &refunded_event(payment, reason))
+                }
+            })
+            .collect();
+        messaging::outbox::enqueue_all(conn, &self.topics.payment_events(), &envelopes).await
     }
 }
 
-/// A payment to record.
-struct NewPayment<'a> {
-    idempotency_key: &'a str,
-    status: &'a str,
-    /// Empty when the payment was settled by a void of its key.
-    request_hash: Option<&'a [u8]>,
-    /// Empty only for a voided key.
-    charge: Option<&'a ChargeRecord>,
-    decline_reason: Option<&'a str>,
-    provider_reference: Option<&'a str>,
-    /// The refund's idempotency key and reason, when it is refunded or voided.
-    refund: Option<(&'a str, &'a str)>,
+/// A lease this request holds on a key. Dropped while still held (the
+/// request was cancelled, or failed on the database), it frees the lease in
+/// the background, so that a retry need not wait for it to expire.
+#[derive(Debug)]
+struct HeldLease {
+    pool: PgPool,
+    key: ChargeKey,
+    holder: Uuid,
+    held: bool,
 }
 
-async fn insert(conn: &mut PgConnection, payment: &NewPayment<'_>) -> anyhow::Result<PaymentRow> {
-    let charge = payment.charge;
-    let refunded = payment.status == "refunded";
-    let row = sqlx::query_as(concat!(
+impl HeldLease {
+    /// Frees the lease now (after a provider error: a retry may call again).
+    async fn release(mut self) {
+        self.held = false;
+        release(&self.pool, &self.key, self.holder).await;
+    }
+
+    /// The lease is no longer ours to free: our record freed it, or someone
+    /// took it over.
+    fn lost(mut self) {
+        self.held = false;
+    }
+}
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let (pool, key, holder) = (self.pool.clone(), self.key.clone(), self.holder);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { release(&pool, &key, holder).await });
+        }
+    }
+}
+
+/// Frees the lease of `key` if `holder` still holds it. A failure only
+/// means the lease expires instead.
+async fn release(pool: &PgPool, key: &ChargeKey, holder: Uuid) {
+    let freed = sqlx::query(
+        "UPDATE charge_claims
+         SET lease_holder = NULL, lease_expires_at = NULL, version = version + 1, updated_at = now()
+         WHERE charge_key = $1 AND lease_holder = $2",
+    )
+    .bind(key.as_str())
+    .bind(holder)
+    .execute(pool)
+    .await;
+    if let Err(error) = freed {
+        tracing::warn!(
+            key = key.as_str(),
+            error = format!("{error:#}"),
+            "could not free an idempotency key's lease; it will expire"
+        );
+    }
+}
+
+/// In the transaction that records an outcome: frees the lease of `key`
+/// if `holder` still holds it, and says whether it did. Until the
+/// transaction ends, the claim's row lock keeps others from taking the
+/// lease (or reading the key as free with no payment).
+async fn free_lease(
+    conn: &mut PgConnection,
+    key: &ChargeKey,
+    holder: Uuid,
+) -> anyhow::Result<bool> {
+    let freed = sqlx::query(
+        "UPDATE charge_claims
+         SET lease_holder = NULL, lease_expires_at = NULL, version = version + 1, updated_at = now()
+         WHERE charge_key = $1 AND lease_holder = $2",
+    )
+    .bind(key.as_str())
+    .bind(holder)
+    .execute(conn)
+    .await
+    .context("freeing the idempotency key's lease")?;
+    Ok(freed.rows_affected() == 1)
+}
+
+/// Grows from 5 ms to 100 ms: a duplicate of a quick charge answers soon,
+/// one of a slow charge polls ten times a second.
+#[derive(Debug)]
+struct Pause(Duration);
+
+impl Default for Pause {
+    fn default() -> Self {
+        Self(Duration::from_millis(5))
+    }
+}
+
+impl Pause {
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_millis(100));
+    }
+}
+
+fn intent_text(intent: &Intent) -> &'static str {
+    match intent {
+        Intent::Charge => "charge",
+        Intent::Undo(_) => "undo",
+    }
+}
+
+/// A claim as stored.
+#[derive(Debug, sqlx::FromRow)]
+struct ClaimRow {
+    intent: String,
+    request_hash: Option<Vec<u8>>,
+    refund_idempotency_key: Option<String>,
+    refund_reason: Option<String>,
+    lease: String,
+    version: i64,
+}
+
+impl ClaimRow {
+    fn into_claim(self) -> anyhow::Result<(Claim, i64)> {
+        let intent = match (
+            self.intent.as_str(),
+            self.refund_idempotency_key,
+            self.refund_reason,
+        ) {
+            ("charge", _, _) => Intent::Charge,
+            ("undo", Some(key), Some(reason)) => Intent::Undo(Refund {
+                key: RefundKey::parse(&key)
+                    .map_err(|problem| anyhow::anyhow!("stored refund key {key:?} {problem}"))?,
+                reason: RefundReason::parse(&reason)
+                    .map_err(|problem| anyhow::anyhow!("stored refund reason {problem}"))?,
+            }),
+            (intent, _, _) => anyhow::bail!("stored claim with intent {intent:?}"),
+        };
+        let lease = match self.lease.as_str() {
+            "free" => Lease::Free,
+            "live" => Lease::Live,
+            _ => Lease::Expired,
+        };
+        let claim = Claim {
+            intent,
+            request_hash: self.request_hash.map(RequestHash::new),
+            lease,
+        };
+        Ok((claim, self.version))
+    }
+}
+
+/// A payment as stored.
+#[derive(Debug, sqlx::FromRow)]
+struct PaymentRow {
+    payment_id: Uuid,
+    idempotency_key: String,
+    status: String,
+    request_hash: Option<Vec<u8>>,
+    order_id: Option<Uuid>,
+    customer_id: Option<Uuid>,
+    amount_minor: Option<i64>,
+    currency: Option<String>,
+    decline_reason: Option<String>,
+    provider_reference: Option<String>,
+    created_at: DateTime<Utc>,
+    refunded_at: Option<DateTime<Utc>>,
+}
+
+/// Columns of [`PaymentRow`], for queries that read whole rows.
+macro_rules! payment_columns {
+    () => {
+        "payment_id, idempotency_key, status, request_hash, order_id, customer_id, amount_minor, currency, \
+         decline_reason, provider_reference, created_at, refunded_at"
+    };
+}
+use payment_columns;
+
+impl TryFrom<PaymentRow> for Payment {
+    type Error = anyhow::Error;
+
+    fn try_from(row: PaymentRow) -> anyhow::Result<Self> {
+        let status = PaymentStatus::parse(&row.status)
+            .with_context(|| format!("stored payment status {:?}", row.status))?;
+        let charge = match (
+            row.order_id,
+            row.customer_id,
+            row.amount_minor,
+            row.currency,
+        ) {
+            (Some(order_id), Some(customer_id), Some(amount_minor), Some(currency)) => {
+                let currency = Currency::parse(&currency).context("stored payment currency")?;
+                Some(ChargeDetails {
+                    order_id: OrderId::new(order_id),
+                    customer_id: CustomerId::new(customer_id),
+                    amount: Money::positive(amount_minor, currency)
+                        .context("stored payment amount")?,
+                })
+            }
+            _ => None,
+        };
+        Ok(Self {
+            id: PaymentId::new(row.payment_id),
+            charge_key: ChargeKey::parse(&row.idempotency_key).map_err(|problem| {
+                anyhow::anyhow!("stored idempotency key {:?} {problem}", row.idempotency_key)
+            })?,
+            status,
+            request_hash: row.request_hash.map(RequestHash::new),
+            charge,
+            decline_reason: row.decline_reason,
+            provider_reference: row.provider_reference,
+            created_at: row.created_at,
+            refunded_at: row.refunded_at,
+        })
+    }
+}
+
+/// Records a new payment: `None` if the key has one already.
+async fn insert(conn: &mut PgConnection, payment: &NewPayment) -> anyhow::Result<Option<Payment>> {
+    let charge = payment.charge.as_ref();
+    let refund = payment.refund.as_ref();
+    let row: Option<PaymentRow> = sqlx::query_as(concat!(
         "INSERT INTO payments (payment_id, idempotency_key, status, request_hash, order_id, customer_id,
                                amount_minor, currency, decline_reason, provider_reference,
                                refunded_at, refund_idempotency_key, refund_reason)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $11 THEN now() END, $12, $13)
+         ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING ",
         payment_columns!()
     ))
-    .bind(Uuid::now_v7())
-    .bind(payment.idempotency_key)
-    .bind(payment.status)
-    .bind(payment.request_hash)
-    .bind(charge.map(|charge| charge.order_id))
-    .bind(charge.map(|charge| charge.customer_id))
+    .bind(PaymentId::generate().as_uuid())
+    .bind(payment.charge_key.as_str())
+    .bind(payment.status.as_str())
+    .bind(payment.request_hash.as_ref().map(RequestHash::as_bytes))
+    .bind(charge.map(|charge| charge.order_id.as_uuid()))
+    .bind(charge.map(|charge| charge.customer_id.as_uuid()))
     .bind(charge.map(|charge| charge.amount.amount_minor()))
     .bind(charge.map(|charge| charge.amount.currency().code()))
-    .bind(payment.decline_reason)
-    .bind(payment.provider_reference)
-    .bind(refunded)
-    .bind(payment.refund.map(|(key, _)| key))
-    .bind(payment.refund.map(|(_, reason)| reason))
-    .fetch_one(conn)
-    .await?;
-    Ok(row)
-}
-
-fn id_text(id: Option<Uuid>) -> String {
-    id.map(|id| id.to_string()).unwrap_or_default()
-}
-
-fn captured_event(row: &PaymentRow) -> pb::PaymentCaptured {
-    pb::PaymentCaptured {
-        payment_id: row.payment_id.to_string(),
-        order_id: id_text(row.order_id),
-        customer_id: id_text(row.customer_id),
-        amount: money_of(row),
-        provider_reference: row.provider_reference.clone().unwrap_or_default(),
-    }
-}
-
-fn declined_event(row: &PaymentRow) -> pb::PaymentDeclined {
-    pb::PaymentDeclined {
-        payment_id: row.payment_id.to_string(),
-        order_id: id_text(row.order_id),
-        customer_id: id_text(row.customer_id),
-        amount: money_of(row),
-        decline_reason: row.decline_reason.clone().unwrap_or_default(),
-    }
-}
-
-fn refunded_event(row: &PaymentRow, reason: &str) -> pb::PaymentRefunded {
-    pb::PaymentRefunded {
-        payment_id: row.payment_id.to_string(),
-        order_id: id_text(row.order_id),
-        customer_id: id_text(row.customer_id),
-        amount: money_of(row),
-        reason: reason.to_owned(),
-    }
-}
-
-/// Serialises every write for one charge key, until the transaction ends.
-async fn lock_key(conn: &mut PgConnection, key: &str) -> anyhow::Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('payment:' || $1, 0))")
-        .bind(key)
-        .execute(conn)
-        .await
-        .context("locking the idempotency key")?;
-    Ok(())
-}
-
-async fn find_by_key(conn: &mut PgConnection, key: &str) -> anyhow::Result<Option<PaymentRow>> {
-    sqlx::query_as(concat!(
-        "SELECT ",
-        payment_columns!(),
-        " FROM payments WHERE idempotency_key = $1 FOR UPDATE"
-    ))
-    .bind(key)
+    .bind(payment.decline_reason.as_deref())
+    .bind(payment.provider_reference.as_deref())
+    .bind(payment.status == PaymentStatus::Refunded)
+    .bind(refund.map(|refund| refund.key.as_str()))
+    .bind(refund.map(|refund| refund.reason.as_str()))
     .fetch_optional(conn)
     .await
-    .context("reading the payment for a key")
+    .context("recording the payment")?;
+    row.map(Payment::try_from).transpose()
 }
 
-/// The amount of a stored payment, for the wire.
-pub(crate) fn money_of(row: &PaymentRow) -> Option<api_common::v1::Money> {
-    Some(api_common::v1::Money {
-        amount_minor: row.amount_minor?,
-        currency: row.currency.clone()?,
+/// Marks a captured payment refunded by `refund`.
+async fn mark_refunded(
+    conn: &mut PgConnection,
+    payment_id: PaymentId,
+    refund: &Refund,
+) -> anyhow::Result<Payment> {
+    let row: PaymentRow = sqlx::query_as(concat!(
+        "UPDATE payments SET status = 'refunded', refunded_at = now(), refund_idempotency_key = $2, refund_reason = $3
+         WHERE payment_id = $1 AND status = 'captured' RETURNING ",
+        payment_columns!()
+    ))
+    .bind(payment_id.as_uuid())
+    .bind(refund.key.as_str())
+    .bind(refund.reason.as_str())
+    .fetch_one(conn)
+    .await
+    .context("recording the refund")?;
+    row.try_into()
+}
+
+async fn find_by_key(
+    conn: impl sqlx::PgExecutor<'_>,
+    key: &ChargeKey,
+    for_update: bool,
+) -> anyhow::Result<Option<Payment>> {
+    let query = if for_update {
+        concat!(
+            "SELECT ",
+            payment_columns!(),
+            " FROM payments WHERE idempotency_key = $1 FOR UPDATE"
+        )
+    } else {
+        concat!(
+            "SELECT ",
+            payment_columns!(),
+            " FROM payments WHERE idempotency_key = $1"
+        )
+    };
+    let row: Option<PaymentRow> = sqlx::query_as(query)
+        .bind(key.as_str())
+        .fetch_optional(conn)
+        .await
+        .context("reading the payment for a key")?;
+    row.map(Payment::try_from).transpose()
+}
+
+fn envelope<M: Message + Name>(payment: &Payment, event: &M) -> EventEnvelope {
+    messaging::envelope::seal(
+        EventMeta {
+            producer: NAME,
+            aggregate_type: "payment",
+            aggregate_id: payment.id.to_string(),
+            aggregate_version: 0,
+            correlation_id: telemetry::correlation::current()
+                .unwrap_or_else(CorrelationId::generate),
+            causation_id: None,
+        },
+        1,
+        event,
+    )
+}
+
+fn order_id_text(payment: &Payment) -> String {
+    payment
+        .charge
+        .as_ref()
+        .map(|charge| charge.order_id.to_string())
+        .unwrap_or_default()
+}
+
+fn customer_id_text(payment: &Payment) -> String {
+    payment
+        .charge
+        .as_ref()
+        .map(|charge| charge.customer_id.to_string())
+        .unwrap_or_default()
+}
+
+fn captured_event(payment: &Payment) -> pb::PaymentCaptured {
+    pb::PaymentCaptured {
+        payment_id: payment.id.to_string(),
+        order_id: order_id_text(payment),
+        customer_id: customer_id_text(payment),
+        amount: money_of(payment),
+        provider_reference: payment.provider_reference.clone().unwrap_or_default(),
+    }
+}
+
+fn declined_event(payment: &Payment) -> pb::PaymentDeclined {
+    pb::PaymentDeclined {
+        payment_id: payment.id.to_string(),
+        order_id: order_id_text(payment),
+        customer_id: customer_id_text(payment),
+        amount: money_of(payment),
+        decline_reason: payment.decline_reason.clone().unwrap_or_default(),
+    }
+}
+
+fn refunded_event(payment: &Payment, reason: &RefundReason) -> pb::PaymentRefunded {
+    pb::PaymentRefunded {
+        payment_id: payment.id.to_string(),
+        order_id: order_id_text(payment),
+        customer_id: customer_id_text(payment),
+        amount: money_of(payment),
+        reason: reason.as_str().to_owned(),
+    }
+}
+
+/// The amount of a payment, for the wire.
+pub(crate) fn money_of(payment: &Payment) -> Option<api_common::v1::Money> {
+    payment.charge.as_ref().map(|charge| api_common::v1::Money {
+        amount_minor: charge.amount.amount_minor(),
+        currency: charge.amount.currency().code().to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The protocol's hard cases against a real PostgreSQL, with a provider
+    //! that can hold its answer back: a crash between the provider's answer
+    //! and its record, a void in that very gap, a cancelled request.
+
+    use std::str::FromStr as _;
+    use std::sync::Mutex;
+
+    use database::DatabaseSettings;
+    use dev_stack::TestEnv;
+    use futures::future::BoxFuture;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::domain::PaymentMethodToken;
+    use crate::provider::{ChargeOutcome, SimulatedProvider, SimulationSettings, VoidOutcome};
+
+    /// One answer held back: the provider has answered (`answered` fires),
+    /// and the caller gets the answer once `release` does.
+    struct Gate {
+        answered: oneshot::Sender<()>,
+        release: oneshot::Receiver<()>,
+    }
+
+    /// The simulation, with the next answer (of a charge or a void) held
+    /// back on request.
+    struct Gated {
+        inner: SimulatedProvider,
+        gate: Mutex<Option<Gate>>,
+    }
+
+    impl Gated {
+        fn hold_next_answer(&self) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+            let (answered, on_answer) = oneshot::channel();
+            let (release, on_release) = oneshot::channel();
+            *self.gate.lock().unwrap() = Some(Gate {
+                answered,
+                release: on_release,
+            });
+            (on_answer, release)
+        }
+
+        async fn hold<T>(&self, answer: T) -> T {
+            let gate = self.gate.lock().unwrap().take();
+            if let Some(gate) = gate {
+                let _ = gate.answered.send(());
+                let _ = gate.release.await;
+            }
+            answer
+        }
+    }
+
+    impl PaymentProvider for Gated {
+        fn charge<'a>(
+            &'a self,
+            charge: &'a Charge,
+        ) -> BoxFuture<'a, Result<ChargeOutcome, ProviderError>> {
+            Box::pin(async move { self.hold(self.inner.charge(charge).await).await })
+        }
+
+        fn void<'a>(
+            &'a self,
+            charge_key: &'a str,
+        ) -> BoxFuture<'a, Result<VoidOutcome, ProviderError>> {
+            Box::pin(async move { self.hold(self.inner.void(charge_key).await).await })
+        }
+    }
+
+    struct Setup {
+        payments: Payments,
+        provider: Arc<Gated>,
+        pool: PgPool,
+    }
+
+    async fn setup(leases: Leases, slow_delay: Duration) -> Setup {
+        let db = TestEnv::get().await.database().await.unwrap();
+        let url = db
+            .provision(&crate::account("payment-test-password"))
+            .await
+            .unwrap();
+        let settings = DatabaseSettings {
+            url: sqlx::postgres::PgConnectOptions::from_str(&url).unwrap(),
+            max_connections: 8,
+            connect_timeout: Duration::from_secs(10),
+        };
+        let pool = database::connect(&settings, crate::SCHEMA).await.unwrap();
+        database::migrate(&pool, &[messaging::MIGRATIONS, crate::MIGRATIONS])
+            .await
+            .unwrap();
+        let provider = Arc::new(Gated {
+            inner: SimulatedProvider::new(
+                pool.clone(),
+                SimulationSettings {
+                    amount_limit_minor: 1_000_000,
+                    slow_delay,
+                    flaky_failures: 2,
+                },
+            ),
+            gate: Mutex::new(None),
+        });
+        let payments = Payments::new(
+            pool.clone(),
+            provider.clone(),
+            Topics::new("test.".to_owned()),
+            leases,
+        );
+        Setup {
+            payments,
+            provider,
+            pool,
+        }
+    }
+
+    const SHORT: Leases = Leases {
+        call_limit: Duration::from_millis(300),
+        lease: Duration::from_millis(600),
+    };
+    const LONG: Leases = Leases {
+        call_limit: Duration::from_secs(20),
+        lease: Duration::from_secs(30),
+    };
+
+    fn request(key: &str, token: &str) -> ChargeRequest {
+        ChargeRequest {
+            key: ChargeKey::parse(key).unwrap(),
+            details: ChargeDetails {
+                order_id: OrderId::new(Uuid::new_v4()),
+                customer_id: CustomerId::new(Uuid::new_v4()),
+                amount: Money::positive(1500, Currency::parse("EUR").unwrap()).unwrap(),
+            },
+            payment_method: PaymentMethodToken::parse(token).unwrap(),
+            request_hash: RequestHash::new(key.as_bytes().to_vec()),
+        }
+    }
+
+    fn by_key(key: &str) -> (RefundTarget, Refund) {
+        (
+            RefundTarget::ChargeKey(ChargeKey::parse(key).unwrap()),
+            Refund {
+                key: RefundKey::parse(&format!("undo-{key}")).unwrap(),
+                reason: RefundReason::parse("saga compensation").unwrap(),
+            },
+        )
+    }
+
+    /// What the provider holds of the order's money, and how often it was
+    /// asked to charge under the key.
+    async fn at_provider(pool: &PgPool, request: &ChargeRequest) -> (i64, i32) {
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT held_minor FROM simulated_provider_holdings WHERE order_id = $1",
+        )
+        .bind(request.details.order_id.as_uuid())
+        .fetch_optional(pool)
+        .await
+        .unwrap();
+        let attempts: Option<i32> = sqlx::query_scalar(
+            "SELECT attempts FROM simulated_provider_charges WHERE idempotency_key = $1",
+        )
+        .bind(request.key.as_str())
+        .fetch_optional(pool)
+        .await
+        .unwrap();
+        (held.unwrap_or(0), attempts.unwrap_or(0))
+    }
+
+    async fn count(pool: &PgPool, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_crash_after_the_provider_charged_is_resolved_by_a_retry_without_a_second_charge() {
+        let Setup {
+            payments,
+            provider,
+            pool,
+        } = setup(SHORT, Duration::ZERO).await;
+        let charge = request("crash", "tok_visa");
+
+        // The provider captures; before we record it, the process "dies":
+        // the request's future is leaked, so not even its drop guard runs,
+        // and its lease stays until it expires.
+        let (answered, _release) = provider.hold_next_answer();
+        let mut first = Box::pin(payments.process(&charge));
+        tokio::select! {
+            _ = &mut first => panic!("the held answer was recorded"),
+            _ = answered => {}
+        }
+        std::mem::forget(first);
+        assert_eq!(at_provider(&pool, &charge).await, (1500, 1));
+        assert_eq!(count(&pool, "SELECT count(*) FROM payments").await, 0);
+
+        // The retry waits out the lease, asks the provider again under the
+        // key, and records the first capture: the provider charged once.
+        let started = std::time::Instant::now();
+        let retried = payments.process(&charge).await.unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "it waited for the lease"
+        );
+        assert_eq!(retried.status, PaymentStatus::Captured);
+        assert_eq!(at_provider(&pool, &charge).await, (1500, 2));
+        assert_eq!(count(&pool, "SELECT count(*) FROM payments").await, 1);
+        assert_eq!(payments.process(&charge).await.unwrap(), retried);
+        assert_eq!(
+            at_provider(&pool, &charge).await,
+            (1500, 2),
+            "answered from our record"
+        );
+        assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_void_between_the_capture_and_its_record_refunds_it_and_the_charge_answers_with_that()
+    {
+        let Setup {
+            payments,
+            provider,
+            pool,
+        } = setup(LONG, Duration::ZERO).await;
+        let charge = request("gap", "tok_visa");
+        let (answered, release) = provider.hold_next_answer();
+        let charging = {
+            let (payments, charge) = (payments.clone(), charge.clone());
+            tokio::spawn(async move { payments.process(&charge).await })
+        };
+        answered.await.unwrap();
+        assert_eq!(at_provider(&pool, &charge).await.0, 1500);
+
+        // The void takes the lease from the charge in flight and finds the
+        // capture: refunded, and recorded as captured and refunded.
+        let (target, refund) = by_key("gap");
+        let undone = payments.refund(&target, &refund).await.unwrap();
+        assert_eq!(undone.status, PaymentStatus::Refunded);
+        assert_eq!(at_provider(&pool, &charge).await.0, 0);
+
+        // The charge's answer arrives late: it records nothing and answers
+        // with the refund.
+        release.send(()).unwrap();
+        let answer = charging.await.unwrap().unwrap();
+        assert_eq!(answer, undone);
+        assert_eq!(count(&pool, "SELECT count(*) FROM payments").await, 1);
+        assert_eq!(at_provider(&pool, &charge).await, (0, 1));
+        // One capture and one refund announced, no more.
+        assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 2);
+        assert_eq!(payments.process(&charge).await.unwrap(), undone);
+        assert_eq!(at_provider(&pool, &charge).await, (0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_void_while_the_provider_decides_wins_and_the_late_charge_holds_nothing() {
+        let Setup { payments, pool, .. } = setup(LONG, Duration::from_millis(800)).await;
+        let charge = request("slow", "tok_slow");
+        let charging = {
+            let (payments, charge) = (payments.clone(), charge.clone());
+            tokio::spawn(async move { payments.process(&charge).await })
+        };
+        // The charge is at the provider, deciding.
+        while at_provider(&pool, &charge).await.1 == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (target, refund) = by_key("slow");
+        let voided = payments.refund(&target, &refund).await.unwrap();
+        assert_eq!(voided.status, PaymentStatus::Voided);
+        let late = charging.await.unwrap().unwrap();
+        assert_eq!(late, voided, "the late charge answers with the void");
+        assert_eq!(at_provider(&pool, &charge).await, (0, 1));
+        assert_eq!(count(&pool, "SELECT count(*) FROM payments").await, 1);
+        assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_void_left_unfinished_by_a_crash_is_finished_by_the_next_charge_which_charges_nothing()
+     {
+        let Setup {
+            payments,
+            provider,
+            pool,
+        } = setup(SHORT, Duration::ZERO).await;
+        let charge = request("void-crash", "tok_visa");
+        let (answered, _release) = provider.hold_next_answer();
+        let (target, refund) = by_key("void-crash");
+        let mut voiding = Box::pin(payments.refund(&target, &refund));
+        tokio::select! {
+            _ = &mut voiding => panic!("the held answer was recorded"),
+            _ = answered => {}
+        }
+        std::mem::forget(voiding);
+
+        let answer = payments.process(&charge).await.unwrap();
+        assert_eq!(answer.status, PaymentStatus::Voided);
+        assert_eq!(
+            at_provider(&pool, &charge).await,
+            (0, 0),
+            "never asked to charge"
+        );
+        assert_eq!(payments.refund(&target, &refund).await.unwrap(), answer);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_charge_frees_its_lease_so_a_retry_need_not_wait_for_it() {
+        let Setup { payments, pool, .. } = setup(LONG, Duration::from_millis(500)).await;
+        let charge = request("cancelled", "tok_slow");
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(100), payments.process(&charge)).await;
+        assert!(cancelled.is_err());
+        let started = std::time::Instant::now();
+        let retried = payments.process(&charge).await.unwrap();
+        assert_eq!(retried.status, PaymentStatus::Captured);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited {:?} for a lease of 30 s",
+            started.elapsed()
+        );
+        assert_eq!(at_provider(&pool, &charge).await, (1500, 2));
+    }
+
+    #[tokio::test]
+    async fn a_provider_that_does_not_answer_in_time_frees_the_lease_and_fails_retryably() {
+        let Setup { payments, pool, .. } = setup(SHORT, Duration::from_secs(2)).await;
+        let charge = request("too-slow", "tok_slow");
+        let error = payments.process(&charge).await.unwrap_err();
+        assert!(
+            matches!(error, ProcessError::Provider(ProviderError::Transient(_))),
+            "{error:?}"
+        );
+        assert_eq!(
+            count(
+                &pool,
+                "SELECT count(*) FROM charge_claims WHERE lease_holder IS NOT NULL"
+            )
+            .await,
+            0
+        );
+    }
 }

@@ -10,10 +10,11 @@ use prost::Message as _;
 use service_runtime::status::{self, FieldViolations};
 use sha2::{Digest as _, Sha256};
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
-use crate::app::{
-    self, ChargeRequest, Ledger, PaymentRow, Payments, ProcessError, RefundError, RefundTarget,
+use crate::app::{self, Ledger, Payments, ProcessError, RefundError, RefundTarget};
+use crate::domain::{
+    ChargeDetails, ChargeKey, ChargeRequest, CustomerId, OrderId, Payment, PaymentId,
+    PaymentMethodToken, PaymentStatus, Refund, RefundKey, RefundReason, RequestHash,
 };
 use crate::provider::ProviderError;
 
@@ -30,10 +31,10 @@ impl PaymentService for PaymentApi {
     ) -> Result<Response<pb::Payment>, Status> {
         let charge = parse_process(request.into_inner())?;
         match self.payments.process(&charge).await {
-            Ok(row) => Ok(Response::new(to_proto(&row))),
-            Err(ProcessError::KeyReused) => Err(Status::failed_precondition(
-                "the idempotency key was used before with a different request",
-            )),
+            Ok(payment) => Ok(Response::new(to_proto(&payment))),
+            Err(ProcessError::KeyReused(error)) => {
+                Err(Status::failed_precondition(error.to_string()))
+            }
             Err(ProcessError::Provider(error)) => Err(provider_status(&error)),
             Err(ProcessError::Unexpected(error)) => Err(status::internal(&error)),
         }
@@ -43,42 +44,13 @@ impl PaymentService for PaymentApi {
         &self,
         request: Request<pb::RefundPaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
-        let request = request.into_inner();
-        let mut violations = FieldViolations::new();
-        let target = match &request.target {
-            None => {
-                violations.add(
-                    "payment_id",
-                    "payment_id or charge_idempotency_key is required",
-                );
-                None
-            }
-            Some(pb::refund_payment_request::Target::PaymentId(id)) => {
-                uuid_field(&mut violations, "payment_id", id).map(RefundTarget::Payment)
-            }
-            Some(pb::refund_payment_request::Target::ChargeIdempotencyKey(key)) => {
-                key_field(&mut violations, "charge_idempotency_key", key)
-                    .map(|()| RefundTarget::ChargeKey(key.clone()))
-            }
-        };
-        let refund_key = key_field(&mut violations, "idempotency_key", &request.idempotency_key);
-        if request.reason.chars().count() > 500 {
-            violations.add("reason", "must be at most 500 characters");
-        }
-        let (Some(target), Some(())) = (target, refund_key) else {
-            return Err(violations.into_status());
-        };
-        violations.into_result()?;
-        match self
-            .payments
-            .refund(&target, &request.idempotency_key, request.reason.trim())
-            .await
-        {
-            Ok(row) => Ok(Response::new(to_proto(&row))),
+        let (target, refund) = parse_refund(request.get_ref())?;
+        match self.payments.refund(&target, &refund).await {
+            Ok(payment) => Ok(Response::new(to_proto(&payment))),
             Err(RefundError::NotFound) => Err(Status::not_found("no such payment")),
-            Err(RefundError::NothingToRefund) => Err(Status::failed_precondition(
-                "the payment was declined; there is nothing to refund",
-            )),
+            Err(RefundError::NothingToRefund(error)) => {
+                Err(Status::failed_precondition(error.to_string()))
+            }
             Err(RefundError::Provider(error)) => Err(provider_status(&error)),
             Err(RefundError::Unexpected(error)) => Err(status::internal(&error)),
         }
@@ -89,18 +61,15 @@ impl PaymentService for PaymentApi {
         request: Request<pb::GetPaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
         let claims = access_control::caller(&request)?.clone();
-        let mut violations = FieldViolations::new();
-        let payment_id = uuid_field(&mut violations, "payment_id", &request.get_ref().payment_id);
-        let Some(payment_id) = payment_id else {
-            return Err(violations.into_status());
-        };
-        let row = self
+        let payment_id = PaymentId::parse(&request.get_ref().payment_id)
+            .map_err(|problem| status::invalid_field("payment_id", problem))?;
+        let payment = self
             .payments
             .get(payment_id)
             .await
             .map_err(|error| status::internal(&error))?;
-        match row {
-            Some(row) if may_see(&claims, &row) => Ok(Response::new(to_proto(&row))),
+        match payment {
+            Some(payment) if may_see(&claims, &payment) => Ok(Response::new(to_proto(&payment))),
             _ => Err(Status::not_found("no such payment")),
         }
     }
@@ -110,18 +79,15 @@ impl PaymentService for PaymentApi {
         request: Request<pb::ListPaymentsByOrderRequest>,
     ) -> Result<Response<pb::ListPaymentsByOrderResponse>, Status> {
         let claims = access_control::caller(&request)?.clone();
-        let mut violations = FieldViolations::new();
-        let order_id = uuid_field(&mut violations, "order_id", &request.get_ref().order_id);
-        let Some(order_id) = order_id else {
-            return Err(violations.into_status());
-        };
+        let order_id = OrderId::parse(&request.get_ref().order_id)
+            .map_err(|problem| status::invalid_field("order_id", problem))?;
         let (payments, ledger) = self
             .payments
             .by_order(order_id)
             .await
             .map_err(|error| status::internal(&error))?;
         // An order's payments all charge its customer: someone else sees none.
-        if payments.iter().any(|row| !may_see(&claims, row)) {
+        if payments.iter().any(|payment| !may_see(&claims, payment)) {
             return Ok(Response::new(pb::ListPaymentsByOrderResponse::default()));
         }
         Ok(Response::new(pb::ListPaymentsByOrderResponse {
@@ -132,19 +98,43 @@ impl PaymentService for PaymentApi {
 }
 
 /// The customer who was charged, services and admins may see a payment.
-fn may_see(claims: &Claims, row: &PaymentRow) -> bool {
+fn may_see(claims: &Claims, payment: &Payment) -> bool {
     match claims.role {
         Role::Service | Role::Admin => true,
-        Role::Customer => row
-            .customer_id
-            .is_some_and(|customer| customer.to_string() == claims.sub),
+        Role::Customer => payment
+            .charge
+            .as_ref()
+            .is_some_and(|charge| charge.customer_id.to_string() == claims.sub),
     }
+}
+
+// The edge: every field of a write is parsed into a domain value here,
+// once, so that nothing unchecked reaches the database. Each bad field is
+// named in the INVALID_ARGUMENT, and nothing is written.
+
+/// The parsed value, or `None` with the problem recorded against `field`.
+fn field<T>(
+    violations: &mut FieldViolations,
+    field: &str,
+    parsed: Result<T, &'static str>,
+) -> Option<T> {
+    parsed
+        .map_err(|problem| violations.add(field, problem))
+        .ok()
 }
 
 fn parse_process(request: pb::ProcessPaymentRequest) -> Result<ChargeRequest, Status> {
     let mut violations = FieldViolations::new();
-    let order_id = uuid_field(&mut violations, "order_id", &request.order_id);
-    let customer_id = uuid_field(&mut violations, "customer_id", &request.customer_id);
+    let order_id = field(
+        &mut violations,
+        "order_id",
+        OrderId::parse(&request.order_id),
+    );
+    let customer_id = field(
+        &mut violations,
+        "customer_id",
+        CustomerId::parse(&request.customer_id),
+    );
     let amount = match &request.amount {
         None => {
             violations.add("amount", "is required");
@@ -160,64 +150,80 @@ fn parse_process(request: pb::ProcessPaymentRequest) -> Result<ChargeRequest, St
                 .ok(),
         },
     };
-    let token = &request.payment_method_token;
-    if token.is_empty() {
-        violations.add("payment_method_token", "must not be empty");
-    } else if token.len() > 128 || !token.bytes().all(|b| b.is_ascii_graphic()) {
-        violations.add(
-            "payment_method_token",
-            "must be 1 to 128 visible ASCII characters",
-        );
-    }
-    let key = key_field(&mut violations, "idempotency_key", &request.idempotency_key);
-    let (Some(order_id), Some(customer_id), Some(amount), Some(())) =
-        (order_id, customer_id, amount, key)
+    let payment_method = field(
+        &mut violations,
+        "payment_method_token",
+        PaymentMethodToken::parse(&request.payment_method_token),
+    );
+    let key = field(
+        &mut violations,
+        "idempotency_key",
+        ChargeKey::parse(&request.idempotency_key),
+    );
+    let (Some(order_id), Some(customer_id), Some(amount), Some(payment_method), Some(key)) =
+        (order_id, customer_id, amount, payment_method, key)
     else {
         return Err(violations.into_status());
     };
-    violations.into_result()?;
-    let request_hash = Sha256::digest(
-        pb::ProcessPaymentRequest {
-            idempotency_key: String::new(),
-            ..request.clone()
-        }
-        .encode_to_vec(),
-    )
-    .to_vec();
+    // The digest of everything but the key: the same key with another
+    // request is refused.
+    let request_hash = RequestHash::new(
+        Sha256::digest(
+            pb::ProcessPaymentRequest {
+                idempotency_key: String::new(),
+                ..request
+            }
+            .encode_to_vec(),
+        )
+        .to_vec(),
+    );
     Ok(ChargeRequest {
-        order_id,
-        customer_id,
-        amount,
-        payment_method: request.payment_method_token,
-        idempotency_key: request.idempotency_key,
+        key,
+        details: ChargeDetails {
+            order_id,
+            customer_id,
+            amount,
+        },
+        payment_method,
         request_hash,
     })
 }
 
-fn uuid_field(violations: &mut FieldViolations, field: &str, text: &str) -> Option<Uuid> {
-    if text.is_empty() {
-        violations.add(field, "must not be empty");
-        return None;
-    }
-    Uuid::parse_str(text)
-        .map_err(|_| violations.add(field, "must be a UUID"))
-        .ok()
-}
-
-fn key_field(violations: &mut FieldViolations, field: &str, key: &str) -> Option<()> {
-    let problem = match key.len() {
-        0 => Some("must not be empty"),
-        1..=128 if key.bytes().all(|b| b.is_ascii_graphic()) => None,
-        1..=128 => Some("must be visible ASCII without spaces"),
-        _ => Some("must be at most 128 characters"),
-    };
-    match problem {
-        Some(problem) => {
-            violations.add(field, problem);
+fn parse_refund(request: &pb::RefundPaymentRequest) -> Result<(RefundTarget, Refund), Status> {
+    use pb::refund_payment_request::Target;
+    let mut violations = FieldViolations::new();
+    let target = match &request.target {
+        None => {
+            violations.add(
+                "payment_id",
+                "payment_id or charge_idempotency_key is required",
+            );
             None
         }
-        None => Some(()),
-    }
+        Some(Target::PaymentId(id)) => {
+            field(&mut violations, "payment_id", PaymentId::parse(id)).map(RefundTarget::Payment)
+        }
+        Some(Target::ChargeIdempotencyKey(key)) => field(
+            &mut violations,
+            "charge_idempotency_key",
+            ChargeKey::parse(key),
+        )
+        .map(RefundTarget::ChargeKey),
+    };
+    let key = field(
+        &mut violations,
+        "idempotency_key",
+        RefundKey::parse(&request.idempotency_key),
+    );
+    let reason = field(
+        &mut violations,
+        "reason",
+        RefundReason::parse(&request.reason),
+    );
+    let (Some(target), Some(key), Some(reason)) = (target, key, reason) else {
+        return Err(violations.into_status());
+    };
+    Ok((target, Refund { key, reason }))
 }
 
 fn provider_status(error: &ProviderError) -> Status {
@@ -232,28 +238,32 @@ fn provider_status(error: &ProviderError) -> Status {
     }
 }
 
-fn to_proto(row: &PaymentRow) -> pb::Payment {
-    let status = match row.status.as_str() {
-        "captured" => pb::PaymentStatus::Captured,
-        "declined" => pb::PaymentStatus::Declined,
-        "refunded" => pb::PaymentStatus::Refunded,
-        "voided" => pb::PaymentStatus::Voided,
-        _ => pb::PaymentStatus::Unspecified,
+fn to_proto(payment: &Payment) -> pb::Payment {
+    let status = match payment.status {
+        PaymentStatus::Captured => pb::PaymentStatus::Captured,
+        PaymentStatus::Declined => pb::PaymentStatus::Declined,
+        PaymentStatus::Refunded => pb::PaymentStatus::Refunded,
+        PaymentStatus::Voided => pb::PaymentStatus::Voided,
     };
+    let charge = payment.charge.as_ref();
     pb::Payment {
-        payment_id: row.payment_id.to_string(),
-        order_id: row.order_id.map(|id| id.to_string()).unwrap_or_default(),
-        customer_id: row.customer_id.map(|id| id.to_string()).unwrap_or_default(),
+        payment_id: payment.id.to_string(),
+        order_id: charge
+            .map(|charge| charge.order_id.to_string())
+            .unwrap_or_default(),
+        customer_id: charge
+            .map(|charge| charge.customer_id.to_string())
+            .unwrap_or_default(),
         status: status.into(),
-        amount: app::money_of(row),
-        decline_reason: row.decline_reason.clone().unwrap_or_default(),
-        provider_reference: row.provider_reference.clone().unwrap_or_default(),
-        created_at: Some(SystemTime::from(row.created_at).into()),
-        refunded_at: row.refunded_at.map(|at| SystemTime::from(at).into()),
+        amount: app::money_of(payment),
+        decline_reason: payment.decline_reason.clone().unwrap_or_default(),
+        provider_reference: payment.provider_reference.clone().unwrap_or_default(),
+        created_at: Some(SystemTime::from(payment.created_at).into()),
+        refunded_at: payment.refunded_at.map(|at| SystemTime::from(at).into()),
     }
 }
 
-fn ledger_to_proto(order_id: Uuid, ledger: &Ledger) -> pb::OrderLedger {
+fn ledger_to_proto(order_id: OrderId, ledger: &Ledger) -> pb::OrderLedger {
     let money = |amount_minor| {
         Some(api_common::v1::Money {
             amount_minor,

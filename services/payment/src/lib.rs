@@ -1,11 +1,16 @@
 //! Idempotent charges and refunds against a payment provider (a
 //! deterministic simulation by default).
 //!
+//! - `domain`: payments, their status and values, and the pure rules of
+//!   charging, refunding and voiding by key.
 //! - `provider`: the provider trait and the simulation.
-//! - `app`: the use cases, serialised per charge key by the database;
-//!   `grpc`: their gRPC face.
+//! - `app`: the use cases, the I/O around the domain's rules: one charge
+//!   per key, kept by a claim row in the database rather than by a lock
+//!   held while the provider answers (its module documents the protocol);
+//!   `grpc`: their gRPC face, where every field is parsed.
 
 mod app;
+mod domain;
 mod grpc;
 mod provider;
 
@@ -30,7 +35,11 @@ pub const ROLE: &str = "payment_service";
 /// This service's tables.
 pub const MIGRATIONS: MigrationSet = database::migrations!(
     "payment",
-    ["0001_payments.sql", "0002_provider_holdings.sql"]
+    [
+        "0001_payments.sql",
+        "0002_provider_holdings.sql",
+        "0003_charge_claims.sql"
+    ]
 );
 
 /// The role and schema to provision for this service.
@@ -140,8 +149,8 @@ impl Application {
         } = self;
         platform.spawn_relay(&shutdown);
         // The simulated provider stands for another system: it gets its own
-        // connections, so a charge never waits for a connection held by a
-        // duplicate request queued behind that very charge's key lock.
+        // connections, so its calls never compete with our requests for
+        // theirs.
         let provider_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
             .connect_lazy_with(platform.pool.connect_options().as_ref().clone());
@@ -157,6 +166,7 @@ impl Application {
             platform.pool.clone(),
             Arc::new(provider),
             platform.topics.clone(),
+            app::Leases::for_request_timeout(settings.server.request_timeout),
         );
         let verifier = Verifier::remote(&settings.auth)?;
         let served = server

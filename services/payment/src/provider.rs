@@ -34,14 +34,16 @@ use money::{Currency, Money};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::domain::{ChargeDetails, CustomerId, OrderId};
+
 /// A charge to make, with the metadata the provider keeps with it.
 #[derive(Debug, Clone)]
 pub(crate) struct Charge {
     pub(crate) idempotency_key: String,
     pub(crate) amount: Money,
     pub(crate) payment_method: String,
-    pub(crate) order_id: Uuid,
-    pub(crate) customer_id: Uuid,
+    pub(crate) order_id: OrderId,
+    pub(crate) customer_id: CustomerId,
 }
 
 /// Why the provider refused a charge. A decline is an answer, not an error.
@@ -83,16 +85,6 @@ pub(crate) enum ChargeOutcome {
     Declined(DeclineReason),
 }
 
-/// A charge as the provider remembers it: what it was asked for, and for
-/// whom. A void reports it, so that a caller who lost the charge's answer
-/// can record what happened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ChargeRecord {
-    pub(crate) amount: Money,
-    pub(crate) order_id: Uuid,
-    pub(crate) customer_id: Uuid,
-}
-
 /// The provider's answer to a void by key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum VoidOutcome {
@@ -100,12 +92,12 @@ pub(crate) enum VoidOutcome {
     /// (now, or by an earlier void).
     Refunded {
         reference: String,
-        charge: ChargeRecord,
+        charge: ChargeDetails,
     },
     /// It had declined the charge under the key: nothing to undo.
     Declined {
         reason: DeclineReason,
-        charge: ChargeRecord,
+        charge: ChargeDetails,
     },
     /// It had charged nothing under the key, and never will: a later
     /// charge with the key is declined (`charge_voided`).
@@ -221,7 +213,7 @@ impl Stored {
         self.payment_method.as_deref() == Some(payment_method)
     }
 
-    fn record(&self) -> anyhow::Result<ChargeRecord> {
+    fn record(&self) -> anyhow::Result<ChargeDetails> {
         let (Some(amount_minor), Some(currency), Some(order_id), Some(customer_id)) = (
             self.amount_minor,
             self.currency.as_deref(),
@@ -231,10 +223,10 @@ impl Stored {
             anyhow::bail!("simulated charge without its amount and metadata");
         };
         let currency = Currency::parse(currency).context("simulated charge currency")?;
-        Ok(ChargeRecord {
+        Ok(ChargeDetails {
             amount: Money::positive(amount_minor, currency).context("simulated charge amount")?,
-            order_id,
-            customer_id,
+            order_id: OrderId::new(order_id),
+            customer_id: CustomerId::new(customer_id),
         })
     }
 }
@@ -297,8 +289,8 @@ impl PaymentProvider for SimulatedProvider {
             .bind(&charge.payment_method)
             .bind(charge.amount.amount_minor())
             .bind(charge.amount.currency().code())
-            .bind(charge.order_id)
-            .bind(charge.customer_id)
+            .bind(charge.order_id.as_uuid())
+            .bind(charge.customer_id.as_uuid())
             .fetch_one(&self.pool)
             .await
             .context("simulated provider")?;
@@ -460,22 +452,22 @@ mod tests {
             idempotency_key: key.to_owned(),
             amount: Money::positive(1500, Currency::parse("EUR").unwrap()).unwrap(),
             payment_method: token.to_owned(),
-            order_id: Uuid::new_v4(),
-            customer_id: Uuid::new_v4(),
+            order_id: OrderId::new(Uuid::new_v4()),
+            customer_id: CustomerId::new(Uuid::new_v4()),
         }
     }
 
-    fn record(charge: &Charge) -> ChargeRecord {
-        ChargeRecord {
+    fn record(charge: &Charge) -> ChargeDetails {
+        ChargeDetails {
             amount: charge.amount,
             order_id: charge.order_id,
             customer_id: charge.customer_id,
         }
     }
 
-    async fn held(pool: &PgPool, order_id: Uuid) -> i64 {
+    async fn held(pool: &PgPool, order_id: OrderId) -> i64 {
         sqlx::query_scalar("SELECT held_minor FROM simulated_provider_holdings WHERE order_id = $1")
-            .bind(order_id)
+            .bind(order_id.as_uuid())
             .fetch_optional(pool)
             .await
             .unwrap()

@@ -1,0 +1,14 @@
+//! The payment binary through its gRPC API, against a real PostgreSQL and
+//! broker, with a stand-in for the auth service: what no provider, however
+//! slow, and no race may break.
+//!
+//! - `load`: slow payments in flight do not hold up anyone else's.
+//! - `races`: racing duplicates, voids and refunds of one key charge at
+//!   most once and refund once.
+//! - `validation`: every string field of every RPC is checked at the edge.
+//! - `support`: the running service, its tokens and what its tests inspect.
+
+mod load;
+mod races;
+mod support;
+mod validation;
