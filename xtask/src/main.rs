@@ -7,6 +7,10 @@
 //!   every test against a private PostgreSQL and broker: what CI runs.
 //! - `cargo xtask deploy-check`: docker-compose.yml and every Kubernetes
 //!   overlay validated, and checked against the services' settings.
+//! - `cargo xtask chaos [--duration S] [--rate R] [--seed N]`: several
+//!   replicas of every service under seeded faults, then audited.
+//! - `cargo xtask audit [--database-url URL] [--record FILE]`: the money
+//!   audit, against any deployment's database.
 
 // A command-line tool: printing to stdout is its job.
 #![allow(clippy::print_stdout)]
@@ -15,8 +19,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod chaos;
 mod checks;
 mod deploy;
+mod docs;
 mod install;
 mod stack;
 
@@ -38,6 +44,12 @@ enum Command {
     /// Validate docker-compose.yml and the Kubernetes overlays, and check
     /// them against the settings each service reads.
     DeployCheck,
+    /// Run several replicas of every service under a seeded schedule of
+    /// faults and a mixed load, then audit the money and the sagas.
+    Chaos(chaos::ChaosArgs),
+    /// Audit a deployment's database: ledger, provider, sagas, outboxes,
+    /// read model, fences.
+    Audit(chaos::AuditArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +64,8 @@ fn main() -> ExitCode {
             Command::Down => stack::down().await,
             Command::Test(args) => checks::test(args).await,
             Command::DeployCheck => deploy::check().await,
+            Command::Chaos(args) => chaos::chaos(&args),
+            Command::Audit(args) => chaos::audit(&args),
         }
     });
     match outcome {

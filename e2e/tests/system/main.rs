@@ -4,6 +4,7 @@
 //! links all four services and linking dominates a clean CI build.
 
 mod access;
+mod chaos;
 mod deployment;
 mod hostile_input;
 mod observability;

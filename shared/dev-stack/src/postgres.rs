@@ -1,6 +1,6 @@
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -21,7 +21,35 @@ use crate::{free_port, tools};
 pub struct PostgresServer {
     port: u16,
     process: Supervised,
+    /// The data folder of a server that can be restarted
+    /// ([`restart_immediately`](Self::restart_immediately)).
+    restartable: Option<PathBuf>,
 }
+
+/// How the server process is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Launch {
+    /// `postgres` itself is the supervised program.
+    Direct,
+    /// A keeper shell runs `postgres` and starts it again whenever it
+    /// exits, until the keeper is told to stop: a restart keeps the folder,
+    /// which the watchdog removes only when the keeper ends.
+    Kept,
+}
+
+/// The keeper of [`Launch::Kept`]: runs `"$@"` (postgres and its
+/// arguments) again each time it exits, until TERM, which it passes on as
+/// INT (PostgreSQL's fast shutdown). (Its stop signal is TERM, not INT: a
+/// shell started in the background ignores INT and cannot trap it.)
+const KEEPER: &str = r#"
+trap 'stopping=1; kill -INT "$pg" 2>/dev/null' TERM
+while :; do
+    "$@" & pg=$!
+    while kill -0 "$pg" 2>/dev/null; do wait "$pg"; done
+    [ -n "$stopping" ] && exit 0
+    sleep 0.05
+done
+"#;
 
 /// What a cluster is for: its `initdb` and server settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,12 +88,80 @@ impl PostgresServer {
         Ok(server)
     }
 
+    /// Like [`start_durable`](Self::start_durable), for fault injection: the
+    /// server can be [restarted](Self::restart_immediately) as a crash would
+    /// restart it. [`process`](Self::process) is then the keeper that
+    /// restarts it, not the postmaster.
+    pub async fn start_durable_restartable() -> anyhow::Result<Self> {
+        let server = Self::start_with_launch(Durability::Durable, Launch::Kept).await?;
+        let mut admin = sqlx::PgConnection::connect(&server.admin_url("postgres")).await?;
+        sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&mut admin)
+            .await
+            .context("creating the pg_stat_statements extension")?;
+        admin.close().await?;
+        Ok(server)
+    }
+
+    /// Restarts a server started by
+    /// [`start_durable_restartable`](Self::start_durable_restartable) in
+    /// immediate mode (`pg_ctl restart -m immediate`): the postmaster gets
+    /// SIGQUIT, every session ends at once without a checkpoint, and a new
+    /// postmaster on the same port and folder recovers from the WAL before
+    /// it accepts connections. Returns once it accepts them again.
+    pub async fn restart_immediately(&self) -> anyhow::Result<()> {
+        let data = self
+            .restartable
+            .as_deref()
+            .context("this server was not started restartable")?;
+        let old = postmaster_pid(data).context("reading postmaster.pid")?;
+        let status = Command::new("kill")
+            .args(["-s", "QUIT", &old.to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -s QUIT {old} (the postmaster) failed");
+        }
+        // The keeper starts a new postmaster once the old one has exited;
+        // the new one writes its own pid into the lock file.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while postmaster_pid(data).is_none_or(|pid| pid == old) {
+            if tokio::time::Instant::now() > deadline {
+                bail!("postgres did not start again after an immediate shutdown");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.wait_accepting(deadline).await
+    }
+
+    /// Waits until the server accepts connections, without looking at its
+    /// process (for a restart, which the keeper runs).
+    async fn wait_accepting(&self, deadline: tokio::time::Instant) -> anyhow::Result<()> {
+        let url = self.admin_url("postgres");
+        loop {
+            match sqlx::PgConnection::connect(&url).await {
+                Ok(connection) => {
+                    connection.close().await?;
+                    return Ok(());
+                }
+                Err(error) if tokio::time::Instant::now() > deadline => {
+                    bail!("postgres on port {} did not come back: {error}", self.port);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
     async fn start_with(durability: Durability) -> anyhow::Result<Self> {
+        Self::start_with_launch(durability, Launch::Direct).await
+    }
+
+    async fn start_with_launch(durability: Durability, launch: Launch) -> anyhow::Result<Self> {
         // The port is free when chosen but could be taken before the server
         // binds it; a server that dies at start is retried on another port.
         let mut attempt = 1;
         loop {
-            match Self::start_once(durability).await {
+            match Self::start_once(durability, launch).await {
                 Ok(server) => return Ok(server),
                 Err(error) if attempt < 3 => {
                     tracing::warn!(%error, "postgres did not start; trying another port");
@@ -76,7 +172,7 @@ impl PostgresServer {
         }
     }
 
-    async fn start_once(durability: Durability) -> anyhow::Result<Self> {
+    async fn start_once(durability: Durability, launch: Launch) -> anyhow::Result<Self> {
         let bin = tools::postgres_bin_dir()?;
         let user = server_user()?;
         let folder = tempfile::Builder::new()
@@ -114,22 +210,43 @@ impl PostgresServer {
 
         let port = free_port()?;
         let log = folder.join("postgres.log");
+        let postgres = bin.join("postgres");
+        let args = match durability {
+            Durability::Throwaway => server_args(&data, &folder, port),
+            Durability::Durable => durable_server_args(&data, &folder, port),
+        };
+        let (program, args, stop_signal) = match launch {
+            // INT: fast shutdown, do not wait for clients.
+            Launch::Direct => (postgres, args, "INT"),
+            Launch::Kept => {
+                let mut keeper = vec![
+                    "-c".to_owned(),
+                    KEEPER.to_owned(),
+                    "postgres-keeper".to_owned(),
+                    postgres.display().to_string(),
+                ];
+                keeper.extend(args);
+                (PathBuf::from("sh"), keeper, "TERM")
+            }
+        };
         let process = Supervised::spawn(&Spawn {
             name: "postgres",
-            program: &bin.join("postgres"),
-            args: match durability {
-                Durability::Throwaway => server_args(&data, &folder, port),
-                Durability::Durable => durable_server_args(&data, &folder, port),
-            },
+            program: &program,
+            args,
             env: vec![],
             env_remove: &[],
-            stop_signal: "INT", // fast shutdown: do not wait for clients
+            stop_signal,
             log: &log,
             user,
             // Removed by the watchdog once the server has stopped.
             scratch: Some(&folder),
         })?;
-        let mut server = Self { port, process };
+        let restartable = (launch == Launch::Kept).then(|| data.clone());
+        let mut server = Self {
+            port,
+            process,
+            restartable,
+        };
         if let Err(error) = server.wait_ready(Duration::from_secs(30)).await {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(error.context(format!("postgres log:\n{log}")));
@@ -239,6 +356,12 @@ fn with_settings(data: &Path, socket_dir: &Path, port: u16, settings: &[&str]) -
         args.push((*setting).to_owned());
     }
     args
+}
+
+/// The postmaster's pid, from the first line of its lock file in `data`.
+fn postmaster_pid(data: &Path) -> Option<u32> {
+    let lock = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    lock.lines().next()?.trim().parse().ok()
 }
 
 /// `Some((uid, gid))` of the `postgres` system user when we are root (the

@@ -1,4 +1,5 @@
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -7,7 +8,7 @@ use tokio::sync::watch;
 
 /// A TCP forwarder between a service and one of its dependencies, which a
 /// test can cut and restore to make the dependency look down and back up,
-/// or (for gRPC) make lose its answers.
+/// slow down, or (for gRPC) make lose its answers.
 ///
 /// While cut, open connections are closed and new ones are accepted and
 /// closed at once, which is what a client sees of a crashed server.
@@ -23,6 +24,9 @@ enum Mode {
     Forward,
     Cut,
     LoseAnswers,
+    /// Every chunk of bytes waits this long before it is passed on, in
+    /// both directions.
+    Delay(Duration),
 }
 
 /// What the proxy forwards: opaque bytes, or HTTP/2 frames it can read.
@@ -83,6 +87,14 @@ impl FaultProxy {
         self.mode.send_replace(Mode::LoseAnswers);
     }
 
+    /// Holds every chunk of bytes, in both directions and on open
+    /// connections too, for `latency` before passing it on, until
+    /// [`restore`](Self::restore): a slow network rather than a broken one.
+    /// A request and its answer each wait at least `latency`.
+    pub fn delay(&self, latency: Duration) {
+        self.mode.send_replace(Mode::Delay(latency));
+    }
+
     /// Forwards again.
     pub fn restore(&self) {
         self.mode.send_replace(Mode::Forward);
@@ -110,9 +122,7 @@ async fn forward(
     let watching = mode.clone();
     let answers = async {
         match protocol {
-            Protocol::Bytes => tokio::io::copy(&mut server_reads, &mut client_writes)
-                .await
-                .map(drop),
+            Protocol::Bytes => copy(&mut server_reads, &mut client_writes, &watching).await,
             Protocol::Http2 => {
                 http2_answers(&mut server_reads, &mut client_writes, &watching).await
             }
@@ -120,9 +130,37 @@ async fn forward(
     };
     // Whichever side ends first ends both: dropping the halves closes them.
     tokio::select! {
-        _ = tokio::io::copy(&mut client_reads, &mut server_writes) => {}
+        _ = copy(&mut client_reads, &mut server_writes, &watching) => {}
         _ = answers => {}
         _ = mode.wait_for(|mode| *mode == Mode::Cut) => {}
+    }
+}
+
+/// The latency to add now, if the proxy is delaying.
+fn latency(mode: &watch::Receiver<Mode>) -> Option<Duration> {
+    match *mode.borrow() {
+        Mode::Delay(latency) => Some(latency),
+        _ => None,
+    }
+}
+
+/// Copies bytes until either side ends, holding each chunk while the proxy
+/// delays.
+async fn copy(
+    from: &mut OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
+    mode: &watch::Receiver<Mode>,
+) -> std::io::Result<()> {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = from.read(&mut buffer).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        if let Some(latency) = latency(mode) {
+            tokio::time::sleep(latency).await;
+        }
+        to.write_all(&buffer[..read]).await?;
     }
 }
 
@@ -144,6 +182,9 @@ async fn http2_answers(
         from.read_exact(&mut payload).await?;
         if header[3] == HEADERS && stream != 0 && *mode.borrow() == Mode::LoseAnswers {
             return Ok(());
+        }
+        if let Some(latency) = latency(mode) {
+            tokio::time::sleep(latency).await;
         }
         to.write_all(&header).await?;
         to.write_all(&payload).await?;

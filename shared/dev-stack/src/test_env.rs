@@ -81,6 +81,16 @@ impl TestEnv {
         Self::set(Self::owning(postgres, broker, tools::tansu()?))
     }
 
+    /// A stack of the caller's own made of `postgres` and `broker`, apart
+    /// from the run's (which [`get`](Self::get) keeps returning): for a
+    /// program that restarts its PostgreSQL or pauses its broker, which
+    /// must not disturb the other tests of the run. It lives, and its
+    /// servers run, until the process exits.
+    pub fn separate(postgres: PostgresServer, broker: Broker) -> anyhow::Result<&'static TestEnv> {
+        let env = Self::owning(postgres, broker, tools::tansu()?);
+        Ok(Box::leak(Box::new(env)))
+    }
+
     /// Like [`install`](Self::install), with a PostgreSQL the caller does
     /// not own: `postgres_base_url` is a superuser URL without a database
     /// name (`postgres://user:password@127.0.0.1:5432`), as in
