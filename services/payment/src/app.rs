@@ -26,8 +26,9 @@
 //! A provider error frees the lease, and the caller gets UNAVAILABLE (retry
 //! with the same key). A request that goes away (cancelled, timed out)
 //! frees it from a drop guard. A process that crashes leaves its lease to
-//! expire ([`Leases::lease`]). Requests that find a live lease poll the key
-//! with a growing pause, holding no connection in between.
+//! expire ([`Leases::lease`]). Requests that find a live lease wait,
+//! holding no connection, until it is freed or taken over (a notification:
+//! [`crate::lease_watch`]) or runs out, then read the key again.
 //!
 //! Why no one is charged twice, and a refund happens once, however the
 //! requests interleave:
@@ -87,6 +88,7 @@ use crate::domain::{
     KeyReused, Lease, NewPayment, NothingToRefund, OrderId, Payment, PaymentEvent, PaymentId,
     PaymentStatus, Refund, RefundKey, RefundReason, RequestHash, Settlement, Step,
 };
+use crate::lease_watch::LeaseWatch;
 use crate::provider::{Charge, PaymentProvider, ProviderError};
 
 /// How long a provider call may take, and how long a lease on a key lasts.
@@ -156,6 +158,7 @@ pub(crate) struct Payments {
     provider: Arc<dyn PaymentProvider>,
     topics: Topics,
     leases: Leases,
+    watch: Arc<LeaseWatch>,
 }
 
 impl std::fmt::Debug for Payments {
@@ -189,6 +192,7 @@ impl Payments {
             provider,
             topics,
             leases,
+            watch: Arc::default(),
         }
     }
 
@@ -251,14 +255,18 @@ impl Payments {
         charge: Option<&ChargeRequest>,
         mut lease: Option<(Call, HeldLease)>,
     ) -> Result<Payment, SettleError> {
-        let mut pause = Pause::default();
+        // Before the first read, so that no change after it goes unheard.
+        let mut waiter = self.watch.waiter();
         loop {
             let (call, held) = match lease.take() {
                 Some(leased) => leased,
                 None => {
                     let (payment, claim) = self.read_key(key).await?;
-                    let step =
-                        domain::decide(payment.as_ref(), claim.as_ref().map(|c| &c.0), command)?;
+                    let step = domain::decide(
+                        payment.as_ref(),
+                        claim.as_ref().map(|c| &c.claim),
+                        command,
+                    )?;
                     match step {
                         Step::Answer => {
                             return payment
@@ -266,11 +274,12 @@ impl Payments {
                                 .map_err(SettleError::from);
                         }
                         Step::Wait => {
-                            pause.wait().await;
+                            let left = claim.map(|c| c.lease_left).unwrap_or_default();
+                            waiter.changed(key.as_str(), left).await;
                             continue;
                         }
                         Step::Call(call) => {
-                            let version = claim.map(|(_, version)| version);
+                            let version = claim.map(|c| c.version);
                             match self.take_lease(key, version, &call, charge).await? {
                                 Some(held) => (call, held),
                                 // The claim changed since we read it: read again.
@@ -287,16 +296,14 @@ impl Payments {
                 }
                 Call::Void(refund) => self.void(key, refund, held).await?,
             };
-            match recorded {
-                Some(payment) => {
-                    if let (KeyCommand::Charge(hash), Call::Charge) = (command, &call) {
-                        payment.answer_charge(hash)?;
-                    }
-                    return Ok(payment);
+            // `None`: our lease was taken over before we recorded, and what
+            // its new holder records stands: read the key again (and wait
+            // for that holder).
+            if let Some(payment) = recorded {
+                if let (KeyCommand::Charge(hash), Call::Charge) = (command, &call) {
+                    payment.answer_charge(hash)?;
                 }
-                // Our lease was taken over before we recorded: what its new
-                // holder records stands. Read the key again.
-                None => pause.wait().await,
+                return Ok(payment);
             }
         }
     }
@@ -493,9 +500,10 @@ impl Payments {
     async fn read_key(
         &self,
         key: &ChargeKey,
-    ) -> anyhow::Result<(Option<Payment>, Option<(Claim, i64)>)> {
+    ) -> anyhow::Result<(Option<Payment>, Option<ReadClaim>)> {
         let claim: Option<ClaimRow> = sqlx::query_as(
             "SELECT intent, request_hash, refund_idempotency_key, refund_reason, version,
+                    extract(epoch FROM lease_expires_at - now())::float8 AS lease_left_secs,
                     CASE WHEN lease_holder IS NULL THEN 'free'
                          WHEN lease_expires_at > now() THEN 'live'
                          ELSE 'expired' END AS lease
@@ -508,6 +516,12 @@ impl Payments {
         let claim = claim.map(ClaimRow::into_claim).transpose()?;
         let payment = find_by_key(&self.pool, key, false).await?;
         Ok((payment, claim))
+    }
+
+    /// What wakes this service's waiting requests; it runs beside the
+    /// server.
+    pub(crate) fn lease_watch(&self) -> Arc<LeaseWatch> {
+        self.watch.clone()
     }
 
     fn held(&self, key: &ChargeKey, holder: Uuid) -> HeldLease {
@@ -665,24 +679,6 @@ async fn free_lease(
     Ok(freed.rows_affected() == 1)
 }
 
-/// Grows from 5 ms to 100 ms: a duplicate of a quick charge answers soon,
-/// one of a slow charge polls ten times a second.
-#[derive(Debug)]
-struct Pause(Duration);
-
-impl Default for Pause {
-    fn default() -> Self {
-        Self(Duration::from_millis(5))
-    }
-}
-
-impl Pause {
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(Duration::from_millis(100));
-    }
-}
-
 fn intent_text(intent: &Intent) -> &'static str {
     match intent {
         Intent::Charge => "charge",
@@ -699,10 +695,21 @@ struct ClaimRow {
     refund_reason: Option<String>,
     lease: String,
     version: i64,
+    /// By the database's clock, which decides whether a lease is live.
+    lease_left_secs: Option<f64>,
+}
+
+/// A key's claim as read: what the domain decides on, the version a lease
+/// may be taken from, and how long the present lease (if any) has left.
+#[derive(Debug)]
+struct ReadClaim {
+    claim: Claim,
+    version: i64,
+    lease_left: Duration,
 }
 
 impl ClaimRow {
-    fn into_claim(self) -> anyhow::Result<(Claim, i64)> {
+    fn into_claim(self) -> anyhow::Result<ReadClaim> {
         let intent = match (
             self.intent.as_str(),
             self.refund_idempotency_key,
@@ -727,7 +734,11 @@ impl ClaimRow {
             request_hash: self.request_hash.map(RequestHash::new),
             lease,
         };
-        Ok((claim, self.version))
+        Ok(ReadClaim {
+            claim,
+            version: self.version,
+            lease_left: Duration::from_secs_f64(self.lease_left_secs.unwrap_or(0.0).max(0.0)),
+        })
     }
 }
 
@@ -1050,6 +1061,11 @@ mod tests {
             provider.clone(),
             Topics::new("test.".to_owned()),
             leases,
+        );
+        tokio::spawn(
+            payments
+                .lease_watch()
+                .run(pool.clone(), tokio_util::sync::CancellationToken::new()),
         );
         Setup {
             payments,

@@ -12,6 +12,7 @@
 mod app;
 mod domain;
 mod grpc;
+mod lease_watch;
 mod provider;
 
 use std::net::SocketAddr;
@@ -38,7 +39,8 @@ pub const MIGRATIONS: MigrationSet = database::migrations!(
     [
         "0001_payments.sql",
         "0002_provider_holdings.sql",
-        "0003_charge_claims.sql"
+        "0003_charge_claims.sql",
+        "0004_lease_wakeups.sql"
     ]
 );
 
@@ -167,6 +169,12 @@ impl Application {
             Arc::new(provider),
             platform.topics.clone(),
             app::Leases::for_request_timeout(settings.server.request_timeout),
+        );
+        platform.spawn(
+            "lease watch",
+            payments
+                .lease_watch()
+                .run(platform.pool.clone(), shutdown.clone()),
         );
         let verifier = Verifier::remote(&settings.auth)?;
         let served = server

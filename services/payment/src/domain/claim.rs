@@ -71,7 +71,8 @@ pub(crate) enum Call {
 pub(crate) enum Step {
     /// The key is settled: answer with its payment.
     Answer,
-    /// Someone holds the key's lease: read the key again shortly.
+    /// Someone holds the key's lease: wait until it is freed, taken over
+    /// or runs out, then read the key again.
     Wait,
     /// Take the key's lease (if the claim is still as read), then call.
     Call(Call),

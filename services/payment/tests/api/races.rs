@@ -13,7 +13,15 @@ use crate::support::{Service, charge, refund_of, undo};
 async fn racing_duplicates_of_a_slow_charge_ask_the_provider_once_and_get_one_payment() {
     let service = Service::start(&[("PROVIDER_SLOW_DELAY", "1s")]).await;
     let request = charge("dup", "tok_slow", 4999);
+    let began = std::time::Instant::now();
     let results = join_all((0..20).map(|_| service.process(request.clone()))).await;
+    // The waiting duplicates are woken when the charge is recorded, not when
+    // its lease (request timeout + 5 s) would run out.
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(5),
+        "the duplicates answered {:?} after they were sent",
+        began.elapsed()
+    );
     let first = results[0].as_ref().unwrap();
     assert_eq!(first.status(), PaymentStatus::Captured);
     for result in &results {
