@@ -18,7 +18,7 @@ async fn racing_duplicates_of_a_slow_charge_ask_the_provider_once_and_get_one_pa
     // The waiting duplicates are woken when the charge is recorded, not when
     // its lease (request timeout + 5 s) would run out.
     assert!(
-        began.elapsed() < std::time::Duration::from_secs(5),
+        began.elapsed() < Duration::from_secs(5),
         "the duplicates answered {:?} after they were sent",
         began.elapsed()
     );
