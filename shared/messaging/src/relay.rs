@@ -113,6 +113,9 @@ impl Relay {
                             tracing::warn!(%error, "outbox relay lost its listening connection");
                             continue 'connect;
                         }
+                        // One round publishes what every notification already
+                        // here announces: they need no round of their own.
+                        while listener.next_buffered().is_some() {}
                     }
                     () = tokio::time::sleep(self.sweep_interval) => {}
                 }
