@@ -296,6 +296,11 @@ impl LocalStack {
             "  {:<18} {ADMIN_EMAIL} / {ADMIN_PASSWORD}\n",
             "admin login"
         ));
+        text.push_str(
+            "\n  WARNING: this admin password is public (it is in the source) and every\n  \
+             port is plaintext: this stack is for local use only. A deployment sets\n  \
+             AUTH_ADMIN_PASSWORD itself (see k8s/ and docker-compose.yml).\n",
+        );
 
         text.push_str("\nTry (grpcurl was fetched for you):\n");
         for service in &SERVICES {

@@ -126,7 +126,32 @@ pub(super) fn check_compose(
         }));
     }
 
+    problems.extend(check_published_ports(services));
     problems.extend(check_interpolation(text, env_example));
+    problems
+}
+
+/// Published ports bind the loopback address only: the compose stack is
+/// for one machine, and its gRPC, metrics and broker ports have no TLS.
+fn check_published_ports(services: &serde_json::Map<String, Value>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, service) in services {
+        for port in strings(&service["ports"]) {
+            if !port.starts_with("127.0.0.1:") {
+                problems.push(format!(
+                    "{name}: publishes {port:?} on every address; bind it to 127.0.0.1"
+                ));
+            }
+        }
+        let external_listener = compose_env(service)
+            .get("KAFKA_LISTENERS")
+            .is_some_and(|listeners| listeners.contains("EXTERNAL"));
+        if external_listener {
+            problems.push(format!(
+                "{name}: has an EXTERNAL Kafka listener; keep it off by default"
+            ));
+        }
+    }
     problems
 }
 
@@ -212,6 +237,25 @@ pub(super) fn parse_env_file(text: &str) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn published_ports_must_bind_the_loopback_address() {
+        let services = serde_json::json!({
+            "open": { "ports": ["50052:50052"] },
+            "local": { "ports": ["127.0.0.1:50053:50053"] },
+            "kafka": { "environment": { "KAFKA_LISTENERS": "PLAINTEXT://:9092,EXTERNAL://:9094" } },
+        });
+        let problems = check_published_ports(services.as_object().unwrap());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.starts_with("open:")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.starts_with("kafka:")),
+            "{problems:?}"
+        );
+    }
 
     #[test]
     fn interpolations_must_match_the_example_file() {
