@@ -3,7 +3,6 @@
 //! Each use case has its own error type; `grpc.rs` maps each variant to a
 //! status on purpose.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +17,10 @@ use uuid::Uuid;
 
 use crate::clients::ServiceClients;
 use crate::domain::{DisplayName, Email, Password};
+use crate::inflight::{Admission, Admitted, Overloaded};
 use crate::passwords::Passwords;
-use crate::throttle::{self, Subjects, ThrottlePolicy};
+use crate::source::Source;
+use crate::throttle::{self, LoginSubjects, LoginThrottle, RegistrationPace};
 use crate::tokens::{self, AccessToken};
 use crate::{NAME, keys};
 
@@ -29,8 +30,12 @@ pub(crate) struct AuthPolicy {
     pub(crate) tokens: TokenSettings,
     pub(crate) access_token_ttl: Duration,
     pub(crate) refresh_token_ttl: Duration,
+    /// How long a refresh-token family lives from its login, however
+    /// often it is refreshed.
+    pub(crate) refresh_family_lifetime: Duration,
     pub(crate) service_token_ttl: Duration,
-    pub(crate) throttle: ThrottlePolicy,
+    pub(crate) login_throttle: LoginThrottle,
+    pub(crate) registration_pace: RegistrationPace,
     pub(crate) service_clients: ServiceClients,
 }
 
@@ -46,6 +51,10 @@ pub(crate) struct TokenPair {
 pub(crate) enum RegisterError {
     #[error("the email is already registered")]
     EmailTaken,
+    #[error("too many registrations from this source; retry in {0:?}")]
+    Throttled(Duration),
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -57,12 +66,40 @@ pub(crate) enum LoginError {
     #[error("too many failed logins; retry in {0:?}")]
     Throttled(Duration),
     #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ChangePasswordError {
+    #[error("the old password is wrong")]
+    WrongPassword,
+    /// The token names a user that does not exist.
+    #[error("unknown user")]
+    UnknownUser,
+    #[error("too many failed attempts; retry in {0:?}")]
+    Throttled(Duration),
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SetPasswordError {
+    #[error("no such user")]
+    UnknownUser,
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RefreshError {
-    /// Unknown, expired, revoked, or reused (which revokes its family).
+    /// Unknown, expired, revoked, reused (which revokes its family), or
+    /// of a family past its lifetime.
     #[error("invalid refresh token")]
     InvalidToken,
     #[error(transparent)]
@@ -77,11 +114,42 @@ pub(crate) enum ClientCredentialsError {
     Unexpected(#[from] anyhow::Error),
 }
 
+/// Whose password an admin sets.
+#[derive(Debug, Clone)]
+pub(crate) enum UserRef {
+    Id(Uuid),
+    Email(Email),
+}
+
+/// A refresh token as Refresh finds it, with its family and user.
+#[derive(Debug, sqlx::FromRow)]
+struct RefreshTokenState {
+    family_id: Uuid,
+    user_id: Uuid,
+    role: String,
+    used: bool,
+    expired: bool,
+    revoked: bool,
+    /// The family has lived its whole lifetime.
+    family_over: bool,
+    family_expires_at: DateTime<Utc>,
+}
+
+/// What a password check needs to know of a user.
+#[derive(Debug, sqlx::FromRow)]
+struct Credentials {
+    user_id: Uuid,
+    email: String,
+    password_hash: String,
+    role: String,
+}
+
 /// The auth service's state: its database, password hasher and policy.
 #[derive(Debug, Clone)]
 pub(crate) struct Auth {
     pool: PgPool,
     passwords: Passwords,
+    admission: Admission,
     policy: Arc<AuthPolicy>,
     topics: Topics,
 }
@@ -90,15 +158,22 @@ impl Auth {
     pub(crate) fn new(
         pool: PgPool,
         passwords: Passwords,
+        admission: Admission,
         policy: AuthPolicy,
         topics: Topics,
     ) -> Self {
         Self {
             pool,
             passwords,
+            admission,
             policy: Arc::new(policy),
             topics,
         }
+    }
+
+    /// A place among the password checks in flight, or why there is none.
+    fn admit(&self, source: Source) -> Result<Admitted, Overloaded> {
+        self.admission.admit(source, self.passwords.expected_wait())
     }
 
     pub(crate) fn pool(&self) -> &PgPool {
@@ -111,7 +186,20 @@ impl Auth {
         email: &Email,
         password: &Password,
         name: &DisplayName,
+        source: Source,
     ) -> Result<Uuid, RegisterError> {
+        let _admitted = self.admit(source)?;
+        // Counted before hashing, in a transaction of its own: a refused
+        // registration costs no hash, and no connection waits for one.
+        let mut tx = self.pool.begin().await.context("starting a transaction")?;
+        if let Err(wait) =
+            throttle::count_registration(&mut tx, source, &self.policy.registration_pace).await?
+        {
+            return Err(RegisterError::Throttled(wait));
+        }
+        tx.commit()
+            .await
+            .context("committing the registration count")?;
         let hash = self.passwords.hash(password).await?;
         let mut tx = self.pool.begin().await.context("starting a transaction")?;
         let user_id = insert_user(&mut tx, email, name, &hash, Role::Customer, &self.topics)
@@ -144,59 +232,170 @@ impl Auth {
     /// Checks credentials and starts a new token family.
     ///
     /// An unknown email and a wrong password take the same path through the
-    /// password hasher and give the same error.
+    /// password hasher and give the same error. No database connection is
+    /// held while the password is checked: the attempt is counted and the
+    /// user read in one short transaction, and the token family is written
+    /// in another once the hasher has answered.
     pub(crate) async fn login(
         &self,
         email: &Email,
         password: &Password,
-        peer: Option<IpAddr>,
+        source: Source,
     ) -> Result<TokenPair, LoginError> {
-        let subjects = Subjects::new(email, peer);
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .context("acquiring a connection")?;
-        if let Some(wait) = throttle::blocked_for(&mut conn, &subjects).await? {
-            return Err(LoginError::Throttled(wait));
-        }
-        let user: Option<(Uuid, String, String)> =
-            sqlx::query_as("SELECT user_id, password_hash, role FROM users WHERE email = $1")
-                .bind(email.as_str())
-                .fetch_optional(&mut *conn)
-                .await
-                .context("looking up the user")?;
-        let matches = self
+        let _admitted = self.admit(source)?;
+        let subjects = LoginSubjects::new(email, source);
+        let (user, counted) = {
+            let mut tx = self.pool.begin().await.context("starting a transaction")?;
+            let throttle = &self.policy.login_throttle;
+            let counted = match throttle::check_login_attempt(&mut tx, &subjects, throttle).await? {
+                Ok(counted) => counted,
+                Err(wait) => return Err(LoginError::Throttled(wait)),
+            };
+            let user = credentials_by_email(&mut tx, email).await?;
+            tx.commit().await.context("committing the login attempt")?;
+            (user, counted)
+        };
+        let verified = self
             .passwords
-            .verify(password, user.as_ref().map(|(_, hash, _)| hash.as_str()))
+            .verify(
+                password,
+                user.as_ref().map(|user| user.password_hash.as_str()),
+            )
             .await?;
-        let Some((user_id, _, role)) = user.filter(|_| matches) else {
-            throttle::record_failure(&mut conn, &subjects, &self.policy.throttle).await?;
+        let Some(user) = user.filter(|_| verified.matches) else {
+            self.count_failure(&subjects, counted).await?;
             return Err(LoginError::InvalidCredentials);
         };
-        let role = parse_role(&role)?;
+        let role = parse_role(&user.role)?;
+        let rehashed = if verified.needs_rehash {
+            Some(self.passwords.hash(password).await?)
+        } else {
+            None
+        };
+
         let mut tx = self.pool.begin().await.context("starting a transaction")?;
-        throttle::record_success(&mut tx, &subjects).await?;
-        let family_id = Uuid::now_v7();
-        sqlx::query("INSERT INTO refresh_token_families (family_id, user_id) VALUES ($1, $2)")
-            .bind(family_id)
-            .bind(user_id)
+        throttle::forgive_login_attempt(&mut tx, &subjects, counted).await?;
+        if let Some(hash) = rehashed {
+            // Only over the hash just verified: a password changed in the
+            // meantime stays changed.
+            sqlx::query(
+                "UPDATE users SET password_hash = $3 WHERE user_id = $1 AND password_hash = $2",
+            )
+            .bind(user.user_id)
+            .bind(&user.password_hash)
+            .bind(hash)
             .execute(&mut *tx)
             .await
-            .context("starting a token family")?;
-        let pair = self.issue_pair(&mut tx, family_id, user_id, role).await?;
+            .context("storing a hash with today's parameters")?;
+        }
+        let (family_id, family_expires_at) = self.start_family(&mut tx, user.user_id).await?;
+        let pair = self
+            .issue_pair(&mut tx, family_id, family_expires_at, user.user_id, role)
+            .await?;
         tx.commit().await.context("committing the login")?;
         Ok(pair)
+    }
+
+    /// Changes a user's own password, given the old one, and ends every
+    /// session of theirs (a thief holding a refresh token is locked out).
+    /// Old-password attempts are counted like logins, so a stolen access
+    /// token is no way around the login throttle.
+    pub(crate) async fn change_password(
+        &self,
+        user_id: Uuid,
+        old: &Password,
+        new: &Password,
+        source: Source,
+    ) -> Result<(), ChangePasswordError> {
+        let _admitted = self.admit(source)?;
+        let (user, subjects, counted) = {
+            let mut tx = self.pool.begin().await.context("starting a transaction")?;
+            let user = credentials_by_id(&mut tx, user_id)
+                .await?
+                .ok_or(ChangePasswordError::UnknownUser)?;
+            let email = Email::parse(&user.email).map_err(anyhow::Error::msg)?;
+            let subjects = LoginSubjects::new(&email, source);
+            let throttle = &self.policy.login_throttle;
+            let counted = match throttle::check_login_attempt(&mut tx, &subjects, throttle).await? {
+                Ok(counted) => counted,
+                Err(wait) => return Err(ChangePasswordError::Throttled(wait)),
+            };
+            tx.commit().await.context("committing the attempt")?;
+            (user, subjects, counted)
+        };
+        let verified = self
+            .passwords
+            .verify(old, Some(&user.password_hash))
+            .await?;
+        if !verified.matches {
+            self.count_failure(&subjects, counted).await?;
+            return Err(ChangePasswordError::WrongPassword);
+        }
+        let hash = self.passwords.hash(new).await?;
+
+        let mut tx = self.pool.begin().await.context("starting a transaction")?;
+        throttle::forgive_login_attempt(&mut tx, &subjects, counted).await?;
+        sqlx::query("UPDATE users SET password_hash = $2 WHERE user_id = $1")
+            .bind(user_id)
+            .bind(hash)
+            .execute(&mut *tx)
+            .await
+            .context("storing the new password")?;
+        revoke_families_of(&mut tx, user_id, "password changed").await?;
+        tx.commit()
+            .await
+            .context("committing the password change")?;
+        tracing::info!(%user_id, "password changed; every session ended");
+        Ok(())
+    }
+
+    /// Sets a user's password (an admin's act, for someone who lost theirs),
+    /// ends every session of theirs, and forgets their failed logins.
+    pub(crate) async fn set_password(
+        &self,
+        user: &UserRef,
+        new: &Password,
+        source: Source,
+    ) -> Result<Uuid, SetPasswordError> {
+        let _admitted = self.admit(source)?;
+        let hash = self.passwords.hash(new).await?;
+        let mut tx = self.pool.begin().await.context("starting a transaction")?;
+        let updated: Option<(Uuid, String)> = match user {
+            UserRef::Id(user_id) => sqlx::query_as(
+                "UPDATE users SET password_hash = $2 WHERE user_id = $1 RETURNING user_id, email",
+            )
+            .bind(user_id),
+            UserRef::Email(email) => sqlx::query_as(
+                "UPDATE users SET password_hash = $2 WHERE email = $1 RETURNING user_id, email",
+            )
+            .bind(email.as_str()),
+        }
+        .bind(hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("storing the new password")?;
+        let (user_id, email) = updated.ok_or(SetPasswordError::UnknownUser)?;
+        revoke_families_of(&mut tx, user_id, "password set by an admin").await?;
+        let email = Email::parse(&email).map_err(anyhow::Error::msg)?;
+        throttle::forget_account(&mut tx, &email).await?;
+        tx.commit().await.context("committing the new password")?;
+        tracing::info!(%user_id, "password set by an admin; every session ended");
+        Ok(user_id)
     }
 
     /// Exchanges a refresh token for a new pair. A token presented a second
     /// time revokes its whole family: either the client or a thief holds a
     /// copy, and we cannot tell which.
     pub(crate) async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, RefreshError> {
+        let lifetime = chrono::Duration::from_std(self.policy.refresh_family_lifetime)
+            .context("the refresh family lifetime")?;
         let mut tx = self.pool.begin().await.context("starting a transaction")?;
-        let found: Option<(Uuid, Uuid, String, bool, bool, bool)> = sqlx::query_as(
+        let found: Option<RefreshTokenState> = sqlx::query_as(
             "SELECT f.family_id, f.user_id, u.role,
-                    t.used_at IS NOT NULL, t.expires_at <= now(), f.revoked_at IS NOT NULL
+                    t.used_at IS NOT NULL AS used, t.expires_at <= now() AS expired,
+                    f.revoked_at IS NOT NULL AS revoked,
+                    f.created_at + $2 <= now() AS family_over,
+                    f.created_at + $2 AS family_expires_at
              FROM refresh_tokens t
              JOIN refresh_token_families f USING (family_id)
              JOIN users u USING (user_id)
@@ -204,13 +403,27 @@ impl Auth {
              FOR UPDATE OF t, f",
         )
         .bind(tokens::refresh_token_hash(refresh_token))
+        .bind(lifetime)
         .fetch_optional(&mut *tx)
         .await
         .context("looking up the refresh token")?;
-        let Some((family_id, user_id, role, used, expired, revoked)) = found else {
+        let Some(RefreshTokenState {
+            family_id,
+            user_id,
+            role,
+            used,
+            expired,
+            revoked,
+            family_over,
+            family_expires_at,
+        }) = found
+        else {
             return Err(RefreshError::InvalidToken);
         };
-        if revoked || expired {
+        // A family past its lifetime ends even if used every minute: a
+        // stolen refresh token, rotated diligently by its thief, is not a
+        // login for ever.
+        if revoked || expired || family_over {
             return Err(RefreshError::InvalidToken);
         }
         if used {
@@ -225,7 +438,13 @@ impl Auth {
             .await
             .context("spending the refresh token")?;
         let pair = self
-            .issue_pair(&mut tx, family_id, user_id, parse_role(&role)?)
+            .issue_pair(
+                &mut tx,
+                family_id,
+                family_expires_at,
+                user_id,
+                parse_role(&role)?,
+            )
             .await?;
         tx.commit().await.context("committing the refresh")?;
         Ok(pair)
@@ -279,16 +498,55 @@ impl Auth {
         keys::rotate(&self.pool, longest).await
     }
 
+    /// Counts a wrong password the check did not count already.
+    async fn count_failure(
+        &self,
+        subjects: &LoginSubjects,
+        counted: throttle::Counted,
+    ) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await.context("starting a transaction")?;
+        throttle::count_login_failure(&mut tx, subjects, &self.policy.login_throttle, counted)
+            .await?;
+        tx.commit().await.context("committing the failed attempt")?;
+        Ok(())
+    }
+
+    /// Starts the token family of a login: its id, and when it ends.
+    async fn start_family(
+        &self,
+        conn: &mut PgConnection,
+        user_id: Uuid,
+    ) -> anyhow::Result<(Uuid, DateTime<Utc>)> {
+        let family_id = Uuid::now_v7();
+        let lifetime = chrono::Duration::from_std(self.policy.refresh_family_lifetime)
+            .context("the refresh family lifetime")?;
+        let expires_at: DateTime<Utc> = sqlx::query_scalar(
+            "INSERT INTO refresh_token_families (family_id, user_id) VALUES ($1, $2)
+             RETURNING created_at + $3",
+        )
+        .bind(family_id)
+        .bind(user_id)
+        .bind(lifetime)
+        .fetch_one(&mut *conn)
+        .await
+        .context("starting a token family")?;
+        Ok((family_id, expires_at))
+    }
+
+    /// A new access token and the family's next refresh token, which
+    /// expires after its own lifetime or with its family, whichever is first.
     async fn issue_pair(
         &self,
         conn: &mut PgConnection,
         family_id: Uuid,
+        family_expires_at: DateTime<Utc>,
         user_id: Uuid,
         role: Role,
     ) -> anyhow::Result<TokenPair> {
         let refresh_token = tokens::new_refresh_token();
-        let refresh_expires_at =
-            Utc::now() + chrono::Duration::from_std(self.policy.refresh_token_ttl)?;
+        let refresh_expires_at = (Utc::now()
+            + chrono::Duration::from_std(self.policy.refresh_token_ttl)?)
+        .min(family_expires_at);
         sqlx::query(
             "INSERT INTO refresh_tokens (token_hash, family_id, expires_at) VALUES ($1, $2, $3)",
         )
@@ -312,6 +570,28 @@ impl Auth {
             refresh_expires_at,
         })
     }
+}
+
+async fn credentials_by_email(
+    conn: &mut PgConnection,
+    email: &Email,
+) -> anyhow::Result<Option<Credentials>> {
+    sqlx::query_as("SELECT user_id, email, password_hash, role FROM users WHERE email = $1")
+        .bind(email.as_str())
+        .fetch_optional(conn)
+        .await
+        .context("looking up the user by email")
+}
+
+async fn credentials_by_id(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+) -> anyhow::Result<Option<Credentials>> {
+    sqlx::query_as("SELECT user_id, email, password_hash, role FROM users WHERE user_id = $1")
+        .bind(user_id)
+        .fetch_optional(conn)
+        .await
+        .context("looking up the user by id")
 }
 
 /// Inserts a user and its `UserRegistered` event; `None` if the email is taken.
@@ -377,6 +657,24 @@ async fn revoke_family(
     .execute(conn)
     .await
     .context("revoking a token family")?;
+    Ok(())
+}
+
+/// Revokes every live token family of a user: every session ends.
+async fn revoke_families_of(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    reason: &str,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE refresh_token_families SET revoked_at = now(), revoked_reason = $2
+         WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(user_id)
+    .bind(reason)
+    .execute(conn)
+    .await
+    .context("revoking the user's token families")?;
     Ok(())
 }
 

@@ -16,6 +16,9 @@ impl Email {
     /// hyphens and dots, nothing invisible. Whether it receives mail is not
     /// our question.
     pub(crate) fn parse(raw: &str) -> Result<Self, &'static str> {
+        if raw.contains('\0') {
+            return Err(NUL_REFUSED);
+        }
         let email = raw.trim().to_lowercase();
         if email.is_empty() {
             return Err("must not be empty");
@@ -67,24 +70,28 @@ impl fmt::Display for Email {
 pub(crate) struct Password(String);
 
 impl Password {
-    /// At least 12 bytes, and at most 128 so a huge password cannot turn
-    /// hashing into a CPU sink.
+    /// A new password: at least 12 bytes, and at most 128 so a huge
+    /// password cannot turn hashing into a CPU sink; no NUL byte.
     pub(crate) fn parse(raw: &str) -> Result<Self, &'static str> {
         match raw.len() {
             0 => Err("must not be empty"),
             1..12 => Err("must be at least 12 bytes"),
-            12..=128 => Ok(Self(raw.to_owned())),
+            12..=128 => Self::presented(raw),
             _ => Err("must be at most 128 bytes"),
         }
     }
 
-    /// A password presented at login: only bounded, since old accounts may
-    /// predate today's rules and an attempt must still cost the same.
+    /// A password presented to be checked: only bounded, since old accounts
+    /// may predate today's length rules and an attempt must still cost the
+    /// same. A NUL byte is refused here too: no client sends one by
+    /// accident, and C-string handling anywhere along the way would
+    /// silently cut the password there.
     pub(crate) fn presented(raw: &str) -> Result<Self, &'static str> {
         match raw.len() {
             0 => Err("must not be empty"),
-            1..=128 => Ok(Self(raw.to_owned())),
-            _ => Err("must be at most 128 bytes"),
+            129.. => Err("must be at most 128 bytes"),
+            _ if raw.contains('\0') => Err(NUL_REFUSED),
+            _ => Ok(Self(raw.to_owned())),
         }
     }
 
@@ -99,6 +106,11 @@ impl fmt::Debug for Password {
     }
 }
 
+/// Why a string with a NUL character is refused: PostgreSQL's text cannot
+/// hold one, so it would otherwise fail deep inside a query. (The wording
+/// of `service_runtime::fields`, which the other services' edges use.)
+pub(crate) const NUL_REFUSED: &str = "must not contain NUL characters";
+
 /// A name shown to people: 1 to 100 characters after trimming, nothing
 /// invisible.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +118,9 @@ pub(crate) struct DisplayName(String);
 
 impl DisplayName {
     pub(crate) fn parse(raw: &str) -> Result<Self, &'static str> {
+        if raw.contains('\0') {
+            return Err(NUL_REFUSED);
+        }
         let name = raw.trim();
         if name.is_empty() {
             return Err("must not be empty");
@@ -179,6 +194,11 @@ mod tests {
             "must be at most 128 bytes"
         );
         assert_eq!(
+            Password::parse("correct horse\0battery").unwrap_err(),
+            NUL_REFUSED
+        );
+        assert_eq!(Password::presented("a\0").unwrap_err(), NUL_REFUSED);
+        assert_eq!(
             format!("{:?}", Password::parse("correct horse battery").unwrap()),
             "Password(<redacted>)"
         );
@@ -190,6 +210,16 @@ mod tests {
         assert!(DisplayName::parse("   ").is_err());
         assert!(DisplayName::parse(&"é".repeat(100)).is_ok());
         assert!(DisplayName::parse(&"é".repeat(101)).is_err());
-        assert!(DisplayName::parse("Ada\u{0}").is_err());
+        assert_eq!(DisplayName::parse("Ada\u{0}").unwrap_err(), NUL_REFUSED);
+    }
+
+    #[test]
+    fn nul_bytes_are_named_as_such() {
+        assert_eq!(Email::parse("ada\0@example.com").unwrap_err(), NUL_REFUSED);
+        assert_eq!(
+            NUL_REFUSED,
+            service_runtime::fields::TextError::Nul.to_string(),
+            "the same words as the other services"
+        );
     }
 }

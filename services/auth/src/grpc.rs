@@ -1,29 +1,49 @@
 //! The gRPC face of the auth service: parse requests at the edge, call the
 //! use case, map its errors to statuses deliberately.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use api_auth::v1::auth_service_server::AuthService;
+use api_auth::v1::set_password_request::User;
 use api_auth::v1::{
-    GetPublicKeysRequest, GetPublicKeysResponse, IssueServiceTokenRequest, LoginRequest,
-    LogoutRequest, LogoutResponse, PublicKey, RefreshRequest, RegisterRequest, RegisterResponse,
-    RotateSigningKeyRequest, ServiceToken, TokenPair,
+    ChangePasswordRequest, ChangePasswordResponse, GetPublicKeysRequest, GetPublicKeysResponse,
+    IssueServiceTokenRequest, LoginRequest, LogoutRequest, LogoutResponse, PublicKey,
+    RefreshRequest, RegisterRequest, RegisterResponse, RotateSigningKeyRequest, ServiceToken,
+    SetPasswordRequest, SetPasswordResponse, TokenPair,
 };
+use service_runtime::fields;
 use service_runtime::status::{self, FieldViolations};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
+use uuid::Uuid;
 
-use crate::app::{self, Auth, ClientCredentialsError, LoginError, RefreshError, RegisterError};
+use crate::app::{
+    self, Auth, ChangePasswordError, ClientCredentialsError, LoginError, RefreshError,
+    RegisterError, SetPasswordError, UserRef,
+};
 use crate::domain::{DisplayName, Email, Password};
+use crate::inflight::Overloaded;
 use crate::keys;
+use crate::source::{ClientAddresses, Source};
 use crate::tokens;
 
 /// Longest client id or secret accepted.
-const MAX_CREDENTIAL_BYTES: usize = 256;
+const MAX_CREDENTIAL_CHARS: usize = 256;
+/// Longest user id looked at before parsing (a UUID is 36 characters).
+const MAX_USER_ID_CHARS: usize = 36;
 
 #[derive(Debug, Clone)]
 pub(crate) struct AuthApi {
     pub(crate) auth: Auth,
+    pub(crate) client_addresses: ClientAddresses,
+}
+
+impl AuthApi {
+    /// Where `request` comes from, for throttling.
+    fn source<T>(&self, request: &Request<T>) -> Source {
+        self.client_addresses
+            .source(request.remote_addr(), request.metadata())
+    }
 }
 
 #[tonic::async_trait]
@@ -32,6 +52,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let source = self.source(&request);
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
         let email = check(&mut violations, "email", Email::parse(&request.email));
@@ -48,19 +69,25 @@ impl AuthService for AuthApi {
         let (Some(email), Some(password), Some(name)) = (email, password, name) else {
             return Err(violations.into_status());
         };
-        match self.auth.register(&email, &password, &name).await {
+        match self.auth.register(&email, &password, &name, source).await {
             Ok(user_id) => Ok(Response::new(RegisterResponse {
                 user_id: user_id.to_string(),
             })),
             Err(RegisterError::EmailTaken) => {
                 Err(Status::already_exists("the email is already registered"))
             }
+            Err(RegisterError::Throttled(wait)) => Err(retry_later(
+                Code::ResourceExhausted,
+                "too many registrations from your address",
+                wait,
+            )),
+            Err(RegisterError::Overloaded(overloaded)) => Err(busy(overloaded)),
             Err(RegisterError::Unexpected(error)) => Err(status::internal(&error)),
         }
     }
 
     async fn login(&self, request: Request<LoginRequest>) -> Result<Response<TokenPair>, Status> {
-        let peer = request.remote_addr().map(|address| address.ip());
+        let source = self.source(&request);
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
         let email = check(&mut violations, "email", Email::parse(&request.email));
@@ -72,20 +99,102 @@ impl AuthService for AuthApi {
         let (Some(email), Some(password)) = (email, password) else {
             return Err(violations.into_status());
         };
-        match self.auth.login(&email, &password, peer).await {
+        match self.auth.login(&email, &password, source).await {
             Ok(pair) => Ok(Response::new(token_pair(pair))),
             Err(LoginError::InvalidCredentials) => {
                 Err(Status::unauthenticated("invalid email or password"))
             }
-            Err(LoginError::Throttled(wait)) => Err(Status::with_error_details(
+            Err(LoginError::Throttled(wait)) => Err(retry_later(
                 Code::ResourceExhausted,
-                format!(
-                    "too many failed logins; retry in {} s",
-                    wait.as_secs().max(1)
-                ),
-                ErrorDetails::with_retry_info(Some(wait)),
+                "too many failed logins",
+                wait,
             )),
+            Err(LoginError::Overloaded(overloaded)) => Err(busy(overloaded)),
             Err(LoginError::Unexpected(error)) => Err(status::internal(&error)),
+        }
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<ChangePasswordRequest>,
+    ) -> Result<Response<ChangePasswordResponse>, Status> {
+        let source = self.source(&request);
+        // The policy admits only users (customers and admins), whose tokens
+        // name their user id.
+        let user_id = Uuid::parse_str(&access_control::caller(&request)?.sub)
+            .map_err(|_| Status::permission_denied("the token does not name a user"))?;
+        let request = request.into_inner();
+        let mut violations = FieldViolations::new();
+        let old = check(
+            &mut violations,
+            "old_password",
+            Password::presented(&request.old_password),
+        );
+        let new = check(
+            &mut violations,
+            "new_password",
+            Password::parse(&request.new_password),
+        );
+        let (Some(old), Some(new)) = (old, new) else {
+            return Err(violations.into_status());
+        };
+        match self.auth.change_password(user_id, &old, &new, source).await {
+            Ok(()) => Ok(Response::new(ChangePasswordResponse {})),
+            Err(ChangePasswordError::WrongPassword) => {
+                Err(Status::permission_denied("the old password is wrong"))
+            }
+            Err(ChangePasswordError::UnknownUser) => {
+                Err(Status::not_found("the user of this token does not exist"))
+            }
+            Err(ChangePasswordError::Throttled(wait)) => Err(retry_later(
+                Code::ResourceExhausted,
+                "too many failed attempts",
+                wait,
+            )),
+            Err(ChangePasswordError::Overloaded(overloaded)) => Err(busy(overloaded)),
+            Err(ChangePasswordError::Unexpected(error)) => Err(status::internal(&error)),
+        }
+    }
+
+    async fn set_password(
+        &self,
+        request: Request<SetPasswordRequest>,
+    ) -> Result<Response<SetPasswordResponse>, Status> {
+        let source = self.source(&request);
+        let request = request.into_inner();
+        let mut violations = FieldViolations::new();
+        let user = match &request.user {
+            Some(User::UserId(id)) => check(
+                &mut violations,
+                "user_id",
+                fields::text(id, MAX_USER_ID_CHARS)
+                    .map_err(|error| error.to_string())
+                    .and_then(|id| Uuid::parse_str(id).map_err(|_| "must be a UUID".to_owned())),
+            )
+            .map(UserRef::Id),
+            Some(User::Email(email)) => {
+                check(&mut violations, "email", Email::parse(email)).map(UserRef::Email)
+            }
+            None => {
+                violations.add("user", "set user_id or email");
+                None
+            }
+        };
+        let password = check(
+            &mut violations,
+            "new_password",
+            Password::parse(&request.new_password),
+        );
+        let (Some(user), Some(password)) = (user, password) else {
+            return Err(violations.into_status());
+        };
+        match self.auth.set_password(&user, &password, source).await {
+            Ok(user_id) => Ok(Response::new(SetPasswordResponse {
+                user_id: user_id.to_string(),
+            })),
+            Err(SetPasswordError::UnknownUser) => Err(Status::not_found("no such user")),
+            Err(SetPasswordError::Overloaded(overloaded)) => Err(busy(overloaded)),
+            Err(SetPasswordError::Unexpected(error)) => Err(status::internal(&error)),
         }
     }
 
@@ -129,8 +238,8 @@ impl AuthService for AuthApi {
         ] {
             if value.is_empty() {
                 violations.add(field, "must not be empty");
-            } else if value.len() > MAX_CREDENTIAL_BYTES {
-                violations.add(field, "must be at most 256 bytes");
+            } else {
+                violations.text(field, value, MAX_CREDENTIAL_CHARS);
             }
         }
         violations.into_result()?;
@@ -179,9 +288,42 @@ impl AuthService for AuthApi {
 fn check<T>(
     violations: &mut FieldViolations,
     field: &str,
-    parsed: Result<T, &'static str>,
+    parsed: Result<T, impl Into<String>>,
 ) -> Option<T> {
     parsed.map_err(|reason| violations.add(field, reason)).ok()
+}
+
+/// A refusal that a later attempt can overcome: `code`, a message saying
+/// when, and a RetryInfo detail saying it to programs.
+fn retry_later(code: Code, what: &str, wait: Duration) -> Status {
+    let when = if wait < Duration::from_secs(1) {
+        format!("{} ms", wait.as_millis().max(1))
+    } else {
+        format!("{} s", wait.as_secs_f64().ceil())
+    };
+    Status::with_error_details(
+        code,
+        format!("{what}; retry in {when}"),
+        ErrorDetails::with_retry_info(Some(wait)),
+    )
+}
+
+/// A full replica is UNAVAILABLE (another replica may serve the request,
+/// and clients retry that code); a source over its share is
+/// RESOURCE_EXHAUSTED (its own quota, wherever it goes).
+fn busy(overloaded: Overloaded) -> Status {
+    match overloaded {
+        Overloaded::Replica(wait) => retry_later(
+            Code::Unavailable,
+            "this replica is checking as many passwords as it can",
+            wait,
+        ),
+        Overloaded::Source(wait) => retry_later(
+            Code::ResourceExhausted,
+            "too many password checks in flight from your address",
+            wait,
+        ),
+    }
 }
 
 fn refresh_token(token: &str) -> Result<&str, Status> {

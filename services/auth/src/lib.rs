@@ -3,18 +3,26 @@
 //! the JWTs every other service verifies without sharing a secret.
 //!
 //! - `domain`: email, password and display name, parsed at the edge.
-//! - `passwords`: argon2id hashing, bounded and off the async threads.
+//! - `passwords`: argon2id hashing on a few dedicated threads, each with
+//!   one memory block for life, so memory stays bounded.
+//! - `source`: which address a request comes from (the peer, or what a
+//!   trusted proxy says).
+//! - `inflight`: how many password checks a replica, and one source, may
+//!   have in flight.
+//! - `throttle`: increasing waits after failed logins per (email, source)
+//!   and per source, and the pace of registrations per source.
 //! - `keys`: signing keys in the database, their rotation and publication.
 //! - `tokens`: access tokens (JWT) and refresh tokens (opaque, hashed).
-//! - `throttle`: failed-login limits per email and per peer.
 //! - `app`: the use cases; `grpc`: their gRPC face.
 
 mod app;
 mod clients;
 mod domain;
 mod grpc;
+mod inflight;
 mod keys;
 mod passwords;
+mod source;
 mod throttle;
 mod tokens;
 
@@ -32,6 +40,7 @@ use telemetry::TelemetrySettings;
 use tokio_util::sync::CancellationToken;
 
 pub use clients::ServiceClients;
+pub use source::Cidr;
 
 /// Service name, in logs, traces and event envelopes.
 pub const NAME: &str = "auth";
@@ -41,7 +50,8 @@ pub const DEFAULT_PORT: u16 = 50051;
 pub const SCHEMA: &str = "auth";
 pub const ROLE: &str = "auth_service";
 /// This service's tables.
-pub const MIGRATIONS: MigrationSet = database::migrations!("auth", ["0001_identities.sql"]);
+pub const MIGRATIONS: MigrationSet =
+    database::migrations!("auth", ["0001_identities.sql", "0002_login_abuse.sql"]);
 
 /// The role and schema to provision for this service.
 pub fn account(password: impl Into<String>) -> ServiceAccount {
@@ -86,6 +96,12 @@ pub struct AuthServiceSettings {
     #[arg(long = "refresh-token-ttl", env = "REFRESH_TOKEN_TTL", default_value = "30days", value_parser = humantime::parse_duration)]
     pub refresh_token_ttl: Duration,
 
+    /// Absolute lifetime of a refresh-token family (the tokens one login
+    /// starts): after it Refresh fails however often the family was used,
+    /// and the user logs in again.
+    #[arg(long = "refresh-family-lifetime", env = "REFRESH_FAMILY_LIFETIME", default_value = "90days", value_parser = positive_duration)]
+    pub refresh_family_lifetime: Duration,
+
     /// Lifetime of service tokens (client-credentials grant).
     #[arg(long = "service-token-ttl", env = "SERVICE_TOKEN_TTL", default_value = "15m", value_parser = humantime::parse_duration)]
     pub service_token_ttl: Duration,
@@ -113,25 +129,115 @@ pub struct AuthServiceSettings {
           hide_default_value = true, value_parser = ServiceClients::parse)]
     pub service_clients: ServiceClients,
 
-    /// Failed logins for one email, within the window, that block it.
-    #[arg(long = "login-max-failures-per-email", env = "LOGIN_MAX_FAILURES_PER_EMAIL", default_value_t = 5,
+    /// Failed logins for one email from one source (address, or IPv6 /64)
+    /// after which each further attempt of that pair must wait. Other
+    /// sources are not affected: no one can lock an account's owner out.
+    #[arg(long = "login-failures-before-delay", env = "LOGIN_FAILURES_BEFORE_DELAY", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..))]
-    pub login_max_failures_per_email: u32,
+    pub login_failures_before_delay: u32,
 
-    /// Failed logins from one peer address, within the window, that block it.
-    #[arg(long = "login-max-failures-per-peer", env = "LOGIN_MAX_FAILURES_PER_PEER", default_value_t = 20,
+    /// Failed logins from one source, for any emails, after which each
+    /// further login attempt from that source must wait.
+    #[arg(long = "login-source-failures-before-delay", env = "LOGIN_SOURCE_FAILURES_BEFORE_DELAY", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..))]
-    pub login_max_failures_per_peer: u32,
+    pub login_source_failures_before_delay: u32,
 
-    /// Window of the failed-login counts, and how long a block lasts.
-    #[arg(long = "login-throttle-window", env = "LOGIN_THROTTLE_WINDOW", default_value = "15m", value_parser = humantime::parse_duration)]
-    pub login_throttle_window: Duration,
+    /// The first wait after those failures; it doubles with each further
+    /// failure.
+    #[arg(long = "login-failure-delay", env = "LOGIN_FAILURE_DELAY", default_value = "1s", value_parser = positive_duration)]
+    pub login_failure_delay: Duration,
 
-    /// Password hashes computed at once (each takes 19 MiB and one core
-    /// for tens of milliseconds).
-    #[arg(long = "password-hash-concurrency", env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 4,
-          value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// The longest wait after failed logins.
+    #[arg(long = "login-failure-max-delay", env = "LOGIN_FAILURE_MAX_DELAY", default_value = "15m", value_parser = positive_duration)]
+    pub login_failure_max_delay: Duration,
+
+    /// How long it takes for one failed login to be forgotten (failures
+    /// fade continuously at this rate; a right password forgets the
+    /// email's failures from its source at once).
+    #[arg(long = "login-failure-decay", env = "LOGIN_FAILURE_DECAY", default_value = "1h", value_parser = positive_duration)]
+    pub login_failure_decay: Duration,
+
+    /// Registrations one source may make at once.
+    #[arg(long = "register-burst-per-source", env = "REGISTER_BURST_PER_SOURCE", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub register_burst_per_source: u32,
+
+    /// After its burst, a source may register one more account per this.
+    #[arg(long = "register-interval-per-source", env = "REGISTER_INTERVAL_PER_SOURCE", default_value = "30s", value_parser = positive_duration)]
+    pub register_interval_per_source: Duration,
+
+    /// Threads that hash passwords, each holding one argon2 memory block
+    /// (12 MiB) for the life of the process: the hasher's whole memory.
+    /// More threads than cores add memory, not speed.
+    #[arg(long = "password-hash-concurrency", env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
     pub password_hash_concurrency: u32,
+
+    /// Requests that check or set a password (Login, Register,
+    /// ChangePassword, SetPassword) one replica admits at once, waiting or
+    /// hashing; more are refused with UNAVAILABLE and a retry delay.
+    #[arg(long = "password-max-in-flight", env = "PASSWORD_MAX_IN_FLIGHT", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub password_max_in_flight: u32,
+
+    /// Of those, how many one source may have in flight; more are refused
+    /// with RESOURCE_EXHAUSTED and a retry delay.
+    #[arg(long = "password-max-in-flight-per-source", env = "PASSWORD_MAX_IN_FLIGHT_PER_SOURCE", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub password_max_in_flight_per_source: u32,
+
+    /// Proxies whose client-address header is believed, as a
+    /// comma-separated list of addresses and CIDR blocks (e.g.
+    /// `10.0.0.0/8,fd00::/8`). Empty: the TCP peer is every request's
+    /// source, and the header is ignored.
+    #[arg(long = "trusted-proxies", env = "TRUSTED_PROXIES", default_value = "", value_parser = parse_cidrs)]
+    pub trusted_proxies: TrustedProxies,
+
+    /// The header in which trusted proxies pass the client's address
+    /// (`x-forwarded-for`, `x-real-ip`, or RFC 7239's `forwarded`).
+    #[arg(long = "client-address-header", env = "CLIENT_ADDRESS_HEADER", default_value = "x-forwarded-for", value_parser = parse_header_name)]
+    pub client_address_header: String,
+}
+
+/// The `TRUSTED_PROXIES` list.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(pub Vec<Cidr>);
+
+fn parse_cidrs(value: &str) -> Result<TrustedProxies, String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .map(TrustedProxies)
+}
+
+/// A gRPC metadata key that carries text (lower case; not `-bin`).
+fn parse_header_name(value: &str) -> Result<String, String> {
+    let name = value.trim().to_ascii_lowercase();
+    let valid = !name.is_empty()
+        && !name.ends_with("-bin")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if valid {
+        Ok(name)
+    } else {
+        Err(format!(
+            "{value:?} is not a header name (letters, digits, '-', '_', '.')"
+        ))
+    }
+}
+
+/// A duration above zero (a zero wait or lifetime would silently turn a
+/// protection off).
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(duration) if duration > Duration::ZERO => Ok(duration),
+        Ok(_) => Err("must be more than zero".to_owned()),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// Who may call what on the auth service.
@@ -150,6 +256,9 @@ fn policy() -> Policy {
         policy.rpc(SERVICE, method, Access::Public)
     })
     .rpc(SERVICE, "RotateSigningKey", Access::Admin)
+    // A person's own password; a service token names no person.
+    .rpc(SERVICE, "ChangePassword", Access::User)
+    .rpc(SERVICE, "SetPassword", Access::Admin)
 }
 
 /// The service, built and bound, ready to run.
@@ -175,22 +284,38 @@ impl Application {
         )
         .await?;
         let config = &settings.auth;
+        let backoff = |failures_before_delay| throttle::Backoff {
+            failures_before_delay,
+            first_delay: config.login_failure_delay,
+            max_delay: config.login_failure_max_delay,
+            decay: config.login_failure_decay,
+        };
         let policy = app::AuthPolicy {
             tokens: config.tokens.clone(),
             access_token_ttl: config.access_token_ttl,
             refresh_token_ttl: config.refresh_token_ttl,
+            refresh_family_lifetime: config.refresh_family_lifetime,
             service_token_ttl: config.service_token_ttl,
-            throttle: throttle::ThrottlePolicy {
-                max_failures_per_email: config.login_max_failures_per_email,
-                max_failures_per_peer: config.login_max_failures_per_peer,
-                window: config.login_throttle_window,
+            login_throttle: throttle::LoginThrottle {
+                per_account_and_source: backoff(config.login_failures_before_delay),
+                per_source: backoff(config.login_source_failures_before_delay),
+            },
+            registration_pace: throttle::RegistrationPace {
+                burst: config.register_burst_per_source,
+                interval: config.register_interval_per_source,
             },
             service_clients: config.service_clients.clone(),
         };
-        let passwords = passwords::Passwords::new(config.password_hash_concurrency as usize)?;
+        let passwords =
+            passwords::Passwords::start(config.password_hash_concurrency as usize).await?;
+        let admission = inflight::Admission::new(
+            config.password_max_in_flight as usize,
+            config.password_max_in_flight_per_source as usize,
+        );
         let auth = app::Auth::new(
             platform.pool.clone(),
             passwords,
+            admission,
             policy,
             platform.topics.clone(),
         );
@@ -235,7 +360,13 @@ impl Application {
         let verifier = Verifier::new(keys, &settings.auth.tokens);
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))
-            .add_service(AuthServiceServer::new(grpc::AuthApi { auth }))
+            .add_service(AuthServiceServer::new(grpc::AuthApi {
+                auth,
+                client_addresses: source::ClientAddresses::new(
+                    &settings.auth.client_address_header,
+                    settings.auth.trusted_proxies.0.clone(),
+                ),
+            }))
             .reflect(api_auth::FILE_DESCRIPTOR_SET)
             .collect_metrics(platform.outbox_metrics())
             .serve(platform.readiness(), shutdown.clone())
