@@ -178,7 +178,9 @@ impl GrpcServer {
             .timeout(self.settings.request_timeout)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(self.listener),
+                // Answers go out at once: with Nagle's algorithm a reply's
+                // last frames wait for the peer's delayed ACK (~40 ms).
+                TcpIncoming::from(self.listener).with_nodelay(Some(true)),
                 shutdown.clone().cancelled_owned(),
             );
         let mut serving = std::pin::pin!(serving);
