@@ -4,7 +4,8 @@
 //! PostgreSQL and a broker of the run's own), then the audit of every
 //! invariant. The driver exits non-zero if one is broken or the system
 //! did not quiesce; its table and everything it wrote (schedule, load
-//! record, logs, table dumps) are in `target/chaos/seed-17`.
+//! record, logs, table dumps) are in the `target/chaos/seed-17-...`
+//! folder it names.
 //!
 //! The run has its own PostgreSQL and broker, not the test run's, since
 //! it restarts the one and pauses the other.
@@ -25,6 +26,6 @@ async fn chaos_with_a_fixed_seed_keeps_every_invariant() {
         .unwrap();
     assert!(
         status.success(),
-        "the chaos run failed ({status}): its table is above, its files in target/chaos/seed-17"
+        "the chaos run failed ({status}): its table, and the folder of its files, are above"
     );
 }

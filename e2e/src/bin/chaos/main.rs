@@ -22,8 +22,8 @@
 //!    invariant is broken or the system did not quiesce.
 //!
 //! Everything the run writes (the schedule, the load record, every
-//! process's log, the table) goes to `--out`, by default
-//! `target/chaos/seed-N`.
+//! process's log, table dumps, the table) goes to `--out`, by default a
+//! new `target/chaos/seed-N-<time>-<pid>`.
 
 // Printing the table is the program's job.
 #![allow(clippy::print_stdout)]
@@ -89,7 +89,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 300)]
     quiesce_timeout: u64,
     /// Where the schedule, the load record, the logs and the table go
-    /// (default: target/chaos/seed-N).
+    /// (default: a new target/chaos/seed-N-<time>-<pid>).
     #[arg(long)]
     out: Option<PathBuf>,
     /// The folder of the service binaries (default: this program's).
@@ -148,16 +148,26 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         .parent()
         .context("this program's folder")?
         .to_owned();
+    // A folder of the run's own: runs of one seed may go on at once (the
+    // tests of two checkouts sharing a target folder).
     let out = match &args.out {
         Some(out) => out.clone(),
         None => here
             .parent()
             .context("the target folder")?
             .join("chaos")
-            .join(format!("seed-{seed}")),
+            .join(format!(
+                "seed-{seed}-{}-{}",
+                chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+                std::process::id()
+            )),
     };
-    let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    anyhow::ensure!(
+        !out.join("record.jsonl").exists(),
+        "{} holds an earlier run: give another --out",
+        out.display()
+    );
     std::fs::write(
         out.join("schedule.txt"),
         Listing(&plan, &topology).to_string(),
