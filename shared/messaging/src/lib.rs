@@ -38,5 +38,11 @@ extern crate self as messaging;
 mod test_support;
 
 /// The outbox and inbox tables, applied in every service's schema.
-pub const MIGRATIONS: database::MigrationSet =
-    database::migrations!("messaging", ["0001_outbox.sql", "0002_inbox.sql"]);
+pub const MIGRATIONS: database::MigrationSet = database::migrations!(
+    "messaging",
+    [
+        "0001_outbox.sql",
+        "0002_inbox.sql",
+        "0003_outbox_notify_by_the_writer.sql"
+    ]
+);

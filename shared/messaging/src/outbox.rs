@@ -37,12 +37,19 @@ pub async fn enqueue_all(
         keys.push(envelope.aggregate_id.clone());
         bodies.push(envelope.encode_to_vec());
     }
-    // UNNEST ... WITH ORDINALITY keeps the given order in the identity column.
+    // UNNEST ... WITH ORDINALITY keeps the given order in the identity
+    // column. The same statement wakes the relays (on commit), telling them
+    // the highest id written, so that a relay which has already published
+    // past it need not look.
     sqlx::query(
-        "INSERT INTO outbox (event_id, topic, message_key, envelope, headers)
-         SELECT event_id, $2, message_key, envelope, $5
-         FROM UNNEST($1::uuid[], $3::text[], $4::bytea[]) WITH ORDINALITY AS e(event_id, message_key, envelope, n)
-         ORDER BY n",
+        "WITH written AS (
+             INSERT INTO outbox (event_id, topic, message_key, envelope, headers)
+             SELECT event_id, $2, message_key, envelope, $5
+             FROM UNNEST($1::uuid[], $3::text[], $4::bytea[]) WITH ORDINALITY AS e(event_id, message_key, envelope, n)
+             ORDER BY n
+             RETURNING id
+         )
+         SELECT pg_notify(current_schema() || '.outbox', max(id)::text) FROM written HAVING count(*) > 0",
     )
     .bind(&event_ids)
     .bind(topic)

@@ -11,17 +11,20 @@
 //! mid-batch rolls its delete back, so those rows are published again:
 //! delivery is at least once, and consumers deduplicate by event id.
 //!
-//! The relay sleeps on `LISTEN` and is woken by the `NOTIFY` that the outbox
-//! trigger sends on commit. A slow sweep also runs in case a notification
-//! was lost while the listening connection was being re-established.
+//! The relay sleeps on `LISTEN` and is woken by the `NOTIFY` that the
+//! statement writing outbox rows sends on commit, naming the highest id it
+//! wrote; a relay that has published that row already skips the round. A
+//! slow sweep also runs in case a notification was lost while the
+//! listening connection was being re-established.
 
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgNotification};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -91,33 +94,50 @@ impl Relay {
                     continue;
                 }
             };
+            let mut published = RecentlyPublished::default();
             loop {
                 // Publish everything there is, including what was written
                 // while we were not listening.
-                if let Err(error) = self.publish_pending().await {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        "outbox relay could not publish; will retry"
-                    );
-                    backoff.wait(&shutdown).await;
-                    continue 'connect;
+                match self.publish_all().await {
+                    Ok(ids) => published.extend(ids),
+                    Err(error) => {
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            "outbox relay could not publish; will retry"
+                        );
+                        backoff.wait(&shutdown).await;
+                        continue 'connect;
+                    }
                 }
                 backoff.reset();
-                tokio::select! {
-                    () = shutdown.cancelled() => break 'connect,
-                    received = listener.try_recv() => {
-                        // Ok(None) means the connection was lost and is being
-                        // re-established: notifications may have been missed,
-                        // and the loop publishes anyway.
-                        if let Err(error) = received {
-                            tracing::warn!(%error, "outbox relay lost its listening connection");
-                            continue 'connect;
-                        }
-                        // One round publishes what every notification already
-                        // here announces: they need no round of their own.
-                        while listener.next_buffered().is_some() {}
+                // Wait for rows this relay has not published yet.
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break 'connect,
+                        received = listener.try_recv() => match received {
+                            // Every notification here already: one round
+                            // covers them all, and none if this relay has
+                            // published what each announces.
+                            Ok(Some(first)) => {
+                                let mut new = !published.covers(&first);
+                                while let Some(next) = listener.next_buffered() {
+                                    new |= !published.covers(&next);
+                                }
+                                if new {
+                                    break;
+                                }
+                            }
+                            // The connection was lost and is being
+                            // re-established: notifications may have been
+                            // missed, so publish anyway.
+                            Ok(None) => break,
+                            Err(error) => {
+                                tracing::warn!(%error, "outbox relay lost its listening connection");
+                                continue 'connect;
+                            }
+                        },
+                        () = tokio::time::sleep(self.sweep_interval) => break,
                     }
-                    () = tokio::time::sleep(self.sweep_interval) => {}
                 }
             }
         }
@@ -136,7 +156,13 @@ impl Relay {
     /// Publishes the whole backlog, batch by batch; returns how many events
     /// were published.
     pub async fn publish_pending(&self) -> anyhow::Result<usize> {
-        let mut published = 0;
+        Ok(self.publish_all().await?.len())
+    }
+
+    /// Publishes the whole backlog, batch by batch; returns the ids of the
+    /// rows published.
+    async fn publish_all(&self) -> anyhow::Result<Vec<i64>> {
+        let mut published = Vec::new();
         loop {
             let mut tx = self
                 .pool
@@ -153,7 +179,7 @@ impl Relay {
             tx.commit()
                 .await
                 .context("committing published outbox rows")?;
-            published += batch.len();
+            published.extend(batch.iter().map(|row| row.id));
             metrics::counter!("outbox_published_total").increment(batch.len() as u64);
             if batch.len() < usize::try_from(self.batch_size).unwrap_or(usize::MAX) {
                 return Ok(published);
@@ -208,6 +234,44 @@ impl Relay {
                 .context("publishing to Kafka")?;
         }
         Ok(())
+    }
+}
+
+/// The ids of the rows a relay published lately, to recognise the
+/// notifications of rows it has already published. A notification carries
+/// the highest id its statement wrote; rows go out in id order, so if that
+/// one went, so did the statement's others.
+#[derive(Default)]
+struct RecentlyPublished {
+    ids: HashSet<i64>,
+    oldest_first: VecDeque<i64>,
+}
+
+/// Notifications come within moments of their rows' commit: a few thousand
+/// ids cover them.
+const RECENT_IDS: usize = 4096;
+
+impl RecentlyPublished {
+    fn extend(&mut self, ids: Vec<i64>) {
+        for id in ids {
+            if self.ids.insert(id) {
+                self.oldest_first.push_back(id);
+            }
+        }
+        while self.oldest_first.len() > RECENT_IDS {
+            if let Some(old) = self.oldest_first.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    /// Whether the rows `notification` announces were published here. One
+    /// that names no id (from a writer of before `0003`) is never covered.
+    fn covers(&self, notification: &PgNotification) -> bool {
+        notification
+            .payload()
+            .parse::<i64>()
+            .is_ok_and(|id| self.ids.contains(&id))
     }
 }
 

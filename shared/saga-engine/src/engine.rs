@@ -305,7 +305,7 @@ impl Engine {
             .expect("an engine runs once");
         let mut drivers = tokio::task::JoinSet::new();
         let mut listener: Option<PgListener> = None;
-        while !shutdown.is_cancelled() {
+        'run: while !shutdown.is_cancelled() {
             if listener.is_none() {
                 listener = match store::listen(&self.pool).await {
                     Ok(listener) => Some(listener),
@@ -362,26 +362,32 @@ impl Engine {
                 .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
                 .unwrap_or(Duration::from_secs(5))
                 .min(Duration::from_secs(5));
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                Some(claim) = adoptions.recv() => {
-                    // A hand was free when it started; if it has been taken
-                    // since, the saga waits here for the next (it is leased
-                    // to no one else).
-                    let permit = permits.clone().acquire_owned();
-                    let engine = self.clone();
-                    let shutdown = shutdown.clone();
-                    drivers.spawn(async move {
-                        let permit = permit.await.expect("the semaphore is never closed");
-                        engine.drive(claim, &shutdown).await;
-                        drop(permit);
-                    });
-                }
-                () = tokio::time::sleep(sleep) => {}
-                Some(_) = drivers.join_next(), if saturated && !drivers.is_empty() => {}
-                received = async { listener.as_mut().expect("guarded").try_recv().await }, if listener.is_some() => {
-                    if received.is_err() {
-                        listener = None;
+            let wake_at = tokio::time::Instant::now() + sleep;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break 'run,
+                    Some(claim) = adoptions.recv() => {
+                        // A hand was free when it started; if it has been
+                        // taken since, the saga waits here for the next (it
+                        // is leased to no one else). Nothing new is due for
+                        // claiming: wait on.
+                        let permit = permits.clone().acquire_owned();
+                        let engine = self.clone();
+                        let shutdown = shutdown.clone();
+                        drivers.spawn(async move {
+                            let permit = permit.await.expect("the semaphore is never closed");
+                            engine.drive(claim, &shutdown).await;
+                            drop(permit);
+                        });
+                        while drivers.try_join_next().is_some() {}
+                    }
+                    () = tokio::time::sleep_until(wake_at) => break,
+                    Some(_) = drivers.join_next(), if saturated && !drivers.is_empty() => break,
+                    received = async { listener.as_mut().expect("guarded").try_recv().await }, if listener.is_some() => {
+                        if received.is_err() {
+                            listener = None;
+                        }
+                        break;
                     }
                 }
             }
