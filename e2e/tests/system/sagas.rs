@@ -680,11 +680,11 @@ async fn a_capture_whose_answer_died_with_the_payment_service_is_refunded_at_the
 /// The most a saga may cost the database, counted by the test below on a
 /// stack at light load (a burst of sixty orders), where batching helps
 /// less than under the benchmark's load. The target is 50 statements and
-/// 12 commits per saga; these are a little above what the code costs
-/// today (about 62 statements and 8.5 commits), so that a change that
+/// 12 commits per saga; the budget is a little above what the code costs
+/// today (about 43 statements and 6.6 commits), so that a change that
 /// makes a saga dearer fails here.
-const STATEMENTS_PER_SAGA: f64 = 70.0;
-const COMMITS_PER_SAGA: f64 = 10.0;
+const STATEMENTS_PER_SAGA: f64 = 50.0;
+const COMMITS_PER_SAGA: f64 = 8.0;
 
 #[tokio::test]
 async fn a_saga_costs_the_database_no_more_than_its_budget() {
