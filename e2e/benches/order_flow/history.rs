@@ -24,7 +24,8 @@ use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 const SCHEMAS: [&str; 3] = ["orders", "payments", "saga"];
 
 /// Text columns that hold identifiers (the rest are copied as they are).
-const TEXT_IDS: [&str; 10] = [
+const TEXT_IDS: [&str; 11] = [
+    "charge_key",
     "business_key",
     "correlation_id",
     "idempotency_key",
