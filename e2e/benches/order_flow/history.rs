@@ -56,7 +56,7 @@ pub(crate) async fn preload(admin_url: &str, sagas: u64) -> anyhow::Result<()> {
     .fetch_one(&mut conn)
     .await?;
     anyhow::ensure!(template > 0, "no finished saga to copy history from");
-    let generations = (sagas as u64).div_ceil(template as u64) as i64;
+    let generations = sagas.div_ceil(template as u64) as i64;
     // Copies are history, not new work: no trigger (no NOTIFY to wake the
     // engines or the trace tails) and no foreign-key checks, whose targets
     // are copied alongside.
