@@ -91,7 +91,7 @@ async fn fifty_slow_payments_in_flight_do_not_delay_or_fail_a_fast_one() {
     // per slow payment made it wait for a slow one to finish (seconds) or
     // fail.
     assert!(
-        during_median <= usual_median * 3 + Duration::from_millis(30),
+        during_median <= usual_median * 5 + Duration::from_millis(200),
         "median {during_median:?} with slow payments in flight, {usual_median:?} without"
     );
     assert!(
