@@ -100,14 +100,13 @@ impl EventHandler for SagaStarter {
         } else if envelope::is::<OrderCancellationRequested>(envelope) {
             let requested: OrderCancellationRequested =
                 envelope::open(envelope).map_err(|e| HandleError::Permanent(e.into()))?;
-            let saga_id = sqlx::query_scalar(
-                "SELECT saga_id FROM saga_instances WHERE saga_type = $1 AND business_key = $2",
+            let saga_id = saga_engine::store::find_by_business_key(
+                &mut *conn,
+                SAGA_TYPE,
+                &requested.order_id,
             )
-            .bind(SAGA_TYPE)
-            .bind(&requested.order_id)
-            .fetch_optional(&mut *conn)
             .await
-            .map_err(|e| HandleError::Transient(e.into()))?;
+            .map_err(HandleError::Transient)?;
             // OrderPlaced precedes it on the same partition, so the saga
             // exists; if not, the order was never ours to handle.
             let Some(saga_id) = saga_id else {

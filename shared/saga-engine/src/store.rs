@@ -332,7 +332,7 @@ pub async fn load(pool: &PgPool, saga_id: Uuid) -> anyhow::Result<Option<SagaRec
 
 /// The id of the saga of `saga_type` for `business_key`, if any. Reads only.
 pub async fn find_by_business_key(
-    pool: &PgPool,
+    executor: impl sqlx::PgExecutor<'_>,
     saga_type: &str,
     business_key: &str,
 ) -> anyhow::Result<Option<Uuid>> {
@@ -341,7 +341,7 @@ pub async fn find_by_business_key(
     )
     .bind(saga_type)
     .bind(business_key)
-    .fetch_optional(pool)
+    .fetch_optional(executor)
     .await
     .context("finding a saga by key")
 }
