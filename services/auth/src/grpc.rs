@@ -55,63 +55,29 @@ impl AuthService for AuthApi {
         let source = self.source(&request);
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let email = check(&mut violations, "email", Email::parse(&request.email));
-        let password = check(
-            &mut violations,
-            "password",
-            Password::parse(&request.password),
-        );
-        let name = check(
-            &mut violations,
-            "display_name",
-            DisplayName::parse(&request.display_name),
-        );
+        let email = violations.check("email", Email::parse(&request.email));
+        let password = violations.check("password", Password::parse(&request.password));
+        let name = violations.check("display_name", DisplayName::parse(&request.display_name));
         let (Some(email), Some(password), Some(name)) = (email, password, name) else {
             return Err(violations.into_status());
         };
-        match self.auth.register(&email, &password, &name, source).await {
-            Ok(user_id) => Ok(Response::new(RegisterResponse {
-                user_id: user_id.to_string(),
-            })),
-            Err(RegisterError::EmailTaken) => {
-                Err(Status::already_exists("the email is already registered"))
-            }
-            Err(RegisterError::Throttled(wait)) => Err(retry_later(
-                Code::ResourceExhausted,
-                "too many registrations from your address",
-                wait,
-            )),
-            Err(RegisterError::Overloaded(overloaded)) => Err(busy(overloaded)),
-            Err(RegisterError::Unexpected(error)) => Err(status::internal(&error)),
-        }
+        let user_id = self.auth.register(&email, &password, &name, source).await?;
+        Ok(Response::new(RegisterResponse {
+            user_id: user_id.to_string(),
+        }))
     }
 
     async fn login(&self, request: Request<LoginRequest>) -> Result<Response<TokenPair>, Status> {
         let source = self.source(&request);
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let email = check(&mut violations, "email", Email::parse(&request.email));
-        let password = check(
-            &mut violations,
-            "password",
-            Password::presented(&request.password),
-        );
+        let email = violations.check("email", Email::parse(&request.email));
+        let password = violations.check("password", Password::presented(&request.password));
         let (Some(email), Some(password)) = (email, password) else {
             return Err(violations.into_status());
         };
-        match self.auth.login(&email, &password, source).await {
-            Ok(pair) => Ok(Response::new(token_pair(pair))),
-            Err(LoginError::InvalidCredentials) => {
-                Err(Status::unauthenticated("invalid email or password"))
-            }
-            Err(LoginError::Throttled(wait)) => Err(retry_later(
-                Code::ResourceExhausted,
-                "too many failed logins",
-                wait,
-            )),
-            Err(LoginError::Overloaded(overloaded)) => Err(busy(overloaded)),
-            Err(LoginError::Unexpected(error)) => Err(status::internal(&error)),
-        }
+        let pair = self.auth.login(&email, &password, source).await?;
+        Ok(Response::new(token_pair(pair)))
     }
 
     async fn change_password(
@@ -125,35 +91,15 @@ impl AuthService for AuthApi {
             .map_err(|_| Status::permission_denied("the token does not name a user"))?;
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let old = check(
-            &mut violations,
-            "old_password",
-            Password::presented(&request.old_password),
-        );
-        let new = check(
-            &mut violations,
-            "new_password",
-            Password::parse(&request.new_password),
-        );
+        let old = violations.check("old_password", Password::presented(&request.old_password));
+        let new = violations.check("new_password", Password::parse(&request.new_password));
         let (Some(old), Some(new)) = (old, new) else {
             return Err(violations.into_status());
         };
-        match self.auth.change_password(user_id, &old, &new, source).await {
-            Ok(()) => Ok(Response::new(ChangePasswordResponse {})),
-            Err(ChangePasswordError::WrongPassword) => {
-                Err(Status::permission_denied("the old password is wrong"))
-            }
-            Err(ChangePasswordError::UnknownUser) => {
-                Err(Status::not_found("the user of this token does not exist"))
-            }
-            Err(ChangePasswordError::Throttled(wait)) => Err(retry_later(
-                Code::ResourceExhausted,
-                "too many failed attempts",
-                wait,
-            )),
-            Err(ChangePasswordError::Overloaded(overloaded)) => Err(busy(overloaded)),
-            Err(ChangePasswordError::Unexpected(error)) => Err(status::internal(&error)),
-        }
+        self.auth
+            .change_password(user_id, &old, &new, source)
+            .await?;
+        Ok(Response::new(ChangePasswordResponse {}))
     }
 
     async fn set_password(
@@ -164,38 +110,32 @@ impl AuthService for AuthApi {
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
         let user = match &request.user {
-            Some(User::UserId(id)) => check(
-                &mut violations,
-                "user_id",
-                fields::text(id, MAX_USER_ID_CHARS)
-                    .map_err(|error| error.to_string())
-                    .and_then(|id| Uuid::parse_str(id).map_err(|_| "must be a UUID".to_owned())),
-            )
-            .map(UserRef::Id),
-            Some(User::Email(email)) => {
-                check(&mut violations, "email", Email::parse(email)).map(UserRef::Email)
-            }
+            Some(User::UserId(id)) => violations
+                .check(
+                    "user_id",
+                    fields::text(id, MAX_USER_ID_CHARS)
+                        .map_err(|error| error.to_string())
+                        .and_then(|id| {
+                            Uuid::parse_str(id).map_err(|_| "must be a UUID".to_owned())
+                        }),
+                )
+                .map(UserRef::Id),
+            Some(User::Email(email)) => violations
+                .check("email", Email::parse(email))
+                .map(UserRef::Email),
             None => {
                 violations.add("user", "set user_id or email");
                 None
             }
         };
-        let password = check(
-            &mut violations,
-            "new_password",
-            Password::parse(&request.new_password),
-        );
+        let password = violations.check("new_password", Password::parse(&request.new_password));
         let (Some(user), Some(password)) = (user, password) else {
             return Err(violations.into_status());
         };
-        match self.auth.set_password(&user, &password, source).await {
-            Ok(user_id) => Ok(Response::new(SetPasswordResponse {
-                user_id: user_id.to_string(),
-            })),
-            Err(SetPasswordError::UnknownUser) => Err(Status::not_found("no such user")),
-            Err(SetPasswordError::Overloaded(overloaded)) => Err(busy(overloaded)),
-            Err(SetPasswordError::Unexpected(error)) => Err(status::internal(&error)),
-        }
+        let user_id = self.auth.set_password(&user, &password, source).await?;
+        Ok(Response::new(SetPasswordResponse {
+            user_id: user_id.to_string(),
+        }))
     }
 
     async fn refresh(
@@ -203,13 +143,8 @@ impl AuthService for AuthApi {
         request: Request<RefreshRequest>,
     ) -> Result<Response<TokenPair>, Status> {
         let token = refresh_token(&request.get_ref().refresh_token)?;
-        match self.auth.refresh(token).await {
-            Ok(pair) => Ok(Response::new(token_pair(pair))),
-            Err(RefreshError::InvalidToken) => {
-                Err(Status::unauthenticated("invalid refresh token"))
-            }
-            Err(RefreshError::Unexpected(error)) => Err(status::internal(&error)),
-        }
+        let pair = self.auth.refresh(token).await?;
+        Ok(Response::new(token_pair(pair)))
     }
 
     async fn logout(
@@ -217,13 +152,8 @@ impl AuthService for AuthApi {
         request: Request<LogoutRequest>,
     ) -> Result<Response<LogoutResponse>, Status> {
         let token = refresh_token(&request.get_ref().refresh_token)?;
-        match self.auth.logout(token).await {
-            Ok(()) => Ok(Response::new(LogoutResponse {})),
-            Err(RefreshError::InvalidToken) => {
-                Err(Status::unauthenticated("invalid refresh token"))
-            }
-            Err(RefreshError::Unexpected(error)) => Err(status::internal(&error)),
-        }
+        self.auth.logout(token).await?;
+        Ok(Response::new(LogoutResponse {}))
     }
 
     async fn issue_service_token(
@@ -243,20 +173,14 @@ impl AuthService for AuthApi {
             }
         }
         violations.into_result()?;
-        match self
+        let token = self
             .auth
             .issue_service_token(&request.client_id, &request.client_secret)
-            .await
-        {
-            Ok(token) => Ok(Response::new(ServiceToken {
-                access_token: token.token,
-                expires_at: Some(token.expires_at.into()),
-            })),
-            Err(ClientCredentialsError::InvalidCredentials) => {
-                Err(Status::unauthenticated("invalid client credentials"))
-            }
-            Err(ClientCredentialsError::Unexpected(error)) => Err(status::internal(&error)),
-        }
+            .await?;
+        Ok(Response::new(ServiceToken {
+            access_token: token.token,
+            expires_at: Some(token.expires_at.into()),
+        }))
     }
 
     async fn get_public_keys(
@@ -284,13 +208,82 @@ impl AuthService for AuthApi {
     }
 }
 
-/// Records a parse failure as a violation of `field`.
-fn check<T>(
-    violations: &mut FieldViolations,
-    field: &str,
-    parsed: Result<T, impl Into<String>>,
-) -> Option<T> {
-    parsed.map_err(|reason| violations.add(field, reason)).ok()
+// Each use case's errors become statuses here, each variant on purpose.
+
+impl From<RegisterError> for Status {
+    fn from(error: RegisterError) -> Self {
+        match error {
+            RegisterError::EmailTaken => Status::already_exists("the email is already registered"),
+            RegisterError::Throttled(wait) => retry_later(
+                Code::ResourceExhausted,
+                "too many registrations from your address",
+                wait,
+            ),
+            RegisterError::Overloaded(overloaded) => busy(overloaded),
+            RegisterError::Unexpected(error) => status::internal(&error),
+        }
+    }
+}
+
+impl From<LoginError> for Status {
+    fn from(error: LoginError) -> Self {
+        match error {
+            LoginError::InvalidCredentials => Status::unauthenticated("invalid email or password"),
+            LoginError::Throttled(wait) => {
+                retry_later(Code::ResourceExhausted, "too many failed logins", wait)
+            }
+            LoginError::Overloaded(overloaded) => busy(overloaded),
+            LoginError::Unexpected(error) => status::internal(&error),
+        }
+    }
+}
+
+impl From<ChangePasswordError> for Status {
+    fn from(error: ChangePasswordError) -> Self {
+        match error {
+            ChangePasswordError::WrongPassword => {
+                Status::permission_denied("the old password is wrong")
+            }
+            ChangePasswordError::UnknownUser => {
+                Status::not_found("the user of this token does not exist")
+            }
+            ChangePasswordError::Throttled(wait) => {
+                retry_later(Code::ResourceExhausted, "too many failed attempts", wait)
+            }
+            ChangePasswordError::Overloaded(overloaded) => busy(overloaded),
+            ChangePasswordError::Unexpected(error) => status::internal(&error),
+        }
+    }
+}
+
+impl From<SetPasswordError> for Status {
+    fn from(error: SetPasswordError) -> Self {
+        match error {
+            SetPasswordError::UnknownUser => Status::not_found("no such user"),
+            SetPasswordError::Overloaded(overloaded) => busy(overloaded),
+            SetPasswordError::Unexpected(error) => status::internal(&error),
+        }
+    }
+}
+
+impl From<RefreshError> for Status {
+    fn from(error: RefreshError) -> Self {
+        match error {
+            RefreshError::InvalidToken => Status::unauthenticated("invalid refresh token"),
+            RefreshError::Unexpected(error) => status::internal(&error),
+        }
+    }
+}
+
+impl From<ClientCredentialsError> for Status {
+    fn from(error: ClientCredentialsError) -> Self {
+        match error {
+            ClientCredentialsError::InvalidCredentials => {
+                Status::unauthenticated("invalid client credentials")
+            }
+            ClientCredentialsError::Unexpected(error) => status::internal(&error),
+        }
+    }
 }
 
 /// A refusal that a later attempt can overcome: `code`, a message saying

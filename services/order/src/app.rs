@@ -1,9 +1,8 @@
 //! The order service's use cases, independent of gRPC.
 
 use anyhow::Context as _;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::DateTime;
+use service_runtime::paging::PageRequest;
+use service_runtime::{fields, status};
 use sqlx::PgPool;
 use telemetry::CorrelationId;
 use uuid::Uuid;
@@ -14,7 +13,7 @@ use crate::domain::{
     PaymentMethodToken, Placed,
 };
 use crate::event_store::{self, ExecuteError, Projection as _, Retry, Stream, Writer};
-use crate::read_model::{self, Cursor, OrderProjection, OrderView, Rebuilt};
+use crate::read_model::{self, OrderProjection, OrderView, Rebuilt};
 
 /// A client's key for one order intent: 1 to 128 visible ASCII characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,12 +21,10 @@ pub(crate) struct IdempotencyKey(String);
 
 impl IdempotencyKey {
     pub(crate) fn parse(text: &str) -> Result<Self, &'static str> {
-        match text.len() {
-            0 => Err("is required: send a fresh key per order, and the same key when retrying"),
-            1..=128 if text.bytes().all(|b| b.is_ascii_graphic()) => Ok(Self(text.to_owned())),
-            1..=128 => Err("must be visible ASCII without spaces"),
-            _ => Err("must be at most 128 characters"),
+        if text.is_empty() {
+            return Err("is required: send a fresh key per order, and the same key when retrying");
         }
+        fields::idempotency_key(text).map(|key| Self(key.to_owned()))
     }
 }
 
@@ -45,7 +42,7 @@ pub(crate) struct NewOrder {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CreateError {
-    #[error("the idempotency key was used before with a different request")]
+    #[error("{}", status::KEY_REUSED)]
     KeyReused,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
@@ -59,13 +56,6 @@ pub(crate) enum CommandError {
     Conflict,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
-}
-
-/// One page of a customer's orders.
-#[derive(Debug)]
-pub(crate) struct Page {
-    pub(crate) orders: Vec<OrderView>,
-    pub(crate) next_page_token: Option<String>,
 }
 
 /// The order service's state.
@@ -152,38 +142,22 @@ impl Orders {
         read_model::get(&self.pool, order_id.as_uuid()).await
     }
 
-    /// A page of `customer`'s orders, newest first.
+    /// `customer`'s orders, newest first: the page asked for, and one
+    /// more if there is a next page ([`PageRequest::finish`] cuts it).
     pub(crate) async fn list(
         &self,
         customer: CustomerId,
         status: Option<OrderStatus>,
-        page_token: Option<Cursor>,
-        page_size: u32,
-    ) -> anyhow::Result<Page> {
-        // One more than asked tells whether there is a next page.
-        let mut orders = read_model::list(
+        page: PageRequest,
+    ) -> anyhow::Result<Vec<OrderView>> {
+        read_model::list(
             &self.pool,
             customer.as_uuid(),
             status,
-            page_token,
-            i64::from(page_size) + 1,
+            page.after,
+            page.limit(),
         )
-        .await?;
-        let next_page_token = if orders.len() > page_size as usize {
-            orders.truncate(page_size as usize);
-            orders.last().map(|last| {
-                encode_cursor(Cursor {
-                    created_at: last.created_at,
-                    order_id: last.order_id,
-                })
-            })
-        } else {
-            None
-        };
-        Ok(Page {
-            orders,
-            next_page_token,
-        })
+        .await
     }
 
     /// Carries out `command` on an existing order; retries conflicts.
@@ -222,23 +196,4 @@ fn writer() -> Writer {
         correlation_id: telemetry::correlation::current().unwrap_or_else(CorrelationId::generate),
         causation_id: None,
     }
-}
-
-/// Page tokens are opaque to clients: the position after the last order of
-/// the page, as `<created_at in microseconds>:<order id>`, base64url.
-pub(crate) fn encode_cursor(cursor: Cursor) -> String {
-    URL_SAFE_NO_PAD.encode(format!(
-        "{}:{}",
-        cursor.created_at.timestamp_micros(),
-        cursor.order_id
-    ))
-}
-
-pub(crate) fn decode_cursor(token: &str) -> Option<Cursor> {
-    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
-    let (micros, order_id) = text.split_once(':')?;
-    Some(Cursor {
-        created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
-        order_id: Uuid::parse_str(order_id).ok()?,
-    })
 }

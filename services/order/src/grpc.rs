@@ -10,22 +10,17 @@ use api_order::v1::order_service_server::OrderService;
 use money::{Currency, Money, MoneyError};
 use prost::Message as _;
 use service_runtime::fields;
+use service_runtime::paging::{Cursor, PageRequest};
 use service_runtime::status::{self, FieldViolations};
 use sha2::{Digest as _, Sha256};
 use tonic::{Request, Response, Status};
 
-use crate::app::{self, CommandError, CreateError, IdempotencyKey, NewOrder, Orders};
+use crate::app::{CommandError, CreateError, IdempotencyKey, NewOrder, Orders};
 use crate::domain::{
     CustomerId, DomainError, LineItem, LinesError, OrderCommand, OrderId, OrderLines, OrderStatus,
     PaymentId, PaymentMethodToken, Quantity, Reason, Sku,
 };
 use crate::read_model::OrderView;
-
-/// Orders per page unless asked otherwise, and at most.
-const DEFAULT_PAGE_SIZE: u32 = 20;
-const MAX_PAGE_SIZE: u32 = 100;
-/// Longest page token this service issues, with room to spare.
-const MAX_PAGE_TOKEN_CHARS: usize = 256;
 
 #[derive(Debug, Clone)]
 pub(crate) struct OrderApi {
@@ -40,13 +35,8 @@ impl OrderService for OrderApi {
     ) -> Result<Response<pb::Order>, Status> {
         let customer_id = customer(&request)?;
         let new_order = parse_create(customer_id, request.into_inner())?;
-        match self.orders.create(new_order).await {
-            Ok(view) => Ok(Response::new(to_proto(&view))),
-            Err(CreateError::KeyReused) => Err(Status::failed_precondition(
-                "the idempotency key was used before with a different request",
-            )),
-            Err(CreateError::Unexpected(error)) => Err(status::internal(&error)),
-        }
+        let view = self.orders.create(new_order).await?;
+        Ok(Response::new(to_proto(&view)))
     }
 
     async fn get_order(
@@ -54,7 +44,8 @@ impl OrderService for OrderApi {
         request: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::Order>, Status> {
         let claims = access_control::caller(&request)?.clone();
-        let order_id = parse_field("order_id", OrderId::parse(&request.get_ref().order_id))?;
+        let order_id =
+            status::parse_field("order_id", OrderId::parse(&request.get_ref().order_id))?;
         let view = self
             .orders
             .get(order_id)
@@ -76,30 +67,7 @@ impl OrderService for OrderApi {
         let customer_id = customer(&request)?;
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let page_size = match request.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            1..=MAX_PAGE_SIZE => request.page_size,
-            _ => {
-                violations.add("page_size", "must be at most 100");
-                DEFAULT_PAGE_SIZE
-            }
-        };
-        let cursor = if request.page_token.is_empty() {
-            None
-        } else {
-            // Bounded before decoding, and only positions PostgreSQL can
-            // compare with: anything else is not a token we issued.
-            let cursor = (request.page_token.len() <= MAX_PAGE_TOKEN_CHARS)
-                .then(|| app::decode_cursor(&request.page_token))
-                .flatten()
-                .filter(|cursor| {
-                    fields::TIMESTAMP_MICROS.contains(&cursor.created_at.timestamp_micros())
-                });
-            if cursor.is_none() {
-                violations.add("page_token", "is not a token this service issued");
-            }
-            cursor
-        };
+        let page = PageRequest::parse(&mut violations, request.page_size, &request.page_token);
         let status = match pb::OrderStatus::try_from(request.status) {
             Ok(pb::OrderStatus::Unspecified) => None,
             Ok(status) => Some(status_from_proto(status)),
@@ -109,14 +77,18 @@ impl OrderService for OrderApi {
             }
         };
         violations.into_result()?;
-        let page = self
+        let mut orders = self
             .orders
-            .list(customer_id, status, cursor, page_size)
+            .list(customer_id, status, page)
             .await
             .map_err(|error| status::internal(&error))?;
+        let next_page_token = page.finish(&mut orders, |order| Cursor {
+            at: order.created_at,
+            id: order.order_id,
+        });
         Ok(Response::new(pb::ListOrdersResponse {
-            orders: page.orders.iter().map(to_proto).collect(),
-            next_page_token: page.next_page_token.unwrap_or_default(),
+            orders: orders.iter().map(to_proto).collect(),
+            next_page_token,
         }))
     }
 
@@ -127,13 +99,8 @@ impl OrderService for OrderApi {
         let customer_id = customer(&request)?;
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let order_id = check(
-            &mut violations,
-            "order_id",
-            OrderId::parse(&request.order_id),
-        );
-        let reason = check(
-            &mut violations,
+        let order_id = violations.check("order_id", OrderId::parse(&request.order_id));
+        let reason = violations.check(
             "reason",
             reason_text(&request.reason).and_then(Reason::parse_optional),
         );
@@ -156,16 +123,8 @@ impl OrderService for OrderApi {
     ) -> Result<Response<pb::Order>, Status> {
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let order_id = check(
-            &mut violations,
-            "order_id",
-            OrderId::parse(&request.order_id),
-        );
-        let payment_id = check(
-            &mut violations,
-            "payment_id",
-            PaymentId::parse(&request.payment_id),
-        );
+        let order_id = violations.check("order_id", OrderId::parse(&request.order_id));
+        let payment_id = violations.check("payment_id", PaymentId::parse(&request.payment_id));
         let (Some(order_id), Some(payment_id)) = (order_id, payment_id) else {
             return Err(violations.into_status());
         };
@@ -215,18 +174,31 @@ impl OrderApi {
         order_id: OrderId,
         command: OrderCommand,
     ) -> Result<Response<pb::Order>, Status> {
-        match self.orders.handle(order_id, command).await {
-            Ok(view) => Ok(Response::new(to_proto(&view))),
-            Err(CommandError::Refused(DomainError::NotFound)) => {
-                Err(Status::not_found("no such order"))
+        let view = self.orders.handle(order_id, command).await?;
+        Ok(Response::new(to_proto(&view)))
+    }
+}
+
+// Each use case's errors become statuses here, each variant on purpose.
+
+impl From<CreateError> for Status {
+    fn from(error: CreateError) -> Self {
+        match error {
+            CreateError::KeyReused => status::key_reused(),
+            CreateError::Unexpected(error) => status::internal(&error),
+        }
+    }
+}
+
+impl From<CommandError> for Status {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Refused(DomainError::NotFound) => Status::not_found("no such order"),
+            CommandError::Refused(refusal) => Status::failed_precondition(refusal.to_string()),
+            CommandError::Conflict => {
+                Status::aborted("the order kept changing concurrently; retry the request")
             }
-            Err(CommandError::Refused(refusal)) => {
-                Err(Status::failed_precondition(refusal.to_string()))
-            }
-            Err(CommandError::Conflict) => Err(Status::aborted(
-                "the order kept changing concurrently; retry the request",
-            )),
-            Err(CommandError::Unexpected(error)) => Err(status::internal(&error)),
+            CommandError::Unexpected(error) => status::internal(&error),
         }
     }
 }
@@ -243,13 +215,11 @@ fn parse_create(
     request: pb::CreateOrderRequest,
 ) -> Result<NewOrder, Status> {
     let mut violations = FieldViolations::new();
-    let key = check(
-        &mut violations,
+    let key = violations.check(
         "idempotency_key",
         IdempotencyKey::parse(&request.idempotency_key),
     );
-    let payment_method = check(
-        &mut violations,
+    let payment_method = violations.check(
         "payment_method_token",
         PaymentMethodToken::parse(&request.payment_method_token),
     );
@@ -312,8 +282,8 @@ fn parse_item(
     item: &pb::LineItem,
 ) -> Option<LineItem> {
     let field = |name: &str| format!("items[{index}].{name}");
-    let sku = check(violations, &field("sku"), Sku::parse(&item.sku));
-    let quantity = check(violations, &field("quantity"), Quantity::new(item.quantity));
+    let sku = violations.check(&field("sku"), Sku::parse(&item.sku));
+    let quantity = violations.check(&field("quantity"), Quantity::new(item.quantity));
     let unit_price = match &item.unit_price {
         None => {
             violations.add(field("unit_price"), "is required");
@@ -340,12 +310,8 @@ fn parse_item(
 
 fn parse_with_reason(order_id: &str, reason: &str) -> Result<(OrderId, Reason), Status> {
     let mut violations = FieldViolations::new();
-    let order_id = check(&mut violations, "order_id", OrderId::parse(order_id));
-    let reason = check(
-        &mut violations,
-        "reason",
-        reason_text(reason).and_then(Reason::parse),
-    );
+    let order_id = violations.check("order_id", OrderId::parse(order_id));
+    let reason = violations.check("reason", reason_text(reason).and_then(Reason::parse));
     match (order_id, reason) {
         (Some(order_id), Some(reason)) => Ok((order_id, reason)),
         _ => Err(violations.into_status()),
@@ -356,18 +322,6 @@ fn parse_with_reason(order_id: &str, reason: &str) -> Result<(OrderId, Reason), 
 /// cannot hold); `Reason` bounds its length.
 fn reason_text(text: &str) -> Result<&str, &'static str> {
     fields::without_nul(text).map_err(|_| "must not contain NUL characters")
-}
-
-fn check<T>(
-    violations: &mut FieldViolations,
-    field: &str,
-    parsed: Result<T, &'static str>,
-) -> Option<T> {
-    parsed.map_err(|reason| violations.add(field, reason)).ok()
-}
-
-fn parse_field<T>(field: &str, parsed: Result<T, &'static str>) -> Result<T, Status> {
-    parsed.map_err(|reason| status::invalid_field(field, reason))
 }
 
 fn status_from_proto(status: pb::OrderStatus) -> OrderStatus {

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use service_runtime::paging::Cursor;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -154,15 +155,8 @@ pub(crate) async fn get(pool: &PgPool, order_id: Uuid) -> anyhow::Result<Option<
     .context("reading an order")
 }
 
-/// Where a page of a customer's orders starts: after this (created_at,
-/// order_id), newest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Cursor {
-    pub(crate) created_at: DateTime<Utc>,
-    pub(crate) order_id: Uuid,
-}
-
-/// A customer's orders, newest first, from `after`, at most `limit`.
+/// A customer's orders, newest first, after the (created_at, order_id)
+/// `after`, at most `limit`.
 pub(crate) async fn list(
     pool: &PgPool,
     customer_id: Uuid,
@@ -182,8 +176,8 @@ pub(crate) async fn list(
     ))
     .bind(customer_id)
     .bind(status.map(OrderStatus::as_str))
-    .bind(after.map(|c| c.created_at))
-    .bind(after.map(|c| c.order_id))
+    .bind(after.map(|c| c.at))
+    .bind(after.map(|c| c.id))
     .bind(limit)
     .fetch_all(pool)
     .await

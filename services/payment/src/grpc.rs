@@ -30,14 +30,8 @@ impl PaymentService for PaymentApi {
         request: Request<pb::ProcessPaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
         let charge = parse_process(request.into_inner())?;
-        match self.payments.process(&charge).await {
-            Ok(payment) => Ok(Response::new(to_proto(&payment))),
-            Err(ProcessError::KeyReused(error)) => {
-                Err(Status::failed_precondition(error.to_string()))
-            }
-            Err(ProcessError::Provider(error)) => Err(provider_status(&error)),
-            Err(ProcessError::Unexpected(error)) => Err(status::internal(&error)),
-        }
+        let payment = self.payments.process(&charge).await?;
+        Ok(Response::new(to_proto(&payment)))
     }
 
     async fn refund_payment(
@@ -45,15 +39,8 @@ impl PaymentService for PaymentApi {
         request: Request<pb::RefundPaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
         let (target, refund) = parse_refund(request.get_ref())?;
-        match self.payments.refund(&target, &refund).await {
-            Ok(payment) => Ok(Response::new(to_proto(&payment))),
-            Err(RefundError::NotFound) => Err(Status::not_found("no such payment")),
-            Err(RefundError::NothingToRefund(error)) => {
-                Err(Status::failed_precondition(error.to_string()))
-            }
-            Err(RefundError::Provider(error)) => Err(provider_status(&error)),
-            Err(RefundError::Unexpected(error)) => Err(status::internal(&error)),
-        }
+        let payment = self.payments.refund(&target, &refund).await?;
+        Ok(Response::new(to_proto(&payment)))
     }
 
     async fn get_payment(
@@ -61,8 +48,10 @@ impl PaymentService for PaymentApi {
         request: Request<pb::GetPaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
         let claims = access_control::caller(&request)?.clone();
-        let payment_id = PaymentId::parse(&request.get_ref().payment_id)
-            .map_err(|problem| status::invalid_field("payment_id", problem))?;
+        let payment_id = status::parse_field(
+            "payment_id",
+            PaymentId::parse(&request.get_ref().payment_id),
+        )?;
         let payment = self
             .payments
             .get(payment_id)
@@ -79,8 +68,8 @@ impl PaymentService for PaymentApi {
         request: Request<pb::ListPaymentsByOrderRequest>,
     ) -> Result<Response<pb::ListPaymentsByOrderResponse>, Status> {
         let claims = access_control::caller(&request)?.clone();
-        let order_id = OrderId::parse(&request.get_ref().order_id)
-            .map_err(|problem| status::invalid_field("order_id", problem))?;
+        let order_id =
+            status::parse_field("order_id", OrderId::parse(&request.get_ref().order_id))?;
         let (payments, ledger) = self
             .payments
             .by_order(order_id)
@@ -112,29 +101,10 @@ fn may_see(claims: &Claims, payment: &Payment) -> bool {
 // once, so that nothing unchecked reaches the database. Each bad field is
 // named in the INVALID_ARGUMENT, and nothing is written.
 
-/// The parsed value, or `None` with the problem recorded against `field`.
-fn field<T>(
-    violations: &mut FieldViolations,
-    field: &str,
-    parsed: Result<T, &'static str>,
-) -> Option<T> {
-    parsed
-        .map_err(|problem| violations.add(field, problem))
-        .ok()
-}
-
 fn parse_process(request: pb::ProcessPaymentRequest) -> Result<ChargeRequest, Status> {
     let mut violations = FieldViolations::new();
-    let order_id = field(
-        &mut violations,
-        "order_id",
-        OrderId::parse(&request.order_id),
-    );
-    let customer_id = field(
-        &mut violations,
-        "customer_id",
-        CustomerId::parse(&request.customer_id),
-    );
+    let order_id = violations.check("order_id", OrderId::parse(&request.order_id));
+    let customer_id = violations.check("customer_id", CustomerId::parse(&request.customer_id));
     let amount = match &request.amount {
         None => {
             violations.add("amount", "is required");
@@ -150,13 +120,11 @@ fn parse_process(request: pb::ProcessPaymentRequest) -> Result<ChargeRequest, St
                 .ok(),
         },
     };
-    let payment_method = field(
-        &mut violations,
+    let payment_method = violations.check(
         "payment_method_token",
         PaymentMethodToken::parse(&request.payment_method_token),
     );
-    let key = field(
-        &mut violations,
+    let key = violations.check(
         "idempotency_key",
         ChargeKey::parse(&request.idempotency_key),
     );
@@ -200,41 +168,58 @@ fn parse_refund(request: &pb::RefundPaymentRequest) -> Result<(RefundTarget, Ref
             );
             None
         }
-        Some(Target::PaymentId(id)) => {
-            field(&mut violations, "payment_id", PaymentId::parse(id)).map(RefundTarget::Payment)
-        }
-        Some(Target::ChargeIdempotencyKey(key)) => field(
-            &mut violations,
-            "charge_idempotency_key",
-            ChargeKey::parse(key),
-        )
-        .map(RefundTarget::ChargeKey),
+        Some(Target::PaymentId(id)) => violations
+            .check("payment_id", PaymentId::parse(id))
+            .map(RefundTarget::Payment),
+        Some(Target::ChargeIdempotencyKey(key)) => violations
+            .check("charge_idempotency_key", ChargeKey::parse(key))
+            .map(RefundTarget::ChargeKey),
     };
-    let key = field(
-        &mut violations,
+    let key = violations.check(
         "idempotency_key",
         RefundKey::parse(&request.idempotency_key),
     );
-    let reason = field(
-        &mut violations,
-        "reason",
-        RefundReason::parse(&request.reason),
-    );
+    let reason = violations.check("reason", RefundReason::parse(&request.reason));
     let (Some(target), Some(key), Some(reason)) = (target, key, reason) else {
         return Err(violations.into_status());
     };
     Ok((target, Refund { key, reason }))
 }
 
-fn provider_status(error: &ProviderError) -> Status {
-    match error {
-        ProviderError::Transient(reason) => {
-            tracing::warn!(%reason, "provider failed transiently");
-            Status::unavailable(format!(
-                "the payment provider failed transiently ({reason}); retry with the same key"
-            ))
+// Each use case's errors become statuses here, each variant on purpose.
+
+impl From<ProcessError> for Status {
+    fn from(error: ProcessError) -> Self {
+        match error {
+            ProcessError::KeyReused(_) => status::key_reused(),
+            ProcessError::Provider(error) => error.into(),
+            ProcessError::Unexpected(error) => status::internal(&error),
         }
-        ProviderError::Unexpected(error) => status::internal(error),
+    }
+}
+
+impl From<RefundError> for Status {
+    fn from(error: RefundError) -> Self {
+        match error {
+            RefundError::NotFound => Status::not_found("no such payment"),
+            RefundError::NothingToRefund(error) => Status::failed_precondition(error.to_string()),
+            RefundError::Provider(error) => error.into(),
+            RefundError::Unexpected(error) => status::internal(&error),
+        }
+    }
+}
+
+impl From<ProviderError> for Status {
+    fn from(error: ProviderError) -> Self {
+        match error {
+            ProviderError::Transient(reason) => {
+                tracing::warn!(%reason, "provider failed transiently");
+                Status::unavailable(format!(
+                    "the payment provider failed transiently ({reason}); retry with the same key"
+                ))
+            }
+            ProviderError::Unexpected(error) => status::internal(&error),
+        }
     }
 }
 

@@ -5,27 +5,22 @@ use std::time::{Duration, SystemTime};
 
 use api_saga::v1 as pb;
 use api_saga::v1::saga_service_server::SagaService;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use saga_engine::store::{self, ListCursor};
 use saga_engine::{Engine, RequestOutcome, SagaRecord, SagaState};
 use service_runtime::fields;
+use service_runtime::paging::{Cursor, PageRequest};
 use service_runtime::status::{self, FieldViolations};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::order_saga::SAGA_TYPE;
 
-const DEFAULT_PAGE_SIZE: u32 = 20;
-const MAX_PAGE_SIZE: u32 = 100;
 /// Longest `older_than`: a century (no saga is older), which keeps
 /// `now - older_than` a timestamp that chrono and PostgreSQL both hold.
 const MAX_OLDER_THAN: Duration = Duration::from_secs(100 * 31_557_600);
 /// Longest operator's reason for a compensation.
 const MAX_REASON_CHARS: usize = 500;
-/// Longest page token this service issues, with room to spare.
-const MAX_PAGE_TOKEN_CHARS: usize = 256;
 
 #[derive(Debug, Clone)]
 pub(crate) struct SagaApi {
@@ -78,21 +73,7 @@ impl SagaService for SagaApi {
     ) -> Result<Response<pb::ListActiveSagasResponse>, Status> {
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let page_size = match request.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            1..=MAX_PAGE_SIZE => request.page_size,
-            _ => {
-                violations.add("page_size", "must be at most 100");
-                DEFAULT_PAGE_SIZE
-            }
-        };
-        let cursor = (!request.page_token.is_empty())
-            .then(|| decode_cursor(&request.page_token).ok_or(()))
-            .transpose()
-            .unwrap_or_else(|()| {
-                violations.add("page_token", "is not a token this service issued");
-                None
-            });
+        let page = PageRequest::parse(&mut violations, request.page_size, &request.page_token);
         let mut states = Vec::new();
         let mut unknown = false;
         for state in &request.states {
@@ -131,25 +112,18 @@ impl SagaService for SagaApi {
             self.engine.pool(),
             &states,
             started_before,
-            cursor,
-            i64::from(page_size) + 1,
+            page.after.map(|after| ListCursor {
+                created_at: after.at,
+                saga_id: after.id,
+            }),
+            page.limit(),
         )
         .await
         .map_err(|e| status::internal(&e))?;
-        let next_page_token = if instances.len() > page_size as usize {
-            instances.truncate(page_size as usize);
-            instances
-                .last()
-                .map(|last| {
-                    encode_cursor(ListCursor {
-                        created_at: last.created_at,
-                        saga_id: last.saga_id,
-                    })
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = page.finish(&mut instances, |instance| Cursor {
+            at: instance.created_at,
+            id: instance.saga_id,
+        });
         let sagas = instances
             .into_iter()
             .map(|instance| {
@@ -261,7 +235,7 @@ impl SagaApi {
 }
 
 fn parse_uuid(field: &str, text: &str) -> Result<Uuid, Status> {
-    Uuid::parse_str(text).map_err(|_| status::invalid_field(field, "must be a UUID"))
+    status::parse_field(field, fields::uuid(text))
 }
 
 fn state_from_proto(state: pb::SagaState) -> Option<SagaState> {
@@ -351,30 +325,4 @@ pub(crate) fn to_proto(saga: &SagaRecord, pivot: Option<&str>) -> pb::Saga {
             })
             .collect(),
     }
-}
-
-fn encode_cursor(cursor: ListCursor) -> String {
-    URL_SAFE_NO_PAD.encode(format!(
-        "{}:{}",
-        cursor.created_at.timestamp_micros(),
-        cursor.saga_id
-    ))
-}
-
-/// The position a page token names; `None` for anything this service did
-/// not issue (including a timestamp PostgreSQL could not compare with).
-fn decode_cursor(token: &str) -> Option<ListCursor> {
-    if token.len() > MAX_PAGE_TOKEN_CHARS {
-        return None;
-    }
-    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
-    let (micros, saga_id) = text.split_once(':')?;
-    let micros = micros
-        .parse()
-        .ok()
-        .filter(|micros| fields::TIMESTAMP_MICROS.contains(micros))?;
-    Some(ListCursor {
-        created_at: DateTime::from_timestamp_micros(micros)?,
-        saga_id: Uuid::parse_str(saga_id).ok()?,
-    })
 }

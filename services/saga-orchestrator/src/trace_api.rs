@@ -5,11 +5,10 @@ use std::time::SystemTime;
 
 use api_trace::v1 as pb;
 use api_trace::v1::trace_service_server::TraceService;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt as _};
 use service_runtime::fields;
+use service_runtime::paging::{Cursor, PageRequest};
 use service_runtime::status::{self, FieldViolations};
 use sqlx::PgPool;
 use tokio_stream::wrappers::BroadcastStream;
@@ -18,13 +17,9 @@ use uuid::Uuid;
 
 use crate::trace_view::{self, LiveFeed, TraceEventRow};
 
-const DEFAULT_PAGE_SIZE: u32 = 20;
-const MAX_PAGE_SIZE: u32 = 100;
 /// What StreamEvents may filter on.
 const MAX_EVENT_TYPES: usize = 50;
 const MAX_EVENT_TYPE_CHARS: usize = 200;
-/// Longest page token this service issues, with room to spare.
-const MAX_PAGE_TOKEN_CHARS: usize = 256;
 
 #[derive(Debug, Clone)]
 pub(crate) struct TraceApi {
@@ -50,8 +45,7 @@ impl TraceService for TraceApi {
         &self,
         request: Request<pb::GetTraceByOrderRequest>,
     ) -> Result<Response<pb::Trace>, Status> {
-        let order_id = Uuid::parse_str(&request.get_ref().order_id)
-            .map_err(|_| status::invalid_field("order_id", "must be a UUID"))?;
+        let order_id = status::parse_field("order_id", fields::uuid(&request.get_ref().order_id))?;
         let correlation = trace_view::correlation_of_order(&self.pool, order_id)
             .await
             .map_err(|e| status::internal(&e))?
@@ -107,36 +101,15 @@ impl TraceService for TraceApi {
     ) -> Result<Response<pb::ListActiveFlowsResponse>, Status> {
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let page_size = match request.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            1..=MAX_PAGE_SIZE => request.page_size,
-            _ => {
-                violations.add("page_size", "must be at most 100");
-                DEFAULT_PAGE_SIZE
-            }
-        };
-        let cursor = if request.page_token.is_empty() {
-            None
-        } else {
-            let cursor = decode_cursor(&request.page_token);
-            if cursor.is_none() {
-                violations.add("page_token", "is not a token this service issued");
-            }
-            cursor
-        };
+        let page = PageRequest::parse(&mut violations, request.page_size, &request.page_token);
         violations.into_result()?;
-        let mut flows = active_flows(&self.pool, cursor, i64::from(page_size) + 1)
+        let mut flows = active_flows(&self.pool, page.after, page.limit())
             .await
             .map_err(|e| status::internal(&e))?;
-        let next_page_token = if flows.len() > page_size as usize {
-            flows.truncate(page_size as usize);
-            flows
-                .last()
-                .map(|flow| encode_cursor(flow.created_at, flow.saga_id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = page.finish(&mut flows, |flow| Cursor {
+            at: flow.created_at,
+            id: flow.saga_id,
+        });
         let now = Utc::now();
         Ok(Response::new(pb::ListActiveFlowsResponse {
             flows: flows
@@ -204,7 +177,7 @@ pub(crate) struct ActiveFlow {
 /// Sagas not finished, oldest first, after `cursor`.
 pub(crate) async fn active_flows(
     pool: &PgPool,
-    cursor: Option<(DateTime<Utc>, Uuid)>,
+    after: Option<Cursor>,
     limit: i64,
 ) -> anyhow::Result<Vec<ActiveFlow>> {
     Ok(sqlx::query_as(
@@ -217,8 +190,8 @@ pub(crate) async fn active_flows(
          ORDER BY i.created_at, i.saga_id
          LIMIT $3",
     )
-    .bind(cursor.map(|c| c.0))
-    .bind(cursor.map(|c| c.1))
+    .bind(after.map(|c| c.at))
+    .bind(after.map(|c| c.id))
     .bind(limit)
     .fetch_all(pool)
     .await?)
@@ -248,26 +221,4 @@ pub(crate) fn to_proto(
         since_start: start.and_then(|at| duration(row.occurred_at - at)),
         summary: row.summary.clone(),
     }
-}
-
-fn encode_cursor(created_at: DateTime<Utc>, saga_id: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}:{saga_id}", created_at.timestamp_micros()))
-}
-
-/// The position a page token names; `None` for anything this service did
-/// not issue (including a timestamp PostgreSQL could not compare with).
-fn decode_cursor(token: &str) -> Option<(DateTime<Utc>, Uuid)> {
-    if token.len() > MAX_PAGE_TOKEN_CHARS {
-        return None;
-    }
-    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
-    let (micros, saga_id) = text.split_once(':')?;
-    let micros = micros
-        .parse()
-        .ok()
-        .filter(|micros| fields::TIMESTAMP_MICROS.contains(micros))?;
-    Some((
-        DateTime::from_timestamp_micros(micros)?,
-        Uuid::parse_str(saga_id).ok()?,
-    ))
 }

@@ -28,6 +28,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use telemetry::CorrelationId;
+use uuid::Uuid;
 
 use crate::status::FieldViolations;
 
@@ -126,6 +127,28 @@ pub fn duration(value: &prost_types::Duration, max: Duration) -> Result<Duration
     Ok(duration)
 }
 
+/// An id in a request: the text form of a UUID.
+pub fn uuid(text: &str) -> Result<Uuid, &'static str> {
+    if text.is_empty() {
+        return Err("must not be empty");
+    }
+    Uuid::parse_str(text).map_err(|_| "must be a UUID")
+}
+
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 128;
+
+/// A client's idempotency key: 1 to 128 visible ASCII characters, so it is
+/// safe in logs and as text in PostgreSQL.
+pub fn idempotency_key(text: &str) -> Result<&str, &'static str> {
+    match text.len() {
+        0 => Err("must not be empty"),
+        1..=MAX_IDEMPOTENCY_KEY_CHARS if text.bytes().all(|b| b.is_ascii_graphic()) => Ok(text),
+        1..=MAX_IDEMPOTENCY_KEY_CHARS => Err("must be visible ASCII without spaces"),
+        _ => Err("must be at most 128 characters"),
+    }
+}
+
 /// A correlation id to look up: stored ones are all [`CorrelationId`]s, so
 /// anything else (a NUL, a space, 129 characters) is a mistake.
 pub fn correlation_id(value: &str) -> Result<CorrelationId, &'static str> {
@@ -213,6 +236,25 @@ mod tests {
         assert_eq!(
             DurationError::TooLong { max }.to_string(),
             "must be at most 1h"
+        );
+    }
+
+    #[test]
+    fn ids_and_keys() {
+        let id = Uuid::now_v7();
+        assert_eq!(uuid(&id.to_string()), Ok(id));
+        assert_eq!(uuid(""), Err("must not be empty"));
+        assert_eq!(uuid("order-1"), Err("must be a UUID"));
+        assert_eq!(idempotency_key("k-1"), Ok("k-1"));
+        assert_eq!(idempotency_key(""), Err("must not be empty"));
+        assert_eq!(
+            idempotency_key("a b"),
+            Err("must be visible ASCII without spaces")
+        );
+        assert_eq!(idempotency_key(&"k".repeat(128)).map(str::len), Ok(128));
+        assert_eq!(
+            idempotency_key(&"k".repeat(129)),
+            Err("must be at most 128 characters")
         );
     }
 

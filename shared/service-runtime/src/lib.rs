@@ -15,6 +15,8 @@
 //! - [`fields`]: edge checks of request fields (text without NUL and of
 //!   bounded length, durations in range, timestamps PostgreSQL can hold),
 //!   recorded as field violations.
+//! - [`paging`]: page sizes and opaque keyset page tokens, for every list
+//!   RPC alike.
 //! - [`http`]: the HTTP port beside gRPC (`/metrics`, the dashboard), with
 //!   its timeouts, connection limit, cached gauges and security headers.
 //! - [`main`]: the shape of every binary: settings, telemetry, signals,
@@ -24,6 +26,7 @@ pub mod client;
 pub mod fields;
 mod health;
 pub mod http;
+pub mod paging;
 mod platform;
 mod runner;
 mod server;

@@ -26,6 +26,13 @@ impl FieldViolations {
             .push(FieldViolation::new(field, description));
     }
 
+    /// The parsed value, or `None` with the parser's reason recorded
+    /// against `field`: every edge parse goes through here, so a request
+    /// with several bad fields is told about all of them.
+    pub fn check<T>(&mut self, field: &str, parsed: Result<T, impl Into<String>>) -> Option<T> {
+        parsed.map_err(|reason| self.add(field, reason)).ok()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.violations.is_empty()
     }
@@ -61,6 +68,22 @@ pub fn invalid_field(field: impl Into<String>, description: impl Into<String>) -
     let mut violations = FieldViolations::new();
     violations.add(field, description);
     violations.into_status()
+}
+
+/// What a client is told when it sends an idempotency key again with a
+/// different request: the key names one request, and the first one stands.
+pub const KEY_REUSED: &str = "the idempotency key was used before with a different request";
+
+/// FAILED_PRECONDITION for an idempotency key sent again with a different
+/// request (see [`KEY_REUSED`]).
+pub fn key_reused() -> Status {
+    Status::failed_precondition(KEY_REUSED)
+}
+
+/// The parsed value, or INVALID_ARGUMENT naming `field` with the parser's
+/// reason: for a request with one field to parse.
+pub fn parse_field<T>(field: &str, parsed: Result<T, impl Into<String>>) -> Result<T, Status> {
+    parsed.map_err(|reason| invalid_field(field, reason))
 }
 
 /// The status for an unexpected failure: UNAVAILABLE when the database was

@@ -86,7 +86,7 @@ pub(crate) struct Payment {
 
 /// A charge key was used before with another request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the idempotency key was used before with a different request")]
+#[error("{}", service_runtime::status::KEY_REUSED)]
 pub(crate) struct KeyReused;
 
 /// A refund of a declined payment.

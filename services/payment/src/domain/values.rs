@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use service_runtime::fields;
 use uuid::Uuid;
 
 macro_rules! uuid_id {
@@ -20,10 +21,7 @@ macro_rules! uuid_id {
 
             /// Parses the text form of a UUID.
             pub(crate) fn parse(text: &str) -> Result<Self, &'static str> {
-                if text.is_empty() {
-                    return Err("must not be empty");
-                }
-                Uuid::parse_str(text).map(Self).map_err(|_| "must be a UUID")
+                fields::uuid(text).map(Self)
             }
 
             pub(crate) fn as_uuid(self) -> Uuid {
@@ -59,18 +57,6 @@ impl PaymentId {
     }
 }
 
-/// 1 to 128 visible ASCII characters: what an idempotency key may be.
-fn parse_key(text: &str) -> Result<String, &'static str> {
-    match text.len() {
-        0 => Err("must not be empty"),
-        1..=KEY_MAX_LEN if text.bytes().all(|b| b.is_ascii_graphic()) => Ok(text.to_owned()),
-        1..=KEY_MAX_LEN => Err("must be visible ASCII without spaces"),
-        _ => Err("must be at most 128 characters"),
-    }
-}
-
-const KEY_MAX_LEN: usize = 128;
-
 macro_rules! idempotency_key {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -80,7 +66,7 @@ macro_rules! idempotency_key {
         impl $name {
             /// 1 to 128 visible ASCII characters.
             pub(crate) fn parse(text: &str) -> Result<Self, &'static str> {
-                parse_key(text).map(Self)
+                fields::idempotency_key(text).map(|key| Self(key.to_owned()))
             }
 
             pub(crate) fn as_str(&self) -> &str {
