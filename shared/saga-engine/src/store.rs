@@ -517,11 +517,18 @@ fn search_query(
         ),
         prefix
     ));
-    if !filter.states.is_empty() {
-        query
-            .push(" AND state = ANY(")
-            .push_bind(filter.states.clone())
-            .push(")");
+    // One state by `=`, so that its index also gives the page order.
+    match filter.states.as_slice() {
+        [] => {}
+        [state] => {
+            query.push(" AND state = ").push_bind(*state);
+        }
+        states => {
+            query
+                .push(" AND state = ANY(")
+                .push_bind(states.to_vec())
+                .push(")");
+        }
     }
     if let Some(saga_type) = &filter.saga_type {
         query.push(" AND saga_type = ").push_bind(saga_type.clone());
