@@ -74,14 +74,15 @@ pub(crate) fn routes(pool: PgPool, verifier: Arc<Verifier>) -> Router {
         .with_state(Dashboard { pool, verifier })
 }
 
-/// Sets the gauges of sagas by active state, and of overdue sagas, when a
-/// scrape finds them older than the refresh interval.
+/// Sets the gauges of sagas by unfinished state (paused included), of
+/// overdue sagas and of stuck ones, when a scrape finds them older than the
+/// refresh interval.
 pub(crate) fn saga_metrics(pool: PgPool) -> service_runtime::http::Collector {
     Arc::new(move || {
         let pool = pool.clone();
         Box::pin(async move {
             if let Ok(counts) = active_counts(&pool).await {
-                for state in ["running", "compensating", "failed"] {
+                for state in ["running", "compensating", "paused", "failed"] {
                     let count = counts
                         .iter()
                         .find(|(s, _)| s == state)
@@ -91,6 +92,9 @@ pub(crate) fn saga_metrics(pool: PgPool) -> service_runtime::http::Collector {
             }
             if let Ok(overdue) = overdue_count(&pool).await {
                 metrics::gauge!("sagas_overdue").set(overdue as f64);
+            }
+            if let Ok(stuck) = stuck_count(&pool).await {
+                metrics::gauge!("sagas_stuck").set(stuck as f64);
             }
         })
     })
@@ -106,10 +110,18 @@ async fn overdue_count(pool: &PgPool) -> sqlx::Result<i64> {
     .await
 }
 
+/// Sagas flagged stuck (a paused or finished one never is: pausing and
+/// finishing clear the flag).
+async fn stuck_count(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE stuck_since IS NOT NULL")
+        .fetch_one(pool)
+        .await
+}
+
 async fn active_counts(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as(
         "SELECT state, count(*) FROM saga_instances
-         WHERE state IN ('running', 'compensating', 'failed') GROUP BY state",
+         WHERE state IN ('running', 'compensating', 'paused', 'failed') GROUP BY state",
     )
     .fetch_all(pool)
     .await
@@ -155,8 +167,10 @@ struct Summary {
 struct Counts {
     running: i64,
     compensating: i64,
+    paused: i64,
     failed: i64,
     overdue: i64,
+    stuck: i64,
 }
 
 /// A saga past its pivot whose step is past its deadline: it is retried
@@ -175,6 +189,7 @@ struct LastHour {
     completed: i64,
     compensated: i64,
     failed: i64,
+    terminated: i64,
     /// Completed among finished, from 0 to 1; none finished gives none.
     completion_rate: Option<f64>,
 }
@@ -244,10 +259,12 @@ async fn read_summary(pool: &PgPool) -> anyhow::Result<Summary> {
         match state.as_str() {
             "running" => active.running = count,
             "compensating" => active.compensating = count,
+            "paused" => active.paused = count,
             _ => active.failed = count,
         }
     }
     active.overdue = overdue_count(pool).await?;
+    active.stuck = stuck_count(pool).await?;
     let overdue = sqlx::query_as(
         "SELECT saga_id, business_key AS order_id, correlation_id, overdue_step AS step, overdue_since
          FROM saga_instances WHERE overdue_since IS NOT NULL AND state IN ('running', 'failed')
@@ -265,6 +282,8 @@ async fn read_summary(pool: &PgPool) -> anyhow::Result<Summary> {
         match state.as_str() {
             "completed" => last_hour.completed = count,
             "compensated" => last_hour.compensated = count,
+            // Terminated by an operator: counted apart, not as failed.
+            "terminated" => last_hour.terminated = count,
             _ => last_hour.failed += count,
         }
     }
@@ -272,7 +291,7 @@ async fn read_summary(pool: &PgPool) -> anyhow::Result<Summary> {
     last_hour.completion_rate = (total > 0).then(|| last_hour.completed as f64 / total as f64);
     let top_failure_reasons = sqlx::query_as(
         "SELECT failure_reason AS reason, count(*) AS count FROM saga_instances
-         WHERE finished_at > now() - interval '1 hour' AND state IN ('compensated', 'failed')
+         WHERE finished_at > now() - interval '1 hour' AND state IN ('compensated', 'failed', 'terminated')
            AND failure_reason IS NOT NULL
          GROUP BY failure_reason ORDER BY count(*) DESC, failure_reason LIMIT 5",
     )

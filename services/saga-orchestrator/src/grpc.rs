@@ -6,21 +6,26 @@ use std::time::{Duration, SystemTime};
 use api_saga::v1 as pb;
 use api_saga::v1::saga_service_server::SagaService;
 use chrono::{DateTime, Utc};
-use saga_engine::store::{self, ListCursor};
-use saga_engine::{Engine, RequestOutcome, SagaRecord, SagaState};
+use saga_engine::store::{self, ListCursor, SagaFilter};
+use saga_engine::{Engine, SagaRecord, SagaState};
 use service_runtime::fields;
 use service_runtime::paging::{Cursor, PageRequest};
 use service_runtime::status::{self, FieldViolations};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::operator::{self, MAX_REASON_CHARS, Refused, TerminationReason};
 use crate::order_saga::SAGA_TYPE;
 
 /// Longest `older_than`: a century (no saga is older), which keeps
 /// `now - older_than` a timestamp that chrono and PostgreSQL both hold.
 const MAX_OLDER_THAN: Duration = Duration::from_secs(100 * 31_557_600);
-/// Longest operator's reason for a compensation.
-const MAX_REASON_CHARS: usize = 500;
+/// Shortest failure-reason fragment a search takes: the trigram index
+/// narrows nothing down with fewer.
+const MIN_FRAGMENT_CHARS: usize = 3;
+const MAX_FRAGMENT_CHARS: usize = 200;
+/// Longest saga type or customer id a search takes.
+const MAX_NAME_CHARS: usize = 200;
 
 #[derive(Debug, Clone)]
 pub(crate) struct SagaApi {
@@ -79,7 +84,7 @@ impl SagaService for SagaApi {
         for state in &request.states {
             match pb::SagaState::try_from(*state)
                 .ok()
-                .and_then(state_from_proto)
+                .and_then(SagaState::from_proto)
             {
                 Some(state) if !states.contains(&state) => states.push(state),
                 Some(_) => {}
@@ -94,6 +99,7 @@ impl SagaService for SagaApi {
             states = vec![
                 SagaState::Running,
                 SagaState::Compensating,
+                SagaState::Paused,
                 SagaState::Failed,
             ];
         }
@@ -144,20 +150,8 @@ impl SagaService for SagaApi {
         request: Request<pb::RetrySagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
         let saga_id = parse_uuid("saga_id", &request.get_ref().saga_id)?;
-        let mut tx = self
-            .engine
-            .pool()
-            .begin()
-            .await
-            .map_err(|e| status::internal(&e.into()))?;
-        let outcome = self
-            .engine
-            .retry(&mut tx, saga_id)
-            .await
-            .map_err(|e| status::internal(&e))?;
-        tx.commit().await.map_err(|e| status::internal(&e.into()))?;
-        self.answer(saga_id, outcome, "only a FAILED saga can be retried")
-            .await
+        let saga = operator::retry(&self.engine, saga_id).await?;
+        Ok(Response::new(self.to_proto(&saga)))
     }
 
     async fn compensate_saga(
@@ -168,62 +162,201 @@ impl SagaService for SagaApi {
         let saga_id = parse_uuid("saga_id", &request.saga_id)?;
         fields::text(&request.reason, MAX_REASON_CHARS)
             .map_err(|error| status::invalid_field("reason", error.to_string()))?;
-        let reason = if request.reason.trim().is_empty() {
-            "compensated by an operator".to_owned()
-        } else {
-            format!("compensated by an operator: {}", request.reason.trim())
+        let saga = operator::compensate(&self.engine, saga_id, &request.reason).await?;
+        Ok(Response::new(self.to_proto(&saga)))
+    }
+
+    async fn list_sagas(
+        &self,
+        request: Request<pb::ListSagasRequest>,
+    ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        let (filter, page) = search_of(&request.into_inner())?;
+        let mut instances = store::search(
+            self.engine.pool(),
+            &filter,
+            page.after.map(|after| ListCursor {
+                created_at: after.at,
+                saga_id: after.id,
+            }),
+            page.limit(),
+        )
+        .await
+        .map_err(|e| status::internal(&e))?;
+        let next_page_token = page.finish(&mut instances, |last| Cursor {
+            at: last.created_at,
+            id: last.saga_id,
+        });
+        let sagas = instances
+            .into_iter()
+            .map(|instance| {
+                self.to_proto(&SagaRecord {
+                    instance,
+                    steps: vec![],
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ListSagasResponse {
+            sagas,
+            next_page_token,
+        }))
+    }
+
+    async fn pause_saga(
+        &self,
+        request: Request<pb::PauseSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let saga_id = parse_uuid("saga_id", &request.get_ref().saga_id)?;
+        let saga = operator::pause(&self.engine, saga_id).await?;
+        Ok(Response::new(self.to_proto(&saga)))
+    }
+
+    async fn resume_saga(
+        &self,
+        request: Request<pb::ResumeSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let saga_id = parse_uuid("saga_id", &request.get_ref().saga_id)?;
+        let saga = operator::resume(&self.engine, saga_id).await?;
+        Ok(Response::new(self.to_proto(&saga)))
+    }
+
+    async fn terminate_saga(
+        &self,
+        request: Request<pb::TerminateSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let request = request.into_inner();
+        let mut violations = FieldViolations::new();
+        let saga_id = Uuid::parse_str(&request.saga_id)
+            .map_err(|_| violations.add("saga_id", "must be a UUID"))
+            .ok();
+        let reason = TerminationReason::parse(&request.reason)
+            .map_err(|reason| violations.add("reason", reason))
+            .ok();
+        violations.into_result()?;
+        let (Some(saga_id), Some(reason)) = (saga_id, reason) else {
+            unreachable!("no violations, so both parsed");
         };
-        let mut tx = self
-            .engine
-            .pool()
-            .begin()
-            .await
-            .map_err(|e| status::internal(&e.into()))?;
-        let outcome = self
-            .engine
-            .request_compensation(&mut tx, saga_id, &reason)
-            .await
-            .map_err(|e| status::internal(&e))?;
-        tx.commit().await.map_err(|e| status::internal(&e.into()))?;
-        // Asking a compensating saga to compensate is a no-op, not an error.
-        let outcome = match outcome {
-            RequestOutcome::NotApplicable(SagaState::Compensating) => RequestOutcome::Accepted,
-            other => other,
+        let saga = operator::terminate(&self.engine, saga_id, &reason, request.acknowledge_effects)
+            .await?;
+        Ok(Response::new(self.to_proto(&saga)))
+    }
+}
+
+/// Every refusal on purpose: what the saga's state or history forbids is
+/// FAILED_PRECONDITION, with the reason; the rest is INTERNAL.
+impl From<Refused> for Status {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::NotFound => Status::not_found("no such saga"),
+            Refused::Unexpected(error) => status::internal(&error),
+            refusal @ (Refused::InState { .. }
+            | Refused::ForwardOnly { .. }
+            | Refused::EffectsNotAcknowledged(_)) => {
+                Status::failed_precondition(refusal.to_string())
+            }
+        }
+    }
+}
+
+/// The search a ListSagas request asks for, and its page; every field that
+/// is wrong is named.
+fn search_of(request: &pb::ListSagasRequest) -> Result<(SagaFilter, PageRequest), Status> {
+    let mut violations = FieldViolations::new();
+    let page = PageRequest::parse(&mut violations, request.page_size, &request.page_token);
+    let mut filter = SagaFilter::default();
+    let mut unknown = false;
+    for state in &request.states {
+        match pb::SagaState::try_from(*state)
+            .ok()
+            .and_then(SagaState::from_proto)
+        {
+            Some(state) if !filter.states.contains(&state) => filter.states.push(state),
+            Some(_) => {}
+            None => unknown = true,
+        }
+    }
+    // Once, however many: the answer must not grow with the request.
+    if unknown {
+        violations.add("states", "contains an unknown state");
+    }
+    if !request.saga_type.is_empty() {
+        filter.saga_type = violations
+            .text("saga_type", &request.saga_type, MAX_NAME_CHARS)
+            .map(str::to_owned);
+    }
+    let mut range =
+        |(after_field, after): (&str, Option<prost_types::Timestamp>),
+         (before_field, before): (&str, Option<prost_types::Timestamp>)| {
+            let after = after.and_then(|at| instant(&mut violations, after_field, &at));
+            let before = before.and_then(|at| instant(&mut violations, before_field, &at));
+            if let (Some(after), Some(before)) = (after, before)
+                && after > before
+            {
+                violations.add(after_field, format!("must not be after {before_field}"));
+            }
+            (after, before)
         };
-        self.answer(saga_id, outcome, "the saga already finished")
-            .await
+    (filter.created_after, filter.created_before) = range(
+        ("created_after", request.created_after),
+        ("created_before", request.created_before),
+    );
+    (filter.finished_after, filter.finished_before) = range(
+        ("finished_after", request.finished_after),
+        ("finished_before", request.finished_before),
+    );
+    if !request.failure_reason_contains.is_empty() {
+        let fragment = &request.failure_reason_contains;
+        let chars = fragment.chars().count();
+        if chars < MIN_FRAGMENT_CHARS {
+            violations.add(
+                "failure_reason_contains",
+                format!("must be at least {MIN_FRAGMENT_CHARS} characters"),
+            );
+        } else if let Some(fragment) =
+            violations.text("failure_reason_contains", fragment, MAX_FRAGMENT_CHARS)
+        {
+            filter.failure_reason_contains = Some(fragment.to_owned());
+        }
+    }
+    let mut uuid = |field: &str, text: &str| {
+        (!text.is_empty())
+            .then(|| {
+                Uuid::parse_str(text)
+                    .map_err(|_| violations.add(field, "must be a UUID"))
+                    .ok()
+            })
+            .flatten()
+            .map(|id| id.to_string())
+    };
+    filter.business_key = uuid("order_id", &request.order_id);
+    filter.customer_id = uuid("customer_id", &request.customer_id);
+    filter.stuck_only = request.stuck_only;
+    violations.into_result()?;
+    Ok((filter, page))
+}
+
+/// A timestamp PostgreSQL can hold, or a violation of `field`.
+fn instant(
+    violations: &mut FieldViolations,
+    field: &str,
+    at: &prost_types::Timestamp,
+) -> Option<DateTime<Utc>> {
+    let micros = at
+        .seconds
+        .checked_mul(1_000_000)
+        .and_then(|micros| micros.checked_add(i64::from(at.nanos / 1000)))
+        .filter(|micros| {
+            fields::TIMESTAMP_MICROS.contains(micros) && (0..1_000_000_000).contains(&at.nanos)
+        });
+    match micros.and_then(DateTime::from_timestamp_micros) {
+        Some(at) => Some(at),
+        None => {
+            violations.add(field, "must be a valid timestamp between years 1 and 9999");
+            None
+        }
     }
 }
 
 impl SagaApi {
-    async fn answer(
-        &self,
-        saga_id: Uuid,
-        outcome: RequestOutcome,
-        refusal: &str,
-    ) -> Result<Response<pb::Saga>, Status> {
-        match outcome {
-            RequestOutcome::NotFound => Err(Status::not_found("no such saga")),
-            RequestOutcome::NotApplicable(state) => Err(Status::failed_precondition(format!(
-                "{refusal}; it is {}",
-                state.as_str()
-            ))),
-            RequestOutcome::ForwardOnly { pivot, since } => {
-                Err(Status::failed_precondition(format!(
-                    "the saga is past its pivot step {pivot} (attempted since {}): the order may be confirmed, so the saga only goes forward and cannot be compensated",
-                    since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                )))
-            }
-            RequestOutcome::Accepted => {
-                let saga = store::load(self.engine.pool(), saga_id)
-                    .await
-                    .map_err(|e| status::internal(&e))?;
-                saga.map(|saga| Response::new(self.to_proto(&saga)))
-                    .ok_or_else(|| Status::not_found("no such saga"))
-            }
-        }
-    }
-
     /// The saga for the wire, with what its definition says of it.
     fn to_proto(&self, saga: &SagaRecord) -> pb::Saga {
         let pivot = self
@@ -236,27 +369,6 @@ impl SagaApi {
 
 fn parse_uuid(field: &str, text: &str) -> Result<Uuid, Status> {
     status::parse_field(field, fields::uuid(text))
-}
-
-fn state_from_proto(state: pb::SagaState) -> Option<SagaState> {
-    Some(match state {
-        pb::SagaState::Unspecified => return None,
-        pb::SagaState::Running => SagaState::Running,
-        pb::SagaState::Compensating => SagaState::Compensating,
-        pb::SagaState::Completed => SagaState::Completed,
-        pb::SagaState::Compensated => SagaState::Compensated,
-        pb::SagaState::Failed => SagaState::Failed,
-    })
-}
-
-fn state_to_proto(state: SagaState) -> pb::SagaState {
-    match state {
-        SagaState::Running => pb::SagaState::Running,
-        SagaState::Compensating => pb::SagaState::Compensating,
-        SagaState::Completed => pb::SagaState::Completed,
-        SagaState::Compensated => pb::SagaState::Compensated,
-        SagaState::Failed => pb::SagaState::Failed,
-    }
 }
 
 fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
@@ -282,7 +394,7 @@ pub(crate) fn to_proto(saga: &SagaRecord, pivot: Option<&str>) -> pb::Saga {
         saga_type: instance.saga_type.clone(),
         order_id: instance.business_key.clone(),
         correlation_id: instance.correlation_id.clone(),
-        state: state_to_proto(state).into(),
+        state: state.to_proto().into(),
         current_step,
         failure_reason: instance.failure_reason.clone().unwrap_or_default(),
         started_at: Some(timestamp(instance.created_at)),
@@ -292,6 +404,22 @@ pub(crate) fn to_proto(saga: &SagaRecord, pivot: Option<&str>) -> pb::Saga {
         forward_only_since: instance.forward_only_since.map(timestamp),
         overdue_step: instance.overdue_step.clone().unwrap_or_default(),
         overdue_since: instance.overdue_since.map(timestamp),
+        pause_requested: instance.pause_requested_at.is_some(),
+        paused_at: instance.paused_at.map(timestamp),
+        resumes_to: instance
+            .paused_from
+            .map_or(pb::SagaState::Unspecified, SagaState::to_proto)
+            .into(),
+        steps_left_in_effect: instance.left_in_effect.clone().unwrap_or_default(),
+        stuck_since: instance.stuck_since.map(timestamp),
+        stuck_reason: instance.stuck_reason.clone().unwrap_or_default(),
+        customer_id: instance
+            .data
+            .0
+            .get("customer_id")
+            .and_then(|id| id.as_str())
+            .unwrap_or_default()
+            .to_owned(),
         steps: saga
             .steps
             .iter()

@@ -6,10 +6,13 @@
 //! - `starter`: starts and calls off sagas from the order events topic.
 //! - `trace_view`: the read model of every service's events, by flow, and
 //!   its live feed; `trace_api`: TraceService over it.
+//! - `operator`: the operators' actions (retry, compensate, pause, resume,
+//!   terminate), for SagaService and the dashboard alike.
 //! - `grpc`: SagaService; the engine itself is the `saga-engine` crate.
 
 mod dashboard;
 mod grpc;
+mod operator;
 pub mod order_saga;
 mod starter;
 mod trace_api;
@@ -143,6 +146,21 @@ pub struct SagaSettings {
     /// Longest pause between retries.
     #[arg(long = "saga-retry-max-backoff", env = "SAGA_RETRY_MAX_BACKOFF", default_value = "5s", value_parser = humantime::parse_duration)]
     pub retry_max_backoff: Duration,
+
+    /// A running or compensating saga with no progress (no step succeeded,
+    /// no change of state) for this long is stuck: flagged, logged once,
+    /// counted in `sagas_stuck`.
+    #[arg(long = "saga-stuck-after", env = "SAGA_STUCK_AFTER", default_value = "5m", value_parser = parse_stuck_after)]
+    pub stuck_after: Duration,
+}
+
+/// At least a second: shorter would flag sagas between ordinary retries.
+fn parse_stuck_after(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if duration < Duration::from_secs(1) || duration > Duration::from_secs(30 * 86_400) {
+        return Err("must be from 1s to 30 days".to_owned());
+    }
+    Ok(duration)
 }
 
 /// Who may call what on the orchestrator: operators only.
@@ -154,6 +172,10 @@ fn policy() -> Policy {
         "ListActiveSagas",
         "RetrySaga",
         "CompensateSaga",
+        "ListSagas",
+        "PauseSaga",
+        "ResumeSaga",
+        "TerminateSaga",
     ]
     .into_iter()
     .fold(Policy::new(), |policy, method| {
@@ -265,6 +287,12 @@ impl Application {
         } = self;
         platform.spawn_relay(&shutdown);
         platform.spawn("saga engine", engine.clone().run(shutdown.clone()));
+        platform.spawn(
+            "stuck saga detector",
+            engine
+                .clone()
+                .watch_stuck(settings.saga.stuck_after, shutdown.clone()),
+        );
         let starter = Consumer::new(
             &settings.kafka,
             CONSUMER_GROUP,

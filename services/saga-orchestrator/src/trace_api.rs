@@ -185,7 +185,7 @@ pub(crate) async fn active_flows(
                 (SELECT s.step FROM saga_steps s WHERE s.saga_id = i.saga_id AND s.finished_at IS NULL
                  ORDER BY s.seq DESC LIMIT 1) AS current_step
          FROM saga_instances i
-         WHERE i.state IN ('running', 'compensating', 'failed')
+         WHERE i.state IN ('running', 'compensating', 'paused', 'failed')
            AND ($1::timestamptz IS NULL OR (i.created_at, i.saga_id) > ($1, $2))
          ORDER BY i.created_at, i.saga_id
          LIMIT $3",

@@ -320,11 +320,51 @@ fn describe(envelope: &EventEnvelope) -> Result<(Option<Uuid>, String), OpenErro
                 format!("saga failed, waiting for an operator: {}", failed.reason),
             )
         }
+        t if t == saga::SagaPaused::full_name() => {
+            let paused: saga::SagaPaused = open(envelope)?;
+            (
+                uuid(&paused.order_id),
+                format!(
+                    "saga paused by an operator (resumes {})",
+                    state_name(paused.resumes_to)
+                ),
+            )
+        }
+        t if t == saga::SagaResumed::full_name() => {
+            let resumed: saga::SagaResumed = open(envelope)?;
+            (
+                uuid(&resumed.order_id),
+                format!("saga resumed by an operator, {}", state_name(resumed.state)),
+            )
+        }
+        t if t == saga::SagaTerminated::full_name() => {
+            let terminated: saga::SagaTerminated = open(envelope)?;
+            let left = if terminated.steps_left_in_effect.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; left in effect: {}",
+                    terminated.steps_left_in_effect.join(", ")
+                )
+            };
+            (
+                uuid(&terminated.order_id),
+                format!("saga {}{left}", terminated.reason),
+            )
+        }
         t if t == api_auth::v1::UserRegistered::full_name() => (None, "user registered".to_owned()),
         other => (None, other.rsplit('.').next().unwrap_or(other).to_owned()),
     };
     let (order_id, summary) = described;
     Ok((order_id, summary.chars().take(500).collect()))
+}
+
+/// A saga state as an operator reads it ("running").
+fn state_name(state: i32) -> &'static str {
+    saga::SagaState::try_from(state)
+        .ok()
+        .and_then(saga_engine::SagaState::from_proto)
+        .map_or("unknown", saga_engine::SagaState::as_str)
 }
 
 /// Every event of a flow, in causal and time order.

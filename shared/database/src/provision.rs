@@ -82,6 +82,12 @@ DO $$ BEGIN
     EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO {role}', current_database());
 END $$;
+-- Extensions the services' indexes use, which a service role may not
+-- create: pg_trgm (the saga search's failure-reason index). In a schema of
+-- their own, which every service may use and none owns.
+CREATE SCHEMA IF NOT EXISTS extensions;
+CREATE EXTENSION IF NOT EXISTS pg_trgm WITH SCHEMA extensions;
+GRANT USAGE ON SCHEMA extensions TO {role};
 "#
     ))
 }

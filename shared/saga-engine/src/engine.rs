@@ -89,6 +89,18 @@ pub enum RequestOutcome {
     NotFound,
 }
 
+/// What a termination request came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Termination {
+    /// Terminated, leaving these steps in effect (acknowledged).
+    Terminated { left_in_effect: Vec<&'static str> },
+    /// These steps may have taken effect and are not compensated, and the
+    /// request did not acknowledge it: nothing was done.
+    EffectsNotAcknowledged(Vec<&'static str>),
+    /// Not found, final, or past its pivot: nothing was done.
+    Refused(RequestOutcome),
+}
+
 impl Engine {
     /// An engine for `definitions`. Every attempt must fit in the lease.
     pub fn new(
@@ -261,7 +273,16 @@ impl Engine {
                 Ok(RequestOutcome::Accepted)
             }
             SagaState::Failed => {
-                resume(conn, &saga, SagaState::Compensating).await?;
+                reopen(conn, &saga, SagaState::Compensating).await?;
+                Ok(RequestOutcome::Accepted)
+            }
+            // Recorded, and acted on once resumed (as if it came just
+            // before the pause); a saga paused while compensating is
+            // compensating already.
+            SagaState::Paused => {
+                if saga.paused_from == Some(SagaState::Running) {
+                    store::request_compensation(conn, &saga, reason).await?;
+                }
                 Ok(RequestOutcome::Accepted)
             }
             other => Ok(RequestOutcome::NotApplicable(other)),
@@ -282,14 +303,196 @@ impl Engine {
         match (saga.state, saga.forward_only_since) {
             // Failed past its pivot: it can only go forward.
             (SagaState::Failed, Some(_)) => {
-                resume(conn, &saga, SagaState::Running).await?;
+                reopen(conn, &saga, SagaState::Running).await?;
                 Ok(RequestOutcome::Accepted)
             }
             (SagaState::Failed, None) => {
-                resume(conn, &saga, SagaState::Compensating).await?;
+                reopen(conn, &saga, SagaState::Compensating).await?;
                 Ok(RequestOutcome::Accepted)
             }
             (other, _) => Ok(RequestOutcome::NotApplicable(other)),
+        }
+    }
+
+    /// Pauses a running or compensating saga between steps. Nobody driving
+    /// it, it is paused now; a replica driving it pauses it at its next
+    /// turn boundary (an attempt in flight finishes and is recorded first):
+    /// the request is recorded under the row's lock, which the owner's next
+    /// write waits for. A paused saga, or one already asked to pause, needs
+    /// nothing more. A failed saga runs nothing: there is nothing to pause.
+    pub async fn pause(
+        &self,
+        conn: &mut PgConnection,
+        saga_id: Uuid,
+    ) -> anyhow::Result<RequestOutcome> {
+        let Some(saga) = store::lock(conn, saga_id).await? else {
+            return Ok(RequestOutcome::NotFound);
+        };
+        match saga.state {
+            SagaState::Paused => Ok(RequestOutcome::Accepted),
+            SagaState::Running | SagaState::Compensating if saga.pause_requested => {
+                Ok(RequestOutcome::Accepted)
+            }
+            SagaState::Running | SagaState::Compensating if saga.driven => {
+                store::request_pause(conn, &saga).await?;
+                Ok(RequestOutcome::Accepted)
+            }
+            SagaState::Running | SagaState::Compensating => {
+                store::pause(conn, &saga).await?;
+                let event = pb::SagaPaused {
+                    saga_id: saga_id.to_string(),
+                    order_id: saga.business_key.clone(),
+                    resumes_to: saga.state.to_proto().into(),
+                };
+                self.record(conn, &saga, &event).await?;
+                count_committed(&saga.saga_type, Count::Paused);
+                Ok(RequestOutcome::Accepted)
+            }
+            other => Ok(RequestOutcome::NotApplicable(other)),
+        }
+    }
+
+    /// Resumes a paused saga in the state it was paused in, due now, with a
+    /// new fence; or withdraws a pause requested but not yet taken.
+    pub async fn resume(
+        &self,
+        conn: &mut PgConnection,
+        saga_id: Uuid,
+    ) -> anyhow::Result<RequestOutcome> {
+        let Some(saga) = store::lock(conn, saga_id).await? else {
+            return Ok(RequestOutcome::NotFound);
+        };
+        match saga.state {
+            SagaState::Paused => {
+                let state = saga.paused_from.unwrap_or(SagaState::Running);
+                store::resume(conn, &saga, state).await?;
+                let event = pb::SagaResumed {
+                    saga_id: saga_id.to_string(),
+                    order_id: saga.business_key.clone(),
+                    state: state.to_proto().into(),
+                };
+                self.record(conn, &saga, &event).await?;
+                Ok(RequestOutcome::Accepted)
+            }
+            SagaState::Running | SagaState::Compensating if saga.pause_requested => {
+                store::withdraw_pause(conn, &saga).await?;
+                Ok(RequestOutcome::Accepted)
+            }
+            other => Ok(RequestOutcome::NotApplicable(other)),
+        }
+    }
+
+    /// Stops a saga for good without compensating. Refused for a final saga
+    /// and once its pivot may have taken effect (it only goes forward; the
+    /// row's lock orders this and the pivot's first attempt), and, unless
+    /// `acknowledge_effects`, while a step may have taken effect and is not
+    /// compensated: stopping then leaves that effect (a charge) in place,
+    /// which the operator must own. An attempt in flight is cut off by the
+    /// new fence; it counts as in effect.
+    pub async fn terminate(
+        &self,
+        conn: &mut PgConnection,
+        saga_id: Uuid,
+        reason: &str,
+        acknowledge_effects: bool,
+    ) -> anyhow::Result<Termination> {
+        let Some(saga) = store::lock(conn, saga_id).await? else {
+            return Ok(Termination::Refused(RequestOutcome::NotFound));
+        };
+        if saga.state.is_final() {
+            return Ok(Termination::Refused(RequestOutcome::NotApplicable(
+                saga.state,
+            )));
+        }
+        let definition = self
+            .definitions
+            .get(saga.saga_type.as_str())
+            .with_context(|| format!("no definition for saga type {}", saga.saga_type))?;
+        if let Some(since) = saga.forward_only_since {
+            let pivot = definition.pivot.unwrap_or("the pivot");
+            return Ok(Termination::Refused(RequestOutcome::ForwardOnly {
+                pivot,
+                since,
+            }));
+        }
+        let record = SagaRecord {
+            steps: store::steps(conn, saga_id).await?,
+            instance: store::load_instance(conn, saga_id)
+                .await?
+                .context("a locked saga exists")?,
+        };
+        let left_in_effect = crate::plan::in_effect(definition, &record);
+        if !left_in_effect.is_empty() && !acknowledge_effects {
+            return Ok(Termination::EffectsNotAcknowledged(left_in_effect));
+        }
+        store::terminate(conn, &saga, reason, &left_in_effect).await?;
+        let event = pb::SagaTerminated {
+            saga_id: saga_id.to_string(),
+            order_id: saga.business_key.clone(),
+            reason: reason.to_owned(),
+            steps_left_in_effect: left_in_effect.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        self.record(conn, &saga, &event).await?;
+        tracing::warn!(%saga_id, %reason, left_in_effect = ?left_in_effect, "saga terminated by an operator");
+        count_committed(&saga.saga_type, Count::Finished(SagaState::Terminated));
+        Ok(Termination::Terminated { left_in_effect })
+    }
+
+    /// Writes an operator's request's event, in its transaction: to the
+    /// journal, and (if worth publishing) to the events topic.
+    async fn record<M: prost::Message + prost::Name>(
+        &self,
+        conn: &mut PgConnection,
+        saga: &Locked,
+        event: &M,
+    ) -> anyhow::Result<()> {
+        let envelope = turn::saga_event(
+            self.config.producer,
+            saga.saga_id,
+            &saga.correlation_id,
+            event,
+        );
+        self.events()
+            .write(conn, std::slice::from_ref(&envelope))
+            .await
+    }
+
+    /// Runs until `shutdown`, flagging sagas that have made no progress for
+    /// `stuck_after` (each logged once, by whichever replica flags it). It
+    /// sleeps until the least progressed saga could become stuck: a saga
+    /// that progresses, starts or resumes only becomes stuck later.
+    pub async fn watch_stuck(self: Arc<Self>, stuck_after: Duration, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            match store::flag_stuck(&self.pool, stuck_after).await {
+                Ok(stuck) => {
+                    for saga in stuck {
+                        tracing::warn!(
+                            saga_id = %saga.saga_id,
+                            saga = saga.saga_type,
+                            order_id = saga.business_key,
+                            correlation_id = saga.correlation_id,
+                            progressed_at = %saga.progressed_at,
+                            "saga is stuck: no progress for {}",
+                            humantime_secs(stuck_after)
+                        );
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "flagging stuck sagas failed");
+                }
+            }
+            let wait = store::next_stuck(&self.pool, stuck_after)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(stuck_after)
+                .min(stuck_after)
+                // Past the instant, not on it: the clocks are the database's.
+                + Duration::from_millis(10);
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
         }
     }
 
@@ -473,15 +676,10 @@ impl Engine {
                     )
                     .await?;
                     if !began {
-                        // A compensation request came first: read the saga
-                        // again and plan from what it says.
-                        let saga = store::load(&self.pool, turn.saga.instance.saga_id)
-                            .await?
-                            .context("a claimed saga exists")?;
-                        if saga.instance.fence != fence {
-                            return Err(WriteError::Fenced);
-                        }
-                        turn = Turn::new(saga, self.config.producer);
+                        // A compensation or pause request came first: the
+                        // turn is as it was before these attempts, with
+                        // the request; plan from that.
+                        continue;
                     }
                 }
                 Plan::Wait(until) => {
@@ -501,19 +699,23 @@ impl Engine {
     }
 
     /// Writes the turn, and starts the next one from what was written.
-    /// False, with nothing written, if the turn began forward attempts and
-    /// a compensation request was accepted since the saga was read.
-    async fn commit(&self, turn: &mut Turn, fence: i64, lease: Lease) -> Result<bool, WriteError> {
-        match store::write(&self.pool, fence, turn, lease, self.events()).await? {
-            Written::Committed(instance) => {
-                turn.saga.instance = *instance;
-                for count in turn.committed() {
-                    count_committed(&turn.saga.instance.saga_type, count);
-                }
-                Ok(true)
+    /// Nothing is written, and the saga's row comes back for its requests,
+    /// if the turn began attempts that a request accepted since the saga
+    /// was read must come before (see [`Written::Interrupted`]).
+    async fn commit(
+        &self,
+        turn: &mut Turn,
+        fence: i64,
+        lease: Lease,
+    ) -> Result<Written, WriteError> {
+        let written = store::write(&self.pool, fence, turn, lease, self.events()).await?;
+        if let Written::Committed(instance) = &written {
+            turn.saga.instance = (**instance).clone();
+            for count in turn.committed() {
+                count_committed(&turn.saga.instance.saga_type, count);
             }
-            Written::TurningBack => Ok(false),
         }
+        Ok(written)
     }
 
     /// One attempt of each of `names`, in parallel: written ahead with the
@@ -541,28 +743,37 @@ impl Engine {
         let persistent = |class: StepClass| {
             class != StepClass::Compensatable || (kind == Kind::Action && !forward)
         };
-        let now = Utc::now();
-        let started: Vec<(u32, Option<DateTime<Utc>>)> = steps
-            .iter()
-            .map(|(step, _)| turn.begin(step, kind, now))
-            .collect();
-
         // A step with nothing to do (it exists to be compensated) takes no
         // effect, so it needs no write-ahead: it succeeds in this turn.
         let acts = |step: &Step| match kind {
             Kind::Action => step.action.is_some(),
             Kind::Compensation => step.compensation.is_some(),
         };
-        if steps.iter().any(|(step, _)| acts(step)) {
+        let acting = steps.iter().any(|(step, _)| acts(step));
+        // The turn as it stands before these attempts, to go back to if a
+        // request must come first: what it has recorded so far (an attempt
+        // that finished, say) is then written with the request's outcome.
+        let before = acting.then(|| turn.clone());
+        let now = Utc::now();
+        let started: Vec<(u32, Option<DateTime<Utc>>)> = steps
+            .iter()
+            .map(|(step, _)| turn.begin(step, kind, now))
+            .collect();
+
+        if let Some(mut before) = before {
             // Write ahead: after a crash, the next owner knows these
             // attempts were made and may have had an effect.
             turn.begins_forward = forward;
+            turn.begins_attempts = true;
             turn.begins_pivot =
                 forward && steps.iter().any(|(_, class)| *class == StepClass::Pivot);
-            if !self
+            if let Written::Interrupted(row) = self
                 .commit(turn, fence, Lease::Keep(self.config.lease))
                 .await?
             {
+                before.saga.instance.compensation_requested = row.compensation_requested;
+                before.saga.instance.pause_requested_at = row.pause_requested_at;
+                *turn = before;
                 return Ok(false);
             }
         }
@@ -648,10 +859,15 @@ impl Engine {
     }
 }
 
+/// A duration as an operator reads it, to the second.
+fn humantime_secs(duration: Duration) -> String {
+    format!("{}s", duration.as_secs())
+}
+
 /// Sends a failed saga (locked) back to `state`, running or compensating:
 /// the executions that failed in that direction get a fresh retry budget,
 /// and the saga a new fence.
-async fn resume(conn: &mut PgConnection, saga: &Locked, state: SagaState) -> anyhow::Result<()> {
+async fn reopen(conn: &mut PgConnection, saga: &Locked, state: SagaState) -> anyhow::Result<()> {
     let kind = match state {
         SagaState::Running => Kind::Action,
         _ => Kind::Compensation,
@@ -669,6 +885,9 @@ fn count_committed(saga: &str, count: Count) {
         }
         Count::CompensationStarted => {
             metrics::counter!("saga_compensations_started_total", "saga" => saga).increment(1);
+        }
+        Count::Paused => {
+            metrics::counter!("saga_pauses_total", "saga" => saga).increment(1);
         }
         Count::Overdue(step) => {
             metrics::counter!("saga_steps_overdue_total", "saga" => saga, "step" => step)

@@ -36,9 +36,16 @@ pub use definition::{
     Action, FnAction, Journal, RetryPolicy, SagaDefinition, Settle, Step, StepClass, StepContext,
     StepError,
 };
-pub use engine::{Engine, EngineConfig, RequestOutcome, Started};
+pub use engine::{Engine, EngineConfig, RequestOutcome, Started, Termination};
 pub use store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
 
 /// The saga tables, applied in the orchestrator's schema.
-pub const MIGRATIONS: database::MigrationSet =
-    database::migrations!("saga-engine", ["0001_sagas.sql", "0002_pivot.sql"]);
+pub const MIGRATIONS: database::MigrationSet = database::migrations!(
+    "saga-engine",
+    [
+        "0001_sagas.sql",
+        "0002_pivot.sql",
+        "0003_operator_controls.sql",
+        "0004_search.sql",
+    ]
+);

@@ -26,6 +26,8 @@ pub(crate) enum Plan {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Transition {
+    /// An operator asked for a pause: nothing more runs until resumed.
+    Pause,
     /// Every step of the current group succeeded: on to the next.
     Advance,
     Complete,
@@ -54,11 +56,53 @@ pub(crate) enum Transition {
 }
 
 pub(crate) fn plan(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
+    // A pause comes first: the attempts just made are recorded with it,
+    // and nothing new begins.
+    if saga.instance.state.is_driven() && saga.instance.pause_requested_at.is_some() {
+        return Plan::Transition(Transition::Pause);
+    }
     match saga.instance.state {
         SagaState::Running => forward(definition, saga, now),
         SagaState::Compensating => backward(definition, saga, now),
-        SagaState::Completed | SagaState::Compensated | SagaState::Failed => Plan::Idle,
+        SagaState::Completed
+        | SagaState::Compensated
+        | SagaState::Failed
+        | SagaState::Paused
+        | SagaState::Terminated => Plan::Idle,
     }
+}
+
+/// The steps that may have taken effect and are not compensated, in
+/// definition order: what stopping the saga now, without compensating,
+/// leaves in place. The same rule as compensation's: an action attempted
+/// (unless it answered for certain that it did nothing, for a step settled
+/// by repeating), or a step without an action once the saga reached it,
+/// whose compensation exists and has not succeeded.
+pub(crate) fn in_effect(definition: &SagaDefinition, saga: &SagaRecord) -> Vec<&'static str> {
+    let reached = usize::try_from(saga.instance.position).unwrap_or(0);
+    let mut left = Vec::new();
+    for (index, group) in definition.groups.iter().enumerate() {
+        for step in group {
+            if step.compensation.is_none() {
+                continue;
+            }
+            let action = saga.step(step.name, Kind::Action);
+            let attempted = action.is_some_and(|r| r.attempts > 0)
+                || (step.action.is_none() && index <= reached);
+            let refused_for_certain = action.is_some_and(|r| {
+                step.settle == Settle::ByRepeating
+                    && r.status != StepStatus::Succeeded
+                    && !r.outcome_unknown()
+            });
+            let undone = saga
+                .step(step.name, Kind::Compensation)
+                .is_some_and(|r| r.status == StepStatus::Succeeded);
+            if attempted && !refused_for_certain && !undone {
+                left.push(step.name);
+            }
+        }
+    }
+    left
 }
 
 fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
@@ -345,6 +389,13 @@ mod tests {
                 forward_only_since: None,
                 overdue_step: None,
                 overdue_since: None,
+                pause_requested_at: None,
+                paused_at: None,
+                paused_from: None,
+                left_in_effect: None,
+                progressed_at: now,
+                stuck_since: None,
+                stuck_reason: None,
                 next_run_at: None,
                 lease_owner: None,
                 lease_expires_at: None,
@@ -736,5 +787,80 @@ mod tests {
                 Plan::Idle
             );
         }
+    }
+
+    #[test]
+    fn a_requested_pause_comes_before_any_next_step_forward_or_back() {
+        for state in [SagaState::Running, SagaState::Compensating] {
+            let mut given = saga(
+                state,
+                1,
+                vec![record("a", Kind::Action, StepStatus::Succeeded, 1)],
+            );
+            given.instance.pause_requested_at = Some(Utc::now());
+            given.instance.compensation_requested = Some("customer".into());
+            assert_eq!(
+                plan(&definition(), &given, Utc::now()),
+                Plan::Transition(Transition::Pause),
+                "{state:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn paused_and_terminated_sagas_do_nothing_whatever_is_due() {
+        for state in [SagaState::Paused, SagaState::Terminated] {
+            let mut given = saga(
+                state,
+                0,
+                vec![record("a", Kind::Action, StepStatus::Waiting, 1)],
+            );
+            given.instance.compensation_requested = Some("customer".into());
+            assert_eq!(plan(&definition(), &given, Utc::now()), Plan::Idle);
+        }
+    }
+
+    #[test]
+    fn in_effect_are_the_attempted_steps_with_a_compensation_not_yet_undone() {
+        // a succeeded, b in flight (unknown), c has no compensation.
+        let running = saga(
+            SagaState::Running,
+            1,
+            vec![
+                record("a", Kind::Action, StepStatus::Succeeded, 1),
+                record("b", Kind::Action, StepStatus::Running, 1),
+                record("c", Kind::Action, StepStatus::Succeeded, 1),
+            ],
+        );
+        assert_eq!(in_effect(&definition(), &running), vec!["a", "b"]);
+
+        // b refused for certain did nothing; a undone is no longer in effect.
+        let mut refused = record("b", Kind::Action, StepStatus::Failed, 1);
+        refused.outcome_unknown = false;
+        let compensating = saga(
+            SagaState::Compensating,
+            1,
+            vec![
+                record("a", Kind::Action, StepStatus::Succeeded, 1),
+                refused,
+                record("a", Kind::Compensation, StepStatus::Succeeded, 1),
+            ],
+        );
+        assert!(in_effect(&definition(), &compensating).is_empty());
+
+        // A refusal whose earlier attempt was lost may have taken effect.
+        let mut lost = record("b", Kind::Action, StepStatus::Failed, 2);
+        lost.outcome_unknown = true;
+        let failed = saga(SagaState::Failed, 1, vec![lost]);
+        assert_eq!(in_effect(&definition(), &failed), vec!["b"]);
+
+        // A step without an action is in effect once the saga reaches it.
+        let mut opening = definition();
+        opening.groups[0][0].action = None;
+        assert_eq!(
+            in_effect(&opening, &saga(SagaState::Running, 0, vec![])),
+            vec!["a"]
+        );
+        assert!(in_effect(&definition(), &saga(SagaState::Running, 0, vec![])).is_empty());
     }
 }

@@ -17,13 +17,20 @@
 //! |                        |                                              | acts on the request between steps                      |
 //! | `reopen`               | `saga_steps`, `saga_instances` (state,       | the row lock of `lock`; takes a new fence, so whoever  |
 //! |                        | lease cleared, fence + 1)                    | held the saga is fenced off                            |
-//! | `Events::write`        | outbox, journal                              | the transaction it joins: `create`'s or `write`'s      |
+//! | `request_pause`,       | `saga_instances` (`pause_requested_at`)      | the row lock of `lock`; leaves the fence, so the owner |
+//! | `withdraw_pause`       |                                              | pauses between steps (see `write`)                     |
+//! | `pause`, `resume`,     | `saga_instances` (state; `resume` also the   | the row lock of `lock`; takes a new fence, so whoever  |
+//! | `terminate`            | unfinished steps' deadlines), fence + 1      | held the saga is fenced off                            |
+//! | `flag_stuck`           | `saga_instances` (`stuck_since`, reason)     | nothing: only the flag, set once (`stuck_since IS      |
+//! |                        |                                              | NULL`), which the owner's next progress clears         |
+//! | `Events::write`        | outbox, journal                              | the transaction it joins: `create`'s, `write`'s or a   |
+//! |                        |                                              | request's                                              |
 //!
 //! `lock` writes nothing: it takes the row lock that orders a request
-//! against the owner's turns. The rest only read: `load`,
-//! `find_by_business_key`, `find_by_correlation`, `list`, `next_due`, and
-//! `listen` (the channel on which the trigger of `0001_sagas.sql` announces
-//! due work).
+//! against the owner's turns. The rest only read: `load`, `load_instance`,
+//! `steps`, `find_by_business_key`, `find_by_correlation`, `list`,
+//! `search`, `next_due`, `next_stuck`, and `listen` (the channel on which
+//! the trigger of `0001_sagas.sql` announces due work).
 //!
 //! States, step statuses and kinds are enums here, stored as the TEXT
 //! values the tables' CHECK constraints allow; a value the engine does not
@@ -54,15 +61,21 @@ pub enum SagaState {
     Completed,
     Compensated,
     Failed,
+    /// Stopped between steps by an operator, until resumed.
+    Paused,
+    /// Stopped for good by an operator, without compensating.
+    Terminated,
 }
 
 impl SagaState {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::Running,
         Self::Compensating,
         Self::Completed,
         Self::Compensated,
         Self::Failed,
+        Self::Paused,
+        Self::Terminated,
     ];
 
     /// The value as stored.
@@ -73,6 +86,8 @@ impl SagaState {
             Self::Completed => "completed",
             Self::Compensated => "compensated",
             Self::Failed => "failed",
+            Self::Paused => "paused",
+            Self::Terminated => "terminated",
         }
     }
 
@@ -81,7 +96,42 @@ impl SagaState {
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Compensated)
+        matches!(self, Self::Completed | Self::Compensated | Self::Terminated)
+    }
+
+    /// The state as the API and the saga events name it.
+    pub fn to_proto(self) -> api_saga::v1::SagaState {
+        use api_saga::v1::SagaState as Wire;
+        match self {
+            Self::Running => Wire::Running,
+            Self::Compensating => Wire::Compensating,
+            Self::Completed => Wire::Completed,
+            Self::Compensated => Wire::Compensated,
+            Self::Failed => Wire::Failed,
+            Self::Paused => Wire::Paused,
+            Self::Terminated => Wire::Terminated,
+        }
+    }
+
+    /// The state the API names; `None` for UNSPECIFIED.
+    pub fn from_proto(state: api_saga::v1::SagaState) -> Option<Self> {
+        use api_saga::v1::SagaState as Wire;
+        Some(match state {
+            Wire::Unspecified => return None,
+            Wire::Running => Self::Running,
+            Wire::Compensating => Self::Compensating,
+            Wire::Completed => Self::Completed,
+            Wire::Compensated => Self::Compensated,
+            Wire::Failed => Self::Failed,
+            Wire::Paused => Self::Paused,
+            Wire::Terminated => Self::Terminated,
+        })
+    }
+
+    /// Whether the engine drives a saga in this state (claims it, runs its
+    /// timers, counts it stuck).
+    pub fn is_driven(self) -> bool {
+        matches!(self, Self::Running | Self::Compensating)
     }
 }
 
@@ -207,6 +257,18 @@ pub struct Instance {
     /// A step past its deadline that is retried on because it cannot give up.
     pub overdue_step: Option<String>,
     pub overdue_since: Option<DateTime<Utc>>,
+    /// A pause accepted while a replica drove the saga, not yet taken.
+    pub pause_requested_at: Option<DateTime<Utc>>,
+    /// While paused: since when, and the state resuming returns it to.
+    pub paused_at: Option<DateTime<Utc>>,
+    pub paused_from: Option<SagaState>,
+    /// Terminated: steps that may have taken effect, not compensated.
+    pub left_in_effect: Option<Vec<String>>,
+    /// When a step last succeeded or the saga last changed state.
+    pub progressed_at: DateTime<Utc>,
+    /// Set while the saga is stuck: since when, and why.
+    pub stuck_since: Option<DateTime<Utc>>,
+    pub stuck_reason: Option<String>,
     pub next_run_at: Option<DateTime<Utc>>,
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
@@ -291,7 +353,8 @@ impl SagaRecord {
 macro_rules! instance_columns {
     () => {
         "saga_id, saga_type, business_key, state, data, correlation_id, position, failure_reason, \
-         compensation_requested, forward_only_since, overdue_step, overdue_since, next_run_at, lease_owner, \
+         compensation_requested, forward_only_since, overdue_step, overdue_since, pause_requested_at, paused_at, \
+         paused_from, left_in_effect, progressed_at, stuck_since, stuck_reason, next_run_at, lease_owner, \
          lease_expires_at, fence, created_at, updated_at, finished_at"
     };
 }
@@ -328,6 +391,22 @@ pub async fn load(pool: &PgPool, saga_id: Uuid) -> anyhow::Result<Option<SagaRec
     .await
     .context("reading a saga's steps")?;
     Ok(Some(SagaRecord { instance, steps }))
+}
+
+/// The saga's row, in the caller's transaction. Reads only.
+pub(crate) async fn load_instance(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+) -> anyhow::Result<Option<Instance>> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        instance_columns!(),
+        " FROM saga_instances WHERE saga_id = $1"
+    ))
+    .bind(saga_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("reading a saga")
 }
 
 /// The id of the saga of `saga_type` for `business_key`, if any. Reads only.
@@ -392,6 +471,145 @@ pub async fn list(
     .fetch_all(pool)
     .await
     .context("listing sagas")
+}
+
+/// What a saga search asks for: every filter set must hold. Each is
+/// served by an index of `0004_search.sql` (or, for stuck sagas, of
+/// `0003_operator_controls.sql`).
+#[derive(Debug, Clone, Default)]
+pub struct SagaFilter {
+    /// Any of these states; empty means any state.
+    pub states: Vec<SagaState>,
+    pub saga_type: Option<String>,
+    /// Started in `[created_after, created_before)`.
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    /// Finished (or failed) in `[finished_after, finished_before)`.
+    pub finished_after: Option<DateTime<Utc>>,
+    pub finished_before: Option<DateTime<Utc>>,
+    /// A fragment of the failure reason, in any case (at least three
+    /// characters, or the trigram index cannot narrow it down).
+    pub failure_reason_contains: Option<String>,
+    pub business_key: Option<String>,
+    /// The customer the saga acts for: its data's `customer_id`.
+    pub customer_id: Option<String>,
+    pub stuck_only: bool,
+}
+
+/// Where a page of a search starts: before (created_at, saga_id), newest
+/// first.
+pub type SearchCursor = ListCursor;
+
+/// The search statement: only the filters that are set, so that each
+/// combination is a statement of its own whose plan uses their indexes
+/// (a `$1 IS NULL OR ...` clause would leave a generic plan scanning).
+fn search_query(
+    prefix: &str,
+    filter: &SagaFilter,
+    before: Option<SearchCursor>,
+    limit: i64,
+) -> sqlx::QueryBuilder<Postgres> {
+    let mut query = sqlx::QueryBuilder::new(format!(
+        concat!(
+            "{}SELECT ",
+            instance_columns!(),
+            " FROM saga_instances WHERE true"
+        ),
+        prefix
+    ));
+    // One state by `=`, so that its index also gives the page order.
+    match filter.states.as_slice() {
+        [] => {}
+        [state] => {
+            query.push(" AND state = ").push_bind(*state);
+        }
+        states => {
+            query
+                .push(" AND state = ANY(")
+                .push_bind(states.to_vec())
+                .push(")");
+        }
+    }
+    if let Some(saga_type) = &filter.saga_type {
+        query.push(" AND saga_type = ").push_bind(saga_type.clone());
+    }
+    if let Some(after) = filter.created_after {
+        query.push(" AND created_at >= ").push_bind(after);
+    }
+    if let Some(before) = filter.created_before {
+        query.push(" AND created_at < ").push_bind(before);
+    }
+    if let Some(after) = filter.finished_after {
+        query.push(" AND finished_at >= ").push_bind(after);
+    }
+    if let Some(before) = filter.finished_before {
+        query.push(" AND finished_at < ").push_bind(before);
+    }
+    if let Some(fragment) = &filter.failure_reason_contains {
+        let escaped = fragment
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        query
+            .push(" AND failure_reason ILIKE ")
+            .push_bind(format!("%{escaped}%"));
+    }
+    if let Some(key) = &filter.business_key {
+        query.push(" AND business_key = ").push_bind(key.clone());
+    }
+    if let Some(customer) = &filter.customer_id {
+        // The index's predicate, spelled out so that the plan may use it.
+        query
+            .push(" AND data ? 'customer_id' AND data ->> 'customer_id' = ")
+            .push_bind(customer.clone());
+    }
+    if filter.stuck_only {
+        query.push(" AND stuck_since IS NOT NULL");
+    }
+    if let Some(cursor) = before {
+        query
+            .push(" AND (created_at, saga_id) < (")
+            .push_bind(cursor.created_at)
+            .push(", ")
+            .push_bind(cursor.saga_id)
+            .push(")");
+    }
+    query
+        .push(" ORDER BY created_at DESC, saga_id DESC LIMIT ")
+        .push_bind(limit);
+    query
+}
+
+/// Sagas matching `filter`, newest first, starting before `before`.
+/// Reads only.
+pub async fn search(
+    pool: &PgPool,
+    filter: &SagaFilter,
+    before: Option<SearchCursor>,
+    limit: i64,
+) -> anyhow::Result<Vec<Instance>> {
+    search_query("", filter, before, limit)
+        .build_query_as()
+        .fetch_all(pool)
+        .await
+        .context("searching sagas")
+}
+
+/// The plan PostgreSQL makes for [`search`] with these arguments (EXPLAIN,
+/// not run), for the tests that check each filter is served by an index,
+/// and for an operator wondering why a search is slow. Reads only.
+pub async fn explain_search(
+    pool: &PgPool,
+    filter: &SagaFilter,
+    before: Option<SearchCursor>,
+    limit: i64,
+) -> anyhow::Result<String> {
+    let lines: Vec<String> = search_query("EXPLAIN ", filter, before, limit)
+        .build_query_scalar()
+        .fetch_all(pool)
+        .await
+        .context("explaining a saga search")?;
+    Ok(lines.join("\n"))
 }
 
 /// Inserts a saga of `saga_type` for `business_key`, running and due now,
@@ -547,9 +765,11 @@ pub(crate) enum Lease {
 pub(crate) enum Written {
     /// Committed: the saga's row as it now stands.
     Committed(Box<Instance>),
-    /// Rolled back: the turn began forward attempts, and a compensation
-    /// request was accepted since the saga was read.
-    TurningBack,
+    /// Rolled back: the turn began attempts, and a request that must come
+    /// first was accepted since the saga was read (a compensation, before
+    /// forward attempts; a pause, before any). The saga's row as it stands,
+    /// for its requests.
+    Interrupted(Box<Instance>),
 }
 
 /// Writes a turn in one transaction of two statements: the saga's row
@@ -563,7 +783,14 @@ pub(crate) enum Written {
 /// fence it matches no row and nothing is written ([`WriteError::Fenced`]).
 /// Holding that row's lock, it also sees a compensation request accepted
 /// since the saga was read, and rolls back a turn that begins forward
-/// attempts ([`Written::TurningBack`]).
+/// attempts; or a pause request, and rolls back a turn that begins any
+/// ([`Written::Interrupted`]). Released with a pause request pending, the
+/// saga is due at once, so that some replica pauses it now rather than
+/// when its timer fires.
+///
+/// Progress (a step succeeded, the state or position changed) clears the
+/// stuck flag, unless a step is still past its deadline; a turn that finds
+/// a step past its deadline sets it, unless set already.
 pub(crate) async fn write(
     pool: &PgPool,
     fence: i64,
@@ -590,10 +817,26 @@ pub(crate) async fn write(
                      WHEN $8 THEN NULL
                      ELSE forward_only_since END,
                  overdue_step = $9, overdue_since = $10, finished_at = $11,
-                 next_run_at = CASE WHEN $12 THEN next_run_at ELSE $13 END,
+                 next_run_at = CASE
+                     WHEN $12 THEN next_run_at
+                     WHEN pause_requested_at IS NOT NULL AND NOT $26 AND $3 IN ('running', 'compensating') THEN now()
+                     ELSE $13 END,
                  lease_owner = CASE WHEN $12 THEN lease_owner END,
                  lease_expires_at = CASE WHEN $12 THEN now() + $14 END,
-                 updated_at = now()
+                 updated_at = now(),
+                 pause_requested_at = CASE WHEN $26 THEN NULL ELSE pause_requested_at END,
+                 paused_at = $27, paused_from = $28,
+                 progressed_at = CASE WHEN $29 THEN now() ELSE progressed_at END,
+                 stuck_since = CASE
+                     WHEN $3 NOT IN ('running', 'compensating') THEN NULL
+                     WHEN $30::text IS NOT NULL THEN coalesce(stuck_since, now())
+                     WHEN $29 AND $10::timestamptz IS NULL THEN NULL
+                     ELSE stuck_since END,
+                 stuck_reason = CASE
+                     WHEN $3 NOT IN ('running', 'compensating') THEN NULL
+                     WHEN $30::text IS NOT NULL THEN coalesce(stuck_reason, $30)
+                     WHEN $29 AND $10::timestamptz IS NULL THEN NULL
+                     ELSE stuck_reason END
              WHERE saga_id = $1 AND fence = $2
              RETURNING ",
         instance_columns!(),
@@ -638,6 +881,11 @@ pub(crate) async fn write(
     .bind(rows.iter().map(|r| r.next_attempt_at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.deadline_at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.outcome_unknown).collect::<Vec<_>>())
+    .bind(turn.clears_pause_request)
+    .bind(instance.paused_at)
+    .bind(instance.paused_from)
+    .bind(turn.progressed)
+    .bind(turn.flags_stuck.as_deref())
     .fetch_optional(&mut *tx)
     .await
     .context("writing the saga and its steps")?;
@@ -645,11 +893,12 @@ pub(crate) async fn write(
         return Err(WriteError::Fenced);
     };
     // The steps were written with it; rolling back undoes them too.
-    if turn.begins_forward
+    let turns_back = turn.begins_forward
         && written.compensation_requested.is_some()
-        && written.forward_only_since.is_none()
-    {
-        return Ok(Written::TurningBack); // dropping `tx` rolls it back
+        && written.forward_only_since.is_none();
+    let pauses = turn.begins_attempts && written.pause_requested_at.is_some();
+    if turns_back || pauses {
+        return Ok(Written::Interrupted(Box::new(written))); // dropping `tx` rolls it back
     }
     events.write(&mut tx, &turn.events).await?;
     tx.commit().await.context("committing a turn")?;
@@ -663,8 +912,28 @@ pub(crate) struct Locked {
     pub(crate) saga_id: Uuid,
     pub(crate) state: SagaState,
     pub(crate) saga_type: String,
+    pub(crate) business_key: String,
+    pub(crate) correlation_id: String,
     /// Since when the pivot may have taken effect.
     pub(crate) forward_only_since: Option<DateTime<Utc>>,
+    /// A replica holds the saga's lease, and it has not run out: it may be
+    /// mid-turn, with the saga in its memory.
+    pub(crate) driven: bool,
+    pub(crate) pause_requested: bool,
+    /// While paused, the state resuming returns it to.
+    pub(crate) paused_from: Option<SagaState>,
+}
+
+#[derive(sqlx::FromRow)]
+struct LockedRow {
+    state: SagaState,
+    saga_type: String,
+    business_key: String,
+    correlation_id: String,
+    forward_only_since: Option<DateTime<Utc>>,
+    driven: bool,
+    pause_requested: bool,
+    paused_from: Option<SagaState>,
 }
 
 /// Locks the saga's row for the caller's transaction (`SELECT ... FOR
@@ -673,18 +942,26 @@ pub(crate) struct Locked {
 /// waits for it: the owner sees the request's outcome, or the request sees
 /// the turn's (the pivot begun, say).
 pub(crate) async fn lock(conn: &mut PgConnection, saga_id: Uuid) -> anyhow::Result<Option<Locked>> {
-    let row: Option<(SagaState, String, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT state, saga_type, forward_only_since FROM saga_instances WHERE saga_id = $1 FOR UPDATE",
+    let row: Option<LockedRow> = sqlx::query_as(
+        "SELECT state, saga_type, business_key, correlation_id, forward_only_since,
+                coalesce(lease_owner IS NOT NULL AND lease_expires_at > now(), false) AS driven,
+                pause_requested_at IS NOT NULL AS pause_requested, paused_from
+         FROM saga_instances WHERE saga_id = $1 FOR UPDATE",
     )
     .bind(saga_id)
     .fetch_optional(&mut *conn)
     .await
     .context("locking a saga")?;
-    Ok(row.map(|(state, saga_type, forward_only_since)| Locked {
+    Ok(row.map(|row| Locked {
         saga_id,
-        state,
-        saga_type,
-        forward_only_since,
+        state: row.state,
+        saga_type: row.saga_type,
+        business_key: row.business_key,
+        correlation_id: row.correlation_id,
+        forward_only_since: row.forward_only_since,
+        driven: row.driven,
+        pause_requested: row.pause_requested,
+        paused_from: row.paused_from,
     }))
 }
 
@@ -703,7 +980,8 @@ pub(crate) async fn request_compensation(
 ) -> anyhow::Result<()> {
     sqlx::query(
         "UPDATE saga_instances SET compensation_requested = $2,
-             next_run_at = CASE WHEN lease_owner IS NULL THEN now() ELSE next_run_at END
+             next_run_at = CASE WHEN lease_owner IS NULL AND state IN ('running', 'compensating')
+                                THEN now() ELSE next_run_at END
          WHERE saga_id = $1",
     )
     .bind(saga.saga_id)
@@ -738,7 +1016,7 @@ pub(crate) async fn reopen(
     .context("retrying a saga's failed steps")?;
     sqlx::query(
         "UPDATE saga_instances SET state = $2, next_run_at = now(), finished_at = NULL,
-             lease_owner = NULL, lease_expires_at = NULL, fence = fence + 1
+             lease_owner = NULL, lease_expires_at = NULL, fence = fence + 1, progressed_at = now()
          WHERE saga_id = $1",
     )
     .bind(saga.saga_id)
@@ -747,6 +1025,184 @@ pub(crate) async fn reopen(
     .await
     .context("reopening a saga")?;
     Ok(())
+}
+
+/// Records a pause request on a saga a replica is driving: that replica
+/// pauses it at its next turn boundary (see [`write`]).
+///
+/// Writes `saga_instances` (`pause_requested_at`). Not fenced, on purpose,
+/// as [`request_compensation`]: under the row lock of [`lock`], so the
+/// owner's next turn sees it.
+pub(crate) async fn request_pause(conn: &mut PgConnection, saga: &Locked) -> anyhow::Result<()> {
+    sqlx::query("UPDATE saga_instances SET pause_requested_at = now() WHERE saga_id = $1")
+        .bind(saga.saga_id)
+        .execute(&mut *conn)
+        .await
+        .context("requesting a pause")?;
+    Ok(())
+}
+
+/// Withdraws a pause request not yet taken. Writes `saga_instances`
+/// (`pause_requested_at`), under the row lock of [`lock`].
+pub(crate) async fn withdraw_pause(conn: &mut PgConnection, saga: &Locked) -> anyhow::Result<()> {
+    sqlx::query("UPDATE saga_instances SET pause_requested_at = NULL WHERE saga_id = $1")
+        .bind(saga.saga_id)
+        .execute(&mut *conn)
+        .await
+        .context("withdrawing a pause request")?;
+    Ok(())
+}
+
+/// Pauses a saga nobody is driving (its lease is free or ran out): no
+/// work due, no lease, remembering the state to return to.
+///
+/// Writes `saga_instances` (state, `paused_at`, `paused_from`, no work due,
+/// lease cleared, stuck flag cleared, fence + 1). Under the row lock of
+/// [`lock`]; the new fence refuses any write of a replica whose lease ran
+/// out while it stalled.
+pub(crate) async fn pause(conn: &mut PgConnection, saga: &Locked) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE saga_instances SET state = 'paused', paused_from = state, paused_at = now(),
+             pause_requested_at = NULL, next_run_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
+             stuck_since = NULL, stuck_reason = NULL, fence = fence + 1, updated_at = now()
+         WHERE saga_id = $1",
+    )
+    .bind(saga.saga_id)
+    .execute(&mut *conn)
+    .await
+    .context("pausing a saga")?;
+    Ok(())
+}
+
+/// Resumes a paused saga in the state it was paused in, due now, its
+/// progress counted from now. Its unfinished steps' deadlines move on by
+/// the time it was paused: a paused saga's timers do not run.
+///
+/// Writes `saga_steps` (deadlines of unfinished executions) and
+/// `saga_instances` (state, pause cleared, work due now, fence + 1). Under
+/// the row lock of [`lock`].
+pub(crate) async fn resume(
+    conn: &mut PgConnection,
+    saga: &Locked,
+    state: SagaState,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE saga_steps st SET deadline_at = st.deadline_at + (now() - i.paused_at)
+         FROM saga_instances i
+         WHERE st.saga_id = $1 AND i.saga_id = $1 AND st.finished_at IS NULL
+           AND st.deadline_at IS NOT NULL AND i.paused_at IS NOT NULL",
+    )
+    .bind(saga.saga_id)
+    .execute(&mut *conn)
+    .await
+    .context("moving a paused saga's deadlines")?;
+    sqlx::query(
+        "UPDATE saga_instances SET state = $2, paused_from = NULL, paused_at = NULL,
+             next_run_at = now(), progressed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+             fence = fence + 1, updated_at = now()
+         WHERE saga_id = $1",
+    )
+    .bind(saga.saga_id)
+    .bind(state)
+    .execute(&mut *conn)
+    .await
+    .context("resuming a saga")?;
+    Ok(())
+}
+
+/// Stops a saga for good, without compensating: terminated, with the
+/// operator's reason and the steps it leaves in effect.
+///
+/// Writes `saga_instances` (state, reason, steps left in effect, finished,
+/// no work due, requests and flags cleared, lease cleared, fence + 1).
+/// Under the row lock of [`lock`]; the new fence cuts off a replica mid
+/// attempt: its outcome is never written.
+pub(crate) async fn terminate(
+    conn: &mut PgConnection,
+    saga: &Locked,
+    reason: &str,
+    left_in_effect: &[&str],
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE saga_instances SET state = 'terminated', failure_reason = $2, left_in_effect = $3,
+             finished_at = now(), next_run_at = NULL, compensation_requested = NULL,
+             pause_requested_at = NULL, paused_at = NULL, paused_from = NULL,
+             stuck_since = NULL, stuck_reason = NULL,
+             lease_owner = NULL, lease_expires_at = NULL, fence = fence + 1, updated_at = now()
+         WHERE saga_id = $1",
+    )
+    .bind(saga.saga_id)
+    .bind(reason)
+    .bind(left_in_effect)
+    .execute(&mut *conn)
+    .await
+    .context("terminating a saga")?;
+    Ok(())
+}
+
+/// The saga's step log, in the caller's transaction. Reads only.
+pub(crate) async fn steps(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+) -> anyhow::Result<Vec<StepRecord>> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        step_columns!(),
+        " FROM saga_steps WHERE saga_id = $1 ORDER BY seq"
+    ))
+    .bind(saga_id)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading a saga's steps")
+}
+
+/// A saga just found stuck.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Stuck {
+    pub saga_id: Uuid,
+    pub saga_type: String,
+    pub business_key: String,
+    pub correlation_id: String,
+    pub progressed_at: DateTime<Utc>,
+}
+
+/// Flags the running and compensating sagas that have made no progress
+/// for `stuck_after`, and returns them: each is returned once, to the one
+/// caller whose statement flagged it, whichever replica that is.
+///
+/// Writes `saga_instances` (`stuck_since`, `stuck_reason`). Not fenced: it
+/// touches neither fence nor lease, only the flag, which the owner's next
+/// progress clears (see [`write`]). Reads the `saga_instances_unprogressed`
+/// index: only sagas that may become stuck, never finished history.
+pub async fn flag_stuck(pool: &PgPool, stuck_after: Duration) -> anyhow::Result<Vec<Stuck>> {
+    let stuck_after = chrono::Duration::from_std(stuck_after).context("stuck after")?;
+    sqlx::query_as(
+        "UPDATE saga_instances SET stuck_since = now(),
+             stuck_reason = 'no progress since ' || to_char(progressed_at AT TIME ZONE 'UTC',
+                                                            'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+         WHERE state IN ('running', 'compensating') AND stuck_since IS NULL AND progressed_at < now() - $1
+         RETURNING saga_id, saga_type, business_key, correlation_id, progressed_at",
+    )
+    .bind(stuck_after)
+    .fetch_all(pool)
+    .await
+    .context("flagging stuck sagas")
+}
+
+/// How long until the next saga could become stuck (the least progressed
+/// of those not flagged), if any may. Reads only, from the
+/// `saga_instances_unprogressed` index.
+pub async fn next_stuck(pool: &PgPool, stuck_after: Duration) -> anyhow::Result<Option<Duration>> {
+    let stuck_after = chrono::Duration::from_std(stuck_after).context("stuck after")?;
+    let seconds: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(progressed_at) + $1 - now())::float8 FROM saga_instances
+         WHERE state IN ('running', 'compensating') AND stuck_since IS NULL",
+    )
+    .bind(stuck_after)
+    .fetch_one(pool)
+    .await
+    .context("finding the next saga that may become stuck")?;
+    Ok(seconds.map(|seconds| Duration::from_secs_f64(seconds.max(0.0))))
 }
 
 /// Where saga events go, in the caller's transaction.

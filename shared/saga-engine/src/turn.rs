@@ -23,12 +23,13 @@ use crate::store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
 pub(crate) enum Count {
     Finished(SagaState),
     CompensationStarted,
+    Paused,
     Overdue(&'static str),
     PastDeadline(&'static str, Kind),
 }
 
 /// The saga as it will be once this turn commits, and what changed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Turn {
     pub(crate) saga: SagaRecord,
     producer: &'static str,
@@ -37,6 +38,9 @@ pub(crate) struct Turn {
     /// The turn begins forward attempts: they must not begin if a
     /// compensation request was accepted since the saga was read.
     pub(crate) begins_forward: bool,
+    /// The turn begins attempts (forward or back): they must not begin if
+    /// a pause was requested since the saga was read.
+    pub(crate) begins_attempts: bool,
     /// The turn begins the pivot: from its commit on, the saga is
     /// forward-only.
     pub(crate) begins_pivot: bool,
@@ -44,6 +48,12 @@ pub(crate) struct Turn {
     pub(crate) clears_request: bool,
     /// The pivot was refused for certain: the saga may turn back.
     pub(crate) clears_forward_only: bool,
+    /// The turn paused the saga, as requested.
+    pub(crate) clears_pause_request: bool,
+    /// A step succeeded, or the saga changed state or position.
+    pub(crate) progressed: bool,
+    /// A step is past its deadline: the saga is stuck, for this reason.
+    pub(crate) flags_stuck: Option<String>,
     pub(crate) events: Vec<EventEnvelope>,
     pub(crate) counts: Vec<Count>,
 }
@@ -55,9 +65,13 @@ impl Turn {
             producer,
             dirty: Vec::new(),
             begins_forward: false,
+            begins_attempts: false,
             begins_pivot: false,
             clears_request: false,
             clears_forward_only: false,
+            clears_pause_request: false,
+            progressed: false,
+            flags_stuck: None,
             events: Vec::new(),
             counts: Vec::new(),
         }
@@ -68,9 +82,13 @@ impl Turn {
         self.dirty.clear();
         self.events.clear();
         self.begins_forward = false;
+        self.begins_attempts = false;
         self.begins_pivot = false;
         self.clears_request = false;
         self.clears_forward_only = false;
+        self.clears_pause_request = false;
+        self.progressed = false;
+        self.flags_stuck = None;
         std::mem::take(&mut self.counts)
     }
 
@@ -167,6 +185,7 @@ impl Turn {
                 record.finished_at = Some(now);
                 record.next_attempt_at = None;
                 record.outcome_unknown = false;
+                self.progressed = true;
                 let event = pb::SagaStepSucceeded {
                     saga_id: self.saga.instance.saga_id.to_string(),
                     step: step.name.to_owned(),
@@ -261,10 +280,41 @@ impl Turn {
             self.saga.instance.overdue_step = None;
             self.saga.instance.overdue_since = None;
         }
+        // Anything but a step giving up or running late moves the saga on.
+        if !matches!(
+            transition,
+            Transition::Overdue { .. } | Transition::StepFailed { .. }
+        ) {
+            self.progressed = true;
+        }
         match transition {
+            Transition::Pause => {
+                let instance = &mut self.saga.instance;
+                let resumes_to = instance.state;
+                instance.paused_from = Some(resumes_to);
+                instance.paused_at = Some(now);
+                instance.pause_requested_at = None;
+                instance.state = SagaState::Paused;
+                self.clears_pause_request = true;
+                self.counts.push(Count::Paused);
+                tracing::info!(
+                    saga = definition.name,
+                    resumes_to = resumes_to.as_str(),
+                    "saga paused by an operator"
+                );
+                self.emit(&pb::SagaPaused {
+                    saga_id,
+                    order_id,
+                    resumes_to: resumes_to.to_proto().into(),
+                });
+            }
             Transition::Overdue { step, since } => {
                 self.saga.instance.overdue_step = Some(step.to_owned());
                 self.saga.instance.overdue_since = Some(since);
+                self.flags_stuck = Some(format!(
+                    "step {step} is past its deadline (since {})",
+                    since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ));
                 self.counts.push(Count::Overdue(step));
                 tracing::error!(
                     saga = definition.name,

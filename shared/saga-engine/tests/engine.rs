@@ -1160,3 +1160,669 @@ mod money {
         }
     }
 }
+
+/// Operators' controls (pause, resume, terminate), stuck-saga detection and
+/// the search's indexes.
+mod operator {
+    use super::*;
+    use saga_engine::Termination;
+    use saga_engine::store::SagaFilter;
+    use tokio::sync::Semaphore;
+
+    /// An action that journals its call, then waits until the test lets it
+    /// finish: an attempt the test holds in flight.
+    struct Gate {
+        entry: &'static str,
+        journal: Journal,
+        open: Arc<Semaphore>,
+    }
+
+    impl Action for Gate {
+        fn run<'a>(
+            &'a self,
+            _: &'a StepContext,
+        ) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
+            self.journal
+                .lock()
+                .unwrap()
+                .push((self.entry.to_owned(), Instant::now()));
+            async move {
+                self.open.acquire().await.unwrap().forget();
+                Ok(serde_json::json!({ "done": true }))
+            }
+            .boxed()
+        }
+    }
+
+    /// Steps a (held at its gate until opened) then b.
+    fn gated(journal: &Journal, open: &Arc<Semaphore>) -> SagaDefinition {
+        let mut a = step("a", journal, vec![]);
+        a.action = Some(Arc::new(Gate {
+            entry: "a",
+            journal: journal.clone(),
+            open: open.clone(),
+        }));
+        a.attempt_timeout = Duration::from_secs(4);
+        a.deadline = Duration::from_secs(60);
+        SagaDefinition::sequence("test", vec![a, step("b", journal, vec![])])
+    }
+
+    async fn until_journal_has(journal: &Journal, entry: &str) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !entries(journal).iter().any(|e| e == entry) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{entry} never ran"));
+    }
+
+    /// Waits until `check` holds of the saga, and returns it.
+    async fn until(
+        pool: &PgPool,
+        saga_id: Uuid,
+        what: &str,
+        check: impl Fn(&saga_engine::SagaRecord) -> bool,
+    ) -> saga_engine::SagaRecord {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let saga = store::load(pool, saga_id).await.unwrap().unwrap();
+                if check(&saga) {
+                    return saga;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the saga never {what}"))
+    }
+
+    async fn request(
+        pool: &PgPool,
+        act: impl AsyncFnOnce(&mut sqlx::PgConnection) -> RequestOutcome,
+    ) -> RequestOutcome {
+        let mut tx = pool.begin().await.unwrap();
+        let outcome = act(&mut tx).await;
+        tx.commit().await.unwrap();
+        outcome
+    }
+
+    /// The saga events of `saga_id` in the outbox, by type name.
+    async fn published(pool: &PgPool, saga_id: Uuid) -> Vec<String> {
+        let payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT envelope FROM outbox ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        payloads
+            .iter()
+            .filter_map(|bytes| {
+                use prost::Message as _;
+                messaging::EventEnvelope::decode(bytes.as_slice()).ok()
+            })
+            .filter(|envelope| envelope.aggregate_id == saga_id.to_string())
+            .map(|envelope| envelope.event_type.rsplit('.').next().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pause_lets_the_attempt_in_flight_finish_then_nothing_runs_until_resumed_even_across_restarts()
+     {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let open = Arc::new(Semaphore::new(0));
+        let first = engine(&pool, gated(&journal, &open), "replica-1");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(first.clone().run(shutdown.clone()));
+        let saga_id = start(&first, "paused").await;
+        until_journal_has(&journal, "a").await;
+
+        // a is in flight: the pause is a request its replica takes between
+        // steps.
+        let outcome = request(&pool, async |tx| first.pause(tx, saga_id).await.unwrap()).await;
+        assert_eq!(outcome, RequestOutcome::Accepted);
+        let requested = store::load(&pool, saga_id).await.unwrap().unwrap();
+        assert_eq!(requested.instance.state, SagaState::Running);
+        assert!(requested.instance.pause_requested_at.is_some());
+        open.add_permits(1);
+        let paused = wait_for(&pool, saga_id, SagaState::Paused).await;
+        let a = paused.steps.iter().find(|s| s.step == "a").unwrap();
+        assert_eq!(
+            (a.status, a.attempts),
+            (StepStatus::Succeeded, 1),
+            "{paused:?}"
+        );
+        assert!(paused.steps.iter().all(|s| s.step != "b"), "{paused:?}");
+        assert_eq!(paused.instance.paused_from, Some(SagaState::Running));
+        assert_eq!(paused.instance.pause_requested_at, None);
+        assert_eq!(paused.instance.next_run_at, None, "no timer runs");
+        // Pausing again changes nothing; retrying or compensating-by-retry
+        // a paused saga is refused with its state.
+        let again = request(&pool, async |tx| first.pause(tx, saga_id).await.unwrap()).await;
+        assert_eq!(again, RequestOutcome::Accepted);
+        let retried = request(&pool, async |tx| first.retry(tx, saga_id).await.unwrap()).await;
+        assert_eq!(retried, RequestOutcome::NotApplicable(SagaState::Paused));
+
+        // Every replica restarts: the new one drives other sagas, not it.
+        shutdown.cancel();
+        running.await.unwrap();
+        let second = engine(&pool, gated(&journal, &open), "replica-2");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(second.clone().run(shutdown.clone()));
+        open.add_permits(1);
+        let canary = start(&second, "canary").await;
+        wait_for(&pool, canary, SagaState::Completed).await;
+        let still = store::load(&pool, saga_id).await.unwrap().unwrap();
+        assert_eq!(still.instance.state, SagaState::Paused);
+        assert_eq!(
+            entries(&journal).iter().filter(|e| *e == "b").count(),
+            1,
+            "only the canary's b ran"
+        );
+
+        let resumed = request(&pool, async |tx| second.resume(tx, saga_id).await.unwrap()).await;
+        assert_eq!(resumed, RequestOutcome::Accepted);
+        let done = wait_for(&pool, saga_id, SagaState::Completed).await;
+        assert_eq!(done.instance.paused_from, None);
+        assert_eq!(
+            entries(&journal).iter().filter(|e| *e == "a").count(),
+            2,
+            "a ran once for each saga: its outcome was kept across the pause"
+        );
+        // Resuming a saga that is not paused is refused with its state.
+        let refused = request(&pool, async |tx| second.resume(tx, saga_id).await.unwrap()).await;
+        assert_eq!(refused, RequestOutcome::NotApplicable(SagaState::Completed));
+        let refused = request(&pool, async |tx| second.pause(tx, saga_id).await.unwrap()).await;
+        assert_eq!(refused, RequestOutcome::NotApplicable(SagaState::Completed));
+        assert_eq!(
+            published(&pool, saga_id).await,
+            [
+                "SagaStarted",
+                "SagaStepSucceeded",
+                "SagaPaused",
+                "SagaResumed",
+                "SagaStepSucceeded",
+                "SagaCompleted"
+            ]
+        );
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_saga_nobody_drives_pauses_at_once_and_a_failed_or_final_one_is_refused() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let definition = SagaDefinition::sequence("test", vec![step("a", &journal, vec![])]);
+        let engine = engine(&pool, definition, "replica");
+        let saga_id = start(&engine, "idle").await;
+        let (fence, _) = fence_and_owner(&pool, saga_id).await;
+        let outcome = request(&pool, async |tx| engine.pause(tx, saga_id).await.unwrap()).await;
+        assert_eq!(outcome, RequestOutcome::Accepted);
+        let paused = store::load(&pool, saga_id).await.unwrap().unwrap();
+        assert_eq!(paused.instance.state, SagaState::Paused);
+        assert_eq!(paused.instance.next_run_at, None);
+        assert_eq!(
+            paused.instance.fence,
+            fence + 1,
+            "a stalled owner is fenced off"
+        );
+        // A customer's cancellation while paused is kept for when it resumes.
+        let cancelled = request(&pool, async |tx| {
+            engine
+                .request_compensation(tx, saga_id, "customer cancelled")
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_eq!(cancelled, RequestOutcome::Accepted);
+        let resumed = request(&pool, async |tx| engine.resume(tx, saga_id).await.unwrap()).await;
+        assert_eq!(resumed, RequestOutcome::Accepted);
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let saga = wait_for(&pool, saga_id, SagaState::Compensated).await;
+        assert_eq!(
+            saga.instance.failure_reason.as_deref(),
+            Some("customer cancelled")
+        );
+        assert!(
+            entries(&journal).is_empty(),
+            "nothing ran: it was called off first"
+        );
+
+        // A failed saga runs nothing: there is nothing to pause.
+        sqlx::query("UPDATE saga_instances SET state = 'failed' WHERE saga_id = $1")
+            .bind(saga_id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let refused = request(&pool, async |tx| engine.pause(tx, saga_id).await.unwrap()).await;
+        assert_eq!(refused, RequestOutcome::NotApplicable(SagaState::Failed));
+        let missing = request(&pool, async |tx| {
+            engine.pause(tx, Uuid::now_v7()).await.unwrap()
+        })
+        .await;
+        assert_eq!(missing, RequestOutcome::NotFound);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn terminate_leaves_no_effect_unacknowledged_and_cuts_off_the_attempt_in_flight() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let open = Arc::new(Semaphore::new(0));
+        let mut definition = gated(&journal, &open);
+        definition
+            .groups
+            .insert(0, vec![step("z", &journal, vec![])]);
+        let engine = engine(&pool, definition, "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let saga_id = start(&engine, "terminated").await;
+        until_journal_has(&journal, "a").await;
+
+        let terminate = async |acknowledge| {
+            let mut tx = pool.begin().await.unwrap();
+            let outcome = engine
+                .terminate(
+                    &mut tx,
+                    saga_id,
+                    "terminated by an operator: test",
+                    acknowledge,
+                )
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            outcome
+        };
+        // z succeeded and a is in flight: both may have taken effect.
+        assert_eq!(
+            terminate(false).await,
+            Termination::EffectsNotAcknowledged(vec!["z", "a"])
+        );
+        assert_eq!(
+            store::load(&pool, saga_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .instance
+                .state,
+            SagaState::Running,
+            "nothing was done"
+        );
+        assert_eq!(
+            terminate(true).await,
+            Termination::Terminated {
+                left_in_effect: vec!["z", "a"]
+            }
+        );
+        // a's attempt finishes, and its replica's write is fenced off.
+        open.add_permits(1);
+        let canary = start(&engine, "canary").await;
+        open.add_permits(1);
+        wait_for(&pool, canary, SagaState::Completed).await;
+        let saga = store::load(&pool, saga_id).await.unwrap().unwrap();
+        assert_eq!(saga.instance.state, SagaState::Terminated);
+        assert_eq!(
+            saga.instance.failure_reason.as_deref(),
+            Some("terminated by an operator: test")
+        );
+        assert_eq!(
+            saga.instance.left_in_effect,
+            Some(vec!["z".to_owned(), "a".to_owned()])
+        );
+        assert!(saga.instance.finished_at.is_some());
+        assert!(!saga.steps.iter().any(|s| s.step == "b" && s.attempts > 0));
+        assert!(
+            published(&pool, saga_id)
+                .await
+                .contains(&"SagaTerminated".to_owned())
+        );
+        assert_eq!(
+            terminate(true).await,
+            Termination::Refused(RequestOutcome::NotApplicable(SagaState::Terminated))
+        );
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn terminate_is_refused_once_the_pivot_may_have_taken_effect() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let lost = (0..1000)
+            .map(|_| StepError::Unknown("lost".into()))
+            .collect();
+        let engine = engine(&pool, pivoted(&journal, lost, vec![]), "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let saga_id = start(&engine, "pivoted").await;
+        until(&pool, saga_id, "passed its pivot", |saga| {
+            saga.instance.forward_only_since.is_some()
+        })
+        .await;
+        let mut tx = pool.begin().await.unwrap();
+        let outcome = engine
+            .terminate(&mut tx, saga_id, "operator", true)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert!(
+            matches!(
+                outcome,
+                Termination::Refused(RequestOutcome::ForwardOnly { pivot: "p", .. })
+            ),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            store::load(&pool, saga_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .instance
+                .state,
+            SagaState::Running
+        );
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_saga_without_progress_is_flagged_stuck_once_and_no_longer_once_it_moves_on() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let open = Arc::new(Semaphore::new(0));
+        let stuck_after = Duration::from_secs(1);
+        let engine = engine(&pool, gated(&journal, &open), "replica-1");
+        let other = self::engine(&pool, gated(&journal, &open), "replica-2");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        // Two replicas watch; the saga is flagged (and logged) by one.
+        let watchers = [
+            tokio::spawn(engine.clone().watch_stuck(stuck_after, shutdown.clone())),
+            tokio::spawn(other.clone().watch_stuck(stuck_after, shutdown.clone())),
+        ];
+        let saga_id = start(&engine, "stuck").await;
+        until_journal_has(&journal, "a").await;
+        let stuck = until(&pool, saga_id, "was flagged stuck", |saga| {
+            saga.instance.stuck_since.is_some()
+        })
+        .await;
+        let reason = stuck.instance.stuck_reason.clone().unwrap();
+        assert!(reason.starts_with("no progress since "), "{reason}");
+        assert!(
+            stuck.instance.stuck_since.unwrap() - stuck.instance.progressed_at
+                >= chrono::Duration::seconds(1)
+        );
+        assert!(
+            store::flag_stuck(&pool, stuck_after)
+                .await
+                .unwrap()
+                .is_empty(),
+            "flagged once"
+        );
+
+        // a finishes: the saga progressed, and is no longer stuck.
+        open.add_permits(1);
+        let done = wait_for(&pool, saga_id, SagaState::Completed).await;
+        assert_eq!(done.instance.stuck_since, None);
+        assert_eq!(done.instance.stuck_reason, None);
+        assert!(done.instance.progressed_at > stuck.instance.stuck_since.unwrap());
+
+        // A paused saga is never stuck, however long it waits.
+        let paused = start(&engine, "paused").await;
+        until(&pool, paused, "ran a", |saga| {
+            saga.steps.iter().any(|s| s.step == "a")
+        })
+        .await;
+        request(&pool, async |tx| engine.pause(tx, paused).await.unwrap()).await;
+        open.add_permits(1);
+        wait_for(&pool, paused, SagaState::Paused).await;
+        sqlx::query("UPDATE saga_instances SET progressed_at = now() - interval '1 hour' WHERE saga_id = $1")
+            .bind(paused)
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(
+            store::flag_stuck(&pool, stuck_after)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        shutdown.cancel();
+        running.await.unwrap();
+        for watcher in watchers {
+            watcher.await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_search_filter_is_served_by_an_index_over_many_finished_sagas() {
+        let pool = pool().await;
+        // 50 000 finished sagas over two weeks, one in ten compensated with
+        // a reason, a thousand customers; and one stuck running saga.
+        sqlx::query(
+            "INSERT INTO saga_instances (saga_id, saga_type, business_key, state, data, correlation_id,
+                                         failure_reason, created_at, finished_at, progressed_at)
+             SELECT gen_random_uuid(), 'test', 'order-' || n,
+                    CASE WHEN n % 10 = 0 THEN 'compensated' ELSE 'completed' END,
+                    jsonb_build_object('customer_id', 'customer-' || (n % 1000)), 'flow-' || n,
+                    CASE WHEN n % 10 = 0 THEN 'process-payment: card_declined ' || (n % 7) END,
+                    now() - make_interval(secs => n * 24), now() - make_interval(secs => n * 24 - 2),
+                    now() - make_interval(secs => n * 24 - 2)
+             FROM generate_series(1, 50000) AS n",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO saga_instances (saga_id, saga_type, business_key, state, data, correlation_id,
+                                         stuck_since, stuck_reason)
+             VALUES (gen_random_uuid(), 'test', 'order-stuck', 'running', '{\"customer_id\": \"customer-7\"}',
+                     'flow-stuck', now(), 'no progress')",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE saga_instances")
+            .execute(&pool)
+            .await
+            .unwrap();
+
+        let now = chrono::Utc::now();
+        let hours = |h: i64| now - chrono::Duration::hours(h);
+        let filters: Vec<(&str, SagaFilter)> = vec![
+            ("nothing", SagaFilter::default()),
+            (
+                "state",
+                SagaFilter {
+                    states: vec![SagaState::Compensated],
+                    ..Default::default()
+                },
+            ),
+            (
+                "states",
+                SagaFilter {
+                    states: vec![SagaState::Running, SagaState::Failed],
+                    ..Default::default()
+                },
+            ),
+            (
+                "type",
+                SagaFilter {
+                    saga_type: Some("test".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "created",
+                SagaFilter {
+                    created_after: Some(hours(3)),
+                    created_before: Some(hours(2)),
+                    ..Default::default()
+                },
+            ),
+            (
+                "finished",
+                SagaFilter {
+                    finished_after: Some(hours(3)),
+                    finished_before: Some(hours(2)),
+                    ..Default::default()
+                },
+            ),
+            (
+                "failure",
+                SagaFilter {
+                    failure_reason_contains: Some("DECLINED 3".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "order",
+                SagaFilter {
+                    business_key: Some("order-42".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "customer",
+                SagaFilter {
+                    customer_id: Some("customer-7".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "stuck",
+                SagaFilter {
+                    stuck_only: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                "state and created",
+                SagaFilter {
+                    states: vec![SagaState::Compensated],
+                    created_after: Some(hours(48)),
+                    ..Default::default()
+                },
+            ),
+            (
+                "failure and finished",
+                SagaFilter {
+                    failure_reason_contains: Some("card_declined".into()),
+                    finished_after: Some(hours(24)),
+                    ..Default::default()
+                },
+            ),
+            (
+                "customer and state",
+                SagaFilter {
+                    customer_id: Some("customer-7".into()),
+                    states: vec![SagaState::Completed],
+                    ..Default::default()
+                },
+            ),
+            (
+                "type, state and stuck",
+                SagaFilter {
+                    saga_type: Some("test".into()),
+                    states: vec![SagaState::Running],
+                    stuck_only: true,
+                    ..Default::default()
+                },
+            ),
+        ];
+        let cursor = store::ListCursor {
+            created_at: hours(100),
+            saga_id: Uuid::max(),
+        };
+        // The selective filters read their own index; every other plan at
+        // least reads one, in page order, and stops at a page.
+        let own_index = |name: &str| match name {
+            "state" => Some("saga_instances_by_state"),
+            "created" => Some("saga_instances_by_created"),
+            "finished" => Some("saga_instances_finished"),
+            "order" => Some("saga_instances_by_key"),
+            "customer" | "customer and state" => Some("saga_instances_by_customer"),
+            "stuck" => Some("saga_instances_stuck"),
+            _ => None,
+        };
+        for (name, filter) in &filters {
+            for page in [None, Some(cursor)] {
+                let plan = store::explain_search(&pool, filter, page, 21)
+                    .await
+                    .unwrap();
+                assert!(
+                    !plan.contains("Seq Scan"),
+                    "{name} (page {page:?}) scans the table:\n{plan}"
+                );
+                if let Some(index) = own_index(name) {
+                    assert!(
+                        plan.contains(index),
+                        "{name} (page {page:?}) does not read {index}:\n{plan}"
+                    );
+                }
+            }
+        }
+
+        // What they find, and pages that follow on.
+        let customer = SagaFilter {
+            customer_id: Some("customer-7".into()),
+            ..Default::default()
+        };
+        let first = store::search(&pool, &customer, None, 30).await.unwrap();
+        assert_eq!(first.len(), 30);
+        assert_eq!(first[0].business_key, "order-stuck", "newest first");
+        let last = first.last().unwrap();
+        let next = store::search(
+            &pool,
+            &customer,
+            Some(store::ListCursor {
+                created_at: last.created_at,
+                saga_id: last.saga_id,
+            }),
+            100,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            first.len() + next.len(),
+            51,
+            "50 finished and the stuck one"
+        );
+        assert!(next.iter().all(|s| s.created_at < last.created_at));
+        let failure = SagaFilter {
+            failure_reason_contains: Some("DECLINED 3".into()),
+            ..Default::default()
+        };
+        let found = store::search(&pool, &failure, None, 1000).await.unwrap();
+        assert_eq!(
+            found.len(),
+            (1..=5000).filter(|k| (10 * k) % 7 == 3).count()
+        );
+        assert!(found.iter().all(|s| {
+            s.failure_reason
+                .as_deref()
+                .unwrap()
+                .ends_with("card_declined 3")
+        }));
+        let literal = SagaFilter {
+            failure_reason_contains: Some("100%".into()),
+            ..Default::default()
+        };
+        assert!(
+            store::search(&pool, &literal, None, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "% is a character"
+        );
+        let stuck = SagaFilter {
+            stuck_only: true,
+            ..Default::default()
+        };
+        let stuck = store::search(&pool, &stuck, None, 10).await.unwrap();
+        assert_eq!(stuck.len(), 1);
+        assert_eq!(stuck[0].business_key, "order-stuck");
+    }
+}
