@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use access_control::Scope;
 use anyhow::{Context as _, bail};
 use api_auth::v1::auth_service_client::AuthServiceClient;
 use api_auth::v1::{LoginRequest, RegisterRequest};
@@ -13,6 +14,7 @@ use api_order::v1::order_service_client::OrderServiceClient;
 use api_payment::v1::payment_service_client::PaymentServiceClient;
 use api_saga::v1::saga_service_client::SagaServiceClient;
 use api_trace::v1::trace_service_client::TraceServiceClient;
+use auth_service::ServiceClients;
 use dev_stack::{FaultProxy, ServiceProcess, ServingStatus, TopicReader};
 
 use testkit::grpc::channel;
@@ -66,6 +68,10 @@ pub const ADMIN_PASSWORD: &str = "ordersaga-admin-password";
 /// The orchestrator's client credentials.
 pub const SAGA_CLIENT_ID: &str = "saga-orchestrator";
 pub const SAGA_CLIENT_SECRET: &str = "saga-orchestrator-test-secret";
+/// A client of the tests' own, granted every scope, from which a test asks
+/// for a token of exactly the scopes it means to try.
+pub const TEST_CLIENT_ID: &str = "e2e-tests";
+pub const TEST_CLIENT_SECRET: &str = "e2e-tests-client-secret";
 /// The password of every customer the tests register.
 pub const CUSTOMER_PASSWORD: &str = "correct horse battery staple";
 
@@ -261,7 +267,8 @@ impl Stack {
         self.login(email, CUSTOMER_PASSWORD).await
     }
 
-    /// A token with role `service`, as the orchestrator gets it.
+    /// A token with role `service` and the orchestrator's scopes, as the
+    /// orchestrator gets it.
     pub async fn service_token(&self) -> anyhow::Result<String> {
         let token = self
             .auth()
@@ -269,9 +276,31 @@ impl Stack {
             .issue_service_token(api_auth::v1::IssueServiceTokenRequest {
                 client_id: SAGA_CLIENT_ID.to_owned(),
                 client_secret: SAGA_CLIENT_SECRET.to_owned(),
+                scope: String::new(),
             })
             .await?
             .into_inner();
+        Ok(token.access_token)
+    }
+
+    /// A token with role `service` carrying exactly `scopes` (at least one).
+    pub async fn service_token_with(
+        &self,
+        scopes: impl IntoIterator<Item = Scope>,
+    ) -> anyhow::Result<String> {
+        let scope: access_control::Scopes = scopes.into_iter().collect();
+        anyhow::ensure!(!scope.is_empty(), "an empty scope asks for every scope");
+        let token = self
+            .auth()
+            .await
+            .issue_service_token(api_auth::v1::IssueServiceTokenRequest {
+                client_id: TEST_CLIENT_ID.to_owned(),
+                client_secret: TEST_CLIENT_SECRET.to_owned(),
+                scope: scope.to_string(),
+            })
+            .await?
+            .into_inner();
+        anyhow::ensure!(token.scope == scope.to_string(), "issued {:?}", token.scope);
         Ok(token.access_token)
     }
 
@@ -368,7 +397,8 @@ impl Stack {
 }
 
 /// What `binary` needs beyond its database and broker: for auth, the admin
-/// and the orchestrator's client credentials; for the others, where auth
+/// and the client credentials (the orchestrator's, with the scopes it
+/// asks for, and the tests' own); for the others, where auth
 /// is; for the orchestrator, also where its steps go. `url_of` gives the
 /// URL of a peer service by name.
 pub fn peer_env(binary: &str, url_of: impl Fn(&str) -> String) -> Vec<(String, String)> {
@@ -376,10 +406,15 @@ pub fn peer_env(binary: &str, url_of: impl Fn(&str) -> String) -> Vec<(String, S
     if binary == auth_service::NAME {
         env.push(("AUTH_ADMIN_EMAIL", ADMIN_EMAIL.into()));
         env.push(("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD.into()));
-        env.push((
-            "AUTH_SERVICE_CLIENTS",
-            format!("{SAGA_CLIENT_ID}={SAGA_CLIENT_SECRET}"),
-        ));
+        let clients = [
+            ServiceClients::entry(
+                SAGA_CLIENT_ID,
+                SAGA_CLIENT_SECRET,
+                saga_orchestrator::SCOPES,
+            ),
+            ServiceClients::entry(TEST_CLIENT_ID, TEST_CLIENT_SECRET, Scope::ALL),
+        ];
+        env.push(("AUTH_SERVICE_CLIENTS", clients.join(",")));
     } else {
         env.push(("AUTH_URL", url_of(auth_service::NAME)));
     }

@@ -361,7 +361,11 @@ fn service_env(binary: &str) -> Vec<(&'static str, String)> {
             ("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD.to_owned()),
             (
                 "AUTH_SERVICE_CLIENTS",
-                format!("{SAGA_CLIENT}={SAGA_SECRET}"),
+                auth_service::ServiceClients::entry(
+                    SAGA_CLIENT,
+                    SAGA_SECRET,
+                    saga_orchestrator::SCOPES,
+                ),
             ),
         ],
         saga_orchestrator::NAME => vec![

@@ -1,15 +1,25 @@
 //! Tokens issued by the auth service, verified by another service (the
 //! order service), with the real binaries: forgeries, expiry, audience and
 //! issuer, algorithm confusion, key rotation, the auth service going away,
-//! and roles.
+//! roles, and the scopes of service tokens.
 
+use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use access_control::{Scope, Scopes};
 use api_auth::v1::{GetPublicKeysRequest, IssueServiceTokenRequest, RotateSigningKeyRequest};
-use api_order::v1::{ConfirmOrderRequest, GetOrderRequest};
+use api_common::v1::Money;
+use api_order::v1::{
+    AbortOrderRequest, ConfirmOrderRequest, GetOrderRequest, OrderStatus, RejectOrderRequest,
+};
+use api_payment::v1::refund_payment_request::Target;
+use api_payment::v1::{
+    GetPaymentRequest, ListPaymentsByOrderRequest, PaymentStatus, ProcessPaymentRequest,
+    RefundPaymentRequest,
+};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use e2e::{SAGA_CLIENT_ID, SAGA_CLIENT_SECRET, Stack};
+use e2e::{SAGA_CLIENT_ID, SAGA_CLIENT_SECRET, Stack, order_request};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use testkit::grpc::bearer;
 use tonic::Code;
@@ -209,6 +219,7 @@ async fn each_rpc_admits_only_the_roles_its_policy_names() {
         .issue_service_token(IssueServiceTokenRequest {
             client_id: SAGA_CLIENT_ID.into(),
             client_secret: SAGA_CLIENT_SECRET.into(),
+            scope: String::new(),
         })
         .await
         .unwrap()
@@ -347,5 +358,302 @@ async fn the_order_service_keeps_verifying_while_the_auth_service_is_down() {
     assert_eq!(
         get_order_with(&stack, "still.not.valid").await,
         Code::Unauthenticated
+    );
+}
+
+/// Service tokens to try an internal RPC with, each with the scopes it
+/// carries.
+struct ServiceTokens(Vec<(String, Scopes, String)>);
+
+impl ServiceTokens {
+    /// One token per scope; the orchestrator's own; and a service token
+    /// without a `scope` claim, as the auth service signed them before
+    /// scopes existed (signed here with the stolen key, since auth no
+    /// longer issues one).
+    async fn of(stack: &Stack) -> Self {
+        let mut tokens = Vec::new();
+        for scope in Scope::ALL {
+            tokens.push((
+                format!("a token of only {scope}"),
+                [scope].into_iter().collect(),
+                stack.service_token_with([scope]).await.unwrap(),
+            ));
+        }
+        tokens.push((
+            "the orchestrator's token".to_owned(),
+            saga_orchestrator::SCOPES.into_iter().collect(),
+            stack.service_token().await.unwrap(),
+        ));
+        let (kid, key) = stolen_signing_key(stack).await;
+        let mut unscoped = claims(SAGA_CLIENT_ID, "ordersaga-auth", "ordersaga", now() + 600);
+        unscoped["role"] = "service".into();
+        tokens.push((
+            "a service token without scopes".to_owned(),
+            Scopes::default(),
+            sign(&kid, &key, &unscoped),
+        ));
+        Self(tokens)
+    }
+
+    /// The token of exactly `scope`.
+    fn only(&self, scope: Scope) -> &str {
+        let only: Scopes = [scope].into_iter().collect();
+        self.0
+            .iter()
+            .find(|(_, scopes, _)| *scopes == only)
+            .map(|(_, _, token)| token.as_str())
+            .unwrap()
+    }
+
+    /// Every token that lacks `scope`.
+    fn without(&self, scope: Scope) -> impl Iterator<Item = (&str, &str)> {
+        self.0
+            .iter()
+            .filter(move |(_, scopes, _)| !scopes.contains(scope))
+            .map(|(name, _, token)| (name.as_str(), token.as_str()))
+    }
+}
+
+/// Everything an internal RPC could change, read as the superuser: the
+/// event store, payments and their states, claims, and what the simulated
+/// provider was asked (outboxes are left out: the relay empties them).
+async fn writes(stack: &Stack) -> Vec<i64> {
+    let pool = stack.scenario.inspect().await.unwrap();
+    let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders.events),
+                (SELECT count(*) FROM payments.payments),
+                (SELECT count(*) FROM payments.payments WHERE status <> 'captured'),
+                (SELECT count(*) FROM payments.charge_claims),
+                (SELECT coalesce(sum(attempts), 0)::bigint FROM payments.simulated_provider_charges),
+                (SELECT count(*) FROM payments.simulated_provider_charges WHERE voided_at IS NOT NULL)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    vec![row.0, row.1, row.2, row.3, row.4, row.5]
+}
+
+/// Calls an internal RPC with every token that lacks `scope`, each of which
+/// must get PERMISSION_DENIED naming the scope and change nothing; then
+/// with the token of `scope` alone, whose answer it returns.
+async fn requires<T, F, Fut>(
+    stack: &Stack,
+    tokens: &ServiceTokens,
+    scope: Scope,
+    call: F,
+) -> Result<T, tonic::Status>
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let before = writes(stack).await;
+    let mut refused = 0;
+    for (name, token) in tokens.without(scope) {
+        let status = call(token.to_owned())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{name} was let through where {scope} is required"));
+        assert_eq!(status.code(), Code::PermissionDenied, "{name}: {status:?}");
+        assert!(
+            status.message().contains(scope.as_str()),
+            "{name}: the refusal names the missing scope: {status:?}"
+        );
+        refused += 1;
+    }
+    assert!(refused >= Scope::ALL.len(), "tried {refused} wrong tokens");
+    assert_eq!(
+        writes(stack).await,
+        before,
+        "the refused calls needing {scope} changed nothing"
+    );
+    call(tokens.only(scope).to_owned())
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn each_internal_rpc_requires_its_scope_and_without_it_writes_nothing() {
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
+    let stack = &stack;
+    let customer = stack.customer_token("margaret@example.com").await.unwrap();
+    let tokens = ServiceTokens::of(stack).await;
+    let mut placed = Vec::new();
+    for key in ["to-confirm", "to-reject", "to-abort"] {
+        let order = stack
+            .orders()
+            .await
+            .create_order(bearer(order_request(key, "tok_visa"), &customer))
+            .await
+            .unwrap()
+            .into_inner();
+        placed.push(order);
+    }
+    let [to_confirm, to_reject, to_abort] = &placed[..] else {
+        unreachable!()
+    };
+
+    // The finding: a token that may only read cannot charge anyone.
+    let charge = ProcessPaymentRequest {
+        order_id: to_confirm.order_id.clone(),
+        customer_id: to_confirm.customer_id.clone(),
+        amount: Some(Money {
+            amount_minor: 2799,
+            currency: "EUR".into(),
+        }),
+        payment_method_token: "tok_visa".into(),
+        idempotency_key: "a-fresh-key-each-time".into(),
+    };
+    let read_only = stack
+        .payments()
+        .await
+        .process_payment(bearer(charge.clone(), tokens.only(Scope::PaymentsRead)))
+        .await
+        .unwrap_err();
+    assert_eq!(read_only.code(), Code::PermissionDenied);
+    assert!(
+        read_only.message().contains("payments:charge"),
+        "{read_only:?}"
+    );
+
+    let captured = requires(stack, &tokens, Scope::PaymentsCharge, |token| {
+        let request = bearer(charge.clone(), &token);
+        async move { stack.payments().await.process_payment(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(captured.status(), PaymentStatus::Captured);
+
+    let got = requires(stack, &tokens, Scope::PaymentsRead, |token| {
+        let request = bearer(
+            GetPaymentRequest {
+                payment_id: captured.payment_id.clone(),
+            },
+            &token,
+        );
+        async move { stack.payments().await.get_payment(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, captured);
+    let listed = requires(stack, &tokens, Scope::PaymentsRead, |token| {
+        let request = bearer(
+            ListPaymentsByOrderRequest {
+                order_id: to_confirm.order_id.clone(),
+            },
+            &token,
+        );
+        async move { stack.payments().await.list_payments_by_order(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed.payments, vec![captured.clone()]);
+
+    let refunded = requires(stack, &tokens, Scope::PaymentsRefund, |token| {
+        let request = bearer(
+            RefundPaymentRequest {
+                target: Some(Target::PaymentId(captured.payment_id.clone())),
+                idempotency_key: "refund-once".into(),
+                reason: "order cancelled".into(),
+            },
+            &token,
+        );
+        async move { stack.payments().await.refund_payment(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(refunded.status(), PaymentStatus::Refunded);
+
+    let confirmed = requires(stack, &tokens, Scope::OrdersSettle, |token| {
+        let request = bearer(
+            ConfirmOrderRequest {
+                order_id: to_confirm.order_id.clone(),
+                payment_id: captured.payment_id.clone(),
+            },
+            &token,
+        );
+        async move { stack.orders().await.confirm_order(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(confirmed.status(), OrderStatus::Confirmed);
+
+    let rejected = requires(stack, &tokens, Scope::OrdersSettle, |token| {
+        let request = bearer(
+            RejectOrderRequest {
+                order_id: to_reject.order_id.clone(),
+                reason: "card_declined".into(),
+            },
+            &token,
+        );
+        async move { stack.orders().await.reject_order(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(rejected.status(), OrderStatus::Rejected);
+
+    let aborted = requires(stack, &tokens, Scope::OrdersSettle, |token| {
+        let request = bearer(
+            AbortOrderRequest {
+                order_id: to_abort.order_id.clone(),
+                reason: "called off".into(),
+            },
+            &token,
+        );
+        async move { stack.orders().await.abort_order(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(aborted.status(), OrderStatus::Cancelled);
+
+    // A customer still reads their own payments, without any scope.
+    let own = stack
+        .payments()
+        .await
+        .list_payments_by_order(bearer(
+            ListPaymentsByOrderRequest {
+                order_id: to_confirm.order_id.clone(),
+            },
+            &customer,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(own.payments.len(), 1);
+}
+
+#[tokio::test]
+async fn a_client_gets_no_token_for_a_scope_it_was_not_granted() {
+    let stack = Stack::builder().without_sagas().start().await.unwrap();
+    let mut auth = stack.auth().await;
+    let asked = auth
+        .issue_service_token(IssueServiceTokenRequest {
+            client_id: SAGA_CLIENT_ID.into(),
+            client_secret: SAGA_CLIENT_SECRET.into(),
+            scope: "payments:charge payments:read".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(asked.code(), Code::PermissionDenied);
+    assert!(asked.message().contains("payments:read"), "{asked:?}");
+
+    // What the orchestrator is granted, and asks for, is what its saga calls.
+    let own = auth
+        .issue_service_token(IssueServiceTokenRequest {
+            client_id: SAGA_CLIENT_ID.into(),
+            client_secret: SAGA_CLIENT_SECRET.into(),
+            scope: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let granted: Scopes = saga_orchestrator::SCOPES.into_iter().collect();
+    assert_eq!(own.scope, granted.to_string());
+    let payload = own.access_token.split('.').nth(1).unwrap();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    assert_eq!(
+        claims["scope"],
+        "payments:charge payments:refund orders:settle"
     );
 }

@@ -427,6 +427,10 @@ async fn a_capture_whose_answer_was_lost_is_found_by_its_key_and_refunded() {
     );
 
     // Our ledger agrees with the provider: captured, refunded, net 0.
+    let read_token = stack
+        .service_token_with([access_control::Scope::PaymentsRead])
+        .await
+        .unwrap();
     let listed = stack
         .payments()
         .await
@@ -434,7 +438,7 @@ async fn a_capture_whose_answer_was_lost_is_found_by_its_key_and_refunded() {
             ListPaymentsByOrderRequest {
                 order_id: lost.order_id.clone(),
             },
-            &p.service,
+            &read_token,
         ))
         .await
         .unwrap()

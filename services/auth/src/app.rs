@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use access_control::{Role, TokenSettings};
+use access_control::{Role, Scopes, TokenSettings};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use messaging::Topics;
@@ -110,6 +110,9 @@ pub(crate) enum RefreshError {
 pub(crate) enum ClientCredentialsError {
     #[error("invalid client credentials")]
     InvalidCredentials,
+    /// The client asked for scopes it was not granted (they are listed).
+    #[error("the client is not granted {0}")]
+    ScopesNotGranted(Scopes),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -465,15 +468,28 @@ impl Auth {
         Ok(())
     }
 
-    /// Client-credentials grant: a token with role `service`.
+    /// Client-credentials grant: a token with role `service` carrying the
+    /// client's scopes, or the subset `requested` of them.
     pub(crate) async fn issue_service_token(
         &self,
         client_id: &str,
         secret: &str,
+        requested: Option<&Scopes>,
     ) -> Result<AccessToken, ClientCredentialsError> {
-        if !self.policy.service_clients.verify(client_id, secret) {
-            return Err(ClientCredentialsError::InvalidCredentials);
-        }
+        let granted = self
+            .policy
+            .service_clients
+            .authenticate(client_id, secret)
+            .ok_or(ClientCredentialsError::InvalidCredentials)?;
+        let scope = match requested {
+            None => granted.clone(),
+            Some(requested) if requested.is_subset(granted) => requested.clone(),
+            Some(requested) => {
+                return Err(ClientCredentialsError::ScopesNotGranted(
+                    requested.missing_from(granted).collect(),
+                ));
+            }
+        };
         let mut conn = self
             .pool
             .acquire()
@@ -485,6 +501,7 @@ impl Auth {
             &self.policy.tokens,
             client_id,
             Role::Service,
+            scope,
             self.policy.service_token_ttl,
         )?)
     }
@@ -562,6 +579,7 @@ impl Auth {
             &self.policy.tokens,
             &user_id.to_string(),
             role,
+            Scopes::default(),
             self.policy.access_token_ttl,
         )?;
         Ok(TokenPair {

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use access_control::Scopes;
 use api_auth::v1::auth_service_server::AuthService;
 use api_auth::v1::set_password_request::User;
 use api_auth::v1::{
@@ -172,14 +173,26 @@ impl AuthService for AuthApi {
                 violations.text(field, value, MAX_CREDENTIAL_CHARS);
             }
         }
+        // Empty asks for every granted scope.
+        let requested = match violations.text("scope", &request.scope, MAX_CREDENTIAL_CHARS) {
+            Some(names) if !names.trim().is_empty() => Scopes::parse(names)
+                .map_err(|error| violations.add("scope", error.to_string()))
+                .ok(),
+            _ => None,
+        };
         violations.into_result()?;
         let token = self
             .auth
-            .issue_service_token(&request.client_id, &request.client_secret)
+            .issue_service_token(
+                &request.client_id,
+                &request.client_secret,
+                requested.as_ref(),
+            )
             .await?;
         Ok(Response::new(ServiceToken {
             access_token: token.token,
             expires_at: Some(token.expires_at.into()),
+            scope: token.scope.to_string(),
         }))
     }
 
@@ -280,6 +293,11 @@ impl From<ClientCredentialsError> for Status {
         match error {
             ClientCredentialsError::InvalidCredentials => {
                 Status::unauthenticated("invalid client credentials")
+            }
+            // Names the scopes asked for beyond the grant, only to a
+            // caller whose credentials were right.
+            ClientCredentialsError::ScopesNotGranted(_) => {
+                Status::permission_denied(error.to_string())
             }
             ClientCredentialsError::Unexpected(error) => status::internal(&error),
         }

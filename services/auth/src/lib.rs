@@ -123,8 +123,10 @@ pub struct AuthServiceSettings {
     )]
     pub admin_password: Option<String>,
 
-    /// Service clients allowed the client-credentials grant, as
-    /// `id=secret,id=secret` (secrets of at least 16 bytes).
+    /// Service clients allowed the client-credentials grant, with the
+    /// scopes each is granted: `id=secret scope scope, id=secret scope`
+    /// (secrets of at least 16 bytes; an unknown scope is refused with the
+    /// list of known ones, which the README explains).
     #[arg(long = "auth-service-clients", env = "AUTH_SERVICE_CLIENTS", default_value = "", hide_env_values = true,
           hide_default_value = true, value_parser = ServiceClients::parse)]
     pub service_clients: ServiceClients,

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use access_control::{Claims, Role, TokenSettings};
+use access_control::{Claims, Role, Scopes, TokenSettings};
 use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,14 +16,18 @@ use crate::keys::SigningKey;
 pub(crate) struct AccessToken {
     pub(crate) token: String,
     pub(crate) expires_at: SystemTime,
+    /// What the token's `scope` claim grants (nothing, for a user).
+    pub(crate) scope: Scopes,
 }
 
-/// Signs an access token for `subject` with `role`, valid for `ttl`.
+/// Signs an access token for `subject` with `role` (and, for a service,
+/// its `scope`), valid for `ttl`.
 pub(crate) fn sign(
     key: &SigningKey,
     settings: &TokenSettings,
     subject: &str,
     role: Role,
+    scope: Scopes,
     ttl: Duration,
 ) -> anyhow::Result<AccessToken> {
     let now = SystemTime::now();
@@ -36,12 +40,17 @@ pub(crate) fn sign(
         iss: settings.issuer.clone(),
         aud: settings.audience.clone(),
         jti: uuid::Uuid::new_v4().to_string(),
+        scope: scope.clone(),
     };
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(key.kid.clone());
     let token =
         jsonwebtoken::encode(&header, &claims, &key.encoding).context("signing an access token")?;
-    Ok(AccessToken { token, expires_at })
+    Ok(AccessToken {
+        token,
+        expires_at,
+        scope,
+    })
 }
 
 fn unix_seconds(time: SystemTime) -> i64 {

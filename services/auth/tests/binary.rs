@@ -37,3 +37,25 @@ fn a_bad_setting_stops_it_naming_the_setting() {
 fn help_lists_the_settings() {
     contract::help_lists_the_settings(BINARY).unwrap();
 }
+
+#[test]
+fn an_unknown_scope_stops_it_naming_the_setting_and_the_scope_but_not_the_secret() {
+    let output = std::process::Command::new(BINARY.path)
+        .env_clear()
+        .env("DATABASE_URL", "postgres://x@localhost/db")
+        .env(
+            "AUTH_SERVICE_CLIENTS",
+            "saga-orchestrator=a-long-random-client-secret payments:charge payments:chrage",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("AUTH_SERVICE_CLIENTS"), "{stderr}");
+    assert!(stderr.contains("\"payments:chrage\""), "{stderr}");
+    assert!(
+        stderr.contains("payments:refund"),
+        "lists the scopes: {stderr}"
+    );
+    assert!(!stderr.contains("a-long-random"), "{stderr}");
+}

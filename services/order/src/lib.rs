@@ -16,7 +16,7 @@ mod read_model;
 
 use std::net::SocketAddr;
 
-use access_control::{Access, AuthLayer, AuthSettings, Policy, Verifier};
+use access_control::{Access, AuthLayer, AuthSettings, Policy, Scope, Verifier};
 use api_order::v1::order_service_server::OrderServiceServer;
 use database::{DatabaseSettings, MigrationSet, ServiceAccount};
 use messaging::KafkaSettings;
@@ -73,14 +73,15 @@ pub struct Settings {
 /// Who may call what on the order service.
 fn policy() -> Policy {
     const SERVICE: &str = "ordersaga.order.v1.OrderService";
+    let settle = Access::Service(Scope::OrdersSettle);
     Policy::new()
         .rpc(SERVICE, "CreateOrder", Access::User)
         .rpc(SERVICE, "GetOrder", Access::User)
         .rpc(SERVICE, "ListOrders", Access::User)
         .rpc(SERVICE, "CancelOrder", Access::User)
-        .rpc(SERVICE, "ConfirmOrder", Access::Service)
-        .rpc(SERVICE, "RejectOrder", Access::Service)
-        .rpc(SERVICE, "AbortOrder", Access::Service)
+        .rpc(SERVICE, "ConfirmOrder", settle)
+        .rpc(SERVICE, "RejectOrder", settle)
+        .rpc(SERVICE, "AbortOrder", settle)
         .rpc(SERVICE, "RebuildReadModel", Access::Admin)
 }
 

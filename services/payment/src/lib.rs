@@ -18,7 +18,7 @@ mod provider;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use access_control::{Access, AuthLayer, AuthSettings, Policy, Verifier};
+use access_control::{Access, AuthLayer, AuthSettings, Policy, Scope, Verifier};
 use api_payment::v1::payment_service_server::PaymentServiceServer;
 use database::{DatabaseSettings, MigrationSet, ServiceAccount};
 use messaging::KafkaSettings;
@@ -101,12 +101,15 @@ pub struct ProviderSettings {
 /// Who may call what on the payment service.
 fn policy() -> Policy {
     const SERVICE: &str = "ordersaga.payment.v1.PaymentService";
+    let charge = Access::Service(Scope::PaymentsCharge);
+    let refund = Access::Service(Scope::PaymentsRefund);
+    let read = Access::UserOrService(Scope::PaymentsRead);
     Policy::new()
-        .rpc(SERVICE, "ProcessPayment", Access::Service)
-        .rpc(SERVICE, "RefundPayment", Access::Service)
+        .rpc(SERVICE, "ProcessPayment", charge)
+        .rpc(SERVICE, "RefundPayment", refund)
         // Customers see their own payments; the handlers check ownership.
-        .rpc(SERVICE, "GetPayment", Access::Authenticated)
-        .rpc(SERVICE, "ListPaymentsByOrder", Access::Authenticated)
+        .rpc(SERVICE, "GetPayment", read)
+        .rpc(SERVICE, "ListPaymentsByOrder", read)
 }
 
 /// The service, built and bound, ready to run.

@@ -56,6 +56,7 @@ pub const CONSUMER_GROUP: &str = "saga-orchestrator";
 /// Every consumer group of the system (each has a dead-letter topic that
 /// deployment creates). Only the orchestrator consumes.
 pub const CONSUMER_GROUPS: &[&str] = &[CONSUMER_GROUP, trace_view::CONSUMER_GROUP];
+pub use order_saga::SCOPES;
 
 /// The role and schema to provision for this service.
 pub fn account(password: impl Into<String>) -> ServiceAccount {
@@ -218,6 +219,7 @@ impl Application {
         let token = Arc::new(ServiceTokenSource::new(
             &settings.auth.url,
             settings.credentials.clone(),
+            SCOPES.into_iter().collect(),
         )?);
         let downstreams = order_saga::Downstreams {
             orders: client::downstream(

@@ -26,6 +26,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use access_control::Scope;
 use api_order::v1::order_service_client::OrderServiceClient;
 use api_order::v1::{AbortOrderRequest, ConfirmOrderRequest, RejectOrderRequest};
 use api_payment::v1::payment_service_client::PaymentServiceClient;
@@ -40,6 +41,16 @@ use tonic::Code;
 
 /// The saga type name.
 pub const SAGA_TYPE: &str = "order-processing";
+
+/// The scopes of the calls below, which the orchestrator's service token
+/// asks for (its client must be granted them in `AUTH_SERVICE_CLIENTS`):
+/// ProcessPayment, RefundPayment, and ConfirmOrder, RejectOrder, AbortOrder.
+/// Nothing more: the saga never reads payments.
+pub const SCOPES: [Scope; 3] = [
+    Scope::PaymentsCharge,
+    Scope::PaymentsRefund,
+    Scope::OrdersSettle,
+];
 
 const PROCESS_PAYMENT: &str = "process-payment";
 /// The saga's pivot.

@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use crate::Scopes;
+
 /// What a caller may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -42,6 +44,11 @@ pub struct Claims {
     pub aud: String,
     /// Unique token id.
     pub jti: String,
+    /// What a service token may do, space separated (`payments:charge
+    /// orders:settle`). User tokens carry none: their role decides. A
+    /// service token without the claim opens no internal RPC.
+    #[serde(default, skip_serializing_if = "Scopes::is_empty")]
+    pub scope: Scopes,
 }
 
 impl Claims {

@@ -7,7 +7,7 @@ use tonic::Status;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{Claims, Role, Verifier, VerifyError};
+use crate::{Claims, Role, Scope, Verifier, VerifyError};
 
 /// Who may call an RPC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,24 +16,56 @@ pub enum Access {
     Public,
     /// A person: a customer or an admin (an admin acting on their own behalf).
     User,
-    /// Another service of the system (role `service`): internal RPCs.
-    Service,
+    /// Another service of the system (role `service`) whose token carries
+    /// the scope: internal RPCs.
+    Service(Scope),
     /// An operator (role `admin`).
     Admin,
-    /// A service or an admin: internal reads an operator may also make.
-    ServiceOrAdmin,
-    /// Any verified caller.
-    Authenticated,
+    /// A person, or a service with the scope: reads whose handlers show a
+    /// customer only their own.
+    UserOrService(Scope),
 }
 
 impl Access {
-    fn allows(self, role: Role) -> bool {
+    /// Whether a verified caller may make a call of this rule; the refusal
+    /// says why (the role, or the scope the token lacks).
+    pub fn admits(self, caller: &Claims) -> Result<(), Refusal> {
+        let scope = match (self, caller.role) {
+            (Self::Public, _)
+            | (Self::User | Self::UserOrService(_), Role::Customer | Role::Admin)
+            | (Self::Admin, Role::Admin) => return Ok(()),
+            (Self::Service(scope) | Self::UserOrService(scope), Role::Service) => scope,
+            // Whatever a rule does not name is refused.
+            _ => return Err(Refusal::Role(caller.role)),
+        };
+        if caller.scope.contains(scope) {
+            Ok(())
+        } else {
+            Err(Refusal::MissingScope(scope))
+        }
+    }
+}
+
+/// Why [`Access::admits`] refused a caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The rule is not for callers of this role.
+    Role(Role),
+    /// A service token without the scope the rule requires.
+    MissingScope(Scope),
+}
+
+impl Refusal {
+    /// PERMISSION_DENIED naming what was missing, so whoever configures the
+    /// client sees which scope to grant.
+    fn status(self, path: &str) -> Status {
         match self {
-            Self::Public | Self::Authenticated => true,
-            Self::User => matches!(role, Role::Customer | Role::Admin),
-            Self::Service => role == Role::Service,
-            Self::Admin => role == Role::Admin,
-            Self::ServiceOrAdmin => matches!(role, Role::Service | Role::Admin),
+            Self::Role(role) => {
+                Status::permission_denied(format!("role {role} may not call {path}"))
+            }
+            Self::MissingScope(scope) => Status::permission_denied(format!(
+                "the service token lacks scope {scope}, which {path} requires"
+            )),
         }
     }
 }
@@ -130,15 +162,13 @@ where
                     request.uri().path()
                 ))),
                 Some(access) => match authenticate(&verifier, request.headers()).await {
-                    Ok(claims) if access.allows(claims.role) => {
-                        request.extensions_mut().insert(claims);
-                        None
-                    }
-                    Ok(claims) => Some(Status::permission_denied(format!(
-                        "role {} may not call {}",
-                        claims.role,
-                        request.uri().path()
-                    ))),
+                    Ok(claims) => match access.admits(&claims) {
+                        Ok(()) => {
+                            request.extensions_mut().insert(claims);
+                            None
+                        }
+                        Err(refusal) => Some(refusal.status(request.uri().path())),
+                    },
                     Err(status) => Some(status),
                 },
             };
@@ -173,4 +203,121 @@ async fn authenticate(verifier: &Verifier, headers: &http::HeaderMap) -> Result<
             Status::unavailable("cannot verify tokens yet; retry shortly")
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Scopes;
+
+    fn caller(role: Role, scope: &str) -> Claims {
+        Claims {
+            sub: "caller".into(),
+            role,
+            iat: 0,
+            exp: 0,
+            iss: "ordersaga-auth".into(),
+            aud: "ordersaga".into(),
+            jti: "jti".into(),
+            scope: Scopes::parse(scope).unwrap(),
+        }
+    }
+
+    #[test]
+    fn an_internal_rpc_admits_only_a_service_with_its_scope() {
+        let charge = Access::Service(Scope::PaymentsCharge);
+        assert_eq!(
+            charge.admits(&caller(Role::Service, "payments:charge")),
+            Ok(())
+        );
+        assert_eq!(
+            charge.admits(&caller(Role::Service, "payments:read")),
+            Err(Refusal::MissingScope(Scope::PaymentsCharge)),
+            "a read scope does not charge"
+        );
+        assert_eq!(
+            charge.admits(&caller(Role::Service, "")),
+            Err(Refusal::MissingScope(Scope::PaymentsCharge)),
+            "a service token without scopes opens nothing"
+        );
+        // Scopes mean nothing on a person's token: the role decides.
+        for role in [Role::Customer, Role::Admin] {
+            assert_eq!(
+                charge.admits(&caller(role, "payments:charge")),
+                Err(Refusal::Role(role))
+            );
+        }
+    }
+
+    #[test]
+    fn a_shared_read_admits_people_and_services_with_the_read_scope() {
+        let read = Access::UserOrService(Scope::PaymentsRead);
+        assert_eq!(read.admits(&caller(Role::Customer, "")), Ok(()));
+        assert_eq!(read.admits(&caller(Role::Admin, "")), Ok(()));
+        assert_eq!(read.admits(&caller(Role::Service, "payments:read")), Ok(()));
+        assert_eq!(
+            read.admits(&caller(
+                Role::Service,
+                "payments:charge payments:refund orders:settle"
+            )),
+            Err(Refusal::MissingScope(Scope::PaymentsRead))
+        );
+    }
+
+    #[test]
+    fn user_and_admin_rules_ignore_scopes() {
+        let every_scope = Scope::ALL.map(Scope::as_str).join(" ");
+        assert_eq!(
+            Access::User.admits(&caller(Role::Service, &every_scope)),
+            Err(Refusal::Role(Role::Service))
+        );
+        assert_eq!(Access::User.admits(&caller(Role::Customer, "")), Ok(()));
+        assert_eq!(
+            Access::Admin.admits(&caller(Role::Customer, "")),
+            Err(Refusal::Role(Role::Customer))
+        );
+        assert_eq!(
+            Access::Admin.admits(&caller(Role::Service, &every_scope)),
+            Err(Refusal::Role(Role::Service))
+        );
+        assert_eq!(Access::Admin.admits(&caller(Role::Admin, "")), Ok(()));
+    }
+
+    #[test]
+    fn the_refusal_names_the_missing_scope() {
+        let status = Refusal::MissingScope(Scope::OrdersSettle)
+            .status("/ordersaga.order.v1.OrderService/ConfirmOrder");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(
+            status.message().contains("orders:settle"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("ConfirmOrder"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn an_rpc_without_a_rule_has_no_access() {
+        let policy = Policy::new().rpc(
+            "ordersaga.payment.v1.PaymentService",
+            "ProcessPayment",
+            Access::Service(Scope::PaymentsCharge),
+        );
+        assert_eq!(
+            policy.access("/ordersaga.payment.v1.PaymentService/ProcessPayment"),
+            Some(Access::Service(Scope::PaymentsCharge))
+        );
+        assert_eq!(
+            policy.access("/ordersaga.payment.v1.PaymentService/Other"),
+            None
+        );
+        assert_eq!(
+            policy.access("/grpc.health.v1.Health/Check"),
+            Some(Access::Public)
+        );
+    }
 }

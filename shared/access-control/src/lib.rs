@@ -11,10 +11,12 @@
 //! - [`Verifier`]: checks a token: algorithm pinned to EdDSA (so `alg:
 //!   none` and HS256-signed-with-the-public-key forgeries fail), signature,
 //!   `exp`, `iss`, `aud`.
+//! - [`Scope`]: the one list of what a service token can be granted; each
+//!   internal RPC requires one.
 //! - [`AuthLayer`] with a [`Policy`]: a tower layer in front of a service
-//!   that lets each RPC through only for the roles the policy names, and
-//!   puts the caller's [`Claims`] into the request extensions. Health and
-//!   reflection stay open.
+//!   that lets each RPC through only for the roles (and, for services, the
+//!   scope) the policy names, and puts the caller's [`Claims`] into the
+//!   request extensions. Health and reflection stay open.
 //! - [`ServiceTokenSource`] and [`BearerLayer`]: a service's own token
 //!   (client-credentials grant), renewed before it expires, attached to
 //!   outgoing calls.
@@ -22,13 +24,15 @@
 mod claims;
 mod keys;
 mod layer;
+mod scope;
 mod service_token;
 mod settings;
 mod verify;
 
 pub use claims::{Claims, Role};
 pub use keys::{KeyCache, KeySource, RemoteKeys, VerificationKey};
-pub use layer::{Access, AuthLayer, AuthService, Policy};
+pub use layer::{Access, AuthLayer, AuthService, Policy, Refusal};
+pub use scope::{Scope, Scopes, UnknownScope};
 pub use service_token::{BearerLayer, BearerService, ServiceTokenSource};
 pub use settings::{AuthSettings, ServiceCredentials, TokenSettings};
 pub use verify::{Verifier, VerifyError};

@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::ServiceCredentials;
+use crate::{Scopes, ServiceCredentials};
 
 struct Current {
     header: HeaderValue,
@@ -22,9 +22,16 @@ struct Current {
 /// A service's own access token (role `service`), obtained with its client
 /// credentials and renewed when three quarters of its life have passed.
 /// If renewal fails, the current token is used for as long as it is valid.
+///
+/// It asks for exactly the scopes the service calls with, not everything
+/// its client was granted: a leaked token opens no more than this service
+/// needs, and a client the operator granted too little fails to get a
+/// token with an error naming the missing scope, instead of every call
+/// failing later.
 pub struct ServiceTokenSource {
     client: AuthServiceClient<crate::AuthChannel>,
     credentials: ServiceCredentials,
+    scope: Scopes,
     current: Mutex<Option<Current>>,
 }
 
@@ -32,16 +39,28 @@ impl std::fmt::Debug for ServiceTokenSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServiceTokenSource")
             .field("client_id", &self.credentials.client_id)
+            .field("scope", &self.scope.to_string())
             .finish_non_exhaustive()
     }
 }
 
 impl ServiceTokenSource {
-    pub fn new(auth_url: &str, credentials: ServiceCredentials) -> anyhow::Result<Self> {
+    /// Tokens carrying `scope`, which must not be empty (an empty request
+    /// would ask for every scope the client was granted).
+    pub fn new(
+        auth_url: &str,
+        credentials: ServiceCredentials,
+        scope: Scopes,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !scope.is_empty(),
+            "a service token needs at least one scope"
+        );
         let channel = crate::auth_channel(auth_url)?;
         Ok(Self {
             client: AuthServiceClient::new(channel),
             credentials,
+            scope,
             current: Mutex::new(None),
         })
     }
@@ -79,9 +98,15 @@ impl ServiceTokenSource {
             .issue_service_token(IssueServiceTokenRequest {
                 client_id: self.credentials.client_id.clone(),
                 client_secret: self.credentials.client_secret.clone(),
+                scope: self.scope.to_string(),
             })
             .await
-            .context("obtaining a service token")?
+            .with_context(|| {
+                format!(
+                    "obtaining a service token with scope {:?}",
+                    self.scope.to_string()
+                )
+            })?
             .into_inner();
         let expires = issued
             .expires_at

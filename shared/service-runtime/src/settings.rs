@@ -130,32 +130,34 @@ where
 /// (what operators actually set), keeping clap's reason.
 fn describe(command: &clap::Command, error: clap::Error) -> LoadError {
     let setting_of = |flag: &str| {
-        let long = flag
-            .trim_start_matches("--")
-            .split([' ', '='])
-            .next()
-            .unwrap_or_default();
-        command
-            .get_arguments()
-            .find(|arg| arg.get_long() == Some(long))
-            .map(|arg| match arg.get_env() {
-                Some(env) => format!("{} (--{long})", env.to_string_lossy()),
-                None => format!("--{long}"),
+        argument(command, flag)
+            .and_then(|arg| {
+                let long = arg.get_long()?;
+                Some(match arg.get_env() {
+                    Some(env) => format!("{} (--{long})", env.to_string_lossy()),
+                    None => format!("--{long}"),
+                })
             })
             .unwrap_or_else(|| flag.to_owned())
     };
     match error.kind() {
         ErrorKind::InvalidValue | ErrorKind::ValueValidation => {
-            let setting = match error.get(ContextKind::InvalidArg) {
-                Some(ContextValue::String(flag)) => setting_of(flag),
-                _ => "a setting".to_owned(),
+            let flag = match error.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(flag)) => Some(flag.as_str()),
+                _ => None,
             };
+            let setting = flag.map_or_else(|| "a setting".to_owned(), setting_of);
+            let reason = std::error::Error::source(&error)
+                .map_or_else(|| "not an accepted value".to_owned(), ToString::to_string);
+            // A secret's value stays out of logs, whatever is wrong with it;
+            // its parser's reason must not quote it either.
+            if flag.is_some_and(|flag| is_secret(command, flag)) {
+                return LoadError::Invalid(format!("{setting} has an invalid value: {reason}"));
+            }
             let value = match error.get(ContextKind::InvalidValue) {
                 Some(ContextValue::String(value)) => value.clone(),
                 _ => String::new(),
             };
-            let reason = std::error::Error::source(&error)
-                .map_or_else(|| "not an accepted value".to_owned(), ToString::to_string);
             LoadError::Invalid(format!(
                 "{setting} has an invalid value {value:?}: {reason}"
             ))
@@ -172,6 +174,23 @@ fn describe(command: &clap::Command, error: clap::Error) -> LoadError {
         }
         _ => LoadError::Display(error),
     }
+}
+
+/// The argument clap's error names as `--flag <VALUE>` (or `--flag=...`).
+fn argument<'a>(command: &'a clap::Command, flag: &str) -> Option<&'a clap::Arg> {
+    let long = flag
+        .trim_start_matches("--")
+        .split([' ', '='])
+        .next()
+        .unwrap_or_default();
+    command
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))
+}
+
+/// Whether the setting of `flag` is a secret (`hide_env_values`).
+fn is_secret(command: &clap::Command, flag: &str) -> bool {
+    argument(command, flag).is_some_and(clap::Arg::is_hide_env_values_set)
 }
 
 #[cfg(test)]
@@ -238,6 +257,33 @@ mod tests {
             "0",
         ]);
         assert!(message.starts_with("HTTP_MAX_CONNECTIONS"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_secret_is_named_but_not_quoted() {
+        fn too_short(value: &str) -> Result<String, String> {
+            Err(format!("{} characters is too short", value.len()))
+        }
+        #[derive(Debug, clap::Parser)]
+        struct WithSecret {
+            #[command(flatten)]
+            _server: ServerSettings,
+            #[arg(long = "client-secret", env = "EXAMPLE_CLIENT_SECRET", hide_env_values = true,
+                  value_parser = too_short)]
+            _client_secret: String,
+        }
+        let error = try_load_from::<WithSecret, _, _>(
+            ["example", "--client-secret", "hunter2-but-longer"],
+            50099,
+        )
+        .unwrap_err();
+        let LoadError::Invalid(message) = error else {
+            panic!("expected an invalid setting, got {error:?}");
+        };
+        assert_eq!(
+            message,
+            "EXAMPLE_CLIENT_SECRET (--client-secret) has an invalid value: 18 characters is too short"
+        );
     }
 
     #[test]

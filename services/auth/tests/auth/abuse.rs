@@ -62,6 +62,7 @@ async fn measure(
             .issue_service_token(IssueServiceTokenRequest {
                 client_id: "saga-orchestrator".into(),
                 client_secret: SERVICE_SECRET.into(),
+                scope: String::new(),
             })
             .await
             .unwrap();

@@ -37,6 +37,7 @@ const BINARY: Binary = Binary {
 
 const PASSWORD: &str = "correct horse battery staple";
 const SERVICE_SECRET: &str = "a-long-random-client-secret";
+const READER_SECRET: &str = "another-long-client-secret";
 const ADMIN_EMAIL: &str = "root@ordersaga.test";
 const ADMIN_PASSWORD: &str = "root-password-for-tests";
 
@@ -52,7 +53,10 @@ async fn start(extra_env: &[(&str, &str)]) -> Auth {
         ("AUTH_ADMIN_EMAIL", ADMIN_EMAIL),
         ("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD),
     ];
-    let clients = format!("saga-orchestrator={SERVICE_SECRET}");
+    let clients = format!(
+        "saga-orchestrator={SERVICE_SECRET} payments:charge payments:refund orders:settle, \
+         reader={READER_SECRET} payments:read"
+    );
     env.push(("AUTH_SERVICE_CLIENTS", &clients));
     env.extend_from_slice(extra_env);
     let service = ServiceUnderTest::start(&scenario, BINARY, &env)
@@ -411,6 +415,7 @@ async fn service_clients_get_service_tokens_and_the_admin_is_bootstrapped() {
         .issue_service_token(IssueServiceTokenRequest {
             client_id: "saga-orchestrator".into(),
             client_secret: SERVICE_SECRET.into(),
+            scope: String::new(),
         })
         .await
         .unwrap()
@@ -418,11 +423,17 @@ async fn service_clients_get_service_tokens_and_the_admin_is_bootstrapped() {
     let service = claims(&token.access_token);
     assert_eq!(service["role"], "service");
     assert_eq!(service["sub"], "saga-orchestrator");
+    assert_eq!(
+        service["scope"], "payments:charge payments:refund orders:settle",
+        "every scope granted, when none is asked for"
+    );
+    assert_eq!(token.scope, "payments:charge payments:refund orders:settle");
 
     let wrong = client
         .issue_service_token(IssueServiceTokenRequest {
             client_id: "saga-orchestrator".into(),
             client_secret: "not-the-secret-at-all".into(),
+            scope: String::new(),
         })
         .await
         .unwrap_err();
@@ -454,4 +465,79 @@ async fn service_clients_get_service_tokens_and_the_admin_is_bootstrapped() {
     };
     assert_eq!(header["alg"], "EdDSA");
     assert_eq!(header["kid"], keys[0].kid.as_str());
+}
+
+#[tokio::test]
+async fn a_service_token_carries_its_clients_scopes_or_the_subset_asked_for() {
+    let Auth {
+        client, _service, ..
+    } = start(&[]).await;
+    let issue = |client_id: &str, client_secret: &str, scope: &str| {
+        let request = IssueServiceTokenRequest {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            scope: scope.into(),
+        };
+        let mut client = client.clone();
+        async move {
+            client
+                .issue_service_token(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+
+    let reader = issue("reader", READER_SECRET, "").await.unwrap();
+    assert_eq!(claims(&reader.access_token)["scope"], "payments:read");
+
+    // Asking for less: the token carries only that.
+    let charge_only = issue("saga-orchestrator", SERVICE_SECRET, "payments:charge")
+        .await
+        .unwrap();
+    assert_eq!(charge_only.scope, "payments:charge");
+    assert_eq!(
+        claims(&charge_only.access_token)["scope"],
+        "payments:charge"
+    );
+    let both = issue(
+        "saga-orchestrator",
+        SERVICE_SECRET,
+        " orders:settle  payments:refund",
+    )
+    .await
+    .unwrap();
+    assert_eq!(both.scope, "payments:refund orders:settle");
+
+    // Asking for more than was granted: refused, naming what is missing.
+    let more = issue(
+        "saga-orchestrator",
+        SERVICE_SECRET,
+        "payments:charge payments:read",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(more.code(), Code::PermissionDenied);
+    assert!(
+        more.message().contains("payments:read"),
+        "{}",
+        more.message()
+    );
+    assert!(
+        !more.message().contains("payments:charge"),
+        "{}",
+        more.message()
+    );
+
+    // An unknown name is a bad argument, naming the field.
+    let unknown = issue("reader", READER_SECRET, "payments:read payments:everything")
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&unknown), ["scope"], "{unknown:?}");
+
+    // Credentials come first: a wrong secret learns nothing about grants.
+    let wrong = issue("reader", SERVICE_SECRET, "orders:settle")
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
 }

@@ -40,6 +40,7 @@ async fn changing_ones_password_ends_every_session() {
         .issue_service_token(api_auth::v1::IssueServiceTokenRequest {
             client_id: "saga-orchestrator".into(),
             client_secret: SERVICE_SECRET.into(),
+            scope: String::new(),
         })
         .await
         .unwrap()

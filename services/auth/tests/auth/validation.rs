@@ -73,6 +73,7 @@ fn calls(value: &str) -> Vec<(&'static str, Call)> {
     let client_credentials = || IssueServiceTokenRequest {
         client_id: "saga-orchestrator".into(),
         client_secret: SERVICE_SECRET.into(),
+        scope: "payments:charge".into(),
     };
     let change = || ChangePasswordRequest {
         old_password: PASSWORD.into(),
@@ -138,6 +139,13 @@ fn calls(value: &str) -> Vec<(&'static str, Call)> {
             "client_secret",
             Call::IssueServiceToken(IssueServiceTokenRequest {
                 client_secret: v(),
+                ..client_credentials()
+            }),
+        ),
+        (
+            "scope",
+            Call::IssueServiceToken(IssueServiceTokenRequest {
+                scope: v(),
                 ..client_credentials()
             }),
         ),
@@ -227,5 +235,5 @@ async fn nul_bytes_and_oversized_strings_are_invalid_arguments_naming_the_field(
             checked += 1;
         }
     }
-    assert_eq!(checked, hostile.len() * 14);
+    assert_eq!(checked, hostile.len() * 15);
 }

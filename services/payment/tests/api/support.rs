@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use access_control::{Claims, Role};
+use access_control::{Claims, Role, Scope, Scopes};
 use api_auth::v1::auth_service_server::{AuthService, AuthServiceServer};
 use api_auth::v1::{
     GetPublicKeysRequest, GetPublicKeysResponse, IssueServiceTokenRequest, LoginRequest,
@@ -114,7 +114,7 @@ impl AuthService for KeysOnly {
 }
 
 /// A token the payment service accepts, signed with the test key.
-pub(crate) fn token(sub: &str, role: Role) -> String {
+pub(crate) fn token(sub: &str, role: Role, scope: Scopes) -> String {
     let now = i64::try_from(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -130,6 +130,7 @@ pub(crate) fn token(sub: &str, role: Role) -> String {
         iss: "ordersaga-auth".into(),
         aud: "ordersaga".into(),
         jti: uuid::Uuid::new_v4().to_string(),
+        scope,
     };
     // PKCS#8 wrapping of an Ed25519 seed.
     let mut der = vec![
@@ -184,7 +185,12 @@ impl Service {
         Self {
             scenario,
             _service: service,
-            service_token: token("saga-orchestrator", Role::Service),
+            // Every scope: the tests charge, refund and read as a service.
+            service_token: token(
+                "saga-orchestrator",
+                Role::Service,
+                Scope::ALL.into_iter().collect(),
+            ),
             channel,
             stop_auth,
         }

@@ -3,7 +3,7 @@
 //! oversized value is INVALID_ARGUMENT naming the field, never INTERNAL,
 //! and nothing is written.
 
-use access_control::Role;
+use access_control::{Role, Scopes};
 use api_common::v1::Money;
 use api_payment::v1::refund_payment_request::Target;
 use api_payment::v1::{
@@ -119,7 +119,7 @@ async fn nul_bytes_and_oversized_strings_in_every_field_are_invalid_arguments_na
     }
 
     // The reads, as a service and as a customer.
-    let customer = token(&valid.customer_id, Role::Customer);
+    let customer = token(&valid.customer_id, Role::Customer, Scopes::default());
     for caller in [&service.service_token, &customer] {
         for (value, case) in bad_variants(&payment_id) {
             let got = service
