@@ -7,10 +7,12 @@
 //! - `trace_view`: the read model of every service's events, by flow, and
 //!   its live feed; `trace_api`: TraceService over it.
 //! - `grpc`: SagaService; the engine itself is the `saga-engine` crate.
+//! - `retention`: what the purge job deletes, and after how long.
 
 mod dashboard;
 mod grpc;
 pub mod order_saga;
+mod retention;
 mod starter;
 mod trace_api;
 mod trace_view;
@@ -87,6 +89,8 @@ pub struct Settings {
     pub breaker: BreakerSettings,
     #[command(flatten)]
     pub saga: SagaSettings,
+    #[command(flatten)]
+    pub retention: retention::OrchestratorRetention,
 
     /// gRPC URL of the order service.
     #[arg(
@@ -264,6 +268,11 @@ impl Application {
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        platform.spawn_purge(
+            &settings.retention.common,
+            settings.retention.targets(),
+            &shutdown,
+        );
         platform.spawn("saga engine", engine.clone().run(shutdown.clone()));
         let starter = Consumer::new(
             &settings.kafka,

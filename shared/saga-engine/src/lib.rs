@@ -40,5 +40,11 @@ pub use engine::{Engine, EngineConfig, RequestOutcome, Started};
 pub use store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
 
 /// The saga tables, applied in the orchestrator's schema.
-pub const MIGRATIONS: database::MigrationSet =
-    database::migrations!("saga-engine", ["0001_sagas.sql", "0002_pivot.sql"]);
+pub const MIGRATIONS: database::MigrationSet = database::migrations!(
+    "saga-engine",
+    [
+        "0001_sagas.sql",
+        "0002_pivot.sql",
+        "0003_finished_sagas_by_age.sql",
+    ]
+);
