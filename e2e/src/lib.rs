@@ -377,6 +377,10 @@ pub fn peer_env(binary: &str, url_of: impl Fn(&str) -> String) -> Vec<(String, S
         env.push(("AUTH_ADMIN_EMAIL", ADMIN_EMAIL.into()));
         env.push(("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD.into()));
         env.push((
+            "AUTH_KEY_ENCRYPTION_KEY",
+            testkit::TEST_KEY_ENCRYPTION_KEY.into(),
+        ));
+        env.push((
             "AUTH_SERVICE_CLIENTS",
             format!("{SAGA_CLIENT_ID}={SAGA_CLIENT_SECRET}"),
         ));

@@ -50,6 +50,10 @@ pub struct Scenario {
     pub topics: Topics,
 }
 
+/// The auth service's key-encryption key in every test (32 bytes, base64):
+/// tests seal signing keys like a deployment does, with a key of their own.
+pub const TEST_KEY_ENCRYPTION_KEY: &str = "b3JkZXJzYWdhLXRlc3Qta2V5LWVuY3J5cHRpb24tayE=";
+
 /// Consumer groups whose dead-letter topics exist in every scenario: the
 /// orchestrator's `CONSUMER_GROUPS` (testkit sits below the services, so
 /// it cannot name theirs; `deploy/ops`'s tests check the two agree).
