@@ -100,7 +100,9 @@ impl KeyEncryptionKey {
 
     /// The seed sealed for row `kid`; an error if this is not the key that
     /// sealed it (or the bytes were altered, or moved from another row).
-    fn open(&self, kid: &str, stored: &[u8]) -> anyhow::Result<[u8; 32]> {
+    /// Public for tools that hold the key-encryption key (and for tests
+    /// that play an attacker holding it).
+    pub fn open(&self, kid: &str, stored: &[u8]) -> anyhow::Result<[u8; 32]> {
         let Some((&SEALED_FORMAT, rest)) = stored.split_first() else {
             bail!("signing key {kid} is sealed in an unknown format");
         };
