@@ -334,3 +334,53 @@ fn generate() -> ([u8; 32], [u8; 32]) {
 fn new_kid() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEK: &str = "b3JkZXJzYWdhLXRlc3Qta2V5LWVuY3J5cHRpb24tayE=";
+
+    #[test]
+    fn a_sealed_key_opens_only_with_its_kek_and_in_its_own_row() {
+        let kek = KeyEncryptionKey::parse(KEK).unwrap();
+        let seed: [u8; 32] = rand::random();
+        let sealed = kek.seal("kid-1", &seed);
+        assert_eq!(kek.open("kid-1", &sealed).unwrap(), seed);
+        assert!(
+            !sealed.windows(32).any(|window| window == seed),
+            "the seed is not in the sealed bytes"
+        );
+        assert_ne!(kek.seal("kid-1", &seed), sealed, "a fresh nonce every time");
+
+        let other =
+            KeyEncryptionKey::parse("d3Jvbmctd3Jvbmctd3Jvbmctd3Jvbmctd3JvbmctMzI=").unwrap();
+        let error = other.open("kid-1", &sealed).unwrap_err().to_string();
+        assert!(
+            error.contains("AUTH_KEY_ENCRYPTION_KEY does not open signing key kid-1"),
+            "{error}"
+        );
+        assert!(kek.open("kid-2", &sealed).is_err(), "moved to another row");
+        let mut altered = sealed.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        assert!(kek.open("kid-1", &altered).is_err(), "altered");
+        assert!(kek.open("kid-1", &sealed[..10]).is_err(), "cut short");
+    }
+
+    #[test]
+    fn a_kek_is_32_bytes_of_base64() {
+        assert!(KeyEncryptionKey::parse(KEK.trim_end_matches('=')).is_ok());
+        assert_eq!(
+            KeyEncryptionKey::parse("c2hvcnQ=").map(|_| ()),
+            Err("is 5 bytes; it must be 32".to_owned())
+        );
+        assert_eq!(
+            KeyEncryptionKey::parse("not base64!").map(|_| ()),
+            Err("is not base64".to_owned())
+        );
+        assert_eq!(
+            format!("{:?}", KeyEncryptionKey::parse(KEK).unwrap()),
+            "KeyEncryptionKey(..)"
+        );
+    }
+}

@@ -104,49 +104,70 @@ impl Purger {
     }
 
     /// Purges every target until nothing older than its retention is left
-    /// (or another replica holds what is), one batch per statement.
+    /// (or another replica holds what is), one batch per statement. A
+    /// target that fails does not hold up the others: the pass goes on,
+    /// and reports the first failure at its end.
     pub async fn purge_once(&self) -> anyhow::Result<Vec<PurgeReport>> {
-        let limit = i64::from(self.settings.batch_size);
         let mut reports = Vec::with_capacity(self.targets.len());
+        let mut first_failure = None;
         for target in &self.targets {
-            let retention = PgInterval::try_from(target.retention)
-                .map_err(|error| anyhow::anyhow!("retention of {}: {error}", target.table))?;
-            let mut report = PurgeReport {
-                table: target.table,
-                rows: 0,
-                statements: 0,
-            };
-            loop {
-                let deleted = sqlx::query(sqlx::AssertSqlSafe(target.statement))
-                    .bind(retention)
-                    .bind(limit)
-                    .execute(&self.pool)
-                    .await
-                    .with_context(|| format!("purging {}", target.table))?
-                    .rows_affected();
-                report.statements += 1;
-                report.rows += deleted;
-                metrics::counter!("purge_statements_total", "table" => target.table).increment(1);
-                metrics::counter!("purged_rows_total", "table" => target.table).increment(deleted);
-                if deleted < limit.unsigned_abs() {
-                    break;
+            match self.purge(target).await {
+                Ok(report) => reports.push(report),
+                Err(error) => {
+                    tracing::warn!(
+                        table = target.table,
+                        error = format!("{error:#}"),
+                        "purge failed"
+                    );
+                    first_failure.get_or_insert(error);
                 }
             }
-            if report.rows > 0 {
-                tracing::info!(
-                    table = report.table,
-                    rows = report.rows,
-                    statements = report.statements,
-                    "purged rows past their retention"
-                );
-            }
-            reports.push(report);
         }
-        Ok(reports)
+        match first_failure {
+            Some(error) => Err(error),
+            None => Ok(reports),
+        }
     }
 
-    /// Purges at once, then every interval, until `shutdown`. A failed pass
-    /// is logged and the next one tries again: nothing is lost by waiting.
+    async fn purge(&self, target: &PurgeTarget) -> anyhow::Result<PurgeReport> {
+        let limit = i64::from(self.settings.batch_size);
+        let retention = PgInterval::try_from(target.retention)
+            .map_err(|error| anyhow::anyhow!("retention of {}: {error}", target.table))?;
+        let mut report = PurgeReport {
+            table: target.table,
+            rows: 0,
+            statements: 0,
+        };
+        loop {
+            let deleted = sqlx::query(sqlx::AssertSqlSafe(target.statement))
+                .bind(retention)
+                .bind(limit)
+                .execute(&self.pool)
+                .await
+                .with_context(|| format!("purging {}", target.table))?
+                .rows_affected();
+            report.statements += 1;
+            report.rows += deleted;
+            metrics::counter!("purge_statements_total", "table" => target.table).increment(1);
+            metrics::counter!("purged_rows_total", "table" => target.table).increment(deleted);
+            if deleted < limit.unsigned_abs() {
+                break;
+            }
+        }
+        if report.rows > 0 {
+            tracing::info!(
+                table = report.table,
+                rows = report.rows,
+                statements = report.statements,
+                "purged rows past their retention"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Purges at once, then every interval, until `shutdown`. A failed
+    /// purge is logged and the next pass tries again: nothing is lost by
+    /// waiting.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut ticks = tokio::time::interval(self.settings.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -159,11 +180,8 @@ impl Purger {
             // statement is its own short transaction.
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                purged = self.purge_once() => {
-                    if let Err(error) = purged {
-                        tracing::warn!(error = format!("{error:#}"), "purge pass failed; retrying at the next interval");
-                    }
-                }
+                // Failures are logged per table; the next pass tries again.
+                _ = self.purge_once() => {}
             }
         }
     }

@@ -108,3 +108,20 @@ async fn replicas_purging_at_once_split_the_rows_without_deleting_any_twice() {
     assert_eq!(deleted, 2000, "every old row deleted exactly once");
     assert_eq!(remaining(&pool).await, (0, 50));
 }
+
+#[tokio::test]
+async fn a_failing_target_does_not_hold_up_the_others() {
+    let pool = pool_with_events(12, 3).await;
+    let broken = PurgeTarget {
+        table: "missing",
+        retention: Duration::from_secs(60),
+        statement: "DELETE FROM no_such_table WHERE $1::interval IS NULL AND $2::bigint IS NULL",
+    };
+    let purger = Purger::new(pool.clone(), vec![broken, EVENTS], settings(5));
+    let error = purger.purge_once().await.unwrap_err();
+    assert!(
+        format!("{error:#}").contains("purging missing"),
+        "{error:#}"
+    );
+    assert_eq!(remaining(&pool).await, (0, 3), "the next target still ran");
+}
