@@ -688,9 +688,9 @@ pub(crate) fn refresh_token_purge(retention: Duration) -> database::PurgeTarget 
         table: "refresh_tokens",
         retention,
         // Oldest first through `refresh_tokens_expires_at`.
-        statement: "DELETE FROM refresh_tokens WHERE token_hash IN (
-                        SELECT token_hash FROM refresh_tokens WHERE expires_at < now() - $1
-                        ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        statement: "DELETE FROM refresh_tokens WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM refresh_tokens WHERE expires_at < now() - $1
+                        ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 
@@ -702,9 +702,9 @@ pub(crate) fn refresh_family_purge(age: Duration) -> database::PurgeTarget {
         table: "refresh_token_families",
         retention: age,
         // Oldest first through `refresh_token_families_created_at`.
-        statement: "DELETE FROM refresh_token_families WHERE family_id IN (
-                        SELECT family_id FROM refresh_token_families WHERE created_at < now() - $1
-                        ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        statement: "DELETE FROM refresh_token_families WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM refresh_token_families WHERE created_at < now() - $1
+                        ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 

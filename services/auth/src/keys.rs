@@ -282,9 +282,9 @@ pub(crate) fn signing_key_purge(retention: Duration) -> database::PurgeTarget {
         table: "signing_keys",
         retention,
         // Oldest first through `signing_keys_verify_until`.
-        statement: "DELETE FROM signing_keys WHERE kid IN (
-                        SELECT kid FROM signing_keys WHERE verify_until < now() - $1
-                        ORDER BY verify_until LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        statement: "DELETE FROM signing_keys WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM signing_keys WHERE verify_until < now() - $1
+                        ORDER BY verify_until LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 

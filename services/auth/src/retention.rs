@@ -65,3 +65,40 @@ impl AuthRetention {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    fn common() -> service_runtime::RetentionSettings {
+        service_runtime::RetentionSettings {
+            purge: database::PurgeSettings {
+                interval: DAY,
+                batch_size: 100,
+            },
+            inbox: DAY,
+        }
+    }
+
+    #[tokio::test]
+    async fn every_purge_finds_its_batch_through_an_index() {
+        let retention = AuthRetention {
+            common: common(),
+            refresh_tokens: DAY,
+            refresh_families: DAY,
+            login_attempts: DAY,
+            registration_pace: DAY,
+            login_throttle: DAY,
+            signing_keys: DAY,
+        };
+        testkit::assert_purges_use_indexes(
+            &crate::account("retention-test-password"),
+            &[crate::MIGRATIONS],
+            retention.targets(DAY),
+        )
+        .await
+        .unwrap();
+    }
+}

@@ -453,9 +453,9 @@ pub(crate) fn login_attempt_purge(retention: Duration) -> database::PurgeTarget 
         table: "login_attempts",
         retention,
         // Oldest first through `login_attempts_forget_at`.
-        statement: "DELETE FROM login_attempts WHERE subject IN (
-                        SELECT subject FROM login_attempts WHERE forget_at < now() - $1
-                        ORDER BY forget_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        statement: "DELETE FROM login_attempts WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM login_attempts WHERE forget_at < now() - $1
+                        ORDER BY forget_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 
@@ -466,9 +466,9 @@ pub(crate) fn registration_pace_purge(retention: Duration) -> database::PurgeTar
         table: "registration_pace",
         retention,
         // Oldest first through `registration_pace_restored_at`.
-        statement: "DELETE FROM registration_pace WHERE source IN (
-                        SELECT source FROM registration_pace WHERE restored_at < now() - $1
-                        ORDER BY restored_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        statement: "DELETE FROM registration_pace WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM registration_pace WHERE restored_at < now() - $1
+                        ORDER BY restored_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 
@@ -479,9 +479,9 @@ pub(crate) fn login_throttle_purge(retention: Duration) -> database::PurgeTarget
         table: "login_throttle",
         retention,
         // Oldest first through `login_throttle_window_started_at`.
-        statement: "DELETE FROM login_throttle WHERE subject IN (
-                        SELECT subject FROM login_throttle WHERE window_started_at < now() - $1
-                        ORDER BY window_started_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        statement: "DELETE FROM login_throttle WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM login_throttle WHERE window_started_at < now() - $1
+                        ORDER BY window_started_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 

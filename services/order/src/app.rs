@@ -77,9 +77,9 @@ pub(crate) fn idempotency_key_purge(retention: std::time::Duration) -> database:
         table: "idempotency_keys",
         retention,
         // Oldest first through `idempotency_keys_created_at`.
-        statement: "DELETE FROM idempotency_keys WHERE (customer_id, key) IN (
-                        SELECT customer_id, key FROM idempotency_keys WHERE created_at < now() - $1
-                        ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        statement: "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM idempotency_keys WHERE created_at < now() - $1
+                        ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 

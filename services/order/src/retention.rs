@@ -23,3 +23,35 @@ impl OrderRetention {
         vec![crate::app::idempotency_key_purge(self.idempotency_keys)]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    fn common() -> service_runtime::RetentionSettings {
+        service_runtime::RetentionSettings {
+            purge: database::PurgeSettings {
+                interval: DAY,
+                batch_size: 100,
+            },
+            inbox: DAY,
+        }
+    }
+
+    #[tokio::test]
+    async fn every_purge_finds_its_batch_through_an_index() {
+        let retention = OrderRetention {
+            common: common(),
+            idempotency_keys: DAY,
+        };
+        testkit::assert_purges_use_indexes(
+            &crate::account("retention-test-password"),
+            &[crate::MIGRATIONS],
+            retention.targets(),
+        )
+        .await
+        .unwrap();
+    }
+}

@@ -624,11 +624,11 @@ pub(crate) fn charge_claim_purge(retention: Duration) -> database::PurgeTarget {
         retention,
         // Oldest change first through `charge_claims_free_by_age`; each
         // candidate's payment is found through its unique key.
-        statement: "DELETE FROM charge_claims WHERE charge_key IN (
-                        SELECT claim.charge_key FROM charge_claims AS claim
+        statement: "DELETE FROM charge_claims WHERE ctid = ANY(ARRAY(
+                        SELECT claim.ctid FROM charge_claims AS claim
                         WHERE claim.lease_holder IS NULL AND claim.updated_at < now() - $1
                           AND EXISTS (SELECT 1 FROM payments WHERE idempotency_key = claim.charge_key)
-                        ORDER BY claim.updated_at LIMIT $2 FOR UPDATE OF claim SKIP LOCKED)",
+                        ORDER BY claim.updated_at LIMIT $2 FOR UPDATE OF claim SKIP LOCKED))",
     }
 }
 

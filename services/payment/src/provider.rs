@@ -422,10 +422,10 @@ pub(crate) fn simulated_provider_purge(retention: Duration) -> database::PurgeTa
         table: "simulated_provider_charges",
         retention,
         // Oldest first through `simulated_provider_charges_settled_at`.
-        statement: "DELETE FROM simulated_provider_charges WHERE idempotency_key IN (
-                        SELECT idempotency_key FROM simulated_provider_charges
+        statement: "DELETE FROM simulated_provider_charges WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM simulated_provider_charges
                         WHERE settled_at < now() - $1
-                        ORDER BY settled_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                        ORDER BY settled_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 

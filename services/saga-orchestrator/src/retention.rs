@@ -30,3 +30,36 @@ impl OrchestratorRetention {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    fn common() -> service_runtime::RetentionSettings {
+        service_runtime::RetentionSettings {
+            purge: database::PurgeSettings {
+                interval: DAY,
+                batch_size: 100,
+            },
+            inbox: DAY,
+        }
+    }
+
+    #[tokio::test]
+    async fn every_purge_finds_its_batch_through_an_index() {
+        let retention = OrchestratorRetention {
+            common: common(),
+            sagas: DAY,
+            trace_events: DAY,
+        };
+        testkit::assert_purges_use_indexes(
+            &crate::account("retention-test-password"),
+            &[saga_engine::MIGRATIONS, crate::MIGRATIONS],
+            retention.targets(),
+        )
+        .await
+        .unwrap();
+    }
+}

@@ -447,8 +447,8 @@ pub(crate) fn trace_event_purge(retention: Duration) -> database::PurgeTarget {
         table: "trace_events",
         retention,
         // Oldest first through `trace_events_recent`.
-        statement: "DELETE FROM trace_events WHERE event_id IN (
-                        SELECT event_id FROM trace_events WHERE recorded_at < now() - $1
-                        ORDER BY recorded_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        statement: "DELETE FROM trace_events WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM trace_events WHERE recorded_at < now() - $1
+                        ORDER BY recorded_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }

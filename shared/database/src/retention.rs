@@ -16,7 +16,10 @@
 //!   deleting anything twice.
 //! - **Served by an index.** Each statement finds its batch through an
 //!   index on the age it compares (oldest first), so a batch costs the
-//!   same whatever the table's history.
+//!   same whatever the table's history, and deletes the rows it locked by
+//!   their tuple ids (`WHERE ctid = ANY(ARRAY(SELECT ctid ...))`): a TID
+//!   scan whatever the planner estimates, and rows locked by the statement
+//!   itself cannot move under it. [`Purger::plans`] shows the plans.
 //!
 //! The cutoff is computed by the database (`now() - $1`), so replicas whose
 //! clocks disagree still agree on what is old.
@@ -72,8 +75,8 @@ pub struct PurgeTarget {
     /// How old a row must be to go (each statement says old by what).
     pub retention: Duration,
     /// A `DELETE` of at most `$2` (BIGINT) rows older than `now() - $1`
-    /// (INTERVAL), found through an index and locked
-    /// `FOR UPDATE SKIP LOCKED`.
+    /// (INTERVAL), found through an index, locked `FOR UPDATE SKIP LOCKED`
+    /// and deleted by `ctid`.
     pub statement: &'static str,
 }
 
@@ -163,6 +166,32 @@ impl Purger {
             );
         }
         Ok(report)
+    }
+
+    /// Each target's query plan, as PostgreSQL would run it with sequential
+    /// scans ruled out: a plan that still holds a `Seq Scan` has no index
+    /// to find its batch through, and would cost more as history grows.
+    /// (Cascaded deletes are not in the plan; their foreign keys need
+    /// their own index.)
+    pub async fn plans(&self) -> anyhow::Result<Vec<(&'static str, String)>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await?;
+        let mut plans = Vec::with_capacity(self.targets.len());
+        for target in &self.targets {
+            let retention = PgInterval::try_from(target.retention)
+                .map_err(|error| anyhow::anyhow!("retention of {}: {error}", target.table))?;
+            let lines: Vec<String> =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {}", target.statement)))
+                    .bind(retention)
+                    .bind(i64::from(self.settings.batch_size))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .with_context(|| format!("explaining the purge of {}", target.table))?;
+            plans.push((target.table, lines.join("\n")));
+        }
+        Ok(plans)
     }
 
     /// Purges at once, then every interval, until `shutdown`. A failed

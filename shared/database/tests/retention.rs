@@ -11,9 +11,9 @@ use sqlx::PgPool;
 const EVENTS: PurgeTarget = PurgeTarget {
     table: "events",
     retention: Duration::from_secs(3600),
-    statement: "DELETE FROM events WHERE id IN (
-                    SELECT id FROM events WHERE recorded_at < now() - $1
-                    ORDER BY recorded_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    statement: "DELETE FROM events WHERE ctid = ANY(ARRAY(
+                    SELECT ctid FROM events WHERE recorded_at < now() - $1
+                    ORDER BY recorded_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
 };
 
 async fn pool_with_events(old: i64, recent: i64) -> PgPool {
@@ -124,4 +124,21 @@ async fn a_failing_target_does_not_hold_up_the_others() {
         "{error:#}"
     );
     assert_eq!(remaining(&pool).await, (0, 3), "the next target still ran");
+}
+
+#[tokio::test]
+async fn a_plan_without_an_index_shows_a_sequential_scan() {
+    let pool = pool_with_events(1, 0).await;
+    let unindexed = PurgeTarget {
+        table: "events",
+        retention: Duration::from_secs(60),
+        statement: "DELETE FROM events WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM events WHERE id::text < $1::text
+                        ORDER BY id::text LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    };
+    let purger = Purger::new(pool, vec![EVENTS, unindexed], settings(10));
+    let plans = purger.plans().await.unwrap();
+    assert!(!plans[0].1.contains("Seq Scan"), "{}", plans[0].1);
+    assert!(plans[0].1.contains("events_recorded_at"), "{}", plans[0].1);
+    assert!(plans[1].1.contains("Seq Scan"), "{}", plans[1].1);
 }

@@ -171,9 +171,9 @@ pub fn inbox_purge(retention: Duration) -> database::PurgeTarget {
         table: "inbox",
         retention,
         // Oldest first through `inbox_processed_at`.
-        statement: "DELETE FROM inbox WHERE (consumer, event_id) IN (
-                        SELECT consumer, event_id FROM inbox WHERE processed_at < now() - $1
-                        ORDER BY processed_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        statement: "DELETE FROM inbox WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM inbox WHERE processed_at < now() - $1
+                        ORDER BY processed_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 

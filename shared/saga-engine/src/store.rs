@@ -835,10 +835,10 @@ pub fn finished_purge(retention: Duration) -> database::PurgeTarget {
         table: "saga_instances",
         retention,
         // Oldest first through `saga_instances_ended_by_age`.
-        statement: "DELETE FROM saga_instances WHERE saga_id IN (
-                        SELECT saga_id FROM saga_instances
+        statement: "DELETE FROM saga_instances WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM saga_instances
                         WHERE state IN ('completed', 'compensated') AND finished_at < now() - $1
-                        ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                        ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 
