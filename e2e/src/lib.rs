@@ -406,6 +406,10 @@ pub fn peer_env(binary: &str, url_of: impl Fn(&str) -> String) -> Vec<(String, S
     if binary == auth_service::NAME {
         env.push(("AUTH_ADMIN_EMAIL", ADMIN_EMAIL.into()));
         env.push(("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD.into()));
+        env.push((
+            "AUTH_KEY_ENCRYPTION_KEY",
+            testkit::TEST_KEY_ENCRYPTION_KEY.into(),
+        ));
         let clients = [
             ServiceClients::entry(
                 SAGA_CLIENT_ID,

@@ -63,6 +63,9 @@ const ADMIN_EMAIL: &str = "admin@ordersaga.local";
 const ADMIN_PASSWORD: &str = "ordersaga-admin-password";
 /// The orchestrator's client credentials on the local stack.
 const SAGA_CLIENT: &str = "saga-orchestrator";
+/// Seals the local stack's signing keys: public like the admin password,
+/// and fixed, so the stack's database opens again on the next `up`.
+const KEY_ENCRYPTION_KEY: &str = "b3JkZXJzYWdhLWxvY2FsLW9ubHkta2VrLXB1YmxpYyE=";
 const SAGA_SECRET: &str = "local-saga-orchestrator-secret";
 
 fn state_dir() -> PathBuf {
@@ -299,7 +302,8 @@ impl LocalStack {
         text.push_str(
             "\n  WARNING: this admin password is public (it is in the source) and every\n  \
              port is plaintext: this stack is for local use only. A deployment sets\n  \
-             AUTH_ADMIN_PASSWORD itself (see k8s/ and docker-compose.yml).\n",
+             AUTH_ADMIN_PASSWORD and AUTH_KEY_ENCRYPTION_KEY itself (see k8s/ and\n  \
+             docker-compose.yml).\n",
         );
 
         text.push_str("\nTry (grpcurl was fetched for you):\n");
@@ -359,6 +363,7 @@ fn service_env(binary: &str) -> Vec<(&'static str, String)> {
         auth_service::NAME => vec![
             ("AUTH_ADMIN_EMAIL", ADMIN_EMAIL.to_owned()),
             ("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD.to_owned()),
+            ("AUTH_KEY_ENCRYPTION_KEY", KEY_ENCRYPTION_KEY.to_owned()),
             (
                 "AUTH_SERVICE_CLIENTS",
                 auth_service::ServiceClients::entry(

@@ -55,16 +55,22 @@ fn claims(sub: &str, iss: &str, aud: &str, exp: i64) -> serde_json::Value {
     })
 }
 
-/// The current signing key, read from the auth schema as only an attacker
-/// with database access could: lets the test sign tokens that differ from
-/// genuine ones in exactly one respect.
+/// The current signing key, read from the auth schema and opened with the
+/// key-encryption key, as only an attacker with database access and that
+/// key could: lets the test sign tokens that differ from genuine ones in
+/// exactly one respect.
 async fn stolen_signing_key(stack: &Stack) -> (String, EncodingKey) {
     let pool = stack.scenario.inspect().await.unwrap();
-    let (kid, seed): (String, Vec<u8>) =
-        sqlx::query_as("SELECT kid, private_key FROM auth.signing_keys WHERE retired_at IS NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (kid, sealed): (String, Vec<u8>) = sqlx::query_as(
+        "SELECT kid, sealed_private_key FROM auth.signing_keys WHERE retired_at IS NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let seed = auth_service::KeyEncryptionKey::parse(testkit::TEST_KEY_ENCRYPTION_KEY)
+        .unwrap()
+        .open(&kid, &sealed)
+        .unwrap();
     let mut der = vec![
         0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
         0x20,

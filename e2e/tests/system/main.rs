@@ -12,6 +12,7 @@ mod orders;
 mod payments;
 mod readme;
 mod replicas;
+mod retention;
 mod sagas;
 mod traces;
 mod tracing;

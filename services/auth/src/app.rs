@@ -37,6 +37,8 @@ pub(crate) struct AuthPolicy {
     pub(crate) login_throttle: LoginThrottle,
     pub(crate) registration_pace: RegistrationPace,
     pub(crate) service_clients: ServiceClients,
+    /// Seals and opens the signing keys at rest.
+    pub(crate) key_encryption_key: keys::KeyEncryptionKey,
 }
 
 /// What Login and Refresh hand out.
@@ -495,7 +497,7 @@ impl Auth {
             .acquire()
             .await
             .context("acquiring a connection")?;
-        let key = keys::current(&mut conn).await?;
+        let key = keys::current(&mut conn, &self.policy.key_encryption_key).await?;
         Ok(tokens::sign(
             &key,
             &self.policy.tokens,
@@ -512,7 +514,7 @@ impl Auth {
             .policy
             .access_token_ttl
             .max(self.policy.service_token_ttl);
-        keys::rotate(&self.pool, longest).await
+        keys::rotate(&self.pool, longest, &self.policy.key_encryption_key).await
     }
 
     /// Counts a wrong password the check did not count already.
@@ -573,7 +575,7 @@ impl Auth {
         .execute(&mut *conn)
         .await
         .context("storing the refresh token")?;
-        let key = keys::current(conn).await?;
+        let key = keys::current(conn, &self.policy.key_encryption_key).await?;
         let access = tokens::sign(
             &key,
             &self.policy.tokens,
@@ -694,6 +696,34 @@ async fn revoke_families_of(
     .await
     .context("revoking the user's token families")?;
     Ok(())
+}
+
+/// The purge of refresh tokens that expired longer than `retention` ago:
+/// they refresh nothing. (A spent one presented after it is gone is refused
+/// as unknown instead of as reused; either way it gets nothing.)
+pub(crate) fn refresh_token_purge(retention: Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "refresh_tokens",
+        retention,
+        // Oldest first through `refresh_tokens_expires_at`.
+        statement: "DELETE FROM refresh_tokens WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM refresh_tokens WHERE expires_at < now() - $1
+                        ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    }
+}
+
+/// The purge of refresh-token families created longer than `age` ago,
+/// where `age` is at least the families' absolute lifetime: revoked or not,
+/// they can no longer refresh. Their remaining tokens go with them.
+pub(crate) fn refresh_family_purge(age: Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "refresh_token_families",
+        retention: age,
+        // Oldest first through `refresh_token_families_created_at`.
+        statement: "DELETE FROM refresh_token_families WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM refresh_token_families WHERE created_at < now() - $1
+                        ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    }
 }
 
 fn parse_role(role: &str) -> anyhow::Result<Role> {

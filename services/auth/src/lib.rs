@@ -11,7 +11,9 @@
 //!   have in flight.
 //! - `throttle`: increasing waits after failed logins per (email, source)
 //!   and per source, and the pace of registrations per source.
-//! - `keys`: signing keys in the database, their rotation and publication.
+//! - `keys`: signing keys in the database (sealed at rest), their rotation
+//!   and publication.
+//! - `retention`: what the purge job deletes, and after how long.
 //! - `tokens`: access tokens (JWT) and refresh tokens (opaque, hashed).
 //! - `app`: the use cases; `grpc`: their gRPC face.
 
@@ -22,6 +24,7 @@ mod grpc;
 mod inflight;
 mod keys;
 mod passwords;
+mod retention;
 mod source;
 mod throttle;
 mod tokens;
@@ -40,6 +43,7 @@ use telemetry::TelemetrySettings;
 use tokio_util::sync::CancellationToken;
 
 pub use clients::ServiceClients;
+pub use keys::KeyEncryptionKey;
 pub use source::Cidr;
 
 /// Service name, in logs, traces and event envelopes.
@@ -50,8 +54,14 @@ pub const DEFAULT_PORT: u16 = 50051;
 pub const SCHEMA: &str = "auth";
 pub const ROLE: &str = "auth_service";
 /// This service's tables.
-pub const MIGRATIONS: MigrationSet =
-    database::migrations!("auth", ["0001_identities.sql", "0002_login_abuse.sql"]);
+pub const MIGRATIONS: MigrationSet = database::migrations!(
+    "auth",
+    [
+        "0001_identities.sql",
+        "0002_login_abuse.sql",
+        "0003_retention.sql",
+    ]
+);
 
 /// The role and schema to provision for this service.
 pub fn account(password: impl Into<String>) -> ServiceAccount {
@@ -80,6 +90,8 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[command(flatten)]
     pub auth: AuthServiceSettings,
+    #[command(flatten)]
+    pub retention: retention::AuthRetention,
 }
 
 /// Settings particular to the auth service.
@@ -87,6 +99,14 @@ pub struct Settings {
 pub struct AuthServiceSettings {
     #[command(flatten)]
     pub tokens: TokenSettings,
+
+    /// The key that seals the signing keys at rest: 32 random bytes,
+    /// base64 (`openssl rand -base64 32`). Every replica needs the same
+    /// one; a key that does not open the stored signing keys stops the
+    /// service at start.
+    #[arg(long = "auth-key-encryption-key", env = "AUTH_KEY_ENCRYPTION_KEY", hide_env_values = true,
+          value_parser = KeyEncryptionKey::parse)]
+    pub key_encryption_key: KeyEncryptionKey,
 
     /// Lifetime of access tokens.
     #[arg(long = "access-token-ttl", env = "ACCESS_TOKEN_TTL", default_value = "15m", value_parser = humantime::parse_duration)]
@@ -307,6 +327,7 @@ impl Application {
                 interval: config.register_interval_per_source,
             },
             service_clients: config.service_clients.clone(),
+            key_encryption_key: config.key_encryption_key.clone(),
         };
         let passwords =
             passwords::Passwords::start(config.password_hash_concurrency as usize).await?;
@@ -322,7 +343,8 @@ impl Application {
             platform.topics.clone(),
         );
 
-        keys::ensure_current(&platform.pool).await?;
+        keys::secure_at_rest(&platform.pool, &config.key_encryption_key).await?;
+        keys::ensure_current(&platform.pool, &config.key_encryption_key).await?;
         if let (Some(email), Some(password)) = (&config.admin_email, &config.admin_password) {
             let email = domain::Email::parse(email)
                 .map_err(|reason| anyhow::anyhow!("AUTH_ADMIN_EMAIL {reason}"))?;
@@ -354,6 +376,13 @@ impl Application {
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        platform.spawn_purge(
+            &settings.retention.common,
+            settings
+                .retention
+                .targets(settings.auth.refresh_family_lifetime),
+            &shutdown,
+        );
         // Its own tokens are verified against its own keys, read locally.
         let keys = Arc::new(KeyCache::new(
             keys::LocalKeys(platform.pool.clone()),

@@ -445,6 +445,46 @@ pub(crate) async fn count_registration(
     Ok(Ok(()))
 }
 
+/// The purge of login-attempt records forgotten (`forget_at`) longer than
+/// `retention` ago. Writes delete a few such rows as they go; this catches
+/// the rest when logins stop.
+pub(crate) fn login_attempt_purge(retention: Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "login_attempts",
+        retention,
+        // Oldest first through `login_attempts_forget_at`.
+        statement: "DELETE FROM login_attempts WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM login_attempts WHERE forget_at < now() - $1
+                        ORDER BY forget_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    }
+}
+
+/// The purge of registration paces whose burst was whole again
+/// (`restored_at`) longer than `retention` ago: such a row changes nothing.
+pub(crate) fn registration_pace_purge(retention: Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "registration_pace",
+        retention,
+        // Oldest first through `registration_pace_restored_at`.
+        statement: "DELETE FROM registration_pace WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM registration_pace WHERE restored_at < now() - $1
+                        ORDER BY restored_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    }
+}
+
+/// The purge of the former login throttle's rows (the table is no longer
+/// written) whose window started longer than `retention` ago.
+pub(crate) fn login_throttle_purge(retention: Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "login_throttle",
+        retention,
+        // Oldest first through `login_throttle_window_started_at`.
+        statement: "DELETE FROM login_throttle WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM login_throttle WHERE window_started_at < now() - $1
+                        ORDER BY window_started_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

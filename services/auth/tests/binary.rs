@@ -8,7 +8,7 @@ const BINARY: Binary = Binary {
     schema: auth_service::SCHEMA,
     role: auth_service::ROLE,
     services: &["ordersaga.auth.v1.AuthService"],
-    required_env: &[],
+    required_env: &[("AUTH_KEY_ENCRYPTION_KEY", testkit::TEST_KEY_ENCRYPTION_KEY)],
 };
 
 #[tokio::test]

@@ -66,6 +66,23 @@ pub(crate) struct Orders {
     retry: Retry,
 }
 
+/// The purge of CreateOrder's idempotency keys older than `retention`.
+///
+/// Safe for money: a key only maps a customer's request to the order it
+/// placed. A retry after its key is gone places a second order, with its own
+/// saga and its own charge key, which the customer can see and cancel; it
+/// can never make one order be charged twice.
+pub(crate) fn idempotency_key_purge(retention: std::time::Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "idempotency_keys",
+        retention,
+        // Oldest first through `idempotency_keys_created_at`.
+        statement: "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM idempotency_keys WHERE created_at < now() - $1
+                        ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    }
+}
+
 impl Orders {
     pub(crate) fn new(pool: PgPool, events_topic: String, retry: Retry) -> Self {
         Self {

@@ -5,6 +5,7 @@
 //! - `event_store`: streams on PostgreSQL with optimistic concurrency.
 //! - `codec`: how order events are stored (protobuf, versioned, upcast).
 //! - `read_model`: the projection queries read, and its rebuild.
+//! - `retention`: what the purge job deletes, and after how long.
 //! - `app`: the use cases; `grpc`: their gRPC face.
 
 mod app;
@@ -13,6 +14,7 @@ pub mod domain;
 pub mod event_store;
 mod grpc;
 mod read_model;
+mod retention;
 
 use std::net::SocketAddr;
 
@@ -32,8 +34,14 @@ pub const DEFAULT_PORT: u16 = 50052;
 pub const SCHEMA: &str = "orders";
 pub const ROLE: &str = "order_service";
 /// This service's tables.
-pub const MIGRATIONS: MigrationSet =
-    database::migrations!("order", ["0001_event_store.sql", "0002_read_model.sql"]);
+pub const MIGRATIONS: MigrationSet = database::migrations!(
+    "order",
+    [
+        "0001_event_store.sql",
+        "0002_read_model.sql",
+        "0003_idempotency_key_age.sql",
+    ]
+);
 
 /// The role and schema to provision for this service.
 pub fn account(password: impl Into<String>) -> ServiceAccount {
@@ -62,6 +70,8 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[command(flatten)]
     pub auth: AuthSettings,
+    #[command(flatten)]
+    pub retention: retention::OrderRetention,
 
     /// Attempts at a command whose order keeps changing concurrently
     /// before answering ABORTED.
@@ -126,6 +136,11 @@ impl Application {
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        platform.spawn_purge(
+            &settings.retention.common,
+            settings.retention.targets(),
+            &shutdown,
+        );
         let retry = event_store::Retry {
             max_attempts: settings.command_max_attempts,
             backoff: std::time::Duration::from_millis(2),

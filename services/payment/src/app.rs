@@ -423,10 +423,16 @@ impl Payments {
             Intent::Charge => None,
             Intent::Undo(refund) => Some(refund),
         };
+        // A settled key's claim may have been purged (`charge_claim_purge`):
+        // its payment then stands for it, and a charge must not reach the
+        // provider again, nor an undo of a key with nothing left to undo.
+        // Such a request inserts nothing and goes on to read the payment.
         let inserted = sqlx::query(
             "INSERT INTO charge_claims (charge_key, intent, request_hash, refund_idempotency_key, refund_reason,
                                         lease_holder, lease_expires_at, provider_calls)
-             VALUES ($1, $2, $3, $4, $5, $6, now() + $7 * interval '1 millisecond', 1)
+             SELECT $1, $2, $3, $4, $5, $6, now() + $7 * interval '1 millisecond', 1
+             WHERE NOT EXISTS (SELECT 1 FROM payments
+                               WHERE idempotency_key = $1 AND ($2 = 'charge' OR status <> 'captured'))
              ON CONFLICT (charge_key) DO NOTHING",
         )
         .bind(key.as_str())
@@ -602,6 +608,30 @@ impl Payments {
 /// A lease this request holds on a key. Dropped while still held (the
 /// request was cancelled, or failed on the database), it frees the lease in
 /// the background, so that a retry need not wait for it to expire.
+/// The purge of settled charge keys' claims whose last change is older
+/// than `retention`.
+///
+/// What makes this safe for money: only the claim of a key whose payment is
+/// recorded goes, and only while nobody holds its lease. The payment row
+/// (never purged; its key is unique) is the key's lasting record: a later
+/// charge under the key answers with it and never calls the provider (the
+/// insert in `claim_new` refuses to claim a key with a payment), and a
+/// refund of a captured payment claims the key afresh. A key with no
+/// payment yet (in flight, or its outcome unknown) keeps its claim forever.
+pub(crate) fn charge_claim_purge(retention: Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "charge_claims",
+        retention,
+        // Oldest change first through `charge_claims_free_by_age`; each
+        // candidate's payment is found through its unique key.
+        statement: "DELETE FROM charge_claims WHERE ctid = ANY(ARRAY(
+                        SELECT claim.ctid FROM charge_claims AS claim
+                        WHERE claim.lease_holder IS NULL AND claim.updated_at < now() - $1
+                          AND EXISTS (SELECT 1 FROM payments WHERE idempotency_key = claim.charge_key)
+                        ORDER BY claim.updated_at LIMIT $2 FOR UPDATE OF claim SKIP LOCKED))",
+    }
+}
+
 #[derive(Debug)]
 struct HeldLease {
     pool: PgPool,

@@ -8,12 +8,14 @@
 //!   per key, kept by a claim row in the database rather than by a lock
 //!   held while the provider answers (its module documents the protocol);
 //!   `grpc`: their gRPC face, where every field is parsed.
+//! - `retention`: what the purge job deletes, and after how long.
 
 mod app;
 mod domain;
 mod grpc;
 mod lease_watch;
 mod provider;
+mod retention;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,7 +42,8 @@ pub const MIGRATIONS: MigrationSet = database::migrations!(
         "0001_payments.sql",
         "0002_provider_holdings.sql",
         "0003_charge_claims.sql",
-        "0004_lease_wakeups.sql"
+        "0004_lease_wakeups.sql",
+        "0005_retention.sql",
     ]
 );
 
@@ -73,6 +76,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     #[command(flatten)]
     pub provider: ProviderSettings,
+    #[command(flatten)]
+    pub retention: retention::PaymentRetention,
 }
 
 /// How the simulated payment provider behaves.
@@ -153,6 +158,11 @@ impl Application {
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        platform.spawn_purge(
+            &settings.retention.common,
+            settings.retention.targets(),
+            &shutdown,
+        );
         // The simulated provider stands for another system: it gets its own
         // connections, so its calls never compete with our requests for
         // theirs.

@@ -310,7 +310,9 @@ impl PaymentProvider for SimulatedProvider {
             // first answer stands, and a void wins over a charge still
             // being decided.
             let written: Option<Stored> = sqlx::query_as(concat!(
-                "UPDATE simulated_provider_charges SET outcome = $2, reference = $3
+                "UPDATE simulated_provider_charges
+                 SET outcome = $2, reference = $3,
+                     settled_at = CASE WHEN $2 = 'captured' THEN NULL ELSE now() END
                  WHERE idempotency_key = $1 AND outcome IS NULL AND voided_at IS NULL RETURNING ",
                 stored_columns!()
             ))
@@ -359,7 +361,8 @@ impl PaymentProvider for SimulatedProvider {
             let outcome = match stored.answer()? {
                 None | Some(ChargeOutcome::Declined(DeclineReason::ChargeVoided)) => {
                     sqlx::query(
-                        "UPDATE simulated_provider_charges SET voided_at = coalesce(voided_at, now())
+                        "UPDATE simulated_provider_charges
+                         SET voided_at = coalesce(voided_at, now()), settled_at = coalesce(settled_at, now())
                          WHERE idempotency_key = $1",
                     )
                     .bind(charge_key)
@@ -389,7 +392,8 @@ impl PaymentProvider for SimulatedProvider {
                             ));
                         }
                         sqlx::query(
-                            "UPDATE simulated_provider_charges SET refunded_at = now() WHERE idempotency_key = $1",
+                            "UPDATE simulated_provider_charges SET refunded_at = now(), settled_at = now()
+                             WHERE idempotency_key = $1",
                         )
                         .bind(charge_key)
                         .execute(&mut *tx)
@@ -405,6 +409,23 @@ impl PaymentProvider for SimulatedProvider {
             tx.commit().await.context("simulated provider")?;
             Ok(outcome)
         })
+    }
+}
+
+/// The purge of keys the simulated provider settled (declined, refunded or
+/// voided) longer than `retention` ago, as a real provider forgets old
+/// idempotency keys. A key whose money it holds is never forgotten, so a
+/// refund can always find its capture; the payment service answers a
+/// settled key from its own record and never asks again.
+pub(crate) fn simulated_provider_purge(retention: Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "simulated_provider_charges",
+        retention,
+        // Oldest first through `simulated_provider_charges_settled_at`.
+        statement: "DELETE FROM simulated_provider_charges WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM simulated_provider_charges
+                        WHERE settled_at < now() - $1
+                        ORDER BY settled_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }
 

@@ -9,11 +9,13 @@
 //! - `operator`: the operators' actions (retry, compensate, pause, resume,
 //!   terminate), for SagaService and the dashboard alike.
 //! - `grpc`: SagaService; the engine itself is the `saga-engine` crate.
+//! - `retention`: what the purge job deletes, and after how long.
 
 mod dashboard;
 mod grpc;
 mod operator;
 pub mod order_saga;
+mod retention;
 mod starter;
 mod trace_api;
 mod trace_view;
@@ -91,6 +93,8 @@ pub struct Settings {
     pub breaker: BreakerSettings,
     #[command(flatten)]
     pub saga: SagaSettings,
+    #[command(flatten)]
+    pub retention: retention::OrchestratorRetention,
 
     /// gRPC URL of the order service.
     #[arg(
@@ -288,6 +292,11 @@ impl Application {
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
+        platform.spawn_purge(
+            &settings.retention.common,
+            settings.retention.targets(),
+            &shutdown,
+        );
         platform.spawn("saga engine", engine.clone().run(shutdown.clone()));
         platform.spawn(
             "stuck saga detector",

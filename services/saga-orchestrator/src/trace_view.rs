@@ -477,3 +477,18 @@ async fn listen(pool: &PgPool) -> anyhow::Result<PgListener> {
     listener.listen(&format!("{schema}.trace_events")).await?;
     Ok(listener)
 }
+
+/// The purge of trace events recorded longer than `retention` ago. The
+/// trace view is a record for people, not a source of truth: a flow's saga
+/// keeps its own state and steps (`saga-engine`), whatever its events'
+/// age.
+pub(crate) fn trace_event_purge(retention: Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "trace_events",
+        retention,
+        // Oldest first through `trace_events_recent`.
+        statement: "DELETE FROM trace_events WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM trace_events WHERE recorded_at < now() - $1
+                        ORDER BY recorded_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    }
+}

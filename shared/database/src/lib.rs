@@ -9,14 +9,18 @@
 //! - [`migrate`]: the service's migrations, applied in one transaction under
 //!   an advisory lock, so any number of replicas may start at once;
 //! - [`provision`]: creation of the role and schema, run once by an operator
-//!   (or by the local stack and the tests) with an administrative connection.
+//!   (or by the local stack and the tests) with an administrative connection;
+//! - [`Purger`]: the batched, replica-safe purge of rows past their
+//!   retention, run on a timer by each service over its list of targets.
 
 mod migrate;
 mod provision;
+mod retention;
 mod settings;
 
 pub use migrate::{Migration, MigrationSet, migrate};
 pub use provision::{ServiceAccount, provision, provision_sql};
+pub use retention::{PurgeReport, PurgeSettings, PurgeTarget, Purger, parse_retention};
 pub use settings::{DatabaseSettings, connect};
 
 /// Declares a [`MigrationSet`] from SQL files in the crate's `migrations/`

@@ -159,6 +159,24 @@ impl<H> std::fmt::Debug for Consumer<H> {
     }
 }
 
+/// The purge of inbox rows older than `retention` (by when they were
+/// processed), for every consumer of the schema.
+///
+/// An inbox row is what makes a redelivered event do nothing, so it must
+/// outlive every redelivery: keep `retention` longer than the topics keep
+/// their records (a consumer group reset to the earliest offset replays
+/// whatever the broker still has).
+pub fn inbox_purge(retention: Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "inbox",
+        retention,
+        // Oldest first through `inbox_processed_at`.
+        statement: "DELETE FROM inbox WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM inbox WHERE processed_at < now() - $1
+                        ORDER BY processed_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    }
+}
+
 /// Outcome of one event, as recorded in the inbox.
 enum Outcome {
     Handled,

@@ -24,7 +24,7 @@ mod settings;
 mod topics;
 
 pub use api_events::v1::EventEnvelope;
-pub use consumer::{Consumer, EventHandler, HandleError, ReceivedEvent};
+pub use consumer::{Consumer, EventHandler, HandleError, ReceivedEvent, inbox_purge};
 pub use kafka::{BrokerProbe, producer};
 pub use relay::Relay;
 pub use settings::KafkaSettings;
@@ -43,6 +43,7 @@ pub const MIGRATIONS: database::MigrationSet = database::migrations!(
     [
         "0001_outbox.sql",
         "0002_inbox.sql",
-        "0003_outbox_notify_by_the_writer.sql"
+        "0003_outbox_notify_by_the_writer.sql",
+        "0004_inbox_by_age.sql",
     ]
 );

@@ -47,5 +47,6 @@ pub const MIGRATIONS: database::MigrationSet = database::migrations!(
         "0002_pivot.sql",
         "0003_operator_controls.sql",
         "0004_search.sql",
+        "0005_finished_sagas_by_age.sql",
     ]
 );

@@ -1278,6 +1278,26 @@ pub(crate) async fn listen(pool: &PgPool) -> anyhow::Result<PgListener> {
     Ok(listener)
 }
 
+/// The purge of sagas that completed or compensated longer than
+/// `retention` ago, each with its steps (`ON DELETE CASCADE`: a handful of
+/// rows per saga). A saga still running or compensating, or failed and
+/// waiting for an operator, is never purged.
+///
+/// Keep `retention` longer than the inbox's: together with the inbox row,
+/// a saga's unique business key is what makes a late redelivery of the
+/// event that started it start nothing.
+pub fn finished_purge(retention: Duration) -> database::PurgeTarget {
+    database::PurgeTarget {
+        table: "saga_instances",
+        retention,
+        // Oldest first through `saga_instances_ended_by_age`.
+        statement: "DELETE FROM saga_instances WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM saga_instances
+                        WHERE state IN ('completed', 'compensated') AND finished_at < now() - $1
+                        ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    }
+}
+
 /// Why a fenced write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {

@@ -8,7 +8,8 @@
 //!   reflection (v1 and v1alpha), request timeouts, the telemetry layer and
 //!   graceful shutdown.
 //! - [`Platform`]: the database pool, migrations, Kafka producer and
-//!   background tasks (outbox relay, consumers) of a service.
+//!   background tasks (outbox relay, consumers, the purge job) of a
+//!   service; [`RetentionSettings`]: the purge settings they all share.
 //! - [`client`]: channels to downstream services with telemetry, the
 //!   service's token and a circuit breaker.
 //! - [`status`]: deliberate error-to-status mapping helpers.
@@ -28,6 +29,7 @@ mod health;
 pub mod http;
 pub mod paging;
 mod platform;
+mod retention;
 mod runner;
 mod server;
 pub mod settings;
@@ -35,6 +37,7 @@ pub mod status;
 
 pub use health::{LIVENESS, Readiness, ReadinessCheck};
 pub use platform::Platform;
+pub use retention::RetentionSettings;
 pub use runner::{main, shutdown_signal};
 pub use server::GrpcServer;
 pub use settings::ServerSettings;

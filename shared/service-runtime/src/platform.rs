@@ -92,6 +92,21 @@ impl Platform {
         self.spawn("outbox relay", relay.run(shutdown.clone()));
     }
 
+    /// Starts the purge job: this schema's inbox, then `targets` (the
+    /// service's own tables), every `settings.purge.interval`.
+    pub fn spawn_purge(
+        &mut self,
+        settings: &crate::RetentionSettings,
+        targets: impl IntoIterator<Item = database::PurgeTarget>,
+        shutdown: &CancellationToken,
+    ) {
+        let all = std::iter::once(messaging::inbox_purge(settings.inbox))
+            .chain(targets)
+            .collect();
+        let purger = database::Purger::new(self.pool.clone(), all, settings.purge);
+        self.spawn("purge", purger.run(shutdown.clone()));
+    }
+
     /// Starts a background task that must stop when `shutdown` is cancelled.
     pub fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
         self.tasks.push((name, tokio::spawn(task)));

@@ -50,6 +50,10 @@ pub struct Scenario {
     pub topics: Topics,
 }
 
+/// The auth service's key-encryption key in every test (32 bytes, base64):
+/// tests seal signing keys like a deployment does, with a key of their own.
+pub const TEST_KEY_ENCRYPTION_KEY: &str = "b3JkZXJzYWdhLXRlc3Qta2V5LWVuY3J5cHRpb24tayE=";
+
 /// Consumer groups whose dead-letter topics exist in every scenario: the
 /// orchestrator's `CONSUMER_GROUPS` (testkit sits below the services, so
 /// it cannot name theirs; `deploy/ops`'s tests check the two agree).
@@ -92,6 +96,74 @@ impl Scenario {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
     }
+}
+
+/// Checks that every purge of a service finds its batch through an index
+/// (the plan has no sequential scan), on a fresh database holding the
+/// service's schema as `migrations` leave it (the messaging tables first,
+/// like every service), with the inbox purge that every service runs.
+pub async fn assert_purges_use_indexes(
+    account: &ServiceAccount,
+    migrations: &[database::MigrationSet],
+    targets: Vec<database::PurgeTarget>,
+) -> anyhow::Result<()> {
+    let db = TestEnv::get().await.database().await?;
+    let url = db.provision(account).await?;
+    let settings = database::DatabaseSettings {
+        url: url.parse()?,
+        max_connections: 2,
+        connect_timeout: Duration::from_secs(10),
+    };
+    let pool = database::connect(&settings, account.schema).await?;
+    let mut all = vec![messaging::MIGRATIONS];
+    all.extend_from_slice(migrations);
+    database::migrate(&pool, &all).await?;
+    let targets = std::iter::once(messaging::inbox_purge(Duration::from_secs(60)))
+        .chain(targets)
+        .collect();
+    let purger = database::Purger::new(
+        pool,
+        targets,
+        database::PurgeSettings {
+            interval: Duration::from_secs(60),
+            batch_size: 100,
+        },
+    );
+    let plans = purger.plans().await?;
+    if std::env::var_os("SHOW_PURGE_PLANS").is_some() {
+        for (table, plan) in &plans {
+            eprintln!("{table}:\n{plan}");
+        }
+    }
+    let unindexed: Vec<String> = plans
+        .into_iter()
+        .filter(|(_, plan)| !every_scan_has_a_condition(plan))
+        .map(|(table, plan)| format!("{table}:\n{plan}"))
+        .collect();
+    anyhow::ensure!(
+        unindexed.is_empty(),
+        "purges without an index:\n{}",
+        unindexed.join("\n")
+    );
+    Ok(())
+}
+
+/// Whether every scan of a table in `plan` (EXPLAIN's text) goes through
+/// an index condition (or reads rows by their TIDs): a sequential scan, or
+/// an index scan that walks a whole index, reads the table's history.
+fn every_scan_has_a_condition(plan: &str) -> bool {
+    let lines: Vec<&str> = plan.lines().collect();
+    lines.iter().enumerate().all(|(i, line)| {
+        let scans_a_table = line.contains(" Scan ")
+            && !line.contains("Subquery Scan")
+            && !line.contains("Bitmap Heap Scan")
+            && !line.contains("CTE Scan");
+        !scans_a_table
+            || lines[i + 1..]
+                .iter()
+                .take_while(|detail| !detail.contains("->"))
+                .any(|detail| detail.contains("Index Cond:") || detail.contains("TID Cond:"))
+    })
 }
 
 /// One service binary running in a scenario.

@@ -269,7 +269,7 @@ mod tests {
             let name = binary.name;
             let mut env = vec![json!({"name": "DATABASE_URL"})];
             match name {
-                "auth" => {}
+                "auth" => env.push(json!({"name": "AUTH_KEY_ENCRYPTION_KEY"})),
                 "saga-orchestrator" => {
                     for var in [
                         "AUTH_URL",

@@ -11,6 +11,7 @@ mod abuse;
 #[cfg(target_os = "linux")]
 mod memory;
 mod passwords;
+mod retention;
 mod validation;
 
 use std::net::IpAddr;
@@ -32,7 +33,7 @@ const BINARY: Binary = Binary {
     schema: auth_service::SCHEMA,
     role: auth_service::ROLE,
     services: &["ordersaga.auth.v1.AuthService"],
-    required_env: &[],
+    required_env: &[("AUTH_KEY_ENCRYPTION_KEY", testkit::TEST_KEY_ENCRYPTION_KEY)],
 };
 
 const PASSWORD: &str = "correct horse battery staple";

@@ -5,10 +5,13 @@
 //! - `load`: slow payments in flight do not hold up anyone else's.
 //! - `races`: racing duplicates, voids and refunds of one key charge at
 //!   most once and refund once.
+//! - `retention`: purged claims and provider keys never let a key charge
+//!   twice.
 //! - `validation`: every string field of every RPC is checked at the edge.
 //! - `support`: the running service, its tokens and what its tests inspect.
 
 mod load;
 mod races;
+mod retention;
 mod support;
 mod validation;
