@@ -77,10 +77,10 @@ fn policy() -> Policy {
         .rpc(SERVICE, "CreateOrder", Access::User)
         .rpc(SERVICE, "GetOrder", Access::User)
         .rpc(SERVICE, "ListOrders", Access::User)
-        .rpc(SERVICE, "CancelOrder", Access::User)
+        .rpc(SERVICE, "RequestOrderCancellation", Access::User)
         .rpc(SERVICE, "ConfirmOrder", Access::Service)
         .rpc(SERVICE, "RejectOrder", Access::Service)
-        .rpc(SERVICE, "AbortOrder", Access::Service)
+        .rpc(SERVICE, "CancelOrder", Access::Service)
         .rpc(SERVICE, "RebuildReadModel", Access::Admin)
 }
 
