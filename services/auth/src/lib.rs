@@ -317,7 +317,7 @@ impl Application {
             passwords,
             admission,
             policy,
-            platform.topics.clone(),
+            &platform.topics,
         );
 
         keys::ensure_current(&platform.pool).await?;

@@ -114,10 +114,17 @@ fn data(context: &StepContext) -> Result<OrderData, StepError> {
         .map_err(|error| StepError::Permanent(format!("saga data: {error}")))
 }
 
-/// A request with the attempt's time left as its deadline.
+/// A request with the attempt's time left as its deadline and its id as
+/// its request id.
 fn request<T>(message: T, context: &StepContext) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(context.time_left);
+    // Names this attempt as the cause of the events the call records.
+    if let Ok(id) = context.request_id.parse() {
+        request
+            .metadata_mut()
+            .insert(telemetry::causation::REQUEST_ID_HEADER, id);
+    }
     request
 }
 

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use messaging::EventEnvelope;
+use messaging::{EventEnvelope, Publisher};
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{
     PgArgumentBuffer, PgHasArrayType, PgListener, PgTypeInfo, PgValueRef, Postgres,
@@ -752,7 +752,7 @@ pub(crate) async fn reopen(
 /// Where saga events go, in the caller's transaction.
 #[derive(Clone, Copy)]
 pub(crate) struct Events<'a> {
-    pub(crate) topic: &'a str,
+    pub(crate) publisher: &'a Publisher,
     pub(crate) journal: Option<&'a dyn Journal>,
 }
 
@@ -770,7 +770,7 @@ impl Events<'_> {
         events: &[EventEnvelope],
     ) -> anyhow::Result<()> {
         let Some(journal) = self.journal else {
-            return messaging::outbox::enqueue_all(conn, self.topic, events).await;
+            return self.publisher.enqueue(conn, events).await;
         };
         if events.is_empty() {
             return Ok(());
@@ -781,7 +781,7 @@ impl Events<'_> {
             .filter(|event| !is_step_event(&event.event_type))
             .cloned()
             .collect();
-        messaging::outbox::enqueue_all(conn, self.topic, &published).await
+        self.publisher.enqueue(conn, &published).await
     }
 }
 

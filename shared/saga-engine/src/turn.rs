@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use api_saga::v1 as pb;
 use chrono::{DateTime, Utc};
-use messaging::EventEnvelope;
-use messaging::envelope::EventMeta;
+use messaging::envelope::{Origin, Subject};
+use messaging::{EventEnvelope, Publisher};
 use prost::{Message, Name};
 use sqlx::types::Json;
 use telemetry::CorrelationId;
 
-use crate::definition::{SagaDefinition, Step, StepError};
+use crate::definition::{SagaDefinition, Step, StepError, attempt_id};
 use crate::plan::Transition;
 use crate::store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
 
@@ -31,7 +31,10 @@ pub(crate) enum Count {
 #[derive(Debug)]
 pub(crate) struct Turn {
     pub(crate) saga: SagaRecord,
-    producer: &'static str,
+    publisher: Publisher,
+    /// The id of the step outcome event this turn recorded last: what the
+    /// transitions it leads to (in the same turn) were caused by.
+    cause: Option<String>,
     /// Step executions changed since the last commit, by (step, kind).
     pub(crate) dirty: Vec<(String, Kind)>,
     /// The turn begins forward attempts: they must not begin if a
@@ -49,10 +52,11 @@ pub(crate) struct Turn {
 }
 
 impl Turn {
-    pub(crate) fn new(saga: SagaRecord, producer: &'static str) -> Self {
+    pub(crate) fn new(saga: SagaRecord, publisher: Publisher) -> Self {
         Self {
             saga,
-            producer,
+            publisher,
+            cause: None,
             dirty: Vec::new(),
             begins_forward: false,
             begins_pivot: false,
@@ -67,6 +71,7 @@ impl Turn {
     pub(crate) fn committed(&mut self) -> Vec<Count> {
         self.dirty.clear();
         self.events.clear();
+        self.cause = None;
         self.begins_forward = false;
         self.begins_pivot = false;
         self.clears_request = false;
@@ -174,7 +179,7 @@ impl Turn {
                     attempts: attempt,
                     duration: prost_types::Duration::try_from(took).ok(),
                 };
-                self.emit(&event);
+                self.emit_outcome(&event, step, kind, attempt);
             }
             Err(error) => {
                 let (delay, spent) = match &error {
@@ -242,7 +247,7 @@ impl Turn {
                     will_retry,
                     outcome_unknown: record.outcome_unknown,
                 };
-                self.emit(&event);
+                self.emit_outcome(&event, step, kind, attempt);
             }
         }
     }
@@ -307,7 +312,9 @@ impl Turn {
                     outcome_unknown: record.outcome_unknown,
                 };
                 self.counts.push(Count::PastDeadline(step, kind));
-                self.emit(&event);
+                // Caused by the clock, not by an attempt; what it leads to
+                // in this turn is caused by it.
+                self.cause = Some(self.emit(&event));
             }
             Transition::Compensated => {
                 let reason = self.saga.instance.failure_reason.clone();
@@ -348,36 +355,58 @@ impl Turn {
         self.counts.push(Count::Finished(state));
     }
 
-    fn emit<M: Message + Name>(&mut self, event: &M) {
+    /// Records a step's outcome: caused by the attempt (its id is the
+    /// `x-request-id` of the attempt's calls), and the cause of the
+    /// transitions it leads to.
+    fn emit_outcome<M: Message + Name>(
+        &mut self,
+        event: &M,
+        step: &Step,
+        kind: Kind,
+        attempt: u32,
+    ) {
+        let attempt = attempt_id(self.saga.instance.saga_id, step.name, kind, attempt);
+        self.cause = Some(self.emit_caused(event, Some(attempt)));
+    }
+
+    /// Records a transition's event, caused by the step outcome this turn
+    /// recorded (none when an operator's request or a timer led to it).
+    /// Returns its event id.
+    fn emit<M: Message + Name>(&mut self, event: &M) -> String {
+        self.emit_caused(event, self.cause.clone())
+    }
+
+    fn emit_caused<M: Message + Name>(
+        &mut self,
+        event: &M,
+        causation_id: Option<String>,
+    ) -> String {
         let instance = &self.saga.instance;
         let envelope = saga_event(
-            self.producer,
+            &self.publisher,
             instance.saga_id,
             &instance.correlation_id,
+            causation_id,
             event,
         );
+        let event_id = envelope.event_id.clone();
         self.events.push(envelope);
+        event_id
     }
 }
 
 /// A saga event, sealed for the outbox.
 pub(crate) fn saga_event<M: Message + Name>(
-    producer: &'static str,
+    publisher: &Publisher,
     saga_id: uuid::Uuid,
     correlation_id: &str,
+    causation_id: Option<String>,
     event: &M,
 ) -> EventEnvelope {
-    messaging::envelope::seal(
-        EventMeta {
-            producer,
-            aggregate_type: "saga",
-            aggregate_id: saga_id.to_string(),
-            aggregate_version: 0,
-            correlation_id: CorrelationId::parse(correlation_id)
-                .unwrap_or_else(CorrelationId::generate),
-            causation_id: None,
-        },
-        1,
-        event,
-    )
+    let origin = Origin {
+        correlation_id: CorrelationId::parse(correlation_id)
+            .unwrap_or_else(CorrelationId::generate),
+        causation_id,
+    };
+    publisher.seal(Subject::unversioned("saga", &saga_id), origin, 1, event)
 }
