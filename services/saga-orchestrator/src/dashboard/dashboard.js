@@ -21,7 +21,7 @@ function row(cells) {
 function fill(id, rows, empty) {
   if (rows.length === 0) {
     const cell = document.createElement("td");
-    cell.colSpan = 4;
+    cell.colSpan = $(id).closest("table").tHead.rows[0].cells.length;
     cell.className = "empty";
     cell.textContent = empty;
     const tr = document.createElement("tr");
