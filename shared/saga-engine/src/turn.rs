@@ -285,6 +285,12 @@ impl Turn {
                 self.emit(&pb::SagaCompleted { saga_id, order_id });
             }
             Transition::Compensate { reason } => {
+                // Asked for (by the customer or an operator, in an earlier
+                // transaction) rather than led to by this turn's outcome:
+                // that outcome is not its cause.
+                if self.saga.instance.compensation_requested.is_some() {
+                    self.cause = None;
+                }
                 let instance = &mut self.saga.instance;
                 instance.state = SagaState::Compensating;
                 instance.failure_reason = Some(reason.clone());
@@ -409,4 +415,138 @@ pub(crate) fn saga_event<M: Message + Name>(
         causation_id,
     };
     publisher.seal(Subject::unversioned("saga", &saga_id), origin, 1, event)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures::FutureExt as _;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::definition::{FnAction, RetryPolicy, Settle};
+    use crate::store::Instance;
+
+    fn nothing(
+        _: &crate::StepContext,
+    ) -> futures::future::BoxFuture<'_, Result<serde_json::Value, StepError>> {
+        async { Ok(serde_json::Value::Null) }.boxed()
+    }
+
+    fn step() -> Step {
+        let retry = RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+        };
+        Step {
+            name: "charge",
+            action: Some(Arc::new(FnAction(nothing))),
+            compensation: None,
+            retry,
+            compensation_retry: retry,
+            attempt_timeout: Duration::from_secs(1),
+            compensation_attempt_timeout: Duration::from_secs(1),
+            deadline: Duration::from_secs(10),
+            settle: Settle::ByRepeating,
+        }
+    }
+
+    fn turn(compensation_requested: Option<&str>) -> Turn {
+        let now = Utc::now();
+        let saga = SagaRecord {
+            instance: Instance {
+                saga_id: Uuid::now_v7(),
+                saga_type: "test".into(),
+                business_key: "k".into(),
+                state: SagaState::Running,
+                data: Json(serde_json::Value::Null),
+                correlation_id: "flow-1".into(),
+                position: 0,
+                failure_reason: None,
+                compensation_requested: compensation_requested.map(str::to_owned),
+                forward_only_since: None,
+                overdue_step: None,
+                overdue_since: None,
+                next_run_at: None,
+                lease_owner: None,
+                lease_expires_at: None,
+                fence: 1,
+                created_at: now,
+                updated_at: now,
+                finished_at: None,
+            },
+            steps: vec![],
+        };
+        Turn::new(saga, Publisher::new("test", "test.saga.events"))
+    }
+
+    /// A step fails for good, then the saga turns back in the same turn.
+    fn fail_then_compensate(turn: &mut Turn) -> (String, String) {
+        let step = step();
+        let definition = SagaDefinition {
+            name: "test",
+            groups: vec![vec![step.clone()]],
+            pivot: None,
+        };
+        let now = Utc::now();
+        let (attempt, deadline) = turn.begin(&step, Kind::Action, now);
+        turn.outcome(
+            &step,
+            Kind::Action,
+            false,
+            attempt,
+            deadline,
+            Err(StepError::Permanent("declined".into())),
+            Duration::from_millis(5),
+            now,
+        );
+        let reason = "charge: declined".to_owned();
+        turn.transition(&definition, Transition::Compensate { reason }, now);
+        let [failed, turned] = turn.events.as_slice() else {
+            panic!("two events: {:?}", turn.events);
+        };
+        assert_eq!(failed.event_type, pb::SagaStepFailed::full_name());
+        assert_eq!(turned.event_type, pb::SagaCompensationStarted::full_name());
+        assert_eq!(
+            failed.causation_id,
+            format!("{}/charge/action/1", turn.saga.instance.saga_id),
+            "a step's outcome names its attempt"
+        );
+        (failed.event_id.clone(), turned.causation_id.clone())
+    }
+
+    #[test]
+    fn a_transition_names_the_outcome_that_led_to_it() {
+        let mut turn = turn(None);
+        let (failed, cause) = fail_then_compensate(&mut turn);
+        assert_eq!(cause, failed);
+        assert!(
+            turn.events
+                .iter()
+                .all(|event| event.correlation_id == "flow-1")
+        );
+    }
+
+    #[test]
+    fn a_compensation_asked_for_earlier_names_no_outcome_of_this_turn() {
+        let mut turn = turn(Some("customer cancelled"));
+        let (_, cause) = fail_then_compensate(&mut turn);
+        assert_eq!(cause, "");
+    }
+
+    #[test]
+    fn a_committed_turn_forgets_its_cause() {
+        let mut turn = turn(None);
+        fail_then_compensate(&mut turn);
+        turn.committed();
+        let definition = SagaDefinition {
+            name: "test",
+            groups: vec![vec![step()]],
+            pivot: None,
+        };
+        turn.transition(&definition, Transition::Compensated, Utc::now());
+        assert_eq!(turn.events[0].causation_id, "");
+    }
 }
