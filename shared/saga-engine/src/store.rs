@@ -216,6 +216,36 @@ pub struct Instance {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+#[cfg(test)]
+impl Instance {
+    /// A saga's row as the pure rules' tests start from: `state` at
+    /// `position`, nothing requested, failed or leased.
+    pub(crate) fn for_test(state: SagaState, position: i32) -> Self {
+        let now = Utc::now();
+        Self {
+            saga_id: Uuid::nil(),
+            saga_type: "test".into(),
+            business_key: "k".into(),
+            state,
+            data: Json(serde_json::Value::Null),
+            correlation_id: "c".into(),
+            position,
+            failure_reason: None,
+            compensation_requested: None,
+            forward_only_since: None,
+            overdue_step: None,
+            overdue_since: None,
+            next_run_at: None,
+            lease_owner: None,
+            lease_expires_at: None,
+            fence: 1,
+            created_at: now,
+            updated_at: now,
+            finished_at: None,
+        }
+    }
+}
+
 /// One execution of a step's action or compensation.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StepRecord {

@@ -454,28 +454,12 @@ mod tests {
     }
 
     fn turn(compensation_requested: Option<&str>) -> Turn {
-        let now = Utc::now();
         let saga = SagaRecord {
             instance: Instance {
                 saga_id: Uuid::now_v7(),
-                saga_type: "test".into(),
-                business_key: "k".into(),
-                state: SagaState::Running,
-                data: Json(serde_json::Value::Null),
                 correlation_id: "flow-1".into(),
-                position: 0,
-                failure_reason: None,
                 compensation_requested: compensation_requested.map(str::to_owned),
-                forward_only_since: None,
-                overdue_step: None,
-                overdue_since: None,
-                next_run_at: None,
-                lease_owner: None,
-                lease_expires_at: None,
-                fence: 1,
-                created_at: now,
-                updated_at: now,
-                finished_at: None,
+                ..Instance::for_test(SagaState::Running, 0)
             },
             steps: vec![],
         };
