@@ -57,7 +57,7 @@ pub enum Entry {
         message: String,
         at_ms: i64,
     },
-    /// A customer's CancelOrder, and how it was answered (`ok`, or the
+    /// A customer's RequestOrderCancellation, and how it was answered (`ok`, or the
     /// status code of a refusal).
     Cancel {
         order_id: Uuid,
@@ -111,7 +111,7 @@ pub struct Record {
     pub refused: HashMap<String, String>,
     /// Keys a later load client sent again, with when it first did.
     pub resent: HashMap<String, i64>,
-    /// CancelOrder outcomes, by outcome.
+    /// RequestOrderCancellation outcomes, by outcome.
     pub cancels: BTreeMap<String, u64>,
     /// CompensateSaga outcomes, by outcome.
     pub compensations: BTreeMap<String, u64>,

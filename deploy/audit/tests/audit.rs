@@ -166,10 +166,13 @@ impl World {
             .await
             .unwrap();
         let mut stream = Stream::<Order>::new(order_id);
+        // Stored history only: appended without publishing.
         let writer = Writer {
-            producer: "order",
-            correlation_id: telemetry::CorrelationId::generate(),
-            causation_id: None,
+            publisher: messaging::Publisher::new("order", "order.events"),
+            origin: messaging::envelope::Origin {
+                correlation_id: telemetry::CorrelationId::generate(),
+                causation_id: None,
+            },
         };
         append(&mut tx, &mut stream, events, &writer).await.unwrap();
         sqlx::query(

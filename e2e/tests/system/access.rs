@@ -10,7 +10,7 @@ use access_control::{Scope, Scopes};
 use api_auth::v1::{GetPublicKeysRequest, IssueServiceTokenRequest, RotateSigningKeyRequest};
 use api_common::v1::Money;
 use api_order::v1::{
-    AbortOrderRequest, ConfirmOrderRequest, GetOrderRequest, OrderStatus, RejectOrderRequest,
+    CancelOrderRequest, ConfirmOrderRequest, GetOrderRequest, OrderStatus, RejectOrderRequest,
 };
 use api_payment::v1::refund_payment_request::Target;
 use api_payment::v1::{
@@ -600,13 +600,13 @@ async fn each_internal_rpc_requires_its_scope_and_without_it_writes_nothing() {
 
     let aborted = requires(stack, &tokens, Scope::OrdersSettle, |token| {
         let request = bearer(
-            AbortOrderRequest {
+            CancelOrderRequest {
                 order_id: to_abort.order_id.clone(),
                 reason: "called off".into(),
             },
             &token,
         );
-        async move { stack.orders().await.abort_order(request).await }
+        async move { stack.orders().await.cancel_order(request).await }
     })
     .await
     .unwrap();

@@ -561,8 +561,8 @@ async fn hostile_fields_at_the_order_service_are_invalid_arguments() {
         found.refused(case, orders.create_order(create(change)).await, field);
     }
 
-    // GetOrder, CancelOrder, and the service's ConfirmOrder, RejectOrder
-    // and AbortOrder.
+    // GetOrder, RequestOrderCancellation, and the service's ConfirmOrder, RejectOrder
+    // and CancelOrder.
     for (case, id) in [("NUL id", NUL.to_owned()), ("huge id", huge())] {
         let request = order::GetOrderRequest {
             order_id: id.clone(),
@@ -572,13 +572,15 @@ async fn hostile_fields_at_the_order_service_are_invalid_arguments() {
             orders.get_order(bearer(request, &customer)).await,
             "order_id",
         );
-        let request = order::CancelOrderRequest {
+        let request = order::RequestOrderCancellationRequest {
             order_id: id.clone(),
             reason: String::new(),
         };
         found.refused(
             case,
-            orders.cancel_order(bearer(request, &customer)).await,
+            orders
+                .request_order_cancellation(bearer(request, &customer))
+                .await,
             "order_id",
         );
         let request = order::ConfirmOrderRequest {
@@ -608,13 +610,13 @@ async fn hostile_fields_at_the_order_service_are_invalid_arguments() {
             orders.reject_order(bearer(request, &service)).await,
             "order_id",
         );
-        let request = order::AbortOrderRequest {
+        let request = order::CancelOrderRequest {
             order_id: id,
             reason: "aborted".into(),
         };
         found.refused(
             case,
-            orders.abort_order(bearer(request, &service)).await,
+            orders.cancel_order(bearer(request, &service)).await,
             "order_id",
         );
     }
@@ -624,13 +626,15 @@ async fn hostile_fields_at_the_order_service_are_invalid_arguments() {
         ("huge reason", huge()),
         ("501 characters", "é".repeat(501)),
     ] {
-        let request = order::CancelOrderRequest {
+        let request = order::RequestOrderCancellationRequest {
             order_id: order_id.clone(),
             reason: reason.clone(),
         };
         found.refused(
             case,
-            orders.cancel_order(bearer(request, &customer)).await,
+            orders
+                .request_order_cancellation(bearer(request, &customer))
+                .await,
             "reason",
         );
         let request = order::RejectOrderRequest {
@@ -642,13 +646,13 @@ async fn hostile_fields_at_the_order_service_are_invalid_arguments() {
             orders.reject_order(bearer(request, &service)).await,
             "reason",
         );
-        let request = order::AbortOrderRequest {
+        let request = order::CancelOrderRequest {
             order_id: order_id.clone(),
             reason,
         };
         found.refused(
             case,
-            orders.abort_order(bearer(request, &service)).await,
+            orders.cancel_order(bearer(request, &service)).await,
             "reason",
         );
     }

@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use api_order::v1::{
-    AbortOrderRequest, CancelOrderRequest, ConfirmOrderRequest, CreateOrderRequest,
-    GetOrderRequest, ListOrdersRequest, Order, OrderStatus, RebuildReadModelRequest,
-    RejectOrderRequest,
+    CancelOrderRequest, ConfirmOrderRequest, CreateOrderRequest, GetOrderRequest,
+    ListOrdersRequest, Order, OrderStatus, RebuildReadModelRequest, RejectOrderRequest,
+    RequestOrderCancellationRequest,
 };
 use dev_stack::header;
 use e2e::{Stack, line, order_request};
@@ -293,14 +293,14 @@ async fn another_customers_order_is_invisible() {
             .code(),
         Code::NotFound
     );
-    let cancel = CancelOrderRequest {
+    let cancel = RequestOrderCancellationRequest {
         order_id: order.order_id.clone(),
         reason: String::new(),
     };
     let error = stack
         .orders()
         .await
-        .cancel_order(bearer(cancel, &stranger))
+        .request_order_cancellation(bearer(cancel, &stranger))
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::NotFound);
@@ -341,14 +341,14 @@ async fn orders_are_listed_newest_first_in_pages_and_filtered_by_status() {
             .order_id,
         );
     }
-    let cancel = CancelOrderRequest {
+    let cancel = RequestOrderCancellationRequest {
         order_id: created[2].clone(),
         reason: "changed my mind".into(),
     };
     stack
         .orders()
         .await
-        .cancel_order(bearer(cancel, &token))
+        .request_order_cancellation(bearer(cancel, &token))
         .await
         .unwrap();
 
@@ -477,12 +477,12 @@ async fn the_command_paths_of_an_order() {
             .code(),
         Code::FailedPrecondition
     );
-    let cancel = CancelOrderRequest {
+    let cancel = RequestOrderCancellationRequest {
         order_id: paid.order_id.clone(),
         reason: String::new(),
     };
     let error = orders
-        .cancel_order(bearer(cancel, &customer))
+        .request_order_cancellation(bearer(cancel, &customer))
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::FailedPrecondition);
@@ -511,31 +511,31 @@ async fn the_command_paths_of_an_order() {
     let unwanted = create(&stack, &customer, order_request("unwanted", "tok_visa"))
         .await
         .unwrap();
-    let cancel = CancelOrderRequest {
+    let cancel = RequestOrderCancellationRequest {
         order_id: unwanted.order_id.clone(),
         reason: "changed my mind".into(),
     };
     let requested = orders
-        .cancel_order(bearer(cancel.clone(), &customer))
+        .request_order_cancellation(bearer(cancel.clone(), &customer))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(requested.status(), OrderStatus::CancellationRequested);
     assert_eq!(
         orders
-            .cancel_order(bearer(cancel, &customer))
+            .request_order_cancellation(bearer(cancel, &customer))
             .await
             .unwrap()
             .into_inner()
             .version,
         2
     );
-    let abort = AbortOrderRequest {
+    let abort = CancelOrderRequest {
         order_id: unwanted.order_id.clone(),
         reason: "cancelled by the customer".into(),
     };
     let cancelled = orders
-        .abort_order(bearer(abort, &service))
+        .cancel_order(bearer(abort, &service))
         .await
         .unwrap()
         .into_inner();
@@ -606,11 +606,13 @@ async fn fifty_concurrent_commands_on_one_order_leave_one_outcome_and_no_gap() {
                     };
                     orders.confirm_order(bearer(request, service)).await
                 } else {
-                    let request = CancelOrderRequest {
+                    let request = RequestOrderCancellationRequest {
                         order_id: order_id.clone(),
                         reason: String::new(),
                     };
-                    orders.cancel_order(bearer(request, customer)).await
+                    orders
+                        .request_order_cancellation(bearer(request, customer))
+                        .await
                 };
                 outcome
                     .map(|reply| reply.into_inner().status())
@@ -689,19 +691,22 @@ async fn the_rebuilt_read_model_equals_the_live_one() {
                     .unwrap();
             }
             _ => {
-                let request = CancelOrderRequest {
+                let request = RequestOrderCancellationRequest {
                     order_id: order_id.clone(),
                     reason: "too slow".into(),
                 };
                 orders
-                    .cancel_order(bearer(request, &customer))
+                    .request_order_cancellation(bearer(request, &customer))
                     .await
                     .unwrap();
-                let request = AbortOrderRequest {
+                let request = CancelOrderRequest {
                     order_id,
                     reason: "cancelled by the customer".into(),
                 };
-                orders.abort_order(bearer(request, &service)).await.unwrap();
+                orders
+                    .cancel_order(bearer(request, &service))
+                    .await
+                    .unwrap();
             }
         }
     }
@@ -797,14 +802,14 @@ async fn orders_stored_in_the_old_event_form_are_read_through_the_upcaster() {
     );
     assert_eq!(order.correlation_id, "legacy-flow");
     // ...and so does a command, which loads the aggregate from the stream.
-    let cancel = CancelOrderRequest {
+    let cancel = RequestOrderCancellationRequest {
         order_id: order_id.to_string(),
         reason: String::new(),
     };
     let cancelled = stack
         .orders()
         .await
-        .cancel_order(bearer(cancel, &customer))
+        .request_order_cancellation(bearer(cancel, &customer))
         .await
         .unwrap()
         .into_inner();

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use api_order::v1::order_service_client::OrderServiceClient;
-use api_order::v1::{CancelOrderRequest, CreateOrderRequest};
+use api_order::v1::{CreateOrderRequest, RequestOrderCancellationRequest};
 use dev_stack::{ServiceProcess, ServingStatus};
 use e2e::{BINARIES, order_request};
 use futures::StreamExt as _;
@@ -150,12 +150,14 @@ async fn replicas_survive_a_killed_orchestrator_and_keep_the_money_right() {
                     .unwrap()
                     .into_inner();
                 if n % 23 == 0 {
-                    let cancel = CancelOrderRequest {
+                    let cancel = RequestOrderCancellationRequest {
                         order_id: order.order_id.clone(),
                         reason: "changed my mind".into(),
                     };
                     // Refused if the order was confirmed first: either is fine.
-                    let _ = client.cancel_order(bearer(cancel, &token)).await;
+                    let _ = client
+                        .request_order_cancellation(bearer(cancel, &token))
+                        .await;
                 }
                 order.order_id
             }

@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use api_order::v1::{AbortOrderRequest, CancelOrderRequest, GetOrderRequest, Order, OrderStatus};
+use api_order::v1::{
+    CancelOrderRequest, GetOrderRequest, Order, OrderStatus, RequestOrderCancellationRequest,
+};
 use api_payment::v1::{ListPaymentsByOrderRequest, ListPaymentsByOrderResponse, PaymentStatus};
 use api_saga::v1::step_execution::{Kind, Status};
 use api_saga::v1::{CompensateSagaRequest, RetrySagaRequest, Saga, SagaState};
@@ -227,14 +229,14 @@ async fn a_confirmation_that_fails_after_the_charge_refunds_it_then_cancels() {
         .saga_reaching(&placed.order_id, "process-payment", SETTLE)
         .await
         .unwrap();
-    let close = AbortOrderRequest {
+    let close = CancelOrderRequest {
         order_id: placed.order_id.clone(),
         reason: "closed by another process".into(),
     };
     stack
         .orders()
         .await
-        .abort_order(bearer(close, &service))
+        .cancel_order(bearer(close, &service))
         .await
         .unwrap();
 
@@ -285,14 +287,14 @@ async fn a_customer_cancelling_mid_flight_gets_the_charge_back() {
         .saga_reaching(&placed.order_id, "process-payment", SETTLE)
         .await
         .unwrap();
-    let cancel = CancelOrderRequest {
+    let cancel = RequestOrderCancellationRequest {
         order_id: placed.order_id.clone(),
         reason: "found it cheaper".into(),
     };
     let requested = stack
         .orders()
         .await
-        .cancel_order(bearer(cancel, &customer))
+        .request_order_cancellation(bearer(cancel, &customer))
         .await
         .unwrap()
         .into_inner();

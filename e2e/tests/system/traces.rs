@@ -1,11 +1,13 @@
 //! TraceService: every service's events of one flow, in order, for a happy
-//! and a compensated saga; a live tail; the flows in progress.
+//! and a compensated saga, each naming its cause; a live tail; the flows in
+//! progress.
 
 use std::time::Duration;
 
+use api_order::v1::GetOrderRequest;
 use api_trace::v1::{
     GetTraceByCorrelationRequest, GetTraceByOrderRequest, ListActiveFlowsRequest,
-    StreamEventsRequest, Trace,
+    StreamEventsRequest, Trace, TraceEvent,
 };
 use e2e::{Stack, order_request};
 use futures::StreamExt as _;
@@ -331,4 +333,227 @@ async fn flows_in_progress_are_listed_with_their_current_step() {
     );
     assert_eq!(flow.correlation_id, order.correlation_id);
     assert!(flow.age.is_some());
+}
+
+/// What caused `event`, from the trace: the event of the trace it names
+/// (with its position), if it names one.
+fn cause_in<'a>(trace: &'a Trace, event: &TraceEvent) -> Option<(usize, &'a TraceEvent)> {
+    trace
+        .events
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.event_id == event.causation_id)
+}
+
+/// The one event of `trace` of the short type `wanted` whose causation
+/// starts with `prefix`.
+fn caused_by<'a>(trace: &'a Trace, wanted: &str, prefix: &str) -> &'a TraceEvent {
+    let found: Vec<&TraceEvent> = trace
+        .events
+        .iter()
+        .filter(|e| e.event_type.ends_with(&format!(".{wanted}")))
+        .filter(|e| e.causation_id.starts_with(prefix))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one {wanted} caused by {prefix}…: {:#?}",
+        trace.events
+    );
+    found[0]
+}
+
+/// Every event of a trace names its cause: an earlier event of the same
+/// trace, the client's request, or one attempt of a step of the saga.
+fn assert_every_cause_is_known(trace: &Trace, saga_id: &str, client_request: &str) {
+    let attempt = is_attempt_of(saga_id);
+    for (position, event) in trace.events.iter().enumerate() {
+        match cause_in(trace, event) {
+            Some((cause, _)) => assert!(
+                cause < position,
+                "{} names a later event as its cause",
+                event.event_type
+            ),
+            None => assert!(
+                event.causation_id == client_request || attempt(&event.causation_id),
+                "{} names an unknown cause {:?}",
+                event.event_type,
+                event.causation_id
+            ),
+        }
+    }
+}
+
+/// Whether `id` names an attempt of a step of saga `saga_id`:
+/// `<saga id>/<step>/<action|compensation>/<attempt>`.
+fn is_attempt_of(saga_id: &str) -> impl Fn(&str) -> bool + '_ {
+    move |id: &str| {
+        let parts: Vec<&str> = id.split('/').collect();
+        matches!(
+            parts.as_slice(),
+            [saga, step, "action" | "compensation", attempt]
+                if *saga == saga_id
+                    && ["open-order", "process-payment", "confirm-order"].contains(step)
+                    && attempt.parse::<u32>().is_ok_and(|n| n >= 1)
+        )
+    }
+}
+
+#[tokio::test]
+async fn each_event_names_the_event_or_request_that_caused_it() {
+    let stack = Stack::start().await.unwrap();
+    let customer = stack
+        .customer_token("trace-causes@example.com")
+        .await
+        .unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    let mut orders = stack.orders().await;
+
+    // The client names its request; the answer echoes the name.
+    let mut create = bearer(order_request("t-causes", "tok_visa"), &customer);
+    create
+        .metadata_mut()
+        .insert("x-request-id", "client-request-1".parse().unwrap());
+    let created = orders.create_order(create).await.unwrap();
+    assert_eq!(
+        created.metadata().get("x-request-id").unwrap(),
+        "client-request-1"
+    );
+    let order = created.into_inner();
+    // A request without a name gets a fresh UUIDv7.
+    let unnamed = orders
+        .get_order(bearer(
+            GetOrderRequest {
+                order_id: order.order_id.clone(),
+            },
+            &customer,
+        ))
+        .await
+        .unwrap();
+    let generated = unnamed.metadata().get("x-request-id").unwrap();
+    let generated = uuid::Uuid::parse_str(generated.to_str().unwrap()).unwrap();
+    assert_eq!(generated.get_version_num(), 7);
+
+    let trace = trace_with(
+        &stack,
+        &admin,
+        &order.order_id,
+        &[
+            "OrderPlaced",
+            "PaymentCaptured",
+            "OrderConfirmed",
+            "SagaCompleted",
+        ],
+    )
+    .await;
+    let of_type = |wanted: &str| {
+        trace
+            .events
+            .iter()
+            .find(|e| e.event_type.ends_with(&format!(".{wanted}")))
+            .unwrap_or_else(|| panic!("no {wanted}: {:#?}", trace.events))
+    };
+    let placed = of_type("OrderPlaced");
+    assert_eq!(
+        placed.causation_id, "client-request-1",
+        "the client's request"
+    );
+    let started = of_type("SagaStarted");
+    assert_eq!(
+        started.causation_id, placed.event_id,
+        "the saga is started by the placement it consumed"
+    );
+    let saga_id = started.aggregate_id.as_str();
+
+    // Each step's outcome names its attempt, which is also the request id
+    // of the attempt's call, so what the call recorded names it too.
+    let opened = caused_by(
+        &trace,
+        "SagaStepSucceeded",
+        &format!("{saga_id}/open-order/action/"),
+    );
+    let charged = caused_by(
+        &trace,
+        "SagaStepSucceeded",
+        &format!("{saga_id}/process-payment/action/"),
+    );
+    let confirmed_step = caused_by(
+        &trace,
+        "SagaStepSucceeded",
+        &format!("{saga_id}/confirm-order/action/"),
+    );
+    assert_ne!(opened.event_id, charged.event_id);
+    assert_eq!(
+        of_type("PaymentCaptured").causation_id,
+        charged.causation_id
+    );
+    assert_eq!(
+        of_type("OrderConfirmed").causation_id,
+        confirmed_step.causation_id
+    );
+    assert_eq!(
+        of_type("SagaCompleted").causation_id,
+        confirmed_step.event_id,
+        "the saga completes because its last step succeeded"
+    );
+    assert_every_cause_is_known(&trace, saga_id, "client-request-1");
+
+    // A declined payment: the compensation is caused by the failed step,
+    // and the rejection by the compensation's attempt.
+    let declined = orders
+        .create_order(bearer(
+            order_request("t-causes-declined", "tok_declined"),
+            &customer,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let trace = trace_with(
+        &stack,
+        &admin,
+        &declined.order_id,
+        &["PaymentDeclined", "OrderRejected", "SagaCompensated"],
+    )
+    .await;
+    let started = trace
+        .events
+        .iter()
+        .find(|e| e.event_type.ends_with(".SagaStarted"))
+        .unwrap();
+    let saga_id = started.aggregate_id.as_str();
+    let placed_request = trace.events[0].causation_id.clone();
+    assert!(!placed_request.is_empty());
+    let failed = caused_by(
+        &trace,
+        "SagaStepFailed",
+        &format!("{saga_id}/process-payment/action/"),
+    );
+    assert_eq!(
+        caused_by(
+            &trace,
+            "PaymentDeclined",
+            &format!("{saga_id}/process-payment/action/")
+        )
+        .causation_id,
+        failed.causation_id
+    );
+    assert_eq!(
+        caused_by(&trace, "SagaCompensationStarted", "").causation_id,
+        failed.event_id,
+        "the saga turns back because the charge failed"
+    );
+    let closed = caused_by(
+        &trace,
+        "SagaStepSucceeded",
+        &format!("{saga_id}/open-order/compensation/"),
+    );
+    assert_eq!(
+        caused_by(&trace, "OrderRejected", "").causation_id,
+        closed.causation_id
+    );
+    assert_eq!(
+        caused_by(&trace, "SagaCompensated", "").causation_id,
+        closed.event_id
+    );
+    assert_every_cause_is_known(&trace, saga_id, &placed_request);
 }

@@ -9,10 +9,9 @@ use std::time::Duration;
 use access_control::{Role, Scopes, TokenSettings};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use messaging::Topics;
-use messaging::envelope::EventMeta;
+use messaging::envelope::Subject;
+use messaging::{Publisher, Topics};
 use sqlx::{PgConnection, PgPool};
-use telemetry::CorrelationId;
 use uuid::Uuid;
 
 use crate::clients::ServiceClients;
@@ -156,7 +155,7 @@ pub(crate) struct Auth {
     passwords: Passwords,
     admission: Admission,
     policy: Arc<AuthPolicy>,
-    topics: Topics,
+    user_events: Publisher,
 }
 
 impl Auth {
@@ -165,14 +164,14 @@ impl Auth {
         passwords: Passwords,
         admission: Admission,
         policy: AuthPolicy,
-        topics: Topics,
+        topics: &Topics,
     ) -> Self {
         Self {
             pool,
             passwords,
             admission,
             policy: Arc::new(policy),
-            topics,
+            user_events: Publisher::new(NAME, topics.user_events()),
         }
     }
 
@@ -207,9 +206,16 @@ impl Auth {
             .context("committing the registration count")?;
         let hash = self.passwords.hash(password).await?;
         let mut tx = self.pool.begin().await.context("starting a transaction")?;
-        let user_id = insert_user(&mut tx, email, name, &hash, Role::Customer, &self.topics)
-            .await?
-            .ok_or(RegisterError::EmailTaken)?;
+        let user_id = insert_user(
+            &mut tx,
+            email,
+            name,
+            &hash,
+            Role::Customer,
+            &self.user_events,
+        )
+        .await?
+        .ok_or(RegisterError::EmailTaken)?;
         tx.commit().await.context("committing the registration")?;
         Ok(user_id)
     }
@@ -224,7 +230,7 @@ impl Auth {
         let hash = self.passwords.hash(password).await?;
         let name = DisplayName::parse("Administrator").map_err(anyhow::Error::msg)?;
         let mut tx = self.pool.begin().await?;
-        if insert_user(&mut tx, email, &name, &hash, Role::Admin, &self.topics)
+        if insert_user(&mut tx, email, &name, &hash, Role::Admin, &self.user_events)
             .await?
             .is_some()
         {
@@ -621,7 +627,7 @@ async fn insert_user(
     name: &DisplayName,
     password_hash: &str,
     role: Role,
-    topics: &Topics,
+    user_events: &Publisher,
 ) -> anyhow::Result<Option<Uuid>> {
     let user_id = Uuid::now_v7();
     let inserted = sqlx::query(
@@ -646,20 +652,9 @@ async fn insert_user(
         display_name: name.as_str().to_owned(),
         role: role.as_str().to_owned(),
     };
-    let envelope = messaging::envelope::seal(
-        EventMeta {
-            producer: NAME,
-            aggregate_type: "user",
-            aggregate_id: user_id.to_string(),
-            aggregate_version: 0,
-            correlation_id: telemetry::correlation::current()
-                .unwrap_or_else(CorrelationId::generate),
-            causation_id: None,
-        },
-        1,
-        &event,
-    );
-    messaging::outbox::enqueue(conn, &topics.user_events(), &envelope).await?;
+    user_events
+        .publish(conn, Subject::unversioned("user", &user_id), 1, &event)
+        .await?;
     Ok(Some(user_id))
 }
 

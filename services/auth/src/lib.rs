@@ -340,7 +340,7 @@ impl Application {
             passwords,
             admission,
             policy,
-            platform.topics.clone(),
+            &platform.topics,
         );
 
         keys::secure_at_rest(&platform.pool, &config.key_encryption_key).await?;

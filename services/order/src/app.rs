@@ -1,10 +1,11 @@
 //! The order service's use cases, independent of gRPC.
 
 use anyhow::Context as _;
+use messaging::Publisher;
+use messaging::envelope::Origin;
 use service_runtime::paging::PageRequest;
 use service_runtime::{fields, status};
 use sqlx::PgPool;
-use telemetry::CorrelationId;
 use uuid::Uuid;
 
 use crate::NAME;
@@ -62,7 +63,7 @@ pub(crate) enum CommandError {
 #[derive(Debug, Clone)]
 pub(crate) struct Orders {
     pool: PgPool,
-    projection: OrderProjection,
+    order_events: Publisher,
     retry: Retry,
 }
 
@@ -87,9 +88,7 @@ impl Orders {
     pub(crate) fn new(pool: PgPool, events_topic: String, retry: Retry) -> Self {
         Self {
             pool,
-            projection: OrderProjection {
-                topic: events_topic,
-            },
+            order_events: Publisher::new(NAME, events_topic),
             retry,
         }
     }
@@ -129,10 +128,10 @@ impl Orders {
             .state
             .decide(&OrderCommand::Place(placed))
             .map_err(|error| anyhow::anyhow!("a new stream refused a placement: {error}"))?;
-        event_store::append(&mut tx, &mut stream, events, &writer())
+        event_store::append_and_publish(&mut tx, &mut stream, events, &self.writer())
             .await
             .map_err(|error| anyhow::anyhow!("appending to a new stream: {error}"))?;
-        self.projection.apply(&mut tx, &stream, 1).await?;
+        OrderProjection.apply(&mut tx, &stream, 1).await?;
         tx.commit().await.context("committing the new order")?;
         Ok(read_model::view_of(&stream).context("a placed order has a view")?)
     }
@@ -187,8 +186,8 @@ impl Orders {
             &self.pool,
             order_id.as_uuid(),
             &command,
-            &writer(),
-            &self.projection,
+            &self.writer(),
+            &OrderProjection,
             self.retry,
         )
         .await
@@ -204,13 +203,13 @@ impl Orders {
     pub(crate) async fn rebuild_read_model(&self) -> anyhow::Result<Rebuilt> {
         read_model::rebuild(&self.pool).await
     }
-}
 
-/// The writer of events for the request being handled.
-fn writer() -> Writer {
-    Writer {
-        producer: NAME,
-        correlation_id: telemetry::correlation::current().unwrap_or_else(CorrelationId::generate),
-        causation_id: None,
+    /// The writer of events for the request being handled: its flow, and
+    /// the request as their cause.
+    fn writer(&self) -> Writer {
+        Writer {
+            publisher: self.order_events.clone(),
+            origin: Origin::current(),
+        }
     }
 }

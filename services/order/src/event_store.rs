@@ -7,18 +7,20 @@
 //! [`execute`] then loads the stream again and decides again, a bounded
 //! number of times.
 //!
-//! Everything that must change with an append (the read model, the outbox)
-//! is a [`Projection`], run in the same transaction.
+//! A command's events are published as they are stored
+//! ([`append_and_publish`]): the events table and the outbox get the same
+//! envelopes in one transaction, so what is stored is what is announced.
+//! Whatever else must change with an append (the read model) is a
+//! [`Projection`], run in the same transaction.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::future::BoxFuture;
-use messaging::EventEnvelope;
-use messaging::envelope::EventMeta;
+use messaging::envelope::{Origin, Subject};
+use messaging::{EventEnvelope, Publisher};
 use prost::Message as _;
 use sqlx::{PgConnection, PgPool};
-use telemetry::CorrelationId;
 use uuid::Uuid;
 
 /// An event-sourced aggregate: pure decisions and state changes, plus how
@@ -83,12 +85,12 @@ impl<A: Aggregate> Stream<A> {
     }
 }
 
-/// Who is writing, for the envelopes of new events.
+/// Who is writing: where the new events are published, and what caused
+/// them.
 #[derive(Debug, Clone)]
 pub struct Writer {
-    pub producer: &'static str,
-    pub correlation_id: CorrelationId,
-    pub causation_id: Option<String>,
+    pub publisher: Publisher,
+    pub origin: Origin,
 }
 
 /// Loads a stream and folds it into its state.
@@ -138,7 +140,8 @@ pub enum AppendError {
 }
 
 /// Appends `events` to `stream` at the versions after its current one, in
-/// the caller's transaction, and evolves the stream.
+/// the caller's transaction, and evolves the stream. Stores only: a new
+/// change is announced too, with [`append_and_publish`].
 pub async fn append<A: Aggregate>(
     conn: &mut PgConnection,
     stream: &mut Stream<A>,
@@ -157,15 +160,13 @@ pub async fn append<A: Aggregate>(
     for (offset, event) in events.into_iter().enumerate() {
         let version = stream.version() + offset as u64 + 1;
         let encoded = A::encode(stream.id, &event);
-        let envelope = messaging::envelope::seal_encoded(
-            EventMeta {
-                producer: writer.producer,
+        let envelope = writer.publisher.seal_encoded(
+            Subject {
                 aggregate_type: A::KIND,
                 aggregate_id: stream.id.to_string(),
                 aggregate_version: version,
-                correlation_id: writer.correlation_id.clone(),
-                causation_id: writer.causation_id.clone(),
             },
+            writer.origin.clone(),
             encoded.event_type.clone(),
             encoded.schema_version,
             encoded.payload,
@@ -205,8 +206,26 @@ pub async fn append<A: Aggregate>(
     Ok(())
 }
 
-/// What must change in the same transaction as an append: the read model
-/// and the outbox are both projections of the stream.
+/// [`append`], and the new events to the writer's outbox, in the caller's
+/// transaction.
+pub async fn append_and_publish<A: Aggregate>(
+    conn: &mut PgConnection,
+    stream: &mut Stream<A>,
+    events: Vec<A::Event>,
+    writer: &Writer,
+) -> Result<(), AppendError> {
+    let appended = events.len();
+    append(conn, stream, events, writer).await?;
+    let new: Vec<EventEnvelope> = stream.history[stream.history.len() - appended..]
+        .iter()
+        .map(|recorded| recorded.envelope.clone())
+        .collect();
+    writer.publisher.enqueue(conn, &new).await?;
+    Ok(())
+}
+
+/// What must change in the same transaction as an append, besides the
+/// outbox: the read model is a projection of the stream.
 pub trait Projection<A: Aggregate>: Send + Sync {
     /// `stream` has just had its last `appended` events appended.
     fn apply<'a>(
@@ -262,7 +281,7 @@ pub async fn execute<A: Aggregate>(
             return Ok(stream);
         }
         let appended = events.len();
-        match append(&mut tx, &mut stream, events, writer).await {
+        match append_and_publish(&mut tx, &mut stream, events, writer).await {
             Ok(()) => {}
             Err(AppendError::Conflict) => {
                 drop(tx);

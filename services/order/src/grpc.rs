@@ -92,9 +92,9 @@ impl OrderService for OrderApi {
         }))
     }
 
-    async fn cancel_order(
+    async fn request_order_cancellation(
         &self,
-        request: Request<pb::CancelOrderRequest>,
+        request: Request<pb::RequestOrderCancellationRequest>,
     ) -> Result<Response<pb::Order>, Status> {
         let customer_id = customer(&request)?;
         let request = request.into_inner();
@@ -142,9 +142,9 @@ impl OrderService for OrderApi {
             .await
     }
 
-    async fn abort_order(
+    async fn cancel_order(
         &self,
-        request: Request<pb::AbortOrderRequest>,
+        request: Request<pb::CancelOrderRequest>,
     ) -> Result<Response<pb::Order>, Status> {
         let (order_id, reason) =
             parse_with_reason(&request.get_ref().order_id, &request.get_ref().reason)?;

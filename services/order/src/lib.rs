@@ -88,10 +88,10 @@ fn policy() -> Policy {
         .rpc(SERVICE, "CreateOrder", Access::User)
         .rpc(SERVICE, "GetOrder", Access::User)
         .rpc(SERVICE, "ListOrders", Access::User)
-        .rpc(SERVICE, "CancelOrder", Access::User)
+        .rpc(SERVICE, "RequestOrderCancellation", Access::User)
         .rpc(SERVICE, "ConfirmOrder", settle)
         .rpc(SERVICE, "RejectOrder", settle)
-        .rpc(SERVICE, "AbortOrder", settle)
+        .rpc(SERVICE, "CancelOrder", settle)
         .rpc(SERVICE, "RebuildReadModel", Access::Admin)
 }
 

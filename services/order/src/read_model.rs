@@ -250,28 +250,20 @@ pub(crate) async fn rebuild(pool: &PgPool) -> anyhow::Result<Rebuilt> {
     Ok(rebuilt)
 }
 
-/// The projections of every append: the new events go to the outbox, and
-/// the order's row is replaced.
-#[derive(Debug, Clone)]
-pub(crate) struct OrderProjection {
-    pub(crate) topic: String,
-}
+/// The read model as a projection of every append: the order's row is
+/// replaced by the view of its stream.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OrderProjection;
 
 impl Projection<Order> for OrderProjection {
     fn apply<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         stream: &'a Stream<Order>,
-        appended: usize,
+        _appended: usize,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async move {
-            let new = &stream.history[stream.history.len() - appended..];
-            let envelopes: Vec<_> = new
-                .iter()
-                .map(|recorded| recorded.envelope.clone())
-                .collect();
-            messaging::outbox::enqueue_all(conn, &self.topic, &envelopes).await?;
-            upsert(conn, &view_of(stream).into_iter().collect::<Vec<_>>()).await
-        })
+        Box::pin(
+            async move { upsert(conn, &view_of(stream).into_iter().collect::<Vec<_>>()).await },
+        )
     }
 }

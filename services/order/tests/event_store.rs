@@ -60,7 +60,7 @@ impl Aggregate for Counter {
     }
 }
 
-/// No read model, no outbox: the store alone is under test.
+/// No read model: the store (with the outbox it writes) alone is under test.
 struct Nothing;
 
 impl Projection<Counter> for Nothing {
@@ -96,9 +96,11 @@ async fn pool() -> sqlx::PgPool {
 
 fn writer() -> Writer {
     Writer {
-        producer: "test",
-        correlation_id: CorrelationId::generate(),
-        causation_id: None,
+        publisher: messaging::Publisher::new("test", "test.counter.events"),
+        origin: messaging::envelope::Origin {
+            correlation_id: CorrelationId::generate(),
+            causation_id: None,
+        },
     }
 }
 

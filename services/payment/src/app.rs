@@ -74,12 +74,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use api_payment::v1 as pb;
 use chrono::{DateTime, Utc};
-use messaging::envelope::EventMeta;
-use messaging::{EventEnvelope, Topics};
+use messaging::envelope::{Origin, Subject};
+use messaging::{EventEnvelope, Publisher, Topics};
 use money::{Currency, Money};
-use prost::{Message, Name};
 use sqlx::{PgConnection, PgPool};
-use telemetry::CorrelationId;
 use uuid::Uuid;
 
 use crate::NAME;
@@ -156,7 +154,7 @@ pub(crate) struct Ledger {
 pub(crate) struct Payments {
     pool: PgPool,
     provider: Arc<dyn PaymentProvider>,
-    topics: Topics,
+    payment_events: Publisher,
     leases: Leases,
     watch: Arc<LeaseWatch>,
 }
@@ -184,13 +182,13 @@ impl Payments {
     pub(crate) fn new(
         pool: PgPool,
         provider: Arc<dyn PaymentProvider>,
-        topics: Topics,
+        topics: &Topics,
         leases: Leases,
     ) -> Self {
         Self {
             pool,
             provider,
-            topics,
+            payment_events: Publisher::new(NAME, topics.payment_events()),
             leases,
             watch: Arc::default(),
         }
@@ -591,17 +589,31 @@ impl Payments {
         payment: &Payment,
         events: &[PaymentEvent],
     ) -> anyhow::Result<()> {
+        let origin = Origin::current();
+        let subject = || Subject::unversioned("payment", &payment.id);
         let envelopes: Vec<EventEnvelope> = events
             .iter()
-            .map(|event| match event {
-                PaymentEvent::Captured => envelope(payment, &captured_event(payment)),
-                PaymentEvent::Declined => envelope(payment, &declined_event(payment)),
-                PaymentEvent::Refunded { reason } => {
-                    envelope(payment, &refunded_event(payment, reason))
+            .map(|event| {
+                let (subject, origin) = (subject(), origin.clone());
+                match event {
+                    PaymentEvent::Captured => {
+                        self.payment_events
+                            .seal(subject, origin, 1, &captured_event(payment))
+                    }
+                    PaymentEvent::Declined => {
+                        self.payment_events
+                            .seal(subject, origin, 1, &declined_event(payment))
+                    }
+                    PaymentEvent::Refunded { reason } => self.payment_events.seal(
+                        subject,
+                        origin,
+                        1,
+                        &refunded_event(payment, reason),
+                    ),
                 }
             })
             .collect();
-        messaging::outbox::enqueue_all(conn, &self.topics.payment_events(), &envelopes).await
+        self.payment_events.enqueue(conn, &envelopes).await
     }
 }
 
@@ -915,22 +927,6 @@ async fn find_by_key(
     row.map(Payment::try_from).transpose()
 }
 
-fn envelope<M: Message + Name>(payment: &Payment, event: &M) -> EventEnvelope {
-    messaging::envelope::seal(
-        EventMeta {
-            producer: NAME,
-            aggregate_type: "payment",
-            aggregate_id: payment.id.to_string(),
-            aggregate_version: 0,
-            correlation_id: telemetry::correlation::current()
-                .unwrap_or_else(CorrelationId::generate),
-            causation_id: None,
-        },
-        1,
-        event,
-    )
-}
-
 fn order_id_text(payment: &Payment) -> String {
     payment
         .charge
@@ -1089,7 +1085,7 @@ mod tests {
         let payments = Payments::new(
             pool.clone(),
             provider.clone(),
-            Topics::new("test.".to_owned()),
+            &Topics::new("test.".to_owned()),
             leases,
         );
         tokio::spawn(

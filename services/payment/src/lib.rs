@@ -180,7 +180,7 @@ impl Application {
         let payments = app::Payments::new(
             platform.pool.clone(),
             Arc::new(provider),
-            platform.topics.clone(),
+            &platform.topics,
             app::Leases::for_request_timeout(settings.server.request_timeout),
         );
         platform.spawn(

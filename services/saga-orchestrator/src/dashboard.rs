@@ -222,6 +222,10 @@ struct Finished {
 
 #[derive(Debug, Serialize)]
 struct Event {
+    event_id: Uuid,
+    /// The event or request that caused this one: an event id of the same
+    /// flow, or a request id (a step attempt's, or a client's).
+    causation_id: Option<String>,
     occurred_at: DateTime<Utc>,
     service: String,
     event_type: String,
@@ -233,6 +237,8 @@ struct Event {
 impl From<trace_view::TraceEventRow> for Event {
     fn from(row: trace_view::TraceEventRow) -> Self {
         Self {
+            event_id: row.event_id,
+            causation_id: row.causation_id,
             occurred_at: row.occurred_at,
             service: row.service,
             event_type: row.event_type,

@@ -3,13 +3,13 @@
 //!
 //! | step | class | action | compensation |
 //! |---|---|---|---|
-//! | `open-order` | compensatable | (none: the saga takes charge of the order) | `close-order`: AbortOrder if money was taken back or the saga was called off, RejectOrder if the payment failed |
+//! | `open-order` | compensatable | (none: the saga takes charge of the order) | `close-order`: CancelOrder if money was taken back or the saga was called off, RejectOrder if the payment failed |
 //! | `process-payment` | compensatable | ProcessPayment, idempotency key = saga id + step | RefundPayment by that key: refunds a capture, voids a charge not made (at the provider too) |
 //! | `confirm-order` | pivot | ConfirmOrder with the payment id | (none: past it the saga only goes forward) |
 //!
 //! `confirm-order` is the point of no return, and the order aggregate is
 //! what makes it one: it decides ConfirmOrder against the customer's
-//! CancelOrder atomically. Once the saga has begun confirming, it can no
+//! RequestOrderCancellation atomically. Once the saga has begun confirming, it can no
 //! longer know the order is not confirmed, so it refuses to compensate and
 //! repeats ConfirmOrder (idempotent) until the order answers for certain:
 //! confirmed (done), or refused because the customer's cancellation came
@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use access_control::Scope;
 use api_order::v1::order_service_client::OrderServiceClient;
-use api_order::v1::{AbortOrderRequest, ConfirmOrderRequest, RejectOrderRequest};
+use api_order::v1::{CancelOrderRequest, ConfirmOrderRequest, RejectOrderRequest};
 use api_payment::v1::payment_service_client::PaymentServiceClient;
 use api_payment::v1::refund_payment_request::Target;
 use api_payment::v1::{PaymentStatus, ProcessPaymentRequest, RefundPaymentRequest};
@@ -44,7 +44,7 @@ pub const SAGA_TYPE: &str = "order-processing";
 
 /// The scopes of the calls below, which the orchestrator's service token
 /// asks for (its client must be granted them in `AUTH_SERVICE_CLIENTS`):
-/// ProcessPayment, RefundPayment, and ConfirmOrder, RejectOrder, AbortOrder.
+/// ProcessPayment, RefundPayment, and ConfirmOrder, RejectOrder, CancelOrder.
 /// Nothing more: the saga never reads payments.
 pub const SCOPES: [Scope; 3] = [
     Scope::PaymentsCharge,
@@ -125,10 +125,17 @@ fn data(context: &StepContext) -> Result<OrderData, StepError> {
         .map_err(|error| StepError::Permanent(format!("saga data: {error}")))
 }
 
-/// A request with the attempt's time left as its deadline.
+/// A request with the attempt's time left as its deadline and its id as
+/// its request id.
 fn request<T>(message: T, context: &StepContext) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(context.time_left);
+    // Names this attempt as the cause of the events the call records.
+    if let Ok(id) = context.request_id.parse() {
+        request
+            .metadata_mut()
+            .insert(telemetry::causation::REQUEST_ID_HEADER, id);
+    }
     request
 }
 
@@ -299,8 +306,8 @@ impl Action for CloseOrder {
                 }
                 None => {
                     client
-                        .abort_order(request(
-                            AbortOrderRequest {
+                        .cancel_order(request(
+                            CancelOrderRequest {
                                 order_id: order.order_id,
                                 reason,
                             },

@@ -22,7 +22,7 @@ pub enum Scope {
     PaymentsRefund,
     /// `payments:read`: GetPayment and ListPaymentsByOrder for any customer.
     PaymentsRead,
-    /// `orders:settle`: ConfirmOrder, RejectOrder and AbortOrder, the
+    /// `orders:settle`: ConfirmOrder, RejectOrder and CancelOrder, the
     /// saga's verdicts on an order.
     OrdersSettle,
 }

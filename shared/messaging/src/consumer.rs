@@ -324,7 +324,7 @@ impl<H: EventHandler> Consumer<H> {
         let mut outcomes = Vec::with_capacity(events.len());
         for (span, event) in &events {
             let apply = self.apply_in(&mut tx, event).instrument(span.clone());
-            match telemetry::correlation::scope(event.correlation.clone(), apply).await {
+            match in_scope(event, apply).await {
                 Ok(outcome) => outcomes.push(outcome),
                 Err(_) => {
                     tracing::debug!(
@@ -405,7 +405,6 @@ impl<H: EventHandler> Consumer<H> {
             }
         };
         record_event(&span, &event);
-        let correlation = event.correlation.clone();
         let count = |outcome: &'static str| {
             metrics::counter!("events_consumed_total", "group" => self.group.clone(), "outcome" => outcome).increment(1);
         };
@@ -432,7 +431,7 @@ impl<H: EventHandler> Consumer<H> {
                 }
             }
         };
-        telemetry::correlation::scope(correlation, work.instrument(span)).await
+        in_scope(&event, work.instrument(span)).await
     }
 
     /// Applies the event until it succeeds, turns out to be a duplicate, or
@@ -643,6 +642,16 @@ fn is_connection_error(error: &anyhow::Error) -> bool {
             )
         )
     })
+}
+
+/// Runs `work` as the handling of `event`: in its flow (correlation id),
+/// and as the cause of whatever it publishes (causation id).
+async fn in_scope<F: Future>(event: &ReceivedEvent, work: F) -> F::Output {
+    telemetry::correlation::scope(
+        event.correlation.clone(),
+        telemetry::causation::scope(event.envelope.event_id.clone(), work),
+    )
+    .await
 }
 
 fn decode(message: &BorrowedMessage<'_>) -> anyhow::Result<ReceivedEvent> {

@@ -1,4 +1,9 @@
 //! Building and opening [`EventEnvelope`]s.
+//!
+//! A producer does not build envelopes itself: it names the event's
+//! [`Subject`] and [`Origin`] and lets its
+//! [`Publisher`](crate::outbox::Publisher) seal and enqueue it, so every
+//! event carries its correlation and causation ids the same way.
 
 use std::time::SystemTime;
 
@@ -7,6 +12,53 @@ use telemetry::CorrelationId;
 use uuid::Uuid;
 
 use crate::EventEnvelope;
+
+/// What an event is about: its aggregate and its place in the aggregate's
+/// stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// Kind of aggregate, e.g. "order".
+    pub aggregate_type: &'static str,
+    /// Aggregate instance; also the Kafka record key.
+    pub aggregate_id: String,
+    /// Position in the aggregate's stream (1-based), or 0 without a stream.
+    pub aggregate_version: u64,
+}
+
+impl Subject {
+    /// An aggregate without a stream of its own (version 0).
+    pub fn unversioned(aggregate_type: &'static str, aggregate_id: &impl ToString) -> Self {
+        Self {
+            aggregate_type,
+            aggregate_id: aggregate_id.to_string(),
+            aggregate_version: 0,
+        }
+    }
+}
+
+/// Where an event comes from: the flow it belongs to, and the event or
+/// request that caused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub correlation_id: CorrelationId,
+    /// The id of the event or request being handled when this one was
+    /// made; `None` for what nothing in particular caused (a timer).
+    pub causation_id: Option<String>,
+}
+
+impl Origin {
+    /// The origin of what the current task is handling: the correlation id
+    /// of its scope (a fresh one outside any) and the cause of its scope (a
+    /// consumed event's id, or a gRPC request's id; see
+    /// [`telemetry::causation`]).
+    pub fn current() -> Self {
+        Self {
+            correlation_id: telemetry::correlation::current()
+                .unwrap_or_else(CorrelationId::generate),
+            causation_id: telemetry::causation::current(),
+        }
+    }
+}
 
 /// Who emitted an event and in what context.
 #[derive(Debug, Clone)]
@@ -22,6 +74,19 @@ pub struct EventMeta {
     pub correlation_id: CorrelationId,
     /// Event or request that caused this one.
     pub causation_id: Option<String>,
+}
+
+impl EventMeta {
+    pub fn new(producer: &'static str, subject: Subject, origin: Origin) -> Self {
+        Self {
+            producer,
+            aggregate_type: subject.aggregate_type,
+            aggregate_id: subject.aggregate_id,
+            aggregate_version: subject.aggregate_version,
+            correlation_id: origin.correlation_id,
+            causation_id: origin.causation_id,
+        }
+    }
 }
 
 /// Wraps `payload` in a new envelope with a fresh UUIDv7 event id. The

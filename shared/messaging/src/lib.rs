@@ -3,8 +3,10 @@
 //!
 //! - [`envelope`]: building and reading the [`EventEnvelope`] every event
 //!   travels in.
-//! - [`outbox`]: [`outbox::enqueue`] writes an event in the caller's
-//!   transaction, so a change and its announcement commit or vanish together.
+//! - [`outbox`]: a [`Publisher`] seals each event (correlation id of the
+//!   flow, causation id of the event or request being handled) and writes
+//!   it in the caller's transaction, so a change and its announcement
+//!   commit or vanish together.
 //! - [`Relay`]: publishes the outbox to Kafka in order, keyed by aggregate
 //!   id, woken by `NOTIFY` on commit; replicas take turns under a lock.
 //! - [`Consumer`]: reads topics in a consumer group and hands each event to
@@ -26,6 +28,7 @@ mod topics;
 pub use api_events::v1::EventEnvelope;
 pub use consumer::{Consumer, EventHandler, HandleError, ReceivedEvent, inbox_purge};
 pub use kafka::{BrokerProbe, producer};
+pub use outbox::Publisher;
 pub use relay::Relay;
 pub use settings::KafkaSettings;
 pub use topics::Topics;

@@ -1,10 +1,98 @@
 //! Writing events into the transactional outbox.
+//!
+//! [`Publisher`] is the one way a service publishes: it seals each event
+//! in an envelope (a fresh UUIDv7 id, the payload's type, the correlation
+//! id of the flow, the causation id of the event or request being handled)
+//! and writes it to the outbox in the caller's transaction. Producers that
+//! keep the envelope too (the order's event store, the saga's journal) seal
+//! first and enqueue what they sealed.
 
 use anyhow::Context as _;
-use prost::Message as _;
+use prost::{Message, Name};
 use sqlx::PgConnection;
 
 use crate::EventEnvelope;
+use crate::envelope::{self, EventMeta, Origin, Subject};
+
+/// One producer's events to one topic.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    producer: &'static str,
+    topic: String,
+}
+
+impl Publisher {
+    /// `producer` names the service in every envelope; `topic` is where
+    /// the relay publishes them.
+    pub fn new(producer: &'static str, topic: impl Into<String>) -> Self {
+        Self {
+            producer,
+            topic: topic.into(),
+        }
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Seals `payload` with the [current origin](Origin::current) and adds
+    /// it to the outbox in the caller's transaction.
+    pub async fn publish<M: Message + Name>(
+        &self,
+        conn: &mut PgConnection,
+        subject: Subject,
+        schema_version: u32,
+        payload: &M,
+    ) -> anyhow::Result<EventEnvelope> {
+        let envelope = self.seal(subject, Origin::current(), schema_version, payload);
+        self.enqueue(conn, std::slice::from_ref(&envelope)).await?;
+        Ok(envelope)
+    }
+
+    /// A new event's envelope, not yet written: for a producer that keeps
+    /// it (then [`enqueue`](Self::enqueue)s it) or writes several at once.
+    pub fn seal<M: Message + Name>(
+        &self,
+        subject: Subject,
+        origin: Origin,
+        schema_version: u32,
+        payload: &M,
+    ) -> EventEnvelope {
+        envelope::seal(
+            EventMeta::new(self.producer, subject, origin),
+            schema_version,
+            payload,
+        )
+    }
+
+    /// [`seal`](Self::seal) for a payload already encoded, whose type the
+    /// caller names.
+    pub fn seal_encoded(
+        &self,
+        subject: Subject,
+        origin: Origin,
+        event_type: String,
+        schema_version: u32,
+        payload: Vec<u8>,
+    ) -> EventEnvelope {
+        envelope::seal_encoded(
+            EventMeta::new(self.producer, subject, origin),
+            event_type,
+            schema_version,
+            payload,
+        )
+    }
+
+    /// Adds sealed events to the outbox, in order, in the caller's
+    /// transaction (see [`enqueue_all`]).
+    pub async fn enqueue(
+        &self,
+        conn: &mut PgConnection,
+        envelopes: &[EventEnvelope],
+    ) -> anyhow::Result<()> {
+        enqueue_all(conn, &self.topic, envelopes).await
+    }
+}
 
 /// Adds `envelope` to the outbox in the caller's transaction, to be
 /// published on `topic` keyed by its aggregate id once the transaction

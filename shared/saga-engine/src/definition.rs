@@ -8,6 +8,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
+use crate::store::Kind;
+
 /// A saga: groups of steps run in order; the steps of one group run in
 /// parallel. When a step fails for good, every step that may have taken
 /// effect is compensated, group by group in reverse order.
@@ -212,6 +214,17 @@ pub struct StepContext {
     /// Time left for this attempt: pass it on as the deadline of calls.
     pub time_left: Duration,
     pub correlation_id: String,
+    /// This attempt's id ([`attempt_id`]): send it as the `x-request-id` of
+    /// its calls, so the events they cause name this attempt as their
+    /// causation, as the step's own outcome event does.
+    pub request_id: String,
+}
+
+/// The id of one attempt of a step, `<saga id>/<step>/<action or
+/// compensation>/<attempt>`: unique (attempts are numbered in the saga's
+/// row before they begin), and readable in a trace.
+pub fn attempt_id(saga_id: Uuid, step: &str, kind: Kind, attempt: u32) -> String {
+    format!("{saga_id}/{step}/{}/{attempt}", kind.as_str())
 }
 
 impl StepContext {

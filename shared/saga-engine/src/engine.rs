@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use api_saga::v1 as pb;
 use chrono::{DateTime, Utc};
+use messaging::Publisher;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use telemetry::CorrelationId;
@@ -18,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::definition::{Journal, SagaDefinition, Step, StepClass, StepContext, StepError};
+use crate::definition::{
+    Journal, SagaDefinition, Step, StepClass, StepContext, StepError, attempt_id,
+};
 use crate::plan::{Plan, plan};
 use crate::store::{
     self, Claimed, Kind, Lease, Locked, SagaRecord, SagaState, WriteError, Written,
@@ -45,6 +48,8 @@ pub struct Engine {
     pool: PgPool,
     definitions: HashMap<&'static str, SagaDefinition>,
     config: EngineConfig,
+    /// Seals and enqueues every saga event (`config`'s topic and producer).
+    publisher: Publisher,
     journal: Option<Arc<dyn Journal>>,
     /// Sagas this replica may drive at once: each driver holds one hand.
     hands: Arc<Semaphore>,
@@ -123,6 +128,7 @@ impl Engine {
             pool,
             definitions,
             hands: Arc::new(Semaphore::new(config.concurrency)),
+            publisher: Publisher::new(config.producer, config.events_topic.clone()),
             config,
             journal: None,
             adopted,
@@ -141,7 +147,7 @@ impl Engine {
     /// and the events topic gets those worth publishing.
     pub(crate) fn events(&self) -> store::Events<'_> {
         store::Events {
-            topic: &self.config.events_topic,
+            publisher: &self.publisher,
             journal: self.journal.as_deref(),
         }
     }
@@ -231,7 +237,15 @@ impl Engine {
             saga_type: saga_type.to_owned(),
             order_id: business_key.to_owned(),
         };
-        let envelope = turn::saga_event(self.config.producer, saga_id, correlation_id, &event);
+        // Caused by what the starter is handling: the event that asked for
+        // the saga.
+        let envelope = turn::saga_event(
+            &self.publisher,
+            saga_id,
+            correlation_id,
+            telemetry::causation::current(),
+            &event,
+        );
         self.events()
             .write(conn, std::slice::from_ref(&envelope))
             .await?;
@@ -657,7 +671,7 @@ impl Engine {
             .with_context(|| format!("no definition for saga type {saga_type}"))?;
         let correlation = CorrelationId::parse(&claim.saga.instance.correlation_id)
             .unwrap_or_else(CorrelationId::generate);
-        let mut turn = Turn::new(claim.saga, self.config.producer);
+        let mut turn = Turn::new(claim.saga, self.publisher.clone());
         loop {
             let now = Utc::now();
             if shutdown.is_cancelled() {
@@ -805,6 +819,7 @@ impl Engine {
                     attempt: *attempt,
                     time_left,
                     correlation_id: saga.instance.correlation_id.clone(),
+                    request_id: attempt_id(saga.instance.saga_id, step.name, kind, *attempt),
                 };
                 let action = match kind {
                     Kind::Action => step.action.clone(),

@@ -34,7 +34,7 @@ mod turn;
 
 pub use definition::{
     Action, FnAction, Journal, RetryPolicy, SagaDefinition, Settle, Step, StepClass, StepContext,
-    StepError,
+    StepError, attempt_id,
 };
 pub use engine::{Engine, EngineConfig, RequestOutcome, Started, Termination};
 pub use store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};

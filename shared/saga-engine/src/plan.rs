@@ -328,8 +328,6 @@ mod tests {
     use std::time::Duration;
 
     use futures::FutureExt as _;
-    use sqlx::types::Json;
-    use uuid::Uuid;
 
     use super::*;
     use crate::definition::{FnAction, RetryPolicy};
@@ -374,36 +372,8 @@ mod tests {
     }
 
     fn saga(state: SagaState, position: i32, steps: Vec<StepRecord>) -> SagaRecord {
-        let now = Utc::now();
         SagaRecord {
-            instance: Instance {
-                saga_id: Uuid::nil(),
-                saga_type: "test".into(),
-                business_key: "k".into(),
-                state,
-                data: Json(serde_json::Value::Null),
-                correlation_id: "c".into(),
-                position,
-                failure_reason: None,
-                compensation_requested: None,
-                forward_only_since: None,
-                overdue_step: None,
-                overdue_since: None,
-                pause_requested_at: None,
-                paused_at: None,
-                paused_from: None,
-                left_in_effect: None,
-                progressed_at: now,
-                stuck_since: None,
-                stuck_reason: None,
-                next_run_at: None,
-                lease_owner: None,
-                lease_expires_at: None,
-                fence: 1,
-                created_at: now,
-                updated_at: now,
-                finished_at: None,
-            },
+            instance: Instance::for_test(state, position),
             steps,
         }
     }

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use messaging::EventEnvelope;
+use messaging::{EventEnvelope, Publisher};
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{
     PgArgumentBuffer, PgHasArrayType, PgListener, PgTypeInfo, PgValueRef, Postgres,
@@ -276,6 +276,43 @@ pub struct Instance {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[cfg(test)]
+impl Instance {
+    /// A saga's row as the pure rules' tests start from: `state` at
+    /// `position`, nothing requested, failed or leased.
+    pub(crate) fn for_test(state: SagaState, position: i32) -> Self {
+        let now = Utc::now();
+        Self {
+            saga_id: Uuid::nil(),
+            saga_type: "test".into(),
+            business_key: "k".into(),
+            state,
+            data: Json(serde_json::Value::Null),
+            correlation_id: "c".into(),
+            position,
+            failure_reason: None,
+            compensation_requested: None,
+            forward_only_since: None,
+            overdue_step: None,
+            overdue_since: None,
+            pause_requested_at: None,
+            paused_at: None,
+            paused_from: None,
+            left_in_effect: None,
+            progressed_at: now,
+            stuck_since: None,
+            stuck_reason: None,
+            next_run_at: None,
+            lease_owner: None,
+            lease_expires_at: None,
+            fence: 1,
+            created_at: now,
+            updated_at: now,
+            finished_at: None,
+        }
+    }
 }
 
 /// One execution of a step's action or compensation.
@@ -1208,7 +1245,7 @@ pub async fn next_stuck(pool: &PgPool, stuck_after: Duration) -> anyhow::Result<
 /// Where saga events go, in the caller's transaction.
 #[derive(Clone, Copy)]
 pub(crate) struct Events<'a> {
-    pub(crate) topic: &'a str,
+    pub(crate) publisher: &'a Publisher,
     pub(crate) journal: Option<&'a dyn Journal>,
 }
 
@@ -1226,7 +1263,7 @@ impl Events<'_> {
         events: &[EventEnvelope],
     ) -> anyhow::Result<()> {
         let Some(journal) = self.journal else {
-            return messaging::outbox::enqueue_all(conn, self.topic, events).await;
+            return self.publisher.enqueue(conn, events).await;
         };
         if events.is_empty() {
             return Ok(());
@@ -1237,7 +1274,7 @@ impl Events<'_> {
             .filter(|event| !is_step_event(&event.event_type))
             .cloned()
             .collect();
-        messaging::outbox::enqueue_all(conn, self.topic, &published).await
+        self.publisher.enqueue(conn, &published).await
     }
 }
 

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use api_saga::v1 as pb;
 use chrono::{DateTime, Utc};
-use messaging::EventEnvelope;
-use messaging::envelope::EventMeta;
+use messaging::envelope::{Origin, Subject};
+use messaging::{EventEnvelope, Publisher};
 use prost::{Message, Name};
 use sqlx::types::Json;
 use telemetry::CorrelationId;
 
-use crate::definition::{SagaDefinition, Step, StepError};
+use crate::definition::{SagaDefinition, Step, StepError, attempt_id};
 use crate::plan::Transition;
 use crate::store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
 
@@ -32,7 +32,10 @@ pub(crate) enum Count {
 #[derive(Debug, Clone)]
 pub(crate) struct Turn {
     pub(crate) saga: SagaRecord,
-    producer: &'static str,
+    publisher: Publisher,
+    /// The id of the step outcome event this turn recorded last: what the
+    /// transitions it leads to (in the same turn) were caused by.
+    cause: Option<String>,
     /// Step executions changed since the last commit, by (step, kind).
     pub(crate) dirty: Vec<(String, Kind)>,
     /// The turn begins forward attempts: they must not begin if a
@@ -59,10 +62,11 @@ pub(crate) struct Turn {
 }
 
 impl Turn {
-    pub(crate) fn new(saga: SagaRecord, producer: &'static str) -> Self {
+    pub(crate) fn new(saga: SagaRecord, publisher: Publisher) -> Self {
         Self {
             saga,
-            producer,
+            publisher,
+            cause: None,
             dirty: Vec::new(),
             begins_forward: false,
             begins_attempts: false,
@@ -81,6 +85,7 @@ impl Turn {
     pub(crate) fn committed(&mut self) -> Vec<Count> {
         self.dirty.clear();
         self.events.clear();
+        self.cause = None;
         self.begins_forward = false;
         self.begins_attempts = false;
         self.begins_pivot = false;
@@ -193,7 +198,7 @@ impl Turn {
                     attempts: attempt,
                     duration: prost_types::Duration::try_from(took).ok(),
                 };
-                self.emit(&event);
+                self.emit_outcome(&event, step, kind, attempt);
             }
             Err(error) => {
                 let (delay, spent) = match &error {
@@ -261,7 +266,7 @@ impl Turn {
                     will_retry,
                     outcome_unknown: record.outcome_unknown,
                 };
-                self.emit(&event);
+                self.emit_outcome(&event, step, kind, attempt);
             }
         }
     }
@@ -330,6 +335,12 @@ impl Turn {
                 self.emit(&pb::SagaCompleted { saga_id, order_id });
             }
             Transition::Compensate { reason } => {
+                // Asked for (by the customer or an operator, in an earlier
+                // transaction) rather than led to by this turn's outcome:
+                // that outcome is not its cause.
+                if self.saga.instance.compensation_requested.is_some() {
+                    self.cause = None;
+                }
                 let instance = &mut self.saga.instance;
                 instance.state = SagaState::Compensating;
                 instance.failure_reason = Some(reason.clone());
@@ -357,7 +368,9 @@ impl Turn {
                     outcome_unknown: record.outcome_unknown,
                 };
                 self.counts.push(Count::PastDeadline(step, kind));
-                self.emit(&event);
+                // Caused by the clock, not by an attempt; what it leads to
+                // in this turn is caused by it.
+                self.cause = Some(self.emit(&event));
             }
             Transition::Compensated => {
                 let reason = self.saga.instance.failure_reason.clone();
@@ -398,36 +411,176 @@ impl Turn {
         self.counts.push(Count::Finished(state));
     }
 
-    fn emit<M: Message + Name>(&mut self, event: &M) {
+    /// Records a step's outcome: caused by the attempt (its id is the
+    /// `x-request-id` of the attempt's calls), and the cause of the
+    /// transitions it leads to.
+    fn emit_outcome<M: Message + Name>(
+        &mut self,
+        event: &M,
+        step: &Step,
+        kind: Kind,
+        attempt: u32,
+    ) {
+        let attempt = attempt_id(self.saga.instance.saga_id, step.name, kind, attempt);
+        self.cause = Some(self.emit_caused(event, Some(attempt)));
+    }
+
+    /// Records a transition's event, caused by the step outcome this turn
+    /// recorded (none when an operator's request or a timer led to it).
+    /// Returns its event id.
+    fn emit<M: Message + Name>(&mut self, event: &M) -> String {
+        self.emit_caused(event, self.cause.clone())
+    }
+
+    fn emit_caused<M: Message + Name>(
+        &mut self,
+        event: &M,
+        causation_id: Option<String>,
+    ) -> String {
         let instance = &self.saga.instance;
         let envelope = saga_event(
-            self.producer,
+            &self.publisher,
             instance.saga_id,
             &instance.correlation_id,
+            causation_id,
             event,
         );
+        let event_id = envelope.event_id.clone();
         self.events.push(envelope);
+        event_id
     }
 }
 
 /// A saga event, sealed for the outbox.
 pub(crate) fn saga_event<M: Message + Name>(
-    producer: &'static str,
+    publisher: &Publisher,
     saga_id: uuid::Uuid,
     correlation_id: &str,
+    causation_id: Option<String>,
     event: &M,
 ) -> EventEnvelope {
-    messaging::envelope::seal(
-        EventMeta {
-            producer,
-            aggregate_type: "saga",
-            aggregate_id: saga_id.to_string(),
-            aggregate_version: 0,
-            correlation_id: CorrelationId::parse(correlation_id)
-                .unwrap_or_else(CorrelationId::generate),
-            causation_id: None,
-        },
-        1,
-        event,
-    )
+    let origin = Origin {
+        correlation_id: CorrelationId::parse(correlation_id)
+            .unwrap_or_else(CorrelationId::generate),
+        causation_id,
+    };
+    publisher.seal(Subject::unversioned("saga", &saga_id), origin, 1, event)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures::FutureExt as _;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::definition::{FnAction, RetryPolicy, Settle};
+    use crate::store::Instance;
+
+    fn nothing(
+        _: &crate::StepContext,
+    ) -> futures::future::BoxFuture<'_, Result<serde_json::Value, StepError>> {
+        async { Ok(serde_json::Value::Null) }.boxed()
+    }
+
+    fn step() -> Step {
+        let retry = RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+        };
+        Step {
+            name: "charge",
+            action: Some(Arc::new(FnAction(nothing))),
+            compensation: None,
+            retry,
+            compensation_retry: retry,
+            attempt_timeout: Duration::from_secs(1),
+            compensation_attempt_timeout: Duration::from_secs(1),
+            deadline: Duration::from_secs(10),
+            settle: Settle::ByRepeating,
+        }
+    }
+
+    fn turn(compensation_requested: Option<&str>) -> Turn {
+        let saga = SagaRecord {
+            instance: Instance {
+                saga_id: Uuid::now_v7(),
+                correlation_id: "flow-1".into(),
+                compensation_requested: compensation_requested.map(str::to_owned),
+                ..Instance::for_test(SagaState::Running, 0)
+            },
+            steps: vec![],
+        };
+        Turn::new(saga, Publisher::new("test", "test.saga.events"))
+    }
+
+    /// A step fails for good, then the saga turns back in the same turn.
+    fn fail_then_compensate(turn: &mut Turn) -> (String, String) {
+        let step = step();
+        let definition = SagaDefinition {
+            name: "test",
+            groups: vec![vec![step.clone()]],
+            pivot: None,
+        };
+        let now = Utc::now();
+        let (attempt, deadline) = turn.begin(&step, Kind::Action, now);
+        turn.outcome(
+            &step,
+            Kind::Action,
+            false,
+            attempt,
+            deadline,
+            Err(StepError::Permanent("declined".into())),
+            Duration::from_millis(5),
+            now,
+        );
+        let reason = "charge: declined".to_owned();
+        turn.transition(&definition, Transition::Compensate { reason }, now);
+        let [failed, turned] = turn.events.as_slice() else {
+            panic!("two events: {:?}", turn.events);
+        };
+        assert_eq!(failed.event_type, pb::SagaStepFailed::full_name());
+        assert_eq!(turned.event_type, pb::SagaCompensationStarted::full_name());
+        assert_eq!(
+            failed.causation_id,
+            format!("{}/charge/action/1", turn.saga.instance.saga_id),
+            "a step's outcome names its attempt"
+        );
+        (failed.event_id.clone(), turned.causation_id.clone())
+    }
+
+    #[test]
+    fn a_transition_names_the_outcome_that_led_to_it() {
+        let mut turn = turn(None);
+        let (failed, cause) = fail_then_compensate(&mut turn);
+        assert_eq!(cause, failed);
+        assert!(
+            turn.events
+                .iter()
+                .all(|event| event.correlation_id == "flow-1")
+        );
+    }
+
+    #[test]
+    fn a_compensation_asked_for_earlier_names_no_outcome_of_this_turn() {
+        let mut turn = turn(Some("customer cancelled"));
+        let (_, cause) = fail_then_compensate(&mut turn);
+        assert_eq!(cause, "");
+    }
+
+    #[test]
+    fn a_committed_turn_forgets_its_cause() {
+        let mut turn = turn(None);
+        fail_then_compensate(&mut turn);
+        turn.committed();
+        let definition = SagaDefinition {
+            name: "test",
+            groups: vec![vec![step()]],
+            pivot: None,
+        };
+        turn.transition(&definition, Transition::Compensated, Utc::now());
+        assert_eq!(turn.events[0].causation_id, "");
+    }
 }

@@ -5,7 +5,10 @@
 //! attributed after the OpenTelemetry RPC conventions), continues the
 //! caller's trace from `traceparent`, takes the caller's `x-correlation-id`
 //! or makes one, puts the [`CorrelationId`] into the request extensions and
-//! the task-local scope, and echoes it in the response headers.
+//! the task-local scope, and echoes it in the response headers. It does the
+//! same with the request's id ([`causation`](crate::causation)): the
+//! caller's `x-request-id` or a fresh one, recorded in the span, echoed,
+//! and the cause of every event the handler publishes.
 //!
 //! On the client, [`ClientLayer`] opens a client span and injects its trace
 //! context and the current correlation id into the outgoing metadata.
@@ -33,6 +36,7 @@ use tower_service::Service;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::causation;
 use crate::correlation::{self, CorrelationId};
 use crate::propagation;
 
@@ -124,6 +128,9 @@ where
             .and_then(CorrelationId::parse)
             .or_else(|| header(correlation::BAGGAGE_HEADER).and_then(CorrelationId::from_baggage))
             .unwrap_or_else(CorrelationId::generate);
+        let request_id = header(causation::REQUEST_ID_HEADER)
+            .and_then(causation::parse_request_id)
+            .unwrap_or_else(causation::generate_request_id);
         request.extensions_mut().insert(correlation.clone());
         let infrastructure = is_infrastructure(request.uri().path());
         let rpc = Rpc::from_path(request.uri().path());
@@ -147,6 +154,7 @@ where
                 rpc.method = %rpc.method,
                 rpc.grpc.status_code = tracing::field::Empty,
                 correlation_id = %correlation,
+                request_id = %request_id,
                 trace_id = tracing::field::Empty,
             );
             let parent =
@@ -155,6 +163,7 @@ where
             span
         };
         let echoed = HeaderValue::from_str(correlation.as_str()).ok();
+        let echoed_request_id = HeaderValue::from_str(&request_id).ok();
 
         // Readiness was checked on `self.inner`; call that one and leave a
         // fresh clone behind for the next request.
@@ -174,9 +183,17 @@ where
             if let Some(value) = echoed {
                 response.headers_mut().insert(correlation::HEADER, value);
             }
+            if let Some(value) = echoed_request_id {
+                response
+                    .headers_mut()
+                    .insert(causation::REQUEST_ID_HEADER, value);
+            }
             Ok(response)
         };
-        Box::pin(correlation::scope(correlation, handled.instrument(span)))
+        Box::pin(correlation::scope(
+            correlation,
+            causation::scope(request_id, handled.instrument(span)),
+        ))
     }
 }
 

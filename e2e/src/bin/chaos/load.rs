@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use api_auth::v1::LoginRequest;
 use api_auth::v1::auth_service_client::AuthServiceClient;
 use api_order::v1::order_service_client::OrderServiceClient;
-use api_order::v1::{CancelOrderRequest, CreateOrderRequest};
+use api_order::v1::{CreateOrderRequest, RequestOrderCancellationRequest};
 use api_saga::v1::saga_service_client::SagaServiceClient;
 use api_saga::v1::{CompensateSagaRequest, GetSagaStatusRequest, get_saga_status_request};
 use audit::record::{self, Entry, Intent, Writer};
@@ -295,14 +295,14 @@ impl Load {
         }
     }
 
-    /// The customer's CancelOrder, until it is answered (or 30 tries).
+    /// The customer's RequestOrderCancellation, until it is answered (or 30 tries).
     async fn cancel(&self, order_id: Uuid, customer: Uuid) {
         let customer = self.customer_index(customer);
         let mut outcome = "gave up".to_owned();
         for attempt in 1..=30 {
             let token = self.tokens.read().await[customer].clone();
             let mut call = bearer(
-                CancelOrderRequest {
+                RequestOrderCancellationRequest {
                     order_id: order_id.to_string(),
                     reason: "changed my mind".to_owned(),
                 },
@@ -310,7 +310,7 @@ impl Load {
             );
             call.set_timeout(Duration::from_secs(5));
             let mut client = self.orders[attempt % self.orders.len()].clone();
-            match client.cancel_order(call).await {
+            match client.request_order_cancellation(call).await {
                 Ok(_) => {
                     outcome = "ok".to_owned();
                     break;

@@ -148,7 +148,7 @@ impl Run<'_> {
         }
         let _ = writeln!(
             out,
-            "| customer cancellations (CancelOrder) | {} |",
+            "| customer cancellations (RequestOrderCancellation) | {} |",
             if cancels.is_empty() {
                 "0".into()
             } else {

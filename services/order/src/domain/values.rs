@@ -3,6 +3,7 @@
 use std::fmt;
 
 use money::{Money, MoneyError};
+use service_runtime::fields;
 use uuid::Uuid;
 
 macro_rules! uuid_id {
@@ -16,12 +17,9 @@ macro_rules! uuid_id {
                 Self(id)
             }
 
-            /// Parses the canonical text form of a UUID.
+            /// Parses the text form of a UUID.
             pub fn parse(text: &str) -> Result<Self, &'static str> {
-                if text.is_empty() {
-                    return Err("must not be empty");
-                }
-                Uuid::parse_str(text).map(Self).map_err(|_| "must be a UUID")
+                fields::uuid(text).map(Self)
             }
 
             pub fn as_uuid(self) -> Uuid {
