@@ -461,9 +461,10 @@ impl Engine {
         event: &M,
     ) -> anyhow::Result<()> {
         let envelope = turn::saga_event(
-            self.config.producer,
+            &self.publisher,
             saga.saga_id,
             &saga.correlation_id,
+            telemetry::causation::current(),
             event,
         );
         self.events()
