@@ -8,6 +8,7 @@ mod chaos;
 mod deployment;
 mod hostile_input;
 mod observability;
+mod operator;
 mod orders;
 mod payments;
 mod readme;
