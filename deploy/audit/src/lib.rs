@@ -143,6 +143,17 @@ struct SagaRow {
     failure_reason: Option<String>,
     fence: i64,
     overdue_step: Option<String>,
+    /// Terminated by an operator: the steps it left in effect.
+    left_in_effect: Option<Vec<String>>,
+}
+
+impl SagaRow {
+    /// Terminated by an operator who acknowledged steps left in effect (a
+    /// charge on an order neither confirmed nor cancelled): the money is
+    /// the operator's to settle, not the system's mistake.
+    fn operator_owned(&self) -> bool {
+        self.state == "terminated" && self.left_in_effect.as_ref().is_some_and(|l| !l.is_empty())
+    }
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -259,7 +270,8 @@ impl World {
         .map(|(customer, key, order)| ((customer, key), order))
         .collect();
         let sagas = sqlx::query_as::<_, SagaRow>(
-            "SELECT saga_id, saga_type, business_key, state, failure_reason, fence, overdue_step
+            "SELECT saga_id, saga_type, business_key, state, failure_reason, fence, overdue_step,
+                    left_in_effect
              FROM saga.saga_instances",
         )
         .fetch_all(&mut *conn)
@@ -404,6 +416,15 @@ impl World {
             }
         }
         by_order
+    }
+
+    /// Orders whose saga an operator terminated, leaving effects in place.
+    fn operator_owned_orders(&self) -> HashSet<Uuid> {
+        self.order_sagas()
+            .into_iter()
+            .filter(|(_, sagas)| sagas.iter().any(|saga| saga.operator_owned()))
+            .map(|(order, _)| order)
+            .collect()
     }
 
     /// Every order id either side of the read model knows.
@@ -614,12 +635,38 @@ fn sagas_final(world: &World) -> Check {
         "every saga is final, or failed with a reason an operator sees",
     );
     let mut failed = 0;
+    let mut terminated = 0;
+    let mut operator_owned = Vec::new();
     for saga in &world.sagas {
+        let reason = saga
+            .failure_reason
+            .as_deref()
+            .map(str::trim)
+            .filter(|reason| !reason.is_empty());
         match saga.state.as_str() {
             "completed" | "compensated" => {}
-            "failed" => match saga.failure_reason.as_deref().map(str::trim) {
-                Some(reason) if !reason.is_empty() => failed += 1,
+            "failed" => match reason {
+                Some(_) => failed += 1,
                 _ => check.violation(format!("saga {} failed without a reason", saga.saga_id)),
+            },
+            "terminated" => match reason {
+                Some(_) if saga.operator_owned() => {
+                    terminated += 1;
+                    operator_owned.push(format!(
+                        "{} (order {}: {} left in effect)",
+                        saga.saga_id,
+                        saga.business_key,
+                        saga.left_in_effect
+                            .as_deref()
+                            .unwrap_or_default()
+                            .join(", ")
+                    ));
+                }
+                Some(_) => terminated += 1,
+                None => check.violation(format!(
+                    "saga {} was terminated without a reason",
+                    saga.saga_id
+                )),
             },
             state => check.violation(format!(
                 "saga {} of {} is still {state}{}",
@@ -632,8 +679,16 @@ fn sagas_final(world: &World) -> Check {
             )),
         }
     }
+    let owned = if operator_owned.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; operator-owned, not judged: {}",
+            operator_owned.join("; ")
+        )
+    };
     check.finish(format!(
-        "{} sagas, {failed} failed with a reason (awaiting an operator)",
+        "{} sagas, {failed} failed with a reason (awaiting an operator), {terminated} terminated by an operator{owned}",
         world.sagas.len()
     ))
 }
@@ -855,7 +910,18 @@ fn provider(world: &World) -> Check {
             .skipped("no simulated provider here: reconcile with the provider's statement");
     };
     let mut confirmed_total = 0;
+    // An order whose saga an operator terminated with a charge in effect
+    // may hold money until the operator settles it: reported, not judged.
+    let operator_owned = world.operator_owned_orders();
+    let mut owned_held = 0;
     for view in world.views.values() {
+        if operator_owned.contains(&view.order_id) {
+            owned_held += provider
+                .held
+                .get(&view.order_id)
+                .map_or(0, |(_, held)| *held);
+            continue;
+        }
         let held = provider.held.get(&view.order_id);
         let held_minor = held.map_or(0, |(_, held)| *held);
         if let Some((currency, held)) = held
@@ -889,14 +955,22 @@ fn provider(world: &World) -> Check {
             ));
         }
     }
-    let held_total: i64 = provider.held.values().map(|(_, held)| held).sum();
+    let held_total: i64 = provider.held.values().map(|(_, held)| held).sum::<i64>() - owned_held;
     if held_total != confirmed_total {
         check.violation(format!(
             "the provider holds {held_total} in all, the confirmed orders total {confirmed_total}"
         ));
     }
+    let owned = if operator_owned.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {} operator-owned orders (terminated with effects left) hold {owned_held}, not judged",
+            operator_owned.len()
+        )
+    };
     check.finish(format!(
-        "holds {held_total}, confirmed orders total {confirmed_total}"
+        "holds {held_total}, confirmed orders total {confirmed_total}{owned}"
     ))
 }
 

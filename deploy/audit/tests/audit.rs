@@ -641,3 +641,41 @@ async fn dead_letters_are_counted_and_shown() {
         check.detail
     );
 }
+
+#[tokio::test]
+async fn a_saga_terminated_with_effects_left_is_the_operators_and_without_a_reason_is_caught() {
+    let world = World::new().await;
+    // An operator terminated the saga with its charge acknowledged as left
+    // in effect: the provider holds money of an order neither confirmed
+    // nor cancelled, which is the operator's to settle, not a violation.
+    world
+        .run(&format!(
+            "UPDATE saga.saga_instances SET state = 'terminated',
+                 failure_reason = 'terminated by an operator: fraud', left_in_effect = '{{process-payment}}'
+             WHERE saga_id = '{}'",
+            world.rejected.saga_id
+        ))
+        .await;
+    world
+        .charge("kept-key", world.rejected.order_id, "captured", false)
+        .await;
+    let report = world.audit().await;
+    // The charge still has no payment row; the provider's holding is owned.
+    assert_fails(&report, &["charges"]);
+    let sagas = &report.check("sagas-final").unwrap().detail;
+    assert!(sagas.contains("operator-owned"), "{sagas}");
+    assert!(sagas.contains("process-payment left in effect"), "{sagas}");
+    let provider = &report.check("provider").unwrap().detail;
+    assert!(provider.contains("1 operator-owned orders"), "{provider}");
+
+    world
+        .run(&format!(
+            "UPDATE saga.saga_instances SET failure_reason = NULL, left_in_effect = NULL WHERE saga_id = '{}'",
+            world.rejected.saga_id
+        ))
+        .await;
+    assert_fails(
+        &world.audit().await,
+        &["sagas-final", "charges", "provider"],
+    );
+}
