@@ -104,3 +104,25 @@ async fn happy_and_declined_walkthroughs() {
     );
     assert!(output.contains("PAYMENT_STATUS_DECLINED"), "{output}");
 }
+
+#[tokio::test]
+async fn operator_walkthrough() {
+    let stack = Stack::start().await.unwrap();
+    let output = run(&stack, &["login", "happy", "declined", "operator"]);
+    assert!(output.contains("\"pauseRequested\": true"), "{output}");
+    assert!(
+        output.contains("steps open-order, process-payment may have taken effect"),
+        "{output}"
+    );
+    // PauseSaga's answer (the pause requested), ResumeSaga's, then
+    // CompensateSaga's, which turns the saga back between steps.
+    assert_eq!(
+        output.matches("\"state\": \"SAGA_STATE_RUNNING\"").count(),
+        3,
+        "{output}"
+    );
+    assert!(
+        output.contains("process-payment: payment declined: card_declined"),
+        "{output}"
+    );
+}
