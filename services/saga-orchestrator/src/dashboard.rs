@@ -1,33 +1,84 @@
 //! The operators' dashboard, on the orchestrator's HTTP port: a page (`/`,
-//! with its script and style sheet) and the JSON it reads (`/api/summary`,
-//! `/api/trace`), built from the same read models as the gRPC APIs. The
-//! JSON needs an admin token, as the gRPC APIs do; the page asks for one.
+//! with its script and style sheet) and the JSON it reads, built from the
+//! same read models as the gRPC APIs:
+//!
+//! - `/api/summary`: counts, flows in progress, recent events;
+//! - `/api/charts`: the last hour's throughput, latency and backlog
+//!   ([`charts`]);
+//! - `/api/saga`: one saga's timeline, events and trace link ([`saga`]);
+//! - `/api/trace`: one flow's events;
+//! - `POST /api/sagas/{id}/{action}`: retry or compensate a saga, through
+//!   the same [`operator`] functions as SagaService's RPCs.
+//!
+//! Every API needs an admin token, as the gRPC APIs do; the page takes one
+//! from its URL's fragment (and forgets the fragment) or asks for one. The
+//! token travels in an `Authorization` header, which a browser never adds
+//! by itself, so another site cannot make the page's POSTs (no CSRF).
 //!
 //! The page's script and style are files of their own, served from here,
 //! so that its Content-Security-Policy can allow scripts and styles from
 //! this origin only: no inline script, nothing from elsewhere, no framing.
+//! The charts are SVG drawn by that script: nothing is fetched from a CDN.
 //! The HTTP server adds the other security headers to every answer.
+
+mod charts;
+mod saga;
 
 use std::sync::Arc;
 
 use access_control::Verifier;
-use axum::extract::{Query, State};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use saga_engine::{Engine, store};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::operator::{self, Refused};
+use crate::order_saga::SAGA_TYPE;
 use crate::trace_api;
 use crate::trace_view;
 
+pub(crate) use charts::Sampler;
+
+/// What the dashboard links to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DashboardSettings {
+    /// Link from a saga to its trace in a tracing UI: a URL in which
+    /// `{trace_id}` stands for the trace's id, e.g.
+    /// `http://localhost:16686/trace/{trace_id}` for Jaeger. Unset: the
+    /// dashboard shows the trace id without a link.
+    #[arg(long = "dashboard-trace-url", env = "DASHBOARD_TRACE_URL", value_parser = trace_url_pattern)]
+    pub trace_url: Option<String>,
+}
+
+fn trace_url_pattern(text: &str) -> Result<String, String> {
+    if !(text.starts_with("http://") || text.starts_with("https://")) {
+        return Err("must be an http:// or https:// URL".to_owned());
+    }
+    if !text.contains("{trace_id}") {
+        return Err("must contain {trace_id}".to_owned());
+    }
+    Ok(text.to_owned())
+}
+
 #[derive(Clone)]
 struct Dashboard {
-    pool: PgPool,
+    engine: Arc<Engine>,
     verifier: Arc<Verifier>,
+    sampler: Sampler,
+    trace_url: Option<Arc<str>>,
+}
+
+impl Dashboard {
+    fn pool(&self) -> &PgPool {
+        self.engine.pool()
+    }
 }
 
 /// What the page may load: its own script, style sheet and JSON, from this
@@ -36,9 +87,22 @@ pub(crate) const PAGE_CONTENT_SECURITY_POLICY: &str = "default-src 'none'; scrip
      style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
      frame-ancestors 'none'";
 
-/// The dashboard's routes.
-pub(crate) fn routes(pool: PgPool, verifier: Arc<Verifier>) -> Router {
-    Router::new()
+/// The dashboard's routes, and the sampler of its backlog chart (to run
+/// with [`Sampler::run`]; `outbox` refreshes the outbox gauges it reads).
+pub(crate) fn routes(
+    engine: Arc<Engine>,
+    verifier: Arc<Verifier>,
+    settings: &DashboardSettings,
+    outbox: service_runtime::http::Collector,
+) -> (Router, Sampler) {
+    let sampler = Sampler::new(outbox);
+    let dashboard = Dashboard {
+        engine,
+        verifier,
+        sampler: sampler.clone(),
+        trace_url: settings.trace_url.as_deref().map(Arc::from),
+    };
+    let router = Router::new()
         .route(
             "/",
             get(|| async {
@@ -70,8 +134,12 @@ pub(crate) fn routes(pool: PgPool, verifier: Arc<Verifier>) -> Router {
             }),
         )
         .route("/api/summary", get(summary))
+        .route("/api/charts", get(charts))
+        .route("/api/saga", get(one_saga))
         .route("/api/trace", get(trace))
-        .with_state(Dashboard { pool, verifier })
+        .route("/api/sagas/{saga_id}/{action}", post(act))
+        .with_state(dashboard);
+    (router, sampler)
 }
 
 /// Sets the gauges of sagas by unfinished state (paused included), of
@@ -253,7 +321,7 @@ async fn summary(State(dashboard): State<Dashboard>, headers: HeaderMap) -> Resp
     if let Err(refusal) = authorize(&dashboard, &headers).await {
         return refusal;
     }
-    match read_summary(&dashboard.pool).await {
+    match read_summary(dashboard.pool()).await {
         Ok(summary) => private(Json(summary)),
         Err(error) => failure(&error),
     }
@@ -357,10 +425,188 @@ async fn trace(
             return (StatusCode::BAD_REQUEST, format!("correlation: {reason}")).into_response();
         }
     };
-    match trace_view::by_correlation(&dashboard.pool, correlation.as_str()).await {
+    match trace_view::by_correlation(dashboard.pool(), correlation.as_str()).await {
         Ok(rows) => private(Json(rows.into_iter().map(Event::from).collect::<Vec<_>>())),
         Err(error) => failure(&error),
     }
+}
+
+async fn charts(State(dashboard): State<Dashboard>, headers: HeaderMap) -> Response {
+    if let Err(refusal) = authorize(&dashboard, &headers).await {
+        return refusal;
+    }
+    match charts::read(dashboard.pool(), &dashboard.sampler).await {
+        Ok(charts) => private(Json(charts)),
+        Err(error) => failure(&error),
+    }
+}
+
+/// Which saga: exactly one of its id, its order's id, or its flow's
+/// correlation id.
+#[derive(Debug, Deserialize)]
+struct SagaQuery {
+    saga: Option<String>,
+    order: Option<String>,
+    correlation: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct OneSaga {
+    saga: saga::SagaView,
+    executions: Vec<saga::Execution>,
+    events: Vec<Event>,
+    trace_id: Option<String>,
+    trace_url: Option<String>,
+}
+
+async fn one_saga(
+    State(dashboard): State<Dashboard>,
+    headers: HeaderMap,
+    Query(query): Query<SagaQuery>,
+) -> Response {
+    if let Err(refusal) = authorize(&dashboard, &headers).await {
+        return refusal;
+    }
+    let pool = dashboard.pool();
+    let found = match (query.saga, query.order, query.correlation) {
+        (Some(id), None, None) => match Uuid::parse_str(&id) {
+            Ok(id) => Ok(Some(id)),
+            Err(_) => return invalid("saga", "must be a UUID"),
+        },
+        (None, Some(id), None) => match Uuid::parse_str(&id) {
+            Ok(id) => store::find_by_business_key(pool, SAGA_TYPE, &id.to_string()).await,
+            Err(_) => return invalid("order", "must be a UUID"),
+        },
+        (None, None, Some(id)) => match service_runtime::fields::correlation_id(&id) {
+            Ok(id) => store::find_by_correlation(pool, id.as_str()).await,
+            Err(reason) => return invalid("correlation", reason),
+        },
+        _ => return invalid("saga", "give one of saga, order, correlation"),
+    };
+    let read = async {
+        let Some(saga_id) = found? else {
+            return Ok(None);
+        };
+        let Some(record) = store::load(pool, saga_id).await? else {
+            return Ok(None);
+        };
+        let events = trace_view::by_correlation(pool, &record.instance.correlation_id).await?;
+        let trace_id = store::trace_context(pool, saga_id)
+            .await?
+            .and_then(|headers| saga::trace_id(&headers));
+        let pivot = dashboard
+            .engine
+            .definition(&record.instance.saga_type)
+            .and_then(|definition| definition.pivot);
+        anyhow::Ok(Some(OneSaga {
+            saga: saga::SagaView::new(&record, pivot),
+            executions: saga::timeline(&record, &events, Utc::now()),
+            events: events.into_iter().map(Event::from).collect(),
+            trace_url: saga::trace_url(dashboard.trace_url.as_deref(), trace_id.as_deref()),
+            trace_id,
+        }))
+    };
+    match read.await {
+        Ok(Some(one)) => private(Json(one)),
+        Ok(None) => refused(StatusCode::NOT_FOUND, "NOT_FOUND", "no such saga"),
+        Err(error) => failure(&error),
+    }
+}
+
+/// What an action may carry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Acted {
+    saga: saga::SagaView,
+}
+
+/// An operator's action on a saga, answered with the saga as it then is,
+/// or with the refusal the RPC would give (its code and message).
+async fn act(
+    State(dashboard): State<Dashboard>,
+    headers: HeaderMap,
+    Path((saga_id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Err(refusal) = authorize(&dashboard, &headers).await {
+        return refusal;
+    }
+    let Ok(saga_id) = Uuid::parse_str(&saga_id) else {
+        return invalid("saga_id", "must be a UUID");
+    };
+    let body: ActionBody = if body.is_empty() {
+        ActionBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(body) => body,
+            Err(error) => return invalid("body", &format!("is not an action's JSON: {error}")),
+        }
+    };
+    let engine = &dashboard.engine;
+    let done = match action.as_str() {
+        "retry" => operator::retry(engine, saga_id).await,
+        "compensate" => {
+            if let Err(error) =
+                service_runtime::fields::text(&body.reason, operator::MAX_REASON_CHARS)
+            {
+                return invalid("reason", &error.to_string());
+            }
+            operator::compensate(engine, saga_id, &body.reason).await
+        }
+        _ => return refused(StatusCode::NOT_FOUND, "NOT_FOUND", "no such action"),
+    };
+    match done {
+        Ok(record) => {
+            let pivot = engine
+                .definition(&record.instance.saga_type)
+                .and_then(|definition| definition.pivot);
+            private(Json(Acted {
+                saga: saga::SagaView::new(&record, pivot),
+            }))
+        }
+        Err(Refused::NotFound) => refused(StatusCode::NOT_FOUND, "NOT_FOUND", "no such saga"),
+        Err(Refused::Unexpected(error)) => failure(&error),
+        Err(refusal) => refused(
+            StatusCode::CONFLICT,
+            "FAILED_PRECONDITION",
+            &refusal.to_string(),
+        ),
+    }
+}
+
+/// A refusal in the words of the RPC's status: its code and message, and
+/// the field for an invalid argument.
+#[derive(Debug, Serialize)]
+struct Refusal<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+fn refused(status: StatusCode, code: &str, message: &str) -> Response {
+    let refusal = Refusal {
+        code,
+        message,
+        field: None,
+    };
+    (status, private(Json(refusal))).into_response()
+}
+
+fn invalid(field: &str, reason: &str) -> Response {
+    let message = format!("{field}: {reason}");
+    let refusal = Refusal {
+        code: "INVALID_ARGUMENT",
+        message: &message,
+        field: Some(field),
+    };
+    (StatusCode::BAD_REQUEST, private(Json(refusal))).into_response()
 }
 
 /// An answer with an operator's data: kept out of shared caches.
