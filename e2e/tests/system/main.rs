@@ -5,6 +5,7 @@
 
 mod access;
 mod chaos;
+mod dashboard;
 mod deployment;
 mod hostile_input;
 mod observability;
@@ -16,3 +17,4 @@ mod retention;
 mod sagas;
 mod traces;
 mod tracing;
+mod webdriver;
