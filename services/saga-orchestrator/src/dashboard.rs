@@ -36,6 +36,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use saga_engine::{Engine, store};
 use serde::{Deserialize, Serialize};
+use service_runtime::fields;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -419,7 +420,7 @@ async fn trace(
     if let Err(refusal) = authorize(&dashboard, &headers).await {
         return refusal;
     }
-    let correlation = match service_runtime::fields::correlation_id(&query.correlation) {
+    let correlation = match fields::correlation_id(&query.correlation) {
         Ok(correlation) => correlation,
         Err(reason) => {
             return (StatusCode::BAD_REQUEST, format!("correlation: {reason}")).into_response();
@@ -469,15 +470,15 @@ async fn one_saga(
     }
     let pool = dashboard.pool();
     let found = match (query.saga, query.order, query.correlation) {
-        (Some(id), None, None) => match Uuid::parse_str(&id) {
+        (Some(id), None, None) => match fields::uuid(&id) {
             Ok(id) => Ok(Some(id)),
-            Err(_) => return invalid("saga", "must be a UUID"),
+            Err(reason) => return invalid("saga", reason),
         },
-        (None, Some(id), None) => match Uuid::parse_str(&id) {
+        (None, Some(id), None) => match fields::uuid(&id) {
             Ok(id) => store::find_by_business_key(pool, SAGA_TYPE, &id.to_string()).await,
-            Err(_) => return invalid("order", "must be a UUID"),
+            Err(reason) => return invalid("order", reason),
         },
-        (None, None, Some(id)) => match service_runtime::fields::correlation_id(&id) {
+        (None, None, Some(id)) => match fields::correlation_id(&id) {
             Ok(id) => store::find_by_correlation(pool, id.as_str()).await,
             Err(reason) => return invalid("correlation", reason),
         },
@@ -537,8 +538,9 @@ async fn act(
     if let Err(refusal) = authorize(&dashboard, &headers).await {
         return refusal;
     }
-    let Ok(saga_id) = Uuid::parse_str(&saga_id) else {
-        return invalid("saga_id", "must be a UUID");
+    let saga_id = match fields::uuid(&saga_id) {
+        Ok(saga_id) => saga_id,
+        Err(reason) => return invalid("saga_id", reason),
     };
     let body: ActionBody = if body.is_empty() {
         ActionBody::default()

@@ -89,38 +89,42 @@ pub(crate) fn window_start(now: DateTime<Utc>) -> DateTime<Utc> {
     minute - TimeDelta::minutes(WINDOW_MINUTES as i64 - 1)
 }
 
+/// Sagas alive at some moment since `$1` (finished since, or in flight
+/// now; the states are literals so that the partial index applies), by the
+/// minutes they started and finished in.
+const LIFETIMES: &str = "SELECT date_trunc('minute', greatest(created_at, $1)) AS started,
+            date_trunc('minute', finished_at) AS finished, state, count(*) AS count
+     FROM (SELECT created_at, finished_at, state FROM saga_instances WHERE finished_at >= $1
+           UNION ALL
+           SELECT created_at, finished_at, state FROM saga_instances
+           WHERE state IN ('running', 'compensating')) AS alive
+     GROUP BY 1, 2, 3";
+
+/// The latency of the step executions of those sagas that finished since `$1`.
+const STEP_LATENCY: &str = "SELECT s.step, s.kind, count(*) AS count,
+            1000 * percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM s.finished_at - s.started_at)) AS p50_ms,
+            1000 * percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM s.finished_at - s.started_at)) AS p99_ms
+     FROM (SELECT saga_id FROM saga_instances WHERE finished_at >= $1
+           UNION ALL
+           SELECT saga_id FROM saga_instances WHERE state IN ('running', 'compensating')) AS alive
+     JOIN saga_steps s ON s.saga_id = alive.saga_id
+     WHERE s.finished_at >= $1
+     GROUP BY s.step, s.kind
+     ORDER BY min(s.started_at), s.kind";
+
 pub(crate) async fn read(pool: &PgPool, sampler: &Sampler) -> anyhow::Result<Charts> {
     let now = Utc::now();
     let start = window_start(now);
-    let lifetimes: Vec<Lifetimes> = sqlx::query_as(
-        "SELECT date_trunc('minute', greatest(created_at, $1)) AS started,
-                date_trunc('minute', finished_at) AS finished, state, count(*) AS count
-         FROM (SELECT created_at, finished_at, state FROM saga_instances WHERE finished_at >= $1
-               UNION ALL
-               SELECT created_at, finished_at, state FROM saga_instances
-               WHERE state IN ('running', 'compensating')) AS alive
-         GROUP BY 1, 2, 3",
-    )
-    .bind(start)
-    .fetch_all(pool)
-    .await
-    .context("counting sagas by minute")?;
-    let step_latency = sqlx::query_as(
-        "SELECT s.step, s.kind, count(*) AS count,
-                1000 * percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM s.finished_at - s.started_at)) AS p50_ms,
-                1000 * percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM s.finished_at - s.started_at)) AS p99_ms
-         FROM (SELECT saga_id FROM saga_instances WHERE finished_at >= $1
-               UNION ALL
-               SELECT saga_id FROM saga_instances WHERE state IN ('running', 'compensating')) AS alive
-         JOIN saga_steps s ON s.saga_id = alive.saga_id
-         WHERE s.finished_at >= $1
-         GROUP BY s.step, s.kind
-         ORDER BY min(s.started_at), s.kind",
-    )
-    .bind(start)
-    .fetch_all(pool)
-    .await
-    .context("measuring step latency")?;
+    let lifetimes: Vec<Lifetimes> = sqlx::query_as(LIFETIMES)
+        .bind(start)
+        .fetch_all(pool)
+        .await
+        .context("counting sagas by minute")?;
+    let step_latency = sqlx::query_as(STEP_LATENCY)
+        .bind(start)
+        .fetch_all(pool)
+        .await
+        .context("measuring step latency")?;
     let minutes = per_minute(start, &lifetimes);
     Ok(Charts {
         in_flight: minutes.last().map_or(0, |minute| minute.in_flight),
@@ -261,6 +265,11 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr as _;
+
+    use database::DatabaseSettings;
+    use dev_stack::TestEnv;
+
     use super::*;
 
     fn at(minute: i64) -> DateTime<Utc> {
@@ -326,5 +335,117 @@ mod tests {
                 ("trace-view".to_owned(), 7.0),
             ])
         );
+    }
+
+    async fn saga_schema() -> PgPool {
+        let db = TestEnv::get().await.database().await.unwrap();
+        let url = db.provision(&crate::account("charts-test")).await.unwrap();
+        let settings = DatabaseSettings {
+            url: sqlx::postgres::PgConnectOptions::from_str(&url).unwrap(),
+            max_connections: 4,
+            connect_timeout: Duration::from_secs(10),
+        };
+        let pool = database::connect(&settings, crate::SCHEMA).await.unwrap();
+        database::migrate(
+            &pool,
+            &[
+                messaging::MIGRATIONS,
+                saga_engine::MIGRATIONS,
+                crate::MIGRATIONS,
+            ],
+        )
+        .await
+        .unwrap();
+        pool
+    }
+
+    /// Inserts `count` sagas in `state`, created `age` ago, finished
+    /// `finished_ago` ago (if finished), each with two executed steps that
+    /// took `step_ms`.
+    async fn insert(
+        pool: &PgPool,
+        count: i64,
+        state: &str,
+        age: &str,
+        finished_ago: Option<&str>,
+        step_ms: i64,
+    ) {
+        sqlx::query(
+            "WITH sagas AS (
+                 INSERT INTO saga_instances (saga_id, saga_type, business_key, state, data, correlation_id,
+                                             created_at, updated_at, finished_at)
+                 SELECT gen_random_uuid(), 'order-processing', gen_random_uuid()::text, $2, '{}', 'c',
+                        now() - $3::interval, now(), now() - $4::interval
+                 FROM generate_series(1, $1)
+                 RETURNING saga_id, created_at)
+             INSERT INTO saga_steps (saga_id, step, kind, status, attempts, started_at, finished_at)
+             SELECT saga_id, step, 'action', 'succeeded', 1, created_at, created_at + $5 * interval '1 ms'
+             FROM sagas, unnest(ARRAY['open-order', 'process-payment']) AS step",
+        )
+        .bind(count)
+        .bind(state)
+        .bind(age)
+        .bind(finished_ago)
+        .bind(step_ms)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+
+    async fn plan(pool: &PgPool, query: &str, start: DateTime<Utc>) -> String {
+        let lines: Vec<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {query}")))
+                .bind(start)
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        lines.join("\n")
+    }
+
+    #[tokio::test]
+    async fn the_charts_read_the_last_hour_by_index_however_long_the_history() {
+        let pool = saga_schema().await;
+        // A long history, then the last hour: 3 completed 10 minutes ago
+        // (steps of 40 ms), one compensated now, 2 in flight since 2 hours.
+        insert(&pool, 20_000, "completed", "3 days", Some("3 days"), 5).await;
+        insert(&pool, 3, "completed", "11 minutes", Some("10 minutes"), 40).await;
+        insert(&pool, 1, "compensated", "1 minute", Some("0 minutes"), 40).await;
+        insert(&pool, 2, "running", "2 hours", None, 40).await;
+        sqlx::query("ANALYZE saga_instances")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("ANALYZE saga_steps")
+            .execute(&pool)
+            .await
+            .unwrap();
+
+        let start = window_start(Utc::now());
+        for query in [LIFETIMES, STEP_LATENCY] {
+            let plan = plan(&pool, query, start).await;
+            assert!(!plan.contains("Seq Scan"), "{plan}");
+            assert!(plan.contains("saga_instances_finished"), "{plan}");
+            assert!(plan.contains("saga_instances_active"), "{plan}");
+        }
+
+        let sampler = Sampler::new(Arc::new(|| Box::pin(async {})));
+        let charts = read(&pool, &sampler).await.unwrap();
+        let completed: i64 = charts.minutes.iter().map(|m| m.completed).sum();
+        let compensated: i64 = charts.minutes.iter().map(|m| m.compensated).sum();
+        assert_eq!((completed, compensated), (3, 1));
+        assert_eq!(charts.in_flight, 2);
+        assert_eq!(
+            charts.minutes[0].in_flight, 2,
+            "in flight since before the hour"
+        );
+        let payment = charts
+            .step_latency
+            .iter()
+            .find(|s| s.step == "process-payment")
+            .unwrap();
+        // The 20,000 older executions of 5 ms are not the hour's.
+        assert_eq!(payment.count, 4);
+        assert!((payment.p50_ms - 40.0).abs() < 0.5, "{payment:?}");
+        assert!(charts.backlog.is_empty());
     }
 }
