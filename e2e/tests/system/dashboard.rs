@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use api_saga::v1::SagaState;
+use api_saga::v1::{Saga, SagaState};
 use e2e::{Stack, order_request};
 use testkit::grpc::bearer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -280,4 +280,221 @@ async fn response_head(address: &str, path: &str) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     let (head, _) = response.split_once("\r\n\r\n").unwrap();
     head.to_ascii_lowercase().replace("http/1.1", "HTTP/1.1")
+}
+
+/// Waits until GetSagaStatus shows the saga of `order_id` in `state`.
+async fn saga_in_state(stack: &Stack, admin: &str, order_id: &str, state: SagaState) -> Saga {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let saga = stack.saga_status(order_id, admin).await.unwrap();
+        if saga.state() == state {
+            return saga;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the saga never became {state:?}: {saga:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stuck_saga_found_by_search_is_paused_resumed_and_terminated_by_clicks() {
+    let stack = Stack::builder()
+        .env("payment", "PROVIDER_FLAKY_FAILURES", "1000000")
+        .env("saga-orchestrator", "SAGA_STEP_MAX_ATTEMPTS", "1000000")
+        .env("saga-orchestrator", "SAGA_STEP_DEADLINE", "1h")
+        .env("saga-orchestrator", "SAGA_RETRY_MAX_BACKOFF", "500ms")
+        .env("saga-orchestrator", "SAGA_STUCK_AFTER", "1s")
+        .start()
+        .await
+        .unwrap();
+    let customer = stack.customer_token("operator@example.com").await.unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    let order_id = place(&stack, &customer, "ops-stuck", "tok_flaky").await;
+    stack
+        .saga_reaching(&order_id, "process-payment", WAIT)
+        .await
+        .unwrap();
+    let address = stack.service("saga-orchestrator").http_address().unwrap();
+    let browser = Browser::start().await.unwrap();
+    browser
+        .open(&format!("http://{address}/#token={admin}"))
+        .await
+        .unwrap();
+
+    // Retrying without success is no progress: the saga is flagged stuck,
+    // and the page lists it highlighted.
+    let listed = format!(
+        "[...document.querySelectorAll('#stuck-sagas tr.stuck')].some((r) => r.textContent.includes('{order_id}'))"
+    );
+    browser
+        .wait_for("the stuck saga", &listed, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(browser.text("#stuck").await.unwrap(), "1");
+
+    // A filter ListSagas refuses is refused on the page, naming the field.
+    browser.type_into("#search-reason", "ab").await.unwrap();
+    browser.click("#search-go").await.unwrap();
+    let refusal = browser
+        .wait_for(
+            "the search's refusal",
+            "document.getElementById('search-result').textContent.includes('INVALID_ARGUMENT') \
+             && document.getElementById('search-result').textContent",
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert!(
+        refusal
+            .as_str()
+            .unwrap()
+            .contains("failure_reason_contains"),
+        "{refusal}"
+    );
+    browser
+        .run(
+            "document.getElementById('search-reason').value = '';",
+            serde_json::json!([]),
+        )
+        .await
+        .unwrap();
+    // Running, stuck, this order: found, highlighted.
+    browser
+        .click("#search-states option[value=running]")
+        .await
+        .unwrap();
+    browser.type_into("#search-order", &order_id).await.unwrap();
+    browser.click("#search-stuck").await.unwrap();
+    browser.click("#search-go").await.unwrap();
+    let found = format!(
+        "document.querySelectorAll('#search-results tr').length === 1 \
+         && document.querySelector('#search-results tr.stuck a')?.textContent === '{order_id}'"
+    );
+    browser
+        .wait_for("the search's answer", &found, WAIT)
+        .await
+        .unwrap();
+    browser.click("#search-results tr.stuck a").await.unwrap();
+    browser
+        .wait_for(
+            "the saga, flagged stuck",
+            "document.getElementById('saga-state').textContent === 'running' \
+             && !document.getElementById('saga-stuck').hidden",
+            WAIT,
+        )
+        .await
+        .unwrap();
+
+    let act = |action: &'static str| {
+        let browser = &browser;
+        async move {
+            browser
+                .run(
+                    "document.getElementById('action-result').textContent = '';",
+                    serde_json::json!([]),
+                )
+                .await
+                .unwrap();
+            browser.click(&format!("#action-{action}")).await.unwrap();
+            browser
+                .wait_for(
+                    "the confirmation",
+                    "document.getElementById('confirm').open",
+                    WAIT,
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let answer = || async {
+        browser
+            .wait_for(
+                "the answer",
+                "document.getElementById('action-result').textContent",
+                WAIT,
+            )
+            .await
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    // Pause: the saga stops between steps.
+    act("pause").await;
+    browser.click("#confirm-ok").await.unwrap();
+    assert!(answer().await.starts_with("pause: done"));
+    saga_in_state(&stack, &admin, &order_id, SagaState::Paused).await;
+    browser
+        .wait_for(
+            "the paused saga",
+            "document.getElementById('saga-state').textContent === 'paused'",
+            WAIT,
+        )
+        .await
+        .unwrap();
+
+    // Resume: it goes on where it stopped.
+    act("resume").await;
+    browser.click("#confirm-ok").await.unwrap();
+    assert!(answer().await.starts_with("resume: done"));
+    saga_in_state(&stack, &admin, &order_id, SagaState::Running).await;
+
+    // Terminate asks for a reason, and is refused while the open order is
+    // in effect, until the operator takes it on.
+    act("terminate").await;
+    browser.click("#confirm-ok").await.unwrap();
+    let still_asking = browser
+        .run(
+            "return document.getElementById('confirm').open;",
+            serde_json::json!([]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        still_asking,
+        serde_json::json!(true),
+        "no reason, no request"
+    );
+    browser
+        .type_into("#confirm-reason", "provider incident")
+        .await
+        .unwrap();
+    browser.click("#confirm-ok").await.unwrap();
+    let refused = answer().await;
+    assert!(
+        refused.starts_with("terminate refused: FAILED_PRECONDITION: step")
+            && refused.contains("open-order"),
+        "{refused}"
+    );
+    assert_eq!(
+        stack.saga_status(&order_id, &admin).await.unwrap().state(),
+        SagaState::Running
+    );
+    act("terminate").await;
+    browser
+        .type_into("#confirm-reason", "provider incident")
+        .await
+        .unwrap();
+    browser.click("#confirm-effects").await.unwrap();
+    browser.click("#confirm-ok").await.unwrap();
+    assert!(answer().await.starts_with("terminate: done"));
+    let terminated = saga_in_state(&stack, &admin, &order_id, SagaState::Terminated).await;
+    assert_eq!(
+        terminated.failure_reason,
+        "terminated by an operator: provider incident"
+    );
+    browser
+        .wait_for(
+            "the terminated saga",
+            "document.getElementById('saga-state').textContent === 'terminated'",
+            WAIT,
+        )
+        .await
+        .unwrap();
+    let path = screenshot_path("saga-terminated");
+    browser.screenshot(&path).await.unwrap();
+    eprintln!("screenshot: {}", path.display());
 }

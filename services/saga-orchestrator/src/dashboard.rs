@@ -7,8 +7,10 @@
 //!   ([`charts`]);
 //! - `/api/saga`: one saga's timeline, events and trace link ([`saga`]);
 //! - `/api/trace`: one flow's events;
-//! - `POST /api/sagas/{id}/{action}`: retry or compensate a saga, through
-//!   the same [`operator`] functions as SagaService's RPCs.
+//! - `/api/sagas`: SagaService/ListSagas's search, with its filters;
+//! - `POST /api/sagas/{id}/{action}`: retry, compensate, pause, resume or
+//!   terminate a saga, through the same [`operator`] functions as
+//!   SagaService's RPCs.
 //!
 //! Every API needs an admin token, as the gRPC APIs do; the page takes one
 //! from its URL's fragment (and forgets the fragment) or asks for one. The
@@ -34,13 +36,14 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use saga_engine::{Engine, store};
+use saga_engine::{Engine, SagaRecord, SagaState, store};
 use serde::{Deserialize, Serialize};
 use service_runtime::fields;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::operator::{self, Refused};
+use crate::grpc;
+use crate::operator::{self, Refused, TerminationReason};
 use crate::order_saga::SAGA_TYPE;
 use crate::trace_api;
 use crate::trace_view;
@@ -138,6 +141,7 @@ pub(crate) fn routes(
         .route("/api/charts", get(charts))
         .route("/api/saga", get(one_saga))
         .route("/api/trace", get(trace))
+        .route("/api/sagas", get(search))
         .route("/api/sagas/{saga_id}/{action}", post(act))
         .with_state(dashboard);
     (router, sampler)
@@ -514,12 +518,15 @@ async fn one_saga(
     }
 }
 
-/// What an action may carry.
+/// What an action may carry: the operator's reason (compensate, terminate)
+/// and, for terminate, that they take on the steps left in effect.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ActionBody {
     #[serde(default)]
     reason: String,
+    #[serde(default)]
+    acknowledge_effects: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -528,7 +535,9 @@ struct Acted {
 }
 
 /// An operator's action on a saga, answered with the saga as it then is,
-/// or with the refusal the RPC would give (its code and message).
+/// or with the status the RPC would give (its code and message): the same
+/// edge checks as SagaService's handlers, then the same [`operator`]
+/// function.
 async fn act(
     State(dashboard): State<Dashboard>,
     headers: HeaderMap,
@@ -554,12 +563,19 @@ async fn act(
     let done = match action.as_str() {
         "retry" => operator::retry(engine, saga_id).await,
         "compensate" => {
-            if let Err(error) =
-                service_runtime::fields::text(&body.reason, operator::MAX_REASON_CHARS)
-            {
+            if let Err(error) = fields::text(&body.reason, operator::MAX_REASON_CHARS) {
                 return invalid("reason", &error.to_string());
             }
             operator::compensate(engine, saga_id, &body.reason).await
+        }
+        "pause" => operator::pause(engine, saga_id).await,
+        "resume" => operator::resume(engine, saga_id).await,
+        "terminate" => {
+            let reason = match TerminationReason::parse(&body.reason) {
+                Ok(reason) => reason,
+                Err(why) => return invalid("reason", &why),
+            };
+            operator::terminate(engine, saga_id, &reason, body.acknowledge_effects).await
         }
         _ => return refused(StatusCode::NOT_FOUND, "NOT_FOUND", "no such action"),
     };
@@ -572,14 +588,137 @@ async fn act(
                 saga: saga::SagaView::new(&record, pivot),
             }))
         }
-        Err(Refused::NotFound) => refused(StatusCode::NOT_FOUND, "NOT_FOUND", "no such saga"),
         Err(Refused::Unexpected(error)) => failure(&error),
-        Err(refusal) => refused(
-            StatusCode::CONFLICT,
-            "FAILED_PRECONDITION",
-            &refusal.to_string(),
-        ),
+        Err(refusal) => answer_of(&tonic::Status::from(refusal)),
     }
+}
+
+/// ListSagas's filters, as the search form sends them: states comma
+/// separated, times in RFC 3339.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchQuery {
+    #[serde(default)]
+    states: String,
+    #[serde(default)]
+    saga_type: String,
+    created_after: Option<String>,
+    created_before: Option<String>,
+    finished_after: Option<String>,
+    finished_before: Option<String>,
+    #[serde(default)]
+    failure_reason_contains: String,
+    #[serde(default)]
+    order_id: String,
+    #[serde(default)]
+    customer_id: String,
+    #[serde(default)]
+    stuck_only: bool,
+    #[serde(default)]
+    page_size: u32,
+    #[serde(default)]
+    page_token: String,
+}
+
+impl SearchQuery {
+    /// The ListSagas request these filters make; what cannot be one is
+    /// named, as ListSagas names its fields.
+    fn into_request(self) -> Result<api_saga::v1::ListSagasRequest, tonic::Status> {
+        let mut violations = service_runtime::status::FieldViolations::new();
+        let mut states = Vec::new();
+        for name in self.states.split(',').filter(|name| !name.is_empty()) {
+            match SagaState::parse(name) {
+                Some(state) => states.push(state.to_proto().into()),
+                None => violations.add("states", format!("{name:?} is not a saga state")),
+            }
+        }
+        let mut time = |field: &str, text: Option<String>| {
+            let text = text.filter(|text| !text.is_empty())?;
+            DateTime::parse_from_rfc3339(&text)
+                .map(|at| std::time::SystemTime::from(at).into())
+                .map_err(|_| violations.add(field, "must be an RFC 3339 time"))
+                .ok()
+        };
+        let request = api_saga::v1::ListSagasRequest {
+            page_size: self.page_size,
+            page_token: self.page_token,
+            states,
+            saga_type: self.saga_type,
+            created_after: time("created_after", self.created_after),
+            created_before: time("created_before", self.created_before),
+            finished_after: time("finished_after", self.finished_after),
+            finished_before: time("finished_before", self.finished_before),
+            failure_reason_contains: self.failure_reason_contains,
+            order_id: self.order_id,
+            customer_id: self.customer_id,
+            stuck_only: self.stuck_only,
+        };
+        violations.into_result()?;
+        Ok(request)
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Found {
+    sagas: Vec<saga::SagaView>,
+    next_page_token: String,
+}
+
+/// SagaService/ListSagas for the page: the same request, checks and query.
+async fn search(
+    State(dashboard): State<Dashboard>,
+    headers: HeaderMap,
+    query: Result<Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(refusal) = authorize(&dashboard, &headers).await {
+        return refusal;
+    }
+    let request = match query {
+        Ok(Query(query)) => query.into_request(),
+        Err(rejection) => return invalid("query", &rejection.body_text()),
+    };
+    let found = match request {
+        Ok(request) => grpc::search(&dashboard.engine, &request).await,
+        Err(status) => Err(status),
+    };
+    match found {
+        Ok((instances, next_page_token)) => {
+            let sagas = instances
+                .into_iter()
+                .map(|instance| {
+                    let pivot = dashboard
+                        .engine
+                        .definition(&instance.saga_type)
+                        .and_then(|definition| definition.pivot);
+                    let record = SagaRecord {
+                        instance,
+                        steps: Vec::new(),
+                    };
+                    saga::SagaView::new(&record, pivot)
+                })
+                .collect();
+            private(Json(Found {
+                sagas,
+                next_page_token,
+            }))
+        }
+        Err(status) => answer_of(&status),
+    }
+}
+
+/// A gRPC status as the page's answer: its code's name and its message
+/// (INVALID_ARGUMENT's names every bad field), with the HTTP status that
+/// means the same. An unexpected failure was logged where it happened.
+fn answer_of(status: &tonic::Status) -> Response {
+    use tonic::Code;
+    let (http, code) = match status.code() {
+        Code::InvalidArgument => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
+        Code::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+        Code::FailedPrecondition => (StatusCode::CONFLICT, "FAILED_PRECONDITION"),
+        Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+    };
+    refused(http, code, status.message())
 }
 
 /// A refusal in the words of the RPC's status: its code and message, and

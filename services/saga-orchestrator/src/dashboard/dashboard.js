@@ -183,6 +183,7 @@ async function refreshCharts() {
     { name: "completed", values: charts.minutes.map((m) => m.completed) },
     { name: "compensated", values: charts.minutes.map((m) => m.compensated) },
     { name: "failed", values: charts.minutes.map((m) => m.failed) },
+    { name: "terminated", values: charts.minutes.map((m) => m.terminated) },
   ], "");
   lineChart("chart-in-flight", minutes, [
     { name: "in flight", values: charts.minutes.map((m) => m.in_flight) },
@@ -237,6 +238,9 @@ function showSaga(one) {
   $("saga-state").textContent = saga.state;
   $("saga-state").className = "value " + saga.state;
   $("saga-reason").textContent = saga.failure_reason ?? saga.compensation_requested ?? "";
+  $("saga-stuck").hidden = !saga.stuck_since;
+  $("saga-stuck").textContent = saga.stuck_since
+    ? `stuck since ${time(saga.stuck_since)}: ${saga.stuck_reason ?? ""}` : "";
   const link = $("saga-trace");
   if (one.trace_url) {
     link.href = one.trace_url;
@@ -298,6 +302,9 @@ function timeline(one) {
 const ACTIONS = {
   retry: { ask: "Retry the failed executions of this saga?", reason: null },
   compensate: { ask: "Compensate this saga (undo its steps)?", reason: "optional" },
+  pause: { ask: "Pause this saga? A step in flight finishes first.", reason: null },
+  resume: { ask: "Resume this saga where it stopped?", reason: null },
+  terminate: { ask: "Terminate this saga for good, without compensating?", reason: "required", effects: true },
 };
 
 let pending = null;
@@ -311,6 +318,8 @@ function ask(action) {
   $("confirm-reason").value = "";
   $("confirm-reason").required = what.reason === "required";
   $("confirm-reason").placeholder = what.reason === "required" ? "a reason (required)" : "a reason (optional)";
+  $("confirm-effects-row").hidden = !what.effects;
+  $("confirm-effects").checked = false;
   $("confirm").showModal();
 }
 
@@ -323,10 +332,12 @@ async function confirmAction() {
   $("confirm").close();
   const { action, saga } = pending;
   pending = null;
+  const body = reason ? { reason } : {};
+  if (ACTIONS[action].effects && $("confirm-effects").checked) body.acknowledge_effects = true;
   const response = await api(`/api/sagas/${encodeURIComponent(saga)}/${action}`, {
     method: "POST",
     headers: { "content-type": "application/json" },
-    body: JSON.stringify(reason ? { reason } : {}),
+    body: JSON.stringify(body),
   });
   const answer = await response.json().catch(() => ({ code: String(response.status), message: "" }));
   const result = $("action-result");
@@ -341,12 +352,68 @@ async function confirmAction() {
   await refreshCharts();
 }
 
-// ---- search ----
+// ---- search (SagaService/ListSagas's filters) ----
 
-async function search(event) {
+let nextPage = "";
+
+function searchQuery() {
+  const query = new URLSearchParams();
+  const put = (key, value) => { if (value) query.set(key, value); };
+  put("states", [...$("search-states").selectedOptions].map((o) => o.value).join(","));
+  put("saga_type", $("search-type").value.trim());
+  for (const key of ["created_after", "created_before", "finished_after", "finished_before"]) {
+    const value = $("search-" + key).value;
+    put(key, value ? new Date(value).toISOString() : "");
+  }
+  put("failure_reason_contains", $("search-reason").value.trim());
+  put("order_id", $("search-order").value.trim());
+  put("customer_id", $("search-customer").value.trim());
+  if ($("search-stuck").checked) query.set("stuck_only", "true");
+  return query;
+}
+
+function sagaRow(saga) {
+  const link = document.createElement("a");
+  link.textContent = saga.order_id;
+  link.className = "mono";
+  link.onclick = () => showSagaById(saga.saga_id).catch(report);
+  const stuck = saga.stuck_since ? `stuck since ${time(saga.stuck_since)}: ${saga.stuck_reason ?? ""}` : "";
+  return row([link, stateCell(saga.state), saga.saga_type, time(saga.created_at),
+    saga.finished_at ? time(saga.finished_at) : "", stuck || saga.failure_reason || ""],
+    saga.stuck_since ? "stuck" : "");
+}
+
+async function search(more) {
+  const query = searchQuery();
+  if (more) query.set("page_token", nextPage);
+  const response = await api("/api/sagas?" + query);
+  const answer = await response.json();
+  if (!response.ok) {
+    $("search-result").textContent = `${answer.code}: ${answer.message}`;
+    return;
+  }
+  $("search-result").textContent = "";
+  const rows = answer.sagas.map(sagaRow);
+  if (more) $("search-results").append(...rows); else fill("search-results", rows, "no saga matches");
+  nextPage = answer.next_page_token;
+  $("search-more").hidden = !nextPage;
+}
+
+/// The stuck sagas, always on show.
+async function refreshStuck() {
+  const response = await api("/api/sagas?stuck_only=true&page_size=20");
+  if (!response.ok) return;
+  const answer = await response.json();
+  $("stuck").textContent = answer.sagas.length + (answer.next_page_token ? "+" : "");
+  $("stuck").className = "value" + (answer.sagas.length > 0 ? " failed" : "");
+  fill("stuck-sagas", answer.sagas.map(sagaRow), "none");
+}
+
+/// One saga by any of its ids.
+async function find(event) {
   event.preventDefault();
-  const id = $("search-id").value.trim();
-  const result = $("search-result");
+  const id = $("find-id").value.trim();
+  const result = $("find-result");
   if (!id) return;
   for (const key of ["saga", "order", "correlation"]) {
     const response = await api(`/api/saga?${key}=` + encodeURIComponent(id));
@@ -377,15 +444,20 @@ for (const button of document.querySelectorAll("button[data-action]")) {
 }
 $("confirm-ok").onclick = () => confirmAction().catch((error) => { $("action-result").textContent = String(error); });
 $("confirm-cancel").onclick = () => { pending = null; $("confirm").close(); };
-$("search-form").onsubmit = (event) => search(event).catch((error) => { $("search-result").textContent = String(error); });
+const report = (error) => { $("status").textContent = String(error); };
+$("find-form").onsubmit = (event) => find(event).catch((error) => { $("find-result").textContent = String(error); });
+$("search-form").onsubmit = (event) => {
+  event.preventDefault();
+  search(false).catch((error) => { $("search-result").textContent = String(error); });
+};
+$("search-more").onclick = () => search(true).catch((error) => { $("search-result").textContent = String(error); });
 
 function start() {
   if (!token) return showLogin();
   sessionStorage.setItem("ordersaga-token", token);
   $("login").hidden = true;
   $("dashboard").hidden = false;
-  const report = (error) => { $("status").textContent = String(error); };
-  const tick = () => refresh().catch(report);
+  const tick = () => Promise.all([refresh(), refreshStuck()]).catch(report);
   const chartTick = () => refreshCharts().catch(report);
   tick();
   chartTick();
