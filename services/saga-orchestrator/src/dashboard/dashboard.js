@@ -42,7 +42,7 @@ function row(cells, className) {
 function fill(id, rows, empty) {
   if (rows.length === 0) {
     const cell = document.createElement("td");
-    cell.colSpan = 6;
+    cell.colSpan = $(id).closest("table").tHead.rows[0].cells.length;
     cell.className = "empty";
     cell.textContent = empty;
     const tr = document.createElement("tr");
@@ -225,8 +225,13 @@ async function showSagaById(sagaId) {
 
 function showEvents(events) {
   const start = events.length ? new Date(events[0].occurred_at) : null;
-  fill("trace", events.map((e) =>
-    row([time(e.occurred_at), "+" + (new Date(e.occurred_at) - start) + " ms", e.service, e.summary])), "no events for this flow");
+  // An event caused by another of the flow points at its row; one caused
+  // by a request shows the request's id.
+  const position = new Map(events.map((e, i) => [e.event_id, i + 1]));
+  const cause = (e) => !e.causation_id ? "" :
+    position.has(e.causation_id) ? "#" + position.get(e.causation_id) : "request " + e.causation_id;
+  fill("trace", events.map((e, i) =>
+    row(["#" + (i + 1), time(e.occurred_at), "+" + (new Date(e.occurred_at) - start) + " ms", e.service, e.summary, cause(e)])), "no events for this flow");
 }
 
 function showSaga(one) {
