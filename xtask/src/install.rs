@@ -28,6 +28,13 @@ pub(crate) fn ensure_test_tools() -> anyhow::Result<()> {
         apt_install("chromium", "Chromium (for the dashboard's browser test)")?;
         tools::chromium()?;
     }
+    if tools::chromedriver().is_err() {
+        apt_install(
+            "chromium-driver",
+            "chromedriver (for the dashboard's click tests)",
+        )?;
+        tools::chromedriver()?;
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 
 mod access;
 mod chaos;
+mod dashboard;
 mod deployment;
 mod hostile_input;
 mod observability;
@@ -17,3 +18,4 @@ mod retention;
 mod sagas;
 mod traces;
 mod tracing;
+mod webdriver;

@@ -1,33 +1,88 @@
 //! The operators' dashboard, on the orchestrator's HTTP port: a page (`/`,
-//! with its script and style sheet) and the JSON it reads (`/api/summary`,
-//! `/api/trace`), built from the same read models as the gRPC APIs. The
-//! JSON needs an admin token, as the gRPC APIs do; the page asks for one.
+//! with its script and style sheet) and the JSON it reads, built from the
+//! same read models as the gRPC APIs:
+//!
+//! - `/api/summary`: counts, flows in progress, recent events;
+//! - `/api/charts`: the last hour's throughput, latency and backlog
+//!   ([`charts`]);
+//! - `/api/saga`: one saga's timeline, events and trace link ([`saga`]);
+//! - `/api/trace`: one flow's events;
+//! - `/api/sagas`: SagaService/ListSagas's search, with its filters;
+//! - `POST /api/sagas/{id}/{action}`: retry, compensate, pause, resume or
+//!   terminate a saga, through the same [`operator`] functions as
+//!   SagaService's RPCs.
+//!
+//! Every API needs an admin token, as the gRPC APIs do; the page takes one
+//! from its URL's fragment (and forgets the fragment) or asks for one. The
+//! token travels in an `Authorization` header, which a browser never adds
+//! by itself, so another site cannot make the page's POSTs (no CSRF).
 //!
 //! The page's script and style are files of their own, served from here,
 //! so that its Content-Security-Policy can allow scripts and styles from
 //! this origin only: no inline script, nothing from elsewhere, no framing.
+//! The charts are SVG drawn by that script: nothing is fetched from a CDN.
 //! The HTTP server adds the other security headers to every answer.
+
+mod charts;
+mod saga;
 
 use std::sync::Arc;
 
 use access_control::Verifier;
-use axum::extract::{Query, State};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use saga_engine::{Engine, SagaRecord, SagaState, store};
 use serde::{Deserialize, Serialize};
+use service_runtime::fields;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::grpc;
+use crate::operator::{self, Refused, TerminationReason};
+use crate::order_saga::SAGA_TYPE;
 use crate::trace_api;
 use crate::trace_view;
 
+pub(crate) use charts::Sampler;
+
+/// What the dashboard links to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DashboardSettings {
+    /// Link from a saga to its trace in a tracing UI: a URL in which
+    /// `{trace_id}` stands for the trace's id, e.g.
+    /// `http://localhost:16686/trace/{trace_id}` for Jaeger. Unset: the
+    /// dashboard shows the trace id without a link.
+    #[arg(long = "dashboard-trace-url", env = "DASHBOARD_TRACE_URL", value_parser = trace_url_pattern)]
+    pub trace_url: Option<String>,
+}
+
+fn trace_url_pattern(text: &str) -> Result<String, String> {
+    if !(text.starts_with("http://") || text.starts_with("https://")) {
+        return Err("must be an http:// or https:// URL".to_owned());
+    }
+    if !text.contains("{trace_id}") {
+        return Err("must contain {trace_id}".to_owned());
+    }
+    Ok(text.to_owned())
+}
+
 #[derive(Clone)]
 struct Dashboard {
-    pool: PgPool,
+    engine: Arc<Engine>,
     verifier: Arc<Verifier>,
+    sampler: Sampler,
+    trace_url: Option<Arc<str>>,
+}
+
+impl Dashboard {
+    fn pool(&self) -> &PgPool {
+        self.engine.pool()
+    }
 }
 
 /// What the page may load: its own script, style sheet and JSON, from this
@@ -36,9 +91,22 @@ pub(crate) const PAGE_CONTENT_SECURITY_POLICY: &str = "default-src 'none'; scrip
      style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
      frame-ancestors 'none'";
 
-/// The dashboard's routes.
-pub(crate) fn routes(pool: PgPool, verifier: Arc<Verifier>) -> Router {
-    Router::new()
+/// The dashboard's routes, and the sampler of its backlog chart (to run
+/// with [`Sampler::run`]; `outbox` refreshes the outbox gauges it reads).
+pub(crate) fn routes(
+    engine: Arc<Engine>,
+    verifier: Arc<Verifier>,
+    settings: &DashboardSettings,
+    outbox: service_runtime::http::Collector,
+) -> (Router, Sampler) {
+    let sampler = Sampler::new(outbox);
+    let dashboard = Dashboard {
+        engine,
+        verifier,
+        sampler: sampler.clone(),
+        trace_url: settings.trace_url.as_deref().map(Arc::from),
+    };
+    let router = Router::new()
         .route(
             "/",
             get(|| async {
@@ -70,8 +138,13 @@ pub(crate) fn routes(pool: PgPool, verifier: Arc<Verifier>) -> Router {
             }),
         )
         .route("/api/summary", get(summary))
+        .route("/api/charts", get(charts))
+        .route("/api/saga", get(one_saga))
         .route("/api/trace", get(trace))
-        .with_state(Dashboard { pool, verifier })
+        .route("/api/sagas", get(search))
+        .route("/api/sagas/{saga_id}/{action}", post(act))
+        .with_state(dashboard);
+    (router, sampler)
 }
 
 /// Sets the gauges of sagas by unfinished state (paused included), of
@@ -253,7 +326,7 @@ async fn summary(State(dashboard): State<Dashboard>, headers: HeaderMap) -> Resp
     if let Err(refusal) = authorize(&dashboard, &headers).await {
         return refusal;
     }
-    match read_summary(&dashboard.pool).await {
+    match read_summary(dashboard.pool()).await {
         Ok(summary) => private(Json(summary)),
         Err(error) => failure(&error),
     }
@@ -351,16 +424,330 @@ async fn trace(
     if let Err(refusal) = authorize(&dashboard, &headers).await {
         return refusal;
     }
-    let correlation = match service_runtime::fields::correlation_id(&query.correlation) {
+    let correlation = match fields::correlation_id(&query.correlation) {
         Ok(correlation) => correlation,
         Err(reason) => {
             return (StatusCode::BAD_REQUEST, format!("correlation: {reason}")).into_response();
         }
     };
-    match trace_view::by_correlation(&dashboard.pool, correlation.as_str()).await {
+    match trace_view::by_correlation(dashboard.pool(), correlation.as_str()).await {
         Ok(rows) => private(Json(rows.into_iter().map(Event::from).collect::<Vec<_>>())),
         Err(error) => failure(&error),
     }
+}
+
+async fn charts(State(dashboard): State<Dashboard>, headers: HeaderMap) -> Response {
+    if let Err(refusal) = authorize(&dashboard, &headers).await {
+        return refusal;
+    }
+    match charts::read(dashboard.pool(), &dashboard.sampler).await {
+        Ok(charts) => private(Json(charts)),
+        Err(error) => failure(&error),
+    }
+}
+
+/// Which saga: exactly one of its id, its order's id, or its flow's
+/// correlation id.
+#[derive(Debug, Deserialize)]
+struct SagaQuery {
+    saga: Option<String>,
+    order: Option<String>,
+    correlation: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct OneSaga {
+    saga: saga::SagaView,
+    executions: Vec<saga::Execution>,
+    events: Vec<Event>,
+    trace_id: Option<String>,
+    trace_url: Option<String>,
+}
+
+async fn one_saga(
+    State(dashboard): State<Dashboard>,
+    headers: HeaderMap,
+    Query(query): Query<SagaQuery>,
+) -> Response {
+    if let Err(refusal) = authorize(&dashboard, &headers).await {
+        return refusal;
+    }
+    let pool = dashboard.pool();
+    let found = match (query.saga, query.order, query.correlation) {
+        (Some(id), None, None) => match fields::uuid(&id) {
+            Ok(id) => Ok(Some(id)),
+            Err(reason) => return invalid("saga", reason),
+        },
+        (None, Some(id), None) => match fields::uuid(&id) {
+            Ok(id) => store::find_by_business_key(pool, SAGA_TYPE, &id.to_string()).await,
+            Err(reason) => return invalid("order", reason),
+        },
+        (None, None, Some(id)) => match fields::correlation_id(&id) {
+            Ok(id) => store::find_by_correlation(pool, id.as_str()).await,
+            Err(reason) => return invalid("correlation", reason),
+        },
+        _ => return invalid("saga", "give one of saga, order, correlation"),
+    };
+    let read = async {
+        let Some(saga_id) = found? else {
+            return Ok(None);
+        };
+        let Some(record) = store::load(pool, saga_id).await? else {
+            return Ok(None);
+        };
+        let events = trace_view::by_correlation(pool, &record.instance.correlation_id).await?;
+        let trace_id = store::trace_context(pool, saga_id)
+            .await?
+            .and_then(|headers| saga::trace_id(&headers));
+        let pivot = dashboard
+            .engine
+            .definition(&record.instance.saga_type)
+            .and_then(|definition| definition.pivot);
+        anyhow::Ok(Some(OneSaga {
+            saga: saga::SagaView::new(&record, pivot),
+            executions: saga::timeline(&record, &events, Utc::now()),
+            events: events.into_iter().map(Event::from).collect(),
+            trace_url: saga::trace_url(dashboard.trace_url.as_deref(), trace_id.as_deref()),
+            trace_id,
+        }))
+    };
+    match read.await {
+        Ok(Some(one)) => private(Json(one)),
+        Ok(None) => refused(StatusCode::NOT_FOUND, "NOT_FOUND", "no such saga"),
+        Err(error) => failure(&error),
+    }
+}
+
+/// What an action may carry: the operator's reason (compensate, terminate)
+/// and, for terminate, that they take on the steps left in effect.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    acknowledge_effects: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Acted {
+    saga: saga::SagaView,
+}
+
+/// An operator's action on a saga, answered with the saga as it then is,
+/// or with the status the RPC would give (its code and message): the same
+/// edge checks as SagaService's handlers, then the same [`operator`]
+/// function.
+async fn act(
+    State(dashboard): State<Dashboard>,
+    headers: HeaderMap,
+    Path((saga_id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Err(refusal) = authorize(&dashboard, &headers).await {
+        return refusal;
+    }
+    let saga_id = match fields::uuid(&saga_id) {
+        Ok(saga_id) => saga_id,
+        Err(reason) => return invalid("saga_id", reason),
+    };
+    let body: ActionBody = if body.is_empty() {
+        ActionBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(body) => body,
+            Err(error) => return invalid("body", &format!("is not an action's JSON: {error}")),
+        }
+    };
+    let engine = &dashboard.engine;
+    let done = match action.as_str() {
+        "retry" => operator::retry(engine, saga_id).await,
+        "compensate" => {
+            if let Err(error) = fields::text(&body.reason, operator::MAX_REASON_CHARS) {
+                return invalid("reason", &error.to_string());
+            }
+            operator::compensate(engine, saga_id, &body.reason).await
+        }
+        "pause" => operator::pause(engine, saga_id).await,
+        "resume" => operator::resume(engine, saga_id).await,
+        "terminate" => {
+            let reason = match TerminationReason::parse(&body.reason) {
+                Ok(reason) => reason,
+                Err(why) => return invalid("reason", &why),
+            };
+            operator::terminate(engine, saga_id, &reason, body.acknowledge_effects).await
+        }
+        _ => return refused(StatusCode::NOT_FOUND, "NOT_FOUND", "no such action"),
+    };
+    match done {
+        Ok(record) => {
+            let pivot = engine
+                .definition(&record.instance.saga_type)
+                .and_then(|definition| definition.pivot);
+            private(Json(Acted {
+                saga: saga::SagaView::new(&record, pivot),
+            }))
+        }
+        Err(Refused::Unexpected(error)) => failure(&error),
+        Err(refusal) => answer_of(&tonic::Status::from(refusal)),
+    }
+}
+
+/// ListSagas's filters, as the search form sends them: states comma
+/// separated, times in RFC 3339.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchQuery {
+    #[serde(default)]
+    states: String,
+    #[serde(default)]
+    saga_type: String,
+    created_after: Option<String>,
+    created_before: Option<String>,
+    finished_after: Option<String>,
+    finished_before: Option<String>,
+    #[serde(default)]
+    failure_reason_contains: String,
+    #[serde(default)]
+    order_id: String,
+    #[serde(default)]
+    customer_id: String,
+    #[serde(default)]
+    stuck_only: bool,
+    #[serde(default)]
+    page_size: u32,
+    #[serde(default)]
+    page_token: String,
+}
+
+impl SearchQuery {
+    /// The ListSagas request these filters make; what cannot be one is
+    /// named, as ListSagas names its fields.
+    fn into_request(self) -> Result<api_saga::v1::ListSagasRequest, tonic::Status> {
+        let mut violations = service_runtime::status::FieldViolations::new();
+        let mut states = Vec::new();
+        for name in self.states.split(',').filter(|name| !name.is_empty()) {
+            match SagaState::parse(name) {
+                Some(state) => states.push(state.to_proto().into()),
+                None => violations.add("states", format!("{name:?} is not a saga state")),
+            }
+        }
+        let mut time = |field: &str, text: Option<String>| {
+            let text = text.filter(|text| !text.is_empty())?;
+            DateTime::parse_from_rfc3339(&text)
+                .map(|at| std::time::SystemTime::from(at).into())
+                .map_err(|_| violations.add(field, "must be an RFC 3339 time"))
+                .ok()
+        };
+        let request = api_saga::v1::ListSagasRequest {
+            page_size: self.page_size,
+            page_token: self.page_token,
+            states,
+            saga_type: self.saga_type,
+            created_after: time("created_after", self.created_after),
+            created_before: time("created_before", self.created_before),
+            finished_after: time("finished_after", self.finished_after),
+            finished_before: time("finished_before", self.finished_before),
+            failure_reason_contains: self.failure_reason_contains,
+            order_id: self.order_id,
+            customer_id: self.customer_id,
+            stuck_only: self.stuck_only,
+        };
+        violations.into_result()?;
+        Ok(request)
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Found {
+    sagas: Vec<saga::SagaView>,
+    next_page_token: String,
+}
+
+/// SagaService/ListSagas for the page: the same request, checks and query.
+async fn search(
+    State(dashboard): State<Dashboard>,
+    headers: HeaderMap,
+    query: Result<Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(refusal) = authorize(&dashboard, &headers).await {
+        return refusal;
+    }
+    let request = match query {
+        Ok(Query(query)) => query.into_request(),
+        Err(rejection) => return invalid("query", &rejection.body_text()),
+    };
+    let found = match request {
+        Ok(request) => grpc::search(&dashboard.engine, &request).await,
+        Err(status) => Err(status),
+    };
+    match found {
+        Ok((instances, next_page_token)) => {
+            let sagas = instances
+                .into_iter()
+                .map(|instance| {
+                    let pivot = dashboard
+                        .engine
+                        .definition(&instance.saga_type)
+                        .and_then(|definition| definition.pivot);
+                    let record = SagaRecord {
+                        instance,
+                        steps: Vec::new(),
+                    };
+                    saga::SagaView::new(&record, pivot)
+                })
+                .collect();
+            private(Json(Found {
+                sagas,
+                next_page_token,
+            }))
+        }
+        Err(status) => answer_of(&status),
+    }
+}
+
+/// A gRPC status as the page's answer: its code's name and its message
+/// (INVALID_ARGUMENT's names every bad field), with the HTTP status that
+/// means the same. An unexpected failure was logged where it happened.
+fn answer_of(status: &tonic::Status) -> Response {
+    use tonic::Code;
+    let (http, code) = match status.code() {
+        Code::InvalidArgument => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
+        Code::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+        Code::FailedPrecondition => (StatusCode::CONFLICT, "FAILED_PRECONDITION"),
+        Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+    };
+    refused(http, code, status.message())
+}
+
+/// A refusal in the words of the RPC's status: its code and message, and
+/// the field for an invalid argument.
+#[derive(Debug, Serialize)]
+struct Refusal<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+fn refused(status: StatusCode, code: &str, message: &str) -> Response {
+    let refusal = Refusal {
+        code,
+        message,
+        field: None,
+    };
+    (status, private(Json(refusal))).into_response()
+}
+
+fn invalid(field: &str, reason: &str) -> Response {
+    let message = format!("{field}: {reason}");
+    let refusal = Refusal {
+        code: "INVALID_ARGUMENT",
+        message: &message,
+        field: Some(field),
+    };
+    (StatusCode::BAD_REQUEST, private(Json(refusal))).into_response()
 }
 
 /// An answer with an operator's data: kept out of shared caches.

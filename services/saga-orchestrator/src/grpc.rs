@@ -170,22 +170,7 @@ impl SagaService for SagaApi {
         &self,
         request: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
-        let (filter, page) = search_of(&request.into_inner())?;
-        let mut instances = store::search(
-            self.engine.pool(),
-            &filter,
-            page.after.map(|after| ListCursor {
-                created_at: after.at,
-                saga_id: after.id,
-            }),
-            page.limit(),
-        )
-        .await
-        .map_err(|e| status::internal(&e))?;
-        let next_page_token = page.finish(&mut instances, |last| Cursor {
-            at: last.created_at,
-            id: last.saga_id,
-        });
+        let (instances, next_page_token) = search(&self.engine, &request.into_inner()).await?;
         let sagas = instances
             .into_iter()
             .map(|instance| {
@@ -239,6 +224,31 @@ impl SagaService for SagaApi {
             .await?;
         Ok(Response::new(self.to_proto(&saga)))
     }
+}
+
+/// The page of sagas a ListSagas request asks for, and the next page's
+/// token; the dashboard's search calls it too.
+pub(crate) async fn search(
+    engine: &Engine,
+    request: &pb::ListSagasRequest,
+) -> Result<(Vec<store::Instance>, String), Status> {
+    let (filter, page) = search_of(request)?;
+    let mut instances = store::search(
+        engine.pool(),
+        &filter,
+        page.after.map(|after| ListCursor {
+            created_at: after.at,
+            saga_id: after.id,
+        }),
+        page.limit(),
+    )
+    .await
+    .map_err(|e| status::internal(&e))?;
+    let next_page_token = page.finish(&mut instances, |last| Cursor {
+        at: last.created_at,
+        id: last.saga_id,
+    });
+    Ok((instances, next_page_token))
 }
 
 /// Every refusal on purpose: what the saga's state or history forbids is

@@ -37,6 +37,8 @@ use service_runtime::{GrpcServer, Platform, ServerSettings};
 use telemetry::TelemetrySettings;
 use tokio_util::sync::CancellationToken;
 
+pub use dashboard::DashboardSettings;
+
 /// Service name, in logs, traces and event envelopes.
 pub const NAME: &str = "saga-orchestrator";
 /// Default gRPC port.
@@ -95,6 +97,8 @@ pub struct Settings {
     pub saga: SagaSettings,
     #[command(flatten)]
     pub retention: retention::OrchestratorRetention,
+    #[command(flatten)]
+    pub dashboard: DashboardSettings,
 
     /// gRPC URL of the order service.
     #[arg(
@@ -339,7 +343,13 @@ impl Application {
         };
 
         let verifier = Verifier::remote(&settings.auth)?;
-        let dashboard = dashboard::routes(platform.pool.clone(), Arc::new(verifier.clone()));
+        let (dashboard, sampler) = dashboard::routes(
+            engine.clone(),
+            Arc::new(verifier.clone()),
+            &settings.dashboard,
+            platform.outbox_metrics(),
+        );
+        platform.spawn("dashboard sampler", sampler.run(shutdown.clone()));
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(SagaServiceServer::new(grpc::SagaApi { engine }))

@@ -184,3 +184,12 @@ pub fn chromium() -> anyhow::Result<PathBuf> {
         .find_map(|name| find_in_path(name))
         .context("no Chromium found: install Debian's `chromium` package (`cargo xtask test` does)")
 }
+
+/// The WebDriver server for that Chromium, for the dashboard's tests that
+/// click: Debian's `chromium-driver` package (`cargo xtask test` installs
+/// it with Chromium).
+pub fn chromedriver() -> anyhow::Result<PathBuf> {
+    find_in_path("chromedriver").context(
+        "no chromedriver found: install Debian's `chromium-driver` package (`cargo xtask test` does)",
+    )
+}

@@ -28,7 +28,7 @@
 //!
 //! `lock` writes nothing: it takes the row lock that orders a request
 //! against the owner's turns. The rest only read: `load`, `load_instance`,
-//! `steps`, `find_by_business_key`, `find_by_correlation`, `list`,
+//! `steps`, `find_by_business_key`, `find_by_correlation`, `trace_context`, `list`,
 //! `search`, `next_due`, `next_stuck`, and `listen` (the channel on which
 //! the trigger of `0001_sagas.sql` announces due work).
 //!
@@ -474,6 +474,21 @@ pub async fn find_by_correlation(
     .fetch_optional(pool)
     .await
     .context("finding a saga by correlation id")
+}
+
+/// The W3C trace context a saga continues (the trace of what started it),
+/// as header pairs; `None` if there is no such saga. Reads only.
+pub async fn trace_context(
+    pool: &PgPool,
+    saga_id: Uuid,
+) -> anyhow::Result<Option<Vec<(String, String)>>> {
+    let context: Option<Json<Vec<(String, String)>>> =
+        sqlx::query_scalar("SELECT trace_context FROM saga_instances WHERE saga_id = $1")
+            .bind(saga_id)
+            .fetch_optional(pool)
+            .await
+            .context("reading a saga's trace context")?;
+    Ok(context.map(|context| context.0))
 }
 
 /// Where a page of sagas starts: after (created_at, saga_id), oldest first.
