@@ -42,7 +42,10 @@ async fn migrated(scenario: &Scenario) -> PgPool {
 }
 
 async fn start_on(scenario: Scenario, extra_env: &[(&str, &str)]) -> Auth {
-    let clients = format!("saga-orchestrator={}", super::SERVICE_SECRET);
+    let clients = format!(
+        "saga-orchestrator={} payments:charge payments:refund orders:settle",
+        super::SERVICE_SECRET
+    );
     let mut env = vec![
         ("AUTH_ADMIN_EMAIL", ADMIN_EMAIL),
         ("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD),
