@@ -237,6 +237,25 @@ impl Stack {
         OrderServiceClient::new(self.channel(order_service::NAME).await)
     }
 
+    /// Places [`order_request`]'s order for `customer`, paid with
+    /// `payment_method_token`.
+    pub async fn place_order(
+        &self,
+        customer: &str,
+        idempotency_key: &str,
+        payment_method_token: &str,
+    ) -> api_order::v1::Order {
+        self.orders()
+            .await
+            .create_order(testkit::grpc::bearer(
+                order_request(idempotency_key, payment_method_token),
+                customer,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     pub async fn payments(&self) -> PaymentServiceClient<Channel> {
         PaymentServiceClient::new(self.channel(payment_service::NAME).await)
     }

@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use api_saga::v1::{Saga, SagaState};
-use e2e::{Stack, order_request};
-use testkit::grpc::bearer;
+use e2e::Stack;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::webdriver::{Browser, screenshot_path};
@@ -33,23 +32,15 @@ async fn stack_with_a_stuck_payment() -> Stack {
         .unwrap()
 }
 
-async fn place(stack: &Stack, customer: &str, key: &str, card: &str) -> String {
-    stack
-        .orders()
-        .await
-        .create_order(bearer(order_request(key, card), customer))
-        .await
-        .unwrap()
-        .into_inner()
-        .order_id
-}
-
 #[tokio::test]
 async fn clicking_compensate_compensates_the_saga_and_a_refusal_is_shown() {
     let stack = stack_with_a_stuck_payment().await;
     let customer = stack.customer_token("clicks@example.com").await.unwrap();
     let admin = stack.admin_token().await.unwrap();
-    let order_id = place(&stack, &customer, "click-stuck", "tok_flaky").await;
+    let order_id = stack
+        .place_order(&customer, "click-stuck", "tok_flaky")
+        .await
+        .order_id;
     let saga = stack
         .saga_reaching(&order_id, "process-payment", WAIT)
         .await
@@ -190,9 +181,18 @@ async fn clicking_compensate_compensates_the_saga_and_a_refusal_is_shown() {
 async fn the_charts_draw_the_last_hours_sagas_and_the_page_sends_its_policy() {
     let stack = stack_with_a_stuck_payment().await;
     let customer = stack.customer_token("charts@example.com").await.unwrap();
-    let completed = place(&stack, &customer, "chart-visa", "tok_visa").await;
-    let declined = place(&stack, &customer, "chart-declined", "tok_declined").await;
-    let stuck = place(&stack, &customer, "chart-stuck", "tok_flaky").await;
+    let completed = stack
+        .place_order(&customer, "chart-visa", "tok_visa")
+        .await
+        .order_id;
+    let declined = stack
+        .place_order(&customer, "chart-declined", "tok_declined")
+        .await
+        .order_id;
+    let stuck = stack
+        .place_order(&customer, "chart-stuck", "tok_flaky")
+        .await
+        .order_id;
     for order_id in [&completed, &declined] {
         stack.settled_saga(order_id, WAIT).await.unwrap();
     }
@@ -311,7 +311,10 @@ async fn a_stuck_saga_found_by_search_is_paused_resumed_and_terminated_by_clicks
         .unwrap();
     let customer = stack.customer_token("operator@example.com").await.unwrap();
     let admin = stack.admin_token().await.unwrap();
-    let order_id = place(&stack, &customer, "ops-stuck", "tok_flaky").await;
+    let order_id = stack
+        .place_order(&customer, "ops-stuck", "tok_flaky")
+        .await
+        .order_id;
     stack
         .saga_reaching(&order_id, "process-payment", WAIT)
         .await

@@ -13,21 +13,11 @@ use api_saga::v1::{
     ListSagasRequest, PauseSagaRequest, ResumeSagaRequest, RetrySagaRequest, Saga, SagaState,
     TerminateSagaRequest,
 };
-use e2e::{Stack, http_get, order_request};
+use e2e::{Stack, http_get};
 use testkit::grpc::bearer;
 use tonic::Code;
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-async fn place(stack: &Stack, customer: &str, key: &str, token: &str) -> api_order::v1::Order {
-    stack
-        .orders()
-        .await
-        .create_order(bearer(order_request(key, token), customer))
-        .await
-        .unwrap()
-        .into_inner()
-}
 
 async fn order_status(stack: &Stack, customer: &str, order_id: &str) -> OrderStatus {
     let request = GetOrderRequest {
@@ -169,7 +159,7 @@ async fn a_stuck_saga_paused_mid_charge_stays_paused_across_a_restart_and_comple
         .unwrap();
     let customer = stack.customer_token("paused@example.com").await.unwrap();
     let admin = stack.admin_token().await.unwrap();
-    let placed = place(&stack, &customer, "paused", "tok_slow").await;
+    let placed = stack.place_order(&customer, "paused", "tok_slow").await;
     let saga = stack
         .saga_reaching(&placed.order_id, "process-payment", SETTLE)
         .await
@@ -241,7 +231,7 @@ async fn a_stuck_saga_paused_mid_charge_stays_paused_across_a_restart_and_comple
         .await
         .unwrap();
     stack.restart("saga-orchestrator").await.unwrap();
-    let canary = place(&stack, &customer, "canary", "tok_visa").await;
+    let canary = stack.place_order(&customer, "canary", "tok_visa").await;
     let done = stack.settled_saga(&canary.order_id, SETTLE).await.unwrap();
     assert_eq!(done.state(), SagaState::Completed);
     let still = stack.saga_status(&placed.order_id, &admin).await.unwrap();
@@ -299,7 +289,7 @@ async fn terminate_pause_and_resume_refuse_what_they_cannot_do_and_the_search_fi
     let admin = stack.admin_token().await.unwrap();
 
     // A completed saga: nothing to pause, resume or terminate.
-    let happy = place(&stack, &customer, "happy", "tok_visa").await;
+    let happy = stack.place_order(&customer, "happy", "tok_visa").await;
     let completed = stack.settled_saga(&happy.order_id, SETTLE).await.unwrap();
     for refused in [
         pause(&stack, &admin, &completed.saga_id).await,
@@ -324,7 +314,7 @@ async fn terminate_pause_and_resume_refuse_what_they_cannot_do_and_the_search_fi
     assert!(malformed.message().contains("saga_id"), "{malformed:?}");
 
     // A charge in flight: terminating would leave it, and the order, open.
-    let open = place(&stack, &customer, "open", "tok_slow").await;
+    let open = stack.place_order(&customer, "open", "tok_slow").await;
     let saga = stack
         .saga_reaching(&open.order_id, "process-payment", SETTLE)
         .await
@@ -387,7 +377,7 @@ async fn terminate_pause_and_resume_refuse_what_they_cannot_do_and_the_search_fi
 
     // Past the pivot (ConfirmOrder in flight, the order service held),
     // termination is refused, naming the pivot.
-    let late = place(&stack, &customer, "late", "tok_slow").await;
+    let late = stack.place_order(&customer, "late", "tok_slow").await;
     stack
         .saga_reaching(&late.order_id, "process-payment", SETTLE)
         .await
@@ -415,7 +405,9 @@ async fn terminate_pause_and_resume_refuse_what_they_cannot_do_and_the_search_fi
     assert_eq!(confirmed.state(), SagaState::Completed);
 
     // A declined card, for the failure-reason filter.
-    let declined = place(&stack, &customer, "declined", "tok_declined").await;
+    let declined = stack
+        .place_order(&customer, "declined", "tok_declined")
+        .await;
     let declined = stack
         .settled_saga(&declined.order_id, SETTLE)
         .await

@@ -7,23 +7,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use api_order::v1::{GetOrderRequest, Order, OrderStatus};
+use api_order::v1::{GetOrderRequest, OrderStatus};
 use api_saga::v1::SagaState;
-use e2e::{Stack, order_request};
+use e2e::Stack;
 use sqlx::PgPool;
 use testkit::grpc::bearer;
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-async fn place(stack: &Stack, customer: &str, key: &str, token: &str) -> Order {
-    stack
-        .orders()
-        .await
-        .create_order(bearer(order_request(key, token), customer))
-        .await
-        .unwrap()
-        .into_inner()
-}
 
 async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
@@ -71,7 +61,7 @@ async fn old_flows_are_purged_and_their_orders_stay() {
         ("old-2", "tok_visa"),
         ("old-3", "tok_declined"),
     ] {
-        let placed = place(&stack, &customer, key, token).await;
+        let placed = stack.place_order(&customer, key, token).await;
         let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
         assert!(
             matches!(saga.state(), SagaState::Completed | SagaState::Compensated),
@@ -111,7 +101,7 @@ async fn old_flows_are_purged_and_their_orders_stay() {
     .unwrap();
 
     // And a new flow runs meanwhile.
-    let fresh = place(&stack, &customer, "fresh", "tok_visa").await;
+    let fresh = stack.place_order(&customer, "fresh", "tok_visa").await;
     let saga = stack.settled_saga(&fresh.order_id, SETTLE).await.unwrap();
     assert_eq!(saga.state(), SagaState::Completed);
 

@@ -14,21 +14,11 @@ use api_order::v1::{
 use api_payment::v1::{ListPaymentsByOrderRequest, ListPaymentsByOrderResponse, PaymentStatus};
 use api_saga::v1::step_execution::{Kind, Status};
 use api_saga::v1::{CompensateSagaRequest, RetrySagaRequest, Saga, SagaState};
-use e2e::{Stack, order_request};
+use e2e::Stack;
 use testkit::grpc::bearer;
 use tonic::Code;
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-async fn place(stack: &Stack, customer: &str, key: &str, token: &str) -> Order {
-    stack
-        .orders()
-        .await
-        .create_order(bearer(order_request(key, token), customer))
-        .await
-        .unwrap()
-        .into_inner()
-}
 
 async fn order(stack: &Stack, customer: &str, order_id: &str) -> Order {
     let request = GetOrderRequest {
@@ -74,7 +64,7 @@ fn step<'a>(saga: &'a Saga, name: &str, kind: Kind) -> Option<&'a api_saga::v1::
 async fn happy_path_charges_once_and_confirms() {
     let stack = Stack::start().await.unwrap();
     let customer = stack.customer_token("happy@example.com").await.unwrap();
-    let placed = place(&stack, &customer, "happy", "tok_visa").await;
+    let placed = stack.place_order(&customer, "happy", "tok_visa").await;
 
     let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
     assert_eq!(saga.state(), SagaState::Completed, "{saga:#?}");
@@ -110,7 +100,9 @@ async fn happy_path_charges_once_and_confirms() {
 async fn a_declined_card_rejects_the_order_and_charges_nothing() {
     let stack = Stack::start().await.unwrap();
     let customer = stack.customer_token("declined@example.com").await.unwrap();
-    let placed = place(&stack, &customer, "declined", "tok_declined").await;
+    let placed = stack
+        .place_order(&customer, "declined", "tok_declined")
+        .await;
 
     let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
     assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
@@ -155,7 +147,7 @@ async fn a_provider_slower_than_the_deadline_fails_the_payment_and_charges_nothi
         .await
         .unwrap();
     let customer = stack.customer_token("slow@example.com").await.unwrap();
-    let placed = place(&stack, &customer, "slow", "tok_slow").await;
+    let placed = stack.place_order(&customer, "slow", "tok_slow").await;
 
     let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
     assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
@@ -188,7 +180,7 @@ async fn a_flaky_provider_succeeds_on_retry() {
         .await
         .unwrap();
     let customer = stack.customer_token("flaky@example.com").await.unwrap();
-    let placed = place(&stack, &customer, "flaky", "tok_flaky").await;
+    let placed = stack.place_order(&customer, "flaky", "tok_flaky").await;
 
     let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
     assert_eq!(saga.state(), SagaState::Completed, "{saga:#?}");
@@ -221,7 +213,7 @@ async fn a_confirmation_that_fails_after_the_charge_refunds_it_then_cancels() {
         .unwrap();
     let customer = stack.customer_token("refund@example.com").await.unwrap();
     let service = stack.service_token().await.unwrap();
-    let placed = place(&stack, &customer, "refund-me", "tok_slow").await;
+    let placed = stack.place_order(&customer, "refund-me", "tok_slow").await;
 
     // While the charge is in flight, the order is closed behind the saga's
     // back, so confirming it will fail.
@@ -281,7 +273,7 @@ async fn a_customer_cancelling_mid_flight_gets_the_charge_back() {
         .await
         .unwrap();
     let customer = stack.customer_token("cancel@example.com").await.unwrap();
-    let placed = place(&stack, &customer, "cancel-me", "tok_slow").await;
+    let placed = stack.place_order(&customer, "cancel-me", "tok_slow").await;
 
     stack
         .saga_reaching(&placed.order_id, "process-payment", SETTLE)
@@ -331,7 +323,7 @@ async fn an_operator_compensates_a_saga_stuck_in_retries() {
         .unwrap();
     let customer = stack.customer_token("stuck@example.com").await.unwrap();
     let admin = stack.admin_token().await.unwrap();
-    let placed = place(&stack, &customer, "stuck", "tok_flaky").await;
+    let placed = stack.place_order(&customer, "stuck", "tok_flaky").await;
     let saga = stack
         .saga_reaching(&placed.order_id, "process-payment", SETTLE)
         .await
@@ -410,7 +402,7 @@ async fn a_saga_whose_compensation_keeps_failing_waits_for_an_operator_to_retry_
     // The payment service is unreachable from the orchestrator: the charge
     // runs out of time, and so does undoing it.
     stack.proxy("payment").cut();
-    let placed = place(&stack, &customer, "outage", "tok_visa").await;
+    let placed = stack.place_order(&customer, "outage", "tok_visa").await;
 
     let failed = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
     assert_eq!(failed.state(), SagaState::Failed, "{failed:#?}");
@@ -497,7 +489,9 @@ async fn a_confirmation_whose_answers_are_lost_past_its_deadline_still_confirms(
     // Every ConfirmOrder reaches the order service and is handled; every
     // answer is lost on its way back.
     stack.proxy("order").lose_answers();
-    let placed = place(&stack, &customer, "lost-answers", "tok_visa").await;
+    let placed = stack
+        .place_order(&customer, "lost-answers", "tok_visa")
+        .await;
 
     let overdue = tokio::time::timeout(SETTLE, async {
         loop {
@@ -571,7 +565,7 @@ async fn a_compensation_asked_for_while_the_confirmation_is_in_flight_is_refused
 
     // Asked for while the charge is still being made, before the pivot:
     // accepted, and the saga turns back.
-    let early = place(&stack, &customer, "early", "tok_slow").await;
+    let early = stack.place_order(&customer, "early", "tok_slow").await;
     let saga = stack
         .saga_reaching(&early.order_id, "process-payment", SETTLE)
         .await
@@ -596,7 +590,7 @@ async fn a_compensation_asked_for_while_the_confirmation_is_in_flight_is_refused
 
     // Asked for while ConfirmOrder is in flight: the order service is held
     // (SIGSTOP) between the request and its answer. Refused, naming the pivot.
-    let late = place(&stack, &customer, "late", "tok_slow").await;
+    let late = stack.place_order(&customer, "late", "tok_slow").await;
     stack
         .saga_reaching(&late.order_id, "process-payment", SETTLE)
         .await
@@ -645,7 +639,9 @@ async fn a_capture_whose_answer_died_with_the_payment_service_is_refunded_at_the
         .unwrap();
     let customer = stack.customer_token("died@example.com").await.unwrap();
     // The provider captures, and its answer never reaches our ledger.
-    let placed = place(&stack, &customer, "died", "tok_capture_answer_lost").await;
+    let placed = stack
+        .place_order(&customer, "died", "tok_capture_answer_lost")
+        .await;
     tokio::time::timeout(SETTLE, async {
         while provider_holds(&stack, &placed.order_id).await == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -754,7 +750,9 @@ async fn a_saga_costs_the_database_no_more_than_its_budget() {
         let stack = &stack;
         let customer = &customer;
         futures::future::join_all((from..to).map(move |n| async move {
-            place(stack, customer, &format!("budget-{n}"), "tok_visa").await
+            stack
+                .place_order(customer, &format!("budget-{n}"), "tok_visa")
+                .await
         }))
     };
     place_all(0, 5).await; // warm-up: connections, caches, group assignment

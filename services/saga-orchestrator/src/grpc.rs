@@ -130,15 +130,7 @@ impl SagaService for SagaApi {
             at: instance.created_at,
             id: instance.saga_id,
         });
-        let sagas = instances
-            .into_iter()
-            .map(|instance| {
-                self.to_proto(&SagaRecord {
-                    instance,
-                    steps: vec![],
-                })
-            })
-            .collect();
+        let sagas = self.summaries(instances);
         Ok(Response::new(pb::ListActiveSagasResponse {
             sagas,
             next_page_token,
@@ -171,15 +163,7 @@ impl SagaService for SagaApi {
         request: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
         let (instances, next_page_token) = search(&self.engine, &request.into_inner()).await?;
-        let sagas = instances
-            .into_iter()
-            .map(|instance| {
-                self.to_proto(&SagaRecord {
-                    instance,
-                    steps: vec![],
-                })
-            })
-            .collect();
+        let sagas = self.summaries(instances);
         Ok(Response::new(pb::ListSagasResponse {
             sagas,
             next_page_token,
@@ -367,6 +351,19 @@ fn instant(
 }
 
 impl SagaApi {
+    /// Sagas for a listing: each without its step log.
+    fn summaries(&self, instances: Vec<store::Instance>) -> Vec<pb::Saga> {
+        instances
+            .into_iter()
+            .map(|instance| {
+                self.to_proto(&SagaRecord {
+                    instance,
+                    steps: vec![],
+                })
+            })
+            .collect()
+    }
+
     /// The saga for the wire, with what its definition says of it.
     fn to_proto(&self, saga: &SagaRecord) -> pb::Saga {
         let pivot = self
