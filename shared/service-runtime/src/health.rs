@@ -1,6 +1,7 @@
-//! Readiness as the health service reports it: SERVING only while every
-//! dependency answers, re-checked on an interval, NOT_SERVING from the
-//! moment shutdown begins.
+//! Readiness as the health service reports it: SERVING once every
+//! dependency answers, NOT_SERVING after a few failed checks in a row
+//! (re-checked on an interval), and NOT_SERVING from the moment shutdown
+//! begins.
 
 use std::time::Duration;
 
@@ -72,8 +73,43 @@ pub(crate) async fn set_all(
     }
 }
 
-/// Keeps `reporter` (which must start out NOT_SERVING) in step with `readiness` for the whole server ("") and
-/// each named service until `shutdown`, then reports NOT_SERVING.
+/// How many checks in a row must fail before a serving replica reports
+/// NOT_SERVING. One slow answer on a loaded machine (a broker metadata
+/// round trip, a pool connection being opened) is not an outage, and a
+/// replica that flaps in and out of its Service's endpoints serves worse
+/// than one that waits for the failure to persist. Becoming ready takes a
+/// single success; shutdown reports NOT_SERVING at once.
+const FAILURES_BEFORE_NOT_SERVING: u32 = 3;
+
+/// What the reporter has told the world, and the failures seen since.
+#[derive(Debug, Default)]
+struct Verdict {
+    serving: bool,
+    failures_in_a_row: u32,
+}
+
+impl Verdict {
+    /// Takes one check's result; returns the status to report if it changes.
+    fn observe(&mut self, ready: bool) -> Option<ServingStatus> {
+        if ready {
+            self.failures_in_a_row = 0;
+            (!self.serving).then(|| {
+                self.serving = true;
+                ServingStatus::Serving
+            })
+        } else {
+            self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+            (self.serving && self.failures_in_a_row >= FAILURES_BEFORE_NOT_SERVING).then(|| {
+                self.serving = false;
+                ServingStatus::NotServing
+            })
+        }
+    }
+}
+
+/// Keeps `reporter` (which must start out NOT_SERVING) in step with
+/// `readiness` for the whole server ("") and each named service until
+/// `shutdown`, then reports NOT_SERVING.
 pub(crate) async fn report(
     readiness: Readiness,
     reporter: HealthReporter,
@@ -82,12 +118,15 @@ pub(crate) async fn report(
     shutdown: CancellationToken,
 ) {
     let set = |status| set_all(&reporter, &services, status);
-    let probe_timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(2));
-    let mut serving = Some(false);
+    // A probe may take longer than the interval between probes: a short
+    // interval is for noticing recovery quickly, not for a tighter deadline.
+    let probe_timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(2));
+    let mut verdict = Verdict::default();
     loop {
         let ready = readiness.check(probe_timeout).await;
-        let now_serving = ready.is_ok();
-        if serving != Some(now_serving) && !shutdown.is_cancelled() {
+        if let Some(status) = verdict.observe(ready.is_ok())
+            && !shutdown.is_cancelled()
+        {
             match &ready {
                 Ok(()) => tracing::info!("ready: reporting SERVING"),
                 Err(error) => tracing::warn!(
@@ -95,13 +134,9 @@ pub(crate) async fn report(
                     "not ready: reporting NOT_SERVING"
                 ),
             }
-            set(if now_serving {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            })
-            .await;
-            serving = Some(now_serving);
+            set(status).await;
+        } else if let Err(error) = &ready {
+            tracing::debug!(error = format!("{error:#}"), "readiness check failed");
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -109,4 +144,34 @@ pub(crate) async fn report(
         }
     }
     set(ServingStatus::NotServing).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_success_makes_a_replica_ready() {
+        let mut verdict = Verdict::default();
+        assert_eq!(verdict.observe(false), None, "not serving yet, nothing to change");
+        assert_eq!(verdict.observe(true), Some(ServingStatus::Serving));
+        assert_eq!(verdict.observe(true), None);
+    }
+
+    #[test]
+    fn a_serving_replica_turns_unready_only_after_failures_in_a_row() {
+        let mut verdict = Verdict::default();
+        verdict.observe(true);
+        for _ in 1..FAILURES_BEFORE_NOT_SERVING {
+            assert_eq!(verdict.observe(false), None);
+        }
+        // A success in between starts the count again.
+        assert_eq!(verdict.observe(true), None);
+        for _ in 1..FAILURES_BEFORE_NOT_SERVING {
+            assert_eq!(verdict.observe(false), None);
+        }
+        assert_eq!(verdict.observe(false), Some(ServingStatus::NotServing));
+        assert_eq!(verdict.observe(false), None);
+        assert_eq!(verdict.observe(true), Some(ServingStatus::Serving));
+    }
 }
