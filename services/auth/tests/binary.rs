@@ -2,14 +2,8 @@
 
 use testkit::{Binary, contract};
 
-const BINARY: Binary = Binary {
-    name: auth_service::NAME,
-    path: env!("CARGO_BIN_EXE_auth"),
-    schema: auth_service::SCHEMA,
-    role: auth_service::ROLE,
-    services: &["ordersaga.auth.v1.AuthService"],
-    required_env: &[("AUTH_KEY_ENCRYPTION_KEY", testkit::TEST_KEY_ENCRYPTION_KEY)],
-};
+const BINARY: Binary = Binary::new(&auth_service::MANIFEST, env!("CARGO_BIN_EXE_auth"))
+    .requiring(&[("AUTH_KEY_ENCRYPTION_KEY", testkit::TEST_KEY_ENCRYPTION_KEY)]);
 
 #[tokio::test]
 async fn health_follows_the_database() {

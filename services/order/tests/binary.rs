@@ -2,14 +2,7 @@
 
 use testkit::{Binary, contract};
 
-const BINARY: Binary = Binary {
-    name: order_service::NAME,
-    path: env!("CARGO_BIN_EXE_order"),
-    schema: order_service::SCHEMA,
-    role: order_service::ROLE,
-    services: &["ordersaga.order.v1.OrderService"],
-    required_env: &[],
-};
+const BINARY: Binary = Binary::new(&order_service::MANIFEST, env!("CARGO_BIN_EXE_order"));
 
 #[tokio::test]
 async fn health_follows_the_database() {

@@ -2,14 +2,7 @@
 
 use testkit::{Binary, contract};
 
-const BINARY: Binary = Binary {
-    name: payment_service::NAME,
-    path: env!("CARGO_BIN_EXE_payment"),
-    schema: payment_service::SCHEMA,
-    role: payment_service::ROLE,
-    services: &["ordersaga.payment.v1.PaymentService"],
-    required_env: &[],
-};
+const BINARY: Binary = Binary::new(&payment_service::MANIFEST, env!("CARGO_BIN_EXE_payment"));
 
 #[tokio::test]
 async fn health_follows_the_database() {

@@ -2,20 +2,14 @@
 
 use testkit::{Binary, contract};
 
-const BINARY: Binary = Binary {
-    name: saga_orchestrator::NAME,
-    path: env!("CARGO_BIN_EXE_saga-orchestrator"),
-    schema: saga_orchestrator::SCHEMA,
-    role: saga_orchestrator::ROLE,
-    services: &[
-        "ordersaga.saga.v1.SagaService",
-        "ordersaga.trace.v1.TraceService",
-    ],
-    required_env: &[
-        ("SERVICE_CLIENT_ID", "saga-orchestrator"),
-        ("SERVICE_CLIENT_SECRET", "a-test-client-secret"),
-    ],
-};
+const BINARY: Binary = Binary::new(
+    &saga_orchestrator::MANIFEST,
+    env!("CARGO_BIN_EXE_saga-orchestrator"),
+)
+.requiring(&[
+    ("SERVICE_CLIENT_ID", "saga-orchestrator"),
+    ("SERVICE_CLIENT_SECRET", "a-test-client-secret"),
+]);
 
 #[tokio::test]
 async fn health_follows_the_database() {
