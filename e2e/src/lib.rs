@@ -105,7 +105,7 @@ impl StackBuilder {
     /// one before reports SERVING.
     pub async fn start(self) -> anyhow::Result<Stack> {
         let folder = binaries_folder().await?;
-        let scenario = Scenario::new(&SERVICES).await?;
+        let scenario = Scenario::new(SERVICES).await?;
         let mut services: Vec<ServiceProcess> = Vec::new();
         let mut envs = Vec::new();
         let mut proxies = Vec::new();

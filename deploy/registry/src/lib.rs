@@ -10,7 +10,7 @@ use service_runtime::Manifest;
 use service_runtime::manifest;
 
 /// Every service, in start order.
-pub const SERVICES: [&Manifest; 4] = [
+pub const SERVICES: &[&Manifest] = &[
     &auth_service::MANIFEST,
     &order_service::MANIFEST,
     &payment_service::MANIFEST,
@@ -19,21 +19,25 @@ pub const SERVICES: [&Manifest; 4] = [
 
 /// The service named `name`.
 pub fn service(name: &str) -> Option<&'static Manifest> {
-    SERVICES.into_iter().find(|manifest| manifest.name == name)
+    SERVICES
+        .iter()
+        .copied()
+        .find(|manifest| manifest.name == name)
 }
 
 /// Every topic of the system under `names`' prefix: the event topics, then
 /// each consumer group's dead-letter topic. What deployment creates before
 /// the services start.
 pub fn topics(names: &Topics) -> Vec<String> {
-    manifest::topics(&SERVICES, names)
+    manifest::topics(SERVICES, names)
 }
 
 /// The services whose service tokens make them clients of the auth
 /// service, each to be given credentials.
 pub fn service_clients() -> impl Iterator<Item = &'static Manifest> {
     SERVICES
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|manifest| manifest.is_service_client())
 }
 
@@ -43,7 +47,7 @@ mod tests {
 
     #[test]
     fn the_manifests_agree_with_each_other() {
-        assert_eq!(manifest::problems(&SERVICES), Vec::<String>::new());
+        assert_eq!(manifest::problems(SERVICES), Vec::<String>::new());
     }
 
     #[test]

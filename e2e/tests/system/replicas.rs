@@ -51,7 +51,7 @@ impl Cluster {
     /// One auth service, two order services, two payment services and
     /// three orchestrators; replicas of one service start at the same time.
     async fn start() -> Self {
-        let scenario = Scenario::new(&registry::SERVICES).await.unwrap();
+        let scenario = Scenario::new(registry::SERVICES).await.unwrap();
 
         let scenario_ref = &scenario;
         let auth_env = e2e::peer_env(auth_service::NAME, |_| unreachable!("auth calls no one"));
