@@ -1,5 +1,5 @@
 //! The checks every service binary must pass, run by each service's
-//! `tests/binary.rs` against its own binary.
+//! `tests/binary.rs` against its own binary ([`contract_tests!`]).
 
 use std::process::Command;
 use std::time::Duration;
@@ -162,6 +162,45 @@ pub async fn sigterm_stops_it_cleanly(binary: Binary) -> anyhow::Result<()> {
         "log:\n{logs}"
     );
     Ok(())
+}
+
+/// The tests of the checks above, for `$binary` (a [`Binary`] constant):
+/// a service's `tests/binary.rs` is its `Binary` and this line, so every
+/// binary runs every check under the same names.
+#[macro_export]
+macro_rules! contract_tests {
+    ($binary:expr) => {
+        #[tokio::test]
+        async fn health_follows_the_database() {
+            $crate::contract::health_follows_the_database($binary)
+                .await
+                .unwrap();
+        }
+
+        #[tokio::test]
+        async fn reflection_lists_its_services() {
+            $crate::contract::reflection_lists_its_services($binary)
+                .await
+                .unwrap();
+        }
+
+        #[tokio::test]
+        async fn sigterm_stops_it_cleanly() {
+            $crate::contract::sigterm_stops_it_cleanly($binary)
+                .await
+                .unwrap();
+        }
+
+        #[test]
+        fn a_bad_setting_stops_it_naming_the_setting() {
+            $crate::contract::a_bad_setting_stops_it_naming_the_setting($binary).unwrap();
+        }
+
+        #[test]
+        fn help_lists_the_settings() {
+            $crate::contract::help_lists_the_settings($binary).unwrap();
+        }
+    };
 }
 
 fn grpcurl(args: &[&str]) -> anyhow::Result<String> {
