@@ -203,20 +203,11 @@ impl LocalStack {
         for service in SERVICES {
             let account = service.account(format!("{}-dev-password", service.name));
             database::provision(&admin, &account).await?;
-            let mut env = vec![
-                ("DATABASE_URL".to_owned(), url_for(&admin_url, &account)?),
-                ("KAFKA_BROKERS".to_owned(), brokers.clone()),
-                ("KAFKA_TOPIC_PREFIX".to_owned(), topics.prefix().to_owned()),
-                (
-                    "GRPC_ADDR".to_owned(),
-                    format!("0.0.0.0:{}", service.grpc_port),
-                ),
-                ("LOG_FORMAT".to_owned(), "pretty".to_owned()),
-            ];
-            env.extend(
-                service_env(service)
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v)),
+            let env = service_env(
+                service,
+                &url_for(&admin_url, &account)?,
+                &brokers,
+                topics.prefix(),
             );
 
             eprintln!("starting {}", service.name);
@@ -331,10 +322,22 @@ impl LocalStack {
     }
 }
 
-/// Settings particular to one service on the local stack: who the admin
+/// The environment of `service` on the local stack: its database and the
+/// broker, its default port, and what is particular to it: who the admin
 /// is, how services find and authenticate to each other.
-fn service_env(service: &Manifest) -> Vec<(&'static str, String)> {
-    let mut env = Vec::new();
+fn service_env(
+    service: &Manifest,
+    database_url: &str,
+    brokers: &str,
+    topic_prefix: &str,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(&'static str, String)> = vec![
+        ("DATABASE_URL", database_url.to_owned()),
+        ("KAFKA_BROKERS", brokers.to_owned()),
+        ("KAFKA_TOPIC_PREFIX", topic_prefix.to_owned()),
+        ("GRPC_ADDR", format!("0.0.0.0:{}", service.grpc_port)),
+        ("LOG_FORMAT", "pretty".to_owned()),
+    ];
     if service.name == auth_service::NAME {
         let clients: Vec<String> = registry::service_clients()
             .map(|client| {
@@ -360,7 +363,7 @@ fn service_env(service: &Manifest) -> Vec<(&'static str, String)> {
         env.push(("SERVICE_CLIENT_ID", service.name.to_owned()));
         env.push(("SERVICE_CLIENT_SECRET", client_secret(service)));
     }
-    env
+    env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 fn build_services(release: bool) -> anyhow::Result<()> {
@@ -413,4 +416,50 @@ fn url_for(admin_url: &str, account: &ServiceAccount) -> anyhow::Result<String> 
     url.set_password(Some(&account.password))
         .map_err(|()| anyhow::anyhow!("cannot set the password"))?;
     Ok(url.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::settings::{Container, check_env};
+
+    #[test]
+    fn each_service_gets_what_it_cannot_start_without_and_nothing_it_does_not_read() {
+        for service in SERVICES {
+            let env = service_env(service, "postgres://x@localhost/db", "localhost:9092", "");
+            let problems = check_env(&Container {
+                place: service.name.to_owned(),
+                command: vec![service.name.to_owned()],
+                env: env.into_iter().map(|(key, _)| key).collect(),
+            });
+            assert_eq!(problems, Vec::<String>::new());
+        }
+    }
+
+    #[test]
+    fn every_service_client_is_registered_with_auth_under_its_secret() {
+        let auth = service_env(&auth_service::MANIFEST, "", "", "");
+        let (_, clients) = auth
+            .iter()
+            .find(|(key, _)| key == "AUTH_SERVICE_CLIENTS")
+            .expect("auth is told its clients");
+        let clients = auth_service::ServiceClients::parse(clients).expect("a valid list");
+        for client in registry::service_clients() {
+            let env = service_env(client, "", "", "");
+            let value = |key: &str| {
+                env.iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            let granted = clients
+                .authenticate(&value("SERVICE_CLIENT_ID"), &value("SERVICE_CLIENT_SECRET"))
+                .unwrap_or_else(|| panic!("{} cannot authenticate", client.name));
+            let mut granted: Vec<_> = granted.iter().collect();
+            let mut asked = client.scopes.to_vec();
+            granted.sort();
+            asked.sort();
+            assert_eq!(granted, asked, "{}", client.name);
+        }
+    }
 }

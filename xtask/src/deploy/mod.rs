@@ -19,7 +19,7 @@
 mod compose;
 mod kubernetes;
 mod prometheus;
-mod settings;
+pub(crate) mod settings;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

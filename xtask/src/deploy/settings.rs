@@ -49,13 +49,13 @@ pub(super) fn settings_of(command: &[String]) -> Option<Vec<Setting>> {
 
 /// A container running one of our binaries, with the names of the
 /// environment variables it is given.
-pub(super) struct Container {
-    pub(super) place: String,
-    pub(super) command: Vec<String>,
-    pub(super) env: BTreeSet<String>,
+pub(crate) struct Container {
+    pub(crate) place: String,
+    pub(crate) command: Vec<String>,
+    pub(crate) env: BTreeSet<String>,
 }
 
-pub(super) fn check_env(container: &Container) -> Vec<String> {
+pub(crate) fn check_env(container: &Container) -> Vec<String> {
     let Some(settings) = settings_of(&container.command) else {
         return vec![format!(
             "{}: runs {:?}, which is none of our programs",
