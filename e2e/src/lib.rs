@@ -16,57 +16,32 @@ use api_saga::v1::saga_service_client::SagaServiceClient;
 use api_trace::v1::trace_service_client::TraceServiceClient;
 use auth_service::ServiceClients;
 use dev_stack::{FaultProxy, ServiceProcess, ServingStatus, TopicReader};
+use registry::SERVICES;
+use service_runtime::Manifest;
 
 use testkit::grpc::channel;
 use testkit::{Binary, Scenario};
 use tokio::sync::OnceCell;
 use tonic::transport::Channel;
 
-/// The four binaries, in start order (auth first: the others fetch its keys).
-pub const BINARIES: [Binary; 4] = [
-    Binary {
-        name: auth_service::NAME,
-        path: "",
-        schema: auth_service::SCHEMA,
-        role: auth_service::ROLE,
-        services: &["ordersaga.auth.v1.AuthService"],
-        required_env: &[],
-    },
-    Binary {
-        name: order_service::NAME,
-        path: "",
-        schema: order_service::SCHEMA,
-        role: order_service::ROLE,
-        services: &["ordersaga.order.v1.OrderService"],
-        required_env: &[],
-    },
-    Binary {
-        name: payment_service::NAME,
-        path: "",
-        schema: payment_service::SCHEMA,
-        role: payment_service::ROLE,
-        services: &["ordersaga.payment.v1.PaymentService"],
-        required_env: &[],
-    },
-    Binary {
-        name: saga_orchestrator::NAME,
-        path: "",
-        schema: saga_orchestrator::SCHEMA,
-        role: saga_orchestrator::ROLE,
-        services: &[
-            "ordersaga.saga.v1.SagaService",
-            "ordersaga.trace.v1.TraceService",
-        ],
-        required_env: &[],
-    },
-];
+/// The binaries, in the registry's start order (auth first: the others
+/// fetch its keys).
+pub const BINARIES: [Binary; SERVICES.len()] = {
+    let mut binaries = [Binary::new(SERVICES[0], ""); SERVICES.len()];
+    let mut index = 1;
+    while index < SERVICES.len() {
+        binaries[index] = Binary::new(SERVICES[index], "");
+        index += 1;
+    }
+    binaries
+};
 
 /// The operator account every stack bootstraps: the same as `cargo xtask
 /// up`'s, so the README's commands run as written.
 pub const ADMIN_EMAIL: &str = "admin@ordersaga.local";
 pub const ADMIN_PASSWORD: &str = "ordersaga-admin-password";
-/// The orchestrator's client credentials.
-pub const SAGA_CLIENT_ID: &str = "saga-orchestrator";
+/// The orchestrator's client credentials: those [`client_secret`] gives it.
+pub const SAGA_CLIENT_ID: &str = saga_orchestrator::NAME;
 pub const SAGA_CLIENT_SECRET: &str = "saga-orchestrator-test-secret";
 /// A client of the tests' own, granted every scope, from which a test asks
 /// for a token of exactly the scopes it means to try.
@@ -83,7 +58,7 @@ pub struct Stack {
     pub services: Vec<ServiceProcess>,
     /// The environment each service was started with, to restart it.
     envs: Vec<Vec<(String, String)>>,
-    /// Between the orchestrator and the services it calls, by service name.
+    /// Between the callers of a service and the service, by service name.
     proxies: Vec<(&'static str, FaultProxy)>,
 }
 
@@ -104,9 +79,9 @@ impl StackBuilder {
 
     /// Sets `key=value` in the environment of every service.
     pub fn env_all(mut self, key: &str, value: &str) -> Self {
-        for binary in BINARIES {
+        for service in SERVICES {
             self.env
-                .push((binary.name, key.to_owned(), value.to_owned()));
+                .push((service.name, key.to_owned(), value.to_owned()));
         }
         self
     }
@@ -118,9 +93,9 @@ impl StackBuilder {
         self
     }
 
-    /// Routes the orchestrator's calls to `service` (payment or order)
-    /// through a [`FaultProxy`] that the test can cut, or make lose answers
-    /// ([`Stack::proxy`]).
+    /// Routes the calls to `service` (of those that call it: payment's and
+    /// order's of the orchestrator) through a [`FaultProxy`] that the test
+    /// can cut, or make lose answers ([`Stack::proxy`]).
     pub fn proxy(mut self, service: &'static str) -> Self {
         self.proxied.push(service);
         self
@@ -130,36 +105,37 @@ impl StackBuilder {
     /// one before reports SERVING.
     pub async fn start(self) -> anyhow::Result<Stack> {
         let folder = binaries_folder().await?;
-        let scenario = Scenario::new().await?;
+        let scenario = Scenario::new(SERVICES).await?;
         let mut services: Vec<ServiceProcess> = Vec::new();
         let mut envs = Vec::new();
         let mut proxies = Vec::new();
         for binary in BINARIES {
-            if self.without_sagas && binary.name == saga_orchestrator::NAME {
+            let name = binary.name();
+            if self.without_sagas && name == saga_orchestrator::NAME {
                 continue;
             }
             let url = scenario.database.provision(&binary.account()).await?;
-            if binary.name == saga_orchestrator::NAME {
-                for &peer in &self.proxied {
-                    let target = services[index_of(peer)].address();
-                    proxies.push((peer, FaultProxy::start_grpc(target).await?));
+            for peer in binary.manifest.peers {
+                let proxied = self.proxied.contains(&peer.service);
+                if proxied && !proxies.iter().any(|(name, _)| *name == peer.service) {
+                    let target = services[index_of(peer.service)].address();
+                    proxies.push((peer.service, FaultProxy::start_grpc(target).await?));
                 }
             }
             let mut env = scenario.service_env(&url);
-            env.extend(peer_env(binary.name, |peer| {
+            env.extend(peer_env(name, |peer| {
                 match proxies.iter().find(|(name, _)| *name == peer) {
                     Some((_, proxy)) => format!("http://{}", proxy.address()),
                     None => services[index_of(peer)].url(),
                 }
             }));
             for (service, key, value) in &self.env {
-                if *service == binary.name {
+                if *service == name {
                     env.retain(|(k, _)| k != key);
                     env.push((key.clone(), value.clone()));
                 }
             }
-            let mut process =
-                ServiceProcess::start(binary.name, &folder.join(binary.name), env.clone()).await?;
+            let mut process = ServiceProcess::start(name, &folder.join(name), env.clone()).await?;
             process
                 .wait_for_health("", ServingStatus::Serving, Duration::from_secs(30))
                 .await?;
@@ -415,12 +391,19 @@ impl Stack {
     }
 }
 
+/// The tests' client secret of a service that is a client of the auth
+/// service.
+pub fn client_secret(service: &Manifest) -> String {
+    format!("{}-test-secret", service.name)
+}
+
 /// What `binary` needs beyond its database and broker: for auth, the admin
-/// and the client credentials (the orchestrator's, with the scopes it
-/// asks for, and the tests' own); for the others, where auth
-/// is; for the orchestrator, also where its steps go. `url_of` gives the
-/// URL of a peer service by name.
+/// and the client credentials (of each service that is a client, with the
+/// scopes it asks for, and the tests' own); for the others, where the
+/// services they call are (`url_of` gives the URL of a peer service by
+/// name), and their own credentials if they are clients.
 pub fn peer_env(binary: &str, url_of: impl Fn(&str) -> String) -> Vec<(String, String)> {
+    let service = registry::service(binary).expect("a known service");
     let mut env: Vec<(&str, String)> = Vec::new();
     if binary == auth_service::NAME {
         env.push(("AUTH_ADMIN_EMAIL", ADMIN_EMAIL.into()));
@@ -429,31 +412,36 @@ pub fn peer_env(binary: &str, url_of: impl Fn(&str) -> String) -> Vec<(String, S
             "AUTH_KEY_ENCRYPTION_KEY",
             testkit::TEST_KEY_ENCRYPTION_KEY.into(),
         ));
-        let clients = [
-            ServiceClients::entry(
-                SAGA_CLIENT_ID,
-                SAGA_CLIENT_SECRET,
-                saga_orchestrator::SCOPES,
-            ),
-            ServiceClients::entry(TEST_CLIENT_ID, TEST_CLIENT_SECRET, Scope::ALL),
-        ];
+        let clients: Vec<String> = registry::service_clients()
+            .map(|client| {
+                ServiceClients::entry(
+                    client.name,
+                    &client_secret(client),
+                    client.scopes.iter().copied(),
+                )
+            })
+            .chain([ServiceClients::entry(
+                TEST_CLIENT_ID,
+                TEST_CLIENT_SECRET,
+                Scope::ALL,
+            )])
+            .collect();
         env.push(("AUTH_SERVICE_CLIENTS", clients.join(",")));
-    } else {
-        env.push(("AUTH_URL", url_of(auth_service::NAME)));
     }
-    if binary == saga_orchestrator::NAME {
-        env.push(("SERVICE_CLIENT_ID", SAGA_CLIENT_ID.into()));
-        env.push(("SERVICE_CLIENT_SECRET", SAGA_CLIENT_SECRET.into()));
-        env.push(("ORDER_SERVICE_URL", url_of(order_service::NAME)));
-        env.push(("PAYMENT_SERVICE_URL", url_of(payment_service::NAME)));
+    for peer in service.peers {
+        env.push((peer.url_env, url_of(peer.service)));
+    }
+    if service.is_service_client() {
+        env.push(("SERVICE_CLIENT_ID", service.name.into()));
+        env.push(("SERVICE_CLIENT_SECRET", client_secret(service)));
     }
     env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 fn index_of(name: &str) -> usize {
-    BINARIES
+    SERVICES
         .iter()
-        .position(|b| b.name == name)
+        .position(|service| service.name == name)
         .expect("a known service")
 }
 

@@ -1,6 +1,7 @@
 //! Keeps `docs/architecture.md` true to the code: its tests fail when an
-//! RPC, a table or a view exists that the page does not name, or when the
-//! page names an event that no `.proto` file defines.
+//! RPC, a table or a view exists that the page does not name, when the
+//! page names an event that no `.proto` file defines, or when its table of
+//! services is not what the services' manifests say.
 
 #[cfg(test)]
 mod tests {
@@ -125,5 +126,71 @@ mod tests {
             unknown.is_empty(),
             "docs/architecture.md names events no .proto defines: {unknown:?}"
         );
+    }
+
+    /// The cells of the row of the page's Services table that begins with
+    /// `first`, without the first.
+    fn row<'a>(section: &'a str, first: &str) -> Option<Vec<&'a str>> {
+        let line = section
+            .lines()
+            .find(|line| line.starts_with(&format!("| {first} |")))?;
+        Some(
+            line.trim_matches('|')
+                .split(" | ")
+                .skip(1)
+                .map(str::trim)
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_services_table_is_the_manifests() {
+        let page = page();
+        let section = page
+            .split("\n## Services")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("a Services section");
+        let rows = section
+            .lines()
+            .filter(|line| line.starts_with("| `"))
+            .count();
+        assert_eq!(rows, registry::SERVICES.len(), "one row per service");
+        let quoted = |names: &[&str]| -> String {
+            names
+                .iter()
+                .map(|name| format!("`{name}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for service in registry::SERVICES {
+            let cells = row(section, &format!("`{}`", service.name))
+                .unwrap_or_else(|| panic!("no row for {}", service.name));
+            let [grpc, http, schema, produces, consumes] = cells[..] else {
+                panic!(
+                    "{}: expected five cells after the name, got {cells:?}",
+                    service.name
+                );
+            };
+            assert_eq!(grpc, service.grpc_port.to_string(), "{}", service.name);
+            assert!(
+                http.starts_with(&service.http_port().to_string()),
+                "{}: HTTP port {http}",
+                service.name
+            );
+            assert_eq!(schema, format!("`{}`", service.schema));
+            assert_eq!(produces, quoted(service.produces), "{}", service.name);
+            let groups: Vec<String> = service
+                .consumers
+                .iter()
+                .map(|group| format!("{} (group `{}`)", quoted(group.topics), group.group))
+                .collect();
+            let expected = if groups.is_empty() {
+                "–".to_owned()
+            } else {
+                groups.join("; ")
+            };
+            assert_eq!(consumes, expected, "{}", service.name);
+        }
     }
 }

@@ -8,7 +8,8 @@ use anyhow::{Context as _, bail};
 use database::ServiceAccount;
 use dev_stack::{Broker, PostgresServer, ServiceProcess, ServingStatus, tools};
 use messaging::Topics;
-use service_runtime::settings::default_metrics_port;
+use registry::SERVICES;
+use service_runtime::Manifest;
 
 use crate::install;
 
@@ -26,47 +27,20 @@ pub(crate) struct UpArgs {
     supervise: bool,
 }
 
-/// A service of the system as the local stack runs it.
-struct Service {
-    binary: &'static str,
-    port: u16,
-    account: fn(String) -> ServiceAccount,
-}
-
-const SERVICES: [Service; 4] = [
-    Service {
-        binary: auth_service::NAME,
-        port: auth_service::DEFAULT_PORT,
-        account: auth_service::account,
-    },
-    Service {
-        binary: order_service::NAME,
-        port: order_service::DEFAULT_PORT,
-        account: order_service::account,
-    },
-    Service {
-        binary: payment_service::NAME,
-        port: payment_service::DEFAULT_PORT,
-        account: payment_service::account,
-    },
-    Service {
-        binary: saga_orchestrator::NAME,
-        port: saga_orchestrator::DEFAULT_PORT,
-        account: saga_orchestrator::account,
-    },
-];
-
 const DATABASE_NAME: &str = "ordersaga";
 
 /// The local stack's operator account, printed at start.
 const ADMIN_EMAIL: &str = "admin@ordersaga.local";
 const ADMIN_PASSWORD: &str = "ordersaga-admin-password";
-/// The orchestrator's client credentials on the local stack.
-const SAGA_CLIENT: &str = "saga-orchestrator";
 /// Seals the local stack's signing keys: public like the admin password,
 /// and fixed, so the stack's database opens again on the next `up`.
 const KEY_ENCRYPTION_KEY: &str = "b3JkZXJzYWdhLWxvY2FsLW9ubHkta2VrLXB1YmxpYyE=";
-const SAGA_SECRET: &str = "local-saga-orchestrator-secret";
+
+/// The local stack's client secret of a service that is a client of the
+/// auth service.
+fn client_secret(service: &Manifest) -> String {
+    format!("local-{}-secret", service.name)
+}
 
 fn state_dir() -> PathBuf {
     tools::tools_dir()
@@ -226,27 +200,21 @@ impl LocalStack {
             .context("connecting to PostgreSQL")?;
         let target = target_dir(release);
         let mut services = Vec::new();
-        for service in &SERVICES {
-            let account = (service.account)(format!("{}-dev-password", service.binary));
+        for service in SERVICES {
+            let account = service.account(format!("{}-dev-password", service.name));
             database::provision(&admin, &account).await?;
-            let mut env = vec![
-                ("DATABASE_URL".to_owned(), url_for(&admin_url, &account)?),
-                ("KAFKA_BROKERS".to_owned(), brokers.clone()),
-                ("KAFKA_TOPIC_PREFIX".to_owned(), topics.prefix().to_owned()),
-                ("GRPC_ADDR".to_owned(), format!("0.0.0.0:{}", service.port)),
-                ("LOG_FORMAT".to_owned(), "pretty".to_owned()),
-            ];
-            env.extend(
-                service_env(service.binary)
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v)),
+            let env = service_env(
+                service,
+                &url_for(&admin_url, &account)?,
+                &brokers,
+                topics.prefix(),
             );
 
-            eprintln!("starting {}", service.binary);
-            let log = logs.join(format!("{}.log", service.binary));
+            eprintln!("starting {}", service.name);
+            let log = logs.join(format!("{}.log", service.name));
             let process = ServiceProcess::start_logging_to(
-                service.binary,
-                &target.join(service.binary),
+                service.name,
+                &target.join(service.name),
                 env,
                 &log,
             )
@@ -277,21 +245,20 @@ impl LocalStack {
         for (service, process) in SERVICES.iter().zip(&self.services) {
             text.push_str(&format!(
                 "  {:<18} localhost:{}\n",
-                service.binary,
+                service.name,
                 process.address().port()
             ));
         }
         text.push_str(&format!("  {:<18} {}\n", "PostgreSQL", self.database_url));
         text.push_str(&format!("  {:<18} {}\n", "Kafka broker", self.brokers));
-        let http_port = |service: &Service| default_metrics_port(service.port);
         text.push_str(&format!(
             "  {:<18} http://localhost:{}/\n",
             "saga dashboard",
-            http_port(&SERVICES[3])
+            saga_orchestrator::MANIFEST.http_port()
         ));
         let metrics: Vec<String> = SERVICES
             .iter()
-            .map(|service| format!("http://localhost:{}/metrics", http_port(service)))
+            .map(|service| format!("http://localhost:{}/metrics", service.http_port()))
             .collect();
         text.push_str(&format!("  {:<18} {}\n", "metrics", metrics.join(" ")));
         text.push_str(&format!("  {:<18} {}\n", "logs", self.logs.display()));
@@ -307,15 +274,15 @@ impl LocalStack {
         );
 
         text.push_str("\nTry (grpcurl was fetched for you):\n");
-        for service in &SERVICES {
+        for service in SERVICES {
             text.push_str(&format!(
                 "  {grpcurl} -plaintext localhost:{} list\n",
-                service.port
+                service.grpc_port
             ));
         }
         text.push_str(&format!(
             "  {grpcurl} -plaintext localhost:{} grpc.health.v1.Health/Check\n",
-            SERVICES[1].port
+            order_service::MANIFEST.grpc_port
         ));
         text
     }
@@ -332,7 +299,7 @@ impl LocalStack {
                 _ = terminate.recv() => break None,
                 _ = check.tick() => {
                     if let Some(index) = self.services.iter_mut().position(|s| !s.process().is_running()) {
-                        break Some(SERVICES[index].binary);
+                        break Some(SERVICES[index].name);
                     }
                 }
             }
@@ -355,40 +322,55 @@ impl LocalStack {
     }
 }
 
-/// Settings particular to one service on the local stack: who the admin
+/// The environment of `service` on the local stack: its database and the
+/// broker, its default port, and what is particular to it: who the admin
 /// is, how services find and authenticate to each other.
-fn service_env(binary: &str) -> Vec<(&'static str, String)> {
-    let local = |port: u16| format!("http://127.0.0.1:{port}");
-    match binary {
-        auth_service::NAME => vec![
+fn service_env(
+    service: &Manifest,
+    database_url: &str,
+    brokers: &str,
+    topic_prefix: &str,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(&'static str, String)> = vec![
+        ("DATABASE_URL", database_url.to_owned()),
+        ("KAFKA_BROKERS", brokers.to_owned()),
+        ("KAFKA_TOPIC_PREFIX", topic_prefix.to_owned()),
+        ("GRPC_ADDR", format!("0.0.0.0:{}", service.grpc_port)),
+        ("LOG_FORMAT", "pretty".to_owned()),
+    ];
+    if service.name == auth_service::NAME {
+        let clients: Vec<String> = registry::service_clients()
+            .map(|client| {
+                auth_service::ServiceClients::entry(
+                    client.name,
+                    &client_secret(client),
+                    client.scopes.iter().copied(),
+                )
+            })
+            .collect();
+        env.extend([
             ("AUTH_ADMIN_EMAIL", ADMIN_EMAIL.to_owned()),
             ("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD.to_owned()),
             ("AUTH_KEY_ENCRYPTION_KEY", KEY_ENCRYPTION_KEY.to_owned()),
-            (
-                "AUTH_SERVICE_CLIENTS",
-                auth_service::ServiceClients::entry(
-                    SAGA_CLIENT,
-                    SAGA_SECRET,
-                    saga_orchestrator::SCOPES,
-                ),
-            ),
-        ],
-        saga_orchestrator::NAME => vec![
-            ("AUTH_URL", local(auth_service::DEFAULT_PORT)),
-            ("SERVICE_CLIENT_ID", SAGA_CLIENT.to_owned()),
-            ("SERVICE_CLIENT_SECRET", SAGA_SECRET.to_owned()),
-            ("ORDER_SERVICE_URL", local(order_service::DEFAULT_PORT)),
-            ("PAYMENT_SERVICE_URL", local(payment_service::DEFAULT_PORT)),
-        ],
-        _ => vec![("AUTH_URL", local(auth_service::DEFAULT_PORT))],
+            ("AUTH_SERVICE_CLIENTS", clients.join(",")),
+        ]);
     }
+    for peer in service.peers {
+        let port = registry::service(peer.service).map_or(0, |callee| callee.grpc_port);
+        env.push((peer.url_env, format!("http://127.0.0.1:{port}")));
+    }
+    if service.is_service_client() {
+        env.push(("SERVICE_CLIENT_ID", service.name.to_owned()));
+        env.push(("SERVICE_CLIENT_SECRET", client_secret(service)));
+    }
+    env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 fn build_services(release: bool) -> anyhow::Result<()> {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.args(["build", "--quiet"]);
-    for service in &SERVICES {
-        command.args(["--bin", service.binary]);
+    for service in SERVICES {
+        command.args(["--bin", service.name]);
     }
     if release {
         command.arg("--release");
@@ -434,4 +416,50 @@ fn url_for(admin_url: &str, account: &ServiceAccount) -> anyhow::Result<String> 
     url.set_password(Some(&account.password))
         .map_err(|()| anyhow::anyhow!("cannot set the password"))?;
     Ok(url.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::settings::{Container, check_env};
+
+    #[test]
+    fn each_service_gets_what_it_cannot_start_without_and_nothing_it_does_not_read() {
+        for service in SERVICES {
+            let env = service_env(service, "postgres://x@localhost/db", "localhost:9092", "");
+            let problems = check_env(&Container {
+                place: service.name.to_owned(),
+                command: vec![service.name.to_owned()],
+                env: env.into_iter().map(|(key, _)| key).collect(),
+            });
+            assert_eq!(problems, Vec::<String>::new());
+        }
+    }
+
+    #[test]
+    fn every_service_client_is_registered_with_auth_under_its_secret() {
+        let auth = service_env(&auth_service::MANIFEST, "", "", "");
+        let (_, clients) = auth
+            .iter()
+            .find(|(key, _)| key == "AUTH_SERVICE_CLIENTS")
+            .expect("auth is told its clients");
+        let clients = auth_service::ServiceClients::parse(clients).expect("a valid list");
+        for client in registry::service_clients() {
+            let env = service_env(client, "", "", "");
+            let value = |key: &str| {
+                env.iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            let granted = clients
+                .authenticate(&value("SERVICE_CLIENT_ID"), &value("SERVICE_CLIENT_SECRET"))
+                .unwrap_or_else(|| panic!("{} cannot authenticate", client.name));
+            let mut granted: Vec<_> = granted.iter().collect();
+            let mut asked = client.scopes.to_vec();
+            granted.sort();
+            asked.sort();
+            assert_eq!(granted, asked, "{}", client.name);
+        }
+    }
 }

@@ -70,28 +70,17 @@ impl World {
         let env = TestEnv::get().await;
         let database = env.database().await.unwrap();
         let admin = PgPool::connect(&database.admin_url()).await.unwrap();
-        let schemas: [(database::ServiceAccount, Vec<database::MigrationSet>); 3] = [
-            (
-                order_service::account("x"),
-                vec![messaging::MIGRATIONS, order_service::MIGRATIONS],
-            ),
-            (
-                payment_service::account("x"),
-                vec![messaging::MIGRATIONS, payment_service::MIGRATIONS],
-            ),
-            (
-                saga_orchestrator::account("x"),
-                vec![
-                    messaging::MIGRATIONS,
-                    saga_engine::MIGRATIONS,
-                    saga_orchestrator::MIGRATIONS,
-                ],
-            ),
-        ];
-        for (account, migrations) in &schemas {
-            database::provision(&admin, account).await.unwrap();
+        for manifest in [
+            &order_service::MANIFEST,
+            &payment_service::MANIFEST,
+            &saga_orchestrator::MANIFEST,
+        ] {
+            let account = manifest.account("x");
+            let mut migrations = vec![messaging::MIGRATIONS];
+            migrations.extend_from_slice(manifest.migrations);
+            database::provision(&admin, &account).await.unwrap();
             let pool = in_schema(&database.admin_url(), account.schema).await;
-            database::migrate(&pool, migrations).await.unwrap();
+            database::migrate(&pool, &migrations).await.unwrap();
             pool.close().await;
         }
         let customer = Uuid::now_v7();

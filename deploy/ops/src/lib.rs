@@ -8,6 +8,7 @@
 
 pub mod cli;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -16,47 +17,80 @@ use messaging::Topics;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
+use service_runtime::Manifest;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 /// Every service's account, with the password it is given.
-pub fn accounts(passwords: &Passwords) -> [ServiceAccount; 4] {
-    [
-        auth_service::account(passwords.auth.clone()),
-        order_service::account(passwords.order.clone()),
-        payment_service::account(passwords.payment.clone()),
-        saga_orchestrator::account(passwords.saga.clone()),
-    ]
+pub fn accounts(passwords: &Passwords) -> Vec<ServiceAccount> {
+    registry::SERVICES
+        .iter()
+        .map(|manifest| manifest.account(passwords.of(manifest)))
+        .collect()
 }
 
-/// The database password of each service's role.
-#[derive(Clone, clap::Args)]
-pub struct Passwords {
-    #[arg(
-        long = "auth-db-password",
-        env = "AUTH_DB_PASSWORD",
-        hide_env_values = true
-    )]
-    pub auth: String,
-    #[arg(
-        long = "order-db-password",
-        env = "ORDER_DB_PASSWORD",
-        hide_env_values = true
-    )]
-    pub order: String,
-    #[arg(
-        long = "payment-db-password",
-        env = "PAYMENT_DB_PASSWORD",
-        hide_env_values = true
-    )]
-    pub payment: String,
-    #[arg(
-        long = "saga-db-password",
-        env = "SAGA_DB_PASSWORD",
-        hide_env_values = true
-    )]
-    pub saga: String,
+/// The database password of each service's role: a setting per service,
+/// named by its manifest (`AUTH_DB_PASSWORD`, `--auth-db-password`...).
+#[derive(Clone, Default)]
+pub struct Passwords(BTreeMap<&'static str, String>);
+
+impl Passwords {
+    /// The password of `manifest`'s role (empty if none was given, which
+    /// the command line does not allow).
+    pub fn of(&self, manifest: &Manifest) -> String {
+        self.0.get(manifest.name).cloned().unwrap_or_default()
+    }
+}
+
+/// Passwords by service name.
+impl FromIterator<(&'static str, String)> for Passwords {
+    fn from_iter<I: IntoIterator<Item = (&'static str, String)>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+/// The flag of a password variable: `AUTH_DB_PASSWORD` → `auth-db-password`.
+fn flag_of(env: &str) -> String {
+    env.to_ascii_lowercase().replace('_', "-")
+}
+
+impl clap::Args for Passwords {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        registry::SERVICES
+            .iter()
+            .fold(command, |command, manifest| {
+                command.arg(
+                    clap::Arg::new(manifest.password_env)
+                        .long(flag_of(manifest.password_env))
+                        .env(manifest.password_env)
+                        .hide_env_values(true)
+                        .required(true)
+                        .help(format!("Password of the {} role", manifest.role)),
+                )
+            })
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        Self::augment_args(command)
+    }
+}
+
+impl clap::FromArgMatches for Passwords {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut passwords = Self::default();
+        passwords.update_from_arg_matches(matches)?;
+        Ok(passwords)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for manifest in registry::SERVICES {
+            if let Some(password) = matches.get_one::<String>(manifest.password_env) {
+                self.0.insert(manifest.name, password.clone());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Passwords {
@@ -107,9 +141,9 @@ pub struct TopicLayout {
     pub replication_factor: i32,
 }
 
-/// Every topic the system uses, for its consumer groups.
+/// Every topic the system uses, with its dead-letter topics.
 pub fn topics(prefix: &str) -> Vec<String> {
-    Topics::new(prefix).all(saga_orchestrator::CONSUMER_GROUPS)
+    registry::topics(&Topics::new(prefix))
 }
 
 /// Creates every topic that does not exist yet, waiting up to `wait` for
@@ -183,7 +217,7 @@ pub async fn health_check(address: &str, service: &str) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory as _;
+    use clap::{CommandFactory as _, Parser as _};
 
     #[test]
     fn the_command_line_is_well_formed() {
@@ -191,7 +225,39 @@ mod tests {
     }
 
     #[test]
-    fn the_jobs_create_the_dead_letter_topics_the_tests_create() {
-        assert_eq!(saga_orchestrator::CONSUMER_GROUPS, testkit::CONSUMER_GROUPS);
+    fn provision_takes_a_password_per_service() {
+        let passwords = ["AUTH", "ORDER", "PAYMENT", "SAGA"].map(|service| {
+            format!(
+                "--{}-db-password=secret-of-{service}",
+                service.to_lowercase()
+            )
+        });
+        let cli = crate::cli::Cli::try_parse_from(
+            [
+                "ordersaga-ops",
+                "provision",
+                "--admin-database-url=postgres://x",
+            ]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(passwords),
+        )
+        .unwrap();
+        let crate::cli::Command::Provision { passwords, .. } = cli.command else {
+            panic!("not provision");
+        };
+        let roles: Vec<(&str, String)> = crate::accounts(&passwords)
+            .into_iter()
+            .map(|account| (account.role, account.password))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                ("auth_service", "secret-of-AUTH".to_owned()),
+                ("order_service", "secret-of-ORDER".to_owned()),
+                ("payment_service", "secret-of-PAYMENT".to_owned()),
+                ("saga_service", "secret-of-SAGA".to_owned()),
+            ]
+        );
     }
 }

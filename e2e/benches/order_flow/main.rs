@@ -919,9 +919,9 @@ impl Processes {
         let mut cpu = Vec::new();
         let mut rss = Vec::new();
         for binary in BINARIES {
-            let pid = stack.service_mut(binary.name).process().pid();
-            cpu.push((binary.name.to_owned(), Some(CpuSource::Process(pid))));
-            rss.push((binary.name.to_owned(), pid));
+            let pid = stack.service_mut(binary.name()).process().pid();
+            cpu.push((binary.name().to_owned(), Some(CpuSource::Process(pid))));
+            rss.push((binary.name().to_owned(), pid));
         }
         cpu.push((
             "postgres".to_owned(),
@@ -1103,7 +1103,7 @@ impl Counters {
 fn service_roles() -> Vec<String> {
     BINARIES
         .iter()
-        .map(|binary| binary.role.to_owned())
+        .map(|binary| binary.manifest.role.to_owned())
         .collect()
 }
 

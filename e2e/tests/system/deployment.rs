@@ -28,12 +28,10 @@ async fn jobs_and_replicas_started_at_once_on_a_fresh_stack_all_come_up() -> any
 
     // The jobs, each three times at once.
     let admin_url = scenario.database.admin_url();
-    let passwords = ops::Passwords {
-        auth: BINARIES[0].account().password,
-        order: BINARIES[1].account().password,
-        payment: BINARIES[2].account().password,
-        saga: BINARIES[3].account().password,
-    };
+    let passwords: ops::Passwords = BINARIES
+        .iter()
+        .map(|binary| (binary.name(), binary.account().password))
+        .collect();
     let layout = ops::TopicLayout {
         partitions: PARTITIONS,
         replication_factor: 1,
@@ -76,13 +74,14 @@ async fn jobs_and_replicas_started_at_once_on_a_fresh_stack_all_come_up() -> any
                 let url = scenario.database.url_for(&binary.account());
                 let mut settings = scenario.service_env(&url);
                 // Each replica calls the first of the others' replicas.
-                settings.extend(peer_env(binary.name, |peer| match &auth {
+                settings.extend(peer_env(binary.name(), |peer| match &auth {
                     Some(auth) if peer == auth_service::NAME => auth.clone(),
                     _ => format!("http://127.0.0.1:{}", unreachable_port()),
                 }));
                 let folder = e2e::binaries_folder().await?;
                 let mut process =
-                    ServiceProcess::start(binary.name, &folder.join(binary.name), settings).await?;
+                    ServiceProcess::start(binary.name(), &folder.join(binary.name()), settings)
+                        .await?;
                 process
                     .wait_for_health("", ServingStatus::Serving, Duration::from_secs(60))
                     .await?;
@@ -127,15 +126,16 @@ async fn jobs_and_replicas_started_at_once_on_a_fresh_stack_all_come_up() -> any
         // Audited: the schema is one of the services' constant names.
         let (applied, distinct): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT count(*), count(DISTINCT (component, name)) FROM {}.schema_migrations",
-            binary.schema
+            binary.manifest.schema
         )))
         .fetch_one(&pool)
         .await?;
-        assert!(applied > 0, "{} applied its migrations", binary.name);
+        assert!(applied > 0, "{} applied its migrations", binary.name());
         assert_eq!(
-            applied, distinct,
+            applied,
+            distinct,
             "{} applied each migration once",
-            binary.name
+            binary.name()
         );
     }
     Ok(())

@@ -32,16 +32,10 @@ fn walkthrough(name: &str) -> String {
 /// Runs the named walkthroughs, in order, as one bash script.
 fn run(stack: &Stack, names: &[&str]) -> String {
     let mut script: String = names.iter().map(|name| walkthrough(name) + "\n").collect();
-    let defaults = [
-        auth_service::DEFAULT_PORT,
-        order_service::DEFAULT_PORT,
-        payment_service::DEFAULT_PORT,
-        saga_orchestrator::DEFAULT_PORT,
-    ];
-    for (binary, default) in BINARIES.iter().zip(defaults) {
+    for binary in BINARIES {
         script = script.replace(
-            &format!("localhost:{default}"),
-            &format!("127.0.0.1:{}", stack.port(binary.name)),
+            &format!("localhost:{}", binary.manifest.grpc_port),
+            &format!("127.0.0.1:{}", stack.port(binary.name())),
         );
     }
     let grpcurl = tools::grpcurl().unwrap();

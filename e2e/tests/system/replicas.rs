@@ -37,7 +37,7 @@ async fn start(scenario: Scenario, binary: usize, extra: &[(String, String)]) ->
     let mut env = scenario.service_env(&url);
     env.extend(extra.iter().cloned());
     let folder = e2e::binaries_folder().await.unwrap();
-    let mut process = ServiceProcess::start(binary.name, &folder.join(binary.name), env)
+    let mut process = ServiceProcess::start(binary.name(), &folder.join(binary.name()), env)
         .await
         .unwrap();
     process
@@ -51,7 +51,7 @@ impl Cluster {
     /// One auth service, two order services, two payment services and
     /// three orchestrators; replicas of one service start at the same time.
     async fn start() -> Self {
-        let scenario = Scenario::new().await.unwrap();
+        let scenario = Scenario::new(registry::SERVICES).await.unwrap();
 
         let scenario_ref = &scenario;
         let auth_env = e2e::peer_env(auth_service::NAME, |_| unreachable!("auth calls no one"));

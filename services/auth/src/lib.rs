@@ -35,11 +35,9 @@ use std::time::Duration;
 
 use access_control::{Access, AuthLayer, KeyCache, Policy, TokenSettings, Verifier};
 use anyhow::Context as _;
-use api_auth::v1::auth_service_server::AuthServiceServer;
-use database::{DatabaseSettings, MigrationSet, ServiceAccount};
-use messaging::KafkaSettings;
-use service_runtime::{GrpcServer, Platform, ServerSettings};
-use telemetry::TelemetrySettings;
+use api_auth::v1::auth_service_server::{self, AuthServiceServer};
+use database::MigrationSet;
+use service_runtime::{CommonSettings, GrpcServer, Manifest, Platform};
 use tokio_util::sync::CancellationToken;
 
 pub use clients::ServiceClients;
@@ -63,14 +61,23 @@ pub const MIGRATIONS: MigrationSet = database::migrations!(
     ]
 );
 
-/// The role and schema to provision for this service.
-pub fn account(password: impl Into<String>) -> ServiceAccount {
-    ServiceAccount {
-        schema: SCHEMA,
-        role: ROLE,
-        password: password.into(),
-    }
-}
+/// The auth service, as the rest of the system sees it.
+pub const MANIFEST: Manifest = Manifest {
+    name: NAME,
+    grpc_port: DEFAULT_PORT,
+    schema: SCHEMA,
+    role: ROLE,
+    password_env: "AUTH_DB_PASSWORD",
+    grpc_services: &[auth_service_server::SERVICE_NAME],
+    migrations: &[MIGRATIONS],
+    produces: &[messaging::USER_EVENTS],
+    consumers: &[],
+    // It verifies its own tokens with its own keys, read locally.
+    peers: &[],
+    scopes: &[],
+    min_replicas: 2,
+    settings: <Settings as clap::CommandFactory>::command,
+};
 
 /// Everything the service reads from its environment.
 #[derive(Debug, Clone, clap::Parser)]
@@ -81,13 +88,7 @@ pub fn account(password: impl Into<String>) -> ServiceAccount {
 )]
 pub struct Settings {
     #[command(flatten)]
-    pub server: ServerSettings,
-    #[command(flatten)]
-    pub database: DatabaseSettings,
-    #[command(flatten)]
-    pub kafka: KafkaSettings,
-    #[command(flatten)]
-    pub telemetry: TelemetrySettings,
+    pub common: CommonSettings,
     #[command(flatten)]
     pub auth: AuthServiceSettings,
     #[command(flatten)]
@@ -264,7 +265,7 @@ fn positive_duration(value: &str) -> Result<Duration, String> {
 
 /// Who may call what on the auth service.
 fn policy() -> Policy {
-    const SERVICE: &str = "ordersaga.auth.v1.AuthService";
+    const SERVICE: &str = auth_service_server::SERVICE_NAME;
     [
         "Register",
         "Login",
@@ -296,15 +297,8 @@ impl Application {
     /// Binds the gRPC port, migrates the database, makes sure a signing key
     /// exists and the configured admin too.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.server.clone()).await?;
-        let platform = Platform::start(
-            NAME,
-            SCHEMA,
-            &settings.database,
-            &[MIGRATIONS],
-            &settings.kafka,
-        )
-        .await?;
+        let server = GrpcServer::bind(settings.common.server.clone()).await?;
+        let platform = Platform::start(&MANIFEST, &settings.common).await?;
         let config = &settings.auth;
         let backoff = |failures_before_delay| throttle::Backoff {
             failures_before_delay,
@@ -377,7 +371,7 @@ impl Application {
         } = self;
         platform.spawn_relay(&shutdown);
         platform.spawn_purge(
-            &settings.retention.common,
+            &settings.common.retention,
             settings
                 .retention
                 .targets(settings.auth.refresh_family_lifetime),
@@ -403,7 +397,9 @@ impl Application {
             .serve(platform.readiness(), shutdown.clone())
             .await;
         shutdown.cancel();
-        platform.stop(settings.server.shutdown_grace_period).await;
+        platform
+            .stop(settings.common.server.shutdown_grace_period)
+            .await;
         served
     }
 }

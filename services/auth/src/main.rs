@@ -6,7 +6,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let settings: auth_service::Settings =
         service_runtime::settings::load(auth_service::DEFAULT_PORT);
-    let telemetry = settings.telemetry.clone();
+    let telemetry = settings.common.telemetry.clone();
     service_runtime::main(auth_service::NAME, &telemetry, |shutdown| async move {
         auth_service::Application::build(settings)
             .await?

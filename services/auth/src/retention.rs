@@ -7,9 +7,6 @@ use database::PurgeTarget;
 
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct AuthRetention {
-    #[command(flatten)]
-    pub common: service_runtime::RetentionSettings,
-
     /// How long a refresh token is kept after it expired (it refreshes
     /// nothing by then).
     #[arg(long = "refresh-token-retention", env = "REFRESH_TOKEN_RETENTION", default_value = "7days",
@@ -72,20 +69,9 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
-    fn common() -> service_runtime::RetentionSettings {
-        service_runtime::RetentionSettings {
-            purge: database::PurgeSettings {
-                interval: DAY,
-                batch_size: 100,
-            },
-            inbox: DAY,
-        }
-    }
-
     #[tokio::test]
     async fn every_purge_finds_its_batch_through_an_index() {
         let retention = AuthRetention {
-            common: common(),
             refresh_tokens: DAY,
             refresh_families: DAY,
             login_attempts: DAY,
@@ -93,12 +79,8 @@ mod tests {
             login_throttle: DAY,
             signing_keys: DAY,
         };
-        testkit::assert_purges_use_indexes(
-            &crate::account("retention-test-password"),
-            &[crate::MIGRATIONS],
-            retention.targets(DAY),
-        )
-        .await
-        .unwrap();
+        testkit::assert_purges_use_indexes(&crate::MANIFEST, retention.targets(DAY))
+            .await
+            .unwrap();
     }
 }

@@ -1,42 +1,11 @@
 //! The `auth` binary passes the checks every service binary must pass.
 
-use testkit::{Binary, contract};
+use testkit::Binary;
 
-const BINARY: Binary = Binary {
-    name: auth_service::NAME,
-    path: env!("CARGO_BIN_EXE_auth"),
-    schema: auth_service::SCHEMA,
-    role: auth_service::ROLE,
-    services: &["ordersaga.auth.v1.AuthService"],
-    required_env: &[("AUTH_KEY_ENCRYPTION_KEY", testkit::TEST_KEY_ENCRYPTION_KEY)],
-};
+const BINARY: Binary = Binary::new(&auth_service::MANIFEST, env!("CARGO_BIN_EXE_auth"))
+    .requiring(&[("AUTH_KEY_ENCRYPTION_KEY", testkit::TEST_KEY_ENCRYPTION_KEY)]);
 
-#[tokio::test]
-async fn health_follows_the_database() {
-    contract::health_follows_the_database(BINARY).await.unwrap();
-}
-
-#[tokio::test]
-async fn reflection_lists_its_services() {
-    contract::reflection_lists_its_services(BINARY)
-        .await
-        .unwrap();
-}
-
-#[tokio::test]
-async fn sigterm_stops_it_cleanly() {
-    contract::sigterm_stops_it_cleanly(BINARY).await.unwrap();
-}
-
-#[test]
-fn a_bad_setting_stops_it_naming_the_setting() {
-    contract::a_bad_setting_stops_it_naming_the_setting(BINARY).unwrap();
-}
-
-#[test]
-fn help_lists_the_settings() {
-    contract::help_lists_the_settings(BINARY).unwrap();
-}
+testkit::contract_tests!(BINARY);
 
 #[test]
 fn an_unknown_scope_stops_it_naming_the_setting_and_the_scope_but_not_the_secret() {

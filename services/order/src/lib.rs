@@ -19,11 +19,10 @@ mod retention;
 use std::net::SocketAddr;
 
 use access_control::{Access, AuthLayer, AuthSettings, Policy, Scope, Verifier};
-use api_order::v1::order_service_server::OrderServiceServer;
-use database::{DatabaseSettings, MigrationSet, ServiceAccount};
-use messaging::KafkaSettings;
-use service_runtime::{GrpcServer, Platform, ServerSettings};
-use telemetry::TelemetrySettings;
+use api_order::v1::order_service_server::{self, OrderServiceServer};
+use database::MigrationSet;
+use service_runtime::manifest::{self, Manifest};
+use service_runtime::{CommonSettings, GrpcServer, Platform};
 use tokio_util::sync::CancellationToken;
 
 /// Service name, in logs, traces and event envelopes.
@@ -43,14 +42,22 @@ pub const MIGRATIONS: MigrationSet = database::migrations!(
     ]
 );
 
-/// The role and schema to provision for this service.
-pub fn account(password: impl Into<String>) -> ServiceAccount {
-    ServiceAccount {
-        schema: SCHEMA,
-        role: ROLE,
-        password: password.into(),
-    }
-}
+/// The order service, as the rest of the system sees it.
+pub const MANIFEST: Manifest = Manifest {
+    name: NAME,
+    grpc_port: DEFAULT_PORT,
+    schema: SCHEMA,
+    role: ROLE,
+    password_env: "ORDER_DB_PASSWORD",
+    grpc_services: &[order_service_server::SERVICE_NAME],
+    migrations: &[MIGRATIONS],
+    produces: &[messaging::ORDER_EVENTS],
+    consumers: &[],
+    peers: &[manifest::AUTH],
+    scopes: &[],
+    min_replicas: 2,
+    settings: <Settings as clap::CommandFactory>::command,
+};
 
 /// Everything the service reads from its environment.
 #[derive(Debug, Clone, clap::Parser)]
@@ -61,13 +68,7 @@ pub fn account(password: impl Into<String>) -> ServiceAccount {
 )]
 pub struct Settings {
     #[command(flatten)]
-    pub server: ServerSettings,
-    #[command(flatten)]
-    pub database: DatabaseSettings,
-    #[command(flatten)]
-    pub kafka: KafkaSettings,
-    #[command(flatten)]
-    pub telemetry: TelemetrySettings,
+    pub common: CommonSettings,
     #[command(flatten)]
     pub auth: AuthSettings,
     #[command(flatten)]
@@ -82,7 +83,7 @@ pub struct Settings {
 
 /// Who may call what on the order service.
 fn policy() -> Policy {
-    const SERVICE: &str = "ordersaga.order.v1.OrderService";
+    const SERVICE: &str = order_service_server::SERVICE_NAME;
     let settle = Access::Service(Scope::OrdersSettle);
     Policy::new()
         .rpc(SERVICE, "CreateOrder", Access::User)
@@ -107,15 +108,8 @@ impl Application {
     /// Binds the gRPC port, connects to and migrates the database, and
     /// connects the Kafka producer.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.server.clone()).await?;
-        let platform = Platform::start(
-            NAME,
-            SCHEMA,
-            &settings.database,
-            &[MIGRATIONS],
-            &settings.kafka,
-        )
-        .await?;
+        let server = GrpcServer::bind(settings.common.server.clone()).await?;
+        let platform = Platform::start(&MANIFEST, &settings.common).await?;
         Ok(Self {
             server,
             platform,
@@ -137,7 +131,7 @@ impl Application {
         } = self;
         platform.spawn_relay(&shutdown);
         platform.spawn_purge(
-            &settings.retention.common,
+            &settings.common.retention,
             settings.retention.targets(),
             &shutdown,
         );
@@ -156,7 +150,9 @@ impl Application {
             .serve(platform.readiness(), shutdown.clone())
             .await;
         shutdown.cancel();
-        platform.stop(settings.server.shutdown_grace_period).await;
+        platform
+            .stop(settings.common.server.shutdown_grace_period)
+            .await;
         served
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let settings: order_service::Settings =
         service_runtime::settings::load(order_service::DEFAULT_PORT);
-    let telemetry = settings.telemetry.clone();
+    let telemetry = settings.common.telemetry.clone();
     service_runtime::main(order_service::NAME, &telemetry, |shutdown| async move {
         order_service::Application::build(settings)
             .await?

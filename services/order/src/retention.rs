@@ -7,9 +7,6 @@ use database::PurgeTarget;
 
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct OrderRetention {
-    #[command(flatten)]
-    pub common: service_runtime::RetentionSettings,
-
     /// How long a CreateOrder idempotency key is remembered: a retry with
     /// the key within this returns the first order; after it, the request
     /// places a new one. Keep it far longer than any client retries.
@@ -30,28 +27,13 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
-    fn common() -> service_runtime::RetentionSettings {
-        service_runtime::RetentionSettings {
-            purge: database::PurgeSettings {
-                interval: DAY,
-                batch_size: 100,
-            },
-            inbox: DAY,
-        }
-    }
-
     #[tokio::test]
     async fn every_purge_finds_its_batch_through_an_index() {
         let retention = OrderRetention {
-            common: common(),
             idempotency_keys: DAY,
         };
-        testkit::assert_purges_use_indexes(
-            &crate::account("retention-test-password"),
-            &[crate::MIGRATIONS],
-            retention.targets(),
-        )
-        .await
-        .unwrap();
+        testkit::assert_purges_use_indexes(&crate::MANIFEST, retention.targets())
+            .await
+            .unwrap();
     }
 }

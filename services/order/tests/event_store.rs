@@ -77,7 +77,7 @@ impl Projection<Counter> for Nothing {
 async fn pool() -> sqlx::PgPool {
     let db = TestEnv::get().await.database().await.unwrap();
     let url = db
-        .provision(&order_service::account("order-test-password"))
+        .provision(&order_service::MANIFEST.account("order-test-password"))
         .await
         .unwrap();
     let settings = DatabaseSettings {

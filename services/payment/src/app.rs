@@ -1059,7 +1059,7 @@ mod tests {
     async fn setup(leases: Leases, slow_delay: Duration) -> Setup {
         let db = TestEnv::get().await.database().await.unwrap();
         let url = db
-            .provision(&crate::account("payment-test-password"))
+            .provision(&crate::MANIFEST.account("payment-test-password"))
             .await
             .unwrap();
         let settings = DatabaseSettings {

@@ -21,11 +21,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use access_control::{Access, AuthLayer, AuthSettings, Policy, Scope, Verifier};
-use api_payment::v1::payment_service_server::PaymentServiceServer;
-use database::{DatabaseSettings, MigrationSet, ServiceAccount};
-use messaging::KafkaSettings;
-use service_runtime::{GrpcServer, Platform, ServerSettings};
-use telemetry::TelemetrySettings;
+use api_payment::v1::payment_service_server::{self, PaymentServiceServer};
+use database::MigrationSet;
+use service_runtime::manifest::{self, Manifest};
+use service_runtime::{CommonSettings, GrpcServer, Platform};
 use tokio_util::sync::CancellationToken;
 
 /// Service name, in logs, traces and event envelopes.
@@ -47,14 +46,22 @@ pub const MIGRATIONS: MigrationSet = database::migrations!(
     ]
 );
 
-/// The role and schema to provision for this service.
-pub fn account(password: impl Into<String>) -> ServiceAccount {
-    ServiceAccount {
-        schema: SCHEMA,
-        role: ROLE,
-        password: password.into(),
-    }
-}
+/// The payment service, as the rest of the system sees it.
+pub const MANIFEST: Manifest = Manifest {
+    name: NAME,
+    grpc_port: DEFAULT_PORT,
+    schema: SCHEMA,
+    role: ROLE,
+    password_env: "PAYMENT_DB_PASSWORD",
+    grpc_services: &[payment_service_server::SERVICE_NAME],
+    migrations: &[MIGRATIONS],
+    produces: &[messaging::PAYMENT_EVENTS],
+    consumers: &[],
+    peers: &[manifest::AUTH],
+    scopes: &[],
+    min_replicas: 2,
+    settings: <Settings as clap::CommandFactory>::command,
+};
 
 /// Everything the service reads from its environment.
 #[derive(Debug, Clone, clap::Parser)]
@@ -65,13 +72,7 @@ pub fn account(password: impl Into<String>) -> ServiceAccount {
 )]
 pub struct Settings {
     #[command(flatten)]
-    pub server: ServerSettings,
-    #[command(flatten)]
-    pub database: DatabaseSettings,
-    #[command(flatten)]
-    pub kafka: KafkaSettings,
-    #[command(flatten)]
-    pub telemetry: TelemetrySettings,
+    pub common: CommonSettings,
     #[command(flatten)]
     pub auth: AuthSettings,
     #[command(flatten)]
@@ -105,7 +106,7 @@ pub struct ProviderSettings {
 
 /// Who may call what on the payment service.
 fn policy() -> Policy {
-    const SERVICE: &str = "ordersaga.payment.v1.PaymentService";
+    const SERVICE: &str = payment_service_server::SERVICE_NAME;
     let charge = Access::Service(Scope::PaymentsCharge);
     let refund = Access::Service(Scope::PaymentsRefund);
     let read = Access::UserOrService(Scope::PaymentsRead);
@@ -129,15 +130,8 @@ impl Application {
     /// Binds the gRPC port, connects to and migrates the database, and
     /// connects the Kafka producer.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.server.clone()).await?;
-        let platform = Platform::start(
-            NAME,
-            SCHEMA,
-            &settings.database,
-            &[MIGRATIONS],
-            &settings.kafka,
-        )
-        .await?;
+        let server = GrpcServer::bind(settings.common.server.clone()).await?;
+        let platform = Platform::start(&MANIFEST, &settings.common).await?;
         Ok(Self {
             server,
             platform,
@@ -159,7 +153,7 @@ impl Application {
         } = self;
         platform.spawn_relay(&shutdown);
         platform.spawn_purge(
-            &settings.retention.common,
+            &settings.common.retention,
             settings.retention.targets(),
             &shutdown,
         );
@@ -181,7 +175,7 @@ impl Application {
             platform.pool.clone(),
             Arc::new(provider),
             &platform.topics,
-            app::Leases::for_request_timeout(settings.server.request_timeout),
+            app::Leases::for_request_timeout(settings.common.server.request_timeout),
         );
         platform.spawn(
             "lease watch",
@@ -198,7 +192,9 @@ impl Application {
             .serve(platform.readiness(), shutdown.clone())
             .await;
         shutdown.cancel();
-        platform.stop(settings.server.shutdown_grace_period).await;
+        platform
+            .stop(settings.common.server.shutdown_grace_period)
+            .await;
         served
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let settings: payment_service::Settings =
         service_runtime::settings::load(payment_service::DEFAULT_PORT);
-    let telemetry = settings.telemetry.clone();
+    let telemetry = settings.common.telemetry.clone();
     service_runtime::main(payment_service::NAME, &telemetry, |shutdown| async move {
         payment_service::Application::build(settings)
             .await?

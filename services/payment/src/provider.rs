@@ -445,7 +445,7 @@ mod tests {
     async fn provider(slow_delay: Duration) -> (SimulatedProvider, PgPool) {
         let db = TestEnv::get().await.database().await.unwrap();
         let url = db
-            .provision(&crate::account("payment-test-password"))
+            .provision(&crate::MANIFEST.account("payment-test-password"))
             .await
             .unwrap();
         let settings = DatabaseSettings {

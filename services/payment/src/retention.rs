@@ -9,9 +9,6 @@ use database::PurgeTarget;
 
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct PaymentRetention {
-    #[command(flatten)]
-    pub common: service_runtime::RetentionSettings,
-
     /// How long a settled charge key's claim is kept after its last change.
     /// Only claims of keys whose payment is recorded, and whose lease is
     /// free, are purged; the payment answers any later request for the key.
@@ -41,29 +38,14 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
-    fn common() -> service_runtime::RetentionSettings {
-        service_runtime::RetentionSettings {
-            purge: database::PurgeSettings {
-                interval: DAY,
-                batch_size: 100,
-            },
-            inbox: DAY,
-        }
-    }
-
     #[tokio::test]
     async fn every_purge_finds_its_batch_through_an_index() {
         let retention = PaymentRetention {
-            common: common(),
             charge_claims: DAY,
             simulated_provider: DAY,
         };
-        testkit::assert_purges_use_indexes(
-            &crate::account("retention-test-password"),
-            &[crate::MIGRATIONS],
-            retention.targets(),
-        )
-        .await
-        .unwrap();
+        testkit::assert_purges_use_indexes(&crate::MANIFEST, retention.targets())
+            .await
+            .unwrap();
     }
 }

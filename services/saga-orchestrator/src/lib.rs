@@ -27,14 +27,14 @@ use std::time::Duration;
 use access_control::{
     Access, AuthLayer, AuthSettings, Policy, ServiceCredentials, ServiceTokenSource, Verifier,
 };
-use api_saga::v1::saga_service_server::SagaServiceServer;
-use api_trace::v1::trace_service_server::TraceServiceServer;
-use database::{DatabaseSettings, MigrationSet, ServiceAccount};
-use messaging::{Consumer, KafkaSettings};
+use api_saga::v1::saga_service_server::{self, SagaServiceServer};
+use api_trace::v1::trace_service_server::{self, TraceServiceServer};
+use database::MigrationSet;
+use messaging::Consumer;
 use saga_engine::{Engine, EngineConfig, RetryPolicy};
 use service_runtime::client::{self, BreakerSettings};
-use service_runtime::{GrpcServer, Platform, ServerSettings};
-use telemetry::TelemetrySettings;
+use service_runtime::manifest::{self, ConsumerGroup, Manifest, Peer};
+use service_runtime::{CommonSettings, GrpcServer, Platform};
 use tokio_util::sync::CancellationToken;
 
 pub use dashboard::DashboardSettings;
@@ -57,19 +57,52 @@ pub const MIGRATIONS: MigrationSet = database::migrations!(
 );
 /// The consumer group that starts sagas from order events.
 pub const CONSUMER_GROUP: &str = "saga-orchestrator";
-/// Every consumer group of the system (each has a dead-letter topic that
-/// deployment creates). Only the orchestrator consumes.
-pub const CONSUMER_GROUPS: &[&str] = &[CONSUMER_GROUP, trace_view::CONSUMER_GROUP];
+/// Starts and calls off sagas from order events.
+const STARTER: ConsumerGroup = ConsumerGroup {
+    group: CONSUMER_GROUP,
+    topics: &[messaging::ORDER_EVENTS],
+};
+/// Records every service's events in the trace view. Saga events are
+/// recorded by the engine itself (TraceJournal).
+const TRACE_RECORDER: ConsumerGroup = ConsumerGroup {
+    group: trace_view::CONSUMER_GROUP,
+    topics: &[
+        messaging::USER_EVENTS,
+        messaging::ORDER_EVENTS,
+        messaging::PAYMENT_EVENTS,
+    ],
+};
+/// The services the saga's steps call.
+const ORDER: Peer = Peer {
+    service: "order",
+    url_env: "ORDER_SERVICE_URL",
+};
+const PAYMENT: Peer = Peer {
+    service: "payment",
+    url_env: "PAYMENT_SERVICE_URL",
+};
 pub use order_saga::SCOPES;
 
-/// The role and schema to provision for this service.
-pub fn account(password: impl Into<String>) -> ServiceAccount {
-    ServiceAccount {
-        schema: SCHEMA,
-        role: ROLE,
-        password: password.into(),
-    }
-}
+/// The orchestrator, as the rest of the system sees it.
+pub const MANIFEST: Manifest = Manifest {
+    name: NAME,
+    grpc_port: DEFAULT_PORT,
+    schema: SCHEMA,
+    role: ROLE,
+    password_env: "SAGA_DB_PASSWORD",
+    grpc_services: &[
+        saga_service_server::SERVICE_NAME,
+        trace_service_server::SERVICE_NAME,
+    ],
+    migrations: &[saga_engine::MIGRATIONS, MIGRATIONS],
+    produces: &[messaging::SAGA_EVENTS],
+    consumers: &[STARTER, TRACE_RECORDER],
+    peers: &[manifest::AUTH, ORDER, PAYMENT],
+    scopes: &SCOPES,
+    // Sagas survive losing a replica only if there is another to resume them.
+    min_replicas: 3,
+    settings: <Settings as clap::CommandFactory>::command,
+};
 
 /// Everything the service reads from its environment.
 #[derive(Debug, Clone, clap::Parser)]
@@ -80,13 +113,7 @@ pub fn account(password: impl Into<String>) -> ServiceAccount {
 )]
 pub struct Settings {
     #[command(flatten)]
-    pub server: ServerSettings,
-    #[command(flatten)]
-    pub database: DatabaseSettings,
-    #[command(flatten)]
-    pub kafka: KafkaSettings,
-    #[command(flatten)]
-    pub telemetry: TelemetrySettings,
+    pub common: CommonSettings,
     #[command(flatten)]
     pub auth: AuthSettings,
     #[command(flatten)]
@@ -103,7 +130,7 @@ pub struct Settings {
     /// gRPC URL of the order service.
     #[arg(
         long = "order-service-url",
-        env = "ORDER_SERVICE_URL",
+        env = ORDER.url_env,
         default_value = "http://localhost:50052"
     )]
     pub order_service_url: String,
@@ -111,7 +138,7 @@ pub struct Settings {
     /// gRPC URL of the payment service.
     #[arg(
         long = "payment-service-url",
-        env = "PAYMENT_SERVICE_URL",
+        env = PAYMENT.url_env,
         default_value = "http://localhost:50053"
     )]
     pub payment_service_url: String,
@@ -174,8 +201,8 @@ fn parse_stuck_after(text: &str) -> Result<Duration, String> {
 
 /// Who may call what on the orchestrator: operators only.
 fn policy() -> Policy {
-    const SAGA: &str = "ordersaga.saga.v1.SagaService";
-    const TRACE: &str = "ordersaga.trace.v1.TraceService";
+    const SAGA: &str = saga_service_server::SERVICE_NAME;
+    const TRACE: &str = trace_service_server::SERVICE_NAME;
     let saga = [
         "GetSagaStatus",
         "ListActiveSagas",
@@ -215,15 +242,8 @@ impl Application {
     /// Binds the gRPC port, migrates the database, and builds the engine
     /// with its downstream clients (which connect lazily).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.server.clone()).await?;
-        let platform = Platform::start(
-            NAME,
-            SCHEMA,
-            &settings.database,
-            &[saga_engine::MIGRATIONS, MIGRATIONS],
-            &settings.kafka,
-        )
-        .await?;
+        let server = GrpcServer::bind(settings.common.server.clone()).await?;
+        let platform = Platform::start(&MANIFEST, &settings.common).await?;
         let token = Arc::new(ServiceTokenSource::new(
             &settings.auth.url,
             settings.credentials.clone(),
@@ -231,13 +251,13 @@ impl Application {
         )?);
         let downstreams = order_saga::Downstreams {
             orders: client::downstream(
-                "order",
+                ORDER.service,
                 &settings.order_service_url,
                 settings.breaker,
                 Some(token.clone()),
             )?,
             payments: client::downstream(
-                "payment",
+                PAYMENT.service,
                 &settings.payment_service_url,
                 settings.breaker,
                 Some(token),
@@ -297,7 +317,7 @@ impl Application {
         } = self;
         platform.spawn_relay(&shutdown);
         platform.spawn_purge(
-            &settings.retention.common,
+            &settings.common.retention,
             settings.retention.targets(),
             &shutdown,
         );
@@ -309,24 +329,18 @@ impl Application {
                 .watch_stuck(settings.saga.stuck_after, shutdown.clone()),
         );
         let starter = Consumer::new(
-            &settings.kafka,
-            CONSUMER_GROUP,
-            &[platform.topics.order_events()],
+            &settings.common.kafka,
+            STARTER.group,
+            &STARTER.topic_names(&platform.topics),
             platform.pool.clone(),
             platform.producer.clone(),
             starter::SagaStarter::new(engine.clone()),
         )?;
         platform.spawn("order events consumer", starter.run(shutdown.clone()));
-        let topics = &platform.topics;
         let recorder = Consumer::new(
-            &settings.kafka,
-            trace_view::CONSUMER_GROUP,
-            // Saga events are recorded by the engine itself (TraceJournal).
-            &[
-                topics.user_events(),
-                topics.order_events(),
-                topics.payment_events(),
-            ],
+            &settings.common.kafka,
+            TRACE_RECORDER.group,
+            &TRACE_RECORDER.topic_names(&platform.topics),
             platform.pool.clone(),
             platform.producer.clone(),
             trace_view::TraceRecorder,
@@ -362,7 +376,9 @@ impl Application {
             .serve(platform.readiness(), shutdown.clone())
             .await;
         shutdown.cancel();
-        platform.stop(settings.server.shutdown_grace_period).await;
+        platform
+            .stop(settings.common.server.shutdown_grace_period)
+            .await;
         served
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let settings: saga_orchestrator::Settings =
         service_runtime::settings::load(saga_orchestrator::DEFAULT_PORT);
-    let telemetry = settings.telemetry.clone();
+    let telemetry = settings.common.telemetry.clone();
     service_runtime::main(saga_orchestrator::NAME, &telemetry, |shutdown| async move {
         saga_orchestrator::Application::build(settings)
             .await?

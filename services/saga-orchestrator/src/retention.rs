@@ -6,9 +6,6 @@ use database::PurgeTarget;
 
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct OrchestratorRetention {
-    #[command(flatten)]
-    pub common: service_runtime::RetentionSettings,
-
     /// How long a saga that completed or compensated is kept, with its
     /// steps, after it ended. Failed sagas are kept until an operator acts.
     /// Keep it longer than INBOX_RETENTION.
@@ -37,29 +34,14 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
-    fn common() -> service_runtime::RetentionSettings {
-        service_runtime::RetentionSettings {
-            purge: database::PurgeSettings {
-                interval: DAY,
-                batch_size: 100,
-            },
-            inbox: DAY,
-        }
-    }
-
     #[tokio::test]
     async fn every_purge_finds_its_batch_through_an_index() {
         let retention = OrchestratorRetention {
-            common: common(),
             sagas: DAY,
             trace_events: DAY,
         };
-        testkit::assert_purges_use_indexes(
-            &crate::account("retention-test-password"),
-            &[saga_engine::MIGRATIONS, crate::MIGRATIONS],
-            retention.targets(),
-        )
-        .await
-        .unwrap();
+        testkit::assert_purges_use_indexes(&crate::MANIFEST, retention.targets())
+            .await
+            .unwrap();
     }
 }

@@ -31,7 +31,7 @@ pub use kafka::{BrokerProbe, producer};
 pub use outbox::Publisher;
 pub use relay::Relay;
 pub use settings::KafkaSettings;
-pub use topics::Topics;
+pub use topics::{ORDER_EVENTS, PAYMENT_EVENTS, SAGA_EVENTS, Topics, USER_EVENTS};
 
 // Unit tests share the integration tests' fixture, which names this crate.
 #[cfg(test)]

@@ -1,3 +1,10 @@
+/// The base names of the event topics, before the deployment's prefix: what
+/// the services' manifests name when they say what they produce and consume.
+pub const USER_EVENTS: &str = "user.events";
+pub const ORDER_EVENTS: &str = "order.events";
+pub const PAYMENT_EVENTS: &str = "payment.events";
+pub const SAGA_EVENTS: &str = "saga.events";
+
 /// The topic names of the system, under an optional prefix.
 ///
 /// Each service publishes its events on one topic, keyed by aggregate id.
@@ -21,22 +28,22 @@ impl Topics {
 
     /// User events (auth service).
     pub fn user_events(&self) -> String {
-        self.name("user.events")
+        self.name(USER_EVENTS)
     }
 
     /// Order aggregate events (order service).
     pub fn order_events(&self) -> String {
-        self.name("order.events")
+        self.name(ORDER_EVENTS)
     }
 
     /// Payment events (payment service).
     pub fn payment_events(&self) -> String {
-        self.name("payment.events")
+        self.name(PAYMENT_EVENTS)
     }
 
     /// Saga events (saga orchestrator).
     pub fn saga_events(&self) -> String {
-        self.name("saga.events")
+        self.name(SAGA_EVENTS)
     }
 
     /// Consumer group name for a service's consumer.
@@ -49,20 +56,9 @@ impl Topics {
         self.name(&format!("{group}.dead-letter"))
     }
 
-    /// Every topic the system uses, given the consumer groups that exist:
-    /// what deployment creates before the services start.
-    pub fn all(&self, consumer_groups: &[&str]) -> Vec<String> {
-        let mut topics = vec![
-            self.user_events(),
-            self.order_events(),
-            self.payment_events(),
-            self.saga_events(),
-        ];
-        topics.extend(consumer_groups.iter().map(|group| self.dead_letter(group)));
-        topics
-    }
-
-    fn name(&self, base: &str) -> String {
+    /// The topic `base` (one of the names above, or a test's own) under
+    /// this prefix.
+    pub fn name(&self, base: &str) -> String {
         format!("{}{base}", self.prefix)
     }
 }

@@ -10,6 +10,8 @@
 //! - [`Platform`]: the database pool, migrations, Kafka producer and
 //!   background tasks (outbox relay, consumers, the purge job) of a
 //!   service; [`RetentionSettings`]: the purge settings they all share.
+//! - [`manifest`]: what the rest of the system must know of a service
+//!   (name, ports, schema, topics, peers...), one `MANIFEST` per service.
 //! - [`client`]: channels to downstream services with telemetry, the
 //!   service's token and a circuit breaker.
 //! - [`status`]: deliberate error-to-status mapping helpers.
@@ -27,6 +29,7 @@ pub mod client;
 pub mod fields;
 mod health;
 pub mod http;
+pub mod manifest;
 pub mod paging;
 mod platform;
 mod retention;
@@ -36,8 +39,9 @@ pub mod settings;
 pub mod status;
 
 pub use health::{LIVENESS, Readiness, ReadinessCheck};
+pub use manifest::Manifest;
 pub use platform::Platform;
 pub use retention::RetentionSettings;
 pub use runner::{main, shutdown_signal};
 pub use server::GrpcServer;
-pub use settings::ServerSettings;
+pub use settings::{CommonSettings, ServerSettings};

@@ -2,13 +2,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use database::{DatabaseSettings, MigrationSet};
 use messaging::{BrokerProbe, KafkaSettings, Relay, Topics};
 use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::manifest::Manifest;
+use crate::settings::CommonSettings;
 use crate::{Readiness, ReadinessCheck};
 
 /// The shared infrastructure of one service: its database pool (confined to
@@ -32,22 +33,17 @@ impl std::fmt::Debug for Platform {
 
 impl Platform {
     /// Connects to the database (waiting for it, bounded), applies the
-    /// messaging tables and the service's migrations to `schema`, and
+    /// messaging tables and the service's migrations to its schema, and
     /// creates the Kafka producer.
-    pub async fn start(
-        service: &'static str,
-        schema: &'static str,
-        database: &DatabaseSettings,
-        migrations: &[MigrationSet],
-        kafka: &KafkaSettings,
-    ) -> anyhow::Result<Self> {
-        let pool = database::connect(database, schema).await?;
+    pub async fn start(manifest: &Manifest, settings: &CommonSettings) -> anyhow::Result<Self> {
+        let pool = database::connect(&settings.database, manifest.schema).await?;
         let mut all = vec![messaging::MIGRATIONS];
-        all.extend_from_slice(migrations);
+        all.extend_from_slice(manifest.migrations);
         database::migrate(&pool, &all)
             .await
             .context("migrating the database")?;
-        let producer = messaging::producer(kafka, service)?;
+        let kafka = &settings.kafka;
+        let producer = messaging::producer(kafka, manifest.name)?;
         Ok(Self {
             pool,
             producer,

@@ -1,8 +1,8 @@
 //! Settings from the environment.
 //!
-//! Each service declares one `clap::Parser` struct that flattens the
-//! settings of the subsystems it uses ([`ServerSettings`] here,
-//! `DatabaseSettings`, `KafkaSettings`, `TelemetrySettings`). Every field
+//! Each service declares one `clap::Parser` struct that flattens
+//! [`CommonSettings`] (what every service reads: the server, the database,
+//! the broker, telemetry and the purge job) beside its own. Every field
 //! has an environment variable and a flag; `--help` lists them all with
 //! their defaults. [`load`] parses them once at start and, on a bad or
 //! missing value, exits with status 2 and a message naming the variable.
@@ -11,6 +11,22 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
+
+/// What every service reads from its environment, flattened into each
+/// service's settings beside what is particular to it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonSettings {
+    #[command(flatten)]
+    pub server: ServerSettings,
+    #[command(flatten)]
+    pub database: database::DatabaseSettings,
+    #[command(flatten)]
+    pub kafka: messaging::KafkaSettings,
+    #[command(flatten)]
+    pub telemetry: telemetry::TelemetrySettings,
+    #[command(flatten)]
+    pub retention: crate::RetentionSettings,
+}
 
 /// Settings of the gRPC server every service runs.
 #[derive(Debug, Clone, clap::Args)]

@@ -1,5 +1,5 @@
 //! The checks every service binary must pass, run by each service's
-//! `tests/binary.rs` against its own binary.
+//! `tests/binary.rs` against its own binary ([`contract_tests!`]).
 
 use std::process::Command;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use crate::{Binary, Scenario, ServiceUnderTest};
 /// SERVING again once it is back, for the whole server and each service;
 /// liveness stays SERVING throughout.
 pub async fn health_follows_the_database(binary: Binary) -> anyhow::Result<()> {
-    let scenario = Scenario::new().await?;
+    let scenario = Scenario::new(&[binary.manifest]).await?;
     let url = scenario.database.provision(&binary.account()).await?;
     let proxy = FaultProxy::start(scenario.database.address()).await?;
     let proxied_url = url.replace(
@@ -23,7 +23,7 @@ pub async fn health_follows_the_database(binary: Binary) -> anyhow::Result<()> {
     let mut service =
         ServiceUnderTest::start_with_database_url(&scenario, binary, &proxied_url, &[]).await?;
     let process = &mut service.process;
-    for name in binary.services {
+    for name in binary.manifest.grpc_services {
         process
             .wait_for_health(name, ServingStatus::Serving, Duration::from_secs(10))
             .await?;
@@ -33,7 +33,7 @@ pub async fn health_follows_the_database(binary: Binary) -> anyhow::Result<()> {
     process
         .wait_for_health("", ServingStatus::NotServing, Duration::from_secs(10))
         .await?;
-    for name in binary.services {
+    for name in binary.manifest.grpc_services {
         process
             .wait_for_health(name, ServingStatus::NotServing, Duration::from_secs(10))
             .await?;
@@ -48,7 +48,7 @@ pub async fn health_follows_the_database(binary: Binary) -> anyhow::Result<()> {
     process
         .wait_for_health("", ServingStatus::Serving, Duration::from_secs(15))
         .await?;
-    for name in binary.services {
+    for name in binary.manifest.grpc_services {
         process
             .wait_for_health(name, ServingStatus::Serving, Duration::from_secs(10))
             .await?;
@@ -60,12 +60,12 @@ pub async fn health_follows_the_database(binary: Binary) -> anyhow::Result<()> {
 /// services, health and reflection, and `grpcurl` can call the health
 /// check without any .proto file.
 pub async fn reflection_lists_its_services(binary: Binary) -> anyhow::Result<()> {
-    let scenario = Scenario::new().await?;
+    let scenario = Scenario::new(&[binary.manifest]).await?;
     let service = ServiceUnderTest::start(&scenario, binary, &[]).await?;
     let address = service.process.address().to_string();
 
     let listed = grpcurl(&["-plaintext", &address, "list"])?;
-    let mut expected: Vec<&str> = binary.services.to_vec();
+    let mut expected: Vec<&str> = binary.manifest.grpc_services.to_vec();
     expected.extend([
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
@@ -76,7 +76,7 @@ pub async fn reflection_lists_its_services(binary: Binary) -> anyhow::Result<()>
             "`grpcurl list` lacks {name}:\n{listed}"
         );
     }
-    for name in binary.services {
+    for name in binary.manifest.grpc_services {
         let described = grpcurl(&["-plaintext", &address, "describe", name])?;
         ensure!(
             described.contains("rpc "),
@@ -151,7 +151,7 @@ pub fn help_lists_the_settings(binary: Binary) -> anyhow::Result<()> {
 
 /// SIGTERM makes the binary stop serving, finish, and exit 0.
 pub async fn sigterm_stops_it_cleanly(binary: Binary) -> anyhow::Result<()> {
-    let scenario = Scenario::new().await?;
+    let scenario = Scenario::new(&[binary.manifest]).await?;
     let mut service = ServiceUnderTest::start(&scenario, binary, &[]).await?;
     let code = service.process.stop(Duration::from_secs(20)).await?;
 
@@ -162,6 +162,45 @@ pub async fn sigterm_stops_it_cleanly(binary: Binary) -> anyhow::Result<()> {
         "log:\n{logs}"
     );
     Ok(())
+}
+
+/// The tests of the checks above, for `$binary` (a [`Binary`] constant):
+/// a service's `tests/binary.rs` is its `Binary` and this line, so every
+/// binary runs every check under the same names.
+#[macro_export]
+macro_rules! contract_tests {
+    ($binary:expr) => {
+        #[tokio::test]
+        async fn health_follows_the_database() {
+            $crate::contract::health_follows_the_database($binary)
+                .await
+                .unwrap();
+        }
+
+        #[tokio::test]
+        async fn reflection_lists_its_services() {
+            $crate::contract::reflection_lists_its_services($binary)
+                .await
+                .unwrap();
+        }
+
+        #[tokio::test]
+        async fn sigterm_stops_it_cleanly() {
+            $crate::contract::sigterm_stops_it_cleanly($binary)
+                .await
+                .unwrap();
+        }
+
+        #[test]
+        fn a_bad_setting_stops_it_naming_the_setting() {
+            $crate::contract::a_bad_setting_stops_it_naming_the_setting($binary).unwrap();
+        }
+
+        #[test]
+        fn help_lists_the_settings() {
+            $crate::contract::help_lists_the_settings($binary).unwrap();
+        }
+    };
 }
 
 fn grpcurl(args: &[&str]) -> anyhow::Result<String> {

@@ -15,29 +15,46 @@ use std::time::Duration;
 use database::ServiceAccount;
 use dev_stack::{ServiceProcess, ServingStatus, TestDatabase, TestEnv};
 use messaging::Topics;
+use service_runtime::manifest::{self, Manifest};
 
-/// How a service binary is described to the tests.
+/// A service binary as the tests run it: its manifest (name, schema, role,
+/// the gRPC services it serves...) and where it was built.
 #[derive(Debug, Clone, Copy)]
 pub struct Binary {
-    /// Service name, e.g. "order".
-    pub name: &'static str,
+    pub manifest: &'static Manifest,
     /// Path of the built binary (`env!("CARGO_BIN_EXE_<name>")`).
     pub path: &'static str,
-    pub schema: &'static str,
-    pub role: &'static str,
-    /// Full names of the gRPC services it serves.
-    pub services: &'static [&'static str],
     /// Settings it cannot start without, beyond the database and broker.
     pub required_env: &'static [(&'static str, &'static str)],
 }
 
 impl Binary {
-    pub fn account(&self) -> ServiceAccount {
-        ServiceAccount {
-            schema: self.schema,
-            role: self.role,
-            password: format!("{}-test-password", self.role),
+    /// The binary of `manifest`'s service built at `path`.
+    pub const fn new(manifest: &'static Manifest, path: &'static str) -> Self {
+        Self {
+            manifest,
+            path,
+            required_env: &[],
         }
+    }
+
+    /// The same binary, given `env` beyond the database and broker.
+    pub const fn requiring(self, env: &'static [(&'static str, &'static str)]) -> Self {
+        Self {
+            required_env: env,
+            ..self
+        }
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &'static str {
+        self.manifest.name
+    }
+
+    /// Its role and schema, with a password of the tests'.
+    pub fn account(&self) -> ServiceAccount {
+        self.manifest
+            .account(format!("{}-test-password", self.manifest.role))
     }
 }
 
@@ -54,11 +71,6 @@ pub struct Scenario {
 /// tests seal signing keys like a deployment does, with a key of their own.
 pub const TEST_KEY_ENCRYPTION_KEY: &str = "b3JkZXJzYWdhLXRlc3Qta2V5LWVuY3J5cHRpb24tayE=";
 
-/// Consumer groups whose dead-letter topics exist in every scenario: the
-/// orchestrator's `CONSUMER_GROUPS` (testkit sits below the services, so
-/// it cannot name theirs; `deploy/ops`'s tests check the two agree).
-pub const CONSUMER_GROUPS: &[&str] = &["saga-orchestrator", "trace-view"];
-
 impl Scenario {
     /// A superuser pool on the scenario's database, to look behind a
     /// service's back (count rows, read what it stored).
@@ -66,11 +78,14 @@ impl Scenario {
         Ok(sqlx::PgPool::connect(&self.database.admin_url()).await?)
     }
 
-    pub async fn new() -> anyhow::Result<Self> {
+    /// A fresh database, and a fresh prefix with every topic the services
+    /// of `manifests` use (testkit sits below the services: their tests
+    /// pass their own manifest, the system's tests every one).
+    pub async fn new(manifests: &[&Manifest]) -> anyhow::Result<Self> {
         let env = TestEnv::get().await;
         let database = env.database().await?;
         let topics = Topics::new(env.unique_topic_prefix());
-        env.create_topics(&topics.all(CONSUMER_GROUPS), 3)?;
+        env.create_topics(&manifest::topics(manifests, &topics), 3)?;
         Ok(Self {
             env,
             database,
@@ -100,15 +115,15 @@ impl Scenario {
 
 /// Checks that every purge of a service finds its batch through an index
 /// (the plan has no sequential scan), on a fresh database holding the
-/// service's schema as `migrations` leave it (the messaging tables first,
-/// like every service), with the inbox purge that every service runs.
+/// service's schema as its migrations leave it (the messaging tables
+/// first, like every service), with the inbox purge that every service runs.
 pub async fn assert_purges_use_indexes(
-    account: &ServiceAccount,
-    migrations: &[database::MigrationSet],
+    manifest: &Manifest,
     targets: Vec<database::PurgeTarget>,
 ) -> anyhow::Result<()> {
     let db = TestEnv::get().await.database().await?;
-    let url = db.provision(account).await?;
+    let account = manifest.account("retention-test-password");
+    let url = db.provision(&account).await?;
     let settings = database::DatabaseSettings {
         url: url.parse()?,
         max_connections: 2,
@@ -116,7 +131,7 @@ pub async fn assert_purges_use_indexes(
     };
     let pool = database::connect(&settings, account.schema).await?;
     let mut all = vec![messaging::MIGRATIONS];
-    all.extend_from_slice(migrations);
+    all.extend_from_slice(manifest.migrations);
     database::migrate(&pool, &all).await?;
     let targets = std::iter::once(messaging::inbox_purge(Duration::from_secs(60)))
         .chain(targets)
@@ -204,7 +219,7 @@ impl ServiceUnderTest {
         );
 
         let mut process =
-            ServiceProcess::start(binary.name, &PathBuf::from(binary.path), env).await?;
+            ServiceProcess::start(binary.name(), &PathBuf::from(binary.path), env).await?;
         process
             .wait_for_health("", ServingStatus::Serving, Duration::from_secs(30))
             .await?;

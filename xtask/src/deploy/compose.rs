@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use super::settings::{Container, check_env};
-use super::{IMAGE, OPS, SERVICES, image_name, scalar, strings};
+use registry::SERVICES;
+
+use super::{IMAGE, OPS, image_name, scalar, strings};
 
 /// What is wrong with `compose` (parsed from `text`), given `.env.example`.
 pub(super) fn check_compose(
@@ -74,7 +76,7 @@ pub(super) fn check_compose(
         problems.push(format!("no service runs `{OPS} create-topics`"));
     }
 
-    for binary in &SERVICES {
+    for binary in SERVICES {
         let Some((name, service)) = services.iter().find(|(_, service)| {
             command_of(service).first().map(String::as_str) == Some(binary.name)
         }) else {

@@ -9,7 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use super::settings::{Container, check_env};
-use super::{IMAGE, OPS, SERVICES, ServiceBinary, image_name, prefixed, strings};
+use registry::SERVICES;
+use service_runtime::Manifest;
+
+use super::{IMAGE, OPS, image_name, prefixed, strings};
 
 /// What is wrong with one overlay's rendered `documents`.
 pub(super) fn check_kubernetes(documents: &[Value]) -> Vec<String> {
@@ -91,7 +94,7 @@ pub(super) fn check_kubernetes(documents: &[Value]) -> Vec<String> {
         }
     }
 
-    for binary in &SERVICES {
+    for binary in SERVICES {
         let Some((deployment, container)) = ours.iter().copied().find(|(workload, container)| {
             workload["kind"] == "Deployment"
                 && strings(&container["command"]).first().map(String::as_str) == Some(binary.name)
@@ -175,7 +178,7 @@ pub(super) fn check_kubernetes(documents: &[Value]) -> Vec<String> {
 }
 
 /// Replicas, probes, resources and the hardened pod of one service.
-fn check_deployment(deployment: &Value, container: &Value, binary: &ServiceBinary) -> Vec<String> {
+fn check_deployment(deployment: &Value, container: &Value, binary: &Manifest) -> Vec<String> {
     let mut problems = Vec::new();
     let pod = &deployment["spec"]["template"]["spec"];
     if deployment["spec"]["replicas"].as_u64().unwrap_or(1) < binary.min_replicas {
@@ -258,31 +261,27 @@ mod tests {
         ];
         for job in ["provision", "create-topics"] {
             let env = if job == "provision" {
-                json!([{"name": "ADMIN_DATABASE_URL"}, {"name": "AUTH_DB_PASSWORD"}, {"name": "ORDER_DB_PASSWORD"}, {"name": "PAYMENT_DB_PASSWORD"}, {"name": "SAGA_DB_PASSWORD"}])
+                let passwords = SERVICES.iter().map(|service| service.password_env);
+                std::iter::once("ADMIN_DATABASE_URL")
+                    .chain(passwords)
+                    .map(|name| json!({"name": name}))
+                    .collect()
             } else {
                 json!([{"name": "KAFKA_BROKERS"}])
             };
             documents.push(json!({"kind": "Job", "metadata": {"name": job}, "spec": {"template": {"spec": {
                 "containers": [{"name": job, "image": "ordersaga:dev", "command": [OPS, job], "env": env}]}}}}));
         }
-        for binary in &SERVICES {
+        for binary in SERVICES {
             let name = binary.name;
-            let mut env = vec![json!({"name": "DATABASE_URL"})];
-            match name {
-                "auth" => env.push(json!({"name": "AUTH_KEY_ENCRYPTION_KEY"})),
-                "saga-orchestrator" => {
-                    for var in [
-                        "AUTH_URL",
-                        "ORDER_SERVICE_URL",
-                        "PAYMENT_SERVICE_URL",
-                        "SERVICE_CLIENT_ID",
-                        "SERVICE_CLIENT_SECRET",
-                    ] {
-                        env.push(json!({"name": var}));
-                    }
-                }
-                _ => env.push(json!({"name": "AUTH_URL"})),
-            }
+            // What it cannot start without, but the broker (from the ConfigMap).
+            let required = super::super::settings::settings_of(&[name.to_owned()])
+                .expect("one of ours")
+                .into_iter()
+                .filter(|setting| setting.required && setting.env != "KAFKA_BROKERS");
+            let env: Vec<Value> = required
+                .map(|setting| json!({"name": setting.env}))
+                .collect();
             let labels = json!({"app": name});
             let probe = |service: Option<&str>| match service {
                 Some(service) => json!({"grpc": {"port": binary.grpc_port, "service": service}}),

@@ -19,7 +19,7 @@
 mod compose;
 mod kubernetes;
 mod prometheus;
-mod settings;
+pub(crate) mod settings;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,37 +38,6 @@ const REQUIREMENTS: &[&str] = &[
 const IMAGE: &str = "ordersaga";
 /// The binary of the one-off jobs and the container health check.
 const OPS: &str = "ordersaga-ops";
-
-/// One service binary, as the deployment must treat it.
-struct ServiceBinary {
-    name: &'static str,
-    grpc_port: u16,
-    min_replicas: u64,
-}
-
-const SERVICES: [ServiceBinary; 4] = [
-    ServiceBinary {
-        name: auth_service::NAME,
-        grpc_port: auth_service::DEFAULT_PORT,
-        min_replicas: 2,
-    },
-    ServiceBinary {
-        name: order_service::NAME,
-        grpc_port: order_service::DEFAULT_PORT,
-        min_replicas: 2,
-    },
-    ServiceBinary {
-        name: payment_service::NAME,
-        grpc_port: payment_service::DEFAULT_PORT,
-        min_replicas: 2,
-    },
-    // Sagas survive losing a replica only if there is another to resume them.
-    ServiceBinary {
-        name: saga_orchestrator::NAME,
-        grpc_port: saga_orchestrator::DEFAULT_PORT,
-        min_replicas: 3,
-    },
-];
 
 pub(crate) async fn check() -> anyhow::Result<()> {
     let root = tools::workspace_root();

@@ -10,26 +10,24 @@ use super::OPS;
 /// A setting a binary reads from its environment.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Setting {
-    env: String,
+    pub(super) env: String,
     /// Whether a deployment must provide it: it has no default, or its
     /// default points at this machine (the local stack's broker or
     /// services), which in a container is never where they are.
-    required: bool,
+    pub(super) required: bool,
 }
 
 /// The settings of the program `command` runs, or `None` if it is not one
 /// of ours. Settings come from the binaries' own clap definitions.
 pub(super) fn settings_of(command: &[String]) -> Option<Vec<Setting>> {
-    let clap_command = match command.first()?.as_str() {
-        auth_service::NAME => auth_service::Settings::command(),
-        order_service::NAME => order_service::Settings::command(),
-        payment_service::NAME => payment_service::Settings::command(),
-        saga_orchestrator::NAME => saga_orchestrator::Settings::command(),
-        OPS => {
+    let program = command.first()?;
+    let clap_command = match registry::service(program) {
+        Some(service) => (service.settings)(),
+        None if program == OPS => {
             let job = command.get(1)?;
             ops::cli::Cli::command().find_subcommand(job)?.clone()
         }
-        _ => return None,
+        None => return None,
     };
     Some(
         clap_command
@@ -51,13 +49,13 @@ pub(super) fn settings_of(command: &[String]) -> Option<Vec<Setting>> {
 
 /// A container running one of our binaries, with the names of the
 /// environment variables it is given.
-pub(super) struct Container {
-    pub(super) place: String,
-    pub(super) command: Vec<String>,
-    pub(super) env: BTreeSet<String>,
+pub(crate) struct Container {
+    pub(crate) place: String,
+    pub(crate) command: Vec<String>,
+    pub(crate) env: BTreeSet<String>,
 }
 
-pub(super) fn check_env(container: &Container) -> Vec<String> {
+pub(crate) fn check_env(container: &Container) -> Vec<String> {
     let Some(settings) = settings_of(&container.command) else {
         return vec![format!(
             "{}: runs {:?}, which is none of our programs",

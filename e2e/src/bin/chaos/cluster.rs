@@ -133,7 +133,7 @@ impl Cluster {
             tokio::try_join!(PostgresServer::start_durable_restartable(), Broker::start())?;
         let env = TestEnv::separate(postgres, broker)?;
         let topics = Topics::new(env.unique_topic_prefix());
-        env.create_topics(&topics.all(testkit::CONSUMER_GROUPS), 3)?;
+        env.create_topics(&registry::topics(&topics), 3)?;
         let scenario = Scenario {
             env,
             database: env.database().await?,
@@ -148,7 +148,7 @@ impl Cluster {
         for (service, count) in REPLICAS {
             let binary = *BINARIES
                 .iter()
-                .find(|binary| binary.name == service)
+                .find(|binary| binary.name() == service)
                 .context("a known service")?;
             let url = scenario.database.provision(&binary.account()).await?;
             let mut starting = Vec::new();
@@ -275,7 +275,7 @@ impl Cluster {
         let mut urls = Vec::new();
         for replica in &self.replicas {
             let replica = replica.lock().await;
-            if replica.binary.name == service {
+            if replica.binary.name() == service {
                 urls.push(format!("http://{}", replica.address));
             }
         }
@@ -297,7 +297,7 @@ impl Cluster {
             let log = self
                 .logs
                 .join(format!("{}.{}.log", replica.name, replica.generation));
-            let program = self.folder.join(replica.binary.name);
+            let program = self.folder.join(replica.binary.name());
             let started = async {
                 let mut process =
                     ServiceProcess::start_logging_to(&replica.name, &program, env.clone(), &log)

@@ -27,14 +27,8 @@ use testkit::{Binary, Scenario, ServiceUnderTest};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-const BINARY: Binary = Binary {
-    name: auth_service::NAME,
-    path: env!("CARGO_BIN_EXE_auth"),
-    schema: auth_service::SCHEMA,
-    role: auth_service::ROLE,
-    services: &["ordersaga.auth.v1.AuthService"],
-    required_env: &[("AUTH_KEY_ENCRYPTION_KEY", testkit::TEST_KEY_ENCRYPTION_KEY)],
-};
+const BINARY: Binary = Binary::new(&auth_service::MANIFEST, env!("CARGO_BIN_EXE_auth"))
+    .requiring(&[("AUTH_KEY_ENCRYPTION_KEY", testkit::TEST_KEY_ENCRYPTION_KEY)]);
 
 const PASSWORD: &str = "correct horse battery staple";
 const SERVICE_SECRET: &str = "a-long-random-client-secret";
@@ -49,7 +43,7 @@ struct Auth {
 }
 
 async fn start(extra_env: &[(&str, &str)]) -> Auth {
-    let scenario = Scenario::new().await.unwrap();
+    let scenario = Scenario::new(&[BINARY.manifest]).await.unwrap();
     let mut env = vec![
         ("AUTH_ADMIN_EMAIL", ADMIN_EMAIL),
         ("AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD),

@@ -150,7 +150,7 @@ async fn remaining(pool: &PgPool, table: &str) -> i64 {
 
 #[tokio::test]
 async fn the_purge_removes_rows_past_their_retention_in_bounded_batches_while_serving() {
-    let scenario = Scenario::new().await.unwrap();
+    let scenario = Scenario::new(&[BINARY.manifest]).await.unwrap();
     let pool = migrated(&scenario).await;
     sqlx::raw_sql(FILL).execute(&pool).await.unwrap();
     let before_current_key = remaining(&pool, "signing_keys").await;
@@ -261,7 +261,7 @@ async fn key_rows(pool: &PgPool) -> Vec<KeyRow> {
 
 #[tokio::test]
 async fn signing_keys_are_sealed_at_rest_and_open_only_with_their_key() {
-    let scenario = Scenario::new().await.unwrap();
+    let scenario = Scenario::new(&[BINARY.manifest]).await.unwrap();
     let pool = migrated(&scenario).await;
     // A key stored in plaintext by the version before sealing.
     let seed: [u8; 32] = rand::random();

@@ -24,14 +24,8 @@ use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-pub(crate) const BINARY: Binary = Binary {
-    name: payment_service::NAME,
-    path: env!("CARGO_BIN_EXE_payment"),
-    schema: payment_service::SCHEMA,
-    role: payment_service::ROLE,
-    services: &["ordersaga.payment.v1.PaymentService"],
-    required_env: &[],
-};
+pub(crate) const BINARY: Binary =
+    Binary::new(&payment_service::MANIFEST, env!("CARGO_BIN_EXE_payment"));
 
 /// The signing key of the stand-in auth service: RFC 8032's first Ed25519
 /// test vector, its seed and public key.
@@ -175,7 +169,7 @@ impl Service {
                     stop_auth.clone().cancelled_owned(),
                 ),
         );
-        let scenario = Scenario::new().await.unwrap();
+        let scenario = Scenario::new(&[BINARY.manifest]).await.unwrap();
         let mut all_env = vec![("AUTH_URL", auth_url.as_str())];
         all_env.extend_from_slice(env);
         let service = ServiceUnderTest::start(&scenario, BINARY, &all_env)

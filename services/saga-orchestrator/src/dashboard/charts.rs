@@ -340,7 +340,10 @@ mod tests {
 
     async fn saga_schema() -> PgPool {
         let db = TestEnv::get().await.database().await.unwrap();
-        let url = db.provision(&crate::account("charts-test")).await.unwrap();
+        let url = db
+            .provision(&crate::MANIFEST.account("charts-test"))
+            .await
+            .unwrap();
         let settings = DatabaseSettings {
             url: sqlx::postgres::PgConnectOptions::from_str(&url).unwrap(),
             max_connections: 4,

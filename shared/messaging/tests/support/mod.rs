@@ -57,8 +57,11 @@ impl Fixture {
             .unwrap();
 
         let topics = Topics::new(env.unique_topic_prefix());
-        env.create_topics(&topics.all(&["shop-consumer"]), PARTITIONS as u32)
-            .unwrap();
+        env.create_topics(
+            &[topics.order_events(), topics.dead_letter("shop-consumer")],
+            PARTITIONS as u32,
+        )
+        .unwrap();
         let kafka = KafkaSettings {
             brokers: env.bootstrap_servers().to_owned(),
             topic_prefix: topics.prefix().to_owned(),
