@@ -153,7 +153,11 @@ mod tests {
     #[test]
     fn one_success_makes_a_replica_ready() {
         let mut verdict = Verdict::default();
-        assert_eq!(verdict.observe(false), None, "not serving yet, nothing to change");
+        assert_eq!(
+            verdict.observe(false),
+            None,
+            "not serving yet, nothing to change"
+        );
         assert_eq!(verdict.observe(true), Some(ServingStatus::Serving));
         assert_eq!(verdict.observe(true), None);
     }
