@@ -11,7 +11,7 @@
 //! | `tok_slow` | approves, but only after `PROVIDER_SLOW_DELAY`, longer than a typical deadline |
 //! | `tok_flaky` | fails transiently for the first `PROVIDER_FLAKY_FAILURES` attempts of an idempotency key, then approves |
 //! | `tok_refund_fails_once` | approves; the first refund attempt fails transiently |
-//! | `tok_capture_answer_lost` | captures on the first attempt of a key, but that answer and every later one under the key is lost: each fails transiently, and the capture stays until the key is voided |
+//! | `tok_capture_answer_lost` | captures (or authorizes) on the first attempt of a key, but that answer and every later one under the key is lost: each fails transiently, and the capture (or hold) stays until the key is voided |
 //! | `tok_capture_fails_once` | authorizes; the first capture attempt of the authorization fails transiently |
 //! | anything else | approves |
 //!
@@ -278,10 +278,14 @@ impl Stored {
     }
 
     /// The answer as the caller gets it: `tok_capture_answer_lost` loses
-    /// every answer that says it captured.
+    /// every answer that says it captured (or, asked to authorize, that it
+    /// holds the amount).
     fn deliver(&self, answer: ChargeOutcome) -> Result<ChargeOutcome, ProviderError> {
         if self.payment_method.as_deref() == Some("tok_capture_answer_lost")
-            && matches!(answer, ChargeOutcome::Captured { .. })
+            && matches!(
+                answer,
+                ChargeOutcome::Captured { .. } | ChargeOutcome::Authorized { .. }
+            )
         {
             return Err(ProviderError::Transient(
                 "the answer was lost on the way; try again".into(),
