@@ -572,14 +572,17 @@ impl Payments {
         let refund = intent_refund(intent);
         // A settled key's claim may have been purged (`charge_claim_purge`):
         // its payment then stands for it, and a charge must not reach the
-        // provider again, nor an undo of a key with nothing left to undo.
-        // Such a request inserts nothing and goes on to read the payment.
+        // provider again, nor an undo, capture or release of a key with
+        // nothing left to do (only a capture can be undone, and only an
+        // authorization captured, released or undone). Such a request
+        // inserts nothing and goes on to read the payment.
         let inserted = sqlx::query(
             "INSERT INTO charge_claims (charge_key, intent, request_hash, refund_idempotency_key, refund_reason,
                                         lease_holder, lease_expires_at, provider_calls)
              SELECT $1, $2, $3, $4, $5, $6, now() + $7 * interval '1 millisecond', 1
              WHERE NOT EXISTS (SELECT 1 FROM payments
-                               WHERE idempotency_key = $1 AND ($2 = 'charge' OR status <> 'captured'))
+                               WHERE idempotency_key = $1
+                                 AND ($2 = 'charge' OR status NOT IN ('captured', 'authorized')))
              ON CONFLICT (charge_key) DO NOTHING",
         )
         .bind(key.as_str())
