@@ -224,3 +224,49 @@ async fn only_the_saga_holds_only_an_admin_decides_and_only_a_held_order_is_deci
     assert_eq!(violated_fields(&bad), ["order_id", "reason"]);
     assert_eq!(service.stored_events().await, before, "nothing was written");
 }
+
+#[tokio::test]
+async fn racing_decisions_leave_one_the_others_repeat_it_or_are_refused() {
+    let service = Service::start().await;
+    let tokens = &service.tokens;
+    let order = service.place("review-race").await;
+    service
+        .hold(&order.order_id, &tokens.service)
+        .await
+        .unwrap();
+    let before = service.stored_events().await;
+    let (service, order_id) = (&service, order.order_id.as_str());
+    let decisions = futures::future::join_all((0..10).map(|n| async move {
+        if n % 2 == 0 {
+            service.approve(order_id, &tokens.admin).await
+        } else {
+            service.decline(order_id, "too large", &tokens.admin).await
+        }
+    }))
+    .await;
+    let decided = service
+        .get(&order.order_id, &tokens.customer)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            decided.status(),
+            OrderStatus::ReviewApproved | OrderStatus::ReviewDeclined
+        ),
+        "{decided:?}"
+    );
+    for result in decisions {
+        match result {
+            Ok(answer) => assert_eq!(answer, decided, "every success agrees"),
+            Err(status) => assert!(
+                matches!(status.code(), Code::FailedPrecondition | Code::Aborted),
+                "{status:?}"
+            ),
+        }
+    }
+    assert_eq!(
+        service.stored_events().await,
+        before + 1,
+        "one decision recorded"
+    );
+}
