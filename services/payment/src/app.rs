@@ -62,6 +62,17 @@
 //!   and an outcome is recorded only by the lease's holder: a decision made
 //!   on what another request has since changed is never acted on.
 //!
+//! Authorizations go through the same three steps. AuthorizePayment is a
+//! charge whose request says so (its kind is in the request hash, so a key
+//! is a charge's or an authorization's). CapturePayment and VoidPayment
+//! take the key's lease like a refund (intents `capture` and `release`),
+//! one at a time per key; each judges the payment before it calls and
+//! again once it is recorded (`domain::check_capture`,
+//! `domain::check_void`), so whichever of a capture and a void came second
+//! is refused (or answered, if it asked for what the first did). A release
+//! never refunds: a key the provider captured under is recorded captured
+//! and the void refused.
+//!
 //! When we have no record of a charge, undoing it by its key asks the
 //! provider to void the key, because only the provider knows whether the
 //! charge was captured and its answer lost (a crash, a cancelled call, a
