@@ -475,6 +475,7 @@ fn is_final_order(status: &str) -> bool {
         OrderStatus::Confirmed,
         OrderStatus::Rejected,
         OrderStatus::Cancelled,
+        OrderStatus::Returned,
     ]
     .iter()
     .any(|final_status| final_status.as_str() == status)
@@ -854,6 +855,7 @@ fn ledger(world: &World) -> Check {
             continue;
         }
         judged += 1;
+        // A returned order's payment was refunded: it keeps nothing.
         let expected = if view.status == OrderStatus::Confirmed.as_str() {
             view.total_minor
         } else {
@@ -914,7 +916,16 @@ fn provider(world: &World) -> Check {
     // may hold money until the operator settles it: reported, not judged.
     let operator_owned = world.operator_owned_orders();
     let mut owned_held = 0;
+    let mut returning_held = 0;
     for view in world.views.values() {
+        // A return under way: its refund may or may not have happened yet.
+        if view.status == OrderStatus::ReturnRequested.as_str() {
+            returning_held += provider
+                .held
+                .get(&view.order_id)
+                .map_or(0, |(_, held)| *held);
+            continue;
+        }
         if operator_owned.contains(&view.order_id) {
             owned_held += provider
                 .held
@@ -955,7 +966,8 @@ fn provider(world: &World) -> Check {
             ));
         }
     }
-    let held_total: i64 = provider.held.values().map(|(_, held)| held).sum::<i64>() - owned_held;
+    let held_total: i64 =
+        provider.held.values().map(|(_, held)| held).sum::<i64>() - owned_held - returning_held;
     if held_total != confirmed_total {
         check.violation(format!(
             "the provider holds {held_total} in all, the confirmed orders total {confirmed_total}"
@@ -969,8 +981,13 @@ fn provider(world: &World) -> Check {
             operator_owned.len()
         )
     };
+    let returning = if returning_held == 0 {
+        String::new()
+    } else {
+        format!("; orders being returned hold {returning_held}, not judged")
+    };
     check.finish(format!(
-        "holds {held_total}, confirmed orders total {confirmed_total}{owned}"
+        "holds {held_total}, confirmed orders total {confirmed_total}{owned}{returning}"
     ))
 }
 
@@ -1163,13 +1180,22 @@ fn read_model(world: &World) -> Check {
         }
         let (payment_id, reason) = match order {
             Order::Confirmed { payment_id, .. } => (Some(payment_id.as_uuid()), None),
-            Order::Rejected { reason, .. } | Order::Cancelled { reason, .. } => {
-                (None, Some(reason.as_str()))
+            Order::ReturnRequested {
+                payment_id, reason, ..
             }
+            | Order::Returned {
+                payment_id, reason, ..
+            } => (Some(payment_id.as_uuid()), Some(reason.as_str())),
+            Order::Rejected { reason, .. }
+            | Order::Cancelled { reason, .. }
+            | Order::ReviewDeclined { reason, .. } => (None, Some(reason.as_str())),
             Order::CancellationRequested { reason, .. } => {
                 (None, reason.as_ref().map(|reason| reason.as_str()))
             }
-            Order::Initial | Order::Pending(_) => (None, None),
+            Order::Initial
+            | Order::Pending(_)
+            | Order::PendingReview(_)
+            | Order::ReviewApproved(_) => (None, None),
         };
         if view.payment_id != payment_id {
             differences.push(format!("payment {:?} vs {payment_id:?}", view.payment_id));

@@ -10,12 +10,14 @@ use access_control::{Scope, Scopes};
 use api_auth::v1::{GetPublicKeysRequest, IssueServiceTokenRequest, RotateSigningKeyRequest};
 use api_common::v1::Money;
 use api_order::v1::{
-    CancelOrderRequest, ConfirmOrderRequest, GetOrderRequest, OrderStatus, RejectOrderRequest,
+    CancelOrderRequest, ConfirmOrderRequest, GetOrderRequest, HoldOrderForReviewRequest,
+    MarkOrderReturnedRequest, OrderStatus, RejectOrderRequest, RequestReturnRequest,
 };
 use api_payment::v1::refund_payment_request::Target;
 use api_payment::v1::{
-    GetPaymentRequest, ListPaymentsByOrderRequest, PaymentStatus, ProcessPaymentRequest,
-    RefundPaymentRequest,
+    AuthorizePaymentRequest, CapturePaymentRequest, GetPaymentRequest, ListPaymentsByOrderRequest,
+    PaymentStatus, ProcessPaymentRequest, RefundPaymentRequest, VoidPaymentRequest,
+    capture_payment_request, void_payment_request,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -485,7 +487,7 @@ async fn each_internal_rpc_requires_its_scope_and_without_it_writes_nothing() {
     let customer = stack.customer_token("margaret@example.com").await.unwrap();
     let tokens = ServiceTokens::of(stack).await;
     let mut placed = Vec::new();
-    for key in ["to-confirm", "to-reject", "to-abort"] {
+    for key in ["to-confirm", "to-reject", "to-abort", "to-review"] {
         let order = stack
             .orders()
             .await
@@ -495,7 +497,7 @@ async fn each_internal_rpc_requires_its_scope_and_without_it_writes_nothing() {
             .into_inner();
         placed.push(order);
     }
-    let [to_confirm, to_reject, to_abort] = &placed[..] else {
+    let [to_confirm, to_reject, to_abort, to_review] = &placed[..] else {
         unreachable!()
     };
 
@@ -611,6 +613,100 @@ async fn each_internal_rpc_requires_its_scope_and_without_it_writes_nothing() {
     .await
     .unwrap();
     assert_eq!(aborted.status(), OrderStatus::Cancelled);
+
+    // Order saga v2's calls: hold for review, authorize, capture, void,
+    // and a return marked done.
+    let held = requires(stack, &tokens, Scope::OrdersSettle, |token| {
+        let request = bearer(
+            HoldOrderForReviewRequest {
+                order_id: to_review.order_id.clone(),
+            },
+            &token,
+        );
+        async move { stack.orders().await.hold_order_for_review(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(held.status(), OrderStatus::PendingReview);
+    let authorize = |key: &str| AuthorizePaymentRequest {
+        order_id: to_review.order_id.clone(),
+        customer_id: to_review.customer_id.clone(),
+        amount: Some(Money {
+            amount_minor: 2799,
+            currency: "EUR".into(),
+        }),
+        payment_method_token: "tok_visa".into(),
+        idempotency_key: key.into(),
+    };
+    let mut authorizations = Vec::new();
+    for key in ["authorize-to-capture", "authorize-to-void"] {
+        let authorized = requires(stack, &tokens, Scope::PaymentsCharge, |token| {
+            let request = bearer(authorize(key), &token);
+            async move { stack.payments().await.authorize_payment(request).await }
+        })
+        .await
+        .unwrap();
+        assert_eq!(authorized.status(), PaymentStatus::Authorized);
+        authorizations.push(authorized);
+    }
+    let captured = requires(stack, &tokens, Scope::PaymentsCharge, |token| {
+        let request = bearer(
+            CapturePaymentRequest {
+                target: Some(capture_payment_request::Target::PaymentId(
+                    authorizations[0].payment_id.clone(),
+                )),
+            },
+            &token,
+        );
+        async move { stack.payments().await.capture_payment(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(captured.status(), PaymentStatus::Captured);
+    let voided = requires(stack, &tokens, Scope::PaymentsRefund, |token| {
+        let request = bearer(
+            VoidPaymentRequest {
+                target: Some(void_payment_request::Target::PaymentId(
+                    authorizations[1].payment_id.clone(),
+                )),
+                idempotency_key: "void-once".into(),
+                reason: "declined in review".into(),
+            },
+            &token,
+        );
+        async move { stack.payments().await.void_payment(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(voided.status(), PaymentStatus::Voided);
+    // The customer asks for the return (no scope: their own order); the
+    // saga's token marks it returned.
+    let asked = stack
+        .orders()
+        .await
+        .request_return(bearer(
+            RequestReturnRequest {
+                order_id: to_confirm.order_id.clone(),
+                reason: "does not fit".into(),
+            },
+            &customer,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(asked.status(), OrderStatus::ReturnRequested);
+    let returned = requires(stack, &tokens, Scope::OrdersSettle, |token| {
+        let request = bearer(
+            MarkOrderReturnedRequest {
+                order_id: to_confirm.order_id.clone(),
+            },
+            &token,
+        );
+        async move { stack.orders().await.mark_order_returned(request).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(returned.status(), OrderStatus::Returned);
 
     // A customer still reads their own payments, without any scope.
     let own = stack

@@ -467,6 +467,7 @@ async fn hostile_fields_at_the_order_service_are_invalid_arguments() {
     let stack = Stack::builder().without_sagas().start().await.unwrap();
     let customer = stack.customer_token("hostile@example.com").await.unwrap();
     let service = stack.service_token().await.unwrap();
+    let admin = stack.admin_token().await.unwrap();
     let mut orders = stack.orders().await;
     let mut found = Findings::default();
     // A pending order (no sagas here) for the commands to aim at, placed
@@ -611,12 +612,55 @@ async fn hostile_fields_at_the_order_service_are_invalid_arguments() {
             "order_id",
         );
         let request = order::CancelOrderRequest {
-            order_id: id,
+            order_id: id.clone(),
             reason: "aborted".into(),
         };
         found.refused(
             case,
             orders.cancel_order(bearer(request, &service)).await,
+            "order_id",
+        );
+        // Review and returns.
+        let request = order::HoldOrderForReviewRequest {
+            order_id: id.clone(),
+        };
+        found.refused(
+            case,
+            orders
+                .hold_order_for_review(bearer(request, &service))
+                .await,
+            "order_id",
+        );
+        let request = order::ApproveOrderRequest {
+            order_id: id.clone(),
+        };
+        found.refused(
+            case,
+            orders.approve_order(bearer(request, &admin)).await,
+            "order_id",
+        );
+        let request = order::DeclineOrderRequest {
+            order_id: id.clone(),
+            reason: "fraud".into(),
+        };
+        found.refused(
+            case,
+            orders.decline_order(bearer(request, &admin)).await,
+            "order_id",
+        );
+        let request = order::RequestReturnRequest {
+            order_id: id.clone(),
+            reason: "broken".into(),
+        };
+        found.refused(
+            case,
+            orders.request_return(bearer(request, &customer)).await,
+            "order_id",
+        );
+        let request = order::MarkOrderReturnedRequest { order_id: id };
+        found.refused(
+            case,
+            orders.mark_order_returned(bearer(request, &service)).await,
             "order_id",
         );
     }
@@ -648,11 +692,29 @@ async fn hostile_fields_at_the_order_service_are_invalid_arguments() {
         );
         let request = order::CancelOrderRequest {
             order_id: order_id.clone(),
-            reason,
+            reason: reason.clone(),
         };
         found.refused(
             case,
             orders.cancel_order(bearer(request, &service)).await,
+            "reason",
+        );
+        let request = order::DeclineOrderRequest {
+            order_id: order_id.clone(),
+            reason: reason.clone(),
+        };
+        found.refused(
+            case,
+            orders.decline_order(bearer(request, &admin)).await,
+            "reason",
+        );
+        let request = order::RequestReturnRequest {
+            order_id: order_id.clone(),
+            reason,
+        };
+        found.refused(
+            case,
+            orders.request_return(bearer(request, &customer)).await,
             "reason",
         );
     }
@@ -1097,6 +1159,64 @@ async fn hostile_fields_at_auth_and_payment_are_never_server_faults() {
                 case,
                 payments.refund_payment(bearer(request, &service)).await,
             );
+        }
+        let authorize = |change: &dyn Fn(&mut payment::ProcessPaymentRequest)| {
+            let charge = charge(change).into_inner();
+            bearer(
+                payment::AuthorizePaymentRequest {
+                    order_id: charge.order_id,
+                    customer_id: charge.customer_id,
+                    amount: charge.amount,
+                    payment_method_token: charge.payment_method_token,
+                    idempotency_key: format!("authorize-{}", charge.idempotency_key),
+                },
+                &service,
+            )
+        };
+        for change in &changes {
+            found.no_fault(case, payments.authorize_payment(authorize(change)).await);
+        }
+        use payment::{capture_payment_request, void_payment_request};
+        for target in [
+            capture_payment_request::Target::PaymentId(text.clone()),
+            capture_payment_request::Target::AuthorizationIdempotencyKey(text.clone()),
+        ] {
+            let request = payment::CapturePaymentRequest {
+                target: Some(target),
+            };
+            found.no_fault(
+                case,
+                payments.capture_payment(bearer(request, &service)).await,
+            );
+        }
+        for (target, idempotency_key, reason) in [
+            (
+                void_payment_request::Target::PaymentId(text.clone()),
+                "k".to_owned(),
+                "r".to_owned(),
+            ),
+            (
+                void_payment_request::Target::AuthorizationIdempotencyKey(text.clone()),
+                "k".into(),
+                "r".into(),
+            ),
+            (
+                void_payment_request::Target::PaymentId(valid.clone()),
+                text.clone(),
+                "r".into(),
+            ),
+            (
+                void_payment_request::Target::PaymentId(valid.clone()),
+                "k".into(),
+                text.clone(),
+            ),
+        ] {
+            let request = payment::VoidPaymentRequest {
+                target: Some(target),
+                idempotency_key,
+                reason,
+            };
+            found.no_fault(case, payments.void_payment(bearer(request, &service)).await);
         }
         let request = payment::GetPaymentRequest {
             payment_id: text.clone(),

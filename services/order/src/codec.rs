@@ -71,6 +71,30 @@ impl Aggregate for Order {
                 },
                 1,
             ),
+            OrderEvent::HeldForReview => encoded(&pb::OrderHeldForReview { order_id }, 1),
+            OrderEvent::ReviewApproved => encoded(&pb::OrderReviewApproved { order_id }, 1),
+            OrderEvent::ReviewDeclined { reason } => encoded(
+                &pb::OrderReviewDeclined {
+                    order_id,
+                    reason: reason.as_str().to_owned(),
+                },
+                1,
+            ),
+            OrderEvent::ReturnRequested { payment_id, reason } => encoded(
+                &pb::OrderReturnRequested {
+                    order_id,
+                    payment_id: payment_id.to_string(),
+                    reason: reason.as_str().to_owned(),
+                },
+                1,
+            ),
+            OrderEvent::Returned { payment_id } => encoded(
+                &pb::OrderReturned {
+                    order_id,
+                    payment_id: payment_id.to_string(),
+                },
+                1,
+            ),
         }
     }
 
@@ -101,6 +125,21 @@ impl Aggregate for Order {
             1 if known(pb::OrderCancelled::full_name()) => OrderEvent::Cancelled {
                 reason: reason(&pb::OrderCancelled::decode(payload)?.reason)?,
             },
+            1 if known(pb::OrderHeldForReview::full_name()) => OrderEvent::HeldForReview,
+            1 if known(pb::OrderReviewApproved::full_name()) => OrderEvent::ReviewApproved,
+            1 if known(pb::OrderReviewDeclined::full_name()) => OrderEvent::ReviewDeclined {
+                reason: reason(&pb::OrderReviewDeclined::decode(payload)?.reason)?,
+            },
+            1 if known(pb::OrderReturnRequested::full_name()) => {
+                let requested = pb::OrderReturnRequested::decode(payload)?;
+                OrderEvent::ReturnRequested {
+                    payment_id: payment_id(&requested.payment_id)?,
+                    reason: reason(&requested.reason)?,
+                }
+            }
+            1 if known(pb::OrderReturned::full_name()) => OrderEvent::Returned {
+                payment_id: payment_id(&pb::OrderReturned::decode(payload)?.payment_id)?,
+            },
             _ => bail!("unknown order event {event_type} version {schema_version}"),
         })
     }
@@ -112,6 +151,10 @@ fn encoded<M: Message + Name>(message: &M, schema_version: u32) -> Encoded {
         schema_version,
         payload: message.encode_to_vec(),
     }
+}
+
+fn payment_id(text: &str) -> anyhow::Result<PaymentId> {
+    PaymentId::parse(text).map_err(|error| anyhow::anyhow!("stored payment id {error}"))
 }
 
 fn reason(text: &str) -> anyhow::Result<Reason> {
@@ -278,6 +321,18 @@ mod tests {
             },
             OrderEvent::Cancelled {
                 reason: Reason::parse("refunded").unwrap(),
+            },
+            OrderEvent::HeldForReview,
+            OrderEvent::ReviewApproved,
+            OrderEvent::ReviewDeclined {
+                reason: Reason::parse("looks like fraud").unwrap(),
+            },
+            OrderEvent::ReturnRequested {
+                payment_id: PaymentId::new(Uuid::now_v7()),
+                reason: Reason::parse("too small").unwrap(),
+            },
+            OrderEvent::Returned {
+                payment_id: PaymentId::new(Uuid::now_v7()),
             },
         ];
         for event in events {

@@ -152,6 +152,64 @@ impl OrderService for OrderApi {
             .await
     }
 
+    async fn hold_order_for_review(
+        &self,
+        request: Request<pb::HoldOrderForReviewRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        self.command(order_id, OrderCommand::HoldForReview).await
+    }
+
+    async fn approve_order(
+        &self,
+        request: Request<pb::ApproveOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        self.command(order_id, OrderCommand::ApproveReview).await
+    }
+
+    async fn decline_order(
+        &self,
+        request: Request<pb::DeclineOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let (order_id, reason) =
+            parse_with_reason(&request.get_ref().order_id, &request.get_ref().reason)?;
+        self.command(order_id, OrderCommand::DeclineReview { reason })
+            .await
+    }
+
+    async fn request_return(
+        &self,
+        request: Request<pb::RequestReturnRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let claims = access_control::caller(&request)?.clone();
+        // An admin may ask on a customer's behalf; a customer only for
+        // their own orders (the aggregate checks).
+        let requested_by = if claims.is_admin() {
+            None
+        } else {
+            Some(customer(&request)?)
+        };
+        let (order_id, reason) =
+            parse_with_reason(&request.get_ref().order_id, &request.get_ref().reason)?;
+        self.command(
+            order_id,
+            OrderCommand::RequestReturn {
+                requested_by,
+                reason,
+            },
+        )
+        .await
+    }
+
+    async fn mark_order_returned(
+        &self,
+        request: Request<pb::MarkOrderReturnedRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        self.command(order_id, OrderCommand::MarkReturned).await
+    }
+
     async fn rebuild_read_model(
         &self,
         _request: Request<pb::RebuildReadModelRequest>,
@@ -308,6 +366,10 @@ fn parse_item(
     })
 }
 
+fn parse_order_id(order_id: &str) -> Result<OrderId, Status> {
+    status::parse_field("order_id", OrderId::parse(order_id))
+}
+
 fn parse_with_reason(order_id: &str, reason: &str) -> Result<(OrderId, Reason), Status> {
     let mut violations = FieldViolations::new();
     let order_id = violations.check("order_id", OrderId::parse(order_id));
@@ -331,17 +393,27 @@ fn status_from_proto(status: pb::OrderStatus) -> OrderStatus {
         pb::OrderStatus::Rejected => OrderStatus::Rejected,
         pb::OrderStatus::CancellationRequested => OrderStatus::CancellationRequested,
         pb::OrderStatus::Cancelled => OrderStatus::Cancelled,
+        pb::OrderStatus::PendingReview => OrderStatus::PendingReview,
+        pb::OrderStatus::ReviewApproved => OrderStatus::ReviewApproved,
+        pb::OrderStatus::ReviewDeclined => OrderStatus::ReviewDeclined,
+        pb::OrderStatus::ReturnRequested => OrderStatus::ReturnRequested,
+        pb::OrderStatus::Returned => OrderStatus::Returned,
     }
 }
 
 fn status_to_proto(status: &str) -> pb::OrderStatus {
-    match status {
-        "pending" => pb::OrderStatus::Pending,
-        "confirmed" => pb::OrderStatus::Confirmed,
-        "rejected" => pb::OrderStatus::Rejected,
-        "cancellation_requested" => pb::OrderStatus::CancellationRequested,
-        "cancelled" => pb::OrderStatus::Cancelled,
-        _ => pb::OrderStatus::Unspecified,
+    match OrderStatus::parse(status) {
+        None => pb::OrderStatus::Unspecified,
+        Some(OrderStatus::Pending) => pb::OrderStatus::Pending,
+        Some(OrderStatus::Confirmed) => pb::OrderStatus::Confirmed,
+        Some(OrderStatus::Rejected) => pb::OrderStatus::Rejected,
+        Some(OrderStatus::CancellationRequested) => pb::OrderStatus::CancellationRequested,
+        Some(OrderStatus::Cancelled) => pb::OrderStatus::Cancelled,
+        Some(OrderStatus::PendingReview) => pb::OrderStatus::PendingReview,
+        Some(OrderStatus::ReviewApproved) => pb::OrderStatus::ReviewApproved,
+        Some(OrderStatus::ReviewDeclined) => pb::OrderStatus::ReviewDeclined,
+        Some(OrderStatus::ReturnRequested) => pb::OrderStatus::ReturnRequested,
+        Some(OrderStatus::Returned) => pb::OrderStatus::Returned,
     }
 }
 

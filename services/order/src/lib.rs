@@ -93,6 +93,13 @@ fn policy() -> Policy {
         .rpc(SERVICE, "ConfirmOrder", settle)
         .rpc(SERVICE, "RejectOrder", settle)
         .rpc(SERVICE, "CancelOrder", settle)
+        // The saga holds large orders; an operator decides them.
+        .rpc(SERVICE, "HoldOrderForReview", settle)
+        .rpc(SERVICE, "ApproveOrder", Access::Admin)
+        .rpc(SERVICE, "DeclineOrder", Access::Admin)
+        // The customer (or an admin) asks; the saga settles it.
+        .rpc(SERVICE, "RequestReturn", Access::User)
+        .rpc(SERVICE, "MarkOrderReturned", settle)
         .rpc(SERVICE, "RebuildReadModel", Access::Admin)
 }
 

@@ -59,13 +59,21 @@ pub(crate) fn view_of(stream: &Stream<Order>) -> Option<OrderView> {
     let last = &stream.history.last()?.envelope;
     let (payment_id, status_reason) = match &stream.state {
         Order::Confirmed { payment_id, .. } => (Some(payment_id.as_uuid()), None),
-        Order::Rejected { reason, .. } | Order::Cancelled { reason, .. } => {
-            (None, Some(reason.as_str().to_owned()))
+        Order::ReturnRequested {
+            payment_id, reason, ..
         }
+        | Order::Returned {
+            payment_id, reason, ..
+        } => (Some(payment_id.as_uuid()), Some(reason.as_str().to_owned())),
+        Order::Rejected { reason, .. }
+        | Order::Cancelled { reason, .. }
+        | Order::ReviewDeclined { reason, .. } => (None, Some(reason.as_str().to_owned())),
         Order::CancellationRequested { reason, .. } => {
             (None, reason.as_ref().map(|r| r.as_str().to_owned()))
         }
-        Order::Initial | Order::Pending(_) => (None, None),
+        Order::Initial | Order::Pending(_) | Order::PendingReview(_) | Order::ReviewApproved(_) => {
+            (None, None)
+        }
     };
     let total = placed.lines.total();
     Some(OrderView {

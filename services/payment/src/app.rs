@@ -62,6 +62,17 @@
 //!   and an outcome is recorded only by the lease's holder: a decision made
 //!   on what another request has since changed is never acted on.
 //!
+//! Authorizations go through the same three steps. AuthorizePayment is a
+//! charge whose request says so (its kind is in the request hash, so a key
+//! is a charge's or an authorization's). CapturePayment and VoidPayment
+//! take the key's lease like a refund (intents `capture` and `release`),
+//! one at a time per key; each judges the payment before it calls and
+//! again once it is recorded (`domain::check_capture`,
+//! `domain::check_void`), so whichever of a capture and a void came second
+//! is refused (or answered, if it asked for what the first did). A release
+//! never refunds: a key the provider captured under is recorded captured
+//! and the void refused.
+//!
 //! When we have no record of a charge, undoing it by its key asks the
 //! provider to void the key, because only the provider knows whether the
 //! charge was captured and its answer lost (a crash, a cancelled call, a
@@ -82,9 +93,10 @@ use uuid::Uuid;
 
 use crate::NAME;
 use crate::domain::{
-    self, Call, ChargeDetails, ChargeKey, ChargeRequest, Claim, CustomerId, Intent, KeyCommand,
-    KeyReused, Lease, NewPayment, NothingToRefund, OrderId, Payment, PaymentEvent, PaymentId,
-    PaymentStatus, Refund, RefundKey, RefundReason, RequestHash, Settlement, Step,
+    self, Call, CaptureRefused, ChargeDetails, ChargeKey, ChargeRequest, Claim, CustomerId, Intent,
+    KeyCommand, KeyReused, Lease, NewPayment, Next, NothingToRefund, OrderId, Payment,
+    PaymentEvent, PaymentId, PaymentKind, PaymentStatus, Refund, RefundKey, RefundReason,
+    RequestHash, Settlement, Step, VoidRefused,
 };
 use crate::lease_watch::LeaseWatch;
 use crate::provider::{Charge, PaymentProvider, ProviderError};
@@ -113,11 +125,35 @@ impl Leases {
     }
 }
 
-/// What to refund.
+/// What to refund, capture or void: a payment, or the payment of a key.
 #[derive(Debug, Clone)]
 pub(crate) enum RefundTarget {
     Payment(PaymentId),
     ChargeKey(ChargeKey),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CaptureError {
+    #[error("no such authorization")]
+    NotFound,
+    #[error(transparent)]
+    Refused(#[from] CaptureRefused),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum VoidError {
+    #[error("no such payment")]
+    NotFound,
+    #[error(transparent)]
+    Refused(#[from] VoidRefused),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,7 +230,8 @@ impl Payments {
         }
     }
 
-    /// Charges once per idempotency key; a decline is a result.
+    /// Charges (or authorizes, by the request's kind) once per idempotency
+    /// key; a decline is a result.
     pub(crate) async fn process(&self, request: &ChargeRequest) -> Result<Payment, ProcessError> {
         // A key never seen, the common case: claimed in one statement.
         let lease = self
@@ -241,6 +278,80 @@ impl Payments {
                     .context("a refund was refused as a charge")
                     .into(),
             })
+    }
+
+    /// Captures an authorization in full, once.
+    pub(crate) async fn capture(&self, target: &RefundTarget) -> Result<Payment, CaptureError> {
+        let payment = self.find(target).await?.ok_or(CaptureError::NotFound)?;
+        if domain::check_capture(&payment)? == Next::Answer {
+            return Ok(payment);
+        }
+        let captured = self
+            .settle(&payment.charge_key, KeyCommand::Capture, None, None)
+            .await
+            .map_err(|error| match error {
+                SettleError::Provider(error) => CaptureError::from(error),
+                SettleError::Unexpected(error) => error.into(),
+                SettleError::KeyReused(error) => anyhow::Error::new(error)
+                    .context("a capture was refused as a charge")
+                    .into(),
+            })?;
+        // What it came to, judged again: a void or an expiry that came
+        // first is refused as if the capture had come after it.
+        match domain::check_capture(&captured)? {
+            Next::Answer => Ok(captured),
+            Next::Call => Err(anyhow::anyhow!("a capture left its authorization held").into()),
+        }
+    }
+
+    /// Releases an authorization not captured; by key, also one whose
+    /// answer was lost, or a key never seen (for good).
+    pub(crate) async fn void(
+        &self,
+        target: &RefundTarget,
+        void: &Refund,
+    ) -> Result<Payment, VoidError> {
+        let (key, lease) = match self.find(target).await? {
+            Some(payment) => {
+                if domain::check_void(&payment)? == Next::Answer {
+                    return Ok(payment);
+                }
+                (payment.charge_key, None)
+            }
+            None => match target {
+                RefundTarget::Payment(_) => return Err(VoidError::NotFound),
+                RefundTarget::ChargeKey(key) => {
+                    let lease = self
+                        .claim_new(key, &Intent::Release(void.clone()), None)
+                        .await?
+                        .map(|held| (Call::Release(void.clone()), held));
+                    (key.clone(), lease)
+                }
+            },
+        };
+        let voided = self
+            .settle(&key, KeyCommand::Release(void), None, lease)
+            .await
+            .map_err(|error| match error {
+                SettleError::Provider(error) => VoidError::from(error),
+                SettleError::Unexpected(error) => error.into(),
+                SettleError::KeyReused(error) => anyhow::Error::new(error)
+                    .context("a void was refused as a charge")
+                    .into(),
+            })?;
+        // A capture that came first is refused: only a refund undoes it.
+        match domain::check_void(&voided)? {
+            Next::Answer => Ok(voided),
+            Next::Call => Err(anyhow::anyhow!("a void left its authorization held").into()),
+        }
+    }
+
+    /// The payment `target` names, if there is one.
+    async fn find(&self, target: &RefundTarget) -> anyhow::Result<Option<Payment>> {
+        match target {
+            RefundTarget::Payment(payment_id) => self.get(*payment_id).await,
+            RefundTarget::ChargeKey(key) => find_by_key(&self.pool, key, false).await,
+        }
     }
 
     /// Drives `command` on `key` to a payment: reads the key, does what the
@@ -292,7 +403,9 @@ impl Payments {
                     let charge = charge.context("a refund decided to charge")?;
                     self.charge(charge, held).await?
                 }
-                Call::Void(refund) => self.void(key, refund, held).await?,
+                Call::Void(refund) => self.undo(key, refund, held, Undo::Void).await?,
+                Call::Release(refund) => self.undo(key, refund, held, Undo::Release).await?,
+                Call::Capture => self.capture_call(key, held).await?,
             };
             // `None`: our lease was taken over before we recorded, and what
             // its new holder records stands: read the key again (and wait
@@ -315,6 +428,7 @@ impl Payments {
     ) -> Result<Option<Payment>, SettleError> {
         let charge = Charge {
             idempotency_key: request.key.as_str().to_owned(),
+            kind: request.kind,
             amount: request.details.amount,
             payment_method: request.payment_method.as_str().to_owned(),
             order_id: request.details.order_id,
@@ -349,15 +463,24 @@ impl Payments {
         Ok(Some(payment))
     }
 
-    /// Voids the key at the provider for `refund`, holding the key's lease,
-    /// and records what that settles if we still hold it (`None` if not).
-    async fn void(
+    /// Voids (or releases) the key at the provider for `refund`, holding
+    /// the key's lease, and records what that settles if we still hold it
+    /// (`None` if not).
+    async fn undo(
         &self,
         key: &ChargeKey,
         refund: &Refund,
         held: HeldLease,
+        how: Undo,
     ) -> Result<Option<Payment>, SettleError> {
-        let outcome = match self.call(self.provider.void(key.as_str())).await {
+        let (asked, kind) = match how {
+            Undo::Void => (self.provider.void(key.as_str()), PaymentKind::Charge),
+            Undo::Release => (
+                self.provider.release(key.as_str()),
+                PaymentKind::Authorization,
+            ),
+        };
+        let outcome = match self.call(asked).await {
             Ok(outcome) => outcome,
             Err(error) => {
                 held.release().await;
@@ -370,27 +493,67 @@ impl Payments {
             return Ok(None);
         }
         let existing = find_by_key(&mut *tx, key, true).await?;
-        let settlement =
-            domain::voided(key, existing.as_ref(), refund, outcome).map_err(anyhow::Error::new)?;
-        let payment = match settlement {
-            Settlement::Record(new, events) => {
-                let payment = insert(&mut tx, &new)
-                    .await?
-                    .context("a payment appeared under a locked key")?;
-                self.publish(&mut tx, &payment, &events).await?;
-                payment
-            }
-            Settlement::Refunded { refund, events } => {
-                let captured = existing.context("refunded without a payment")?;
-                let payment = mark_refunded(&mut tx, captured.id, &refund).await?;
-                self.publish(&mut tx, &payment, &events).await?;
-                payment
-            }
-            Settlement::Stands => existing.context("a payment stands without a payment")?,
-        };
+        let settlement = domain::voided(key, kind, existing.as_ref(), refund, outcome)
+            .map_err(anyhow::Error::new)?;
+        let payment = self.apply(&mut tx, existing, settlement).await?;
         tx.commit().await.context("committing the refund")?;
         held.lost();
         Ok(Some(payment))
+    }
+
+    /// Captures the key's authorization at the provider, holding the key's
+    /// lease, and records what that settles if we still hold it.
+    async fn capture_call(
+        &self,
+        key: &ChargeKey,
+        held: HeldLease,
+    ) -> Result<Option<Payment>, SettleError> {
+        let outcome = match self.call(self.provider.capture(key.as_str())).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                held.release().await;
+                return Err(error.into());
+            }
+        };
+        let mut tx = self.pool.begin().await.context("starting a transaction")?;
+        if !free_lease(&mut tx, key, held.holder).await? {
+            held.lost();
+            return Ok(None);
+        }
+        let existing = find_by_key(&mut *tx, key, true)
+            .await?
+            .context("captured an authorization without a payment")?;
+        let settlement = domain::captured(&existing, outcome).map_err(anyhow::Error::new)?;
+        let payment = self.apply(&mut tx, Some(existing), settlement).await?;
+        tx.commit().await.context("committing the capture")?;
+        held.lost();
+        Ok(Some(payment))
+    }
+
+    /// Records `settlement` of the key whose payment (locked) is `existing`,
+    /// with its events.
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        existing: Option<Payment>,
+        settlement: Settlement,
+    ) -> anyhow::Result<Payment> {
+        Ok(match settlement {
+            Settlement::Record(new, events) => {
+                let payment = insert(tx, &new)
+                    .await?
+                    .context("a payment appeared under a locked key")?;
+                self.publish(tx, &payment, &events).await?;
+                payment
+            }
+            Settlement::Moved { to, refund, events } => {
+                let from = existing.context("moved on without a payment")?;
+                let payment = mark(tx, &from, to, refund.as_ref()).await?;
+                self.publish(tx, &payment, &events).await?;
+                payment
+            }
+            Settlement::Stands => existing.context("a payment stands without a payment")?,
+        })
     }
 
     /// A provider call, given up after the call limit: by then the lease
@@ -417,20 +580,20 @@ impl Payments {
         request_hash: Option<&RequestHash>,
     ) -> anyhow::Result<Option<HeldLease>> {
         let holder = Uuid::new_v4();
-        let refund = match intent {
-            Intent::Charge => None,
-            Intent::Undo(refund) => Some(refund),
-        };
+        let refund = intent_refund(intent);
         // A settled key's claim may have been purged (`charge_claim_purge`):
         // its payment then stands for it, and a charge must not reach the
-        // provider again, nor an undo of a key with nothing left to undo.
-        // Such a request inserts nothing and goes on to read the payment.
+        // provider again, nor an undo, capture or release of a key with
+        // nothing left to do (only a capture can be undone, and only an
+        // authorization captured, released or undone). Such a request
+        // inserts nothing and goes on to read the payment.
         let inserted = sqlx::query(
             "INSERT INTO charge_claims (charge_key, intent, request_hash, refund_idempotency_key, refund_reason,
                                         lease_holder, lease_expires_at, provider_calls)
              SELECT $1, $2, $3, $4, $5, $6, now() + $7 * interval '1 millisecond', 1
              WHERE NOT EXISTS (SELECT 1 FROM payments
-                               WHERE idempotency_key = $1 AND ($2 = 'charge' OR status <> 'captured'))
+                               WHERE idempotency_key = $1
+                                 AND ($2 = 'charge' OR status NOT IN ('captured', 'authorized')))
              ON CONFLICT (charge_key) DO NOTHING",
         )
         .bind(key.as_str())
@@ -460,20 +623,19 @@ impl Payments {
         let intent = match call {
             Call::Charge => Intent::Charge,
             Call::Void(refund) => Intent::Undo(refund.clone()),
+            Call::Capture => Intent::Capture,
+            Call::Release(refund) => Intent::Release(refund.clone()),
         };
         // Only a charge binds the key to its request.
         let request_hash = match call {
             Call::Charge => charge.map(|charge| &charge.request_hash),
-            Call::Void(_) => None,
+            Call::Void(_) | Call::Capture | Call::Release(_) => None,
         };
         let Some(version) = version else {
             return self.claim_new(key, &intent, request_hash).await;
         };
         let holder = Uuid::new_v4();
-        let refund = match &intent {
-            Intent::Charge => None,
-            Intent::Undo(refund) => Some(refund),
-        };
+        let refund = intent_refund(&intent);
         let taken = sqlx::query(
             "UPDATE charge_claims
              SET intent = $3, refund_idempotency_key = $4, refund_reason = $5,
@@ -610,6 +772,18 @@ impl Payments {
                         1,
                         &refunded_event(payment, reason),
                     ),
+                    PaymentEvent::Authorized => {
+                        self.payment_events
+                            .seal(subject, origin, 1, &authorized_event(payment))
+                    }
+                    PaymentEvent::Voided { reason } => {
+                        self.payment_events
+                            .seal(subject, origin, 1, &voided_event(payment, reason))
+                    }
+                    PaymentEvent::Expired => {
+                        self.payment_events
+                            .seal(subject, origin, 1, &expired_event(payment))
+                    }
                 }
             })
             .collect();
@@ -725,7 +899,26 @@ fn intent_text(intent: &Intent) -> &'static str {
     match intent {
         Intent::Charge => "charge",
         Intent::Undo(_) => "undo",
+        Intent::Capture => "capture",
+        Intent::Release(_) => "release",
     }
+}
+
+/// The refund (or void) a claim records, for an undo or a release.
+fn intent_refund(intent: &Intent) -> Option<&Refund> {
+    match intent {
+        Intent::Charge | Intent::Capture => None,
+        Intent::Undo(refund) | Intent::Release(refund) => Some(refund),
+    }
+}
+
+/// How a key is undone at the provider.
+#[derive(Debug, Clone, Copy)]
+enum Undo {
+    /// RefundPayment: refund a capture, release or void the rest.
+    Void,
+    /// VoidPayment: release or void; never refund.
+    Release,
 }
 
 /// A claim as stored.
@@ -752,18 +945,23 @@ struct ReadClaim {
 
 impl ClaimRow {
     fn into_claim(self) -> anyhow::Result<ReadClaim> {
+        let refund = |key: String, reason: String| -> anyhow::Result<Refund> {
+            Ok(Refund {
+                key: RefundKey::parse(&key)
+                    .map_err(|problem| anyhow::anyhow!("stored refund key {key:?} {problem}"))?,
+                reason: RefundReason::parse(&reason)
+                    .map_err(|problem| anyhow::anyhow!("stored refund reason {problem}"))?,
+            })
+        };
         let intent = match (
             self.intent.as_str(),
             self.refund_idempotency_key,
             self.refund_reason,
         ) {
             ("charge", _, _) => Intent::Charge,
-            ("undo", Some(key), Some(reason)) => Intent::Undo(Refund {
-                key: RefundKey::parse(&key)
-                    .map_err(|problem| anyhow::anyhow!("stored refund key {key:?} {problem}"))?,
-                reason: RefundReason::parse(&reason)
-                    .map_err(|problem| anyhow::anyhow!("stored refund reason {problem}"))?,
-            }),
+            ("capture", _, _) => Intent::Capture,
+            ("undo", Some(key), Some(reason)) => Intent::Undo(refund(key, reason)?),
+            ("release", Some(key), Some(reason)) => Intent::Release(refund(key, reason)?),
             (intent, _, _) => anyhow::bail!("stored claim with intent {intent:?}"),
         };
         let lease = match self.lease.as_str() {
@@ -799,13 +997,18 @@ struct PaymentRow {
     provider_reference: Option<String>,
     created_at: DateTime<Utc>,
     refunded_at: Option<DateTime<Utc>>,
+    kind: String,
+    authorization_expires_at: Option<DateTime<Utc>>,
+    captured_at: Option<DateTime<Utc>>,
+    voided_at: Option<DateTime<Utc>>,
 }
 
 /// Columns of [`PaymentRow`], for queries that read whole rows.
 macro_rules! payment_columns {
     () => {
         "payment_id, idempotency_key, status, request_hash, order_id, customer_id, amount_minor, currency, \
-         decline_reason, provider_reference, created_at, refunded_at"
+         decline_reason, provider_reference, created_at, refunded_at, kind, authorization_expires_at, \
+         captured_at, voided_at"
     };
 }
 use payment_columns;
@@ -838,6 +1041,8 @@ impl TryFrom<PaymentRow> for Payment {
             charge_key: ChargeKey::parse(&row.idempotency_key).map_err(|problem| {
                 anyhow::anyhow!("stored idempotency key {:?} {problem}", row.idempotency_key)
             })?,
+            kind: PaymentKind::parse(&row.kind)
+                .with_context(|| format!("stored payment kind {:?}", row.kind))?,
             status,
             request_hash: row.request_hash.map(RequestHash::new),
             charge,
@@ -845,6 +1050,9 @@ impl TryFrom<PaymentRow> for Payment {
             provider_reference: row.provider_reference,
             created_at: row.created_at,
             refunded_at: row.refunded_at,
+            authorization_expires_at: row.authorization_expires_at,
+            captured_at: row.captured_at,
+            voided_at: row.voided_at,
         })
     }
 }
@@ -856,8 +1064,11 @@ async fn insert(conn: &mut PgConnection, payment: &NewPayment) -> anyhow::Result
     let row: Option<PaymentRow> = sqlx::query_as(concat!(
         "INSERT INTO payments (payment_id, idempotency_key, status, request_hash, order_id, customer_id,
                                amount_minor, currency, decline_reason, provider_reference,
-                               refunded_at, refund_idempotency_key, refund_reason)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $11 THEN now() END, $12, $13)
+                               refunded_at, refund_idempotency_key, refund_reason, kind,
+                               authorization_expires_at, captured_at, voided_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $3 = 'refunded' THEN now() END, $11, $12,
+                 $13, $14, CASE WHEN $13 = 'authorization' AND $3 IN ('captured', 'refunded') THEN now() END,
+                 CASE WHEN $3 = 'voided' THEN now() END)
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING ",
         payment_columns!()
@@ -872,32 +1083,45 @@ async fn insert(conn: &mut PgConnection, payment: &NewPayment) -> anyhow::Result
     .bind(charge.map(|charge| charge.amount.currency().code()))
     .bind(payment.decline_reason.as_deref())
     .bind(payment.provider_reference.as_deref())
-    .bind(payment.status == PaymentStatus::Refunded)
     .bind(refund.map(|refund| refund.key.as_str()))
     .bind(refund.map(|refund| refund.reason.as_str()))
+    .bind(payment.kind.as_str())
+    .bind(payment.authorization_expires_at)
     .fetch_optional(conn)
     .await
     .context("recording the payment")?;
     row.map(Payment::try_from).transpose()
 }
 
-/// Marks a captured payment refunded by `refund`.
-async fn mark_refunded(
+/// Moves `from` on to `to`, by `refund` (the refund or void that settles
+/// it), stamping the moment of the move; only from the status it was read
+/// in (under its row lock).
+async fn mark(
     conn: &mut PgConnection,
-    payment_id: PaymentId,
-    refund: &Refund,
+    from: &Payment,
+    to: PaymentStatus,
+    refund: Option<&Refund>,
 ) -> anyhow::Result<Payment> {
     let row: PaymentRow = sqlx::query_as(concat!(
-        "UPDATE payments SET status = 'refunded', refunded_at = now(), refund_idempotency_key = $2, refund_reason = $3
-         WHERE payment_id = $1 AND status = 'captured' RETURNING ",
+        "UPDATE payments
+         SET status = $3,
+             refunded_at = CASE WHEN $3 = 'refunded' THEN now() ELSE refunded_at END,
+             captured_at = CASE WHEN kind = 'authorization' AND $3 IN ('captured', 'refunded')
+                                THEN coalesce(captured_at, now()) ELSE captured_at END,
+             voided_at = CASE WHEN $3 = 'voided' THEN now() ELSE voided_at END,
+             refund_idempotency_key = coalesce($4, refund_idempotency_key),
+             refund_reason = coalesce($5, refund_reason)
+         WHERE payment_id = $1 AND status = $2 RETURNING ",
         payment_columns!()
     ))
-    .bind(payment_id.as_uuid())
-    .bind(refund.key.as_str())
-    .bind(refund.reason.as_str())
+    .bind(from.id.as_uuid())
+    .bind(from.status.as_str())
+    .bind(to.as_str())
+    .bind(refund.map(|refund| refund.key.as_str()))
+    .bind(refund.map(|refund| refund.reason.as_str()))
     .fetch_one(conn)
     .await
-    .context("recording the refund")?;
+    .with_context(|| format!("recording the payment {}", to.as_str()))?;
     row.try_into()
 }
 
@@ -973,6 +1197,41 @@ fn refunded_event(payment: &Payment, reason: &RefundReason) -> pb::PaymentRefund
     }
 }
 
+fn authorized_event(payment: &Payment) -> pb::PaymentAuthorized {
+    pb::PaymentAuthorized {
+        payment_id: payment.id.to_string(),
+        order_id: order_id_text(payment),
+        customer_id: customer_id_text(payment),
+        amount: money_of(payment),
+        provider_reference: payment.provider_reference.clone().unwrap_or_default(),
+        expires_at: payment
+            .authorization_expires_at
+            .map(|at| std::time::SystemTime::from(at).into()),
+    }
+}
+
+fn voided_event(payment: &Payment, reason: &RefundReason) -> pb::PaymentVoided {
+    pb::PaymentVoided {
+        payment_id: payment.id.to_string(),
+        order_id: order_id_text(payment),
+        customer_id: customer_id_text(payment),
+        amount: money_of(payment),
+        reason: reason.as_str().to_owned(),
+    }
+}
+
+fn expired_event(payment: &Payment) -> pb::PaymentAuthorizationExpired {
+    pb::PaymentAuthorizationExpired {
+        payment_id: payment.id.to_string(),
+        order_id: order_id_text(payment),
+        customer_id: customer_id_text(payment),
+        amount: money_of(payment),
+        expired_at: payment
+            .authorization_expires_at
+            .map(|at| std::time::SystemTime::from(at).into()),
+    }
+}
+
 /// The amount of a payment, for the wire.
 pub(crate) fn money_of(payment: &Payment) -> Option<api_common::v1::Money> {
     payment.charge.as_ref().map(|charge| api_common::v1::Money {
@@ -997,7 +1256,9 @@ mod tests {
 
     use super::*;
     use crate::domain::PaymentMethodToken;
-    use crate::provider::{ChargeOutcome, SimulatedProvider, SimulationSettings, VoidOutcome};
+    use crate::provider::{
+        CaptureOutcome, ChargeOutcome, SimulatedProvider, SimulationSettings, VoidOutcome,
+    };
 
     /// One answer held back: the provider has answered (`answered` fires),
     /// and the caller gets the answer once `release` does.
@@ -1048,6 +1309,20 @@ mod tests {
         ) -> BoxFuture<'a, Result<VoidOutcome, ProviderError>> {
             Box::pin(async move { self.hold(self.inner.void(charge_key).await).await })
         }
+
+        fn release<'a>(
+            &'a self,
+            charge_key: &'a str,
+        ) -> BoxFuture<'a, Result<VoidOutcome, ProviderError>> {
+            Box::pin(async move { self.hold(self.inner.release(charge_key).await).await })
+        }
+
+        fn capture<'a>(
+            &'a self,
+            charge_key: &'a str,
+        ) -> BoxFuture<'a, Result<CaptureOutcome, ProviderError>> {
+            Box::pin(async move { self.hold(self.inner.capture(charge_key).await).await })
+        }
     }
 
     struct Setup {
@@ -1078,6 +1353,7 @@ mod tests {
                     amount_limit_minor: 1_000_000,
                     slow_delay,
                     flaky_failures: 2,
+                    authorization_lifetime: Duration::from_secs(3600),
                 },
             ),
             gate: Mutex::new(None),
@@ -1112,6 +1388,7 @@ mod tests {
     fn request(key: &str, token: &str) -> ChargeRequest {
         ChargeRequest {
             key: ChargeKey::parse(key).unwrap(),
+            kind: PaymentKind::Charge,
             details: ChargeDetails {
                 order_id: OrderId::new(Uuid::new_v4()),
                 customer_id: CustomerId::new(Uuid::new_v4()),

@@ -11,9 +11,11 @@ use service_runtime::status::{self, FieldViolations};
 use sha2::{Digest as _, Sha256};
 use tonic::{Request, Response, Status};
 
-use crate::app::{self, Ledger, Payments, ProcessError, RefundError, RefundTarget};
+use crate::app::{
+    self, CaptureError, Ledger, Payments, ProcessError, RefundError, RefundTarget, VoidError,
+};
 use crate::domain::{
-    ChargeDetails, ChargeKey, ChargeRequest, CustomerId, OrderId, Payment, PaymentId,
+    ChargeDetails, ChargeKey, ChargeRequest, CustomerId, OrderId, Payment, PaymentId, PaymentKind,
     PaymentMethodToken, PaymentStatus, Refund, RefundKey, RefundReason, RequestHash,
 };
 use crate::provider::ProviderError;
@@ -31,6 +33,78 @@ impl PaymentService for PaymentApi {
     ) -> Result<Response<pb::Payment>, Status> {
         let charge = parse_process(request.into_inner())?;
         let payment = self.payments.process(&charge).await?;
+        Ok(Response::new(to_proto(&payment)))
+    }
+
+    async fn authorize_payment(
+        &self,
+        request: Request<pb::AuthorizePaymentRequest>,
+    ) -> Result<Response<pb::Payment>, Status> {
+        let request = request.into_inner();
+        // The same fields as a charge's, parsed and hashed the same way but
+        // for the kind: a key is a charge's or an authorization's, never
+        // both.
+        let charge = parse_charge(
+            PaymentKind::Authorization,
+            pb::ProcessPaymentRequest {
+                order_id: request.order_id,
+                customer_id: request.customer_id,
+                amount: request.amount,
+                payment_method_token: request.payment_method_token,
+                idempotency_key: request.idempotency_key,
+            },
+        )?;
+        let payment = self.payments.process(&charge).await?;
+        Ok(Response::new(to_proto(&payment)))
+    }
+
+    async fn capture_payment(
+        &self,
+        request: Request<pb::CapturePaymentRequest>,
+    ) -> Result<Response<pb::Payment>, Status> {
+        use pb::capture_payment_request::Target;
+        let mut violations = FieldViolations::new();
+        let target = parse_target(
+            &mut violations,
+            request
+                .get_ref()
+                .target
+                .as_ref()
+                .map(|target| match target {
+                    Target::PaymentId(id) => TargetField::PaymentId(id),
+                    Target::AuthorizationIdempotencyKey(key) => TargetField::Key(key),
+                }),
+        );
+        let Some(target) = target else {
+            return Err(violations.into_status());
+        };
+        let payment = self.payments.capture(&target).await?;
+        Ok(Response::new(to_proto(&payment)))
+    }
+
+    async fn void_payment(
+        &self,
+        request: Request<pb::VoidPaymentRequest>,
+    ) -> Result<Response<pb::Payment>, Status> {
+        use pb::void_payment_request::Target;
+        let request = request.get_ref();
+        let mut violations = FieldViolations::new();
+        let target = parse_target(
+            &mut violations,
+            request.target.as_ref().map(|target| match target {
+                Target::PaymentId(id) => TargetField::PaymentId(id),
+                Target::AuthorizationIdempotencyKey(key) => TargetField::Key(key),
+            }),
+        );
+        let key = violations.check(
+            "idempotency_key",
+            RefundKey::parse(&request.idempotency_key),
+        );
+        let reason = violations.check("reason", RefundReason::parse(&request.reason));
+        let (Some(target), Some(key), Some(reason)) = (target, key, reason) else {
+            return Err(violations.into_status());
+        };
+        let payment = self.payments.void(&target, &Refund { key, reason }).await?;
         Ok(Response::new(to_proto(&payment)))
     }
 
@@ -102,6 +176,41 @@ fn may_see(claims: &Claims, payment: &Payment) -> bool {
 // named in the INVALID_ARGUMENT, and nothing is written.
 
 fn parse_process(request: pb::ProcessPaymentRequest) -> Result<ChargeRequest, Status> {
+    parse_charge(PaymentKind::Charge, request)
+}
+
+/// What names an authorization, as sent.
+#[derive(Clone, Copy)]
+enum TargetField<'a> {
+    PaymentId(&'a str),
+    Key(&'a str),
+}
+
+fn parse_target(
+    violations: &mut FieldViolations,
+    target: Option<TargetField<'_>>,
+) -> Option<RefundTarget> {
+    match target {
+        None => {
+            violations.add(
+                "payment_id",
+                "payment_id or authorization_idempotency_key is required",
+            );
+            None
+        }
+        Some(TargetField::PaymentId(id)) => violations
+            .check("payment_id", PaymentId::parse(id))
+            .map(RefundTarget::Payment),
+        Some(TargetField::Key(key)) => violations
+            .check("authorization_idempotency_key", ChargeKey::parse(key))
+            .map(RefundTarget::ChargeKey),
+    }
+}
+
+fn parse_charge(
+    kind: PaymentKind,
+    request: pb::ProcessPaymentRequest,
+) -> Result<ChargeRequest, Status> {
     let mut violations = FieldViolations::new();
     let order_id = violations.check("order_id", OrderId::parse(&request.order_id));
     let customer_id = violations.check("customer_id", CustomerId::parse(&request.customer_id));
@@ -134,19 +243,23 @@ fn parse_process(request: pb::ProcessPaymentRequest) -> Result<ChargeRequest, St
         return Err(violations.into_status());
     };
     // The digest of everything but the key: the same key with another
-    // request is refused.
-    let request_hash = RequestHash::new(
-        Sha256::digest(
-            pb::ProcessPaymentRequest {
-                idempotency_key: String::new(),
-                ..request
-            }
-            .encode_to_vec(),
-        )
-        .to_vec(),
+    // request is refused. An authorization's digest starts from its kind,
+    // so that it never equals a charge's.
+    let mut digest = Sha256::new();
+    if kind == PaymentKind::Authorization {
+        digest.update(b"authorization\0");
+    }
+    digest.update(
+        pb::ProcessPaymentRequest {
+            idempotency_key: String::new(),
+            ..request
+        }
+        .encode_to_vec(),
     );
+    let request_hash = RequestHash::new(digest.finalize().to_vec());
     Ok(ChargeRequest {
         key,
+        kind,
         details: ChargeDetails {
             order_id,
             customer_id,
@@ -209,6 +322,28 @@ impl From<RefundError> for Status {
     }
 }
 
+impl From<CaptureError> for Status {
+    fn from(error: CaptureError) -> Self {
+        match error {
+            CaptureError::NotFound => Status::not_found("no such authorization"),
+            CaptureError::Refused(refusal) => Status::failed_precondition(refusal.to_string()),
+            CaptureError::Provider(error) => error.into(),
+            CaptureError::Unexpected(error) => status::internal(&error),
+        }
+    }
+}
+
+impl From<VoidError> for Status {
+    fn from(error: VoidError) -> Self {
+        match error {
+            VoidError::NotFound => Status::not_found("no such payment"),
+            VoidError::Refused(refusal) => Status::failed_precondition(refusal.to_string()),
+            VoidError::Provider(error) => error.into(),
+            VoidError::Unexpected(error) => status::internal(&error),
+        }
+    }
+}
+
 impl From<ProviderError> for Status {
     fn from(error: ProviderError) -> Self {
         match error {
@@ -224,12 +359,22 @@ impl From<ProviderError> for Status {
 }
 
 fn to_proto(payment: &Payment) -> pb::Payment {
-    let status = match payment.status {
+    // As it is now: an authorization past its expiry has lapsed, whether
+    // or not anyone has recorded it yet.
+    let status = match payment.status_at(chrono::Utc::now()) {
+        PaymentStatus::Authorized => pb::PaymentStatus::Authorized,
         PaymentStatus::Captured => pb::PaymentStatus::Captured,
         PaymentStatus::Declined => pb::PaymentStatus::Declined,
         PaymentStatus::Refunded => pb::PaymentStatus::Refunded,
         PaymentStatus::Voided => pb::PaymentStatus::Voided,
+        PaymentStatus::Expired => pb::PaymentStatus::Expired,
     };
+    let kind = match payment.kind {
+        PaymentKind::Charge => pb::PaymentKind::Charge,
+        PaymentKind::Authorization => pb::PaymentKind::Authorization,
+    };
+    let timestamp =
+        |at: Option<chrono::DateTime<chrono::Utc>>| at.map(|at| SystemTime::from(at).into());
     let charge = payment.charge.as_ref();
     pb::Payment {
         payment_id: payment.id.to_string(),
@@ -244,7 +389,11 @@ fn to_proto(payment: &Payment) -> pb::Payment {
         decline_reason: payment.decline_reason.clone().unwrap_or_default(),
         provider_reference: payment.provider_reference.clone().unwrap_or_default(),
         created_at: Some(SystemTime::from(payment.created_at).into()),
-        refunded_at: payment.refunded_at.map(|at| SystemTime::from(at).into()),
+        refunded_at: timestamp(payment.refunded_at),
+        kind: kind.into(),
+        authorization_expires_at: timestamp(payment.authorization_expires_at),
+        captured_at: timestamp(payment.captured_at),
+        voided_at: timestamp(payment.voided_at),
     }
 }
 

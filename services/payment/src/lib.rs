@@ -1,5 +1,6 @@
-//! Idempotent charges and refunds against a payment provider (a
-//! deterministic simulation by default).
+//! Idempotent charges, authorizations (captured or voided later) and
+//! refunds against a payment provider (a deterministic simulation by
+//! default).
 //!
 //! - `domain`: payments, their status and values, and the pure rules of
 //!   charging, refunding and voiding by key.
@@ -43,6 +44,7 @@ pub const MIGRATIONS: MigrationSet = database::migrations!(
         "0003_charge_claims.sql",
         "0004_lease_wakeups.sql",
         "0005_retention.sql",
+        "0006_authorizations.sql",
     ]
 );
 
@@ -102,6 +104,21 @@ pub struct ProviderSettings {
         default_value_t = 2
     )]
     pub flaky_failures: u32,
+
+    /// How long an authorization holds its amount before it lapses (card
+    /// networks allow about 7 days); a lapsed one holds nothing and cannot
+    /// be captured.
+    #[arg(long = "authorization-lifetime", env = "AUTHORIZATION_LIFETIME", default_value = "7days",
+          value_parser = parse_positive_duration)]
+    pub authorization_lifetime: std::time::Duration,
+}
+
+fn parse_positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be above zero".into()),
+        Ok(duration) => Ok(duration),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// Who may call what on the payment service.
@@ -113,6 +130,12 @@ fn policy() -> Policy {
     Policy::new()
         .rpc(SERVICE, "ProcessPayment", charge)
         .rpc(SERVICE, "RefundPayment", refund)
+        // An authorization holds or takes the customer's money, as a
+        // charge does; a void only gives a hold back, as a refund gives
+        // money back.
+        .rpc(SERVICE, "AuthorizePayment", charge)
+        .rpc(SERVICE, "CapturePayment", charge)
+        .rpc(SERVICE, "VoidPayment", refund)
         // Customers see their own payments; the handlers check ownership.
         .rpc(SERVICE, "GetPayment", read)
         .rpc(SERVICE, "ListPaymentsByOrder", read)
@@ -169,6 +192,7 @@ impl Application {
                 amount_limit_minor: settings.provider.amount_limit_minor,
                 slow_delay: settings.provider.slow_delay,
                 flaky_failures: settings.provider.flaky_failures,
+                authorization_lifetime: settings.provider.authorization_lifetime,
             },
         );
         let payments = app::Payments::new(

@@ -11,7 +11,8 @@
 //! | `tok_slow` | approves, but only after `PROVIDER_SLOW_DELAY`, longer than a typical deadline |
 //! | `tok_flaky` | fails transiently for the first `PROVIDER_FLAKY_FAILURES` attempts of an idempotency key, then approves |
 //! | `tok_refund_fails_once` | approves; the first refund attempt fails transiently |
-//! | `tok_capture_answer_lost` | captures on the first attempt of a key, but that answer and every later one under the key is lost: each fails transiently, and the capture stays until the key is voided |
+//! | `tok_capture_answer_lost` | captures (or authorizes) on the first attempt of a key, but that answer and every later one under the key is lost: each fails transiently, and the capture (or hold) stays until the key is voided |
+//! | `tok_capture_fails_once` | authorizes; the first capture attempt of the authorization fails transiently |
 //! | anything else | approves |
 //!
 //! Any amount over `PAYMENT_AMOUNT_LIMIT` is declined (`amount_over_limit`).
@@ -25,6 +26,13 @@
 //! declines any later charge under it (`charge_voided`). Its memory is its
 //! own table, written outside our transactions, with a view of what it
 //! holds per order (`simulated_provider_holdings`).
+//!
+//! Authorizations: asked to authorize, it decides as for a charge but only
+//! holds the amount, for `AUTHORIZATION_LIFETIME` (by its own clock, the
+//! database's). A capture takes the amount in full (once, however often it
+//! is asked); a void releases it; after the lifetime it holds nothing and
+//! refuses a capture (expired). A release is a void that never refunds: of
+//! a key it captured under, it only says so.
 
 use std::time::Duration;
 
@@ -34,12 +42,16 @@ use money::{Currency, Money};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::domain::{ChargeDetails, CustomerId, OrderId};
+use chrono::{DateTime, Utc};
 
-/// A charge to make, with the metadata the provider keeps with it.
+use crate::domain::{ChargeDetails, CustomerId, OrderId, PaymentKind};
+
+/// A charge (or an authorization) to make, with the metadata the provider
+/// keeps with it.
 #[derive(Debug, Clone)]
 pub(crate) struct Charge {
     pub(crate) idempotency_key: String,
+    pub(crate) kind: PaymentKind,
     pub(crate) amount: Money,
     pub(crate) payment_method: String,
     pub(crate) order_id: OrderId,
@@ -81,8 +93,28 @@ impl DeclineReason {
 /// The provider's answer to a charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ChargeOutcome {
-    Captured { reference: String },
+    Captured {
+        reference: String,
+    },
+    /// The amount is held, until `expires_at` at the latest.
+    Authorized {
+        reference: String,
+        expires_at: DateTime<Utc>,
+    },
     Declined(DeclineReason),
+}
+
+/// The provider's answer to a capture of an authorization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CaptureOutcome {
+    /// Taken in full (now, or by an earlier capture).
+    Captured,
+    /// It lapsed first: nothing is held, nothing was taken.
+    Expired,
+    /// It was voided first.
+    Voided,
+    /// The provider holds no authorization under the key.
+    NotAuthorized,
 }
 
 /// The provider's answer to a void by key.
@@ -93,11 +125,33 @@ pub(crate) enum VoidOutcome {
     Refunded {
         reference: String,
         charge: ChargeDetails,
+        kind: PaymentKind,
+    },
+    /// It had captured under the key, and was asked to release, not to
+    /// refund: the capture stands.
+    Captured {
+        reference: String,
+        charge: ChargeDetails,
+        kind: PaymentKind,
     },
     /// It had declined the charge under the key: nothing to undo.
     Declined {
         reason: DeclineReason,
         charge: ChargeDetails,
+        kind: PaymentKind,
+    },
+    /// It held an authorization under the key; now released (now, or by an
+    /// earlier void).
+    Released {
+        reference: String,
+        charge: ChargeDetails,
+        expires_at: DateTime<Utc>,
+    },
+    /// It held an authorization under the key, which lapsed: nothing held.
+    Expired {
+        reference: String,
+        charge: ChargeDetails,
+        expires_at: DateTime<Utc>,
     },
     /// It had charged nothing under the key, and never will: a later
     /// charge with the key is declined (`charge_voided`).
@@ -128,6 +182,19 @@ pub(crate) trait PaymentProvider: Send + Sync + 'static {
     /// was captured asks the same way.
     fn void<'a>(&'a self, charge_key: &'a str)
     -> BoxFuture<'a, Result<VoidOutcome, ProviderError>>;
+
+    /// As `void`, but never refunds: releases an authorization, voids a key
+    /// under which nothing was charged, and of a capture only says so.
+    fn release<'a>(
+        &'a self,
+        charge_key: &'a str,
+    ) -> BoxFuture<'a, Result<VoidOutcome, ProviderError>>;
+
+    /// Captures the authorization with `charge_key` in full, idempotently.
+    fn capture<'a>(
+        &'a self,
+        charge_key: &'a str,
+    ) -> BoxFuture<'a, Result<CaptureOutcome, ProviderError>>;
 }
 
 /// How the simulation behaves.
@@ -136,6 +203,8 @@ pub(crate) struct SimulationSettings {
     pub(crate) amount_limit_minor: i64,
     pub(crate) slow_delay: Duration,
     pub(crate) flaky_failures: u32,
+    /// How long an authorization holds its amount.
+    pub(crate) authorization_lifetime: Duration,
 }
 
 /// The simulated provider; see the module documentation.
@@ -149,7 +218,8 @@ pub(crate) struct SimulatedProvider {
 macro_rules! stored_columns {
     () => {
         "payment_method, attempts, outcome, reference, amount_minor, currency, order_id, customer_id, \
-         refund_attempts, refunded_at IS NOT NULL AS refunded, voided_at IS NOT NULL AS voided"
+         refund_attempts, refunded_at IS NOT NULL AS refunded, voided_at IS NOT NULL AS voided, \
+         kind, authorized_until, coalesce(authorized_until <= now(), false) AS lapsed, capture_attempts"
     };
 }
 
@@ -169,6 +239,11 @@ struct Stored {
     refund_attempts: i32,
     refunded: bool,
     voided: bool,
+    kind: String,
+    authorized_until: Option<DateTime<Utc>>,
+    /// An authorization past its lifetime, by the database's clock.
+    lapsed: bool,
+    capture_attempts: i32,
 }
 
 impl Stored {
@@ -186,6 +261,12 @@ impl Stored {
                 (None, Some(reference)) if outcome == "captured" => ChargeOutcome::Captured {
                     reference: reference.clone(),
                 },
+                (None, Some(reference)) if outcome == "authorized" => ChargeOutcome::Authorized {
+                    reference: reference.clone(),
+                    expires_at: self
+                        .authorized_until
+                        .context("simulated authorization without its expiry")?,
+                },
                 _ => {
                     return Err(anyhow::anyhow!(
                         "simulated charge with outcome {outcome:?} and no reference"
@@ -197,10 +278,14 @@ impl Stored {
     }
 
     /// The answer as the caller gets it: `tok_capture_answer_lost` loses
-    /// every answer that says it captured.
+    /// every answer that says it captured (or, asked to authorize, that it
+    /// holds the amount).
     fn deliver(&self, answer: ChargeOutcome) -> Result<ChargeOutcome, ProviderError> {
         if self.payment_method.as_deref() == Some("tok_capture_answer_lost")
-            && matches!(answer, ChargeOutcome::Captured { .. })
+            && matches!(
+                answer,
+                ChargeOutcome::Captured { .. } | ChargeOutcome::Authorized { .. }
+            )
         {
             return Err(ProviderError::Transient(
                 "the answer was lost on the way; try again".into(),
@@ -211,6 +296,24 @@ impl Stored {
 
     fn is(&self, payment_method: &str) -> bool {
         self.payment_method.as_deref() == Some(payment_method)
+    }
+
+    fn kind(&self) -> anyhow::Result<PaymentKind> {
+        PaymentKind::parse(&self.kind)
+            .with_context(|| format!("simulated charge of kind {:?}", self.kind))
+    }
+
+    /// An authorization under the key, held or not: its reference and
+    /// expiry.
+    fn authorization(&self) -> Option<(String, DateTime<Utc>)> {
+        match (
+            self.outcome.as_deref(),
+            &self.reference,
+            self.authorized_until,
+        ) {
+            (Some("authorized"), Some(reference), Some(until)) => Some((reference.clone(), until)),
+            _ => None,
+        }
     }
 
     fn record(&self) -> anyhow::Result<ChargeDetails> {
@@ -279,8 +382,8 @@ impl PaymentProvider for SimulatedProvider {
         Box::pin(async move {
             let stored: Stored = sqlx::query_as(concat!(
                 "INSERT INTO simulated_provider_charges
-                     (idempotency_key, payment_method, attempts, amount_minor, currency, order_id, customer_id)
-                 VALUES ($1, $2, 1, $3, $4, $5, $6)
+                     (idempotency_key, payment_method, attempts, amount_minor, currency, order_id, customer_id, kind)
+                 VALUES ($1, $2, 1, $3, $4, $5, $6, $7)
                  ON CONFLICT (idempotency_key) DO UPDATE SET attempts = simulated_provider_charges.attempts + 1
                  RETURNING ",
                 stored_columns!()
@@ -291,6 +394,7 @@ impl PaymentProvider for SimulatedProvider {
             .bind(charge.amount.currency().code())
             .bind(charge.order_id.as_uuid())
             .bind(charge.customer_id.as_uuid())
+            .bind(charge.kind.as_str())
             .fetch_one(&self.pool)
             .await
             .context("simulated provider")?;
@@ -302,23 +406,41 @@ impl PaymentProvider for SimulatedProvider {
             let decided = self
                 .decide(charge, u32::try_from(stored.attempts).unwrap_or(u32::MAX))
                 .await?;
-            let (outcome, reference) = match &decided {
-                ChargeOutcome::Captured { reference } => ("captured", Some(reference.as_str())),
-                ChargeOutcome::Declined(reason) => (reason.as_str(), None),
+            // An approved authorization holds the amount instead of taking it.
+            let (outcome, reference) = match (&decided, charge.kind) {
+                (ChargeOutcome::Captured { reference }, PaymentKind::Charge) => {
+                    ("captured", Some(reference.clone()))
+                }
+                (ChargeOutcome::Captured { reference }, PaymentKind::Authorization) => (
+                    "authorized",
+                    Some(reference.replacen("sim_ch_", "sim_au_", 1)),
+                ),
+                (ChargeOutcome::Authorized { reference, .. }, _) => {
+                    ("authorized", Some(reference.clone()))
+                }
+                (ChargeOutcome::Declined(reason), _) => (reason.as_str(), None),
             };
+            let lifetime_millis =
+                i64::try_from(self.settings.authorization_lifetime.as_millis()).unwrap_or(i64::MAX);
             // Only if nothing answered or voided the key meanwhile: the
             // first answer stands, and a void wins over a charge still
-            // being decided.
+            // being decided. An authorization is done with when it lapses
+            // (unless captured first): its `settled_at` is set ahead.
             let written: Option<Stored> = sqlx::query_as(concat!(
                 "UPDATE simulated_provider_charges
                  SET outcome = $2, reference = $3,
-                     settled_at = CASE WHEN $2 = 'captured' THEN NULL ELSE now() END
+                     authorized_until = CASE WHEN $2 = 'authorized'
+                                             THEN now() + $4 * interval '1 millisecond' END,
+                     settled_at = CASE WHEN $2 = 'captured' THEN NULL
+                                       WHEN $2 = 'authorized' THEN now() + $4 * interval '1 millisecond'
+                                       ELSE now() END
                  WHERE idempotency_key = $1 AND outcome IS NULL AND voided_at IS NULL RETURNING ",
                 stored_columns!()
             ))
             .bind(&charge.idempotency_key)
             .bind(outcome)
             .bind(reference)
+            .bind(lifetime_millis)
             .fetch_optional(&self.pool)
             .await
             .context("simulated provider")?;
@@ -337,78 +459,189 @@ impl PaymentProvider for SimulatedProvider {
         &'a self,
         charge_key: &'a str,
     ) -> BoxFuture<'a, Result<VoidOutcome, ProviderError>> {
+        Box::pin(self.undo(charge_key, true))
+    }
+
+    fn release<'a>(
+        &'a self,
+        charge_key: &'a str,
+    ) -> BoxFuture<'a, Result<VoidOutcome, ProviderError>> {
+        Box::pin(self.undo(charge_key, false))
+    }
+
+    fn capture<'a>(
+        &'a self,
+        charge_key: &'a str,
+    ) -> BoxFuture<'a, Result<CaptureOutcome, ProviderError>> {
         Box::pin(async move {
-            // One transaction holding the key's row: a charge being decided
-            // under the key waits for it, then finds the key voided.
+            // Holding the key's row, like a void: a capture and a void of
+            // one authorization happen one after the other.
             let mut tx = self.pool.begin().await.context("simulated provider")?;
-            sqlx::query(
-                "INSERT INTO simulated_provider_charges (idempotency_key, attempts) VALUES ($1, 0)
-                 ON CONFLICT (idempotency_key) DO NOTHING",
-            )
-            .bind(charge_key)
-            .execute(&mut *tx)
-            .await
-            .context("simulated provider")?;
-            let stored: Stored = sqlx::query_as(concat!(
+            let stored: Option<Stored> = sqlx::query_as(concat!(
                 "SELECT ",
                 stored_columns!(),
                 " FROM simulated_provider_charges WHERE idempotency_key = $1 FOR UPDATE"
             ))
             .bind(charge_key)
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
             .context("simulated provider")?;
-            let outcome = match stored.answer()? {
-                None | Some(ChargeOutcome::Declined(DeclineReason::ChargeVoided)) => {
+            let Some(stored) = stored else {
+                return Ok(CaptureOutcome::NotAuthorized);
+            };
+            let outcome = match stored.outcome.as_deref() {
+                Some("captured") if stored.authorized_until.is_some() => CaptureOutcome::Captured,
+                _ if stored.voided => CaptureOutcome::Voided,
+                Some("authorized") if stored.lapsed => CaptureOutcome::Expired,
+                Some("authorized") => {
                     sqlx::query(
-                        "UPDATE simulated_provider_charges
-                         SET voided_at = coalesce(voided_at, now()), settled_at = coalesce(settled_at, now())
+                        "UPDATE simulated_provider_charges SET capture_attempts = capture_attempts + 1
                          WHERE idempotency_key = $1",
                     )
                     .bind(charge_key)
                     .execute(&mut *tx)
                     .await
                     .context("simulated provider")?;
-                    VoidOutcome::Voided
-                }
-                Some(ChargeOutcome::Declined(reason)) => VoidOutcome::Declined {
-                    reason,
-                    charge: stored.record()?,
-                },
-                Some(ChargeOutcome::Captured { reference }) => {
-                    if !stored.refunded {
-                        sqlx::query(
-                            "UPDATE simulated_provider_charges SET refund_attempts = refund_attempts + 1
-                             WHERE idempotency_key = $1",
-                        )
-                        .bind(charge_key)
-                        .execute(&mut *tx)
-                        .await
-                        .context("simulated provider")?;
-                        if stored.is("tok_refund_fails_once") && stored.refund_attempts == 0 {
-                            tx.commit().await.context("simulated provider")?;
-                            return Err(ProviderError::Transient(
-                                "refund failed; try again".into(),
-                            ));
-                        }
-                        sqlx::query(
-                            "UPDATE simulated_provider_charges SET refunded_at = now(), settled_at = now()
-                             WHERE idempotency_key = $1",
-                        )
-                        .bind(charge_key)
-                        .execute(&mut *tx)
-                        .await
-                        .context("simulated provider")?;
+                    if stored.is("tok_capture_fails_once") && stored.capture_attempts == 0 {
+                        tx.commit().await.context("simulated provider")?;
+                        return Err(ProviderError::Transient("capture failed; try again".into()));
                     }
-                    VoidOutcome::Refunded {
-                        reference,
-                        charge: stored.record()?,
-                    }
+                    // Taken: held as a charge's capture from now on.
+                    sqlx::query(
+                        "UPDATE simulated_provider_charges
+                         SET outcome = 'captured', captured_at = now(), settled_at = NULL
+                         WHERE idempotency_key = $1",
+                    )
+                    .bind(charge_key)
+                    .execute(&mut *tx)
+                    .await
+                    .context("simulated provider")?;
+                    CaptureOutcome::Captured
                 }
+                // A charge's capture, a decline, or no answer yet.
+                _ => CaptureOutcome::NotAuthorized,
             };
             tx.commit().await.context("simulated provider")?;
             Ok(outcome)
         })
+    }
+}
+
+impl SimulatedProvider {
+    /// A void of `charge_key`: refunds a capture if `refund_captures`, else
+    /// only reports it.
+    async fn undo(
+        &self,
+        charge_key: &str,
+        refund_captures: bool,
+    ) -> Result<VoidOutcome, ProviderError> {
+        // One transaction holding the key's row: a charge being decided
+        // under the key waits for it, then finds the key voided.
+        let mut tx = self.pool.begin().await.context("simulated provider")?;
+        sqlx::query(
+            "INSERT INTO simulated_provider_charges (idempotency_key, attempts) VALUES ($1, 0)
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(charge_key)
+        .execute(&mut *tx)
+        .await
+        .context("simulated provider")?;
+        let stored: Stored = sqlx::query_as(concat!(
+            "SELECT ",
+            stored_columns!(),
+            " FROM simulated_provider_charges WHERE idempotency_key = $1 FOR UPDATE"
+        ))
+        .bind(charge_key)
+        .fetch_one(&mut *tx)
+        .await
+        .context("simulated provider")?;
+        // An authorization not captured: released, unless it lapsed (or
+        // was released before).
+        if let Some((reference, expires_at)) = stored.authorization() {
+            let charge = stored.record()?;
+            if stored.lapsed && !stored.voided {
+                return Ok(VoidOutcome::Expired {
+                    reference,
+                    charge,
+                    expires_at,
+                });
+            }
+            sqlx::query(
+                "UPDATE simulated_provider_charges
+                 SET voided_at = coalesce(voided_at, now()), settled_at = least(settled_at, now())
+                 WHERE idempotency_key = $1",
+            )
+            .bind(charge_key)
+            .execute(&mut *tx)
+            .await
+            .context("simulated provider")?;
+            tx.commit().await.context("simulated provider")?;
+            return Ok(VoidOutcome::Released {
+                reference,
+                charge,
+                expires_at,
+            });
+        }
+        let outcome = match stored.answer()? {
+            None | Some(ChargeOutcome::Declined(DeclineReason::ChargeVoided)) => {
+                sqlx::query(
+                    "UPDATE simulated_provider_charges
+                     SET voided_at = coalesce(voided_at, now()), settled_at = coalesce(settled_at, now())
+                     WHERE idempotency_key = $1",
+                )
+                .bind(charge_key)
+                .execute(&mut *tx)
+                .await
+                .context("simulated provider")?;
+                VoidOutcome::Voided
+            }
+            Some(ChargeOutcome::Declined(reason)) => VoidOutcome::Declined {
+                reason,
+                charge: stored.record()?,
+                kind: stored.kind()?,
+            },
+            Some(ChargeOutcome::Authorized { .. }) => {
+                return Err(anyhow::anyhow!("simulated authorization read as not one").into());
+            }
+            Some(ChargeOutcome::Captured { reference }) if !refund_captures && !stored.refunded => {
+                VoidOutcome::Captured {
+                    reference,
+                    charge: stored.record()?,
+                    kind: stored.kind()?,
+                }
+            }
+            Some(ChargeOutcome::Captured { reference }) => {
+                if !stored.refunded {
+                    sqlx::query(
+                        "UPDATE simulated_provider_charges SET refund_attempts = refund_attempts + 1
+                         WHERE idempotency_key = $1",
+                    )
+                    .bind(charge_key)
+                    .execute(&mut *tx)
+                    .await
+                    .context("simulated provider")?;
+                    if stored.is("tok_refund_fails_once") && stored.refund_attempts == 0 {
+                        tx.commit().await.context("simulated provider")?;
+                        return Err(ProviderError::Transient("refund failed; try again".into()));
+                    }
+                    sqlx::query(
+                        "UPDATE simulated_provider_charges SET refunded_at = now(), settled_at = now()
+                         WHERE idempotency_key = $1",
+                    )
+                    .bind(charge_key)
+                    .execute(&mut *tx)
+                    .await
+                    .context("simulated provider")?;
+                }
+                VoidOutcome::Refunded {
+                    reference,
+                    charge: stored.record()?,
+                    kind: stored.kind()?,
+                }
+            }
+        };
+        tx.commit().await.context("simulated provider")?;
+        Ok(outcome)
     }
 }
 
@@ -443,6 +676,13 @@ mod tests {
     use super::*;
 
     async fn provider(slow_delay: Duration) -> (SimulatedProvider, PgPool) {
+        provider_with(slow_delay, Duration::from_secs(3600)).await
+    }
+
+    async fn provider_with(
+        slow_delay: Duration,
+        authorization_lifetime: Duration,
+    ) -> (SimulatedProvider, PgPool) {
         let db = TestEnv::get().await.database().await.unwrap();
         let url = db
             .provision(&crate::MANIFEST.account("payment-test-password"))
@@ -463,6 +703,7 @@ mod tests {
                 amount_limit_minor: 1_000_000,
                 slow_delay,
                 flaky_failures: 2,
+                authorization_lifetime,
             },
         );
         (provider, pool)
@@ -471,6 +712,7 @@ mod tests {
     fn charge(key: &str, token: &str) -> Charge {
         Charge {
             idempotency_key: key.to_owned(),
+            kind: PaymentKind::Charge,
             amount: Money::positive(1500, Currency::parse("EUR").unwrap()).unwrap(),
             payment_method: token.to_owned(),
             order_id: OrderId::new(Uuid::new_v4()),
@@ -519,7 +761,10 @@ mod tests {
             ));
         }
         assert_eq!(held(&pool, lost.order_id).await, 1500);
-        let VoidOutcome::Refunded { reference, charge } = provider.void("k").await.unwrap() else {
+        let VoidOutcome::Refunded {
+            reference, charge, ..
+        } = provider.void("k").await.unwrap()
+        else {
             panic!("the capture was not found");
         };
         assert!(reference.starts_with("sim_ch_"));
@@ -527,7 +772,11 @@ mod tests {
         assert_eq!(held(&pool, lost.order_id).await, 0);
         assert_eq!(
             provider.void("k").await.unwrap(),
-            VoidOutcome::Refunded { reference, charge },
+            VoidOutcome::Refunded {
+                reference,
+                charge,
+                kind: PaymentKind::Charge
+            },
             "a second void refunds nothing more"
         );
     }
@@ -542,6 +791,7 @@ mod tests {
             VoidOutcome::Declined {
                 reason: DeclineReason::CardDeclined,
                 charge: record(&declined),
+                kind: PaymentKind::Charge,
             }
         );
 
@@ -559,6 +809,7 @@ mod tests {
             VoidOutcome::Refunded {
                 reference,
                 charge: record(&fragile),
+                kind: PaymentKind::Charge,
             }
         );
         assert_eq!(held(&pool, fragile.order_id).await, 0);
@@ -579,5 +830,136 @@ mod tests {
             ChargeOutcome::Declined(DeclineReason::ChargeVoided)
         );
         assert_eq!(held(&pool, slow.order_id).await, 0);
+    }
+
+    fn authorization(key: &str, token: &str) -> Charge {
+        Charge {
+            kind: PaymentKind::Authorization,
+            ..charge(key, token)
+        }
+    }
+
+    /// What the provider has reserved (authorized, held) and taken
+    /// (captured, not refunded) of the order.
+    async fn holdings(pool: &PgPool, order_id: OrderId) -> (i64, i64) {
+        sqlx::query_as(
+            "SELECT authorized_minor, held_minor FROM simulated_provider_holdings WHERE order_id = $1",
+        )
+        .bind(order_id.as_uuid())
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .unwrap_or((0, 0))
+    }
+
+    #[tokio::test]
+    async fn an_authorization_holds_the_amount_until_captured_once() {
+        let (provider, pool) = provider(Duration::ZERO).await;
+        let asked = authorization("a", "tok_visa");
+        let ChargeOutcome::Authorized { reference, .. } = provider.charge(&asked).await.unwrap()
+        else {
+            panic!("not authorized");
+        };
+        assert!(reference.starts_with("sim_au_"));
+        assert_eq!(holdings(&pool, asked.order_id).await, (1500, 0));
+        for _ in 0..2 {
+            assert_eq!(
+                provider.capture("a").await.unwrap(),
+                CaptureOutcome::Captured
+            );
+            assert_eq!(
+                holdings(&pool, asked.order_id).await,
+                (0, 1500),
+                "taken once"
+            );
+        }
+        // A release of a capture refunds nothing; a void refunds it.
+        assert!(matches!(
+            provider.release("a").await.unwrap(),
+            VoidOutcome::Captured { .. }
+        ));
+        assert_eq!(holdings(&pool, asked.order_id).await, (0, 1500));
+        assert!(matches!(
+            provider.void("a").await.unwrap(),
+            VoidOutcome::Refunded {
+                kind: PaymentKind::Authorization,
+                ..
+            }
+        ));
+        assert_eq!(holdings(&pool, asked.order_id).await, (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_released_authorization_holds_nothing_and_cannot_be_captured() {
+        let (provider, pool) = provider(Duration::ZERO).await;
+        let asked = authorization("a", "tok_visa");
+        provider.charge(&asked).await.unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                provider.release("a").await.unwrap(),
+                VoidOutcome::Released { .. }
+            ));
+        }
+        assert_eq!(holdings(&pool, asked.order_id).await, (0, 0));
+        assert_eq!(provider.capture("a").await.unwrap(), CaptureOutcome::Voided);
+        assert_eq!(holdings(&pool, asked.order_id).await, (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_authorization_lapses_after_its_lifetime_holding_nothing() {
+        let (provider, pool) = provider_with(Duration::ZERO, Duration::from_millis(300)).await;
+        let asked = authorization("a", "tok_visa");
+        provider.charge(&asked).await.unwrap();
+        assert_eq!(holdings(&pool, asked.order_id).await, (1500, 0));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(holdings(&pool, asked.order_id).await, (0, 0));
+        assert_eq!(
+            provider.capture("a").await.unwrap(),
+            CaptureOutcome::Expired
+        );
+        assert!(matches!(
+            provider.release("a").await.unwrap(),
+            VoidOutcome::Expired { .. }
+        ));
+        assert_eq!(holdings(&pool, asked.order_id).await, (0, 0));
+        // Done with: forgotten after its retention like any settled key.
+        let settled: bool = sqlx::query_scalar(
+            "SELECT settled_at <= now() FROM simulated_provider_charges WHERE idempotency_key = 'a'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(settled);
+    }
+
+    #[tokio::test]
+    async fn a_capture_that_fails_transiently_captures_on_the_next_attempt() {
+        let (provider, pool) = provider(Duration::ZERO).await;
+        let asked = authorization("a", "tok_capture_fails_once");
+        provider.charge(&asked).await.unwrap();
+        assert!(matches!(
+            provider.capture("a").await,
+            Err(ProviderError::Transient(_))
+        ));
+        assert_eq!(holdings(&pool, asked.order_id).await, (1500, 0));
+        assert_eq!(
+            provider.capture("a").await.unwrap(),
+            CaptureOutcome::Captured
+        );
+        assert_eq!(holdings(&pool, asked.order_id).await, (0, 1500));
+    }
+
+    #[tokio::test]
+    async fn a_charge_is_no_authorization_to_capture() {
+        let (provider, _pool) = provider(Duration::ZERO).await;
+        provider.charge(&charge("c", "tok_visa")).await.unwrap();
+        assert_eq!(
+            provider.capture("c").await.unwrap(),
+            CaptureOutcome::NotAuthorized
+        );
+        assert_eq!(
+            provider.capture("never").await.unwrap(),
+            CaptureOutcome::NotAuthorized
+        );
     }
 }

@@ -239,6 +239,52 @@ fn describe(envelope: &EventEnvelope) -> Result<(Option<Uuid>, String), OpenErro
                 format!("order cancelled: {}", cancelled.reason),
             )
         }
+        t if t == order::OrderHeldForReview::full_name() => (
+            uuid(&envelope.aggregate_id),
+            "order held for review".to_owned(),
+        ),
+        t if t == order::OrderReviewApproved::full_name() => (
+            uuid(&envelope.aggregate_id),
+            "order approved in review".to_owned(),
+        ),
+        t if t == order::OrderReviewDeclined::full_name() => {
+            let declined: order::OrderReviewDeclined = open(envelope)?;
+            (
+                uuid(&declined.order_id),
+                format!("order declined in review: {}", declined.reason),
+            )
+        }
+        t if t == order::OrderReturnRequested::full_name() => {
+            let requested: order::OrderReturnRequested = open(envelope)?;
+            (
+                uuid(&requested.order_id),
+                format!("customer asked to return: {}", requested.reason),
+            )
+        }
+        t if t == order::OrderReturned::full_name() => {
+            (uuid(&envelope.aggregate_id), "order returned".to_owned())
+        }
+        t if t == payment::PaymentAuthorized::full_name() => {
+            let authorized: payment::PaymentAuthorized = open(envelope)?;
+            (
+                uuid(&authorized.order_id),
+                format!("payment authorized: {}", money(authorized.amount.as_ref())),
+            )
+        }
+        t if t == payment::PaymentVoided::full_name() => {
+            let voided: payment::PaymentVoided = open(envelope)?;
+            (
+                uuid(&voided.order_id),
+                format!("authorization voided: {}", money(voided.amount.as_ref())),
+            )
+        }
+        t if t == payment::PaymentAuthorizationExpired::full_name() => {
+            let expired: payment::PaymentAuthorizationExpired = open(envelope)?;
+            (
+                uuid(&expired.order_id),
+                format!("authorization expired: {}", money(expired.amount.as_ref())),
+            )
+        }
         t if t == payment::PaymentCaptured::full_name() => {
             let captured: payment::PaymentCaptured = open(envelope)?;
             (

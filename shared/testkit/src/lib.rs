@@ -5,7 +5,10 @@
 //! - [`contract`]: the checks every binary must pass (health follows its
 //!   dependencies, reflection, settings validation, graceful stop).
 //! - [`grpc`]: channels, bearer tokens and status details for tests.
+//! - [`auth`]: a stand-in for the auth service (its public keys) and
+//!   tokens it signs, for tests of one service's API.
 
+pub mod auth;
 pub mod contract;
 pub mod grpc;
 

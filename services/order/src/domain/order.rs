@@ -20,15 +20,36 @@ pub enum Order {
     Initial,
     /// Placed; payment not settled.
     Pending(Placed),
+    /// Held for an operator's review (a large order): neither confirmed
+    /// nor approved until an admin decides.
+    PendingReview(Placed),
+    /// Reviewed and approved; payment and confirmation go on.
+    ReviewApproved(Placed),
+    /// Reviewed and declined; the saga is undoing what was done, then
+    /// rejects it.
+    ReviewDeclined { order: Placed, reason: Reason },
     /// The customer asked to cancel; the saga is undoing what was done.
     CancellationRequested {
         order: Placed,
         reason: Option<Reason>,
     },
-    /// Paid and confirmed. Final.
+    /// Paid and confirmed. Final, but for a return.
     Confirmed {
         order: Placed,
         payment_id: PaymentId,
+    },
+    /// Confirmed, and its return asked for: the saga refunds its payment,
+    /// then marks it returned.
+    ReturnRequested {
+        order: Placed,
+        payment_id: PaymentId,
+        reason: Reason,
+    },
+    /// Returned; its payment was refunded. Final.
+    Returned {
+        order: Placed,
+        payment_id: PaymentId,
+        reason: Reason,
     },
     /// Payment failed; nothing was charged. Final.
     Rejected { order: Placed, reason: Reason },
@@ -40,21 +61,49 @@ pub enum Order {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OrderStatus {
     Pending,
+    PendingReview,
+    ReviewApproved,
+    ReviewDeclined,
     CancellationRequested,
     Confirmed,
     Rejected,
     Cancelled,
+    ReturnRequested,
+    Returned,
 }
 
 impl OrderStatus {
+    pub const ALL: [Self; 10] = [
+        Self::Pending,
+        Self::PendingReview,
+        Self::ReviewApproved,
+        Self::ReviewDeclined,
+        Self::CancellationRequested,
+        Self::Confirmed,
+        Self::Rejected,
+        Self::Cancelled,
+        Self::ReturnRequested,
+        Self::Returned,
+    ];
+
+    /// The stored form (the read model's `status`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
+            Self::PendingReview => "pending_review",
+            Self::ReviewApproved => "review_approved",
+            Self::ReviewDeclined => "review_declined",
             Self::CancellationRequested => "cancellation_requested",
             Self::Confirmed => "confirmed",
             Self::Rejected => "rejected",
             Self::Cancelled => "cancelled",
+            Self::ReturnRequested => "return_requested",
+            Self::Returned => "returned",
         }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == text)
     }
 }
 
@@ -80,16 +129,51 @@ pub enum OrderCommand {
     },
     /// The saga cancels the order once any charge is refunded.
     Cancel { reason: Reason },
+    /// The saga holds a large order for an operator's review.
+    HoldForReview,
+    /// An admin approves an order held for review.
+    ApproveReview,
+    /// An admin declines an order held for review.
+    DeclineReview { reason: Reason },
+    /// The customer (or an admin, `requested_by` empty) asks to return a
+    /// confirmed order.
+    RequestReturn {
+        requested_by: Option<CustomerId>,
+        reason: Reason,
+    },
+    /// The saga marks the order returned once its payment is refunded.
+    MarkReturned,
 }
 
 /// What happened to an order. Past tense; each is stored forever.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OrderEvent {
     Placed(Placed),
-    Confirmed { payment_id: PaymentId },
-    Rejected { reason: Reason },
-    CancellationRequested { reason: Option<Reason> },
-    Cancelled { reason: Reason },
+    Confirmed {
+        payment_id: PaymentId,
+    },
+    Rejected {
+        reason: Reason,
+    },
+    CancellationRequested {
+        reason: Option<Reason>,
+    },
+    Cancelled {
+        reason: Reason,
+    },
+    HeldForReview,
+    ReviewApproved,
+    ReviewDeclined {
+        reason: Reason,
+    },
+    /// With the payment to refund.
+    ReturnRequested {
+        payment_id: PaymentId,
+        reason: Reason,
+    },
+    Returned {
+        payment_id: PaymentId,
+    },
 }
 
 /// Why a command was refused. Each maps to a status on purpose.
@@ -113,10 +197,15 @@ impl Order {
         Some(match self {
             Self::Initial => return None,
             Self::Pending(_) => OrderStatus::Pending,
+            Self::PendingReview(_) => OrderStatus::PendingReview,
+            Self::ReviewApproved(_) => OrderStatus::ReviewApproved,
+            Self::ReviewDeclined { .. } => OrderStatus::ReviewDeclined,
             Self::CancellationRequested { .. } => OrderStatus::CancellationRequested,
             Self::Confirmed { .. } => OrderStatus::Confirmed,
             Self::Rejected { .. } => OrderStatus::Rejected,
             Self::Cancelled { .. } => OrderStatus::Cancelled,
+            Self::ReturnRequested { .. } => OrderStatus::ReturnRequested,
+            Self::Returned { .. } => OrderStatus::Returned,
         })
     }
 
@@ -125,11 +214,29 @@ impl Order {
         match self {
             Self::Initial => None,
             Self::Pending(order)
+            | Self::PendingReview(order)
+            | Self::ReviewApproved(order)
+            | Self::ReviewDeclined { order, .. }
             | Self::CancellationRequested { order, .. }
             | Self::Confirmed { order, .. }
             | Self::Rejected { order, .. }
-            | Self::Cancelled { order, .. } => Some(order),
+            | Self::Cancelled { order, .. }
+            | Self::ReturnRequested { order, .. }
+            | Self::Returned { order, .. } => Some(order),
         }
+    }
+
+    /// Whether the order is still before its confirmation and not closed:
+    /// what the saga may still reject or cancel.
+    fn is_open(&self) -> bool {
+        matches!(
+            self,
+            Self::Pending(_)
+                | Self::PendingReview(_)
+                | Self::ReviewApproved(_)
+                | Self::ReviewDeclined { .. }
+                | Self::CancellationRequested { .. }
+        )
     }
 
     /// What `command` means for this order. An empty list means the command
@@ -147,9 +254,12 @@ impl Order {
             (_, C::Place(_)) => Err(DomainError::AlreadyPlaced),
             (Self::Initial, _) => Err(DomainError::NotFound),
 
-            (Self::Pending(_), C::Confirm { payment_id }) => Ok(vec![E::Confirmed {
-                payment_id: *payment_id,
-            }]),
+            // An order held for review is confirmed only once approved.
+            (Self::Pending(_) | Self::ReviewApproved(_), C::Confirm { payment_id }) => {
+                Ok(vec![E::Confirmed {
+                    payment_id: *payment_id,
+                }])
+            }
             (
                 Self::Confirmed {
                     payment_id: confirmed,
@@ -165,16 +275,14 @@ impl Order {
             }
             (_, C::Confirm { .. }) => refuse("confirmed"),
 
-            (Self::Pending(_) | Self::CancellationRequested { .. }, C::Reject { reason }) => {
-                Ok(vec![E::Rejected {
-                    reason: reason.clone(),
-                }])
-            }
+            (order, C::Reject { reason }) if order.is_open() => Ok(vec![E::Rejected {
+                reason: reason.clone(),
+            }]),
             (Self::Rejected { .. }, C::Reject { .. }) => Ok(vec![]),
             (_, C::Reject { .. }) => refuse("rejected"),
 
-            // A customer may cancel only their own order; to anyone else it
-            // does not exist.
+            // A customer may cancel or return only their own order; to
+            // anyone else it does not exist.
             (_, C::RequestCancellation { requested_by, .. })
                 if self
                     .placed()
@@ -182,21 +290,70 @@ impl Order {
             {
                 Err(DomainError::NotFound)
             }
-            (Self::Pending(_), C::RequestCancellation { reason, .. }) => {
-                Ok(vec![E::CancellationRequested {
-                    reason: reason.clone(),
-                }])
-            }
+            // Also while it waits for its review, or after its approval:
+            // until it is confirmed, a customer may change their mind.
+            (
+                Self::Pending(_) | Self::PendingReview(_) | Self::ReviewApproved(_),
+                C::RequestCancellation { reason, .. },
+            ) => Ok(vec![E::CancellationRequested {
+                reason: reason.clone(),
+            }]),
             (Self::CancellationRequested { .. }, C::RequestCancellation { .. }) => Ok(vec![]),
             (_, C::RequestCancellation { .. }) => refuse("cancelled by its customer"),
 
-            (Self::Pending(_) | Self::CancellationRequested { .. }, C::Cancel { reason }) => {
-                Ok(vec![E::Cancelled {
+            (order, C::Cancel { reason }) if order.is_open() => Ok(vec![E::Cancelled {
+                reason: reason.clone(),
+            }]),
+            (Self::Cancelled { .. }, C::Cancel { .. }) => Ok(vec![]),
+            (_, C::Cancel { .. }) => refuse("cancelled"),
+
+            (Self::Pending(_), C::HoldForReview) => Ok(vec![E::HeldForReview]),
+            // Held already, or decided since: a retry of the hold changes
+            // nothing.
+            (
+                Self::PendingReview(_) | Self::ReviewApproved(_) | Self::ReviewDeclined { .. },
+                C::HoldForReview,
+            ) => Ok(vec![]),
+            (_, C::HoldForReview) => refuse("held for review"),
+
+            (Self::PendingReview(_), C::ApproveReview) => Ok(vec![E::ReviewApproved]),
+            (Self::ReviewApproved(_), C::ApproveReview) => Ok(vec![]),
+            (_, C::ApproveReview) => refuse("approved"),
+
+            (Self::PendingReview(_), C::DeclineReview { reason }) => Ok(vec![E::ReviewDeclined {
+                reason: reason.clone(),
+            }]),
+            (Self::ReviewDeclined { .. }, C::DeclineReview { .. }) => Ok(vec![]),
+            (_, C::DeclineReview { .. }) => refuse("declined"),
+
+            (
+                _,
+                C::RequestReturn {
+                    requested_by: Some(customer),
+                    ..
+                },
+            ) if self
+                .placed()
+                .is_some_and(|placed| placed.customer_id != *customer) =>
+            {
+                Err(DomainError::NotFound)
+            }
+            (Self::Confirmed { payment_id, .. }, C::RequestReturn { reason, .. }) => {
+                Ok(vec![E::ReturnRequested {
+                    payment_id: *payment_id,
                     reason: reason.clone(),
                 }])
             }
-            (Self::Cancelled { .. }, C::Cancel { .. }) => Ok(vec![]),
-            (_, C::Cancel { .. }) => refuse("cancelled"),
+            (Self::ReturnRequested { .. } | Self::Returned { .. }, C::RequestReturn { .. }) => {
+                Ok(vec![])
+            }
+            (_, C::RequestReturn { .. }) => refuse("returned"),
+
+            (Self::ReturnRequested { payment_id, .. }, C::MarkReturned) => Ok(vec![E::Returned {
+                payment_id: *payment_id,
+            }]),
+            (Self::Returned { .. }, C::MarkReturned) => Ok(vec![]),
+            (_, C::MarkReturned) => refuse("marked returned"),
         }
     }
 
@@ -208,31 +365,75 @@ impl Order {
         use OrderEvent as E;
         match (self, event) {
             (Self::Initial, E::Placed(placed)) => Self::Pending(placed.clone()),
-            (Self::Pending(order), E::Confirmed { payment_id }) => Self::Confirmed {
-                order,
-                payment_id: *payment_id,
+            (Self::Pending(order) | Self::ReviewApproved(order), E::Confirmed { payment_id }) => {
+                Self::Confirmed {
+                    order,
+                    payment_id: *payment_id,
+                }
+            }
+            (order, E::Rejected { reason }) => match order.open_placement() {
+                Ok(order) => Self::Rejected {
+                    order,
+                    reason: reason.clone(),
+                },
+                Err(unchanged) => unchanged,
             },
             (
-                Self::Pending(order) | Self::CancellationRequested { order, .. },
-                E::Rejected { reason },
-            ) => Self::Rejected {
+                Self::Pending(order) | Self::PendingReview(order) | Self::ReviewApproved(order),
+                E::CancellationRequested { reason },
+            ) => Self::CancellationRequested {
                 order,
                 reason: reason.clone(),
             },
-            (Self::Pending(order), E::CancellationRequested { reason }) => {
-                Self::CancellationRequested {
+            (order, E::Cancelled { reason }) => match order.open_placement() {
+                Ok(order) => Self::Cancelled {
                     order,
+                    reason: reason.clone(),
+                },
+                Err(unchanged) => unchanged,
+            },
+            (Self::Pending(order), E::HeldForReview) => Self::PendingReview(order),
+            (Self::PendingReview(order), E::ReviewApproved) => Self::ReviewApproved(order),
+            (Self::PendingReview(order), E::ReviewDeclined { reason }) => Self::ReviewDeclined {
+                order,
+                reason: reason.clone(),
+            },
+            (Self::Confirmed { order, payment_id }, E::ReturnRequested { reason, .. }) => {
+                Self::ReturnRequested {
+                    order,
+                    payment_id,
                     reason: reason.clone(),
                 }
             }
             (
-                Self::Pending(order) | Self::CancellationRequested { order, .. },
-                E::Cancelled { reason },
-            ) => Self::Cancelled {
+                Self::ReturnRequested {
+                    order,
+                    payment_id,
+                    reason,
+                },
+                E::Returned { .. },
+            ) => Self::Returned {
                 order,
-                reason: reason.clone(),
+                payment_id,
+                reason,
             },
             (unchanged, _) => unchanged,
+        }
+    }
+
+    /// The order as placed, if it is open (see [`Order::is_open`]); the
+    /// order unchanged otherwise.
+    // The error is the order itself, handed back as it was: moved, not
+    // copied, so its size costs nothing.
+    #[allow(clippy::result_large_err)]
+    fn open_placement(self) -> Result<Placed, Self> {
+        match self {
+            Self::Pending(order)
+            | Self::PendingReview(order)
+            | Self::ReviewApproved(order)
+            | Self::ReviewDeclined { order, .. }
+            | Self::CancellationRequested { order, .. } => Ok(order),
+            closed => Err(closed),
         }
     }
 }
@@ -601,5 +802,329 @@ mod tests {
             }),
             order
         );
+    }
+
+    // Review and returns.
+
+    fn held() -> OrderEvent {
+        OrderEvent::HeldForReview
+    }
+
+    fn declined() -> OrderEvent {
+        OrderEvent::ReviewDeclined {
+            reason: reason("looks like fraud"),
+        }
+    }
+
+    fn return_requested(n: u128) -> OrderEvent {
+        OrderEvent::ReturnRequested {
+            payment_id: payment(n),
+            reason: reason("does not fit"),
+        }
+    }
+
+    fn request_return(by: Option<CustomerId>) -> OrderCommand {
+        OrderCommand::RequestReturn {
+            requested_by: by,
+            reason: reason("does not fit"),
+        }
+    }
+
+    /// A history that ends in each status, for tables of every state.
+    fn every_state() -> Vec<(OrderStatus, Vec<OrderEvent>)> {
+        let rejected = OrderEvent::Rejected {
+            reason: reason("declined"),
+        };
+        let cancelled = OrderEvent::Cancelled {
+            reason: reason("refunded"),
+        };
+        let states = vec![
+            (OrderStatus::Pending, vec![placed_event()]),
+            (OrderStatus::PendingReview, vec![placed_event(), held()]),
+            (
+                OrderStatus::ReviewApproved,
+                vec![placed_event(), held(), OrderEvent::ReviewApproved],
+            ),
+            (
+                OrderStatus::ReviewDeclined,
+                vec![placed_event(), held(), declined()],
+            ),
+            (
+                OrderStatus::CancellationRequested,
+                vec![placed_event(), cancellation_requested()],
+            ),
+            (OrderStatus::Confirmed, vec![placed_event(), confirmed(1)]),
+            (OrderStatus::Rejected, vec![placed_event(), rejected]),
+            (OrderStatus::Cancelled, vec![placed_event(), cancelled]),
+            (
+                OrderStatus::ReturnRequested,
+                vec![placed_event(), confirmed(1), return_requested(1)],
+            ),
+            (
+                OrderStatus::Returned,
+                vec![
+                    placed_event(),
+                    confirmed(1),
+                    return_requested(1),
+                    OrderEvent::Returned {
+                        payment_id: payment(1),
+                    },
+                ],
+            ),
+        ];
+        for (status, history) in &states {
+            assert_eq!(given(history).status(), Some(*status), "{history:?}");
+        }
+        assert_eq!(states.len(), OrderStatus::ALL.len());
+        states
+    }
+
+    /// What `command` does in every state: the event it appends, nothing
+    /// (already done), or a refusal naming the state and `action`.
+    fn in_every_state(
+        command: &OrderCommand,
+        action: &'static str,
+        appends: &[(OrderStatus, OrderEvent)],
+        unchanged: &[OrderStatus],
+    ) {
+        for (status, history) in every_state() {
+            let decided = given(&history).decide(command);
+            if let Some((_, event)) = appends.iter().find(|(s, _)| *s == status) {
+                assert_eq!(decided, Ok(vec![event.clone()]), "{status}");
+            } else if unchanged.contains(&status) {
+                assert_eq!(decided, Ok(vec![]), "{status}: already done");
+            } else {
+                assert_eq!(decided, invalid(status, action), "{status}");
+            }
+        }
+        assert_eq!(given(&[]).decide(command), Err(DomainError::NotFound));
+    }
+
+    #[test]
+    fn the_saga_holds_a_pending_order_for_review_and_a_retry_changes_nothing() {
+        in_every_state(
+            &OrderCommand::HoldForReview,
+            "held for review",
+            &[(OrderStatus::Pending, held())],
+            &[
+                OrderStatus::PendingReview,
+                OrderStatus::ReviewApproved,
+                OrderStatus::ReviewDeclined,
+            ],
+        );
+    }
+
+    #[test]
+    fn an_admin_approves_only_an_order_pending_review_and_approving_again_changes_nothing() {
+        in_every_state(
+            &OrderCommand::ApproveReview,
+            "approved",
+            &[(OrderStatus::PendingReview, OrderEvent::ReviewApproved)],
+            &[OrderStatus::ReviewApproved],
+        );
+    }
+
+    #[test]
+    fn an_admin_declines_only_an_order_pending_review_and_declining_again_changes_nothing() {
+        in_every_state(
+            &OrderCommand::DeclineReview {
+                reason: reason("looks like fraud"),
+            },
+            "declined",
+            &[(OrderStatus::PendingReview, declined())],
+            &[OrderStatus::ReviewDeclined],
+        );
+        // The first reason stands.
+        let order = given(&[placed_event(), held(), declined()]);
+        assert_eq!(
+            order.decide(&OrderCommand::DeclineReview {
+                reason: reason("another")
+            }),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn a_decision_does_not_take_back_the_other_one() {
+        let approved = given(&[placed_event(), held(), OrderEvent::ReviewApproved]);
+        assert_eq!(
+            approved.decide(&OrderCommand::DeclineReview {
+                reason: reason("changed my mind")
+            }),
+            invalid(OrderStatus::ReviewApproved, "declined")
+        );
+        let declined = given(&[placed_event(), held(), declined()]);
+        assert_eq!(
+            declined.decide(&OrderCommand::ApproveReview),
+            invalid(OrderStatus::ReviewDeclined, "approved")
+        );
+    }
+
+    #[test]
+    fn an_order_held_for_review_is_confirmed_only_once_approved() {
+        let confirm = OrderCommand::Confirm {
+            payment_id: payment(7),
+        };
+        assert_eq!(
+            given(&[placed_event(), held()]).decide(&confirm),
+            invalid(OrderStatus::PendingReview, "confirmed")
+        );
+        let approved = [placed_event(), held(), OrderEvent::ReviewApproved];
+        let events = given(&approved).decide(&confirm).unwrap();
+        assert_eq!(events, vec![confirmed(7)]);
+        let after: Vec<_> = approved.into_iter().chain(events).collect();
+        assert_eq!(given(&after).status(), Some(OrderStatus::Confirmed));
+        assert_eq!(
+            given(&[placed_event(), held(), declined()]).decide(&confirm),
+            invalid(OrderStatus::ReviewDeclined, "confirmed")
+        );
+    }
+
+    #[test]
+    fn a_customer_may_cancel_while_the_order_waits_for_its_review_or_after_its_approval() {
+        for history in [
+            vec![placed_event(), held()],
+            vec![placed_event(), held(), OrderEvent::ReviewApproved],
+        ] {
+            let events = given(&history)
+                .decide(&request_cancellation(customer()))
+                .unwrap();
+            assert_eq!(events, vec![cancellation_requested()]);
+            let after: Vec<_> = history.into_iter().chain(events).collect();
+            let order = given(&after);
+            assert_eq!(order.status(), Some(OrderStatus::CancellationRequested));
+            // The review can no longer be decided; the saga undoes it.
+            assert_eq!(
+                order.decide(&OrderCommand::ApproveReview),
+                invalid(OrderStatus::CancellationRequested, "approved")
+            );
+        }
+        let stranger = CustomerId::new(Uuid::from_u128(99));
+        assert_eq!(
+            given(&[placed_event(), held()]).decide(&request_cancellation(stranger)),
+            Err(DomainError::NotFound)
+        );
+        assert_eq!(
+            given(&[placed_event(), held(), declined()]).decide(&request_cancellation(customer())),
+            invalid(OrderStatus::ReviewDeclined, "cancelled by its customer")
+        );
+    }
+
+    #[test]
+    fn the_saga_rejects_or_cancels_an_order_in_or_after_review() {
+        for history in [
+            vec![placed_event(), held()],
+            vec![placed_event(), held(), OrderEvent::ReviewApproved],
+            vec![placed_event(), held(), declined()],
+        ] {
+            for (command, status) in [
+                (
+                    OrderCommand::Reject {
+                        reason: reason("declined in review"),
+                    },
+                    OrderStatus::Rejected,
+                ),
+                (
+                    OrderCommand::Cancel {
+                        reason: reason("review timed out"),
+                    },
+                    OrderStatus::Cancelled,
+                ),
+            ] {
+                let events = given(&history).decide(&command).unwrap();
+                let after: Vec<_> = history.iter().cloned().chain(events).collect();
+                assert_eq!(given(&after).status(), Some(status), "{history:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_owner_or_an_admin_asks_to_return_a_confirmed_order_only() {
+        for by in [Some(customer()), None] {
+            in_every_state(
+                &request_return(by),
+                "returned",
+                &[(OrderStatus::Confirmed, return_requested(1))],
+                &[OrderStatus::ReturnRequested, OrderStatus::Returned],
+            );
+        }
+        let stranger = CustomerId::new(Uuid::from_u128(99));
+        assert_eq!(
+            given(&[placed_event(), confirmed(1)]).decide(&request_return(Some(stranger))),
+            Err(DomainError::NotFound)
+        );
+    }
+
+    #[test]
+    fn the_saga_marks_returned_an_order_whose_return_was_asked_for() {
+        in_every_state(
+            &OrderCommand::MarkReturned,
+            "marked returned",
+            &[(
+                OrderStatus::ReturnRequested,
+                OrderEvent::Returned {
+                    payment_id: payment(1),
+                },
+            )],
+            &[OrderStatus::Returned],
+        );
+        let returned = given(&[
+            placed_event(),
+            confirmed(1),
+            return_requested(1),
+            OrderEvent::Returned {
+                payment_id: payment(1),
+            },
+        ]);
+        assert_eq!(
+            returned,
+            Order::Returned {
+                order: placed(),
+                payment_id: payment(1),
+                reason: reason("does not fit"),
+            }
+        );
+    }
+
+    #[test]
+    fn a_returned_or_returning_order_is_neither_confirmed_again_nor_cancelled() {
+        for history in [
+            vec![placed_event(), confirmed(1), return_requested(1)],
+            vec![
+                placed_event(),
+                confirmed(1),
+                return_requested(1),
+                OrderEvent::Returned {
+                    payment_id: payment(1),
+                },
+            ],
+        ] {
+            let order = given(&history);
+            let status = order.status().unwrap();
+            assert_eq!(
+                order.decide(&OrderCommand::Confirm {
+                    payment_id: payment(1)
+                }),
+                invalid(status, "confirmed")
+            );
+            assert_eq!(
+                order.decide(&OrderCommand::Cancel {
+                    reason: reason("x")
+                }),
+                invalid(status, "cancelled")
+            );
+            assert_eq!(
+                order.decide(&request_cancellation(customer())),
+                invalid(status, "cancelled by its customer")
+            );
+        }
+    }
+
+    #[test]
+    fn every_status_is_stored_by_name() {
+        for status in OrderStatus::ALL {
+            assert_eq!(OrderStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(OrderStatus::parse("shipped"), None);
     }
 }

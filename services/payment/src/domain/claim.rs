@@ -22,6 +22,12 @@ pub(crate) enum Intent {
     /// being undone it is never charged again: a request to charge it
     /// completes the undo instead.
     Undo(Refund),
+    /// An authorization is being captured.
+    Capture,
+    /// The key's authorization is being released, for good, like an undo,
+    /// but nothing captured under it is refunded (VoidPayment). Done for
+    /// this void (the first one asked for the key).
+    Release(Refund),
 }
 
 /// The lease on a key: the right to call the provider for it.
@@ -54,6 +60,10 @@ pub(crate) enum KeyCommand<'a> {
     Charge(&'a RequestHash),
     /// RefundPayment, by charge key or by payment id.
     Undo(&'a Refund),
+    /// CapturePayment.
+    Capture,
+    /// VoidPayment, by authorization key or by payment id.
+    Release(&'a Refund),
 }
 
 /// A provider call, made while holding the key's lease.
@@ -64,6 +74,11 @@ pub(crate) enum Call {
     /// Void the key: refund what it captured, or make sure it never
     /// charges. Done for this refund (the first one asked for the key).
     Void(Refund),
+    /// Capture the key's authorization.
+    Capture,
+    /// Release the key's authorization, or make sure it never holds
+    /// anything; never refund.
+    Release(Refund),
 }
 
 /// What a request does next.
@@ -94,25 +109,46 @@ pub(crate) fn decide(
     claim: Option<&Claim>,
     command: KeyCommand<'_>,
 ) -> Result<Step, KeyReused> {
+    let live = claim.is_some_and(|claim| claim.lease == Lease::Live);
     match (payment, command) {
         (Some(payment), KeyCommand::Charge(hash)) => {
             payment.answer_charge(hash)?;
             Ok(Step::Answer)
         }
         (Some(payment), KeyCommand::Undo(refund)) => Ok(match payment.status {
-            PaymentStatus::Captured => undo(claim, refund),
-            PaymentStatus::Declined | PaymentStatus::Refunded | PaymentStatus::Voided => {
-                Step::Answer
-            }
+            PaymentStatus::Captured | PaymentStatus::Authorized => undo(claim, refund),
+            PaymentStatus::Declined
+            | PaymentStatus::Refunded
+            | PaymentStatus::Voided
+            | PaymentStatus::Expired => Step::Answer,
         }),
+        // An authorization is captured or released by one request at a
+        // time: whoever holds its lease (a capture, a void, a refund)
+        // finishes first, and the next reads what it recorded. Any other
+        // status answers; the caller judges it (`check_capture`,
+        // `check_void`).
+        (Some(payment), KeyCommand::Capture) => Ok(match payment.status {
+            PaymentStatus::Authorized if live => Step::Wait,
+            PaymentStatus::Authorized => Step::Call(Call::Capture),
+            _ => Step::Answer,
+        }),
+        (Some(payment), KeyCommand::Release(refund)) => Ok(match payment.status {
+            PaymentStatus::Authorized if live => Step::Wait,
+            PaymentStatus::Authorized => Step::Call(Call::Release(refund.clone())),
+            _ => Step::Answer,
+        }),
+        // Nothing to capture without an authorization; the caller has
+        // found none, and says so.
+        (None, KeyCommand::Capture) => Ok(Step::Answer),
         (None, KeyCommand::Charge(hash)) => match claim {
             None => Ok(Step::Call(Call::Charge)),
             Some(claim) => match &claim.intent {
-                Intent::Undo(first) => Ok(match claim.lease {
-                    Lease::Live => Step::Wait,
-                    Lease::Free | Lease::Expired => Step::Call(Call::Void(first.clone())),
-                }),
-                Intent::Charge => {
+                Intent::Undo(_) | Intent::Release(_) if claim.lease == Lease::Live => {
+                    Ok(Step::Wait)
+                }
+                Intent::Undo(first) => Ok(Step::Call(Call::Void(first.clone()))),
+                Intent::Release(first) => Ok(Step::Call(Call::Release(first.clone()))),
+                Intent::Charge | Intent::Capture => {
                     if claim
                         .request_hash
                         .as_ref()
@@ -128,19 +164,42 @@ pub(crate) fn decide(
             },
         },
         (None, KeyCommand::Undo(refund)) => Ok(undo(claim, refund)),
+        (None, KeyCommand::Release(refund)) => Ok(release(claim, refund)),
     }
 }
 
-/// An undo of a key whose payment is captured or missing.
+/// An undo of a key whose payment is captured, authorized or missing.
 fn undo(claim: Option<&Claim>, refund: &Refund) -> Step {
     match claim.map(|claim| (&claim.intent, claim.lease)) {
-        Some((Intent::Undo(_), Lease::Live)) => Step::Wait,
+        Some((Intent::Undo(_) | Intent::Release(_), Lease::Live)) => Step::Wait,
         // An undo asked for before, left unfinished: finished as it was
         // asked (its refund key and reason are recorded).
         Some((Intent::Undo(first), Lease::Free | Lease::Expired)) => {
             Step::Call(Call::Void(first.clone()))
         }
-        None | Some((Intent::Charge, _)) => Step::Call(Call::Void(refund.clone())),
+        // A release left unfinished, a charge or a capture (even in
+        // flight: a void must win): voided, which also refunds.
+        None
+        | Some((Intent::Release(_), Lease::Free | Lease::Expired))
+        | Some((Intent::Charge | Intent::Capture, _)) => Step::Call(Call::Void(refund.clone())),
+    }
+}
+
+/// A release of a key with no payment: it wins over an authorization in
+/// flight, as an undo does over a charge (the provider settles the race),
+/// and finishes an undo or a release left unfinished as it was asked.
+fn release(claim: Option<&Claim>, refund: &Refund) -> Step {
+    match claim.map(|claim| (&claim.intent, claim.lease)) {
+        Some((Intent::Undo(_) | Intent::Release(_), Lease::Live)) => Step::Wait,
+        Some((Intent::Undo(first), Lease::Free | Lease::Expired)) => {
+            Step::Call(Call::Void(first.clone()))
+        }
+        Some((Intent::Release(first), Lease::Free | Lease::Expired)) => {
+            Step::Call(Call::Release(first.clone()))
+        }
+        None | Some((Intent::Charge | Intent::Capture, _)) => {
+            Step::Call(Call::Release(refund.clone()))
+        }
     }
 }
 
@@ -149,14 +208,15 @@ mod tests {
     //! Given a key's payment and claim, when a charge or an undo comes,
     //! then this is what it does.
 
-    use super::super::fixtures::{claim, hash, payment, refund};
+    use super::super::fixtures::{authorization, claim, hash, payment, refund};
     use super::*;
 
     const ALL_LEASES: [Lease; 3] = [Lease::Free, Lease::Live, Lease::Expired];
-    const FINAL: [PaymentStatus; 3] = [
+    const FINAL: [PaymentStatus; 4] = [
         PaymentStatus::Declined,
         PaymentStatus::Refunded,
         PaymentStatus::Voided,
+        PaymentStatus::Expired,
     ];
 
     fn charge(
@@ -311,5 +371,105 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn capture(payment: Option<&Payment>, claim: Option<&Claim>) -> Step {
+        decide(payment, claim, KeyCommand::Capture).unwrap()
+    }
+
+    fn release(payment: Option<&Payment>, claim: Option<&Claim>, refund: &Refund) -> Step {
+        decide(payment, claim, KeyCommand::Release(refund)).unwrap()
+    }
+
+    #[test]
+    fn an_authorization_is_captured_or_released_by_one_request_at_a_time() {
+        let held = authorization(PaymentStatus::Authorized);
+        for intent in [
+            Intent::Capture,
+            Intent::Release(refund(1)),
+            Intent::Undo(refund(1)),
+        ] {
+            let busy = claim(intent.clone(), Lease::Live, Some(1));
+            assert_eq!(capture(Some(&held), Some(&busy)), Step::Wait, "{intent:?}");
+            assert_eq!(
+                release(Some(&held), Some(&busy), &refund(2)),
+                Step::Wait,
+                "{intent:?}"
+            );
+            for lease in [Lease::Free, Lease::Expired] {
+                let left = claim(intent.clone(), lease, Some(1));
+                assert_eq!(capture(Some(&held), Some(&left)), Step::Call(Call::Capture));
+                assert_eq!(
+                    release(Some(&held), Some(&left), &refund(2)),
+                    Step::Call(Call::Release(refund(2)))
+                );
+            }
+        }
+        assert_eq!(capture(Some(&held), None), Step::Call(Call::Capture));
+    }
+
+    #[test]
+    fn a_capture_or_a_release_of_an_authorization_no_longer_held_answers_for_the_caller_to_judge() {
+        for status in [
+            PaymentStatus::Captured,
+            PaymentStatus::Refunded,
+            PaymentStatus::Voided,
+            PaymentStatus::Expired,
+            PaymentStatus::Declined,
+        ] {
+            let settled = authorization(status);
+            let claimed = claim(Intent::Capture, Lease::Free, Some(1));
+            assert_eq!(capture(Some(&settled), Some(&claimed)), Step::Answer);
+            assert_eq!(release(Some(&settled), None, &refund(1)), Step::Answer);
+        }
+        // A release never refunds: a captured payment answers, the caller
+        // refuses it.
+        let taken = payment(PaymentStatus::Captured, Some(1));
+        assert_eq!(release(Some(&taken), None, &refund(1)), Step::Answer);
+    }
+
+    #[test]
+    fn a_release_of_a_key_with_no_record_wins_over_an_authorization_in_flight() {
+        assert_eq!(
+            release(None, None, &refund(1)),
+            Step::Call(Call::Release(refund(1)))
+        );
+        for lease in ALL_LEASES {
+            let authorizing = claim(Intent::Charge, lease, Some(1));
+            assert_eq!(
+                release(None, Some(&authorizing), &refund(1)),
+                Step::Call(Call::Release(refund(1)))
+            );
+        }
+        let releasing = claim(Intent::Release(refund(1)), Lease::Live, None);
+        assert_eq!(release(None, Some(&releasing), &refund(2)), Step::Wait);
+    }
+
+    #[test]
+    fn an_authorization_after_a_release_never_holds_it_finishes_the_release() {
+        let releasing = claim(Intent::Release(refund(1)), Lease::Live, None);
+        assert_eq!(charge(None, Some(&releasing), 1), Ok(Step::Wait));
+        for lease in [Lease::Free, Lease::Expired] {
+            let unfinished = claim(Intent::Release(refund(1)), lease, None);
+            assert_eq!(
+                charge(None, Some(&unfinished), 1),
+                Ok(Step::Call(Call::Release(refund(1))))
+            );
+            assert_eq!(
+                release(None, Some(&unfinished), &refund(2)),
+                Step::Call(Call::Release(refund(1)))
+            );
+        }
+    }
+
+    #[test]
+    fn a_refund_by_key_of_an_authorization_voids_it_which_releases_or_refunds() {
+        let held = authorization(PaymentStatus::Authorized);
+        assert_eq!(
+            undo(Some(&held), None, &refund(1)),
+            Step::Call(Call::Void(refund(1)))
+        );
+        let releasing = claim(Intent::Release(refund(2)), Lease::Live, Some(1));
+        assert_eq!(undo(Some(&held), Some(&releasing), &refund(1)), Step::Wait);
     }
 }

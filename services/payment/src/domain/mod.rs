@@ -6,6 +6,10 @@
 //! - `payment`: a payment and its [`PaymentStatus`]; what a provider's
 //!   answer to a charge or to a void is recorded as ([`charged`],
 //!   [`voided`]), with the events it publishes.
+//! - `authorization`: an authorization's states and transitions
+//!   (authorized → captured | voided | expired; captured → refunded): when
+//!   a capture or a void goes to the provider, and what its answer is
+//!   recorded as.
 //! - `claim`: the per-key protocol: given a key's payment and claim as
 //!   read, what a charge or a refund does next ([`decide`]): answer, wait,
 //!   or take the key's lease and call the provider.
@@ -13,14 +17,18 @@
 //! `crate::app` reads the key's state, asks these functions, and does what
 //! they say.
 
+mod authorization;
 mod claim;
 mod payment;
 mod values;
 
+pub(crate) use authorization::{
+    CaptureRefused, Next, VoidRefused, captured, check_capture, check_void,
+};
 pub(crate) use claim::{Call, Claim, Intent, KeyCommand, Lease, Step, decide};
 pub(crate) use payment::{
     ChargeDetails, ChargeRequest, KeyReused, NewPayment, NothingToRefund, Payment, PaymentEvent,
-    PaymentStatus, Refund, Settlement, charged, voided,
+    PaymentKind, PaymentStatus, Refund, Settlement, charged, voided,
 };
 pub(crate) use values::{
     ChargeKey, CustomerId, OrderId, PaymentId, PaymentMethodToken, RefundKey, RefundReason,
@@ -62,6 +70,7 @@ mod fixtures {
     pub(crate) fn request(n: u8) -> ChargeRequest {
         ChargeRequest {
             key: key(),
+            kind: PaymentKind::Charge,
             details: details(),
             payment_method: PaymentMethodToken::parse("tok_visa").unwrap(),
             request_hash: hash(n),
@@ -74,6 +83,7 @@ mod fixtures {
         Payment {
             id: PaymentId::new(Uuid::from_u128(3)),
             charge_key: key(),
+            kind: PaymentKind::Charge,
             status,
             request_hash: request.map(hash),
             charge: (status != PaymentStatus::Voided).then(details),
@@ -83,6 +93,26 @@ mod fixtures {
             created_at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
             refunded_at: (status == PaymentStatus::Refunded)
                 .then(|| Utc.timestamp_opt(1_700_000_100, 0).unwrap()),
+            authorization_expires_at: None,
+            captured_at: None,
+            voided_at: None,
+        }
+    }
+
+    /// An authorization of `key()` in `status`, made with request `hash(1)`,
+    /// lapsing a week after it was made.
+    pub(crate) fn authorization(status: PaymentStatus) -> Payment {
+        let at = |seconds| Some(Utc.timestamp_opt(seconds, 0).unwrap());
+        Payment {
+            kind: PaymentKind::Authorization,
+            charge: Some(details()),
+            provider_reference: (status != PaymentStatus::Declined).then(|| "sim_au_1".into()),
+            authorization_expires_at: at(1_700_000_000 + 7 * 24 * 3600),
+            captured_at: matches!(status, PaymentStatus::Captured | PaymentStatus::Refunded)
+                .then(|| Utc.timestamp_opt(1_700_000_050, 0).unwrap()),
+            voided_at: (status == PaymentStatus::Voided)
+                .then(|| Utc.timestamp_opt(1_700_000_050, 0).unwrap()),
+            ..payment(status, Some(1))
         }
     }
 

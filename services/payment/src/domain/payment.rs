@@ -9,35 +9,80 @@ use super::values::{
 };
 use crate::provider::{ChargeOutcome, VoidOutcome};
 
-/// Where a payment stands. Only a capture moves on, to a refund; the rest
-/// are final.
+/// Where a payment stands. An authorization moves on to a capture, a void
+/// or its expiry; a capture (of a charge or an authorization) to a refund;
+/// the rest are final. `crate::domain::authorization` has the rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum PaymentStatus {
+    /// The amount is held on the payment method, not taken.
+    Authorized,
     /// The amount was charged.
     Captured,
     /// The provider refused; nothing was charged.
     Declined,
     /// The charge was paid back in full.
     Refunded,
-    /// The key was voided before anything was charged under it.
+    /// Nothing was charged and nothing is held: the key was voided before
+    /// anything was charged under it, or the authorization was released.
     Voided,
+    /// The authorization lapsed uncaptured: nothing is held.
+    Expired,
 }
 
 impl PaymentStatus {
-    const ALL: [Self; 4] = [Self::Captured, Self::Declined, Self::Refunded, Self::Voided];
+    pub(crate) const ALL: [Self; 6] = [
+        Self::Authorized,
+        Self::Captured,
+        Self::Declined,
+        Self::Refunded,
+        Self::Voided,
+        Self::Expired,
+    ];
 
     /// The stored form (the `payments.status` column).
     pub(crate) fn as_str(self) -> &'static str {
         match self {
+            Self::Authorized => "authorized",
             Self::Captured => "captured",
             Self::Declined => "declined",
             Self::Refunded => "refunded",
             Self::Voided => "voided",
+            Self::Expired => "expired",
         }
     }
 
     pub(crate) fn parse(text: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|status| status.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for PaymentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a payment is: a charge (ProcessPayment), authorized and captured at
+/// once, or an authorization (AuthorizePayment), captured or voided later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum PaymentKind {
+    Charge,
+    Authorization,
+}
+
+impl PaymentKind {
+    /// The stored form (the `kind` columns).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Charge => "charge",
+            Self::Authorization => "authorization",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        [Self::Charge, Self::Authorization]
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
     }
 }
 
@@ -50,10 +95,11 @@ pub(crate) struct ChargeDetails {
     pub(crate) amount: Money,
 }
 
-/// A charge as asked for.
+/// A charge or an authorization as asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ChargeRequest {
     pub(crate) key: ChargeKey,
+    pub(crate) kind: PaymentKind,
     pub(crate) details: ChargeDetails,
     pub(crate) payment_method: PaymentMethodToken,
     pub(crate) request_hash: RequestHash,
@@ -71,6 +117,9 @@ pub(crate) struct Refund {
 pub(crate) struct Payment {
     pub(crate) id: PaymentId,
     pub(crate) charge_key: ChargeKey,
+    pub(crate) kind: PaymentKind,
+    /// As recorded; [`Payment::status_at`] is what it is at a given moment
+    /// (an authorization past its expiry has lapsed, recorded or not).
     pub(crate) status: PaymentStatus,
     /// Empty when the payment was settled by a void of its key before any
     /// request was seen: what the provider said then stands, whatever a
@@ -82,6 +131,10 @@ pub(crate) struct Payment {
     pub(crate) provider_reference: Option<String>,
     pub(crate) created_at: DateTime<Utc>,
     pub(crate) refunded_at: Option<DateTime<Utc>>,
+    /// When an authorization lapses unless captured.
+    pub(crate) authorization_expires_at: Option<DateTime<Utc>>,
+    pub(crate) captured_at: Option<DateTime<Utc>>,
+    pub(crate) voided_at: Option<DateTime<Utc>>,
 }
 
 /// A charge key was used before with another request.
@@ -89,10 +142,14 @@ pub(crate) struct Payment {
 #[error("{}", service_runtime::status::KEY_REUSED)]
 pub(crate) struct KeyReused;
 
-/// A refund of a declined payment.
+/// A refund of a payment that took no money: declined, or only authorized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the payment was declined; there is nothing to refund")]
-pub(crate) struct NothingToRefund;
+pub(crate) enum NothingToRefund {
+    #[error("the payment was declined; there is nothing to refund")]
+    Declined,
+    #[error("the payment is authorized, not captured: there is nothing to refund; void it instead")]
+    OnlyAuthorized,
+}
 
 impl Payment {
     /// What a charge request with this payment's key gets: this payment,
@@ -105,11 +162,27 @@ impl Payment {
     }
 
     /// Whether a refund by payment id may go ahead: a declined payment has
-    /// nothing to refund; a refunded or voided one answers with itself.
+    /// nothing to refund, nor has an authorization not captured (a void
+    /// releases it); a refunded, voided or expired one answers with itself.
     pub(crate) fn check_refundable(&self) -> Result<(), NothingToRefund> {
         match self.status {
-            PaymentStatus::Declined => Err(NothingToRefund),
-            PaymentStatus::Captured | PaymentStatus::Refunded | PaymentStatus::Voided => Ok(()),
+            PaymentStatus::Declined => Err(NothingToRefund::Declined),
+            PaymentStatus::Authorized => Err(NothingToRefund::OnlyAuthorized),
+            PaymentStatus::Captured
+            | PaymentStatus::Refunded
+            | PaymentStatus::Voided
+            | PaymentStatus::Expired => Ok(()),
+        }
+    }
+
+    /// The status at `now`: an authorization past its expiry has lapsed at
+    /// the provider, even before anyone recorded it.
+    pub(crate) fn status_at(&self, now: DateTime<Utc>) -> PaymentStatus {
+        match (self.status, self.authorization_expires_at) {
+            (PaymentStatus::Authorized, Some(expires_at)) if expires_at <= now => {
+                PaymentStatus::Expired
+            }
+            (status, _) => status,
         }
     }
 }
@@ -118,21 +191,32 @@ impl Payment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct NewPayment {
     pub(crate) charge_key: ChargeKey,
+    pub(crate) kind: PaymentKind,
     pub(crate) status: PaymentStatus,
     pub(crate) request_hash: Option<RequestHash>,
     pub(crate) charge: Option<ChargeDetails>,
     pub(crate) decline_reason: Option<String>,
     pub(crate) provider_reference: Option<String>,
-    /// The refund that settled it, when it is refunded or voided.
+    /// The refund (or void) that settled it, when it is refunded or voided.
     pub(crate) refund: Option<Refund>,
+    pub(crate) authorization_expires_at: Option<DateTime<Utc>>,
 }
 
 /// What happened to a payment, for the payment events topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum PaymentEvent {
+    Authorized,
     Captured,
     Declined,
-    Refunded { reason: RefundReason },
+    Refunded {
+        reason: RefundReason,
+    },
+    /// An authorization was released.
+    Voided {
+        reason: RefundReason,
+    },
+    /// An authorization lapsed uncaptured.
+    Expired,
 }
 
 /// What the provider's answer to a charge is recorded as.
@@ -140,133 +224,273 @@ pub(crate) fn charged(
     request: &ChargeRequest,
     outcome: &ChargeOutcome,
 ) -> (NewPayment, Vec<PaymentEvent>) {
-    let (status, decline_reason, provider_reference, event) = match outcome {
+    let (status, decline_reason, provider_reference, expires_at, event) = match outcome {
         ChargeOutcome::Captured { reference } => (
             PaymentStatus::Captured,
             None,
             Some(reference.clone()),
+            None,
             PaymentEvent::Captured,
+        ),
+        ChargeOutcome::Authorized {
+            reference,
+            expires_at,
+        } => (
+            PaymentStatus::Authorized,
+            None,
+            Some(reference.clone()),
+            Some(*expires_at),
+            PaymentEvent::Authorized,
         ),
         ChargeOutcome::Declined(reason) => (
             PaymentStatus::Declined,
             Some(reason.as_str().to_owned()),
+            None,
             None,
             PaymentEvent::Declined,
         ),
     };
     let payment = NewPayment {
         charge_key: request.key.clone(),
+        kind: request.kind,
         status,
         request_hash: Some(request.request_hash.clone()),
         charge: Some(request.details.clone()),
         decline_reason,
         provider_reference,
         refund: None,
+        authorization_expires_at: expires_at,
     };
     (payment, vec![event])
 }
 
-/// What the provider's answer to a void by key means for the key's payment.
+/// What the provider's answer to a void (or a release, or a capture) of a
+/// key means for the key's payment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Settlement {
     /// We had no payment for the key: record this one.
     Record(NewPayment, Vec<PaymentEvent>),
-    /// Our captured payment is now refunded.
-    Refunded {
-        refund: Refund,
+    /// Our payment moves on to `to` (from the status it was read in), by
+    /// `refund` when it is refunded or voided.
+    Moved {
+        to: PaymentStatus,
+        refund: Option<Refund>,
         events: Vec<PaymentEvent>,
     },
-    /// The payment is final already; it stands.
+    /// The payment is final already (or the provider agrees with it); it
+    /// stands.
     Stands,
 }
 
 /// The provider's books and ours disagree: it holds no capture for a
-/// payment we recorded as captured.
+/// payment we recorded as captured, or no authorization for one we
+/// recorded as authorized.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the provider holds no capture for captured payment {payment_id}: {outcome:?}")]
+#[error("the provider disagrees with {status} payment {payment_id}: {outcome}")]
 pub(crate) struct ProviderDisagrees {
     pub(crate) payment_id: PaymentId,
-    pub(crate) outcome: VoidOutcome,
+    pub(crate) status: PaymentStatus,
+    pub(crate) outcome: String,
 }
 
-/// What a void of `key`, asked for by `refund`, settles, given the payment
-/// we have for the key (if any).
+impl ProviderDisagrees {
+    pub(crate) fn new(payment: &Payment, outcome: &impl std::fmt::Debug) -> Self {
+        Self {
+            payment_id: payment.id,
+            status: payment.status,
+            outcome: format!("{outcome:?}"),
+        }
+    }
+}
+
+/// What a void of `key`, asked for by `refund` (a RefundPayment's, or a
+/// VoidPayment's, which asks the provider to release and never to refund)
+/// settles, given the payment we have for the key (if any). `kind` is what
+/// the asker took the key for.
 ///
 /// Without a payment, what the provider says is recorded: nothing charged
-/// (voided for good), a decline, or a capture whose answer was lost, now
+/// (voided for good), a decline, a capture whose answer was lost, now
 /// refunded (recorded as both, so the ledger shows the money that moved and
-/// came back). With a captured payment, the provider must have refunded it.
+/// came back), or an authorization whose answer was lost, now released or
+/// lapsed (recorded as authorized and then so). With a payment, the
+/// provider's answer must be one its status can move to.
 pub(crate) fn voided(
     key: &ChargeKey,
+    kind: PaymentKind,
     existing: Option<&Payment>,
     refund: &Refund,
     outcome: VoidOutcome,
 ) -> Result<Settlement, ProviderDisagrees> {
     let Some(payment) = existing else {
-        return Ok(match outcome {
-            VoidOutcome::Voided => Settlement::Record(
-                NewPayment {
-                    charge_key: key.clone(),
-                    status: PaymentStatus::Voided,
-                    request_hash: None,
-                    charge: None,
-                    decline_reason: None,
-                    provider_reference: None,
-                    refund: Some(refund.clone()),
-                },
-                vec![],
-            ),
-            VoidOutcome::Declined { reason, charge } => Settlement::Record(
-                NewPayment {
-                    charge_key: key.clone(),
-                    status: PaymentStatus::Declined,
-                    request_hash: None,
-                    charge: Some(charge),
-                    decline_reason: Some(reason.as_str().to_owned()),
-                    provider_reference: None,
-                    refund: None,
-                },
-                vec![PaymentEvent::Declined],
-            ),
-            VoidOutcome::Refunded { reference, charge } => Settlement::Record(
-                NewPayment {
-                    charge_key: key.clone(),
-                    status: PaymentStatus::Refunded,
-                    request_hash: None,
-                    charge: Some(charge),
-                    decline_reason: None,
-                    provider_reference: Some(reference),
-                    refund: Some(refund.clone()),
-                },
-                vec![
-                    PaymentEvent::Captured,
-                    PaymentEvent::Refunded {
-                        reason: refund.reason.clone(),
-                    },
-                ],
-            ),
-        });
+        return Ok(first_record(key, kind, refund, outcome));
+    };
+    let moved = |to, refund: Option<&Refund>, events| {
+        Ok(Settlement::Moved {
+            to,
+            refund: refund.cloned(),
+            events,
+        })
+    };
+    let refunded = || PaymentEvent::Refunded {
+        reason: refund.reason.clone(),
     };
     match (payment.status, outcome) {
-        (PaymentStatus::Captured, VoidOutcome::Refunded { .. }) => Ok(Settlement::Refunded {
-            refund: refund.clone(),
-            events: vec![PaymentEvent::Refunded {
+        (PaymentStatus::Captured, VoidOutcome::Refunded { .. }) => {
+            moved(PaymentStatus::Refunded, Some(refund), vec![refunded()])
+        }
+        // A release finds the capture we know of: nothing to change.
+        (PaymentStatus::Captured, VoidOutcome::Captured { .. }) => Ok(Settlement::Stands),
+        (PaymentStatus::Authorized, VoidOutcome::Released { .. }) => moved(
+            PaymentStatus::Voided,
+            Some(refund),
+            vec![PaymentEvent::Voided {
                 reason: refund.reason.clone(),
             }],
-        }),
-        (PaymentStatus::Captured, outcome) => Err(ProviderDisagrees {
-            payment_id: payment.id,
-            outcome,
-        }),
-        (PaymentStatus::Declined | PaymentStatus::Refunded | PaymentStatus::Voided, _) => {
-            Ok(Settlement::Stands)
+        ),
+        (PaymentStatus::Authorized, VoidOutcome::Expired { .. }) => {
+            moved(PaymentStatus::Expired, None, vec![PaymentEvent::Expired])
         }
+        // A capture whose answer was lost: recorded now, and refunded if a
+        // refund asked.
+        (PaymentStatus::Authorized, VoidOutcome::Captured { .. }) => {
+            moved(PaymentStatus::Captured, None, vec![PaymentEvent::Captured])
+        }
+        (PaymentStatus::Authorized, VoidOutcome::Refunded { .. }) => moved(
+            PaymentStatus::Refunded,
+            Some(refund),
+            vec![PaymentEvent::Captured, refunded()],
+        ),
+        (PaymentStatus::Captured | PaymentStatus::Authorized, outcome) => {
+            Err(ProviderDisagrees::new(payment, &outcome))
+        }
+        (
+            PaymentStatus::Declined
+            | PaymentStatus::Refunded
+            | PaymentStatus::Voided
+            | PaymentStatus::Expired,
+            _,
+        ) => Ok(Settlement::Stands),
+    }
+}
+
+/// The first record of a key that a void found at the provider.
+fn first_record(
+    key: &ChargeKey,
+    kind: PaymentKind,
+    refund: &Refund,
+    outcome: VoidOutcome,
+) -> Settlement {
+    let record =
+        |kind, status, charge, reference, expires_at, refund: Option<&Refund>| NewPayment {
+            charge_key: key.clone(),
+            kind,
+            status,
+            request_hash: None,
+            charge,
+            decline_reason: None,
+            provider_reference: reference,
+            refund: refund.cloned(),
+            authorization_expires_at: expires_at,
+        };
+    match outcome {
+        VoidOutcome::Voided => Settlement::Record(
+            record(kind, PaymentStatus::Voided, None, None, None, Some(refund)),
+            vec![],
+        ),
+        VoidOutcome::Declined {
+            reason,
+            charge,
+            kind,
+        } => Settlement::Record(
+            NewPayment {
+                decline_reason: Some(reason.as_str().to_owned()),
+                ..record(
+                    kind,
+                    PaymentStatus::Declined,
+                    Some(charge),
+                    None,
+                    None,
+                    None,
+                )
+            },
+            vec![PaymentEvent::Declined],
+        ),
+        VoidOutcome::Refunded {
+            reference,
+            charge,
+            kind,
+        } => Settlement::Record(
+            record(
+                kind,
+                PaymentStatus::Refunded,
+                Some(charge),
+                Some(reference),
+                None,
+                Some(refund),
+            ),
+            vec![
+                PaymentEvent::Captured,
+                PaymentEvent::Refunded {
+                    reason: refund.reason.clone(),
+                },
+            ],
+        ),
+        VoidOutcome::Captured {
+            reference,
+            charge,
+            kind,
+        } => Settlement::Record(
+            record(
+                kind,
+                PaymentStatus::Captured,
+                Some(charge),
+                Some(reference),
+                None,
+                None,
+            ),
+            vec![PaymentEvent::Captured],
+        ),
+        VoidOutcome::Released {
+            reference,
+            charge,
+            expires_at,
+        } => Settlement::Record(
+            record(
+                PaymentKind::Authorization,
+                PaymentStatus::Voided,
+                Some(charge),
+                Some(reference),
+                Some(expires_at),
+                Some(refund),
+            ),
+            vec![
+                PaymentEvent::Authorized,
+                PaymentEvent::Voided {
+                    reason: refund.reason.clone(),
+                },
+            ],
+        ),
+        VoidOutcome::Expired {
+            reference,
+            charge,
+            expires_at,
+        } => Settlement::Record(
+            record(
+                PaymentKind::Authorization,
+                PaymentStatus::Expired,
+                Some(charge),
+                Some(reference),
+                Some(expires_at),
+                None,
+            ),
+            vec![PaymentEvent::Authorized, PaymentEvent::Expired],
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{details, key, payment, refund, request};
+    use super::super::fixtures::{authorization, details, key, payment, refund, request};
     use super::*;
     use crate::provider::DeclineReason;
 
@@ -290,12 +514,14 @@ mod tests {
             payment,
             NewPayment {
                 charge_key: key(),
+                kind: PaymentKind::Charge,
                 status: PaymentStatus::Captured,
                 request_hash: Some(request(1).request_hash),
                 charge: Some(details()),
                 decline_reason: None,
                 provider_reference: Some("sim_ch_1".into()),
                 refund: None,
+                authorization_expires_at: None,
             }
         );
         assert_eq!(events, vec![PaymentEvent::Captured]);
@@ -318,9 +544,13 @@ mod tests {
 
     #[test]
     fn a_void_of_a_key_never_charged_records_it_voided_for_good() {
-        let Ok(Settlement::Record(payment, events)) =
-            voided(&key(), None, &refund(1), VoidOutcome::Voided)
-        else {
+        let Ok(Settlement::Record(payment, events)) = voided(
+            &key(),
+            PaymentKind::Charge,
+            None,
+            &refund(1),
+            VoidOutcome::Voided,
+        ) else {
             panic!("not recorded");
         };
         assert_eq!(
@@ -340,8 +570,10 @@ mod tests {
         let outcome = VoidOutcome::Refunded {
             reference: "sim_ch_9".into(),
             charge: details(),
+            kind: PaymentKind::Charge,
         };
-        let Ok(Settlement::Record(payment, events)) = voided(&key(), None, &refund(1), outcome)
+        let Ok(Settlement::Record(payment, events)) =
+            voided(&key(), PaymentKind::Charge, None, &refund(1), outcome)
         else {
             panic!("not recorded");
         };
@@ -364,8 +596,10 @@ mod tests {
         let outcome = VoidOutcome::Declined {
             reason: DeclineReason::CardDeclined,
             charge: details(),
+            kind: PaymentKind::Charge,
         };
-        let Ok(Settlement::Record(payment, events)) = voided(&key(), None, &refund(1), outcome)
+        let Ok(Settlement::Record(payment, events)) =
+            voided(&key(), PaymentKind::Charge, None, &refund(1), outcome)
         else {
             panic!("not recorded");
         };
@@ -386,11 +620,19 @@ mod tests {
         let outcome = VoidOutcome::Refunded {
             reference: "sim_ch_1".into(),
             charge: details(),
+            kind: PaymentKind::Charge,
         };
         assert_eq!(
-            voided(&key(), Some(&captured), &refund(1), outcome.clone()),
-            Ok(Settlement::Refunded {
-                refund: refund(1),
+            voided(
+                &key(),
+                PaymentKind::Charge,
+                Some(&captured),
+                &refund(1),
+                outcome.clone()
+            ),
+            Ok(Settlement::Moved {
+                to: PaymentStatus::Refunded,
+                refund: Some(refund(1)),
                 events: vec![PaymentEvent::Refunded {
                     reason: refund(1).reason
                 }],
@@ -399,7 +641,13 @@ mod tests {
         // Asked again, once it is refunded: it stands, nothing is announced.
         let refunded = payment(PaymentStatus::Refunded, Some(1));
         assert_eq!(
-            voided(&key(), Some(&refunded), &refund(2), outcome),
+            voided(
+                &key(),
+                PaymentKind::Charge,
+                Some(&refunded),
+                &refund(2),
+                outcome
+            ),
             Ok(Settlement::Stands)
         );
     }
@@ -414,6 +662,7 @@ mod tests {
             assert_eq!(
                 voided(
                     &key(),
+                    PaymentKind::Charge,
                     Some(&payment(status, None)),
                     &refund(1),
                     VoidOutcome::Voided
@@ -427,11 +676,14 @@ mod tests {
     fn a_captured_payment_the_provider_does_not_hold_is_an_error_not_a_guess() {
         let captured = payment(PaymentStatus::Captured, Some(1));
         assert_eq!(
-            voided(&key(), Some(&captured), &refund(1), VoidOutcome::Voided),
-            Err(ProviderDisagrees {
-                payment_id: captured.id,
-                outcome: VoidOutcome::Voided,
-            })
+            voided(
+                &key(),
+                PaymentKind::Charge,
+                Some(&captured),
+                &refund(1),
+                VoidOutcome::Voided
+            ),
+            Err(ProviderDisagrees::new(&captured, &VoidOutcome::Voided))
         );
     }
 
@@ -448,14 +700,209 @@ mod tests {
     fn only_a_declined_payment_has_nothing_to_refund() {
         assert_eq!(
             payment(PaymentStatus::Declined, Some(1)).check_refundable(),
-            Err(NothingToRefund)
+            Err(NothingToRefund::Declined)
+        );
+        assert_eq!(
+            authorization(PaymentStatus::Authorized).check_refundable(),
+            Err(NothingToRefund::OnlyAuthorized)
         );
         for status in [
             PaymentStatus::Captured,
             PaymentStatus::Refunded,
             PaymentStatus::Voided,
+            PaymentStatus::Expired,
         ] {
             assert_eq!(payment(status, Some(1)).check_refundable(), Ok(()));
         }
+    }
+
+    fn released() -> VoidOutcome {
+        VoidOutcome::Released {
+            reference: "sim_au_1".into(),
+            charge: details(),
+            expires_at: authorization(PaymentStatus::Authorized)
+                .authorization_expires_at
+                .unwrap(),
+        }
+    }
+
+    #[test]
+    fn an_approved_authorization_is_recorded_held_until_its_expiry_and_announced() {
+        let expires_at = authorization(PaymentStatus::Authorized)
+            .authorization_expires_at
+            .unwrap();
+        let asked = ChargeRequest {
+            kind: PaymentKind::Authorization,
+            ..request(1)
+        };
+        let (payment, events) = charged(
+            &asked,
+            &ChargeOutcome::Authorized {
+                reference: "sim_au_1".into(),
+                expires_at,
+            },
+        );
+        assert_eq!(
+            (
+                payment.kind,
+                payment.status,
+                payment.authorization_expires_at
+            ),
+            (
+                PaymentKind::Authorization,
+                PaymentStatus::Authorized,
+                Some(expires_at)
+            )
+        );
+        assert_eq!(events, vec![PaymentEvent::Authorized]);
+    }
+
+    #[test]
+    fn a_void_releases_an_authorization_once_and_announces_it() {
+        let held = authorization(PaymentStatus::Authorized);
+        assert_eq!(
+            voided(
+                &key(),
+                PaymentKind::Authorization,
+                Some(&held),
+                &refund(1),
+                released()
+            ),
+            Ok(Settlement::Moved {
+                to: PaymentStatus::Voided,
+                refund: Some(refund(1)),
+                events: vec![PaymentEvent::Voided {
+                    reason: refund(1).reason
+                }],
+            })
+        );
+        let voided_once = authorization(PaymentStatus::Voided);
+        assert_eq!(
+            voided(
+                &key(),
+                PaymentKind::Authorization,
+                Some(&voided_once),
+                &refund(2),
+                released()
+            ),
+            Ok(Settlement::Stands)
+        );
+    }
+
+    #[test]
+    fn a_void_that_finds_an_authorization_lost_or_lapsed_records_it_with_both_events() {
+        let Ok(Settlement::Record(payment, events)) = voided(
+            &key(),
+            PaymentKind::Authorization,
+            None,
+            &refund(1),
+            released(),
+        ) else {
+            panic!("not recorded");
+        };
+        assert_eq!(
+            (payment.kind, payment.status, payment.charge),
+            (
+                PaymentKind::Authorization,
+                PaymentStatus::Voided,
+                Some(details())
+            )
+        );
+        assert_eq!(
+            events,
+            vec![
+                PaymentEvent::Authorized,
+                PaymentEvent::Voided {
+                    reason: refund(1).reason
+                }
+            ]
+        );
+        let lapsed = VoidOutcome::Expired {
+            reference: "sim_au_1".into(),
+            charge: details(),
+            expires_at: authorization(PaymentStatus::Authorized)
+                .authorization_expires_at
+                .unwrap(),
+        };
+        let Ok(Settlement::Record(payment, events)) = voided(
+            &key(),
+            PaymentKind::Authorization,
+            None,
+            &refund(1),
+            lapsed.clone(),
+        ) else {
+            panic!("not recorded");
+        };
+        assert_eq!(payment.status, PaymentStatus::Expired);
+        assert_eq!(
+            events,
+            vec![PaymentEvent::Authorized, PaymentEvent::Expired]
+        );
+        // Held as we know it, lapsed at the provider: recorded expired.
+        let held = authorization(PaymentStatus::Authorized);
+        assert_eq!(
+            voided(
+                &key(),
+                PaymentKind::Authorization,
+                Some(&held),
+                &refund(1),
+                lapsed
+            ),
+            Ok(Settlement::Moved {
+                to: PaymentStatus::Expired,
+                refund: None,
+                events: vec![PaymentEvent::Expired],
+            })
+        );
+    }
+
+    #[test]
+    fn a_release_that_finds_a_capture_records_it_and_refunds_nothing() {
+        let taken = VoidOutcome::Captured {
+            reference: "sim_au_1".into(),
+            charge: details(),
+            kind: PaymentKind::Authorization,
+        };
+        let held = authorization(PaymentStatus::Authorized);
+        assert_eq!(
+            voided(
+                &key(),
+                PaymentKind::Authorization,
+                Some(&held),
+                &refund(1),
+                taken.clone()
+            ),
+            Ok(Settlement::Moved {
+                to: PaymentStatus::Captured,
+                refund: None,
+                events: vec![PaymentEvent::Captured],
+            })
+        );
+        let captured = authorization(PaymentStatus::Captured);
+        assert_eq!(
+            voided(
+                &key(),
+                PaymentKind::Authorization,
+                Some(&captured),
+                &refund(1),
+                taken
+            ),
+            Ok(Settlement::Stands)
+        );
+    }
+
+    #[test]
+    fn an_authorization_the_provider_does_not_hold_is_an_error_not_a_guess() {
+        let held = authorization(PaymentStatus::Authorized);
+        assert!(
+            voided(
+                &key(),
+                PaymentKind::Authorization,
+                Some(&held),
+                &refund(1),
+                VoidOutcome::Voided
+            )
+            .is_err()
+        );
     }
 }

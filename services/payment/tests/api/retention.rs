@@ -121,3 +121,41 @@ async fn a_settled_key_whose_claim_was_purged_never_charges_again() {
         PaymentStatus::Refunded
     );
 }
+
+#[tokio::test]
+async fn an_authorization_whose_claim_was_purged_is_still_captured_or_voided_once() {
+    use crate::support::{authorization, capture_of, void_of};
+    let service = Service::start(&[("PURGE_INTERVAL", "100ms")]).await;
+    let to_capture = authorization("auth-purged-1", "tok_visa", 800);
+    let held = service.authorize(to_capture.clone()).await.unwrap();
+    let to_void = authorization("auth-purged-2", "tok_visa", 900);
+    let other = service.authorize(to_void.clone()).await.unwrap();
+    // Time passes: the authorizations' claims are old (the holds are not).
+    service
+        .count(
+            "WITH aged AS (
+                 UPDATE payments.charge_claims SET updated_at = now() - interval '31 days' RETURNING 1)
+             SELECT count(*) FROM aged",
+        )
+        .await;
+    service
+        .until_count(
+            "SELECT count(*) FROM payments.charge_claims",
+            0,
+            Duration::from_secs(20),
+        )
+        .await;
+
+    let captured = service.capture(capture_of(&held.payment_id)).await.unwrap();
+    assert_eq!(captured.status(), PaymentStatus::Captured);
+    assert_eq!(service.held(&to_capture.order_id).await, 800);
+    let voided = service.void(void_of(&other.payment_id)).await.unwrap();
+    assert_eq!(voided.status(), PaymentStatus::Voided);
+    assert_eq!(service.authorized(&to_void.order_id).await, 0);
+    // And a repeat of the authorization answers from the record.
+    assert_eq!(
+        service.authorize(to_capture).await.unwrap().status(),
+        PaymentStatus::Captured
+    );
+    assert_eq!(service.provider_attempts("auth-purged-1").await, 1);
+}

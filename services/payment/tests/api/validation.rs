@@ -174,3 +174,126 @@ async fn nul_bytes_and_oversized_strings_in_every_field_are_invalid_arguments_na
         .unwrap();
     assert_eq!(undone.status(), PaymentStatus::Voided);
 }
+
+#[tokio::test]
+async fn every_field_of_the_authorization_rpcs_is_checked_and_nothing_is_written() {
+    use api_payment::v1::{
+        AuthorizePaymentRequest, CapturePaymentRequest, VoidPaymentRequest,
+        capture_payment_request, void_payment_request,
+    };
+    let service = Service::start(&[]).await;
+    let valid = crate::support::authorization("auth-1", "tok_visa", 100);
+
+    type Edit = fn(&mut AuthorizePaymentRequest, String);
+    let fields: [(&str, Edit); 5] = [
+        ("order_id", |r, v| r.order_id = v),
+        ("customer_id", |r, v| r.customer_id = v),
+        ("amount.currency", |r, v| {
+            r.amount = Some(Money {
+                amount_minor: 100,
+                currency: v,
+            });
+        }),
+        ("payment_method_token", |r, v| r.payment_method_token = v),
+        ("idempotency_key", |r, v| r.idempotency_key = v),
+    ];
+    for (field, edit) in fields {
+        for (value, case) in bad_variants("x") {
+            let mut request = valid.clone();
+            edit(&mut request, value);
+            assert_names(service.authorize(request).await, field, case);
+        }
+    }
+    for (amount_minor, case) in [(0, "zero"), (-5, "negative")] {
+        let request = AuthorizePaymentRequest {
+            amount: Some(Money {
+                amount_minor,
+                currency: "EUR".into(),
+            }),
+            ..valid.clone()
+        };
+        assert_names(
+            service.authorize(request).await,
+            "amount.amount_minor",
+            case,
+        );
+    }
+    let request = AuthorizePaymentRequest {
+        amount: None,
+        ..valid.clone()
+    };
+    assert_names(service.authorize(request).await, "amount", "missing");
+
+    let payment_id = uuid::Uuid::new_v4().to_string();
+    for (value, case) in bad_variants(&payment_id) {
+        let by_id = CapturePaymentRequest {
+            target: Some(capture_payment_request::Target::PaymentId(value.clone())),
+        };
+        assert_names(service.capture(by_id).await, "payment_id", case);
+        let by_key = CapturePaymentRequest {
+            target: Some(capture_payment_request::Target::AuthorizationIdempotencyKey(value)),
+        };
+        assert_names(
+            service.capture(by_key).await,
+            "authorization_idempotency_key",
+            case,
+        );
+    }
+    assert_names(
+        service
+            .capture(CapturePaymentRequest { target: None })
+            .await,
+        "payment_id",
+        "no target",
+    );
+
+    let void = crate::support::void_by_key("auth-1");
+    for (value, case) in bad_variants("auth-1") {
+        let by_key = VoidPaymentRequest {
+            target: Some(void_payment_request::Target::AuthorizationIdempotencyKey(
+                value.clone(),
+            )),
+            ..void.clone()
+        };
+        assert_names(
+            service.void(by_key).await,
+            "authorization_idempotency_key",
+            case,
+        );
+        let by_id = VoidPaymentRequest {
+            target: Some(void_payment_request::Target::PaymentId(value.clone())),
+            ..void.clone()
+        };
+        assert_names(service.void(by_id).await, "payment_id", case);
+        let key = VoidPaymentRequest {
+            idempotency_key: value.clone(),
+            ..void.clone()
+        };
+        assert_names(service.void(key).await, "idempotency_key", case);
+        let reason = VoidPaymentRequest {
+            reason: value,
+            ..void.clone()
+        };
+        assert_names(service.void(reason).await, "reason", case);
+    }
+    assert_names(
+        service
+            .void(VoidPaymentRequest {
+                target: None,
+                ..void.clone()
+            })
+            .await,
+        "payment_id",
+        "no target",
+    );
+
+    for table in ["payments", "charge_claims", "simulated_provider_charges"] {
+        assert_eq!(
+            service
+                .count(&format!("SELECT count(*) FROM payments.{table}"))
+                .await,
+            0,
+            "{table}"
+        );
+    }
+}
