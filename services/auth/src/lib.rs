@@ -89,6 +89,8 @@ pub struct Settings {
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
     #[command(flatten)]
+    pub tls: tls::TlsSettings,
+    #[command(flatten)]
     pub auth: AuthServiceSettings,
     #[command(flatten)]
     pub retention: retention::AuthRetention,
@@ -296,7 +298,8 @@ impl Application {
     /// Binds the gRPC port, migrates the database, makes sure a signing key
     /// exists and the configured admin too.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.server.clone()).await?;
+        let server =
+            GrpcServer::bind(settings.server.clone(), &tls::Tls::load(&settings.tls)?).await?;
         let platform = Platform::start(
             NAME,
             SCHEMA,

@@ -69,6 +69,8 @@ pub struct Settings {
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
     #[command(flatten)]
+    pub tls: tls::TlsSettings,
+    #[command(flatten)]
     pub auth: AuthSettings,
     #[command(flatten)]
     pub retention: retention::OrderRetention,
@@ -107,7 +109,8 @@ impl Application {
     /// Binds the gRPC port, connects to and migrates the database, and
     /// connects the Kafka producer.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.server.clone()).await?;
+        let server =
+            GrpcServer::bind(settings.server.clone(), &tls::Tls::load(&settings.tls)?).await?;
         let platform = Platform::start(
             NAME,
             SCHEMA,
@@ -146,7 +149,7 @@ impl Application {
             backoff: std::time::Duration::from_millis(2),
         };
         let orders = app::Orders::new(platform.pool.clone(), platform.topics.order_events(), retry);
-        let verifier = Verifier::remote(&settings.auth)?;
+        let verifier = Verifier::remote(&settings.auth, server.tls())?;
 
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))

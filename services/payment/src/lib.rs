@@ -73,6 +73,8 @@ pub struct Settings {
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
     #[command(flatten)]
+    pub tls: tls::TlsSettings,
+    #[command(flatten)]
     pub auth: AuthSettings,
     #[command(flatten)]
     pub provider: ProviderSettings,
@@ -129,7 +131,8 @@ impl Application {
     /// Binds the gRPC port, connects to and migrates the database, and
     /// connects the Kafka producer.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.server.clone()).await?;
+        let server =
+            GrpcServer::bind(settings.server.clone(), &tls::Tls::load(&settings.tls)?).await?;
         let platform = Platform::start(
             NAME,
             SCHEMA,
@@ -189,7 +192,7 @@ impl Application {
                 .lease_watch()
                 .run(platform.pool.clone(), shutdown.clone()),
         );
-        let verifier = Verifier::remote(&settings.auth)?;
+        let verifier = Verifier::remote(&settings.auth, server.tls())?;
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(PaymentServiceServer::new(grpc::PaymentApi { payments }))

@@ -88,6 +88,8 @@ pub struct Settings {
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
     #[command(flatten)]
+    pub tls: tls::TlsSettings,
+    #[command(flatten)]
     pub auth: AuthSettings,
     #[command(flatten)]
     pub credentials: ServiceCredentials,
@@ -215,7 +217,8 @@ impl Application {
     /// Binds the gRPC port, migrates the database, and builds the engine
     /// with its downstream clients (which connect lazily).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.server.clone()).await?;
+        let server =
+            GrpcServer::bind(settings.server.clone(), &tls::Tls::load(&settings.tls)?).await?;
         let platform = Platform::start(
             NAME,
             SCHEMA,
@@ -228,6 +231,7 @@ impl Application {
             &settings.auth.url,
             settings.credentials.clone(),
             SCOPES.into_iter().collect(),
+            server.tls(),
         )?);
         let downstreams = order_saga::Downstreams {
             orders: client::downstream(
@@ -235,12 +239,14 @@ impl Application {
                 &settings.order_service_url,
                 settings.breaker,
                 Some(token.clone()),
+                server.tls(),
             )?,
             payments: client::downstream(
                 "payment",
                 &settings.payment_service_url,
                 settings.breaker,
                 Some(token),
+                server.tls(),
             )?,
         };
         let saga = &settings.saga;
@@ -342,7 +348,7 @@ impl Application {
             feed,
         };
 
-        let verifier = Verifier::remote(&settings.auth)?;
+        let verifier = Verifier::remote(&settings.auth, server.tls())?;
         let (dashboard, sampler) = dashboard::routes(
             engine.clone(),
             Arc::new(verifier.clone()),
