@@ -67,7 +67,12 @@ impl Scenario {
     }
 
     pub async fn new() -> anyhow::Result<Self> {
-        let env = TestEnv::get().await;
+        Self::on(TestEnv::get().await).await
+    }
+
+    /// A scenario on `env` rather than the run's stack (a stack of the
+    /// test's own, such as one whose PostgreSQL speaks TLS only).
+    pub async fn on(env: &'static TestEnv) -> anyhow::Result<Self> {
         let database = env.database().await?;
         let topics = Topics::new(env.unique_topic_prefix());
         env.create_topics(&topics.all(CONSUMER_GROUPS), 3)?;
