@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use database::ServiceAccount;
-use dev_stack::{Broker, PostgresServer, ServiceProcess, ServingStatus, tools};
+use dev_stack::{Broker, Certificates, PostgresServer, ServiceProcess, ServingStatus, tools};
 use messaging::Topics;
 use service_runtime::settings::default_metrics_port;
 
@@ -21,6 +21,11 @@ pub(crate) struct UpArgs {
     /// Build and run the services with the release profile.
     #[arg(long)]
     release: bool,
+    /// Every connection over TLS: a local CA (in `target/dev-stack/tls`)
+    /// and a certificate per service, gRPC with client certificates
+    /// required, PostgreSQL with `sslmode=verify-full`.
+    #[arg(long)]
+    tls: bool,
     /// Internal: the detached supervisor process.
     #[arg(long, hide = true)]
     supervise: bool,
@@ -87,7 +92,7 @@ pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.detach {
         return detach(&args);
     }
-    let stack = LocalStack::start(args.release).await?;
+    let stack = LocalStack::start(args.release, args.tls).await?;
     let summary = stack.summary();
     println!("{summary}");
     if args.supervise {
@@ -114,6 +119,9 @@ fn detach(args: &UpArgs) -> anyhow::Result<()> {
         .args(["up", "--supervise"]);
     if args.release {
         command.arg("--release");
+    }
+    if args.tls {
+        command.arg("--tls");
     }
     let mut supervisor = command
         .stdin(Stdio::null())
@@ -180,22 +188,89 @@ struct LocalStack {
     database_url: String,
     brokers: String,
     logs: PathBuf,
+    /// The local CA and its certificates, when every connection is TLS.
+    certificates: Option<Certificates>,
     broker: Option<Broker>,
     postgres: Option<PostgresServer>,
 }
 
+/// The names `up --tls` makes certificates for, beside the services:
+/// PostgreSQL's and one for grpcurl (or any client) to present.
+const TLS_NAMES: [&str; 2] = ["postgres", "client"];
+
+fn tls_dir() -> PathBuf {
+    state_dir().join("tls")
+}
+
+/// A new local CA, with a certificate for each service and each of
+/// [`TLS_NAMES`], in [`tls_dir`].
+fn local_certificates() -> anyhow::Result<Certificates> {
+    let names: Vec<&str> = SERVICES
+        .iter()
+        .map(|service| service.binary)
+        .chain(TLS_NAMES)
+        .collect();
+    Certificates::generate_in(&tls_dir(), "ordersaga local CA", &names)
+}
+
+/// `cargo xtask certs`: the CA and certificates of `up --tls`, without
+/// starting anything, for `docker-compose.tls.yml` to mount.
+pub(crate) fn certs() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let certificates = local_certificates()?;
+    // The containers run as an unprivileged user of the image, which reads
+    // its key through the bind mount: these keys of a local-only CA are
+    // made readable to it (PostgreSQL's container copies its own key to
+    // a private file before it starts).
+    for name in SERVICES
+        .iter()
+        .map(|service| service.binary)
+        .chain(TLS_NAMES)
+    {
+        std::fs::set_permissions(
+            certificates.key(name),
+            std::fs::Permissions::from_mode(0o644),
+        )?;
+    }
+    std::fs::set_permissions(certificates.dir(), std::fs::Permissions::from_mode(0o755))?;
+    println!(
+        "a local CA ({}) and certificates for {} in {}",
+        certificates.ca().display(),
+        SERVICES
+            .iter()
+            .map(|service| service.binary)
+            .chain(TLS_NAMES)
+            .collect::<Vec<_>>()
+            .join(", "),
+        certificates.dir().display()
+    );
+    Ok(())
+}
+
 impl LocalStack {
-    async fn start(release: bool) -> anyhow::Result<Self> {
+    async fn start(release: bool, tls: bool) -> anyhow::Result<Self> {
         eprintln!("checking tools");
         install::ensure_tools()?;
         eprintln!("building the services");
         build_services(release)?;
+        let certificates = if tls {
+            eprintln!(
+                "making a local CA and certificates in {}",
+                tls_dir().display()
+            );
+            Some(local_certificates()?)
+        } else {
+            None
+        };
 
         let (postgres, admin_url) = match std::env::var("DATABASE_URL") {
             Ok(url) => (None, url),
             Err(_) => {
                 eprintln!("starting PostgreSQL");
-                let postgres = PostgresServer::start().await?;
+                let postgres = match &certificates {
+                    Some(certificates) => PostgresServer::start_tls(certificates).await?,
+                    None => PostgresServer::start().await?,
+                };
                 let admin = postgres.admin_url("postgres");
                 create_database(&admin, DATABASE_NAME).await?;
                 let url = postgres.admin_url(DATABASE_NAME);
@@ -236,11 +311,20 @@ impl LocalStack {
                 ("GRPC_ADDR".to_owned(), format!("0.0.0.0:{}", service.port)),
                 ("LOG_FORMAT".to_owned(), "pretty".to_owned()),
             ];
+            let scheme = if certificates.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             env.extend(
-                service_env(service.binary)
+                service_env(service.binary, scheme)
                     .into_iter()
                     .map(|(k, v)| (k.to_owned(), v)),
             );
+            if let Some(certificates) = &certificates {
+                env.extend(certificates.grpc_env(service.binary));
+                env.push(("GRPC_TLS_CLIENT_AUTH".to_owned(), "true".to_owned()));
+            }
 
             eprintln!("starting {}", service.binary);
             let log = logs.join(format!("{}.log", service.binary));
@@ -264,6 +348,7 @@ impl LocalStack {
             database_url: admin_url,
             brokers,
             logs,
+            certificates,
             broker,
             postgres,
         })
@@ -299,22 +384,43 @@ impl LocalStack {
             "  {:<18} {ADMIN_EMAIL} / {ADMIN_PASSWORD}\n",
             "admin login"
         ));
-        text.push_str(
+        let plaintext = match &self.certificates {
+            Some(certificates) => {
+                text.push_str(&format!(
+                    "  {:<18} {} (CA: ca.pem; client certificates required)\n",
+                    "TLS",
+                    certificates.dir().display()
+                ));
+                format!(
+                    "-cacert {} -cert {} -key {}",
+                    certificates.ca().display(),
+                    certificates.cert("client").display(),
+                    certificates.key("client").display()
+                )
+            }
+            None => "-plaintext".to_owned(),
+        };
+        text.push_str(if self.certificates.is_some() {
+            "\n  WARNING: this admin password is public (it is in the source), and so\n  \
+             is the local CA's key: this stack is for local use only. A deployment\n  \
+             sets AUTH_ADMIN_PASSWORD and AUTH_KEY_ENCRYPTION_KEY itself, and its\n  \
+             certificates come from its own CA (see k8s/ and docker-compose.tls.yml).\n"
+        } else {
             "\n  WARNING: this admin password is public (it is in the source) and every\n  \
              port is plaintext: this stack is for local use only. A deployment sets\n  \
              AUTH_ADMIN_PASSWORD and AUTH_KEY_ENCRYPTION_KEY itself (see k8s/ and\n  \
-             docker-compose.yml).\n",
-        );
+             docker-compose.yml).\n"
+        });
 
         text.push_str("\nTry (grpcurl was fetched for you):\n");
         for service in &SERVICES {
             text.push_str(&format!(
-                "  {grpcurl} -plaintext localhost:{} list\n",
+                "  {grpcurl} {plaintext} localhost:{} list\n",
                 service.port
             ));
         }
         text.push_str(&format!(
-            "  {grpcurl} -plaintext localhost:{} grpc.health.v1.Health/Check\n",
+            "  {grpcurl} {plaintext} localhost:{} grpc.health.v1.Health/Check\n",
             SERVICES[1].port
         ));
         text
@@ -357,8 +463,8 @@ impl LocalStack {
 
 /// Settings particular to one service on the local stack: who the admin
 /// is, how services find and authenticate to each other.
-fn service_env(binary: &str) -> Vec<(&'static str, String)> {
-    let local = |port: u16| format!("http://127.0.0.1:{port}");
+fn service_env(binary: &str, scheme: &str) -> Vec<(&'static str, String)> {
+    let local = |port: u16| format!("{scheme}://127.0.0.1:{port}");
     match binary {
         auth_service::NAME => vec![
             ("AUTH_ADMIN_EMAIL", ADMIN_EMAIL.to_owned()),
@@ -385,7 +491,7 @@ fn service_env(binary: &str) -> Vec<(&'static str, String)> {
 }
 
 fn build_services(release: bool) -> anyhow::Result<()> {
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut command = tools::cargo();
     command.args(["build", "--quiet"]);
     for service in &SERVICES {
         command.args(["--bin", service.binary]);
