@@ -26,9 +26,15 @@
 //!   a client certificate from the CA, before any request is read.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+/// Longest a caller may take over its TLS handshake: handshakes run beside
+/// the accept loop, so a caller that connects and says nothing would
+/// otherwise hold its socket and task for good.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TLS settings of a binary's gRPC server and clients.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -124,7 +130,9 @@ impl Tls {
     /// The server's TLS configuration, or `None` for cleartext.
     pub fn server_config(&self) -> Option<ServerTlsConfig> {
         let identity = self.identity.clone()?;
-        let mut config = ServerTlsConfig::new().identity(identity);
+        let mut config = ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(HANDSHAKE_TIMEOUT);
         if self.client_auth
             && let Some(ca) = &self.ca
         {

@@ -460,6 +460,85 @@ mod tests {
         );
     }
 
+    /// The good overlay with `components/tls` applied as it renders it.
+    fn with_tls(mut documents: Vec<Value>) -> Vec<Value> {
+        for binary in &SERVICES {
+            let name = binary.name;
+            documents.push(
+                json!({"kind": "Certificate", "metadata": {"name": name}, "spec": {
+                "secretName": format!("{name}-tls"), "dnsNames": [name, "localhost"],
+                "ipAddresses": ["127.0.0.1"], "usages": ["server auth", "client auth"]}}),
+            );
+        }
+        for doc in &mut documents {
+            if doc["kind"] != "Deployment" {
+                continue;
+            }
+            let name = scalar(&doc["metadata"]["name"]);
+            let port = SERVICES.iter().find(|b| b.name == name).unwrap().grpc_port;
+            let pod = &mut doc["spec"]["template"]["spec"];
+            pod["volumes"] =
+                json!([{"name": "tls", "secret": {"secretName": format!("{name}-tls")}}]);
+            let container = &mut pod["containers"][0];
+            for (key, value) in [
+                ("GRPC_TLS_CERT", "/c"),
+                ("GRPC_TLS_KEY", "/k"),
+                ("GRPC_TLS_CA", "/ca"),
+                ("GRPC_TLS_CLIENT_AUTH", "true"),
+            ] {
+                container["env"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"name": key, "value": value}));
+            }
+            let address = format!("127.0.0.1:{port}");
+            container["readinessProbe"] =
+                json!({"exec": {"command": [OPS, "healthcheck", "--address", address]}});
+            container["livenessProbe"] = json!({"exec": {"command": [OPS, "healthcheck", "--address", address, "--service", "liveness"]}});
+        }
+        documents
+    }
+
+    #[test]
+    fn the_tls_component_passes_and_its_weakenings_are_reported() {
+        let documents = with_tls(good_overlay());
+        assert_eq!(check_kubernetes(&documents), Vec::<String>::new());
+        assert_eq!(check_tls(&documents), Vec::<String>::new());
+        assert!(!check_tls(&good_overlay()).is_empty(), "no TLS at all");
+
+        let mut weakened = documents;
+        for doc in &mut weakened {
+            if doc["kind"] == "Deployment" && doc["metadata"]["name"] == "order" {
+                let container = &mut doc["spec"]["template"]["spec"]["containers"][0];
+                container["env"]
+                    .as_array_mut()
+                    .unwrap()
+                    .retain(|var| var["name"] != "GRPC_TLS_CLIENT_AUTH");
+                container["livenessProbe"]["exec"]["command"] =
+                    json!([OPS, "healthcheck", "--address", "127.0.0.1:50052"]);
+            }
+            if doc["kind"] == "Certificate" && doc["metadata"]["name"] == "payment" {
+                doc["spec"]["ipAddresses"] = json!([]);
+            }
+            if doc["kind"] == "ConfigMap" {
+                doc["data"]["AUTH_URL"] = json!("http://auth:50051");
+            }
+        }
+        let mut problems = check_kubernetes(&weakened);
+        problems.extend(check_tls(&weakened));
+        for expected in [
+            "Deployment/order: livenessProbe must ask for \"liveness\"",
+            "Deployment/order does not require client certificates",
+            "Certificate payment must name payment",
+            "ConfigMap/platform-abc: AUTH_URL is cleartext",
+        ] {
+            assert!(
+                problems.iter().any(|problem| problem.starts_with(expected)),
+                "{expected:?} not in {problems:#?}"
+            );
+        }
+    }
+
     #[test]
     fn weakened_manifests_are_reported() {
         let mut documents = good_overlay();
