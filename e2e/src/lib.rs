@@ -3,7 +3,6 @@
 //! and topic prefix per test.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use access_control::Scope;
@@ -19,7 +18,7 @@ use dev_stack::{FaultProxy, ServiceProcess, ServingStatus, TopicReader};
 use registry::SERVICES;
 use service_runtime::Manifest;
 
-use testkit::grpc::channel;
+use testkit::grpc::channel_with;
 use testkit::{Binary, Scenario};
 use tokio::sync::OnceCell;
 use tonic::transport::Channel;
@@ -60,6 +59,8 @@ pub struct Stack {
     envs: Vec<Vec<(String, String)>>,
     /// Between the callers of a service and the service, by service name.
     proxies: Vec<(&'static str, FaultProxy)>,
+    /// How the stack runs over TLS, if it does.
+    tls: Option<TlsStack>,
 }
 
 /// Extra settings for some services of a [`Stack`].
@@ -68,6 +69,51 @@ pub struct StackBuilder {
     env: Vec<(&'static str, String, String)>,
     proxied: Vec<&'static str>,
     without_sagas: bool,
+    tls: Option<TlsStack>,
+}
+
+/// A stack over TLS: every service serves and calls over TLS with its
+/// certificate from `certificates` (and with `client_auth`, refuses callers
+/// without one), on `infrastructure` (a PostgreSQL of its own that speaks
+/// TLS only, see [`tls_infrastructure`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TlsStack {
+    pub certificates: &'static dev_stack::Certificates,
+    pub infrastructure: &'static dev_stack::TestEnv,
+    pub client_auth: bool,
+}
+
+/// The services' names in [`dev_stack::Certificates`] made for a TLS stack,
+/// beside PostgreSQL's and a client's of the tests' own.
+pub const CERTIFICATE_NAMES: [&str; 6] = [
+    auth_service::NAME,
+    order_service::NAME,
+    payment_service::NAME,
+    saga_orchestrator::NAME,
+    "postgres",
+    "client",
+];
+
+/// Certificates from a CA of their own for every service, PostgreSQL and a
+/// client, and a PostgreSQL (speaking TLS only, with that CA's
+/// certificate) and broker of their own, for [`StackBuilder::tls`]. They
+/// live until the test process exits.
+pub async fn tls_infrastructure() -> anyhow::Result<(
+    &'static dev_stack::Certificates,
+    &'static dev_stack::TestEnv,
+)> {
+    let certificates: &'static _ = Box::leak(Box::new(dev_stack::Certificates::generate(
+        "ordersaga test CA",
+        &CERTIFICATE_NAMES,
+    )?));
+    let (postgres, broker) = tokio::try_join!(
+        dev_stack::PostgresServer::start_tls(certificates),
+        dev_stack::Broker::start()
+    )?;
+    Ok((
+        certificates,
+        dev_stack::TestEnv::separate(postgres, broker)?,
+    ))
 }
 
 impl StackBuilder {
@@ -83,6 +129,12 @@ impl StackBuilder {
             self.env
                 .push((service.name, key.to_owned(), value.to_owned()));
         }
+        self
+    }
+
+    /// Runs the stack over TLS (see [`TlsStack`]).
+    pub fn tls(mut self, tls: TlsStack) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -105,7 +157,11 @@ impl StackBuilder {
     /// one before reports SERVING.
     pub async fn start(self) -> anyhow::Result<Stack> {
         let folder = binaries_folder().await?;
-        let scenario = Scenario::new(SERVICES).await?;
+        let scenario = match &self.tls {
+            Some(tls) => Scenario::on(tls.infrastructure, SERVICES).await?,
+            None => Scenario::new(SERVICES).await?,
+        };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut services: Vec<ServiceProcess> = Vec::new();
         let mut envs = Vec::new();
         let mut proxies = Vec::new();
@@ -125,10 +181,16 @@ impl StackBuilder {
             let mut env = scenario.service_env(&url);
             env.extend(peer_env(name, |peer| {
                 match proxies.iter().find(|(name, _)| *name == peer) {
-                    Some((_, proxy)) => format!("http://{}", proxy.address()),
+                    Some((_, proxy)) => format!("{scheme}://{}", proxy.address()),
                     None => services[index_of(peer)].url(),
                 }
             }));
+            if let Some(tls) = &self.tls {
+                env.extend(tls.certificates.grpc_env(binary.name()));
+                if tls.client_auth {
+                    env.push(("GRPC_TLS_CLIENT_AUTH".into(), "true".into()));
+                }
+            }
             for (service, key, value) in &self.env {
                 if *service == name {
                     env.retain(|(k, _)| k != key);
@@ -147,6 +209,7 @@ impl StackBuilder {
             services,
             envs,
             proxies,
+            tls: self.tls,
         })
     }
 }
@@ -159,6 +222,11 @@ impl Stack {
     /// The system with default settings.
     pub async fn start() -> anyhow::Result<Self> {
         Self::builder().start().await
+    }
+
+    /// How the stack runs over TLS, if it does.
+    pub fn tls(&self) -> Option<TlsStack> {
+        self.tls
     }
 
     /// The proxy between the orchestrator and `service`, when the stack was
@@ -244,8 +312,10 @@ impl Stack {
         TraceServiceClient::new(self.channel(saga_orchestrator::NAME).await)
     }
 
+    /// A channel to `name`, over TLS (as the service itself) on a TLS stack.
     async fn channel(&self, name: &str) -> Channel {
-        channel(&self.service(name).url())
+        let service = self.service(name);
+        channel_with(&service.url(), service.tls())
             .await
             .expect("a channel to a running service")
     }
@@ -461,7 +531,7 @@ pub async fn binaries_folder() -> anyhow::Result<&'static PathBuf> {
                 .to_owned();
             // The same command `cargo xtask test` runs before the tests, so
             // here it finds everything built.
-            let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            let mut build = dev_stack::tools::cargo();
             build.args(["build", "--quiet", "--workspace", "--bins"]);
             if folder.file_name().is_some_and(|name| name == "release") {
                 build.arg("--release");

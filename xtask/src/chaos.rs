@@ -74,7 +74,7 @@ pub(crate) fn audit(args: &AuditArgs) -> anyhow::Result<()> {
 }
 
 fn cargo(args: &[&str]) -> Command {
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut command = tools::cargo();
     command.args(args).current_dir(tools::workspace_root());
     command
 }

@@ -81,7 +81,7 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn cargo_command(args: &[&str]) -> Command {
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut command = tools::cargo();
     command.args(args).current_dir(tools::workspace_root());
     command
 }

@@ -1,8 +1,9 @@
 //! Developer commands for this workspace.
 //!
-//! - `cargo xtask up [--detach]`: PostgreSQL, a Kafka-protocol broker and
-//!   the four services on their default ports, until Ctrl-C (or until
-//!   `cargo xtask down` with `--detach`).
+//! - `cargo xtask up [--detach] [--tls]`: PostgreSQL, a Kafka-protocol
+//!   broker and the four services on their default ports, until Ctrl-C (or
+//!   until `cargo xtask down` with `--detach`); with `--tls`, over TLS.
+//! - `cargo xtask certs`: the local CA and certificates of `up --tls`.
 //! - `cargo xtask test`: format check, clippy, the deployment check, and
 //!   every test against a private PostgreSQL and broker: what CI runs.
 //! - `cargo xtask deploy-check`: docker-compose.yml and every Kubernetes
@@ -39,6 +40,9 @@ enum Command {
     Up(stack::UpArgs),
     /// Stop a stack started with `up --detach`.
     Down,
+    /// Make the local CA and certificates of `up --tls` (for
+    /// docker-compose.tls.yml) without starting anything.
+    Certs,
     /// Format check, clippy, the deployment check and every test (what CI runs).
     Test(checks::TestArgs),
     /// Validate docker-compose.yml and the Kubernetes overlays, and check
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => stack::up(args).await,
             Command::Down => stack::down().await,
+            Command::Certs => stack::certs(),
             Command::Test(args) => checks::test(args).await,
             Command::DeployCheck => deploy::check().await,
             Command::Chaos(args) => chaos::chaos(&args),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use database::ServiceAccount;
-use dev_stack::{Broker, PostgresServer, ServiceProcess, ServingStatus, tools};
+use dev_stack::{Broker, Certificates, PostgresServer, ServiceProcess, ServingStatus, tools};
 use messaging::Topics;
 use registry::SERVICES;
 use service_runtime::Manifest;
@@ -22,6 +22,11 @@ pub(crate) struct UpArgs {
     /// Build and run the services with the release profile.
     #[arg(long)]
     release: bool,
+    /// Every connection over TLS: a local CA (in `target/dev-stack/tls`)
+    /// and a certificate per service, gRPC with client certificates
+    /// required, PostgreSQL with `sslmode=verify-full`.
+    #[arg(long)]
+    tls: bool,
     /// Internal: the detached supervisor process.
     #[arg(long, hide = true)]
     supervise: bool,
@@ -61,7 +66,7 @@ pub(crate) async fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.detach {
         return detach(&args);
     }
-    let stack = LocalStack::start(args.release).await?;
+    let stack = LocalStack::start(args.release, args.tls).await?;
     let summary = stack.summary();
     println!("{summary}");
     if args.supervise {
@@ -88,6 +93,9 @@ fn detach(args: &UpArgs) -> anyhow::Result<()> {
         .args(["up", "--supervise"]);
     if args.release {
         command.arg("--release");
+    }
+    if args.tls {
+        command.arg("--tls");
     }
     let mut supervisor = command
         .stdin(Stdio::null())
@@ -154,22 +162,85 @@ struct LocalStack {
     database_url: String,
     brokers: String,
     logs: PathBuf,
+    /// The local CA and its certificates, when every connection is TLS.
+    certificates: Option<Certificates>,
     broker: Option<Broker>,
     postgres: Option<PostgresServer>,
 }
 
+/// The names `up --tls` makes certificates for, beside the services:
+/// PostgreSQL's and one for grpcurl (or any client) to present.
+const TLS_NAMES: [&str; 2] = ["postgres", "client"];
+
+fn tls_dir() -> PathBuf {
+    state_dir().join("tls")
+}
+
+/// A new local CA, with a certificate for each service and each of
+/// [`TLS_NAMES`], in [`tls_dir`].
+fn local_certificates() -> anyhow::Result<Certificates> {
+    let names: Vec<&str> = SERVICES
+        .iter()
+        .map(|service| service.name)
+        .chain(TLS_NAMES)
+        .collect();
+    Certificates::generate_in(&tls_dir(), "ordersaga local CA", &names)
+}
+
+/// `cargo xtask certs`: the CA and certificates of `up --tls`, without
+/// starting anything, for `docker-compose.tls.yml` to mount.
+pub(crate) fn certs() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let certificates = local_certificates()?;
+    // The containers run as an unprivileged user of the image, which reads
+    // its key through the bind mount: these keys of a local-only CA are
+    // made readable to it (PostgreSQL's container copies its own key to
+    // a private file before it starts).
+    for name in SERVICES.iter().map(|service| service.name).chain(TLS_NAMES) {
+        std::fs::set_permissions(
+            certificates.key(name),
+            std::fs::Permissions::from_mode(0o644),
+        )?;
+    }
+    std::fs::set_permissions(certificates.dir(), std::fs::Permissions::from_mode(0o755))?;
+    println!(
+        "a local CA ({}) and certificates for {} in {}",
+        certificates.ca().display(),
+        SERVICES
+            .iter()
+            .map(|service| service.name)
+            .chain(TLS_NAMES)
+            .collect::<Vec<_>>()
+            .join(", "),
+        certificates.dir().display()
+    );
+    Ok(())
+}
+
 impl LocalStack {
-    async fn start(release: bool) -> anyhow::Result<Self> {
+    async fn start(release: bool, tls: bool) -> anyhow::Result<Self> {
         eprintln!("checking tools");
         install::ensure_tools()?;
         eprintln!("building the services");
         build_services(release)?;
+        let certificates = if tls {
+            eprintln!(
+                "making a local CA and certificates in {}",
+                tls_dir().display()
+            );
+            Some(local_certificates()?)
+        } else {
+            None
+        };
 
         let (postgres, admin_url) = match std::env::var("DATABASE_URL") {
             Ok(url) => (None, url),
             Err(_) => {
                 eprintln!("starting PostgreSQL");
-                let postgres = PostgresServer::start().await?;
+                let postgres = match &certificates {
+                    Some(certificates) => PostgresServer::start_tls(certificates).await?,
+                    None => PostgresServer::start().await?,
+                };
                 let admin = postgres.admin_url("postgres");
                 create_database(&admin, DATABASE_NAME).await?;
                 let url = postgres.admin_url(DATABASE_NAME);
@@ -203,12 +274,22 @@ impl LocalStack {
         for service in SERVICES {
             let account = service.account(format!("{}-dev-password", service.name));
             database::provision(&admin, &account).await?;
-            let env = service_env(
+            let scheme = if certificates.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let mut env = service_env(
                 service,
                 &url_for(&admin_url, &account)?,
                 &brokers,
                 topics.prefix(),
+                scheme,
             );
+            if let Some(certificates) = &certificates {
+                env.extend(certificates.grpc_env(service.name));
+                env.push(("GRPC_TLS_CLIENT_AUTH".to_owned(), "true".to_owned()));
+            }
 
             eprintln!("starting {}", service.name);
             let log = logs.join(format!("{}.log", service.name));
@@ -232,6 +313,7 @@ impl LocalStack {
             database_url: admin_url,
             brokers,
             logs,
+            certificates,
             broker,
             postgres,
         })
@@ -266,22 +348,43 @@ impl LocalStack {
             "  {:<18} {ADMIN_EMAIL} / {ADMIN_PASSWORD}\n",
             "admin login"
         ));
-        text.push_str(
+        let plaintext = match &self.certificates {
+            Some(certificates) => {
+                text.push_str(&format!(
+                    "  {:<18} {} (CA: ca.pem; client certificates required)\n",
+                    "TLS",
+                    certificates.dir().display()
+                ));
+                format!(
+                    "-cacert {} -cert {} -key {}",
+                    certificates.ca().display(),
+                    certificates.cert("client").display(),
+                    certificates.key("client").display()
+                )
+            }
+            None => "-plaintext".to_owned(),
+        };
+        text.push_str(if self.certificates.is_some() {
+            "\n  WARNING: this admin password is public (it is in the source), and so\n  \
+             is the local CA's key: this stack is for local use only. A deployment\n  \
+             sets AUTH_ADMIN_PASSWORD and AUTH_KEY_ENCRYPTION_KEY itself, and its\n  \
+             certificates come from its own CA (see k8s/ and docker-compose.tls.yml).\n"
+        } else {
             "\n  WARNING: this admin password is public (it is in the source) and every\n  \
              port is plaintext: this stack is for local use only. A deployment sets\n  \
              AUTH_ADMIN_PASSWORD and AUTH_KEY_ENCRYPTION_KEY itself (see k8s/ and\n  \
-             docker-compose.yml).\n",
-        );
+             docker-compose.yml).\n"
+        });
 
         text.push_str("\nTry (grpcurl was fetched for you):\n");
         for service in SERVICES {
             text.push_str(&format!(
-                "  {grpcurl} -plaintext localhost:{} list\n",
+                "  {grpcurl} {plaintext} localhost:{} list\n",
                 service.grpc_port
             ));
         }
         text.push_str(&format!(
-            "  {grpcurl} -plaintext localhost:{} grpc.health.v1.Health/Check\n",
+            "  {grpcurl} {plaintext} localhost:{} grpc.health.v1.Health/Check\n",
             order_service::MANIFEST.grpc_port
         ));
         text
@@ -330,6 +433,7 @@ fn service_env(
     database_url: &str,
     brokers: &str,
     topic_prefix: &str,
+    scheme: &str,
 ) -> Vec<(String, String)> {
     let mut env: Vec<(&'static str, String)> = vec![
         ("DATABASE_URL", database_url.to_owned()),
@@ -357,7 +461,7 @@ fn service_env(
     }
     for peer in service.peers {
         let port = registry::service(peer.service).map_or(0, |callee| callee.grpc_port);
-        env.push((peer.url_env, format!("http://127.0.0.1:{port}")));
+        env.push((peer.url_env, format!("{scheme}://127.0.0.1:{port}")));
     }
     if service.is_service_client() {
         env.push(("SERVICE_CLIENT_ID", service.name.to_owned()));
@@ -367,7 +471,7 @@ fn service_env(
 }
 
 fn build_services(release: bool) -> anyhow::Result<()> {
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut command = tools::cargo();
     command.args(["build", "--quiet"]);
     for service in SERVICES {
         command.args(["--bin", service.name]);
@@ -426,7 +530,13 @@ mod tests {
     #[test]
     fn each_service_gets_what_it_cannot_start_without_and_nothing_it_does_not_read() {
         for service in SERVICES {
-            let env = service_env(service, "postgres://x@localhost/db", "localhost:9092", "");
+            let env = service_env(
+                service,
+                "postgres://x@localhost/db",
+                "localhost:9092",
+                "",
+                "http",
+            );
             let problems = check_env(&Container {
                 place: service.name.to_owned(),
                 command: vec![service.name.to_owned()],
@@ -438,14 +548,14 @@ mod tests {
 
     #[test]
     fn every_service_client_is_registered_with_auth_under_its_secret() {
-        let auth = service_env(&auth_service::MANIFEST, "", "", "");
+        let auth = service_env(&auth_service::MANIFEST, "", "", "", "http");
         let (_, clients) = auth
             .iter()
             .find(|(key, _)| key == "AUTH_SERVICE_CLIENTS")
             .expect("auth is told its clients");
         let clients = auth_service::ServiceClients::parse(clients).expect("a valid list");
         for client in registry::service_clients() {
-            let env = service_env(client, "", "", "");
+            let env = service_env(client, "", "", "", "http");
             let value = |key: &str| {
                 env.iter()
                     .find(|(k, _)| k == key)

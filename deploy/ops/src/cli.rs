@@ -59,6 +59,10 @@ pub enum Command {
         /// Service to ask about ("" for the whole server).
         #[arg(long, default_value = "")]
         service: String,
+        /// The service's own TLS settings (the container's), to call it
+        /// over TLS when GRPC_TLS_CA is set.
+        #[command(flatten)]
+        tls: tls::TlsSettings,
     },
 }
 
@@ -77,9 +81,11 @@ impl Cli {
                 layout,
                 wait,
             } => crate::create_topics(&brokers, &prefix, &layout, wait).await,
-            Command::Healthcheck { address, service } => {
-                crate::health_check(&address, &service).await
-            }
+            Command::Healthcheck {
+                address,
+                service,
+                tls,
+            } => crate::health_check(&address, &service, &tls::Tls::load(&tls)?).await,
         }
     }
 }

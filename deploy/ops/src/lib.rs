@@ -194,9 +194,11 @@ pub async fn create_topics(
     }
 }
 
-/// Whether the gRPC server at `address` reports `service` ("" for all) SERVING.
-pub async fn health_check(address: &str, service: &str) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+/// Whether the gRPC server at `address` reports `service` ("" for all)
+/// SERVING, asked over TLS when `tls` has a CA.
+pub async fn health_check(address: &str, service: &str, tls: &tls::Tls) -> anyhow::Result<()> {
+    let channel = tls
+        .endpoint(&format!("{}://{address}", tls.scheme()))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(2))
         .connect()

@@ -107,7 +107,7 @@ async fn jobs_and_replicas_started_at_once_on_a_fresh_stack_all_come_up() -> any
     assert_eq!(auth.len() + others.len(), 4 * REPLICAS);
     // What the containers' health check runs.
     for process in auth.iter().chain(&others) {
-        ops::health_check(&process.address().to_string(), "").await?;
+        ops::health_check(&process.address().to_string(), "", process.tls()).await?;
     }
 
     // The races left one of everything.

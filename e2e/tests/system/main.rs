@@ -18,4 +18,5 @@ mod retention;
 mod sagas;
 mod traces;
 mod tracing;
+mod transport_security;
 mod webdriver;

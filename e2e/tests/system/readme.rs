@@ -4,6 +4,9 @@
 //! bash (`set -euo pipefail`), with `grpcurl` on the PATH and the default
 //! ports replaced by the ports this test's services listen on. Blocks that
 //! continue a shell session (using `$TOKEN`) run after the ones they need.
+//! Against a stack over TLS, `-plaintext` is replaced by the flags the
+//! README gives for `cargo xtask up --tls` (the CA, and a client
+//! certificate).
 
 use std::process::Command;
 use std::time::Duration;
@@ -32,6 +35,19 @@ fn walkthrough(name: &str) -> String {
 /// Runs the named walkthroughs, in order, as one bash script.
 fn run(stack: &Stack, names: &[&str]) -> String {
     let mut script: String = names.iter().map(|name| walkthrough(name) + "\n").collect();
+    if let Some(tls) = stack.tls() {
+        let certificates = tls.certificates;
+        script = script.replace(
+            "grpcurl -plaintext",
+            &format!(
+                "grpcurl -cacert {} -cert {} -key {}",
+                certificates.ca().display(),
+                certificates.cert("client").display(),
+                certificates.key("client").display()
+            ),
+        );
+        assert!(!script.contains("-plaintext"), "{script}");
+    }
     for binary in BINARIES {
         script = script.replace(
             &format!("localhost:{}", binary.manifest.grpc_port),
@@ -88,7 +104,9 @@ async fn login_walkthrough() {
 #[tokio::test]
 async fn happy_and_declined_walkthroughs() {
     let stack = Stack::start().await.unwrap();
+    let started = std::time::Instant::now();
     let output = run(&stack, &["login", "happy", "declined"]);
+    eprintln!("walkthrough in cleartext: {:?}", started.elapsed());
     assert!(output.contains("SAGA_STATE_COMPLETED"), "{output}");
     assert!(output.contains("\"step\": \"confirm-order\""), "{output}");
     assert!(output.contains("SAGA_STATE_COMPENSATED"), "{output}");
@@ -119,4 +137,28 @@ async fn operator_walkthrough() {
         output.contains("process-payment: payment declined: card_declined"),
         "{output}"
     );
+}
+
+/// The same walkthroughs against a stack where every connection is TLS:
+/// gRPC with client certificates required (the tests' grpcurl presents
+/// one), between the services too, and PostgreSQL with `verify-full`.
+#[tokio::test]
+async fn happy_and_declined_walkthroughs_over_tls() {
+    let (certificates, infrastructure) = e2e::tls_infrastructure().await.unwrap();
+    let stack = Stack::builder()
+        .tls(e2e::TlsStack {
+            certificates,
+            infrastructure,
+            client_auth: true,
+        })
+        .start()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let output = run(&stack, &["login", "happy", "declined"]);
+    eprintln!("walkthrough over TLS: {:?}", started.elapsed());
+    assert!(output.contains("SAGA_STATE_COMPLETED"), "{output}");
+    assert!(output.contains("\"step\": \"confirm-order\""), "{output}");
+    assert!(output.contains("SAGA_STATE_COMPENSATED"), "{output}");
+    assert!(output.contains("PAYMENT_STATUS_DECLINED"), "{output}");
 }

@@ -297,7 +297,11 @@ impl Application {
     /// Binds the gRPC port, migrates the database, makes sure a signing key
     /// exists and the configured admin too.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.common.server.clone()).await?;
+        let server = GrpcServer::bind(
+            settings.common.server.clone(),
+            &tls::Tls::load(&settings.common.tls)?,
+        )
+        .await?;
         let platform = Platform::start(&MANIFEST, &settings.common).await?;
         let config = &settings.auth;
         let backoff = |failures_before_delay| throttle::Backoff {

@@ -115,7 +115,11 @@ impl Application {
     /// Binds the gRPC port, connects to and migrates the database, and
     /// connects the Kafka producer.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.common.server.clone()).await?;
+        let server = GrpcServer::bind(
+            settings.common.server.clone(),
+            &tls::Tls::load(&settings.common.tls)?,
+        )
+        .await?;
         let platform = Platform::start(&MANIFEST, &settings.common).await?;
         Ok(Self {
             server,
@@ -147,7 +151,7 @@ impl Application {
             backoff: std::time::Duration::from_millis(2),
         };
         let orders = app::Orders::new(platform.pool.clone(), platform.topics.order_events(), retry);
-        let verifier = Verifier::remote(&settings.auth)?;
+        let verifier = Verifier::remote(&settings.auth, server.tls())?;
 
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))

@@ -153,7 +153,11 @@ impl Application {
     /// Binds the gRPC port, connects to and migrates the database, and
     /// connects the Kafka producer.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.common.server.clone()).await?;
+        let server = GrpcServer::bind(
+            settings.common.server.clone(),
+            &tls::Tls::load(&settings.common.tls)?,
+        )
+        .await?;
         let platform = Platform::start(&MANIFEST, &settings.common).await?;
         Ok(Self {
             server,
@@ -207,7 +211,7 @@ impl Application {
                 .lease_watch()
                 .run(platform.pool.clone(), shutdown.clone()),
         );
-        let verifier = Verifier::remote(&settings.auth)?;
+        let verifier = Verifier::remote(&settings.auth, server.tls())?;
         let served = server
             .with_access_control(AuthLayer::new(verifier, policy()))
             .add_service(PaymentServiceServer::new(grpc::PaymentApi { payments }))

@@ -242,12 +242,17 @@ impl Application {
     /// Binds the gRPC port, migrates the database, and builds the engine
     /// with its downstream clients (which connect lazily).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let server = GrpcServer::bind(settings.common.server.clone()).await?;
+        let server = GrpcServer::bind(
+            settings.common.server.clone(),
+            &tls::Tls::load(&settings.common.tls)?,
+        )
+        .await?;
         let platform = Platform::start(&MANIFEST, &settings.common).await?;
         let token = Arc::new(ServiceTokenSource::new(
             &settings.auth.url,
             settings.credentials.clone(),
             SCOPES.into_iter().collect(),
+            server.tls(),
         )?);
         let downstreams = order_saga::Downstreams {
             orders: client::downstream(
@@ -255,12 +260,14 @@ impl Application {
                 &settings.order_service_url,
                 settings.breaker,
                 Some(token.clone()),
+                server.tls(),
             )?,
             payments: client::downstream(
                 PAYMENT.service,
                 &settings.payment_service_url,
                 settings.breaker,
                 Some(token),
+                server.tls(),
             )?,
         };
         let saga = &settings.saga;
@@ -356,7 +363,7 @@ impl Application {
             feed,
         };
 
-        let verifier = Verifier::remote(&settings.auth)?;
+        let verifier = Verifier::remote(&settings.auth, server.tls())?;
         let (dashboard, sampler) = dashboard::routes(
             engine.clone(),
             Arc::new(verifier.clone()),

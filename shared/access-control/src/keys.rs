@@ -31,8 +31,8 @@ pub struct RemoteKeys {
 
 impl RemoteKeys {
     /// Connects lazily: the auth service may start after us.
-    pub fn new(url: &str) -> anyhow::Result<Self> {
-        let channel = crate::auth_channel(url)?;
+    pub fn new(url: &str, tls: &tls::Tls) -> anyhow::Result<Self> {
+        let channel = crate::auth_channel(url, tls)?;
         Ok(Self {
             client: AuthServiceClient::new(channel),
         })

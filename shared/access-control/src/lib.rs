@@ -41,10 +41,14 @@ pub use verify::{Verifier, VerifyError};
 /// fetched inside a request belongs to that request's trace).
 pub(crate) type AuthChannel = telemetry::grpc::ClientService<tonic::transport::Channel>;
 
-/// Connects lazily: the auth service may start after us.
-pub(crate) fn auth_channel(url: &str) -> anyhow::Result<AuthChannel> {
+/// Connects lazily: the auth service may start after us. Over TLS when
+/// `tls` has a CA, and then only to a server whose certificate chains to
+/// it: the public keys this channel fetches decide whom every token
+/// names, so they must come from the real auth service.
+pub(crate) fn auth_channel(url: &str, tls: &tls::Tls) -> anyhow::Result<AuthChannel> {
     use anyhow::Context as _;
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+    let channel = tls
+        .endpoint(url)
         .context("auth service URL")?
         .connect_timeout(std::time::Duration::from_secs(2))
         .timeout(std::time::Duration::from_secs(5))

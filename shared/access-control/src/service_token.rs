@@ -51,12 +51,13 @@ impl ServiceTokenSource {
         auth_url: &str,
         credentials: ServiceCredentials,
         scope: Scopes,
+        tls: &tls::Tls,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !scope.is_empty(),
             "a service token needs at least one scope"
         );
-        let channel = crate::auth_channel(auth_url)?;
+        let channel = crate::auth_channel(auth_url, tls)?;
         Ok(Self {
             client: AuthServiceClient::new(channel),
             credentials,

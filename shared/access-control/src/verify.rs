@@ -41,10 +41,11 @@ impl Verifier {
     /// A verifier whose keys come from the auth service named in
     /// `settings`. A first fetch starts now, so that the first request
     /// usually finds the keys in cache; if the auth service is not up yet,
-    /// the first token seen fetches them.
-    pub fn remote(settings: &AuthSettings) -> anyhow::Result<Self> {
+    /// the first token seen fetches them. The auth service is reached as
+    /// `tls` says: over TLS, only if its certificate chains to the CA.
+    pub fn remote(settings: &AuthSettings, tls: &tls::Tls) -> anyhow::Result<Self> {
         let keys = Arc::new(KeyCache::new(
-            RemoteKeys::new(&settings.url)?,
+            RemoteKeys::new(&settings.url, tls)?,
             settings.key_refetch_interval,
         ));
         tokio::spawn({

@@ -2,6 +2,8 @@
 //!
 //! `cargo xtask up` and every integration test use the same pieces:
 //!
+//! - [`Certificates`]: a local CA and a certificate per service, for TLS
+//!   on the local stack and in tests;
 //! - [`tools`] finds the PostgreSQL server binaries and fetches the broker
 //!   (`tansu`, a Kafka-protocol broker) and `grpcurl` into the build tree;
 //! - [`PostgresServer`] runs a private cluster in a temporary folder on a
@@ -16,6 +18,7 @@
 //!   the program started), and [`FaultProxy`] lets a test cut a connection.
 
 mod broker;
+pub mod certs;
 mod ports;
 mod postgres;
 mod process;
@@ -26,6 +29,7 @@ pub mod tools;
 mod topic_reader;
 
 pub use broker::Broker;
+pub use certs::Certificates;
 pub use ports::free_port;
 pub use postgres::PostgresServer;
 pub use process::Supervised;

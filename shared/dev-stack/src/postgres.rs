@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use sqlx::Connection as _;
 
 use crate::process::{Spawn, Supervised};
-use crate::{free_port, tools};
+use crate::{Certificates, free_port, tools};
 
 /// A private PostgreSQL cluster in a temporary folder, on a free port of
 /// 127.0.0.1, with `trust` authentication. From [`start`](Self::start),
@@ -24,6 +24,9 @@ pub struct PostgresServer {
     /// The data folder of a server that can be restarted
     /// ([`restart_immediately`](Self::restart_immediately)).
     restartable: Option<PathBuf>,
+    /// For a server that speaks TLS only: the URL parameters that verify it
+    /// (`sslmode=verify-full&sslrootcert=<CA>`).
+    tls_parameters: Option<String>,
 }
 
 /// How the server process is run.
@@ -71,6 +74,14 @@ impl PostgresServer {
         Self::start_with(Durability::Throwaway).await
     }
 
+    /// Like [`start`](Self::start), with `ssl=on` and the certificate of
+    /// `postgres` from `certificates`, accepting TCP connections over TLS
+    /// only (`hostssl` in `pg_hba.conf`). [`admin_url`](Self::admin_url)
+    /// then verifies the server: `sslmode=verify-full`, `sslrootcert` the CA.
+    pub async fn start_tls(certificates: &Certificates) -> anyhow::Result<Self> {
+        Self::start_with_launch(Durability::Throwaway, Launch::Direct, Some(certificates)).await
+    }
+
     /// Like [`start`](Self::start), but durable: `initdb` syncs its files,
     /// the server runs with PostgreSQL's defaults for `fsync`,
     /// `synchronous_commit` and `full_page_writes` (all on), and
@@ -93,7 +104,7 @@ impl PostgresServer {
     /// restart it. [`process`](Self::process) is then the keeper that
     /// restarts it, not the postmaster.
     pub async fn start_durable_restartable() -> anyhow::Result<Self> {
-        let server = Self::start_with_launch(Durability::Durable, Launch::Kept).await?;
+        let server = Self::start_with_launch(Durability::Durable, Launch::Kept, None).await?;
         let mut admin = sqlx::PgConnection::connect(&server.admin_url("postgres")).await?;
         sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             .execute(&mut admin)
@@ -153,15 +164,19 @@ impl PostgresServer {
     }
 
     async fn start_with(durability: Durability) -> anyhow::Result<Self> {
-        Self::start_with_launch(durability, Launch::Direct).await
+        Self::start_with_launch(durability, Launch::Direct, None).await
     }
 
-    async fn start_with_launch(durability: Durability, launch: Launch) -> anyhow::Result<Self> {
+    async fn start_with_launch(
+        durability: Durability,
+        launch: Launch,
+        tls: Option<&Certificates>,
+    ) -> anyhow::Result<Self> {
         // The port is free when chosen but could be taken before the server
         // binds it; a server that dies at start is retried on another port.
         let mut attempt = 1;
         loop {
-            match Self::start_once(durability, launch).await {
+            match Self::start_once(durability, launch, tls).await {
                 Ok(server) => return Ok(server),
                 Err(error) if attempt < 3 => {
                     tracing::warn!(%error, "postgres did not start; trying another port");
@@ -172,7 +187,11 @@ impl PostgresServer {
         }
     }
 
-    async fn start_once(durability: Durability, launch: Launch) -> anyhow::Result<Self> {
+    async fn start_once(
+        durability: Durability,
+        launch: Launch,
+        tls: Option<&Certificates>,
+    ) -> anyhow::Result<Self> {
         let bin = tools::postgres_bin_dir()?;
         let user = server_user()?;
         let folder = tempfile::Builder::new()
@@ -211,9 +230,19 @@ impl PostgresServer {
         let port = free_port()?;
         let log = folder.join("postgres.log");
         let postgres = bin.join("postgres");
-        let args = match durability {
+        let mut args = match durability {
             Durability::Throwaway => server_args(&data, &folder, port),
             Durability::Durable => durable_server_args(&data, &folder, port),
+        };
+        let tls_parameters = match tls {
+            Some(certificates) => {
+                args.extend(tls_args(&data, certificates, user)?);
+                Some(format!(
+                    "sslmode=verify-full&sslrootcert={}",
+                    certificates.ca().display()
+                ))
+            }
+            None => None,
         };
         let (program, args, stop_signal) = match launch {
             // INT: fast shutdown, do not wait for clients.
@@ -246,6 +275,7 @@ impl PostgresServer {
             port,
             process,
             restartable,
+            tls_parameters,
         };
         if let Err(error) = server.wait_ready(Duration::from_secs(30)).await {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
@@ -259,9 +289,23 @@ impl PostgresServer {
         self.port
     }
 
-    /// URL of the `postgres` superuser on `database`.
+    /// URL of the `postgres` superuser on `database` (verifying the
+    /// server's certificate, for a server started with TLS).
     pub fn admin_url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{database}{}",
+            self.port,
+            self.url_parameters()
+        )
+    }
+
+    /// What follows the database name in a URL to this server: `?` and the
+    /// TLS parameters for a server started with TLS, else nothing.
+    pub fn url_parameters(&self) -> String {
+        self.tls_parameters
+            .as_ref()
+            .map(|parameters| format!("?{parameters}"))
+            .unwrap_or_default()
     }
 
     /// The server process, for fault injection (`STOP`, `CONT`, `KILL`).
@@ -356,6 +400,41 @@ fn with_settings(data: &Path, socket_dir: &Path, port: u16, settings: &[&str]) -
         args.push((*setting).to_owned());
     }
     args
+}
+
+/// The settings that make the server in `data` speak TLS with the
+/// certificate of `postgres` (copied into `data`, owned by the server's
+/// user, which PostgreSQL insists on for the key), and accept TCP
+/// connections over TLS only.
+fn tls_args(
+    data: &Path,
+    certificates: &Certificates,
+    user: Option<(u32, u32)>,
+) -> anyhow::Result<Vec<String>> {
+    let cert = data.join("server.crt");
+    let key = data.join("server.key");
+    std::fs::copy(certificates.cert("postgres"), &cert)
+        .context("copying the server certificate")?;
+    std::fs::copy(certificates.key("postgres"), &key).context("copying the server key")?;
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+    )
+    .context("writing pg_hba.conf")?;
+    for file in [&cert, &key] {
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(file, Some(uid), Some(gid))?;
+        }
+    }
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok([
+        "ssl=on".to_owned(),
+        format!("ssl_cert_file={}", cert.display()),
+        format!("ssl_key_file={}", key.display()),
+    ]
+    .into_iter()
+    .flat_map(|setting| ["-c".to_owned(), setting])
+    .collect())
 }
 
 /// The postmaster's pid, from the first line of its lock file in `data`.

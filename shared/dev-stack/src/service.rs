@@ -12,12 +12,16 @@ use crate::process::{Spawn, Supervised};
 /// One of our service binaries, running as a child process.
 ///
 /// It listens on a port the kernel picks (`GRPC_ADDR=127.0.0.1:0`); the
-/// address is read from the service's own "listening" log line.
+/// address is read from the service's own "listening" log line. Started
+/// with TLS settings (`GRPC_TLS_*`), it is called over TLS as itself: with
+/// its CA and its own certificate, like `ordersaga-ops healthcheck` in its
+/// container.
 #[derive(Debug)]
 pub struct ServiceProcess {
     name: String,
     process: Supervised,
     address: SocketAddr,
+    tls: tls::Tls,
     log: PathBuf,
     _folder: tempfile::TempDir,
 }
@@ -59,6 +63,7 @@ impl ServiceProcess {
         log: &Path,
         folder: tempfile::TempDir,
     ) -> anyhow::Result<Self> {
+        let tls = tls_of(&env).with_context(|| format!("the TLS settings of {name}"))?;
         // A fixed address is used as given; otherwise the kernel picks a port
         // and the service's JSON "listening" line tells which.
         let fixed: Option<SocketAddr> = env
@@ -96,6 +101,7 @@ impl ServiceProcess {
             name: name.to_owned(),
             process,
             address,
+            tls,
             log: log.to_owned(),
             _folder: folder,
         })
@@ -105,9 +111,16 @@ impl ServiceProcess {
         self.address
     }
 
-    /// `http://127.0.0.1:<port>`, for gRPC clients.
+    /// `http://127.0.0.1:<port>` for gRPC clients, `https://` when the
+    /// service was started with TLS settings.
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        format!("{}://{}", self.tls.scheme(), self.address)
+    }
+
+    /// How to call the service: over TLS as the service itself (its CA and
+    /// certificate) if it was started with TLS settings, else cleartext.
+    pub fn tls(&self) -> &tls::Tls {
+        &self.tls
     }
 
     /// The process, for signals (`KILL` to crash it).
@@ -132,7 +145,9 @@ impl ServiceProcess {
 
     /// The health status of `service` ("" for the whole server).
     pub async fn health(&self, service: &str) -> anyhow::Result<ServingStatus> {
-        let channel = tonic::transport::Endpoint::from_shared(self.url())?
+        let channel = self
+            .tls
+            .endpoint(&self.url())?
             .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(2))
             .connect()
@@ -218,6 +233,23 @@ async fn wait_for_listening(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The client TLS a service started with `env` is called with: its own
+/// certificate and CA, from its `GRPC_TLS_*` settings.
+fn tls_of(env: &[(String, String)]) -> anyhow::Result<tls::Tls> {
+    let path = |key: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, value)| PathBuf::from(value))
+    };
+    tls::Tls::load(&tls::TlsSettings {
+        cert: path("GRPC_TLS_CERT"),
+        key: path("GRPC_TLS_KEY"),
+        ca: path("GRPC_TLS_CA"),
+        client_auth: false,
+    })
 }
 
 fn read(path: &Path) -> String {

@@ -27,6 +27,9 @@ pub const KAFKA_ENV: &str = "ORDERSAGA_TEST_KAFKA";
 #[derive(Debug)]
 pub struct TestEnv {
     postgres_base_url: String,
+    /// What URLs to the server end with after the database name: its TLS
+    /// parameters, for a server that speaks TLS only.
+    postgres_parameters: String,
     bootstrap_servers: String,
     tansu: PathBuf,
     /// The servers this run started, if it did; they stop with the process.
@@ -49,6 +52,7 @@ impl TestEnv {
         match (std::env::var(POSTGRES_ENV), std::env::var(KAFKA_ENV)) {
             (Ok(postgres_base_url), Ok(bootstrap_servers)) => Ok(TestEnv {
                 postgres_base_url,
+                postgres_parameters: String::new(),
                 bootstrap_servers,
                 tansu,
                 postgres: None,
@@ -65,6 +69,7 @@ impl TestEnv {
     fn owning(postgres: PostgresServer, broker: Broker, tansu: PathBuf) -> TestEnv {
         TestEnv {
             postgres_base_url: format!("postgres://postgres@127.0.0.1:{}", postgres.port()),
+            postgres_parameters: postgres.url_parameters(),
             bootstrap_servers: broker.bootstrap_servers(),
             tansu,
             postgres: Some(postgres),
@@ -101,6 +106,7 @@ impl TestEnv {
     ) -> anyhow::Result<&'static TestEnv> {
         Self::set(TestEnv {
             postgres_base_url: postgres_base_url.into(),
+            postgres_parameters: String::new(),
             bootstrap_servers: broker.bootstrap_servers(),
             tansu: tools::tansu()?,
             postgres: None,
@@ -132,16 +138,19 @@ impl TestEnv {
     /// A new, empty database for one test.
     pub async fn database(&self) -> anyhow::Result<TestDatabase> {
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin =
-            sqlx::PgConnection::connect(&format!("{}/postgres", self.postgres_base_url))
-                .await
-                .context("connecting to the test cluster")?;
+        let mut admin = sqlx::PgConnection::connect(&format!(
+            "{}/postgres{}",
+            self.postgres_base_url, self.postgres_parameters
+        ))
+        .await
+        .context("connecting to the test cluster")?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut admin)
             .await?;
         admin.close().await?;
         Ok(TestDatabase {
             base_url: self.postgres_base_url.clone(),
+            parameters: self.postgres_parameters.clone(),
             name,
         })
     }
@@ -166,6 +175,8 @@ impl TestEnv {
 #[derive(Debug, Clone)]
 pub struct TestDatabase {
     base_url: String,
+    /// Appended to every URL: the server's TLS parameters, if any.
+    parameters: String,
     name: String,
 }
 
@@ -183,7 +194,7 @@ impl TestDatabase {
 
     /// Superuser URL of this database.
     pub fn admin_url(&self) -> String {
-        format!("{}/{}", self.base_url, self.name)
+        format!("{}/{}{}", self.base_url, self.name, self.parameters)
     }
 
     /// Provisions a service's role and schema here and returns the URL the
@@ -200,8 +211,8 @@ impl TestDatabase {
     pub fn url_for(&self, account: &database::ServiceAccount) -> String {
         let host = self.base_url.rsplit('@').next().unwrap_or_default();
         format!(
-            "postgres://{}:{}@{host}/{}",
-            account.role, account.password, self.name
+            "postgres://{}:{}@{host}/{}{}",
+            account.role, account.password, self.name, self.parameters
         )
     }
 }

@@ -29,6 +29,29 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
+/// A `cargo` command (`$CARGO`, else `cargo` on the PATH) for a tool that
+/// runs inside `cargo run` or a test, without the variables cargo set for
+/// that crate (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...): leaked into the
+/// child, they change what build scripts see (ring's reruns), so the child
+/// would rebuild what a plain `cargo build` just built.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || key.starts_with("CARGO_CRATE_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR" | "CARGO_MANIFEST_PATH" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
 /// Where fetched tools live: `$ORDERSAGA_TOOLS_DIR`, else `target/tools`.
 pub fn tools_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ORDERSAGA_TOOLS_DIR") {

@@ -562,8 +562,10 @@ impl Engine {
                     .expect("the semaphore is never closed");
                 let engine = self.clone();
                 let shutdown = shutdown.clone();
+                // Boxed: a driver's future is large (its PostgreSQL
+                // connection's TLS state among it), and each task holds one.
                 drivers.spawn(async move {
-                    engine.drive(claim, &shutdown).await;
+                    Box::pin(engine.drive(claim, &shutdown)).await;
                     drop(permit);
                 });
             }
@@ -594,7 +596,7 @@ impl Engine {
                         let shutdown = shutdown.clone();
                         drivers.spawn(async move {
                             let permit = permit.await.expect("the semaphore is never closed");
-                            engine.drive(claim, &shutdown).await;
+                            Box::pin(engine.drive(claim, &shutdown)).await;
                             drop(permit);
                         });
                         while drivers.try_join_next().is_some() {}
@@ -617,7 +619,7 @@ impl Engine {
         while let Some(claim) = adoptions.recv().await {
             let engine = self.clone();
             let shutdown = shutdown.clone();
-            drivers.spawn(async move { engine.drive(claim, &shutdown).await });
+            drivers.spawn(async move { Box::pin(engine.drive(claim, &shutdown)).await });
         }
         while drivers.join_next().await.is_some() {}
         tracing::debug!("saga engine stopped");

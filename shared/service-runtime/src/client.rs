@@ -22,7 +22,6 @@ use anyhow::Context as _;
 use futures::future::BoxFuture;
 use tonic::Code;
 use tonic::body::Body;
-use tonic::transport::Endpoint;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 use tower_layer::Layer;
@@ -49,14 +48,16 @@ pub struct BreakerSettings {
 }
 
 /// A lazily connected channel to `url` named `name` (for logs), calling
-/// with `token` when given.
+/// with `token` when given, over TLS as `tls` says (see the `tls` crate).
 pub fn downstream(
     name: &'static str,
     url: &str,
     breaker: BreakerSettings,
     token: Option<Arc<ServiceTokenSource>>,
+    tls: &tls::Tls,
 ) -> anyhow::Result<Downstream> {
-    let channel = Endpoint::from_shared(url.to_owned())
+    let channel = tls
+        .endpoint(url)
         .with_context(|| format!("the URL of {name}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)

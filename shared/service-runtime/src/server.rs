@@ -36,6 +36,9 @@ pub struct GrpcServer {
     services: Vec<&'static str>,
     descriptor_sets: Vec<&'static [u8]>,
     access_control: Option<access_control::AuthLayer>,
+    /// The process's TLS settings: the server's certificate (none:
+    /// cleartext), and what the service's clients use too.
+    tls: tls::Tls,
     http: HttpServer,
 }
 
@@ -44,14 +47,17 @@ impl std::fmt::Debug for GrpcServer {
         f.debug_struct("GrpcServer")
             .field("address", &self.listener.local_addr().ok())
             .field("services", &self.services)
+            .field("tls", &self.tls.serves_tls())
             .finish_non_exhaustive()
     }
 }
 
 impl GrpcServer {
     /// Binds the listening socket now, so the port is known (and taken)
-    /// before anything else starts.
-    pub async fn bind(settings: ServerSettings) -> anyhow::Result<Self> {
+    /// before anything else starts. It serves TLS when `tls` has a
+    /// certificate (and then, if `tls` says so, only to callers with a
+    /// client certificate), cleartext otherwise.
+    pub async fn bind(settings: ServerSettings, tls: &tls::Tls) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(settings.grpc_addr)
             .await
             .with_context(|| format!("binding the gRPC port {}", settings.grpc_addr))?;
@@ -63,8 +69,15 @@ impl GrpcServer {
             services: Vec::new(),
             descriptor_sets: vec![tonic_health::pb::FILE_DESCRIPTOR_SET],
             access_control: None,
+            tls: tls.clone(),
             http,
         })
+    }
+
+    /// The TLS settings the server was bound with, for the service's own
+    /// clients (to auth and to its downstreams).
+    pub fn tls(&self) -> &tls::Tls {
+        &self.tls
     }
 
     /// The address the HTTP (metrics) server actually bound.
@@ -171,8 +184,14 @@ impl GrpcServer {
 
         let methods = served_methods(&self.descriptor_sets, &self.services)?;
         let http = tokio::spawn(self.http.serve(self.settings.http(), shutdown.clone()));
-        tracing::info!(%address, services = ?self.services, "gRPC server listening");
-        let serving = tonic::transport::Server::builder()
+        tracing::info!(%address, services = ?self.services, tls = self.tls.serves_tls(), "gRPC server listening");
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(config) = self.tls.server_config() {
+            builder = builder
+                .tls_config(config)
+                .context("the gRPC server's TLS configuration")?;
+        }
+        let serving = builder
             .layer(telemetry::grpc::ServerLayer::new(methods))
             .layer(tower::util::option_layer(self.access_control))
             .timeout(self.settings.request_timeout)

@@ -26,6 +26,8 @@ pub struct CommonSettings {
     pub telemetry: telemetry::TelemetrySettings,
     #[command(flatten)]
     pub retention: crate::RetentionSettings,
+    #[command(flatten)]
+    pub tls: tls::TlsSettings,
 }
 
 /// Settings of the gRPC server every service runs.

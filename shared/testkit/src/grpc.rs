@@ -3,12 +3,18 @@
 use std::time::Duration;
 
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
 
 /// A channel to `url` that fails fast instead of hanging a test.
 pub async fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())?
+    channel_with(url, &tls::Tls::cleartext()).await
+}
+
+/// [`channel`], over TLS as `tls` says (`https://` URLs).
+pub async fn channel_with(url: &str, tls: &tls::Tls) -> anyhow::Result<Channel> {
+    Ok(tls
+        .endpoint(url)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(30))
         .connect()

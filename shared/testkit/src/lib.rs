@@ -85,7 +85,12 @@ impl Scenario {
     /// of `manifests` use (testkit sits below the services: their tests
     /// pass their own manifest, the system's tests every one).
     pub async fn new(manifests: &[&Manifest]) -> anyhow::Result<Self> {
-        let env = TestEnv::get().await;
+        Self::on(TestEnv::get().await, manifests).await
+    }
+
+    /// A scenario on `env` rather than the run's stack (a stack of the
+    /// test's own, such as one whose PostgreSQL speaks TLS only).
+    pub async fn on(env: &'static TestEnv, manifests: &[&Manifest]) -> anyhow::Result<Self> {
         let database = env.database().await?;
         let topics = Topics::new(env.unique_topic_prefix());
         env.create_topics(&manifest::topics(manifests, &topics), 3)?;

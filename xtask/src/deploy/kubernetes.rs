@@ -12,7 +12,7 @@ use super::settings::{Container, check_env};
 use registry::SERVICES;
 use service_runtime::Manifest;
 
-use super::{IMAGE, OPS, image_name, prefixed, strings};
+use super::{IMAGE, OPS, image_name, prefixed, scalar, strings};
 
 /// What is wrong with one overlay's rendered `documents`.
 pub(super) fn check_kubernetes(documents: &[Value]) -> Vec<String> {
@@ -177,6 +177,126 @@ pub(super) fn check_kubernetes(documents: &[Value]) -> Vec<String> {
     problems
 }
 
+/// What `k8s/components/tls` promises of a rendered overlay: each service
+/// has a cert-manager Certificate for its Service name and 127.0.0.1 (the
+/// probes' address) in the Secret its pods mount, TLS settings with client
+/// certificates required, and https:// peer URLs only.
+pub(super) fn check_tls(documents: &[Value]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let named = |kind: &str, name: &str| {
+        documents
+            .iter()
+            .find(|doc| doc["kind"] == kind && doc["metadata"]["name"] == name)
+    };
+    for binary in SERVICES {
+        let secret = format!("{}-tls", binary.name);
+        match named("Certificate", binary.name) {
+            None => problems.push(format!("no Certificate {}", binary.name)),
+            Some(certificate) => {
+                let spec = &certificate["spec"];
+                if spec["secretName"] != secret.as_str() {
+                    problems.push(format!(
+                        "Certificate {} is not kept in {secret}",
+                        binary.name
+                    ));
+                }
+                if !strings(&spec["dnsNames"])
+                    .iter()
+                    .any(|name| name == binary.name)
+                    || !strings(&spec["ipAddresses"])
+                        .iter()
+                        .any(|ip| ip == "127.0.0.1")
+                {
+                    problems.push(format!(
+                        "Certificate {} must name {} (what peers dial) and 127.0.0.1 (what the probes dial)",
+                        binary.name, binary.name
+                    ));
+                }
+                let usages = strings(&spec["usages"]);
+                if !["server auth", "client auth"]
+                    .iter()
+                    .all(|usage| usages.iter().any(|u| u == usage))
+                {
+                    problems.push(format!(
+                        "Certificate {} needs the usages server auth and client auth (mutual TLS)",
+                        binary.name
+                    ));
+                }
+            }
+        }
+        let Some(deployment) = named("Deployment", binary.name) else {
+            continue;
+        };
+        let pod = &deployment["spec"]["template"]["spec"];
+        let mounted = pod["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|volume| volume["secret"]["secretName"] == secret.as_str());
+        if !mounted {
+            problems.push(format!(
+                "Deployment/{} does not mount {secret}",
+                binary.name
+            ));
+        }
+        let env: BTreeMap<String, String> = pod["containers"][0]["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|var| (scalar(&var["name"]), scalar(&var["value"])))
+            .collect();
+        for setting in ["GRPC_TLS_CERT", "GRPC_TLS_KEY", "GRPC_TLS_CA"] {
+            if !env.contains_key(setting) {
+                problems.push(format!("Deployment/{} does not set {setting}", binary.name));
+            }
+        }
+        if env.get("GRPC_TLS_CLIENT_AUTH").map(String::as_str) != Some("true") {
+            problems.push(format!(
+                "Deployment/{} does not require client certificates (GRPC_TLS_CLIENT_AUTH)",
+                binary.name
+            ));
+        }
+    }
+    for config in documents.iter().filter(|doc| doc["kind"] == "ConfigMap") {
+        for (key, value) in config["data"].as_object().into_iter().flatten() {
+            if key.ends_with("_URL")
+                && key != "DASHBOARD_TRACE_URL"
+                && key != "OTEL_EXPORTER_OTLP_ENDPOINT"
+                && value.as_str().is_some_and(|url| url.starts_with("http://"))
+            {
+                problems.push(format!(
+                    "ConfigMap/{}: {key} is cleartext ({})",
+                    scalar(&config["metadata"]["name"]),
+                    scalar(value)
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// The port and health service a probe asks about: a native gRPC probe,
+/// or (over TLS, which the kubelet's gRPC probes do not speak) an exec of
+/// `ordersaga-ops healthcheck --address 127.0.0.1:PORT [--service NAME]`.
+fn probe_target(probe: &Value) -> Option<(u64, String)> {
+    if let Some(port) = probe["grpc"]["port"].as_u64() {
+        let service = probe["grpc"]["service"].as_str().unwrap_or_default();
+        return Some((port, service.to_owned()));
+    }
+    let command = strings(&probe["exec"]["command"]);
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let [program, "healthcheck", "--address", address, rest @ ..] = command.as_slice() else {
+        return None;
+    };
+    let port = address.strip_prefix("127.0.0.1:")?.parse().ok()?;
+    let service = match rest {
+        [] => "",
+        ["--service", service] => service,
+        _ => return None,
+    };
+    (*program == OPS).then(|| (port, service.to_owned()))
+}
+
 /// Replicas, probes, resources and the hardened pod of one service.
 fn check_deployment(deployment: &Value, container: &Value, binary: &Manifest) -> Vec<String> {
     let mut problems = Vec::new();
@@ -197,14 +317,18 @@ fn check_deployment(deployment: &Value, container: &Value, binary: &Manifest) ->
         ));
     }
     for probe in ["readinessProbe", "livenessProbe"] {
-        if container[probe]["grpc"]["port"].as_u64() != Some(u64::from(binary.grpc_port)) {
+        if probe_target(&container[probe]).map(|(port, _)| port)
+            != Some(u64::from(binary.grpc_port))
+        {
             problems.push(format!(
                 "{probe} is not a gRPC probe of port {}",
                 binary.grpc_port
             ));
         }
     }
-    if container["livenessProbe"]["grpc"]["service"] != service_runtime::LIVENESS {
+    if probe_target(&container["livenessProbe"]).map(|(_, service)| service)
+        != Some(service_runtime::LIVENESS.to_owned())
+    {
         problems.push(format!(
             "livenessProbe must ask for {:?}: readiness follows the database, and an outage must not restart pods",
             service_runtime::LIVENESS
@@ -333,6 +457,85 @@ mod tests {
                     .contains("Deployment/order container order: required setting KAFKA_BROKERS")),
             "{problems:?}"
         );
+    }
+
+    /// The good overlay with `components/tls` applied as it renders it.
+    fn with_tls(mut documents: Vec<Value>) -> Vec<Value> {
+        for binary in SERVICES {
+            let name = binary.name;
+            documents.push(
+                json!({"kind": "Certificate", "metadata": {"name": name}, "spec": {
+                "secretName": format!("{name}-tls"), "dnsNames": [name, "localhost"],
+                "ipAddresses": ["127.0.0.1"], "usages": ["server auth", "client auth"]}}),
+            );
+        }
+        for doc in &mut documents {
+            if doc["kind"] != "Deployment" {
+                continue;
+            }
+            let name = scalar(&doc["metadata"]["name"]);
+            let port = SERVICES.iter().find(|b| b.name == name).unwrap().grpc_port;
+            let pod = &mut doc["spec"]["template"]["spec"];
+            pod["volumes"] =
+                json!([{"name": "tls", "secret": {"secretName": format!("{name}-tls")}}]);
+            let container = &mut pod["containers"][0];
+            for (key, value) in [
+                ("GRPC_TLS_CERT", "/c"),
+                ("GRPC_TLS_KEY", "/k"),
+                ("GRPC_TLS_CA", "/ca"),
+                ("GRPC_TLS_CLIENT_AUTH", "true"),
+            ] {
+                container["env"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"name": key, "value": value}));
+            }
+            let address = format!("127.0.0.1:{port}");
+            container["readinessProbe"] =
+                json!({"exec": {"command": [OPS, "healthcheck", "--address", address]}});
+            container["livenessProbe"] = json!({"exec": {"command": [OPS, "healthcheck", "--address", address, "--service", "liveness"]}});
+        }
+        documents
+    }
+
+    #[test]
+    fn the_tls_component_passes_and_its_weakenings_are_reported() {
+        let documents = with_tls(good_overlay());
+        assert_eq!(check_kubernetes(&documents), Vec::<String>::new());
+        assert_eq!(check_tls(&documents), Vec::<String>::new());
+        assert!(!check_tls(&good_overlay()).is_empty(), "no TLS at all");
+
+        let mut weakened = documents;
+        for doc in &mut weakened {
+            if doc["kind"] == "Deployment" && doc["metadata"]["name"] == "order" {
+                let container = &mut doc["spec"]["template"]["spec"]["containers"][0];
+                container["env"]
+                    .as_array_mut()
+                    .unwrap()
+                    .retain(|var| var["name"] != "GRPC_TLS_CLIENT_AUTH");
+                container["livenessProbe"]["exec"]["command"] =
+                    json!([OPS, "healthcheck", "--address", "127.0.0.1:50052"]);
+            }
+            if doc["kind"] == "Certificate" && doc["metadata"]["name"] == "payment" {
+                doc["spec"]["ipAddresses"] = json!([]);
+            }
+            if doc["kind"] == "ConfigMap" {
+                doc["data"]["AUTH_URL"] = json!("http://auth:50051");
+            }
+        }
+        let mut problems = check_kubernetes(&weakened);
+        problems.extend(check_tls(&weakened));
+        for expected in [
+            "Deployment/order: livenessProbe must ask for \"liveness\"",
+            "Deployment/order does not require client certificates",
+            "Certificate payment must name payment",
+            "ConfigMap/platform-abc: AUTH_URL is cleartext",
+        ] {
+            assert!(
+                problems.iter().any(|problem| problem.starts_with(expected)),
+                "{expected:?} not in {problems:#?}"
+            );
+        }
     }
 
     #[test]

@@ -112,6 +112,49 @@ pub(crate) async fn check() -> anyhow::Result<()> {
         );
     }
 
+    // The TLS component, on the prod overlay: rendered through a
+    // kustomization of our own (kustomize takes relative paths only),
+    // validated, and held to the same checks, with its exec probes.
+    let with_tls = out_dir.join("prod-with-tls");
+    std::fs::create_dir_all(&with_tls)?;
+    let k8s = relative_path(&with_tls, &root.join("k8s"))?;
+    std::fs::write(
+        with_tls.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+             resources:\n  - {k8s}/overlays/prod\ncomponents:\n  - {k8s}/components/tls\n"
+        ),
+    )?;
+    let rendered = tool_output(
+        Command::new(venv.join("kubectl"))
+            .arg("kustomize")
+            .arg(&with_tls),
+    )
+    .context("rendering k8s/overlays/prod with k8s/components/tls")?;
+    let file = out_dir.join("prod-with-tls.yaml");
+    std::fs::write(&file, &rendered)?;
+    run_tool(
+        Command::new(venv.join("kubernetes-validate"))
+            .args(["--strict", "--quiet"])
+            .arg(&file),
+    )
+    .context("k8s/components/tls on the prod overlay fails Kubernetes' schemas")?;
+    let documents = yaml_documents(&venv, &rendered)?;
+    let mut tls_problems = kubernetes::check_kubernetes(&documents);
+    tls_problems.extend(kubernetes::check_tls(&documents));
+    problems.extend(prefixed("k8s/components/tls (on prod)", tls_problems));
+    eprintln!(
+        "k8s/components/tls on prod: {} resources rendered and validated",
+        documents.len()
+    );
+    let compose_tls = root.join("docker-compose.tls.yml");
+    run_tool(
+        Command::new(venv.join("check-jsonschema"))
+            .args(["--builtin-schema", "vendor.compose-spec"])
+            .arg(&compose_tls),
+    )
+    .context("docker-compose.tls.yml does not follow the Compose specification")?;
+
     // Prometheus: promtool on the configuration and rules, the rules'
     // metrics against the services', and the Kubernetes copy of the rules.
     prometheus::check(&root.join("deploy/prometheus"))?;
@@ -137,6 +180,25 @@ pub(crate) async fn check() -> anyhow::Result<()> {
     }
     eprintln!("docker-compose.yml, .env.example and k8s/ agree with the services' settings");
     Ok(())
+}
+
+/// `to` as a path relative to the folder `from`, both made absolute.
+fn relative_path(from: &Path, to: &Path) -> anyhow::Result<String> {
+    let from = from.canonicalize()?;
+    let to = to.canonicalize()?;
+    let common = from
+        .components()
+        .zip(to.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let up = from.components().count() - common;
+    let mut parts: Vec<String> = std::iter::repeat_n("..".to_owned(), up).collect();
+    parts.extend(
+        to.components()
+            .skip(common)
+            .map(|part| part.as_os_str().to_string_lossy().into_owned()),
+    );
+    Ok(parts.join("/"))
 }
 
 fn prefixed(place: &str, problems: Vec<String>) -> Vec<String> {
