@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::definition::{SagaDefinition, Settle, Step, StepClass};
-use crate::store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
+use crate::definition::{Facts, SagaDefinition, Settle, Step, StepClass};
+use crate::store::{Kind, SagaRecord, SagaState, Signal, StepRecord, StepStatus};
 
 /// The next thing to do for a saga.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,8 +28,28 @@ pub(crate) enum Plan {
 pub(crate) enum Transition {
     /// An operator asked for a pause: nothing more runs until resumed.
     Pause,
-    /// Every step of the current group succeeded: on to the next.
+    /// Every step of the current group succeeded (or was skipped): on to
+    /// the next.
     Advance,
+    /// These steps' conditions do not hold: they are skipped.
+    Skip {
+        steps: Vec<&'static str>,
+    },
+    /// A step begins waiting for its signal, until then (its timer).
+    BeginWait {
+        step: &'static str,
+        until: DateTime<Utc>,
+    },
+    /// The signal a waiting step waits for is here: its payload is the
+    /// step's output.
+    Signalled {
+        step: &'static str,
+        signal: Signal,
+    },
+    /// A waiting step's timer fired before its signal came.
+    WaitTimedOut {
+        step: &'static str,
+    },
     Complete,
     /// Stop going forward and undo what was done.
     Compensate {
@@ -55,14 +75,21 @@ pub(crate) enum Transition {
     },
 }
 
-pub(crate) fn plan(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
+/// `signals` are the saga's, in the order they arrived (empty for a
+/// definition whose steps wait for none).
+pub(crate) fn plan(
+    definition: &SagaDefinition,
+    saga: &SagaRecord,
+    signals: &[Signal],
+    now: DateTime<Utc>,
+) -> Plan {
     // A pause comes first: the attempts just made are recorded with it,
     // and nothing new begins.
     if saga.instance.state.is_driven() && saga.instance.pause_requested_at.is_some() {
         return Plan::Transition(Transition::Pause);
     }
     match saga.instance.state {
-        SagaState::Running => forward(definition, saga, now),
+        SagaState::Running => forward(definition, saga, signals, now),
         SagaState::Compensating => backward(definition, saga, now),
         SagaState::Completed
         | SagaState::Compensated
@@ -87,6 +114,9 @@ pub(crate) fn in_effect(definition: &SagaDefinition, saga: &SagaRecord) -> Vec<&
                 continue;
             }
             let action = saga.step(step.name, Kind::Action);
+            if action.is_some_and(|r| r.status == StepStatus::Skipped) {
+                continue;
+            }
             let attempted = action.is_some_and(|r| r.attempts > 0)
                 || (step.action.is_none() && index <= reached);
             let refused_for_certain = action.is_some_and(|r| {
@@ -105,7 +135,12 @@ pub(crate) fn in_effect(definition: &SagaDefinition, saga: &SagaRecord) -> Vec<&
     left
 }
 
-fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
+fn forward(
+    definition: &SagaDefinition,
+    saga: &SagaRecord,
+    signals: &[Signal],
+    now: DateTime<Utc>,
+) -> Plan {
     // A request is refused once the saga is forward-only, and no forward
     // attempt begins while one waits; so a request seen here came first.
     let forward_only = saga.instance.forward_only_since.is_some();
@@ -127,12 +162,23 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
     let mut due = Vec::new();
     let mut wait: Option<DateTime<Utc>> = None;
     let mut all_succeeded = true;
+    let mut skip = Vec::new();
+    let facts = Facts {
+        data: &saga.instance.data.0,
+        steps: &saga.steps,
+    };
     for step in group {
         let record = saga.step(step.name, Kind::Action);
-        if record.is_some_and(|r| r.status == StepStatus::Succeeded) {
+        if record.is_some_and(|r| matches!(r.status, StepStatus::Succeeded | StepStatus::Skipped)) {
             continue;
         }
         all_succeeded = false;
+        // Decided once, when the saga reaches the group: a step begun is
+        // not skipped later.
+        if record.is_none() && step.condition.as_ref().is_some_and(|holds| !holds(&facts)) {
+            skip.push(step.name);
+            continue;
+        }
         if let Some(record) = record.filter(|r| r.status == StepStatus::Failed) {
             let error = record.last_error.as_deref().unwrap_or("failed");
             return Plan::Transition(match class {
@@ -148,6 +194,30 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
                     ),
                 },
             });
+        }
+        if let Some(waits) = &step.wait {
+            if let Some(signal) = signal_for(definition, step, signals) {
+                return Plan::Transition(Transition::Signalled {
+                    step: step.name,
+                    signal: signal.clone(),
+                });
+            }
+            match record.and_then(|r| r.deadline_at) {
+                None => {
+                    let until = now
+                        + chrono::Duration::from_std(waits.timeout)
+                            .unwrap_or(chrono::Duration::MAX);
+                    return Plan::Transition(Transition::BeginWait {
+                        step: step.name,
+                        until,
+                    });
+                }
+                Some(until) if until <= now => {
+                    return Plan::Transition(Transition::WaitTimedOut { step: step.name });
+                }
+                Some(until) => wait = Some(wait.map_or(until, |w| w.min(until))),
+            }
+            continue;
         }
         if class != StepClass::Compensatable
             && saga.instance.overdue_step.is_none()
@@ -169,6 +239,9 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
                 });
             }
         }
+    }
+    if !skip.is_empty() {
+        return Plan::Transition(Transition::Skip { steps: skip });
     }
     if all_succeeded {
         return Plan::Transition(if position + 1 == definition.groups.len() {
@@ -203,6 +276,10 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
             |at: DateTime<Utc>| wait = Some(wait.map_or(at, |w: DateTime<Utc>| w.min(at)));
         for step in group {
             let action = saga.step(step.name, Kind::Action);
+            // Skipped: it never ran, so there is nothing to undo.
+            if action.is_some_and(|r| r.status == StepStatus::Skipped) {
+                continue;
+            }
             let attempted = action.is_some_and(|r| r.attempts > 0)
                 || (step.action.is_none() && index <= reached);
             if !attempted || step.compensation.is_none() {
@@ -225,7 +302,7 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
             }
             let record = saga.step(step.name, Kind::Compensation);
             match record.map(|r| r.status) {
-                Some(StepStatus::Succeeded) => continue,
+                Some(StepStatus::Succeeded | StepStatus::Skipped) => continue,
                 Some(StepStatus::Failed) => {
                     let error = record
                         .and_then(|r| r.last_error.as_deref())
@@ -273,6 +350,23 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
     Plan::Transition(Transition::Compensated)
 }
 
+/// The signal `step` takes: the k-th step (in definition order) waiting
+/// for a name takes the k-th signal of that name to arrive.
+fn signal_for<'a>(
+    definition: &SagaDefinition,
+    step: &Step,
+    signals: &'a [Signal],
+) -> Option<&'a Signal> {
+    let name = step.wait.as_ref()?.signal;
+    let rank = definition
+        .groups
+        .iter()
+        .flatten()
+        .filter(|s| s.wait.as_ref().is_some_and(|w| w.signal == name))
+        .position(|s| s.name == step.name)?;
+    signals.iter().filter(|s| s.signal == name).nth(rank)
+}
+
 enum Next {
     Now,
     At(DateTime<Utc>),
@@ -313,7 +407,7 @@ fn next_attempt(
             record.attempts
         )),
         StepStatus::Running => Next::Now,
-        StepStatus::Waiting | StepStatus::Succeeded | StepStatus::Failed => {
+        StepStatus::Waiting | StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped => {
             match record.next_attempt_at {
                 Some(at) if at > now => Next::At(deadline.map_or(at, |deadline| at.min(deadline))),
                 _ => Next::Now,
@@ -332,6 +426,11 @@ mod tests {
     use super::*;
     use crate::definition::{FnAction, RetryPolicy};
     use crate::store::Instance;
+
+    /// The plan of a saga without signals.
+    fn plan(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
+        super::plan(definition, saga, &[], now)
+    }
 
     fn nothing(
         _: &crate::StepContext,
@@ -356,12 +455,15 @@ mod tests {
             compensation_attempt_timeout: Duration::from_secs(1),
             deadline: Duration::from_secs(10),
             settle: Settle::ByRepeating,
+            condition: None,
+            wait: None,
         }
     }
 
     fn definition() -> SagaDefinition {
         SagaDefinition {
             name: "test",
+            version: 1,
             groups: vec![
                 vec![step("a", true)],
                 vec![step("b", true), step("c", false)],
