@@ -25,7 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use access_control::{
-    Access, AuthLayer, AuthSettings, Policy, ServiceCredentials, ServiceTokenSource, Verifier,
+    Access, AuthLayer, AuthSettings, Policy, Scope, ServiceCredentials, ServiceTokenSource,
+    Verifier,
 };
 use api_saga::v1::saga_service_server::SagaServiceServer;
 use api_trace::v1::trace_service_server::TraceServiceServer;
@@ -172,7 +173,9 @@ fn parse_stuck_after(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// Who may call what on the orchestrator: operators only.
+/// Who may call what on the orchestrator: operators, and for SignalSaga
+/// also a service granted `sagas:signal` (a system that decides what a
+/// waiting step waits for).
 fn policy() -> Policy {
     const SAGA: &str = "ordersaga.saga.v1.SagaService";
     const TRACE: &str = "ordersaga.trace.v1.TraceService";
@@ -189,7 +192,12 @@ fn policy() -> Policy {
     .into_iter()
     .fold(Policy::new(), |policy, method| {
         policy.rpc(SAGA, method, Access::Admin)
-    });
+    })
+    .rpc(
+        SAGA,
+        "SignalSaga",
+        Access::AdminOrService(Scope::SagasSignal),
+    );
     [
         "GetTraceByCorrelation",
         "GetTraceByOrder",

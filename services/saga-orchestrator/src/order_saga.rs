@@ -96,6 +96,8 @@ pub fn definition(downstreams: &Downstreams, tuning: Tuning) -> SagaDefinition {
             // Only process-payment has both an action and a compensation,
             // and its refund by key settles an unknown charge by itself.
             settle: Settle::ByCompensation,
+            condition: None,
+            wait: None,
         };
     SagaDefinition::sequence(
         SAGA_TYPE,
