@@ -234,9 +234,19 @@ impl SagaService for SagaApi {
             );
             None
         } else {
-            serde_json::from_str(&request.payload)
-                .map_err(|error| violations.add("payload", format!("is not JSON: {error}")))
-                .ok()
+            match serde_json::from_str::<serde_json::Value>(&request.payload) {
+                // PostgreSQL's JSONB holds no NUL (\u0000): refused here,
+                // not failed there.
+                Ok(payload) if has_nul(&payload) => {
+                    violations.add("payload", "must not contain NUL characters (\\u0000)");
+                    None
+                }
+                Ok(payload) => Some(payload),
+                Err(error) => {
+                    violations.add("payload", format!("is not JSON: {error}"));
+                    None
+                }
+            }
         };
         violations.into_result()?;
         let (Some(lookup), Some(signal), Some(signal_id), Some(payload)) =
@@ -264,6 +274,18 @@ impl SagaService for SagaApi {
             payload: kept.payload.0.to_string(),
             received_at: Some(timestamp(kept.received_at)),
         }))
+    }
+}
+
+/// Whether any string or key of `value` contains a NUL character.
+fn has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(text) => text.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .any(|(key, value)| key.contains('\0') || has_nul(value)),
+        _ => false,
     }
 }
 

@@ -892,6 +892,117 @@ mod tests {
         }
     }
 
+    fn signal(name: &str, id: &str, payload: serde_json::Value) -> Signal {
+        Signal {
+            signal_id: id.into(),
+            signal: name.into(),
+            payload: sqlx::types::Json(payload),
+            received_at: Utc::now(),
+        }
+    }
+
+    /// a, then two steps that wait for "review", then d.
+    fn reviewed() -> SagaDefinition {
+        let waits = |name| {
+            let mut step = step(name, false);
+            step.action = None;
+            step.wait = Some(crate::definition::SignalWait {
+                signal: "review",
+                timeout: Duration::from_secs(60),
+                on_timeout: crate::definition::OnTimeout::Fail("late".into()),
+            });
+            step
+        };
+        SagaDefinition::sequence(
+            "test",
+            vec![step("a", true), waits("r1"), waits("r2"), step("d", true)],
+        )
+    }
+
+    #[test]
+    fn a_step_whose_condition_fails_is_skipped_and_not_compensated() {
+        let mut definition = definition();
+        definition.groups[1][0].condition = Some(Arc::new(|facts: &Facts<'_>| {
+            facts.output("a").is_some_and(|out| out["big"] == true)
+        }));
+        let a = record("a", Kind::Action, StepStatus::Succeeded, 1);
+        let reached = saga(SagaState::Running, 1, vec![a.clone()]);
+        assert_eq!(
+            plan(&definition, &reached, Utc::now()),
+            Plan::Transition(Transition::Skip { steps: vec!["b"] })
+        );
+        let skipped = record("b", Kind::Action, StepStatus::Skipped, 0);
+        let after = saga(SagaState::Running, 1, vec![a.clone(), skipped.clone()]);
+        assert_eq!(
+            plan(&definition, &after, Utc::now()),
+            Plan::Attempt {
+                kind: Kind::Action,
+                steps: vec!["c"]
+            },
+            "the rest of its group runs"
+        );
+        let turned = saga(SagaState::Compensating, 1, vec![a, skipped]);
+        assert_eq!(
+            plan(&definition, &turned, Utc::now()),
+            Plan::Attempt {
+                kind: Kind::Compensation,
+                steps: vec!["a"]
+            },
+            "nothing to undo for b"
+        );
+    }
+
+    #[test]
+    fn a_waiting_step_takes_its_signal_in_order_or_times_out() {
+        let now = Utc::now();
+        let a = record("a", Kind::Action, StepStatus::Succeeded, 1);
+        let fresh = saga(SagaState::Running, 1, vec![a.clone()]);
+        assert_eq!(
+            super::plan(&reviewed(), &fresh, &[], now),
+            Plan::Transition(Transition::BeginWait {
+                step: "r1",
+                until: now + chrono::Duration::seconds(60)
+            })
+        );
+        let mut waiting = record("r1", Kind::Action, StepStatus::Waiting, 0);
+        waiting.deadline_at = Some(now + chrono::Duration::seconds(60));
+        let at_r1 = saga(SagaState::Running, 1, vec![a.clone(), waiting]);
+        assert_eq!(
+            super::plan(&reviewed(), &at_r1, &[], now),
+            Plan::Wait(now + chrono::Duration::seconds(60))
+        );
+        let first = signal("review", "s-1", serde_json::json!(1));
+        let other = signal("other", "s-0", serde_json::json!(0));
+        assert_eq!(
+            super::plan(&reviewed(), &at_r1, &[other, first.clone()], now),
+            Plan::Transition(Transition::Signalled {
+                step: "r1",
+                signal: first.clone()
+            })
+        );
+        // r2 takes the second review signal, not the first again.
+        let mut r1 = record("r1", Kind::Action, StepStatus::Succeeded, 1);
+        r1.output = Some(sqlx::types::Json(serde_json::json!(1)));
+        let at_r2 = saga(SagaState::Running, 2, vec![a, r1]);
+        let second = signal("review", "s-2", serde_json::json!(2));
+        assert!(matches!(
+            super::plan(&reviewed(), &at_r2, std::slice::from_ref(&first), now),
+            Plan::Transition(Transition::BeginWait { step: "r2", .. })
+        ));
+        assert_eq!(
+            super::plan(&reviewed(), &at_r2, &[first, second.clone()], now),
+            Plan::Transition(Transition::Signalled {
+                step: "r2",
+                signal: second
+            })
+        );
+        let later = now + chrono::Duration::seconds(61);
+        assert_eq!(
+            super::plan(&reviewed(), &at_r1, &[], later),
+            Plan::Transition(Transition::WaitTimedOut { step: "r1" })
+        );
+    }
+
     #[test]
     fn in_effect_are_the_attempted_steps_with_a_compensation_not_yet_undone() {
         // a succeeded, b in flight (unknown), c has no compensation.
