@@ -462,9 +462,19 @@ struct SagaQuery {
     correlation: Option<String>,
 }
 
+/// A child saga, as the page lists it under its parent.
+#[derive(Debug, Serialize)]
+struct ChildView {
+    saga_id: Uuid,
+    saga_type: String,
+    step: String,
+    state: &'static str,
+}
+
 #[derive(Debug, Serialize)]
 struct OneSaga {
     saga: saga::SagaView,
+    children: Vec<ChildView>,
     executions: Vec<saga::Execution>,
     events: Vec<Event>,
     trace_id: Option<String>,
@@ -512,8 +522,19 @@ async fn one_saga(
         let carried = grpc::carried(&dashboard.engine)
             .await?
             .carries(&record.instance);
+        let children = store::children(pool, &[saga_id])
+            .await?
+            .into_iter()
+            .map(|child| ChildView {
+                saga_id: child.saga_id,
+                saga_type: child.saga_type,
+                step: child.parent_step,
+                state: child.state.as_str(),
+            })
+            .collect();
         anyhow::Ok(Some(OneSaga {
             saga: saga::SagaView::new(&record, definition, carried),
+            children,
             executions: saga::timeline(&record, definition, &events, Utc::now()),
             events: events.into_iter().map(Event::from).collect(),
             trace_url: saga::trace_url(dashboard.trace_url.as_deref(), trace_id.as_deref()),

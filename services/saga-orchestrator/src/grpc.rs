@@ -57,7 +57,19 @@ impl SagaService for SagaApi {
             return Err(Status::not_found("no such saga"));
         };
         let carried = self.carried().await?;
-        Ok(Response::new(self.to_proto(&saga, &carried)))
+        let mut answer = self.to_proto(&saga, &carried);
+        answer.children = store::children(pool, &[saga.instance.saga_id])
+            .await
+            .map_err(|e| status::internal(&e))?
+            .into_iter()
+            .map(|child| pb::ChildSaga {
+                saga_id: child.saga_id.to_string(),
+                saga_type: child.saga_type,
+                step: child.parent_step,
+                state: child.state.to_proto().into(),
+            })
+            .collect();
+        Ok(Response::new(answer))
     }
 
     async fn list_active_sagas(
@@ -623,6 +635,12 @@ pub(crate) fn to_proto(
             .unwrap_or_default()
             .to_owned(),
         version: u32::try_from(instance.version).unwrap_or_default(),
+        parent_saga_id: instance
+            .parent_saga_id
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
+        parent_step: instance.parent_step.clone().unwrap_or_default(),
+        children: Vec::new(),
         version_unknown: !carried && !state.is_final(),
         waiting_for_signal: waiting
             .map(|(signal, _)| signal.to_owned())

@@ -98,6 +98,7 @@ pub fn definition(downstreams: &Downstreams, tuning: Tuning) -> SagaDefinition {
             settle: Settle::ByCompensation,
             condition: None,
             wait: None,
+            child: None,
         };
     SagaDefinition::sequence(
         SAGA_TYPE,

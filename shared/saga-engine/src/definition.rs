@@ -106,6 +106,15 @@ impl SagaDefinition {
         self.signals().next().is_some()
     }
 
+    /// Whether a step starts a child saga: only then does the engine read
+    /// a saga's children.
+    pub(crate) fn has_children(&self) -> bool {
+        self.groups
+            .iter()
+            .flatten()
+            .any(|step| step.child.is_some())
+    }
+
     /// Index of the pivot's group, if the saga has a pivot.
     pub(crate) fn pivot_group(&self) -> Option<usize> {
         let pivot = self.pivot?;
@@ -130,10 +139,11 @@ impl SagaDefinition {
             anyhow::bail!("saga {}: versions start at 1", self.name);
         }
         if let Some(step) = self.groups.iter().flatten().find(|step| {
-            step.wait.is_some() && (step.action.is_some() || step.compensation.is_some())
+            (step.wait.is_some() || step.child.is_some())
+                && (step.action.is_some() || step.compensation.is_some())
         }) {
             anyhow::bail!(
-                "saga {}: {} waits for a signal, so it has no action or compensation of its own",
+                "saga {}: {} waits for a signal or a child saga, so it has no action or compensation of its own",
                 self.name,
                 step.name
             );
@@ -219,6 +229,28 @@ pub struct Step {
     /// When set, the step waits for a signal (SagaService/SignalSaga)
     /// instead of running an action: the signal's payload is its output.
     pub wait: Option<SignalWait>,
+    /// When set, the step starts a saga of another type as its child and
+    /// waits for its outcome: completed is the step's success, anything
+    /// else its failure. Compensating the step compensates the child (a
+    /// completed one is reopened to compensate, unless it is past its
+    /// pivot); cancelling the parent reaches a child still running.
+    pub child: Option<ChildSaga>,
+}
+
+/// The saga a step starts as its child.
+#[derive(Clone)]
+pub struct ChildSaga {
+    pub saga_type: &'static str,
+    /// The child's input, from the parent's data and earlier outputs.
+    pub data: Arc<dyn Fn(&Facts<'_>) -> serde_json::Value + Send + Sync>,
+}
+
+impl std::fmt::Debug for ChildSaga {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildSaga")
+            .field("saga_type", &self.saga_type)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A step's predicate; see [`Step::condition`].

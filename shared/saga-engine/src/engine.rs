@@ -48,8 +48,8 @@ pub struct Engine {
     pool: PgPool,
     /// Every definition this replica carries, by type and version.
     definitions: HashMap<(&'static str, u32), SagaDefinition>,
-    /// The newest version of each type: new sagas start on it.
-    newest: HashMap<&'static str, u32>,
+    /// The newest version of each type: new sagas (and children) start on it.
+    newest: Arc<HashMap<&'static str, u32>>,
     /// The same pairs, as the claim binds them.
     carried: Carried,
     config: EngineConfig,
@@ -182,7 +182,7 @@ impl Engine {
         Ok(Self {
             pool,
             definitions: by_version,
-            newest,
+            newest: Arc::new(newest),
             carried,
             hands: Arc::new(Semaphore::new(config.concurrency)),
             publisher: Publisher::new(config.producer, config.events_topic.clone()),
@@ -327,6 +327,7 @@ impl Engine {
             },
             trace_context,
             signals: Vec::new(),
+            children: Vec::new(),
         });
         Ok(Some(Started { saga_id, claim }))
     }
@@ -812,6 +813,25 @@ impl Engine {
                 }
             }
         }
+        let parents: Vec<Uuid> = claimed
+            .iter()
+            .filter(|claim| {
+                let instance = &claim.saga.instance;
+                self.definition(&instance.saga_type, instance.version)
+                    .is_some_and(SagaDefinition::has_children)
+            })
+            .map(|claim| claim.saga.instance.saga_id)
+            .collect();
+        if !parents.is_empty() {
+            for child in store::children(&self.pool, &parents).await? {
+                if let Some(claim) = claimed
+                    .iter_mut()
+                    .find(|claim| claim.saga.instance.saga_id == child.parent_saga_id)
+                {
+                    claim.children.push(child);
+                }
+            }
+        }
         Ok(claimed)
     }
 
@@ -864,7 +884,13 @@ impl Engine {
         })?;
         let correlation = CorrelationId::parse(&claim.saga.instance.correlation_id)
             .unwrap_or_else(CorrelationId::generate);
-        let mut turn = Turn::new(claim.saga, claim.signals, self.publisher.clone());
+        let mut turn = Turn::new(
+            claim.saga,
+            claim.signals,
+            claim.children,
+            self.newest.clone(),
+            self.publisher.clone(),
+        );
         loop {
             let now = Utc::now();
             if shutdown.is_cancelled() {
@@ -874,7 +900,7 @@ impl Engine {
                     .await
                     .map(drop);
             }
-            match plan(definition, &turn.saga, &turn.signals, now) {
+            match plan(definition, &turn.saga, &turn.signals, &turn.children, now) {
                 Plan::Transition(transition) => turn.transition(definition, transition, now),
                 Plan::Attempt { kind, steps } => {
                     let began = telemetry::correlation::scope(

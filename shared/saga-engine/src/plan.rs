@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::definition::{Facts, SagaDefinition, Settle, Step, StepClass};
-use crate::store::{Kind, SagaRecord, SagaState, Signal, StepRecord, StepStatus};
+use crate::store::{Child, Kind, SagaRecord, SagaState, Signal, StepRecord, StepStatus};
 
 /// The next thing to do for a saga.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +50,26 @@ pub(crate) enum Transition {
     WaitTimedOut {
         step: &'static str,
     },
+    /// A step starts its child saga.
+    StartChild {
+        step: &'static str,
+    },
+    /// A step's child saga ended: completed, or why not.
+    ChildEnded {
+        step: &'static str,
+        outcome: Result<uuid::Uuid, String>,
+    },
+    /// Compensating a step compensates its child saga.
+    CompensateChild {
+        step: &'static str,
+        child: uuid::Uuid,
+    },
+    /// The child saga of a step being compensated ended: compensated, or
+    /// why it cannot be.
+    ChildCompensated {
+        step: &'static str,
+        outcome: Result<(), String>,
+    },
     Complete,
     /// Stop going forward and undo what was done.
     Compensate {
@@ -76,11 +96,12 @@ pub(crate) enum Transition {
 }
 
 /// `signals` are the saga's, in the order they arrived (empty for a
-/// definition whose steps wait for none).
+/// definition whose steps wait for none); `children` its child sagas.
 pub(crate) fn plan(
     definition: &SagaDefinition,
     saga: &SagaRecord,
     signals: &[Signal],
+    children: &[Child],
     now: DateTime<Utc>,
 ) -> Plan {
     // A pause comes first: the attempts just made are recorded with it,
@@ -89,8 +110,8 @@ pub(crate) fn plan(
         return Plan::Transition(Transition::Pause);
     }
     match saga.instance.state {
-        SagaState::Running => forward(definition, saga, signals, now),
-        SagaState::Compensating => backward(definition, saga, now),
+        SagaState::Running => forward(definition, saga, signals, children, now),
+        SagaState::Compensating => backward(definition, saga, children, now),
         SagaState::Completed
         | SagaState::Compensated
         | SagaState::Failed
@@ -139,6 +160,7 @@ fn forward(
     definition: &SagaDefinition,
     saga: &SagaRecord,
     signals: &[Signal],
+    children: &[Child],
     now: DateTime<Utc>,
 ) -> Plan {
     // A request is refused once the saga is forward-only, and no forward
@@ -194,6 +216,38 @@ fn forward(
                     ),
                 },
             });
+        }
+        if step.child.is_some() {
+            let Some(record) = record else {
+                return Plan::Transition(Transition::StartChild { step: step.name });
+            };
+            let child = children.iter().find(|c| c.parent_step == step.name);
+            let ended = match child.map(|c| (c.state, c)) {
+                Some((SagaState::Completed, c)) => Some(Ok(c.saga_id)),
+                Some((
+                    state @ (SagaState::Compensated | SagaState::Failed | SagaState::Terminated),
+                    c,
+                )) => Some(Err(format!(
+                    "child saga {} {} {}: {}",
+                    c.saga_type,
+                    c.saga_id,
+                    state.as_str(),
+                    c.failure_reason.as_deref().unwrap_or("no reason given")
+                ))),
+                // Running: the child wakes this saga when it ends.
+                Some(_) => None,
+                None if record.status == StepStatus::Waiting => {
+                    Some(Err("its child saga is gone".to_owned()))
+                }
+                None => None,
+            };
+            if let Some(outcome) = ended {
+                return Plan::Transition(Transition::ChildEnded {
+                    step: step.name,
+                    outcome,
+                });
+            }
+            continue;
         }
         if let Some(waits) = &step.wait {
             if let Some(signal) = signal_for(definition, step, signals) {
@@ -266,9 +320,16 @@ fn forward(
 /// the saga reaches it. A step settled by repeating whose outcome is
 /// unknown is first asked again until it answers for certain; one that
 /// answered "no" for certain has nothing to undo.
-fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
+fn backward(
+    definition: &SagaDefinition,
+    saga: &SagaRecord,
+    children: &[Child],
+    now: DateTime<Utc>,
+) -> Plan {
     let reached = usize::try_from(saga.instance.position).unwrap_or(0);
     for (index, group) in definition.groups.iter().enumerate().rev() {
+        // A child asked to compensate: this group waits for it.
+        let mut undoing_child = false;
         let mut settle = Vec::new();
         let mut due = Vec::new();
         let mut wait: Option<DateTime<Utc>> = None;
@@ -278,6 +339,59 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
             let action = saga.step(step.name, Kind::Action);
             // Skipped: it never ran, so there is nothing to undo.
             if action.is_some_and(|r| r.status == StepStatus::Skipped) {
+                continue;
+            }
+            if step.child.is_some() {
+                // Never started, or nothing of it left to undo.
+                let Some(child) = children.iter().find(|c| c.parent_step == step.name) else {
+                    continue;
+                };
+                let undone = saga.step(step.name, Kind::Compensation);
+                match (undone.map(|r| r.status), child.state) {
+                    (Some(StepStatus::Succeeded), _) => {}
+                    (Some(StepStatus::Failed), _) => {
+                        let error = undone
+                            .and_then(|r| r.last_error.as_deref())
+                            .unwrap_or("failed");
+                        return Plan::Transition(Transition::Fail {
+                            reason: format!("compensation of {} failed: {error}", step.name),
+                        });
+                    }
+                    (None, SagaState::Compensated | SagaState::Terminated) => {}
+                    (None, _) => {
+                        return Plan::Transition(Transition::CompensateChild {
+                            step: step.name,
+                            child: child.saga_id,
+                        });
+                    }
+                    (Some(_), SagaState::Compensated) => {
+                        return Plan::Transition(Transition::ChildCompensated {
+                            step: step.name,
+                            outcome: Ok(()),
+                        });
+                    }
+                    (Some(_), state @ (SagaState::Failed | SagaState::Terminated)) => {
+                        return Plan::Transition(Transition::ChildCompensated {
+                            step: step.name,
+                            outcome: Err(format!(
+                                "child saga {} {} is {}",
+                                child.saga_type,
+                                child.saga_id,
+                                state.as_str()
+                            )),
+                        });
+                    }
+                    (Some(_), SagaState::Completed) if child.forward_only => {
+                        return Plan::Transition(Transition::ChildCompensated {
+                            step: step.name,
+                            outcome: Err(format!(
+                                "child saga {} {} is past its pivot: it cannot be undone",
+                                child.saga_type, child.saga_id
+                            )),
+                        });
+                    }
+                    (Some(_), _) => undoing_child = true,
+                }
                 continue;
             }
             let attempted = action.is_some_and(|r| r.attempts > 0)
@@ -345,6 +459,10 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
         }
         if let Some(at) = wait {
             return Plan::Wait(at);
+        }
+        if undoing_child {
+            // Woken when the child ends.
+            return Plan::Idle;
         }
     }
     Plan::Transition(Transition::Compensated)
@@ -427,9 +545,9 @@ mod tests {
     use crate::definition::{FnAction, RetryPolicy};
     use crate::store::Instance;
 
-    /// The plan of a saga without signals.
+    /// The plan of a saga without signals or children.
     fn plan(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
-        super::plan(definition, saga, &[], now)
+        super::plan(definition, saga, &[], &[], now)
     }
 
     fn nothing(
@@ -457,6 +575,7 @@ mod tests {
             settle: Settle::ByRepeating,
             condition: None,
             wait: None,
+            child: None,
         }
     }
 
@@ -958,7 +1077,7 @@ mod tests {
         let a = record("a", Kind::Action, StepStatus::Succeeded, 1);
         let fresh = saga(SagaState::Running, 1, vec![a.clone()]);
         assert_eq!(
-            super::plan(&reviewed(), &fresh, &[], now),
+            super::plan(&reviewed(), &fresh, &[], &[], now),
             Plan::Transition(Transition::BeginWait {
                 step: "r1",
                 until: now + chrono::Duration::seconds(60)
@@ -968,13 +1087,13 @@ mod tests {
         waiting.deadline_at = Some(now + chrono::Duration::seconds(60));
         let at_r1 = saga(SagaState::Running, 1, vec![a.clone(), waiting]);
         assert_eq!(
-            super::plan(&reviewed(), &at_r1, &[], now),
+            super::plan(&reviewed(), &at_r1, &[], &[], now),
             Plan::Wait(now + chrono::Duration::seconds(60))
         );
         let first = signal("review", "s-1", serde_json::json!(1));
         let other = signal("other", "s-0", serde_json::json!(0));
         assert_eq!(
-            super::plan(&reviewed(), &at_r1, &[other, first.clone()], now),
+            super::plan(&reviewed(), &at_r1, &[other, first.clone()], &[], now),
             Plan::Transition(Transition::Signalled {
                 step: "r1",
                 signal: first.clone()
@@ -986,11 +1105,11 @@ mod tests {
         let at_r2 = saga(SagaState::Running, 2, vec![a, r1]);
         let second = signal("review", "s-2", serde_json::json!(2));
         assert!(matches!(
-            super::plan(&reviewed(), &at_r2, std::slice::from_ref(&first), now),
+            super::plan(&reviewed(), &at_r2, std::slice::from_ref(&first), &[], now),
             Plan::Transition(Transition::BeginWait { step: "r2", .. })
         ));
         assert_eq!(
-            super::plan(&reviewed(), &at_r2, &[first, second.clone()], now),
+            super::plan(&reviewed(), &at_r2, &[first, second.clone()], &[], now),
             Plan::Transition(Transition::Signalled {
                 step: "r2",
                 signal: second
@@ -998,7 +1117,7 @@ mod tests {
         );
         let later = now + chrono::Duration::seconds(61);
         assert_eq!(
-            super::plan(&reviewed(), &at_r1, &[], later),
+            super::plan(&reviewed(), &at_r1, &[], &[], later),
             Plan::Transition(Transition::WaitTimedOut { step: "r1" })
         );
     }

@@ -13,7 +13,10 @@
 //! |                        | flag cleared)                                | sagas whose lease is free or has run out, of the       |
 //! |                        |                                              | definitions (type, version) the engine carries         |
 //! | `write`                | `saga_instances`, `saga_steps`, outbox,      | `WHERE fence = $2` on the row's update, which locks    |
-//! |                        | journal                                      | the row before anything else is written                |
+//! |                        | journal; and for a saga with children or a   | the row before anything else is written; the child     |
+//! |                        | parent: children started (insert), children  | requests and the parent's wake-up are under those      |
+//! |                        | asked to compensate (a completed one         | rows' locks, as `request_compensation`, `reopen` and   |
+//! |                        | reopened, fence + 1), the parent woken       | `keep_signal` are                                      |
 //! | `request_compensation` | `saga_instances` (the request, next run)     | the row lock of `lock`; leaves the fence, so the owner |
 //! |                        |                                              | acts on the request between steps                      |
 //! | `reopen`               | `saga_steps`, `saga_instances` (state,       | the row lock of `lock`; takes a new fence, so whoever  |
@@ -290,8 +293,12 @@ pub struct Instance {
     /// Set while the saga is stuck: since when, and why.
     pub stuck_since: Option<DateTime<Utc>>,
     pub stuck_reason: Option<String>,
-    /// A signal arrived that the replica driving it may not have read.
+    /// A signal arrived (or a child saga ended) that the replica driving
+    /// it may not have read.
     pub signal_pending: bool,
+    /// The saga and step that started this one as a child.
+    pub parent_saga_id: Option<Uuid>,
+    pub parent_step: Option<String>,
     pub next_run_at: Option<DateTime<Utc>>,
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
@@ -329,6 +336,8 @@ impl Instance {
             stuck_since: None,
             stuck_reason: None,
             signal_pending: false,
+            parent_saga_id: None,
+            parent_step: None,
             next_run_at: None,
             lease_owner: None,
             lease_expires_at: None,
@@ -416,7 +425,7 @@ macro_rules! instance_columns {
     () => {
         "saga_id, saga_type, version, business_key, state, data, correlation_id, position, failure_reason, \
          compensation_requested, forward_only_since, overdue_step, overdue_since, pause_requested_at, paused_at, \
-         paused_from, left_in_effect, progressed_at, stuck_since, stuck_reason, signal_pending, next_run_at, lease_owner, \
+         paused_from, left_in_effect, progressed_at, stuck_since, stuck_reason, signal_pending, parent_saga_id, parent_step, next_run_at, lease_owner, \
          lease_expires_at, fence, created_at, updated_at, finished_at"
     };
 }
@@ -768,6 +777,8 @@ pub struct Claimed {
     pub trace_context: Vec<(String, String)>,
     /// Its signals, read only for a definition with steps that wait for one.
     pub signals: Vec<Signal>,
+    /// Its child sagas, read only for a definition with steps that start one.
+    pub children: Vec<Child>,
 }
 
 impl Claimed {
@@ -883,8 +894,48 @@ pub async fn claim(
             },
             trace_context: row.trace_context.0,
             signals: Vec::new(),
+            children: Vec::new(),
         })
         .collect())
+}
+
+/// A saga started by a step of another (`saga_instances.parent_saga_id`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Child {
+    pub saga_id: Uuid,
+    pub saga_type: String,
+    pub parent_saga_id: Uuid,
+    pub parent_step: String,
+    pub state: SagaState,
+    pub failure_reason: Option<String>,
+    /// Its pivot may have taken effect: it cannot be undone.
+    pub forward_only: bool,
+}
+
+/// The child sagas of `parents`. Reads only (`saga_instances_children`).
+pub async fn children(
+    executor: impl sqlx::PgExecutor<'_>,
+    parents: &[Uuid],
+) -> anyhow::Result<Vec<Child>> {
+    sqlx::query_as(
+        "SELECT saga_id, saga_type, parent_saga_id, parent_step, state, failure_reason,
+                forward_only_since IS NOT NULL AS forward_only
+         FROM saga_instances WHERE parent_saga_id = ANY($1) ORDER BY created_at",
+    )
+    .bind(parents)
+    .fetch_all(executor)
+    .await
+    .context("reading child sagas")
+}
+
+/// A child saga a turn starts.
+#[derive(Debug, Clone)]
+pub(crate) struct NewChild {
+    pub(crate) saga_id: Uuid,
+    pub(crate) saga_type: &'static str,
+    pub(crate) version: i32,
+    pub(crate) step: &'static str,
+    pub(crate) data: serde_json::Value,
 }
 
 /// A signal sent to a saga (`saga_signals`).
@@ -1097,7 +1148,7 @@ pub(crate) async fn write(
                  next_run_at = CASE
                      WHEN $12 THEN next_run_at
                      WHEN pause_requested_at IS NOT NULL AND NOT $26 AND $3 IN ('running', 'compensating') THEN now()
-                     WHEN signal_pending AND $3 = 'running' THEN now()
+                     WHEN signal_pending AND $3 IN ('running', 'compensating') THEN now()
                      ELSE $13 END,
                  lease_owner = CASE WHEN $12 THEN lease_owner END,
                  lease_expires_at = CASE WHEN $12 THEN now() + $14 END,
@@ -1182,9 +1233,91 @@ pub(crate) async fn write(
     if turns_back || pauses {
         return Ok(Written::Interrupted(Box::new(written))); // dropping `tx` rolls it back
     }
+    write_children(&mut tx, turn, &written).await?;
     events.write(&mut tx, &turn.events).await?;
     tx.commit().await.context("committing a turn")?;
     Ok(Written::Committed(Box::new(written)))
+}
+
+/// A turn's writes to other sagas, in its transaction, behind its fence:
+/// the children it starts (running, due now, under a unique key of parent
+/// and step), the compensation it asks of children (a running one is asked
+/// between steps, a completed one reopened to compensate, unless past its
+/// pivot: as [`request_compensation`] and [`reopen`] do, under the row's
+/// lock that the update takes), and, for a child that ended, its parent's
+/// wake-up (as [`keep_signal`]'s). Each is a statement only when there is
+/// something to write: a saga without children pays nothing.
+async fn write_children(
+    conn: &mut PgConnection,
+    turn: &Turn,
+    written: &Instance,
+) -> anyhow::Result<()> {
+    if !turn.new_children.is_empty() {
+        let new = &turn.new_children;
+        sqlx::query(
+            "INSERT INTO saga_instances (saga_id, saga_type, version, business_key, state, data, correlation_id,
+                                         trace_context, next_run_at, parent_saga_id, parent_step)
+             SELECT c.saga_id, c.saga_type, c.version, $1 || '/' || c.step, 'running', c.data, p.correlation_id,
+                    p.trace_context, now(), $1, c.step
+             FROM unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::jsonb[])
+                  AS c (saga_id, saga_type, version, step, data),
+                  saga_instances p
+             WHERE p.saga_id = $1
+             ON CONFLICT (saga_type, business_key) DO NOTHING",
+        )
+        .bind(written.saga_id)
+        .bind(new.iter().map(|c| c.saga_id).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.saga_type).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.version).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.step).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| Json(c.data.clone())).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .context("starting child sagas")?;
+    }
+    if !turn.child_requests.is_empty() {
+        let asked = &turn.child_requests;
+        sqlx::query(
+            "UPDATE saga_instances c SET
+                 compensation_requested = CASE WHEN c.state IN ('running', 'paused') AND c.forward_only_since IS NULL
+                                               THEN r.reason ELSE c.compensation_requested END,
+                 failure_reason = CASE WHEN c.state = 'completed' AND c.forward_only_since IS NULL
+                                       THEN r.reason ELSE c.failure_reason END,
+                 finished_at = CASE WHEN c.state = 'completed' AND c.forward_only_since IS NULL
+                                    THEN NULL ELSE c.finished_at END,
+                 next_run_at = CASE WHEN c.forward_only_since IS NULL
+                                         AND (c.state = 'completed' OR (c.state = 'running' AND c.lease_owner IS NULL))
+                                    THEN now() ELSE c.next_run_at END,
+                 fence = CASE WHEN c.state = 'completed' AND c.forward_only_since IS NULL THEN c.fence + 1 ELSE c.fence END,
+                 progressed_at = now(),
+                 state = CASE WHEN c.state = 'completed' AND c.forward_only_since IS NULL
+                              THEN 'compensating' ELSE c.state END
+             FROM unnest($1::uuid[], $2::text[]) AS r (saga_id, reason)
+             WHERE c.saga_id = r.saga_id",
+        )
+        .bind(asked.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(asked.iter().map(|(_, reason)| reason.as_str()).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .context("asking child sagas to compensate")?;
+    }
+    if let Some(parent) = written.parent_saga_id.filter(|_| {
+        turn.counts
+            .iter()
+            .any(|c| matches!(c, crate::turn::Count::Finished(_)))
+    }) {
+        sqlx::query(
+            "UPDATE saga_instances SET signal_pending = true,
+                 next_run_at = CASE WHEN lease_owner IS NULL AND state IN ('running', 'compensating')
+                                    THEN now() ELSE next_run_at END
+             WHERE saga_id = $1",
+        )
+        .bind(parent)
+        .execute(&mut *conn)
+        .await
+        .context("waking a child saga's parent")?;
+    }
+    Ok(())
 }
 
 /// A saga's row, locked for the caller's transaction by [`lock`]: what a
@@ -1597,6 +1730,9 @@ pub(crate) async fn listen(pool: &PgPool) -> anyhow::Result<PgListener> {
 /// rows per saga). A saga still running or compensating, or failed and
 /// waiting for an operator, is never purged.
 ///
+/// A child whose parent has not finished is kept: the parent may yet have
+/// to compensate it.
+///
 /// Keep `retention` longer than the inbox's: together with the inbox row,
 /// a saga's unique business key is what makes a late redelivery of the
 /// event that started it start nothing.
@@ -1608,6 +1744,9 @@ pub fn finished_purge(retention: Duration) -> database::PurgeTarget {
         statement: "DELETE FROM saga_instances WHERE ctid = ANY(ARRAY(
                         SELECT ctid FROM saga_instances
                         WHERE state IN ('completed', 'compensated') AND finished_at < now() - $1
+                          AND (parent_saga_id IS NULL OR NOT EXISTS (
+                                   SELECT FROM saga_instances p
+                                   WHERE p.saga_id = saga_instances.parent_saga_id AND p.finished_at IS NULL))
                         ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
 }

@@ -4,6 +4,8 @@
 //! engine keeps the record between turns instead of reading it back, so
 //! what is decided here is what the next plan sees. No I/O here.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use api_saga::v1 as pb;
@@ -14,9 +16,10 @@ use prost::{Message, Name};
 use sqlx::types::Json;
 use telemetry::CorrelationId;
 
+use crate::definition::Facts;
 use crate::definition::{OnTimeout, SagaDefinition, Step, StepError, attempt_id};
 use crate::plan::Transition;
-use crate::store::{Kind, SagaRecord, SagaState, Signal, StepRecord, StepStatus};
+use crate::store::{Child, Kind, NewChild, SagaRecord, SagaState, Signal, StepRecord, StepStatus};
 
 /// A counter to bump once the turn has committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +37,15 @@ pub(crate) struct Turn {
     pub(crate) saga: SagaRecord,
     /// Its signals, in the order they arrived, as read when it was claimed.
     pub(crate) signals: Vec<Signal>,
+    /// Its child sagas, as read when it was claimed and as this replica
+    /// has since started or asked them.
+    pub(crate) children: Vec<Child>,
+    /// The newest version of each saga type this replica carries: what a
+    /// child it starts runs on.
+    newest: Arc<HashMap<&'static str, u32>>,
+    /// Children this turn starts, and those it asks to compensate.
+    pub(crate) new_children: Vec<NewChild>,
+    pub(crate) child_requests: Vec<(uuid::Uuid, String)>,
     publisher: Publisher,
     /// The id of the step outcome event this turn recorded last: what the
     /// transitions it leads to (in the same turn) were caused by.
@@ -67,10 +79,20 @@ pub(crate) struct Turn {
 }
 
 impl Turn {
-    pub(crate) fn new(saga: SagaRecord, signals: Vec<Signal>, publisher: Publisher) -> Self {
+    pub(crate) fn new(
+        saga: SagaRecord,
+        signals: Vec<Signal>,
+        children: Vec<Child>,
+        newest: Arc<HashMap<&'static str, u32>>,
+        publisher: Publisher,
+    ) -> Self {
         Self {
             saga,
             signals,
+            children,
+            newest,
+            new_children: Vec::new(),
+            child_requests: Vec::new(),
             publisher,
             cause: None,
             dirty: Vec::new(),
@@ -102,6 +124,8 @@ impl Turn {
         self.progressed = false;
         self.flags_stuck = None;
         self.awaits_until = None;
+        self.new_children.clear();
+        self.child_requests.clear();
         std::mem::take(&mut self.counts)
     }
 
@@ -152,10 +176,79 @@ impl Turn {
         until: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> &mut StepRecord {
-        if self.saga.step(step, Kind::Action).is_none() {
+        let record = self.record_of(step, Kind::Action, status, now);
+        record.deadline_at = until.or(record.deadline_at);
+        record.next_attempt_at = until;
+        record
+    }
+
+    /// Starts `step`'s child saga (written with the turn, on the newest
+    /// version of its type this replica carries), and waits for it; a
+    /// type not carried here fails the step.
+    fn start_child(&mut self, definition: &SagaDefinition, step: &'static str, now: DateTime<Utc>) {
+        let Some(child) = definition.step(step).and_then(|(_, s)| s.child.clone()) else {
+            return;
+        };
+        let Some(version) = self.newest.get(child.saga_type).copied() else {
+            let error = format!("no definition of child saga type {} here", child.saga_type);
+            self.end_wait(step, Err(error), now);
+            return;
+        };
+        let data = (child.data)(&Facts {
+            data: &self.saga.instance.data.0,
+            steps: &self.saga.steps,
+        });
+        let child_id = uuid::Uuid::now_v7();
+        let parent = self.saga.instance.saga_id;
+        let record = self.record(step, StepStatus::Waiting, None, now);
+        record.attempts = 1;
+        record.output = Some(Json(serde_json::json!({ "child_saga_id": child_id })));
+        self.progressed = true;
+        self.new_children.push(NewChild {
+            saga_id: child_id,
+            saga_type: child.saga_type,
+            version: i32::try_from(version).unwrap_or(i32::MAX),
+            step,
+            data,
+        });
+        self.children.push(Child {
+            saga_id: child_id,
+            saga_type: child.saga_type.to_owned(),
+            parent_saga_id: parent,
+            parent_step: step.to_owned(),
+            state: SagaState::Running,
+            failure_reason: None,
+            forward_only: false,
+        });
+        let started = pb::SagaStarted {
+            saga_id: child_id.to_string(),
+            saga_type: child.saga_type.to_owned(),
+            order_id: format!("{parent}/{step}"),
+            version,
+        };
+        let envelope = saga_event(
+            &self.publisher,
+            child_id,
+            &self.saga.instance.correlation_id,
+            self.cause.clone(),
+            &started,
+        );
+        self.events.push(envelope);
+        tracing::info!(saga = definition.name, step, child = %child_id, child_type = child.saga_type, "child saga started");
+    }
+
+    /// Adds a record of `step`'s `kind` execution, with `status`.
+    fn record_of(
+        &mut self,
+        step: &'static str,
+        kind: Kind,
+        status: StepStatus,
+        now: DateTime<Utc>,
+    ) -> &mut StepRecord {
+        if self.saga.step(step, kind).is_none() {
             self.saga.steps.push(StepRecord {
                 step: step.to_owned(),
-                kind: Kind::Action,
+                kind,
                 status,
                 attempts: 0,
                 last_error: None,
@@ -167,10 +260,8 @@ impl Turn {
                 outcome_unknown: false,
             });
         }
-        let record = self.touch(step, Kind::Action);
+        let record = self.touch(step, kind);
         record.status = status;
-        record.deadline_at = until.or(record.deadline_at);
-        record.next_attempt_at = until;
         record.finished_at = status.is_finished().then_some(now);
         record
     }
@@ -416,6 +507,64 @@ impl Turn {
                 );
                 self.end_wait(step, Ok(signal.payload.0), now);
             }
+            Transition::StartChild { step } => self.start_child(definition, step, now),
+            Transition::ChildEnded { step, outcome } => {
+                let outcome = outcome.map(|child| serde_json::json!({ "child_saga_id": child }));
+                self.end_wait(step, outcome, now);
+            }
+            Transition::CompensateChild { step, child } => {
+                let reason = self
+                    .saga
+                    .instance
+                    .failure_reason
+                    .clone()
+                    .unwrap_or_else(|| "its parent saga is compensating".to_owned());
+                let reason = format!(
+                    "parent saga {} compensates: {reason}",
+                    self.saga.instance.saga_id
+                );
+                let record = self.record_of(step, Kind::Compensation, StepStatus::Waiting, now);
+                record.attempts = 1;
+                self.child_requests.push((child, reason));
+                // As the request will leave it (a completed child reopens).
+                if let Some(known) = self.children.iter_mut().find(|c| c.saga_id == child)
+                    && known.state == SagaState::Completed
+                    && !known.forward_only
+                {
+                    known.state = SagaState::Compensating;
+                }
+                tracing::info!(saga = definition.name, step, %child, "compensating a child saga");
+            }
+            Transition::ChildCompensated { step, outcome } => {
+                let saga_id = self.saga.instance.saga_id.to_string();
+                match outcome {
+                    Ok(()) => {
+                        self.record_of(step, Kind::Compensation, StepStatus::Succeeded, now);
+                        self.progressed = true;
+                        self.cause = Some(self.emit(&pb::SagaStepSucceeded {
+                            saga_id,
+                            step: step.to_owned(),
+                            compensation: true,
+                            attempts: 1,
+                            duration: None,
+                        }));
+                    }
+                    Err(error) => {
+                        let record =
+                            self.record_of(step, Kind::Compensation, StepStatus::Failed, now);
+                        record.last_error = Some(error.clone());
+                        self.cause = Some(self.emit(&pb::SagaStepFailed {
+                            saga_id,
+                            step: step.to_owned(),
+                            compensation: true,
+                            attempts: 1,
+                            error,
+                            will_retry: false,
+                            outcome_unknown: false,
+                        }));
+                    }
+                }
+            }
             Transition::WaitTimedOut { step } => {
                 let wait = definition.step(step).and_then(|(_, s)| s.wait.clone());
                 let outcome = match wait.map(|w| (w.signal, w.on_timeout)) {
@@ -641,6 +790,7 @@ mod tests {
             settle: Settle::ByRepeating,
             condition: None,
             wait: None,
+            child: None,
         }
     }
 
@@ -654,7 +804,13 @@ mod tests {
             },
             steps: vec![],
         };
-        Turn::new(saga, Vec::new(), Publisher::new("test", "test.saga.events"))
+        Turn::new(
+            saga,
+            Vec::new(),
+            Vec::new(),
+            Arc::default(),
+            Publisher::new("test", "test.saga.events"),
+        )
     }
 
     /// A step fails for good, then the saga turns back in the same turn.

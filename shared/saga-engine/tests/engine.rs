@@ -82,6 +82,7 @@ fn step(name: &'static str, journal: &Journal, failures: Vec<StepError>) -> Step
         settle: Settle::ByRepeating,
         condition: None,
         wait: None,
+        child: None,
     }
 }
 
@@ -2397,5 +2398,252 @@ mod second_wave {
         assert!(!saga.instance.signal_pending);
         shutdown.cancel();
         running.await.unwrap();
+    }
+
+    /// An action that journals its call, then waits until the test lets it
+    /// finish.
+    struct Held {
+        entry: &'static str,
+        journal: Journal,
+        open: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Action for Held {
+        fn run<'a>(
+            &'a self,
+            _: &'a StepContext,
+        ) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
+            self.journal
+                .lock()
+                .unwrap()
+                .push((self.entry.to_owned(), Instant::now()));
+            async move {
+                self.open.acquire().await.unwrap().forget();
+                Ok(serde_json::json!({ "done": true }))
+            }
+            .boxed()
+        }
+    }
+
+    /// The child saga "child" (c1, c2) and its parent "test": a, then kid
+    /// (the child, given a's output), then b.
+    fn family(journal: &Journal, c2: Vec<StepError>, b: Vec<StepError>) -> Vec<SagaDefinition> {
+        let child = SagaDefinition::sequence(
+            "child",
+            vec![step("c1", journal, vec![]), step("c2", journal, c2)],
+        );
+        let mut kid = step("kid", journal, vec![]);
+        kid.action = None;
+        kid.compensation = None;
+        kid.child = Some(saga_engine::ChildSaga {
+            saga_type: "child",
+            data: Arc::new(
+                |facts: &Facts<'_>| serde_json::json!({ "a": facts.output("a").cloned(), "key": facts.data["key"] }),
+            ),
+        });
+        let parent = SagaDefinition::sequence(
+            "test",
+            vec![step("a", journal, vec![]), kid, step("b", journal, b)],
+        );
+        vec![parent, child]
+    }
+
+    async fn child_of(pool: &PgPool, parent: Uuid) -> saga_engine::Child {
+        let mut children = store::children(pool, &[parent]).await.unwrap();
+        assert_eq!(children.len(), 1, "{children:?}");
+        children.remove(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_child_saga_runs_as_a_step_and_its_completion_moves_the_parent_on() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let engine = engine_of(&pool, family(&journal, vec![], vec![]), "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        let saga = wait_for(&pool, parent, SagaState::Completed).await;
+        assert_eq!(entries(&journal), ["a", "c1", "c2", "b"]);
+        let child = child_of(&pool, parent).await;
+        assert_eq!(
+            (child.state, child.parent_step.as_str()),
+            (SagaState::Completed, "kid")
+        );
+        assert_eq!(
+            record(&saga, "kid").output.as_ref().map(|o| o.0.clone()),
+            Some(serde_json::json!({ "child_saga_id": child.saga_id }))
+        );
+        let child_saga = store::load(&pool, child.saga_id).await.unwrap().unwrap();
+        assert_eq!(child_saga.instance.parent_saga_id, Some(parent));
+        assert_eq!(
+            child_saga.instance.data.0,
+            serde_json::json!({ "a": { "done": true }, "key": "family" })
+        );
+        assert_eq!(
+            child_saga.instance.correlation_id,
+            saga.instance.correlation_id
+        );
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_child_that_fails_fails_its_step_and_the_parent_compensates() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let refused = vec![StepError::Permanent("no".into())];
+        let engine = engine_of(&pool, family(&journal, refused, vec![]), "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        let saga = wait_for(&pool, parent, SagaState::Compensated).await;
+        assert_eq!(entries(&journal), ["a", "c1", "c2", "undo c1", "undo a"]);
+        let reason = saga.instance.failure_reason.unwrap();
+        assert!(reason.starts_with("kid: child saga child "), "{reason}");
+        assert!(reason.contains("compensated: c2: no"), "{reason}");
+        assert_eq!(child_of(&pool, parent).await.state, SagaState::Compensated);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compensating_the_parent_reopens_its_completed_child_and_undoes_it() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let refused = vec![StepError::Permanent("no".into())];
+        let engine = engine_of(&pool, family(&journal, vec![], refused), "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        let saga = wait_for(&pool, parent, SagaState::Compensated).await;
+        assert_eq!(
+            entries(&journal),
+            ["a", "c1", "c2", "b", "undo c2", "undo c1", "undo a"],
+            "the child is undone, in reverse, before what came before it"
+        );
+        let child = child_of(&pool, parent).await;
+        assert_eq!(child.state, SagaState::Compensated);
+        assert_eq!(
+            record(&saga, "kid").status,
+            StepStatus::Succeeded,
+            "the child completed"
+        );
+        let undone = saga
+            .steps
+            .iter()
+            .find(|s| s.step == "kid" && s.kind == Kind::Compensation)
+            .unwrap();
+        assert_eq!(undone.status, StepStatus::Succeeded);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelling_the_parent_reaches_its_running_child() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let open = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut definitions = family(&journal, vec![], vec![]);
+        definitions[1].groups[0][0].action = Some(Arc::new(Held {
+            entry: "c1",
+            journal: journal.clone(),
+            open: open.clone(),
+        }));
+        let engine = engine_of(&pool, definitions, "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !entries(&journal).iter().any(|e| e == "c1") {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        assert_eq!(
+            engine
+                .request_compensation(&mut tx, parent, "customer cancelled")
+                .await
+                .unwrap(),
+            RequestOutcome::Accepted
+        );
+        tx.commit().await.unwrap();
+        // The parent turns back and asks the child, whose c1 is in flight.
+        let child = until(
+            &pool,
+            child_of(&pool, parent).await.saga_id,
+            "was asked",
+            |s| s.instance.compensation_requested.is_some(),
+        )
+        .await;
+        assert!(
+            child
+                .instance
+                .compensation_requested
+                .as_deref()
+                .unwrap()
+                .ends_with("compensates: customer cancelled"),
+            "{:?}",
+            child.instance.compensation_requested
+        );
+        open.add_permits(1);
+        let saga = wait_for(&pool, parent, SagaState::Compensated).await;
+        assert_eq!(entries(&journal), ["a", "c1", "undo c1", "undo a"]);
+        assert_eq!(
+            saga.instance.failure_reason.as_deref(),
+            Some("customer cancelled")
+        );
+        assert_eq!(child_of(&pool, parent).await.state, SagaState::Compensated);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_keeps_a_finished_child_while_its_parent_may_still_compensate_it() {
+        let pool = pool().await;
+        let (parent, child, done_parent, done_child) = (
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        );
+        for (id, state, parent_id, key) in [
+            (parent, "running", None, "p"),
+            (child, "completed", Some(parent), "p/kid"),
+            (done_parent, "completed", None, "q"),
+            (done_child, "completed", Some(done_parent), "q/kid"),
+        ] {
+            sqlx::query(
+                "INSERT INTO saga_instances (saga_id, saga_type, business_key, state, data, correlation_id,
+                                             parent_saga_id, parent_step, finished_at)
+                 VALUES ($1, 'test', $3, $2, '{}', 'flow', $4, CASE WHEN $4 IS NULL THEN NULL ELSE 'kid' END,
+                         CASE WHEN $2 = 'completed' THEN now() - interval '1 day' END)",
+            )
+            .bind(id)
+            .bind(state)
+            .bind(key)
+            .bind(parent_id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let purge = store::finished_purge(Duration::from_secs(3600));
+        sqlx::query(purge.statement)
+            .bind(chrono::Duration::hours(1))
+            .bind(100_i64)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let left: Vec<Uuid> =
+            sqlx::query_scalar("SELECT saga_id FROM saga_instances ORDER BY saga_id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            left,
+            [parent, child],
+            "the running parent's child stays; the rest is purged"
+        );
     }
 }

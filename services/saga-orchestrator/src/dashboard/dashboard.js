@@ -250,6 +250,13 @@ function showSaga(one) {
   $("saga-unknown-version").hidden = !saga.version_unknown;
   $("saga-unknown-version").textContent = saga.version_unknown
     ? `no live replica carries ${saga.saga_type} version ${saga.version}: nothing drives this saga until one does` : "";
+  const children = one.children ?? [];
+  const family = [
+    saga.parent_saga_id ? `child of saga ${saga.parent_saga_id} (step ${saga.parent_step})` : "",
+    children.length ? "children: " + children.map((c) => `${c.step} → ${c.saga_type} ${c.saga_id} (${c.state})`).join(", ") : "",
+  ].filter((part) => part).join("; ");
+  $("saga-family").hidden = !family;
+  $("saga-family").textContent = family;
   $("saga-waiting").hidden = !saga.waiting_for_signal;
   $("saga-waiting").textContent = saga.waiting_for_signal
     ? `waiting for signal ${saga.waiting_for_signal} until ${time(saga.waiting_until)}` : "";

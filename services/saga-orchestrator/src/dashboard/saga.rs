@@ -22,6 +22,9 @@ pub(crate) struct SagaView {
     /// replica carries it (then nothing drives the saga).
     pub(crate) version: i32,
     pub(crate) version_unknown: bool,
+    /// The saga whose step started this one, if any.
+    pub(crate) parent_saga_id: Option<Uuid>,
+    pub(crate) parent_step: Option<String>,
     pub(crate) order_id: String,
     pub(crate) correlation_id: String,
     pub(crate) state: &'static str,
@@ -68,6 +71,8 @@ impl SagaView {
             saga_type: instance.saga_type.clone(),
             version: instance.version,
             version_unknown: !carried && !instance.state.is_final(),
+            parent_saga_id: instance.parent_saga_id,
+            parent_step: instance.parent_step.clone(),
             waiting_for_signal: waiting.map(|(signal, _)| signal),
             waiting_until: waiting.map(|(_, until)| until),
             order_id: instance.business_key.clone(),
@@ -288,6 +293,8 @@ mod tests {
                 stuck_since: None,
                 stuck_reason: None,
                 signal_pending: false,
+                parent_saga_id: None,
+                parent_step: None,
                 next_run_at: None,
                 lease_owner: None,
                 lease_expires_at: None,
