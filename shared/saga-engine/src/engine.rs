@@ -942,7 +942,20 @@ impl Engine {
         fence: i64,
         lease: Lease,
     ) -> Result<Written, WriteError> {
-        let written = store::write(&self.pool, fence, turn, lease, self.events()).await?;
+        // A parent's turn locks its row, then a child's (asking it to
+        // compensate); a child's last turn locks its row, then its
+        // parent's (waking it): at once, PostgreSQL breaks the deadlock by
+        // failing one, which is written again (the turn is as it was).
+        let mut tries = 0;
+        let written = loop {
+            tries += 1;
+            match store::write(&self.pool, fence, turn, lease, self.events()).await {
+                Err(WriteError::Unexpected(error)) if tries < 3 && store::is_deadlock(&error) => {
+                    tracing::debug!("a turn's write met a deadlock; writing it again");
+                }
+                written => break written?,
+            }
+        };
         if let Written::Committed(instance) = &written {
             turn.saga.instance = (**instance).clone();
             for count in turn.committed() {

@@ -1751,6 +1751,18 @@ pub fn finished_purge(retention: Duration) -> database::PurgeTarget {
     }
 }
 
+/// Whether `error` is PostgreSQL's breaking of a deadlock (40P01): the
+/// transaction was rolled back, and may be run again.
+pub(crate) fn is_deadlock(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .and_then(|error| error.as_database_error())
+            .and_then(|error| error.code())
+            .is_some_and(|code| code == "40P01")
+    })
+}
+
 /// Why a fenced write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
