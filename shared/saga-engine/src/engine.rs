@@ -625,6 +625,15 @@ impl Engine {
     /// sleeps until the least progressed saga could become stuck: a saga
     /// that progresses, starts or resumes only becomes stuck later.
     pub async fn watch_stuck(self: Arc<Self>, stuck_after: Duration, shutdown: CancellationToken) {
+        // Say first what this replica carries (its engine says so too, and
+        // renews it): otherwise a replica starting after every replica was
+        // gone for two leases would flag its own sagas as carried by none.
+        if let Err(error) = store::carry(&self.pool, &self.carried, self.config.lease * 2).await {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "saying which definitions this replica carries failed"
+            );
+        }
         while !shutdown.is_cancelled() {
             match store::flag_stuck(&self.pool, stuck_after).await {
                 Ok(stuck) => {
