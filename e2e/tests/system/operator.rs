@@ -527,3 +527,190 @@ async fn terminate_pause_and_resume_refuse_what_they_cannot_do_and_the_search_fi
         assert!(wrong.message().contains(field), "{field}: {wrong:?}");
     }
 }
+
+async fn signal(
+    stack: &Stack,
+    token: &str,
+    order_id: &str,
+    name: &str,
+    signal_id: &str,
+    payload: &str,
+) -> Result<api_saga::v1::SignalSagaResponse, tonic::Status> {
+    use api_saga::v1::SignalSagaRequest;
+    use api_saga::v1::signal_saga_request::Lookup;
+    let request = SignalSagaRequest {
+        lookup: Some(Lookup::OrderId(order_id.to_owned())),
+        signal: name.to_owned(),
+        signal_id: signal_id.to_owned(),
+        payload: payload.to_owned(),
+    };
+    stack
+        .sagas()
+        .await
+        .signal_saga(bearer(request, token))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn signal_saga_is_for_admins_and_signal_tokens_and_writes_nothing_it_refuses() {
+    use access_control::Scope;
+    let stack = Stack::start().await.unwrap();
+    let customer = stack.customer_token("signals@example.com").await.unwrap();
+    let admin = stack.admin_token().await.unwrap();
+    let settle_token = stack
+        .service_token_with([Scope::OrdersSettle])
+        .await
+        .unwrap();
+    let signal_token = stack
+        .service_token_with([Scope::SagasSignal])
+        .await
+        .unwrap();
+
+    let done = stack
+        .place_order(&customer, "signal-done", "tok_visa")
+        .await;
+    let saga = stack.settled_saga(&done.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Completed);
+    assert_eq!(saga.version, 1, "the order saga's only version");
+    assert!(!saga.version_unknown, "a live replica carries it");
+
+    // Who may call it: an admin, or a service token with sagas:signal.
+    for (token, who) in [
+        (&customer, "a customer"),
+        (&settle_token, "orders:settle only"),
+    ] {
+        let refused = signal(&stack, token, &done.order_id, "review", "r-1", "{}")
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{who}: {refused:?}");
+    }
+    let refused = signal(&stack, &settle_token, &done.order_id, "review", "r-1", "{}")
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("sagas:signal"), "{refused:?}");
+    for token in [&admin, &signal_token] {
+        let refused = signal(&stack, token, &done.order_id, "review", "r-1", "{}")
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("completed"), "{refused:?}");
+    }
+
+    // A running saga (paused while running, so it stays so) of a definition
+    // that waits for no signal: the name is refused, naming what it waits for.
+    let slow = stack
+        .place_order(&customer, "signal-slow", "tok_slow")
+        .await;
+    stack
+        .saga_reaching(&slow.order_id, "process-payment", SETTLE)
+        .await
+        .unwrap();
+    let running = stack.saga_status(&slow.order_id, &admin).await.unwrap();
+    pause(&stack, &admin, &running.saga_id).await.unwrap();
+    saga_when(&stack, &admin, &slow.order_id, "paused", |s| {
+        s.state() == SagaState::Paused
+    })
+    .await;
+    let refused = signal(
+        &stack,
+        &admin,
+        &slow.order_id,
+        "review",
+        "r-1",
+        "{\"approved\": true}",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("signal: order-processing version 1 has no step waiting for signal \"review\"; it waits for no signal"),
+        "{refused:?}"
+    );
+    // Malformed requests name each field.
+    let refused = signal(&stack, &admin, &slow.order_id, "", "", "{not json")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    for field in [
+        "signal: is required",
+        "signal_id: is required",
+        "payload: is not JSON",
+    ] {
+        assert!(refused.message().contains(field), "{field}: {refused:?}");
+    }
+    let refused = signal(
+        &stack,
+        &admin,
+        &slow.order_id,
+        "review",
+        "r\0-1",
+        r#"{"note": "a\u0000b"}"#,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    for field in ["signal_id: ", "payload: must not contain NUL"] {
+        assert!(refused.message().contains(field), "{field}: {refused:?}");
+    }
+    let refused = signal(&stack, &admin, "not-a-uuid", "review", "r-1", "")
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("order_id"), "{refused:?}");
+
+    // Nothing was written for any of them.
+    let pool = stack.scenario.inspect().await.unwrap();
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM saga.saga_signals")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 0);
+    let pending: bool =
+        sqlx::query_scalar("SELECT bool_or(signal_pending) FROM saga.saga_instances")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!pending);
+
+    // Search by version needs the type; with it, finds the order sagas.
+    let refused = search(
+        &stack,
+        &admin,
+        ListSagasRequest {
+            version: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused.message().contains("version: needs saga_type"),
+        "{refused:?}"
+    );
+    let found = search(
+        &stack,
+        &admin,
+        ListSagasRequest {
+            saga_type: "order-processing".into(),
+            version: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(found.len(), 2);
+    assert!(found.iter().all(|s| s.version == 1 && !s.version_unknown));
+    let unknown = search(
+        &stack,
+        &admin,
+        ListSagasRequest {
+            unknown_version_only: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(unknown.is_empty());
+    assert_eq!(gauge(&stack, "sagas_unknown_version").await, 0.0);
+    resume(&stack, &admin, &running.saga_id).await.unwrap();
+}

@@ -148,7 +148,8 @@ pub(crate) fn routes(
 }
 
 /// Sets the gauges of sagas by unfinished state (paused included), of
-/// overdue sagas and of stuck ones, when a scrape finds them older than the
+/// overdue sagas, of stuck ones and of those of a version no live replica
+/// carries, when a scrape finds them older than the
 /// refresh interval.
 pub(crate) fn saga_metrics(pool: PgPool) -> service_runtime::http::Collector {
     Arc::new(move || {
@@ -168,6 +169,9 @@ pub(crate) fn saga_metrics(pool: PgPool) -> service_runtime::http::Collector {
             }
             if let Ok(stuck) = stuck_count(&pool).await {
                 metrics::gauge!("sagas_stuck").set(stuck as f64);
+            }
+            if let Ok(unknown) = store::unknown_version_count(&pool).await {
+                metrics::gauge!("sagas_unknown_version").set(unknown as f64);
             }
         })
     })
@@ -244,6 +248,8 @@ struct Counts {
     failed: i64,
     overdue: i64,
     stuck: i64,
+    /// Unfinished sagas of a version no live replica carries.
+    unknown_version: i64,
 }
 
 /// A saga past its pivot whose step is past its deadline: it is retried
@@ -344,6 +350,7 @@ async fn read_summary(pool: &PgPool) -> anyhow::Result<Summary> {
     }
     active.overdue = overdue_count(pool).await?;
     active.stuck = stuck_count(pool).await?;
+    active.unknown_version = store::unknown_version_count(pool).await?;
     let overdue = sqlx::query_as(
         "SELECT saga_id, business_key AS order_id, correlation_id, overdue_step AS step, overdue_since
          FROM saga_instances WHERE overdue_since IS NOT NULL AND state IN ('running', 'failed')
@@ -455,9 +462,19 @@ struct SagaQuery {
     correlation: Option<String>,
 }
 
+/// A child saga, as the page lists it under its parent.
+#[derive(Debug, Serialize)]
+struct ChildView {
+    saga_id: Uuid,
+    saga_type: String,
+    step: String,
+    state: &'static str,
+}
+
 #[derive(Debug, Serialize)]
 struct OneSaga {
     saga: saga::SagaView,
+    children: Vec<ChildView>,
     executions: Vec<saga::Execution>,
     events: Vec<Event>,
     trace_id: Option<String>,
@@ -499,13 +516,26 @@ async fn one_saga(
         let trace_id = store::trace_context(pool, saga_id)
             .await?
             .and_then(|headers| saga::trace_id(&headers));
-        let pivot = dashboard
+        let definition = dashboard
             .engine
-            .definition(&record.instance.saga_type)
-            .and_then(|definition| definition.pivot);
+            .definition(&record.instance.saga_type, record.instance.version);
+        let carried = grpc::carried(&dashboard.engine)
+            .await?
+            .carries(&record.instance);
+        let children = store::children(pool, &[saga_id])
+            .await?
+            .into_iter()
+            .map(|child| ChildView {
+                saga_id: child.saga_id,
+                saga_type: child.saga_type,
+                step: child.parent_step,
+                state: child.state.as_str(),
+            })
+            .collect();
         anyhow::Ok(Some(OneSaga {
-            saga: saga::SagaView::new(&record, pivot),
-            executions: saga::timeline(&record, &events, Utc::now()),
+            saga: saga::SagaView::new(&record, definition, carried),
+            children,
+            executions: saga::timeline(&record, definition, &events, Utc::now()),
             events: events.into_iter().map(Event::from).collect(),
             trace_url: saga::trace_url(dashboard.trace_url.as_deref(), trace_id.as_deref()),
             trace_id,
@@ -581,12 +611,14 @@ async fn act(
     };
     match done {
         Ok(record) => {
-            let pivot = engine
-                .definition(&record.instance.saga_type)
-                .and_then(|definition| definition.pivot);
-            private(Json(Acted {
-                saga: saga::SagaView::new(&record, pivot),
-            }))
+            let instance = &record.instance;
+            let definition = engine.definition(&instance.saga_type, instance.version);
+            match grpc::carried(engine).await {
+                Ok(carried) => private(Json(Acted {
+                    saga: saga::SagaView::new(&record, definition, carried.carries(instance)),
+                })),
+                Err(error) => failure(&error),
+            }
         }
         Err(Refused::Unexpected(error)) => failure(&error),
         Err(refusal) => answer_of(&tonic::Status::from(refusal)),
@@ -614,6 +646,10 @@ struct SearchQuery {
     customer_id: String,
     #[serde(default)]
     stuck_only: bool,
+    #[serde(default)]
+    version: u32,
+    #[serde(default)]
+    unknown_version_only: bool,
     #[serde(default)]
     page_size: u32,
     #[serde(default)]
@@ -652,6 +688,8 @@ impl SearchQuery {
             order_id: self.order_id,
             customer_id: self.customer_id,
             stuck_only: self.stuck_only,
+            version: self.version,
+            unknown_version_only: self.unknown_version_only,
         };
         violations.into_result()?;
         Ok(request)
@@ -681,20 +719,24 @@ async fn search(
         Ok(request) => grpc::search(&dashboard.engine, &request).await,
         Err(status) => Err(status),
     };
+    let carried = match grpc::carried(&dashboard.engine).await {
+        Ok(carried) => carried,
+        Err(error) => return failure(&error),
+    };
     match found {
         Ok((instances, next_page_token)) => {
             let sagas = instances
                 .into_iter()
                 .map(|instance| {
-                    let pivot = dashboard
+                    let definition = dashboard
                         .engine
-                        .definition(&instance.saga_type)
-                        .and_then(|definition| definition.pivot);
+                        .definition(&instance.saga_type, instance.version);
+                    let known = carried.carries(&instance);
                     let record = SagaRecord {
                         instance,
                         steps: Vec::new(),
                     };
-                    saga::SagaView::new(&record, pivot)
+                    saga::SagaView::new(&record, definition, known)
                 })
                 .collect();
             private(Json(Found {

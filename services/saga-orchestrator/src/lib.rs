@@ -25,7 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use access_control::{
-    Access, AuthLayer, AuthSettings, Policy, ServiceCredentials, ServiceTokenSource, Verifier,
+    Access, AuthLayer, AuthSettings, Policy, Scope, ServiceCredentials, ServiceTokenSource,
+    Verifier,
 };
 use api_saga::v1::saga_service_server::{self, SagaServiceServer};
 use api_trace::v1::trace_service_server::{self, TraceServiceServer};
@@ -199,7 +200,9 @@ fn parse_stuck_after(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// Who may call what on the orchestrator: operators only.
+/// Who may call what on the orchestrator: operators, and for SignalSaga
+/// also a service granted `sagas:signal` (a system that decides what a
+/// waiting step waits for).
 fn policy() -> Policy {
     const SAGA: &str = saga_service_server::SERVICE_NAME;
     const TRACE: &str = trace_service_server::SERVICE_NAME;
@@ -216,7 +219,12 @@ fn policy() -> Policy {
     .into_iter()
     .fold(Policy::new(), |policy, method| {
         policy.rpc(SAGA, method, Access::Admin)
-    });
+    })
+    .rpc(
+        SAGA,
+        "SignalSaga",
+        Access::AdminOrService(Scope::SagasSignal),
+    );
     [
         "GetTraceByCorrelation",
         "GetTraceByOrder",

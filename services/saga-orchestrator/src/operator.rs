@@ -1,12 +1,14 @@
-//! The operators' actions on sagas: retry, compensate, pause, resume and
-//! terminate, as plain functions over the engine. SagaService's handlers
+//! The operators' actions on sagas: retry, compensate, pause, resume,
+//! terminate and signal, as plain functions over the engine. SagaService's handlers
 //! call them, and so can the dashboard: one rule per action, whichever
 //! edge it comes from. Each runs in one transaction and answers with the
 //! saga as it then stands, or why nothing was done ([`Refused`]).
 
 use chrono::{DateTime, Utc};
 use saga_engine::store;
-use saga_engine::{Engine, RequestOutcome, SagaRecord, SagaState, Termination};
+use saga_engine::{
+    Engine, NewSignal, RequestOutcome, SagaRecord, SagaState, Signal, SignalOutcome, Termination,
+};
 use service_runtime::fields;
 use uuid::Uuid;
 
@@ -58,8 +60,35 @@ pub(crate) enum Refused {
         if .0.len() == 1 { "it" } else { "them" }, if .0.len() == 1 { "it" } else { "them" }
     )]
     EffectsNotAcknowledged(Vec<&'static str>),
+    /// No live replica carries the saga's definition at its version.
+    #[error(
+        "no definition of {saga_type} version {version} is carried by this replica: the saga waits for a replica that has it"
+    )]
+    UnknownVersion { saga_type: String, version: i32 },
+    /// The saga's definition waits for no signal of this name.
+    #[error("{saga_type} version {version} has no step waiting for signal {signal:?}; {}", known_signals(.known))]
+    UnknownSignal {
+        saga_type: String,
+        version: i32,
+        signal: String,
+        known: Vec<&'static str>,
+    },
+    /// The signal's id was used before, for another signal or payload.
+    #[error("signal id {:?} was already used for signal {:?} with another payload (received {})", .0.signal_id, .0.signal, .0.received_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))]
+    SignalIdReused(Signal),
+    /// Every step waiting for the signal is done.
+    #[error("no step waits for this signal any more: step{} {} {} done", plural(.0), .0.join(", "), if .0.len() == 1 { "is" } else { "are" })]
+    NoLongerAwaited(Vec<&'static str>),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
+}
+
+fn known_signals(known: &[&str]) -> String {
+    if known.is_empty() {
+        "it waits for no signal".to_owned()
+    } else {
+        format!("it waits for {}", known.join(", "))
+    }
 }
 
 fn plural(steps: &[&str]) -> &'static str {
@@ -176,6 +205,44 @@ pub(crate) async fn terminate(
     }
 }
 
+/// Sends a signal to a saga (see [`Engine::signal`]): the signal as kept,
+/// or, for a repeated signal id, as it was kept the first time.
+pub(crate) async fn signal(
+    engine: &Engine,
+    saga_id: Uuid,
+    signal: NewSignal<'_>,
+) -> Result<Signal, Refused> {
+    let mut tx = engine.pool().begin().await.map_err(anyhow::Error::from)?;
+    let outcome = engine.signal(&mut tx, saga_id, signal).await?;
+    match outcome {
+        SignalOutcome::Kept(kept) => {
+            tx.commit().await.map_err(anyhow::Error::from)?;
+            Ok(kept)
+        }
+        SignalOutcome::Repeated(first) => Ok(first),
+        SignalOutcome::Conflict(first) => Err(Refused::SignalIdReused(first)),
+        SignalOutcome::NotFound => Err(Refused::NotFound),
+        SignalOutcome::NotApplicable(state) => Err(Refused::InState {
+            state,
+            why: "only a RUNNING saga (or one paused while running) waits for signals",
+        }),
+        SignalOutcome::UnknownSignal {
+            saga_type,
+            version,
+            known,
+        } => Err(Refused::UnknownSignal {
+            saga_type,
+            version,
+            signal: signal.signal.to_owned(),
+            known,
+        }),
+        SignalOutcome::NoLongerAwaited(steps) => Err(Refused::NoLongerAwaited(steps)),
+        SignalOutcome::UnknownVersion { saga_type, version } => {
+            Err(Refused::UnknownVersion { saga_type, version })
+        }
+    }
+}
+
 /// The saga as it stands after an accepted request, or the refusal.
 async fn answer(
     engine: &Engine,
@@ -187,6 +254,13 @@ async fn answer(
     match outcome {
         RequestOutcome::NotFound => Err(Refused::NotFound),
         RequestOutcome::NotApplicable(state) => Err(Refused::InState { state, why }),
+        RequestOutcome::UnknownVersion { version } => {
+            let saga_type = store::load(engine.pool(), saga_id)
+                .await?
+                .map(|saga| saga.instance.saga_type)
+                .unwrap_or_default();
+            Err(Refused::UnknownVersion { saga_type, version })
+        }
         RequestOutcome::ForwardOnly { pivot, since } => Err(Refused::ForwardOnly {
             pivot,
             since,

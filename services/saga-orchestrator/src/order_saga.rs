@@ -96,6 +96,9 @@ pub fn definition(downstreams: &Downstreams, tuning: Tuning) -> SagaDefinition {
             // Only process-payment has both an action and a compensation,
             // and its refund by key settles an unknown charge by itself.
             settle: Settle::ByCompensation,
+            condition: None,
+            wait: None,
+            child: None,
         };
     SagaDefinition::sequence(
         SAGA_TYPE,

@@ -134,7 +134,9 @@ impl EventHandler for SagaStarter {
                 RequestOutcome::ForwardOnly { pivot, .. } => {
                     tracing::info!(%saga_id, pivot, "cancellation arrived while the order was being confirmed; the order decides");
                 }
-                RequestOutcome::Accepted | RequestOutcome::NotFound => {}
+                RequestOutcome::Accepted
+                | RequestOutcome::NotFound
+                | RequestOutcome::UnknownVersion { .. } => {}
             }
         }
         // Other order events are the saga's own doing: nothing to start.

@@ -310,7 +310,11 @@ fn describe(envelope: &EventEnvelope) -> Result<(Option<Uuid>, String), OpenErro
             let started: saga::SagaStarted = open(envelope)?;
             (
                 uuid(&started.order_id),
-                format!("saga {} started", started.saga_type),
+                format!(
+                    "saga {} v{} started",
+                    started.saga_type,
+                    started.version.max(1)
+                ),
             )
         }
         t if t == saga::SagaStepSucceeded::full_name() => {
@@ -342,6 +346,13 @@ fn describe(envelope: &EventEnvelope) -> Result<(Option<Uuid>, String), OpenErro
             (
                 None,
                 format!("{what} {} failed ({next}): {}", step.step, step.error),
+            )
+        }
+        t if t == saga::SagaStepSkipped::full_name() => {
+            let step: saga::SagaStepSkipped = open(envelope)?;
+            (
+                None,
+                format!("step {} skipped: its condition does not hold", step.step),
             )
         }
         t if t == saga::SagaCompensationStarted::full_name() => {

@@ -24,6 +24,9 @@ pub enum Access {
     /// A person, or a service with the scope: reads whose handlers show a
     /// customer only their own.
     UserOrService(Scope),
+    /// An operator, or a service with the scope: what a person at a console
+    /// and another system may both do (signal a waiting saga).
+    AdminOrService(Scope),
 }
 
 impl Access {
@@ -33,8 +36,11 @@ impl Access {
         let scope = match (self, caller.role) {
             (Self::Public, _)
             | (Self::User | Self::UserOrService(_), Role::Customer | Role::Admin)
-            | (Self::Admin, Role::Admin) => return Ok(()),
-            (Self::Service(scope) | Self::UserOrService(scope), Role::Service) => scope,
+            | (Self::Admin | Self::AdminOrService(_), Role::Admin) => return Ok(()),
+            (
+                Self::Service(scope) | Self::UserOrService(scope) | Self::AdminOrService(scope),
+                Role::Service,
+            ) => scope,
             // Whatever a rule does not name is refused.
             _ => return Err(Refusal::Role(caller.role)),
         };
@@ -261,6 +267,24 @@ mod tests {
                 "payments:charge payments:refund orders:settle"
             )),
             Err(Refusal::MissingScope(Scope::PaymentsRead))
+        );
+    }
+
+    #[test]
+    fn an_admin_or_a_service_with_the_scope_may_signal() {
+        let signal = Access::AdminOrService(Scope::SagasSignal);
+        assert_eq!(signal.admits(&caller(Role::Admin, "")), Ok(()));
+        assert_eq!(
+            signal.admits(&caller(Role::Service, "sagas:signal")),
+            Ok(())
+        );
+        assert_eq!(
+            signal.admits(&caller(Role::Service, "orders:settle")),
+            Err(Refusal::MissingScope(Scope::SagasSignal))
+        );
+        assert_eq!(
+            signal.admits(&caller(Role::Customer, "")),
+            Err(Refusal::Role(Role::Customer))
         );
     }
 

@@ -25,15 +25,19 @@ pub enum Scope {
     /// `orders:settle`: ConfirmOrder, RejectOrder and CancelOrder, the
     /// saga's verdicts on an order.
     OrdersSettle,
+    /// `sagas:signal`: SignalSaga, a decision a waiting saga step takes
+    /// (a review's, say).
+    SagasSignal,
 }
 
 impl Scope {
     /// Every scope, in the order the documentation lists them.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::PaymentsCharge,
         Self::PaymentsRefund,
         Self::PaymentsRead,
         Self::OrdersSettle,
+        Self::SagasSignal,
     ];
 
     /// The scope's name, as configured and as carried in tokens.
@@ -43,6 +47,7 @@ impl Scope {
             Self::PaymentsRefund => "payments:refund",
             Self::PaymentsRead => "payments:read",
             Self::OrdersSettle => "orders:settle",
+            Self::SagasSignal => "sagas:signal",
         }
     }
 }

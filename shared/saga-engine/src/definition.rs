@@ -25,6 +25,11 @@ use crate::store::Kind;
 #[derive(Clone)]
 pub struct SagaDefinition {
     pub name: &'static str,
+    /// Which version of `name` this is, from 1. A saga runs to its end on
+    /// the version it started on; new sagas start on the newest version an
+    /// engine carries. Change what a saga does by adding a version, never
+    /// by changing one that sagas may be running on.
+    pub version: u32,
     pub groups: Vec<Vec<Step>>,
     /// The pivot step's name; `None` for a saga that can always turn back.
     pub pivot: Option<&'static str>,
@@ -51,6 +56,7 @@ impl std::fmt::Debug for SagaDefinition {
             .collect();
         f.debug_struct("SagaDefinition")
             .field("name", &self.name)
+            .field("version", &self.version)
             .field("groups", &groups)
             .finish()
     }
@@ -61,6 +67,7 @@ impl SagaDefinition {
     pub fn sequence(name: &'static str, steps: Vec<Step>) -> Self {
         Self {
             name,
+            version: 1,
             groups: steps.into_iter().map(|step| vec![step]).collect(),
             pivot: None,
         }
@@ -76,6 +83,36 @@ impl SagaDefinition {
     pub fn with_pivot(mut self, step: &'static str) -> Self {
         self.pivot = Some(step);
         self
+    }
+
+    /// This saga as version `version` of its name.
+    #[must_use]
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// The signals its steps wait for, in definition order.
+    pub fn signals(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.groups
+            .iter()
+            .flatten()
+            .filter_map(|step| step.wait.as_ref().map(|wait| wait.signal))
+    }
+
+    /// Whether a step waits for a signal: only then does the engine read
+    /// a saga's signals.
+    pub(crate) fn waits(&self) -> bool {
+        self.signals().next().is_some()
+    }
+
+    /// Whether a step starts a child saga: only then does the engine read
+    /// a saga's children.
+    pub(crate) fn has_children(&self) -> bool {
+        self.groups
+            .iter()
+            .flatten()
+            .any(|step| step.child.is_some())
     }
 
     /// Index of the pivot's group, if the saga has a pivot.
@@ -98,6 +135,19 @@ impl SagaDefinition {
     /// Checks what the engine relies on: the pivot exists and is alone in
     /// its group, and nothing from the pivot on has a compensation.
     pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        if self.version == 0 {
+            anyhow::bail!("saga {}: versions start at 1", self.name);
+        }
+        if let Some(step) = self.groups.iter().flatten().find(|step| {
+            (step.wait.is_some() || step.child.is_some())
+                && (step.action.is_some() || step.compensation.is_some())
+        }) {
+            anyhow::bail!(
+                "saga {}: {} waits for a signal or a child saga, so it has no action or compensation of its own",
+                self.name,
+                step.name
+            );
+        }
         let Some(pivot) = self.pivot else {
             return Ok(());
         };
@@ -128,7 +178,7 @@ impl SagaDefinition {
     }
 
     /// The step named `name`, with the index of its group.
-    pub(crate) fn step(&self, name: &str) -> Option<(usize, &Step)> {
+    pub fn step(&self, name: &str) -> Option<(usize, &Step)> {
         self.groups.iter().enumerate().find_map(|(index, group)| {
             group
                 .iter()
@@ -171,6 +221,79 @@ pub struct Step {
     /// How the engine learns, before compensating, whether an action whose
     /// answer was lost took effect.
     pub settle: Settle,
+    /// When set, the step runs only if this holds of the saga's data and
+    /// the earlier steps' outputs, read when the saga reaches its group;
+    /// otherwise it is recorded as skipped, and nothing is compensated for
+    /// it. Pure: the planner calls it, and may call it more than once.
+    pub condition: Option<Condition>,
+    /// When set, the step waits for a signal (SagaService/SignalSaga)
+    /// instead of running an action: the signal's payload is its output.
+    pub wait: Option<SignalWait>,
+    /// When set, the step starts a saga of another type as its child and
+    /// waits for its outcome: completed is the step's success, anything
+    /// else its failure. Compensating the step compensates the child (a
+    /// completed one is reopened to compensate, unless it is past its
+    /// pivot); cancelling the parent reaches a child still running.
+    pub child: Option<ChildSaga>,
+}
+
+/// The saga a step starts as its child.
+#[derive(Clone)]
+pub struct ChildSaga {
+    pub saga_type: &'static str,
+    /// The child's input, from the parent's data and earlier outputs.
+    pub data: Arc<dyn Fn(&Facts<'_>) -> serde_json::Value + Send + Sync>,
+}
+
+impl std::fmt::Debug for ChildSaga {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildSaga")
+            .field("saga_type", &self.saga_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A step's predicate; see [`Step::condition`].
+pub type Condition = Arc<dyn Fn(&Facts<'_>) -> bool + Send + Sync>;
+
+/// What a step's [`Condition`] may read: the saga's input and the outputs
+/// of the steps that succeeded so far (a signal's payload included).
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub data: &'a serde_json::Value,
+    pub(crate) steps: &'a [crate::store::StepRecord],
+}
+
+impl Facts<'_> {
+    /// The output of `step`'s action, if it succeeded.
+    pub fn output(&self, step: &str) -> Option<&serde_json::Value> {
+        self.steps
+            .iter()
+            .find(|r| {
+                r.step == step && r.kind == Kind::Action && r.status == crate::StepStatus::Succeeded
+            })
+            .map(|r| r.output.as_ref().map_or(&serde_json::Value::Null, |o| &o.0))
+    }
+}
+
+/// A step that waits for the signal `signal`, for at most `timeout` (a
+/// durable timer: the step's deadline, a row, which a pause moves on).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignalWait {
+    pub signal: &'static str,
+    pub timeout: Duration,
+    pub on_timeout: OnTimeout,
+}
+
+/// What a wait that timed out comes to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnTimeout {
+    /// The step fails for good with this error: before the pivot the saga
+    /// turns back, after it the saga waits for an operator.
+    Fail(String),
+    /// The step succeeds with this output, as if it had been signalled
+    /// (a review that timed out is a review that declined, say).
+    Output(serde_json::Value),
 }
 
 /// What the engine does before it compensates a step whose action's last

@@ -24,7 +24,7 @@ use crate::definition::{
 };
 use crate::plan::{Plan, plan};
 use crate::store::{
-    self, Claimed, Kind, Lease, Locked, SagaRecord, SagaState, WriteError, Written,
+    self, Carried, Claimed, Kind, Lease, Locked, SagaRecord, SagaState, Signal, WriteError, Written,
 };
 use crate::turn::{self, Count, Turn};
 
@@ -46,7 +46,12 @@ pub struct EngineConfig {
 /// The saga engine of one replica.
 pub struct Engine {
     pool: PgPool,
-    definitions: HashMap<&'static str, SagaDefinition>,
+    /// Every definition this replica carries, by type and version.
+    definitions: HashMap<(&'static str, u32), SagaDefinition>,
+    /// The newest version of each type: new sagas (and children) start on it.
+    newest: Arc<HashMap<&'static str, u32>>,
+    /// The same pairs, as the claim binds them.
+    carried: Carried,
     config: EngineConfig,
     /// Seals and enqueues every saga event (`config`'s topic and producer).
     publisher: Publisher,
@@ -92,9 +97,49 @@ pub enum RequestOutcome {
         since: DateTime<Utc>,
     },
     NotFound,
+    /// No definition of the saga's version is carried here, so what the
+    /// request means cannot be decided here.
+    UnknownVersion {
+        version: i32,
+    },
 }
 
-/// What a termination request came to.
+/// A signal for a saga, as its sender names it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewSignal<'a> {
+    pub signal: &'a str,
+    pub signal_id: &'a str,
+    pub payload: &'a serde_json::Value,
+}
+
+/// What a signal came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignalOutcome {
+    /// Kept: the step waiting for it (now or later) takes it.
+    Kept(Signal),
+    /// Its id was received before, with the same signal and payload: that
+    /// first signal, and nothing new.
+    Repeated(Signal),
+    /// Its id was received before for another signal or payload: that one.
+    Conflict(Signal),
+    /// The saga waits for no signal in this state.
+    NotApplicable(SagaState),
+    /// The saga's definition at its version has no step waiting for this
+    /// name; these are the names it waits for.
+    UnknownSignal {
+        saga_type: String,
+        version: i32,
+        known: Vec<&'static str>,
+    },
+    /// Every step waiting for this name is done (or has its signal): these.
+    NoLongerAwaited(Vec<&'static str>),
+    /// The saga's version is not carried here.
+    UnknownVersion {
+        saga_type: String,
+        version: i32,
+    },
+    NotFound,
+}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Termination {
     /// Terminated, leaving these steps in effect (acknowledged).
@@ -113,7 +158,10 @@ impl Engine {
         definitions: Vec<SagaDefinition>,
         config: EngineConfig,
     ) -> anyhow::Result<Self> {
-        for definition in &definitions {
+        let mut by_version = HashMap::new();
+        let mut newest: HashMap<&'static str, u32> = HashMap::new();
+        let mut carried = Carried::default();
+        for definition in definitions {
             definition.validate()?;
             if definition.longest_attempt() >= config.lease {
                 bail!(
@@ -121,12 +169,21 @@ impl Engine {
                     definition.name
                 );
             }
+            let key = (definition.name, definition.version);
+            let newer = newest.entry(definition.name).or_default();
+            *newer = (*newer).max(definition.version);
+            carried.types.push(definition.name.to_owned());
+            carried.versions.push(i32::try_from(definition.version)?);
+            if by_version.insert(key, definition).is_some() {
+                bail!("saga {} version {} is given twice", key.0, key.1);
+            }
         }
-        let definitions = definitions.into_iter().map(|d| (d.name, d)).collect();
         let (adopted, adoptions) = mpsc::unbounded_channel();
         Ok(Self {
             pool,
-            definitions,
+            definitions: by_version,
+            newest: Arc::new(newest),
+            carried,
             hands: Arc::new(Semaphore::new(config.concurrency)),
             publisher: Publisher::new(config.producer, config.events_topic.clone()),
             config,
@@ -156,9 +213,18 @@ impl Engine {
         &self.pool
     }
 
-    /// The definition of `saga_type`, if this engine runs it.
-    pub fn definition(&self, saga_type: &str) -> Option<&SagaDefinition> {
-        self.definitions.get(saga_type)
+    /// The definition of `saga_type` at `version`, if this engine carries it.
+    pub fn definition(&self, saga_type: &str, version: i32) -> Option<&SagaDefinition> {
+        let version = u32::try_from(version).ok()?;
+        self.newest
+            .get_key_value(saga_type)
+            .and_then(|(name, _)| self.definitions.get(&(*name, version)))
+    }
+
+    /// The newest version of `saga_type` this engine carries: what a saga
+    /// it starts runs on.
+    pub fn newest_version(&self, saga_type: &str) -> Option<u32> {
+        self.newest.get(saga_type).copied()
     }
 
     /// Starts a saga of `saga_type` for `business_key` in the caller's
@@ -218,10 +284,14 @@ impl Engine {
         correlation_id: &str,
         here: bool,
     ) -> anyhow::Result<Option<Started>> {
+        let version = self
+            .newest_version(saga_type)
+            .with_context(|| format!("no definition for saga type {saga_type}"))?;
         let trace_context = telemetry::propagation::current_headers();
         let new = store::NewSaga {
             saga_id: Uuid::now_v7(),
             saga_type,
+            version: i32::try_from(version)?,
             business_key,
             data,
             correlation_id,
@@ -236,6 +306,7 @@ impl Engine {
             saga_id: saga_id.to_string(),
             saga_type: saga_type.to_owned(),
             order_id: business_key.to_owned(),
+            version,
         };
         // Caused by what the starter is handling: the event that asked for
         // the saga.
@@ -255,6 +326,8 @@ impl Engine {
                 steps: Vec::new(),
             },
             trace_context,
+            signals: Vec::new(),
+            children: Vec::new(),
         });
         Ok(Some(Started { saga_id, claim }))
     }
@@ -275,8 +348,7 @@ impl Engine {
         };
         if let Some(since) = saga.forward_only_since.filter(|_| !saga.state.is_final()) {
             let pivot = self
-                .definitions
-                .get(saga.saga_type.as_str())
+                .definition(&saga.saga_type, saga.version)
                 .and_then(|d| d.pivot)
                 .unwrap_or("the pivot");
             return Ok(RequestOutcome::ForwardOnly { pivot, since });
@@ -418,10 +490,11 @@ impl Engine {
                 saga.state,
             )));
         }
-        let definition = self
-            .definitions
-            .get(saga.saga_type.as_str())
-            .with_context(|| format!("no definition for saga type {}", saga.saga_type))?;
+        let Some(definition) = self.definition(&saga.saga_type, saga.version) else {
+            return Ok(Termination::Refused(RequestOutcome::UnknownVersion {
+                version: saga.version,
+            }));
+        };
         if let Some(since) = saga.forward_only_since {
             let pivot = definition.pivot.unwrap_or("the pivot");
             return Ok(Termination::Refused(RequestOutcome::ForwardOnly {
@@ -452,6 +525,81 @@ impl Engine {
         Ok(Termination::Terminated { left_in_effect })
     }
 
+    /// Keeps a signal for a running saga (or one paused while running),
+    /// whether or not its step waits yet, and makes the saga due so that
+    /// the step takes it; see [`SignalOutcome`] for what else it may come
+    /// to. A repeated signal id is answered with the first signal, whatever
+    /// the saga's state since; nothing is written then, nor for a refusal.
+    pub async fn signal(
+        &self,
+        conn: &mut PgConnection,
+        saga_id: Uuid,
+        new: NewSignal<'_>,
+    ) -> anyhow::Result<SignalOutcome> {
+        let Some(saga) = store::lock(conn, saga_id).await? else {
+            return Ok(SignalOutcome::NotFound);
+        };
+        if let Some(first) = store::find_signal(conn, saga_id, new.signal_id).await? {
+            let same = first.signal == new.signal && first.payload.0 == *new.payload;
+            return Ok(if same {
+                SignalOutcome::Repeated(first)
+            } else {
+                SignalOutcome::Conflict(first)
+            });
+        }
+        let forward = saga.state == SagaState::Running
+            || (saga.state == SagaState::Paused && saga.paused_from == Some(SagaState::Running));
+        if !forward {
+            return Ok(SignalOutcome::NotApplicable(saga.state));
+        }
+        let Some(definition) = self.definition(&saga.saga_type, saga.version) else {
+            return Ok(SignalOutcome::UnknownVersion {
+                saga_type: saga.saga_type.clone(),
+                version: saga.version,
+            });
+        };
+        let waiting: Vec<&'static str> = definition
+            .groups
+            .iter()
+            .flatten()
+            .filter(|step| step.wait.as_ref().is_some_and(|w| w.signal == new.signal))
+            .map(|step| step.name)
+            .collect();
+        if waiting.is_empty() {
+            let mut known: Vec<&'static str> = definition.signals().collect();
+            known.dedup();
+            return Ok(SignalOutcome::UnknownSignal {
+                saga_type: saga.saga_type.clone(),
+                version: saga.version,
+                known,
+            });
+        }
+        // The k-th step waiting for a name takes the k-th signal of it:
+        // this one goes to the step after those already signalled, unless
+        // that step is done (it timed out, or was skipped).
+        let received = store::signals(&mut *conn, &[saga_id])
+            .await?
+            .remove(&saga_id)
+            .unwrap_or_default()
+            .iter()
+            .filter(|signal| signal.signal == new.signal)
+            .count();
+        let steps = store::steps(conn, saga_id).await?;
+        let done = |name: &str| {
+            steps
+                .iter()
+                .any(|r| r.step == name && r.kind == Kind::Action && r.status.is_finished())
+        };
+        match waiting.get(received) {
+            Some(step) if !done(step) => {}
+            Some(step) => return Ok(SignalOutcome::NoLongerAwaited(vec![step])),
+            None => return Ok(SignalOutcome::NoLongerAwaited(waiting)),
+        }
+        let kept = store::keep_signal(conn, &saga, new.signal_id, new.signal, new.payload).await?;
+        tracing::info!(%saga_id, signal = new.signal, signal_id = new.signal_id, "signal kept for a saga");
+        Ok(SignalOutcome::Kept(kept))
+    }
+
     /// Writes an operator's request's event, in its transaction: to the
     /// journal, and (if worth publishing) to the events topic.
     async fn record<M: prost::Message + prost::Name>(
@@ -477,6 +625,15 @@ impl Engine {
     /// sleeps until the least progressed saga could become stuck: a saga
     /// that progresses, starts or resumes only becomes stuck later.
     pub async fn watch_stuck(self: Arc<Self>, stuck_after: Duration, shutdown: CancellationToken) {
+        // Say first what this replica carries (its engine says so too, and
+        // renews it): otherwise a replica starting after every replica was
+        // gone for two leases would flag its own sagas as carried by none.
+        if let Err(error) = store::carry(&self.pool, &self.carried, self.config.lease * 2).await {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "saying which definitions this replica carries failed"
+            );
+        }
         while !shutdown.is_cancelled() {
             match store::flag_stuck(&self.pool, stuck_after).await {
                 Ok(stuck) => {
@@ -487,7 +644,8 @@ impl Engine {
                             order_id = saga.business_key,
                             correlation_id = saga.correlation_id,
                             progressed_at = %saga.progressed_at,
-                            "saga is stuck: no progress for {}",
+                            reason = saga.stuck_reason,
+                            "saga is stuck (stuck after {})",
                             humantime_secs(stuck_after)
                         );
                     }
@@ -502,6 +660,9 @@ impl Engine {
                 .flatten()
                 .unwrap_or(stuck_after)
                 .min(stuck_after)
+                // A definition may stop being carried (its replicas gone)
+                // at any time: look again within a lease.
+                .min(self.config.lease)
                 // Past the instant, not on it: the clocks are the database's.
                 + Duration::from_millis(10);
             tokio::select! {
@@ -523,7 +684,21 @@ impl Engine {
             .expect("an engine runs once");
         let mut drivers = tokio::task::JoinSet::new();
         let mut listener: Option<PgListener> = None;
+        // When to say again which definitions this replica carries: it
+        // says so for two leases, every half lease.
+        let mut carry_at = tokio::time::Instant::now();
         'run: while !shutdown.is_cancelled() {
+            if tokio::time::Instant::now() >= carry_at {
+                match store::carry(&self.pool, &self.carried, self.config.lease * 2).await {
+                    Ok(()) => carry_at = tokio::time::Instant::now() + self.config.lease / 2,
+                    Err(error) => {
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            "saying which definitions this replica carries failed"
+                        );
+                    }
+                }
+            }
             if listener.is_none() {
                 listener = match store::listen(&self.pool).await {
                     Ok(listener) => Some(listener),
@@ -541,14 +716,7 @@ impl Engine {
             let claimed = if free == 0 {
                 Vec::new()
             } else {
-                store::claim(
-                    &self.pool,
-                    &self.config.worker_id,
-                    free as i64,
-                    self.config.lease,
-                )
-                .await
-                .unwrap_or_else(|error| {
+                self.claim(free as i64).await.unwrap_or_else(|error| {
                     tracing::warn!(error = format!("{error:#}"), "claiming sagas failed");
                     Vec::new()
                 })
@@ -577,12 +745,15 @@ impl Engine {
             // its hands (if every hand was busy: work may be waiting), or a
             // slow safety sweep.
             let saturated = permits.available_permits() == 0;
-            let next_due = store::next_due(&self.pool).await.ok().flatten();
+            let next_due = store::next_due(&self.pool, &self.carried)
+                .await
+                .ok()
+                .flatten();
             let sleep = next_due
                 .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
                 .unwrap_or(Duration::from_secs(5))
                 .min(Duration::from_secs(5));
-            let wake_at = tokio::time::Instant::now() + sleep;
+            let wake_at = (tokio::time::Instant::now() + sleep).min(carry_at);
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => break 'run,
@@ -623,6 +794,56 @@ impl Engine {
         }
         while drivers.join_next().await.is_some() {}
         tracing::debug!("saga engine stopped");
+    }
+
+    /// Claims up to `limit` due sagas of the definitions carried here, with
+    /// their signals when their definition waits for any.
+    async fn claim(&self, limit: i64) -> anyhow::Result<Vec<Claimed>> {
+        let mut claimed = store::claim(
+            &self.pool,
+            &self.config.worker_id,
+            &self.carried,
+            limit,
+            self.config.lease,
+        )
+        .await?;
+        let waiting: Vec<Uuid> = claimed
+            .iter()
+            .filter(|claim| {
+                let instance = &claim.saga.instance;
+                self.definition(&instance.saga_type, instance.version)
+                    .is_some_and(SagaDefinition::waits)
+            })
+            .map(|claim| claim.saga.instance.saga_id)
+            .collect();
+        if !waiting.is_empty() {
+            let mut signals = store::signals(&self.pool, &waiting).await?;
+            for claim in &mut claimed {
+                if let Some(theirs) = signals.remove(&claim.saga.instance.saga_id) {
+                    claim.signals = theirs;
+                }
+            }
+        }
+        let parents: Vec<Uuid> = claimed
+            .iter()
+            .filter(|claim| {
+                let instance = &claim.saga.instance;
+                self.definition(&instance.saga_type, instance.version)
+                    .is_some_and(SagaDefinition::has_children)
+            })
+            .map(|claim| claim.saga.instance.saga_id)
+            .collect();
+        if !parents.is_empty() {
+            for child in store::children(&self.pool, &parents).await? {
+                if let Some(claim) = claimed
+                    .iter_mut()
+                    .find(|claim| claim.saga.instance.saga_id == child.parent_saga_id)
+                {
+                    claim.children.push(child);
+                }
+            }
+        }
+        Ok(claimed)
     }
 
     /// Drives one claimed saga until it waits, ends, or is taken over. Its
@@ -667,14 +888,20 @@ impl Engine {
         shutdown: &CancellationToken,
     ) -> Result<(), WriteError> {
         let fence = claim.fence();
-        let saga_type = claim.saga.instance.saga_type.clone();
-        let definition = self
-            .definitions
-            .get(saga_type.as_str())
-            .with_context(|| format!("no definition for saga type {saga_type}"))?;
+        let (saga_type, version) = (&claim.saga.instance.saga_type, claim.saga.instance.version);
+        // Claimed only if carried here: this holds.
+        let definition = self.definition(saga_type, version).with_context(|| {
+            format!("no definition for saga type {saga_type} version {version}")
+        })?;
         let correlation = CorrelationId::parse(&claim.saga.instance.correlation_id)
             .unwrap_or_else(CorrelationId::generate);
-        let mut turn = Turn::new(claim.saga, self.publisher.clone());
+        let mut turn = Turn::new(
+            claim.saga,
+            claim.signals,
+            claim.children,
+            self.newest.clone(),
+            self.publisher.clone(),
+        );
         loop {
             let now = Utc::now();
             if shutdown.is_cancelled() {
@@ -684,7 +911,7 @@ impl Engine {
                     .await
                     .map(drop);
             }
-            match plan(definition, &turn.saga, now) {
+            match plan(definition, &turn.saga, &turn.signals, &turn.children, now) {
                 Plan::Transition(transition) => turn.transition(definition, transition, now),
                 Plan::Attempt { kind, steps } => {
                     let began = telemetry::correlation::scope(
@@ -700,6 +927,7 @@ impl Engine {
                     }
                 }
                 Plan::Wait(until) => {
+                    turn.awaits_until = turn.awaited(definition);
                     return self
                         .commit(&mut turn, fence, Lease::Release(Some(until)))
                         .await
@@ -725,7 +953,20 @@ impl Engine {
         fence: i64,
         lease: Lease,
     ) -> Result<Written, WriteError> {
-        let written = store::write(&self.pool, fence, turn, lease, self.events()).await?;
+        // A parent's turn locks its row, then a child's (asking it to
+        // compensate); a child's last turn locks its row, then its
+        // parent's (waking it): at once, PostgreSQL breaks the deadlock by
+        // failing one, which is written again (the turn is as it was).
+        let mut tries = 0;
+        let written = loop {
+            tries += 1;
+            match store::write(&self.pool, fence, turn, lease, self.events()).await {
+                Err(WriteError::Unexpected(error)) if tries < 3 && store::is_deadlock(&error) => {
+                    tracing::debug!("a turn's write met a deadlock; writing it again");
+                }
+                written => break written?,
+            }
+        };
         if let Written::Committed(instance) = &written {
             turn.saga.instance = (**instance).clone();
             for count in turn.committed() {

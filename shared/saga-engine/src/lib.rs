@@ -14,6 +14,14 @@
 //! An attempt whose answer was lost has an unknown outcome, not a failed
 //! one, and is settled before its step is compensated (see [`Settle`]).
 //!
+//! A definition has a version, and each saga runs on the version it
+//! started on; a replica claims only the sagas whose version it carries,
+//! and says which it carries in `saga_definitions`, so that a saga no live
+//! replica can run is reported (and counted stuck) instead of run wrongly.
+//! A step may have a condition (skipped when it does not hold), wait
+//! for a named signal with a timeout that is a durable timer, or start a
+//! saga of another type as its child and wait for its outcome.
+//!
 //! Any replica may drive any saga. Due work is claimed with `FOR UPDATE
 //! SKIP LOCKED` under a lease, and each claim carries a fencing version that
 //! every later write checks, so a replica that lost its lease (it stalled,
@@ -33,11 +41,13 @@ pub mod store;
 mod turn;
 
 pub use definition::{
-    Action, FnAction, Journal, RetryPolicy, SagaDefinition, Settle, Step, StepClass, StepContext,
-    StepError, attempt_id,
+    Action, ChildSaga, Condition, Facts, FnAction, Journal, OnTimeout, RetryPolicy, SagaDefinition,
+    Settle, SignalWait, Step, StepClass, StepContext, StepError, attempt_id,
 };
-pub use engine::{Engine, EngineConfig, RequestOutcome, Started, Termination};
-pub use store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
+pub use engine::{
+    Engine, EngineConfig, NewSignal, RequestOutcome, SignalOutcome, Started, Termination,
+};
+pub use store::{Child, Kind, SagaRecord, SagaState, Signal, StepRecord, StepStatus};
 
 /// The saga tables, applied in the orchestrator's schema.
 pub const MIGRATIONS: database::MigrationSet = database::migrations!(
@@ -48,5 +58,7 @@ pub const MIGRATIONS: database::MigrationSet = database::migrations!(
         "0003_operator_controls.sql",
         "0004_search.sql",
         "0005_finished_sagas_by_age.sql",
+        "0006_versions_conditions_signals.sql",
+        "0007_child_sagas.sql",
     ]
 );

@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::definition::{SagaDefinition, Settle, Step, StepClass};
-use crate::store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
+use crate::definition::{Facts, SagaDefinition, Settle, Step, StepClass};
+use crate::store::{Child, Kind, SagaRecord, SagaState, Signal, StepRecord, StepStatus};
 
 /// The next thing to do for a saga.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,8 +28,48 @@ pub(crate) enum Plan {
 pub(crate) enum Transition {
     /// An operator asked for a pause: nothing more runs until resumed.
     Pause,
-    /// Every step of the current group succeeded: on to the next.
+    /// Every step of the current group succeeded (or was skipped): on to
+    /// the next.
     Advance,
+    /// These steps' conditions do not hold: they are skipped.
+    Skip {
+        steps: Vec<&'static str>,
+    },
+    /// A step begins waiting for its signal, until then (its timer).
+    BeginWait {
+        step: &'static str,
+        until: DateTime<Utc>,
+    },
+    /// The signal a waiting step waits for is here: its payload is the
+    /// step's output.
+    Signalled {
+        step: &'static str,
+        signal: Signal,
+    },
+    /// A waiting step's timer fired before its signal came.
+    WaitTimedOut {
+        step: &'static str,
+    },
+    /// A step starts its child saga.
+    StartChild {
+        step: &'static str,
+    },
+    /// A step's child saga ended: completed, or why not.
+    ChildEnded {
+        step: &'static str,
+        outcome: Result<uuid::Uuid, String>,
+    },
+    /// Compensating a step compensates its child saga.
+    CompensateChild {
+        step: &'static str,
+        child: uuid::Uuid,
+    },
+    /// The child saga of a step being compensated ended: compensated, or
+    /// why it cannot be.
+    ChildCompensated {
+        step: &'static str,
+        outcome: Result<(), String>,
+    },
     Complete,
     /// Stop going forward and undo what was done.
     Compensate {
@@ -55,15 +95,23 @@ pub(crate) enum Transition {
     },
 }
 
-pub(crate) fn plan(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
+/// `signals` are the saga's, in the order they arrived (empty for a
+/// definition whose steps wait for none); `children` its child sagas.
+pub(crate) fn plan(
+    definition: &SagaDefinition,
+    saga: &SagaRecord,
+    signals: &[Signal],
+    children: &[Child],
+    now: DateTime<Utc>,
+) -> Plan {
     // A pause comes first: the attempts just made are recorded with it,
     // and nothing new begins.
     if saga.instance.state.is_driven() && saga.instance.pause_requested_at.is_some() {
         return Plan::Transition(Transition::Pause);
     }
     match saga.instance.state {
-        SagaState::Running => forward(definition, saga, now),
-        SagaState::Compensating => backward(definition, saga, now),
+        SagaState::Running => forward(definition, saga, signals, children, now),
+        SagaState::Compensating => backward(definition, saga, children, now),
         SagaState::Completed
         | SagaState::Compensated
         | SagaState::Failed
@@ -87,6 +135,9 @@ pub(crate) fn in_effect(definition: &SagaDefinition, saga: &SagaRecord) -> Vec<&
                 continue;
             }
             let action = saga.step(step.name, Kind::Action);
+            if action.is_some_and(|r| r.status == StepStatus::Skipped) {
+                continue;
+            }
             let attempted = action.is_some_and(|r| r.attempts > 0)
                 || (step.action.is_none() && index <= reached);
             let refused_for_certain = action.is_some_and(|r| {
@@ -105,7 +156,13 @@ pub(crate) fn in_effect(definition: &SagaDefinition, saga: &SagaRecord) -> Vec<&
     left
 }
 
-fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
+fn forward(
+    definition: &SagaDefinition,
+    saga: &SagaRecord,
+    signals: &[Signal],
+    children: &[Child],
+    now: DateTime<Utc>,
+) -> Plan {
     // A request is refused once the saga is forward-only, and no forward
     // attempt begins while one waits; so a request seen here came first.
     let forward_only = saga.instance.forward_only_since.is_some();
@@ -127,12 +184,23 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
     let mut due = Vec::new();
     let mut wait: Option<DateTime<Utc>> = None;
     let mut all_succeeded = true;
+    let mut skip = Vec::new();
+    let facts = Facts {
+        data: &saga.instance.data.0,
+        steps: &saga.steps,
+    };
     for step in group {
         let record = saga.step(step.name, Kind::Action);
-        if record.is_some_and(|r| r.status == StepStatus::Succeeded) {
+        if record.is_some_and(|r| matches!(r.status, StepStatus::Succeeded | StepStatus::Skipped)) {
             continue;
         }
         all_succeeded = false;
+        // Decided once, when the saga reaches the group: a step begun is
+        // not skipped later.
+        if record.is_none() && step.condition.as_ref().is_some_and(|holds| !holds(&facts)) {
+            skip.push(step.name);
+            continue;
+        }
         if let Some(record) = record.filter(|r| r.status == StepStatus::Failed) {
             let error = record.last_error.as_deref().unwrap_or("failed");
             return Plan::Transition(match class {
@@ -148,6 +216,62 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
                     ),
                 },
             });
+        }
+        if step.child.is_some() {
+            let Some(record) = record else {
+                return Plan::Transition(Transition::StartChild { step: step.name });
+            };
+            let child = children.iter().find(|c| c.parent_step == step.name);
+            let ended = match child.map(|c| (c.state, c)) {
+                Some((SagaState::Completed, c)) => Some(Ok(c.saga_id)),
+                Some((
+                    state @ (SagaState::Compensated | SagaState::Failed | SagaState::Terminated),
+                    c,
+                )) => Some(Err(format!(
+                    "child saga {} {} {}: {}",
+                    c.saga_type,
+                    c.saga_id,
+                    state.as_str(),
+                    c.failure_reason.as_deref().unwrap_or("no reason given")
+                ))),
+                // Running: the child wakes this saga when it ends.
+                Some(_) => None,
+                None if record.status == StepStatus::Waiting => {
+                    Some(Err("its child saga is gone".to_owned()))
+                }
+                None => None,
+            };
+            if let Some(outcome) = ended {
+                return Plan::Transition(Transition::ChildEnded {
+                    step: step.name,
+                    outcome,
+                });
+            }
+            continue;
+        }
+        if let Some(waits) = &step.wait {
+            if let Some(signal) = signal_for(definition, step, signals) {
+                return Plan::Transition(Transition::Signalled {
+                    step: step.name,
+                    signal: signal.clone(),
+                });
+            }
+            match record.and_then(|r| r.deadline_at) {
+                None => {
+                    let until = now
+                        + chrono::Duration::from_std(waits.timeout)
+                            .unwrap_or(chrono::Duration::MAX);
+                    return Plan::Transition(Transition::BeginWait {
+                        step: step.name,
+                        until,
+                    });
+                }
+                Some(until) if until <= now => {
+                    return Plan::Transition(Transition::WaitTimedOut { step: step.name });
+                }
+                Some(until) => wait = Some(wait.map_or(until, |w| w.min(until))),
+            }
+            continue;
         }
         if class != StepClass::Compensatable
             && saga.instance.overdue_step.is_none()
@@ -169,6 +293,9 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
                 });
             }
         }
+    }
+    if !skip.is_empty() {
+        return Plan::Transition(Transition::Skip { steps: skip });
     }
     if all_succeeded {
         return Plan::Transition(if position + 1 == definition.groups.len() {
@@ -193,9 +320,16 @@ fn forward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -
 /// the saga reaches it. A step settled by repeating whose outcome is
 /// unknown is first asked again until it answers for certain; one that
 /// answered "no" for certain has nothing to undo.
-fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
+fn backward(
+    definition: &SagaDefinition,
+    saga: &SagaRecord,
+    children: &[Child],
+    now: DateTime<Utc>,
+) -> Plan {
     let reached = usize::try_from(saga.instance.position).unwrap_or(0);
     for (index, group) in definition.groups.iter().enumerate().rev() {
+        // A child asked to compensate: this group waits for it.
+        let mut undoing_child = false;
         let mut settle = Vec::new();
         let mut due = Vec::new();
         let mut wait: Option<DateTime<Utc>> = None;
@@ -203,6 +337,63 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
             |at: DateTime<Utc>| wait = Some(wait.map_or(at, |w: DateTime<Utc>| w.min(at)));
         for step in group {
             let action = saga.step(step.name, Kind::Action);
+            // Skipped: it never ran, so there is nothing to undo.
+            if action.is_some_and(|r| r.status == StepStatus::Skipped) {
+                continue;
+            }
+            if step.child.is_some() {
+                // Never started, or nothing of it left to undo.
+                let Some(child) = children.iter().find(|c| c.parent_step == step.name) else {
+                    continue;
+                };
+                let undone = saga.step(step.name, Kind::Compensation);
+                match (undone.map(|r| r.status), child.state) {
+                    (Some(StepStatus::Succeeded), _) => {}
+                    (Some(StepStatus::Failed), _) => {
+                        let error = undone
+                            .and_then(|r| r.last_error.as_deref())
+                            .unwrap_or("failed");
+                        return Plan::Transition(Transition::Fail {
+                            reason: format!("compensation of {} failed: {error}", step.name),
+                        });
+                    }
+                    (None, SagaState::Compensated | SagaState::Terminated) => {}
+                    (None, _) => {
+                        return Plan::Transition(Transition::CompensateChild {
+                            step: step.name,
+                            child: child.saga_id,
+                        });
+                    }
+                    (Some(_), SagaState::Compensated) => {
+                        return Plan::Transition(Transition::ChildCompensated {
+                            step: step.name,
+                            outcome: Ok(()),
+                        });
+                    }
+                    (Some(_), state @ (SagaState::Failed | SagaState::Terminated)) => {
+                        return Plan::Transition(Transition::ChildCompensated {
+                            step: step.name,
+                            outcome: Err(format!(
+                                "child saga {} {} is {}",
+                                child.saga_type,
+                                child.saga_id,
+                                state.as_str()
+                            )),
+                        });
+                    }
+                    (Some(_), SagaState::Completed) if child.forward_only => {
+                        return Plan::Transition(Transition::ChildCompensated {
+                            step: step.name,
+                            outcome: Err(format!(
+                                "child saga {} {} is past its pivot: it cannot be undone",
+                                child.saga_type, child.saga_id
+                            )),
+                        });
+                    }
+                    (Some(_), _) => undoing_child = true,
+                }
+                continue;
+            }
             let attempted = action.is_some_and(|r| r.attempts > 0)
                 || (step.action.is_none() && index <= reached);
             if !attempted || step.compensation.is_none() {
@@ -225,7 +416,7 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
             }
             let record = saga.step(step.name, Kind::Compensation);
             match record.map(|r| r.status) {
-                Some(StepStatus::Succeeded) => continue,
+                Some(StepStatus::Succeeded | StepStatus::Skipped) => continue,
                 Some(StepStatus::Failed) => {
                     let error = record
                         .and_then(|r| r.last_error.as_deref())
@@ -269,8 +460,29 @@ fn backward(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) 
         if let Some(at) = wait {
             return Plan::Wait(at);
         }
+        if undoing_child {
+            // Woken when the child ends.
+            return Plan::Idle;
+        }
     }
     Plan::Transition(Transition::Compensated)
+}
+
+/// The signal `step` takes: the k-th step (in definition order) waiting
+/// for a name takes the k-th signal of that name to arrive.
+fn signal_for<'a>(
+    definition: &SagaDefinition,
+    step: &Step,
+    signals: &'a [Signal],
+) -> Option<&'a Signal> {
+    let name = step.wait.as_ref()?.signal;
+    let rank = definition
+        .groups
+        .iter()
+        .flatten()
+        .filter(|s| s.wait.as_ref().is_some_and(|w| w.signal == name))
+        .position(|s| s.name == step.name)?;
+    signals.iter().filter(|s| s.signal == name).nth(rank)
 }
 
 enum Next {
@@ -313,7 +525,7 @@ fn next_attempt(
             record.attempts
         )),
         StepStatus::Running => Next::Now,
-        StepStatus::Waiting | StepStatus::Succeeded | StepStatus::Failed => {
+        StepStatus::Waiting | StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped => {
             match record.next_attempt_at {
                 Some(at) if at > now => Next::At(deadline.map_or(at, |deadline| at.min(deadline))),
                 _ => Next::Now,
@@ -332,6 +544,11 @@ mod tests {
     use super::*;
     use crate::definition::{FnAction, RetryPolicy};
     use crate::store::Instance;
+
+    /// The plan of a saga without signals or children.
+    fn plan(definition: &SagaDefinition, saga: &SagaRecord, now: DateTime<Utc>) -> Plan {
+        super::plan(definition, saga, &[], &[], now)
+    }
 
     fn nothing(
         _: &crate::StepContext,
@@ -356,12 +573,16 @@ mod tests {
             compensation_attempt_timeout: Duration::from_secs(1),
             deadline: Duration::from_secs(10),
             settle: Settle::ByRepeating,
+            condition: None,
+            wait: None,
+            child: None,
         }
     }
 
     fn definition() -> SagaDefinition {
         SagaDefinition {
             name: "test",
+            version: 1,
             groups: vec![
                 vec![step("a", true)],
                 vec![step("b", true), step("c", false)],
@@ -788,6 +1009,117 @@ mod tests {
             given.instance.compensation_requested = Some("customer".into());
             assert_eq!(plan(&definition(), &given, Utc::now()), Plan::Idle);
         }
+    }
+
+    fn signal(name: &str, id: &str, payload: serde_json::Value) -> Signal {
+        Signal {
+            signal_id: id.into(),
+            signal: name.into(),
+            payload: sqlx::types::Json(payload),
+            received_at: Utc::now(),
+        }
+    }
+
+    /// a, then two steps that wait for "review", then d.
+    fn reviewed() -> SagaDefinition {
+        let waits = |name| {
+            let mut step = step(name, false);
+            step.action = None;
+            step.wait = Some(crate::definition::SignalWait {
+                signal: "review",
+                timeout: Duration::from_secs(60),
+                on_timeout: crate::definition::OnTimeout::Fail("late".into()),
+            });
+            step
+        };
+        SagaDefinition::sequence(
+            "test",
+            vec![step("a", true), waits("r1"), waits("r2"), step("d", true)],
+        )
+    }
+
+    #[test]
+    fn a_step_whose_condition_fails_is_skipped_and_not_compensated() {
+        let mut definition = definition();
+        definition.groups[1][0].condition = Some(Arc::new(|facts: &Facts<'_>| {
+            facts.output("a").is_some_and(|out| out["big"] == true)
+        }));
+        let a = record("a", Kind::Action, StepStatus::Succeeded, 1);
+        let reached = saga(SagaState::Running, 1, vec![a.clone()]);
+        assert_eq!(
+            plan(&definition, &reached, Utc::now()),
+            Plan::Transition(Transition::Skip { steps: vec!["b"] })
+        );
+        let skipped = record("b", Kind::Action, StepStatus::Skipped, 0);
+        let after = saga(SagaState::Running, 1, vec![a.clone(), skipped.clone()]);
+        assert_eq!(
+            plan(&definition, &after, Utc::now()),
+            Plan::Attempt {
+                kind: Kind::Action,
+                steps: vec!["c"]
+            },
+            "the rest of its group runs"
+        );
+        let turned = saga(SagaState::Compensating, 1, vec![a, skipped]);
+        assert_eq!(
+            plan(&definition, &turned, Utc::now()),
+            Plan::Attempt {
+                kind: Kind::Compensation,
+                steps: vec!["a"]
+            },
+            "nothing to undo for b"
+        );
+    }
+
+    #[test]
+    fn a_waiting_step_takes_its_signal_in_order_or_times_out() {
+        let now = Utc::now();
+        let a = record("a", Kind::Action, StepStatus::Succeeded, 1);
+        let fresh = saga(SagaState::Running, 1, vec![a.clone()]);
+        assert_eq!(
+            super::plan(&reviewed(), &fresh, &[], &[], now),
+            Plan::Transition(Transition::BeginWait {
+                step: "r1",
+                until: now + chrono::Duration::seconds(60)
+            })
+        );
+        let mut waiting = record("r1", Kind::Action, StepStatus::Waiting, 0);
+        waiting.deadline_at = Some(now + chrono::Duration::seconds(60));
+        let at_r1 = saga(SagaState::Running, 1, vec![a.clone(), waiting]);
+        assert_eq!(
+            super::plan(&reviewed(), &at_r1, &[], &[], now),
+            Plan::Wait(now + chrono::Duration::seconds(60))
+        );
+        let first = signal("review", "s-1", serde_json::json!(1));
+        let other = signal("other", "s-0", serde_json::json!(0));
+        assert_eq!(
+            super::plan(&reviewed(), &at_r1, &[other, first.clone()], &[], now),
+            Plan::Transition(Transition::Signalled {
+                step: "r1",
+                signal: first.clone()
+            })
+        );
+        // r2 takes the second review signal, not the first again.
+        let mut r1 = record("r1", Kind::Action, StepStatus::Succeeded, 1);
+        r1.output = Some(sqlx::types::Json(serde_json::json!(1)));
+        let at_r2 = saga(SagaState::Running, 2, vec![a, r1]);
+        let second = signal("review", "s-2", serde_json::json!(2));
+        assert!(matches!(
+            super::plan(&reviewed(), &at_r2, std::slice::from_ref(&first), &[], now),
+            Plan::Transition(Transition::BeginWait { step: "r2", .. })
+        ));
+        assert_eq!(
+            super::plan(&reviewed(), &at_r2, &[first, second.clone()], &[], now),
+            Plan::Transition(Transition::Signalled {
+                step: "r2",
+                signal: second
+            })
+        );
+        let later = now + chrono::Duration::seconds(61);
+        assert_eq!(
+            super::plan(&reviewed(), &at_r1, &[], &[], later),
+            Plan::Transition(Transition::WaitTimedOut { step: "r1" })
+        );
     }
 
     #[test]

@@ -9,10 +9,14 @@
 //! |------------------------|----------------------------------------------|--------------------------------------------------------|
 //! | `create`               | `saga_instances` (insert; unowned, or leased | nothing to fence: a new row, one per type and key      |
 //! |                        | at fence 1 to the replica starting it)       |                                                        |
-//! | `claim`                | `saga_instances` (lease, fence + 1)          | takes the fence, under `FOR UPDATE SKIP LOCKED`, of    |
-//! |                        |                                              | sagas whose lease is free or has run out               |
+//! | `claim`                | `saga_instances` (lease, fence + 1, signal   | takes the fence, under `FOR UPDATE SKIP LOCKED`, of    |
+//! |                        | flag cleared)                                | sagas whose lease is free or has run out, of the       |
+//! |                        |                                              | definitions (type, version) the engine carries         |
 //! | `write`                | `saga_instances`, `saga_steps`, outbox,      | `WHERE fence = $2` on the row's update, which locks    |
-//! |                        | journal                                      | the row before anything else is written                |
+//! |                        | journal; and for a saga with children or a   | the row before anything else is written; the child     |
+//! |                        | parent: children started (insert), children  | requests and the parent's wake-up are under those      |
+//! |                        | asked to compensate (a completed one         | rows' locks, as `request_compensation`, `reopen` and   |
+//! |                        | reopened, fence + 1), the parent woken       | `keep_signal` are                                      |
 //! | `request_compensation` | `saga_instances` (the request, next run)     | the row lock of `lock`; leaves the fence, so the owner |
 //! |                        |                                              | acts on the request between steps                      |
 //! | `reopen`               | `saga_steps`, `saga_instances` (state,       | the row lock of `lock`; takes a new fence, so whoever  |
@@ -23,13 +27,17 @@
 //! | `terminate`            | unfinished steps' deadlines), fence + 1      | held the saga is fenced off                            |
 //! | `flag_stuck`           | `saga_instances` (`stuck_since`, reason)     | nothing: only the flag, set once (`stuck_since IS      |
 //! |                        |                                              | NULL`), which the owner's next progress clears         |
+//! | `keep_signal`          | `saga_signals` (insert), `saga_instances`    | the row lock of `lock`; leaves the fence, so the owner |
+//! |                        | (`signal_pending`, next run)                 | reads the signal once it releases the saga             |
+//! | `carry`                | `saga_definitions` (upsert)                  | nothing to fence: it only extends `carried_until`      |
 //! | `Events::write`        | outbox, journal                              | the transaction it joins: `create`'s, `write`'s or a   |
 //! |                        |                                              | request's                                              |
 //!
 //! `lock` writes nothing: it takes the row lock that orders a request
 //! against the owner's turns. The rest only read: `load`, `load_instance`,
 //! `steps`, `find_by_business_key`, `find_by_correlation`, `trace_context`, `list`,
-//! `search`, `next_due`, `next_stuck`, and `listen` (the channel on which
+//! `search`, `next_due`, `next_stuck`, `signals`, `find_signal`,
+//! `carried_definitions`, `unknown_version_count`, and `listen` (the channel on which
 //! the trigger of `0001_sagas.sql` announces due work).
 //!
 //! States, step statuses and kinds are enums here, stored as the TEXT
@@ -146,10 +154,18 @@ pub enum StepStatus {
     Succeeded,
     /// Failed for good: out of attempts or time, or refused.
     Failed,
+    /// Its condition did not hold: it never ran, and has nothing to undo.
+    Skipped,
 }
 
 impl StepStatus {
-    pub const ALL: [Self; 4] = [Self::Waiting, Self::Running, Self::Succeeded, Self::Failed];
+    pub const ALL: [Self; 5] = [
+        Self::Waiting,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Skipped,
+    ];
 
     /// The value as stored.
     pub fn as_str(self) -> &'static str {
@@ -158,7 +174,13 @@ impl StepStatus {
             Self::Running => "running",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+            Self::Skipped => "skipped",
         }
+    }
+
+    /// Done with, one way or the other: it will not run again.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Skipped)
     }
 
     pub fn parse(text: &str) -> Option<Self> {
@@ -245,6 +267,8 @@ stored_as_text!(Kind, "step kind");
 pub struct Instance {
     pub saga_id: Uuid,
     pub saga_type: String,
+    /// The version of its definition the saga runs on.
+    pub version: i32,
     pub business_key: String,
     pub state: SagaState,
     pub data: Json<serde_json::Value>,
@@ -269,6 +293,12 @@ pub struct Instance {
     /// Set while the saga is stuck: since when, and why.
     pub stuck_since: Option<DateTime<Utc>>,
     pub stuck_reason: Option<String>,
+    /// A signal arrived (or a child saga ended) that the replica driving
+    /// it may not have read.
+    pub signal_pending: bool,
+    /// The saga and step that started this one as a child.
+    pub parent_saga_id: Option<Uuid>,
+    pub parent_step: Option<String>,
     pub next_run_at: Option<DateTime<Utc>>,
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
@@ -287,6 +317,7 @@ impl Instance {
         Self {
             saga_id: Uuid::nil(),
             saga_type: "test".into(),
+            version: 1,
             business_key: "k".into(),
             state,
             data: Json(serde_json::Value::Null),
@@ -304,6 +335,9 @@ impl Instance {
             progressed_at: now,
             stuck_since: None,
             stuck_reason: None,
+            signal_pending: false,
+            parent_saga_id: None,
+            parent_step: None,
             next_run_at: None,
             lease_owner: None,
             lease_expires_at: None,
@@ -389,10 +423,17 @@ impl SagaRecord {
 
 macro_rules! instance_columns {
     () => {
-        "saga_id, saga_type, business_key, state, data, correlation_id, position, failure_reason, \
+        "saga_id, saga_type, version, business_key, state, data, correlation_id, position, failure_reason, \
          compensation_requested, forward_only_since, overdue_step, overdue_since, pause_requested_at, paused_at, \
-         paused_from, left_in_effect, progressed_at, stuck_since, stuck_reason, next_run_at, lease_owner, \
+         paused_from, left_in_effect, progressed_at, stuck_since, stuck_reason, signal_pending, parent_saga_id, parent_step, next_run_at, lease_owner, \
          lease_expires_at, fence, created_at, updated_at, finished_at"
+    };
+}
+
+/// The (type, version) pairs no live replica carries, as a subquery.
+macro_rules! uncarried {
+    () => {
+        "SELECT saga_type, version FROM saga_definitions WHERE carried_until <= now()"
     };
 }
 
@@ -546,6 +587,10 @@ pub struct SagaFilter {
     /// The customer the saga acts for: its data's `customer_id`.
     pub customer_id: Option<String>,
     pub stuck_only: bool,
+    /// Only this version of `saga_type` (which it needs).
+    pub version: Option<i32>,
+    /// Only unfinished sagas of a version no live replica carries.
+    pub unknown_version_only: bool,
 }
 
 /// Where a page of a search starts: before (created_at, saga_id), newest
@@ -584,6 +629,18 @@ fn search_query(
     }
     if let Some(saga_type) = &filter.saga_type {
         query.push(" AND saga_type = ").push_bind(saga_type.clone());
+    }
+    if let Some(version) = filter.version {
+        query.push(" AND version = ").push_bind(version);
+    }
+    if filter.unknown_version_only {
+        // The partial index's predicate, spelled out so that the plan may use it.
+        query.push(concat!(
+            " AND state IN ('running', 'compensating', 'paused', 'failed')",
+            " AND (saga_type, version) IN (",
+            uncarried!(),
+            ")"
+        ));
     }
     if let Some(after) = filter.created_after {
         query.push(" AND created_at >= ").push_bind(after);
@@ -680,9 +737,9 @@ pub(crate) async fn create(
     let (lease_owner, lease) = owner.unzip();
     sqlx::query_as(concat!(
         "INSERT INTO saga_instances
-             (saga_id, saga_type, business_key, state, data, correlation_id, trace_context, next_run_at,
+             (saga_id, saga_type, version, business_key, state, data, correlation_id, trace_context, next_run_at,
               lease_owner, lease_expires_at, fence)
-         VALUES ($1, $2, $3, 'running', $4, $5, $6, now(), $7, now() + $8, CASE WHEN $7 IS NULL THEN 0 ELSE 1 END)
+         VALUES ($1, $2, $9, $3, 'running', $4, $5, $6, now(), $7, now() + $8, CASE WHEN $7 IS NULL THEN 0 ELSE 1 END)
          ON CONFLICT (saga_type, business_key) DO NOTHING
          RETURNING ",
         instance_columns!()
@@ -695,6 +752,7 @@ pub(crate) async fn create(
     .bind(Json(new.trace_context))
     .bind(lease_owner)
     .bind(lease.map(chrono::Duration::from_std).transpose()?)
+    .bind(new.version)
     .fetch_optional(&mut *conn)
     .await
     .context("starting a saga")
@@ -704,6 +762,7 @@ pub(crate) async fn create(
 pub(crate) struct NewSaga<'a> {
     pub(crate) saga_id: Uuid,
     pub(crate) saga_type: &'a str,
+    pub(crate) version: i32,
     pub(crate) business_key: &'a str,
     pub(crate) data: &'a serde_json::Value,
     pub(crate) correlation_id: &'a str,
@@ -716,6 +775,10 @@ pub struct Claimed {
     pub saga: SagaRecord,
     /// W3C trace context of what started the saga, as (name, value) pairs.
     pub trace_context: Vec<(String, String)>,
+    /// Its signals, read only for a definition with steps that wait for one.
+    pub signals: Vec<Signal>,
+    /// Its child sagas, read only for a definition with steps that start one.
+    pub children: Vec<Child>,
 }
 
 impl Claimed {
@@ -739,38 +802,69 @@ struct OwnedStep {
     record: StepRecord,
 }
 
+/// The (type, version) pairs of the definitions an engine carries, as the
+/// two arrays its statements bind.
+#[derive(Debug, Clone, Default)]
+pub struct Carried {
+    pub types: Vec<String>,
+    pub versions: Vec<i32>,
+}
+
+impl Carried {
+    pub fn of(definitions: &[(&str, i32)]) -> Self {
+        Self {
+            types: definitions.iter().map(|(t, _)| (*t).to_owned()).collect(),
+            versions: definitions.iter().map(|(_, v)| *v).collect(),
+        }
+    }
+}
+
 /// Claims up to `limit` sagas with work due now whose lease is free or
-/// expired: each gets this worker as owner and a new fence, and comes back
-/// whole (with its step log), so the engine drives it from memory.
+/// expired, among those whose definition (type and version) this engine
+/// carries: each gets this worker as owner and a new fence, and comes back
+/// whole (with its step log), so the engine drives it from memory. A saga
+/// of a version this engine lacks is never claimed: it is left for a
+/// replica that has it.
 ///
-/// Writes `saga_instances` (lease owner, lease expiry, fence + 1). It does
-/// not check a fence, it takes one: `FOR UPDATE SKIP LOCKED` keeps two
-/// replicas from claiming one saga, only a free or expired lease is taken,
-/// and the new fence refuses every later write of the previous owner.
+/// Writes `saga_instances` (lease owner, lease expiry, fence + 1, signal
+/// flag cleared: the engine reads the signals next). It does not check a
+/// fence, it takes one: `FOR UPDATE SKIP LOCKED` keeps two replicas from
+/// claiming one saga, only a free or expired lease is taken, and the new
+/// fence refuses every later write of the previous owner. Reads
+/// `saga_instances_due_by_definition`, one range per carried definition.
 pub async fn claim(
     pool: &PgPool,
     worker: &str,
+    carried: &Carried,
     limit: i64,
     lease: Duration,
 ) -> anyhow::Result<Vec<Claimed>> {
     let rows: Vec<ClaimedRow> = sqlx::query_as(
         "WITH due AS (
-             SELECT saga_id FROM saga_instances
-             WHERE next_run_at <= now()
-               AND state IN ('running', 'compensating')
-               AND (lease_expires_at IS NULL OR lease_expires_at < now())
-             ORDER BY next_run_at
+             SELECT i.saga_id FROM unnest($4::text[], $5::int4[]) AS d (saga_type, version)
+             CROSS JOIN LATERAL (
+                 SELECT saga_id, next_run_at FROM saga_instances
+                 WHERE saga_type = d.saga_type AND version = d.version
+                   AND next_run_at <= now()
+                   AND state IN ('running', 'compensating')
+                   AND (lease_expires_at IS NULL OR lease_expires_at < now())
+                 ORDER BY next_run_at
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED
+             ) i
+             ORDER BY i.next_run_at
              LIMIT $2
-             FOR UPDATE SKIP LOCKED
          )
          UPDATE saga_instances s
-         SET lease_owner = $1, lease_expires_at = now() + $3, fence = s.fence + 1
+         SET lease_owner = $1, lease_expires_at = now() + $3, fence = s.fence + 1, signal_pending = false
          FROM due WHERE s.saga_id = due.saga_id
          RETURNING s.*",
     )
     .bind(worker)
     .bind(limit)
     .bind(chrono::Duration::from_std(lease)?)
+    .bind(&carried.types)
+    .bind(&carried.versions)
     .fetch_all(pool)
     .await
     .context("claiming sagas")?;
@@ -799,8 +893,187 @@ pub async fn claim(
                 instance: row.instance,
             },
             trace_context: row.trace_context.0,
+            signals: Vec::new(),
+            children: Vec::new(),
         })
         .collect())
+}
+
+/// A saga started by a step of another (`saga_instances.parent_saga_id`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Child {
+    pub saga_id: Uuid,
+    pub saga_type: String,
+    pub parent_saga_id: Uuid,
+    pub parent_step: String,
+    pub state: SagaState,
+    pub failure_reason: Option<String>,
+    /// Its pivot may have taken effect: it cannot be undone.
+    pub forward_only: bool,
+}
+
+/// The child sagas of `parents`. Reads only (`saga_instances_children`).
+pub async fn children(
+    executor: impl sqlx::PgExecutor<'_>,
+    parents: &[Uuid],
+) -> anyhow::Result<Vec<Child>> {
+    sqlx::query_as(
+        "SELECT saga_id, saga_type, parent_saga_id, parent_step, state, failure_reason,
+                forward_only_since IS NOT NULL AS forward_only
+         FROM saga_instances WHERE parent_saga_id = ANY($1) ORDER BY created_at",
+    )
+    .bind(parents)
+    .fetch_all(executor)
+    .await
+    .context("reading child sagas")
+}
+
+/// A child saga a turn starts.
+#[derive(Debug, Clone)]
+pub(crate) struct NewChild {
+    pub(crate) saga_id: Uuid,
+    pub(crate) saga_type: &'static str,
+    pub(crate) version: i32,
+    pub(crate) step: &'static str,
+    pub(crate) data: serde_json::Value,
+}
+
+/// A signal sent to a saga (`saga_signals`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Signal {
+    pub signal_id: String,
+    pub signal: String,
+    pub payload: Json<serde_json::Value>,
+    pub received_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct SagaSignal {
+    saga_id: Uuid,
+    #[sqlx(flatten)]
+    signal: Signal,
+}
+
+/// The signals of `saga_ids`, each saga's in the order they arrived.
+/// Reads only (the primary key of `saga_signals`).
+pub(crate) async fn signals(
+    executor: impl sqlx::PgExecutor<'_>,
+    saga_ids: &[Uuid],
+) -> anyhow::Result<HashMap<Uuid, Vec<Signal>>> {
+    let rows: Vec<SagaSignal> = sqlx::query_as(
+        "SELECT saga_id, signal_id, signal, payload, received_at FROM saga_signals
+         WHERE saga_id = ANY($1) ORDER BY seq",
+    )
+    .bind(saga_ids)
+    .fetch_all(executor)
+    .await
+    .context("reading sagas' signals")?;
+    let mut by_saga: HashMap<Uuid, Vec<Signal>> = HashMap::new();
+    for row in rows {
+        by_saga.entry(row.saga_id).or_default().push(row.signal);
+    }
+    Ok(by_saga)
+}
+
+/// The signal `signal_id` of the saga, if it was received. Reads only.
+pub(crate) async fn find_signal(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    signal_id: &str,
+) -> anyhow::Result<Option<Signal>> {
+    sqlx::query_as(
+        "SELECT signal_id, signal, payload, received_at FROM saga_signals
+         WHERE saga_id = $1 AND signal_id = $2",
+    )
+    .bind(saga_id)
+    .bind(signal_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("finding a signal")
+}
+
+/// Keeps a signal for the saga, and makes the saga due now unless a
+/// replica holds it or it is paused; either way `signal_pending` tells the
+/// replica that releases it next to make it due, so the signal is read.
+///
+/// Writes `saga_signals` (insert) and `saga_instances` (`signal_pending`,
+/// `next_run_at`). Not fenced, on purpose, as [`request_compensation`]:
+/// under the row lock of [`lock`], so the owner's next write sees the flag.
+pub(crate) async fn keep_signal(
+    conn: &mut PgConnection,
+    saga: &Locked,
+    signal_id: &str,
+    signal: &str,
+    payload: &serde_json::Value,
+) -> anyhow::Result<Signal> {
+    let kept = sqlx::query_as(
+        "INSERT INTO saga_signals (saga_id, signal_id, signal, payload) VALUES ($1, $2, $3, $4)
+         RETURNING signal_id, signal, payload, received_at",
+    )
+    .bind(saga.saga_id)
+    .bind(signal_id)
+    .bind(signal)
+    .bind(Json(payload))
+    .fetch_one(&mut *conn)
+    .await
+    .context("keeping a signal")?;
+    sqlx::query(
+        "UPDATE saga_instances SET signal_pending = true,
+             next_run_at = CASE WHEN lease_owner IS NULL AND state = 'running' THEN now() ELSE next_run_at END
+         WHERE saga_id = $1",
+    )
+    .bind(saga.saga_id)
+    .execute(&mut *conn)
+    .await
+    .context("announcing a signal")?;
+    Ok(kept)
+}
+
+/// Says that this engine carries `carried`, until `until` from now (or
+/// later, if another replica said so). Writes `saga_definitions` (upsert);
+/// nothing to fence: it only extends what replicas have said.
+pub(crate) async fn carry(pool: &PgPool, carried: &Carried, until: Duration) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO saga_definitions (saga_type, version, carried_until)
+         SELECT saga_type, version, now() + $3 FROM unnest($1::text[], $2::int4[]) AS d (saga_type, version)
+         ON CONFLICT (saga_type, version) DO UPDATE
+             SET carried_until = greatest(saga_definitions.carried_until, EXCLUDED.carried_until)",
+    )
+    .bind(&carried.types)
+    .bind(&carried.versions)
+    .bind(chrono::Duration::from_std(until).context("carried for")?)
+    .execute(pool)
+    .await
+    .context("saying which definitions this replica carries")?;
+    Ok(())
+}
+
+/// The definitions (type, version) that some live replica carries. Reads
+/// only (`saga_definitions`, a row per definition ever carried).
+pub async fn carried_definitions(
+    executor: impl sqlx::PgExecutor<'_>,
+) -> anyhow::Result<Vec<(String, i32)>> {
+    sqlx::query_as("SELECT saga_type, version FROM saga_definitions WHERE carried_until > now()")
+        .fetch_all(executor)
+        .await
+        .context("reading which definitions live replicas carry")
+}
+
+/// Unfinished sagas (running, compensating, paused or failed) of a
+/// version no live replica carries: nothing drives them until one does.
+/// Reads `saga_definitions` and `saga_instances_unfinished`:
+/// only those sagas, never finished history.
+pub async fn unknown_version_count(executor: impl sqlx::PgExecutor<'_>) -> anyhow::Result<i64> {
+    sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM saga_instances
+         WHERE state IN ('running', 'compensating', 'paused', 'failed')
+           AND (saga_type, version) IN (",
+        uncarried!(),
+        ")"
+    ))
+    .fetch_one(executor)
+    .await
+    .context("counting sagas of a version no replica carries")
 }
 
 /// What a turn does with the lease.
@@ -842,7 +1115,10 @@ pub(crate) enum Written {
 ///
 /// Progress (a step succeeded, the state or position changed) clears the
 /// stuck flag, unless a step is still past its deadline; a turn that finds
-/// a step past its deadline sets it, unless set already.
+/// a step past its deadline sets it, unless set already. A saga released
+/// to wait for a signal counts its progress from its timer: waiting is not
+/// being stuck. Released with a signal pending (one arrived while this
+/// replica held the saga), it is due at once, so that its signals are read.
 pub(crate) async fn write(
     pool: &PgPool,
     fence: i64,
@@ -872,13 +1148,17 @@ pub(crate) async fn write(
                  next_run_at = CASE
                      WHEN $12 THEN next_run_at
                      WHEN pause_requested_at IS NOT NULL AND NOT $26 AND $3 IN ('running', 'compensating') THEN now()
+                     WHEN signal_pending AND $3 IN ('running', 'compensating') THEN now()
                      ELSE $13 END,
                  lease_owner = CASE WHEN $12 THEN lease_owner END,
                  lease_expires_at = CASE WHEN $12 THEN now() + $14 END,
                  updated_at = now(),
                  pause_requested_at = CASE WHEN $26 THEN NULL ELSE pause_requested_at END,
                  paused_at = $27, paused_from = $28,
-                 progressed_at = CASE WHEN $29 THEN now() ELSE progressed_at END,
+                 progressed_at = CASE
+                     WHEN $31::timestamptz IS NOT NULL THEN greatest(progressed_at, $31)
+                     WHEN $29 THEN now()
+                     ELSE progressed_at END,
                  stuck_since = CASE
                      WHEN $3 NOT IN ('running', 'compensating') THEN NULL
                      WHEN $30::text IS NOT NULL THEN coalesce(stuck_since, now())
@@ -938,6 +1218,7 @@ pub(crate) async fn write(
     .bind(instance.paused_from)
     .bind(turn.progressed)
     .bind(turn.flags_stuck.as_deref())
+    .bind(turn.awaits_until)
     .fetch_optional(&mut *tx)
     .await
     .context("writing the saga and its steps")?;
@@ -952,9 +1233,91 @@ pub(crate) async fn write(
     if turns_back || pauses {
         return Ok(Written::Interrupted(Box::new(written))); // dropping `tx` rolls it back
     }
+    write_children(&mut tx, turn, &written).await?;
     events.write(&mut tx, &turn.events).await?;
     tx.commit().await.context("committing a turn")?;
     Ok(Written::Committed(Box::new(written)))
+}
+
+/// A turn's writes to other sagas, in its transaction, behind its fence:
+/// the children it starts (running, due now, under a unique key of parent
+/// and step), the compensation it asks of children (a running one is asked
+/// between steps, a completed one reopened to compensate, unless past its
+/// pivot: as [`request_compensation`] and [`reopen`] do, under the row's
+/// lock that the update takes), and, for a child that ended, its parent's
+/// wake-up (as [`keep_signal`]'s). Each is a statement only when there is
+/// something to write: a saga without children pays nothing.
+async fn write_children(
+    conn: &mut PgConnection,
+    turn: &Turn,
+    written: &Instance,
+) -> anyhow::Result<()> {
+    if !turn.new_children.is_empty() {
+        let new = &turn.new_children;
+        sqlx::query(
+            "INSERT INTO saga_instances (saga_id, saga_type, version, business_key, state, data, correlation_id,
+                                         trace_context, next_run_at, parent_saga_id, parent_step)
+             SELECT c.saga_id, c.saga_type, c.version, $1 || '/' || c.step, 'running', c.data, p.correlation_id,
+                    p.trace_context, now(), $1, c.step
+             FROM unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::jsonb[])
+                  AS c (saga_id, saga_type, version, step, data),
+                  saga_instances p
+             WHERE p.saga_id = $1
+             ON CONFLICT (saga_type, business_key) DO NOTHING",
+        )
+        .bind(written.saga_id)
+        .bind(new.iter().map(|c| c.saga_id).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.saga_type).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.version).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.step).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| Json(c.data.clone())).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .context("starting child sagas")?;
+    }
+    if !turn.child_requests.is_empty() {
+        let asked = &turn.child_requests;
+        sqlx::query(
+            "UPDATE saga_instances c SET
+                 compensation_requested = CASE WHEN c.state IN ('running', 'paused') AND c.forward_only_since IS NULL
+                                               THEN r.reason ELSE c.compensation_requested END,
+                 failure_reason = CASE WHEN c.state = 'completed' AND c.forward_only_since IS NULL
+                                       THEN r.reason ELSE c.failure_reason END,
+                 finished_at = CASE WHEN c.state = 'completed' AND c.forward_only_since IS NULL
+                                    THEN NULL ELSE c.finished_at END,
+                 next_run_at = CASE WHEN c.forward_only_since IS NULL
+                                         AND (c.state = 'completed' OR (c.state = 'running' AND c.lease_owner IS NULL))
+                                    THEN now() ELSE c.next_run_at END,
+                 fence = CASE WHEN c.state = 'completed' AND c.forward_only_since IS NULL THEN c.fence + 1 ELSE c.fence END,
+                 progressed_at = now(),
+                 state = CASE WHEN c.state = 'completed' AND c.forward_only_since IS NULL
+                              THEN 'compensating' ELSE c.state END
+             FROM unnest($1::uuid[], $2::text[]) AS r (saga_id, reason)
+             WHERE c.saga_id = r.saga_id",
+        )
+        .bind(asked.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(asked.iter().map(|(_, reason)| reason.as_str()).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .context("asking child sagas to compensate")?;
+    }
+    if let Some(parent) = written.parent_saga_id.filter(|_| {
+        turn.counts
+            .iter()
+            .any(|c| matches!(c, crate::turn::Count::Finished(_)))
+    }) {
+        sqlx::query(
+            "UPDATE saga_instances SET signal_pending = true,
+                 next_run_at = CASE WHEN lease_owner IS NULL AND state IN ('running', 'compensating')
+                                    THEN now() ELSE next_run_at END
+             WHERE saga_id = $1",
+        )
+        .bind(parent)
+        .execute(&mut *conn)
+        .await
+        .context("waking a child saga's parent")?;
+    }
+    Ok(())
 }
 
 /// A saga's row, locked for the caller's transaction by [`lock`]: what a
@@ -964,6 +1327,7 @@ pub(crate) struct Locked {
     pub(crate) saga_id: Uuid,
     pub(crate) state: SagaState,
     pub(crate) saga_type: String,
+    pub(crate) version: i32,
     pub(crate) business_key: String,
     pub(crate) correlation_id: String,
     /// Since when the pivot may have taken effect.
@@ -980,6 +1344,7 @@ pub(crate) struct Locked {
 struct LockedRow {
     state: SagaState,
     saga_type: String,
+    version: i32,
     business_key: String,
     correlation_id: String,
     forward_only_since: Option<DateTime<Utc>>,
@@ -995,7 +1360,7 @@ struct LockedRow {
 /// the turn's (the pivot begun, say).
 pub(crate) async fn lock(conn: &mut PgConnection, saga_id: Uuid) -> anyhow::Result<Option<Locked>> {
     let row: Option<LockedRow> = sqlx::query_as(
-        "SELECT state, saga_type, business_key, correlation_id, forward_only_since,
+        "SELECT state, saga_type, version, business_key, correlation_id, forward_only_since,
                 coalesce(lease_owner IS NOT NULL AND lease_expires_at > now(), false) AS driven,
                 pause_requested_at IS NOT NULL AS pause_requested, paused_from
          FROM saga_instances WHERE saga_id = $1 FOR UPDATE",
@@ -1008,6 +1373,7 @@ pub(crate) async fn lock(conn: &mut PgConnection, saga_id: Uuid) -> anyhow::Resu
         saga_id,
         state: row.state,
         saga_type: row.saga_type,
+        version: row.version,
         business_key: row.business_key,
         correlation_id: row.correlation_id,
         forward_only_since: row.forward_only_since,
@@ -1216,6 +1582,7 @@ pub struct Stuck {
     pub business_key: String,
     pub correlation_id: String,
     pub progressed_at: DateTime<Utc>,
+    pub stuck_reason: String,
 }
 
 /// Flags the running and compensating sagas that have made no progress
@@ -1226,19 +1593,37 @@ pub struct Stuck {
 /// touches neither fence nor lease, only the flag, which the owner's next
 /// progress clears (see [`write`]). Reads the `saga_instances_unprogressed`
 /// index: only sagas that may become stuck, never finished history.
+///
+/// A saga of a version no live replica carries is stuck too, at once
+/// (nothing will drive it), found through
+/// `saga_instances_unfinished`.
 pub async fn flag_stuck(pool: &PgPool, stuck_after: Duration) -> anyhow::Result<Vec<Stuck>> {
+    let mut stuck: Vec<Stuck> = sqlx::query_as(concat!(
+        "UPDATE saga_instances SET stuck_since = now(),
+             stuck_reason = 'no live replica carries version ' || version || ' of its definition ' || saga_type
+         WHERE state IN ('running', 'compensating') AND stuck_since IS NULL
+           AND (saga_type, version) IN (",
+        uncarried!(),
+        ")
+         RETURNING saga_id, saga_type, business_key, correlation_id, progressed_at, stuck_reason"
+    ))
+    .fetch_all(pool)
+    .await
+    .context("flagging sagas of a version no replica carries")?;
     let stuck_after = chrono::Duration::from_std(stuck_after).context("stuck after")?;
-    sqlx::query_as(
+    let unprogressed: Vec<Stuck> = sqlx::query_as(
         "UPDATE saga_instances SET stuck_since = now(),
              stuck_reason = 'no progress since ' || to_char(progressed_at AT TIME ZONE 'UTC',
                                                             'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
          WHERE state IN ('running', 'compensating') AND stuck_since IS NULL AND progressed_at < now() - $1
-         RETURNING saga_id, saga_type, business_key, correlation_id, progressed_at",
+         RETURNING saga_id, saga_type, business_key, correlation_id, progressed_at, stuck_reason",
     )
     .bind(stuck_after)
     .fetch_all(pool)
     .await
-    .context("flagging stuck sagas")
+    .context("flagging stuck sagas")?;
+    stuck.extend(unprogressed);
+    Ok(stuck)
 }
 
 /// How long until the next saga could become stuck (the least progressed
@@ -1298,15 +1683,25 @@ fn is_step_event(event_type: &str) -> bool {
     use prost::Name as _;
     event_type == api_saga::v1::SagaStepSucceeded::full_name()
         || event_type == api_saga::v1::SagaStepFailed::full_name()
+        || event_type == api_saga::v1::SagaStepSkipped::full_name()
 }
 
 /// When the next saga becomes claimable: its work falls due, or the lease
 /// of a replica that stopped renewing runs out. Reads only.
-pub(crate) async fn next_due(pool: &PgPool) -> anyhow::Result<Option<DateTime<Utc>>> {
+/// Only the sagas of definitions this engine carries count: one it cannot
+/// run must not wake it.
+pub(crate) async fn next_due(
+    pool: &PgPool,
+    carried: &Carried,
+) -> anyhow::Result<Option<DateTime<Utc>>> {
     sqlx::query_scalar(
         "SELECT min(greatest(next_run_at, coalesce(lease_expires_at, next_run_at)))
-         FROM saga_instances WHERE next_run_at IS NOT NULL AND state IN ('running', 'compensating')",
+         FROM saga_instances
+         WHERE next_run_at IS NOT NULL AND state IN ('running', 'compensating')
+           AND (saga_type, version) IN (SELECT * FROM unnest($1::text[], $2::int4[]))",
     )
+    .bind(&carried.types)
+    .bind(&carried.versions)
     .fetch_one(pool)
     .await
     .context("finding the next due saga")
@@ -1335,6 +1730,9 @@ pub(crate) async fn listen(pool: &PgPool) -> anyhow::Result<PgListener> {
 /// rows per saga). A saga still running or compensating, or failed and
 /// waiting for an operator, is never purged.
 ///
+/// A child whose parent has not finished is kept: the parent may yet have
+/// to compensate it.
+///
 /// Keep `retention` longer than the inbox's: together with the inbox row,
 /// a saga's unique business key is what makes a late redelivery of the
 /// event that started it start nothing.
@@ -1346,8 +1744,23 @@ pub fn finished_purge(retention: Duration) -> database::PurgeTarget {
         statement: "DELETE FROM saga_instances WHERE ctid = ANY(ARRAY(
                         SELECT ctid FROM saga_instances
                         WHERE state IN ('completed', 'compensated') AND finished_at < now() - $1
+                          AND (parent_saga_id IS NULL OR NOT EXISTS (
+                                   SELECT FROM saga_instances p
+                                   WHERE p.saga_id = saga_instances.parent_saga_id AND p.finished_at IS NULL))
                         ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
     }
+}
+
+/// Whether `error` is PostgreSQL's breaking of a deadlock (40P01): the
+/// transaction was rolled back, and may be run again.
+pub(crate) fn is_deadlock(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .and_then(|error| error.as_database_error())
+            .and_then(|error| error.code())
+            .is_some_and(|code| code == "40P01")
+    })
 }
 
 /// Why a fenced write did not happen.

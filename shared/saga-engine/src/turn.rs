@@ -4,6 +4,8 @@
 //! engine keeps the record between turns instead of reading it back, so
 //! what is decided here is what the next plan sees. No I/O here.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use api_saga::v1 as pb;
@@ -14,9 +16,10 @@ use prost::{Message, Name};
 use sqlx::types::Json;
 use telemetry::CorrelationId;
 
-use crate::definition::{SagaDefinition, Step, StepError, attempt_id};
+use crate::definition::Facts;
+use crate::definition::{OnTimeout, SagaDefinition, Step, StepError, attempt_id};
 use crate::plan::Transition;
-use crate::store::{Kind, SagaRecord, SagaState, StepRecord, StepStatus};
+use crate::store::{Child, Kind, NewChild, SagaRecord, SagaState, Signal, StepRecord, StepStatus};
 
 /// A counter to bump once the turn has committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +35,17 @@ pub(crate) enum Count {
 #[derive(Debug, Clone)]
 pub(crate) struct Turn {
     pub(crate) saga: SagaRecord,
+    /// Its signals, in the order they arrived, as read when it was claimed.
+    pub(crate) signals: Vec<Signal>,
+    /// Its child sagas, as read when it was claimed and as this replica
+    /// has since started or asked them.
+    pub(crate) children: Vec<Child>,
+    /// The newest version of each saga type this replica carries: what a
+    /// child it starts runs on.
+    newest: Arc<HashMap<&'static str, u32>>,
+    /// Children this turn starts, and those it asks to compensate.
+    pub(crate) new_children: Vec<NewChild>,
+    pub(crate) child_requests: Vec<(uuid::Uuid, String)>,
     publisher: Publisher,
     /// The id of the step outcome event this turn recorded last: what the
     /// transitions it leads to (in the same turn) were caused by.
@@ -57,14 +71,28 @@ pub(crate) struct Turn {
     pub(crate) progressed: bool,
     /// A step is past its deadline: the saga is stuck, for this reason.
     pub(crate) flags_stuck: Option<String>,
+    /// The saga waits for a signal until then: it is not stuck for want of
+    /// progress before that (its progress is counted from then).
+    pub(crate) awaits_until: Option<DateTime<Utc>>,
     pub(crate) events: Vec<EventEnvelope>,
     pub(crate) counts: Vec<Count>,
 }
 
 impl Turn {
-    pub(crate) fn new(saga: SagaRecord, publisher: Publisher) -> Self {
+    pub(crate) fn new(
+        saga: SagaRecord,
+        signals: Vec<Signal>,
+        children: Vec<Child>,
+        newest: Arc<HashMap<&'static str, u32>>,
+        publisher: Publisher,
+    ) -> Self {
         Self {
             saga,
+            signals,
+            children,
+            newest,
+            new_children: Vec::new(),
+            child_requests: Vec::new(),
             publisher,
             cause: None,
             dirty: Vec::new(),
@@ -76,6 +104,7 @@ impl Turn {
             clears_pause_request: false,
             progressed: false,
             flags_stuck: None,
+            awaits_until: None,
             events: Vec::new(),
             counts: Vec::new(),
         }
@@ -94,6 +123,9 @@ impl Turn {
         self.clears_pause_request = false;
         self.progressed = false;
         self.flags_stuck = None;
+        self.awaits_until = None;
+        self.new_children.clear();
+        self.child_requests.clear();
         std::mem::take(&mut self.counts)
     }
 
@@ -119,6 +151,158 @@ impl Turn {
             .position(|r| r.step == name && r.kind == kind)
             .expect("a step execution begun before it is changed");
         &mut self.saga.steps[index]
+    }
+
+    /// The latest timer of the steps waiting for a signal now, if any.
+    pub(crate) fn awaited(&self, definition: &SagaDefinition) -> Option<DateTime<Utc>> {
+        self.saga
+            .steps
+            .iter()
+            .filter(|r| r.kind == Kind::Action && r.status == StepStatus::Waiting)
+            .filter(|r| {
+                definition
+                    .step(&r.step)
+                    .is_some_and(|(_, s)| s.wait.is_some())
+            })
+            .filter_map(|r| r.deadline_at)
+            .max()
+    }
+
+    /// Adds a record of `step`'s action, finished or waiting.
+    fn record(
+        &mut self,
+        step: &'static str,
+        status: StepStatus,
+        until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> &mut StepRecord {
+        let record = self.record_of(step, Kind::Action, status, now);
+        record.deadline_at = until.or(record.deadline_at);
+        record.next_attempt_at = until;
+        record
+    }
+
+    /// Starts `step`'s child saga (written with the turn, on the newest
+    /// version of its type this replica carries), and waits for it; a
+    /// type not carried here fails the step.
+    fn start_child(&mut self, definition: &SagaDefinition, step: &'static str, now: DateTime<Utc>) {
+        let Some(child) = definition.step(step).and_then(|(_, s)| s.child.clone()) else {
+            return;
+        };
+        let Some(version) = self.newest.get(child.saga_type).copied() else {
+            let error = format!("no definition of child saga type {} here", child.saga_type);
+            self.end_wait(step, Err(error), now);
+            return;
+        };
+        let data = (child.data)(&Facts {
+            data: &self.saga.instance.data.0,
+            steps: &self.saga.steps,
+        });
+        let child_id = uuid::Uuid::now_v7();
+        let parent = self.saga.instance.saga_id;
+        let record = self.record(step, StepStatus::Waiting, None, now);
+        record.attempts = 1;
+        record.output = Some(Json(serde_json::json!({ "child_saga_id": child_id })));
+        self.progressed = true;
+        self.new_children.push(NewChild {
+            saga_id: child_id,
+            saga_type: child.saga_type,
+            version: i32::try_from(version).unwrap_or(i32::MAX),
+            step,
+            data,
+        });
+        self.children.push(Child {
+            saga_id: child_id,
+            saga_type: child.saga_type.to_owned(),
+            parent_saga_id: parent,
+            parent_step: step.to_owned(),
+            state: SagaState::Running,
+            failure_reason: None,
+            forward_only: false,
+        });
+        let started = pb::SagaStarted {
+            saga_id: child_id.to_string(),
+            saga_type: child.saga_type.to_owned(),
+            order_id: format!("{parent}/{step}"),
+            version,
+        };
+        let envelope = saga_event(
+            &self.publisher,
+            child_id,
+            &self.saga.instance.correlation_id,
+            self.cause.clone(),
+            &started,
+        );
+        self.events.push(envelope);
+        tracing::info!(saga = definition.name, step, child = %child_id, child_type = child.saga_type, "child saga started");
+    }
+
+    /// Adds a record of `step`'s `kind` execution, with `status`.
+    fn record_of(
+        &mut self,
+        step: &'static str,
+        kind: Kind,
+        status: StepStatus,
+        now: DateTime<Utc>,
+    ) -> &mut StepRecord {
+        if self.saga.step(step, kind).is_none() {
+            self.saga.steps.push(StepRecord {
+                step: step.to_owned(),
+                kind,
+                status,
+                attempts: 0,
+                last_error: None,
+                output: None,
+                started_at: now,
+                finished_at: None,
+                next_attempt_at: None,
+                deadline_at: None,
+                outcome_unknown: false,
+            });
+        }
+        let record = self.touch(step, kind);
+        record.status = status;
+        record.finished_at = status.is_finished().then_some(now);
+        record
+    }
+
+    /// A waiting step's outcome: its signal's payload, or its timeout's.
+    fn end_wait(
+        &mut self,
+        step: &'static str,
+        outcome: Result<serde_json::Value, String>,
+        now: DateTime<Utc>,
+    ) {
+        let saga_id = self.saga.instance.saga_id.to_string();
+        match outcome {
+            Ok(output) => {
+                let record = self.record(step, StepStatus::Succeeded, None, now);
+                record.attempts = 1;
+                record.output = Some(Json(output));
+                self.progressed = true;
+                self.cause = Some(self.emit(&pb::SagaStepSucceeded {
+                    saga_id,
+                    step: step.to_owned(),
+                    compensation: false,
+                    attempts: 1,
+                    duration: None,
+                }));
+            }
+            Err(error) => {
+                let record = self.record(step, StepStatus::Failed, None, now);
+                record.attempts = 1;
+                record.last_error = Some(error.clone());
+                self.cause = Some(self.emit(&pb::SagaStepFailed {
+                    saga_id,
+                    step: step.to_owned(),
+                    compensation: false,
+                    attempts: 1,
+                    error,
+                    will_retry: false,
+                    outcome_unknown: false,
+                }));
+            }
+        }
     }
 
     /// Records that an attempt of `step` begins (written ahead of it, so a
@@ -285,14 +469,118 @@ impl Turn {
             self.saga.instance.overdue_step = None;
             self.saga.instance.overdue_since = None;
         }
-        // Anything but a step giving up or running late moves the saga on.
+        // Anything but a step giving up or running late (or a wait that
+        // timed out into a failure) moves the saga on.
         if !matches!(
             transition,
-            Transition::Overdue { .. } | Transition::StepFailed { .. }
+            Transition::Overdue { .. }
+                | Transition::StepFailed { .. }
+                | Transition::WaitTimedOut { .. }
         ) {
             self.progressed = true;
         }
         match transition {
+            Transition::Skip { steps } => {
+                for step in steps {
+                    self.record(step, StepStatus::Skipped, None, now);
+                    tracing::info!(
+                        saga = definition.name,
+                        step,
+                        "saga step skipped: its condition does not hold"
+                    );
+                    self.emit(&pb::SagaStepSkipped {
+                        saga_id: saga_id.clone(),
+                        step: step.to_owned(),
+                    });
+                }
+            }
+            Transition::BeginWait { step, until } => {
+                self.record(step, StepStatus::Waiting, Some(until), now);
+                tracing::info!(saga = definition.name, step, %until, "saga step waits for its signal");
+            }
+            Transition::Signalled { step, signal } => {
+                tracing::info!(
+                    saga = definition.name,
+                    step,
+                    signal_id = signal.signal_id,
+                    "saga step signalled"
+                );
+                self.end_wait(step, Ok(signal.payload.0), now);
+            }
+            Transition::StartChild { step } => self.start_child(definition, step, now),
+            Transition::ChildEnded { step, outcome } => {
+                let outcome = outcome.map(|child| serde_json::json!({ "child_saga_id": child }));
+                self.end_wait(step, outcome, now);
+            }
+            Transition::CompensateChild { step, child } => {
+                let reason = self
+                    .saga
+                    .instance
+                    .failure_reason
+                    .clone()
+                    .unwrap_or_else(|| "its parent saga is compensating".to_owned());
+                let reason = format!(
+                    "parent saga {} compensates: {reason}",
+                    self.saga.instance.saga_id
+                );
+                let record = self.record_of(step, Kind::Compensation, StepStatus::Waiting, now);
+                record.attempts = 1;
+                self.child_requests.push((child, reason));
+                // As the request will leave it (a completed child reopens).
+                if let Some(known) = self.children.iter_mut().find(|c| c.saga_id == child)
+                    && known.state == SagaState::Completed
+                    && !known.forward_only
+                {
+                    known.state = SagaState::Compensating;
+                }
+                tracing::info!(saga = definition.name, step, %child, "compensating a child saga");
+            }
+            Transition::ChildCompensated { step, outcome } => {
+                let saga_id = self.saga.instance.saga_id.to_string();
+                match outcome {
+                    Ok(()) => {
+                        self.record_of(step, Kind::Compensation, StepStatus::Succeeded, now);
+                        self.progressed = true;
+                        self.cause = Some(self.emit(&pb::SagaStepSucceeded {
+                            saga_id,
+                            step: step.to_owned(),
+                            compensation: true,
+                            attempts: 1,
+                            duration: None,
+                        }));
+                    }
+                    Err(error) => {
+                        let record =
+                            self.record_of(step, Kind::Compensation, StepStatus::Failed, now);
+                        record.last_error = Some(error.clone());
+                        self.cause = Some(self.emit(&pb::SagaStepFailed {
+                            saga_id,
+                            step: step.to_owned(),
+                            compensation: true,
+                            attempts: 1,
+                            error,
+                            will_retry: false,
+                            outcome_unknown: false,
+                        }));
+                    }
+                }
+            }
+            Transition::WaitTimedOut { step } => {
+                let wait = definition.step(step).and_then(|(_, s)| s.wait.clone());
+                let outcome = match wait.map(|w| (w.signal, w.on_timeout)) {
+                    Some((_, OnTimeout::Output(output))) => Ok(output),
+                    Some((signal, OnTimeout::Fail(reason))) => {
+                        Err(format!("timed out waiting for signal {signal}: {reason}"))
+                    }
+                    None => Err("timed out waiting for its signal".to_owned()),
+                };
+                tracing::info!(
+                    saga = definition.name,
+                    step,
+                    "saga step timed out waiting for its signal"
+                );
+                self.end_wait(step, outcome, now);
+            }
             Transition::Pause => {
                 let instance = &mut self.saga.instance;
                 let resumes_to = instance.state;
@@ -500,6 +788,9 @@ mod tests {
             compensation_attempt_timeout: Duration::from_secs(1),
             deadline: Duration::from_secs(10),
             settle: Settle::ByRepeating,
+            condition: None,
+            wait: None,
+            child: None,
         }
     }
 
@@ -513,7 +804,13 @@ mod tests {
             },
             steps: vec![],
         };
-        Turn::new(saga, Publisher::new("test", "test.saga.events"))
+        Turn::new(
+            saga,
+            Vec::new(),
+            Vec::new(),
+            Arc::default(),
+            Publisher::new("test", "test.saga.events"),
+        )
     }
 
     /// A step fails for good, then the saga turns back in the same turn.
@@ -521,6 +818,7 @@ mod tests {
         let step = step();
         let definition = SagaDefinition {
             name: "test",
+            version: 1,
             groups: vec![vec![step.clone()]],
             pivot: None,
         };
@@ -577,6 +875,7 @@ mod tests {
         turn.committed();
         let definition = SagaDefinition {
             name: "test",
+            version: 1,
             groups: vec![vec![step()]],
             pivot: None,
         };

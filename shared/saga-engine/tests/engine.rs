@@ -80,7 +80,15 @@ fn step(name: &'static str, journal: &Journal, failures: Vec<StepError>) -> Step
         compensation_attempt_timeout: Duration::from_secs(2),
         deadline: Duration::from_secs(10),
         settle: Settle::ByRepeating,
+        condition: None,
+        wait: None,
+        child: None,
     }
+}
+
+/// What an engine carrying version 1 of the test saga claims.
+fn test_v1() -> store::Carried {
+    store::Carried::of(&[("test", 1)])
 }
 
 const TABLES: MigrationSet = saga_engine::MIGRATIONS;
@@ -197,12 +205,12 @@ async fn states_are_stored_as_the_text_the_tables_allow_and_nothing_else_is_read
         }
     }
     // A value the engine does not know is an error, not a guess.
-    let unknown = sqlx::query_scalar::<_, StepStatus>("SELECT 'skipped'::text")
+    let unknown = sqlx::query_scalar::<_, StepStatus>("SELECT 'stalled'::text")
         .fetch_one(&pool)
         .await;
     assert!(
         matches!(&unknown, Err(sqlx::Error::ColumnDecode { source, .. })
-            if source.to_string() == "unknown step status \"skipped\""),
+            if source.to_string() == "unknown step status \"stalled\""),
         "{unknown:?}"
     );
 }
@@ -464,6 +472,7 @@ async fn a_parallel_group_with_one_refused_branch_undoes_the_other() {
     let journal = Journal::default();
     let definition = SagaDefinition {
         name: "test",
+        version: 1,
         groups: vec![
             vec![step("reserve", &journal, vec![])],
             vec![
@@ -507,11 +516,13 @@ async fn a_stale_claim_is_fenced_off() {
     let saga_id = start(&engine, "fence").await;
     let lease = Duration::from_millis(200);
 
-    let mut first = store::claim(&pool, "replica-a", 10, lease).await.unwrap();
+    let mut first = store::claim(&pool, "replica-a", &test_v1(), 10, lease)
+        .await
+        .unwrap();
     assert_eq!(first.len(), 1);
     let stale = first.remove(0);
     assert!(
-        store::claim(&pool, "replica-b", 10, lease)
+        store::claim(&pool, "replica-b", &test_v1(), 10, lease)
             .await
             .unwrap()
             .is_empty(),
@@ -520,7 +531,9 @@ async fn a_stale_claim_is_fenced_off() {
 
     // replica-a stalls past its lease; replica-b takes over.
     tokio::time::sleep(lease + Duration::from_millis(50)).await;
-    let mut second = store::claim(&pool, "replica-b", 10, lease).await.unwrap();
+    let mut second = store::claim(&pool, "replica-b", &test_v1(), 10, lease)
+        .await
+        .unwrap();
     assert_eq!(second.len(), 1);
     let current = second.remove(0);
     assert!(current.fence() > stale.fence());
@@ -567,7 +580,7 @@ async fn a_saga_whose_replica_died_mid_step_is_finished_by_another() {
     let saga_id = start(&engine, "crash").await;
 
     // A replica claims the saga, records that it attempts step a, and dies.
-    let claimed = store::claim(&pool, "doomed", 1, Duration::from_millis(500))
+    let claimed = store::claim(&pool, "doomed", &test_v1(), 1, Duration::from_millis(500))
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -1624,6 +1637,14 @@ mod operator {
         .execute(&pool)
         .await
         .unwrap();
+        // Version 2 of the test saga is carried; version 1 no longer is.
+        sqlx::query(
+            "INSERT INTO saga_definitions (saga_type, version, carried_until)
+             VALUES ('test', 1, now() - interval '1 hour'), ('test', 2, now() + interval '1 hour')",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
         sqlx::query("ANALYZE saga_instances")
             .execute(&pool)
             .await
@@ -1699,6 +1720,21 @@ mod operator {
                 },
             ),
             (
+                "version",
+                SagaFilter {
+                    saga_type: Some("test".into()),
+                    version: Some(2),
+                    ..Default::default()
+                },
+            ),
+            (
+                "unknown version",
+                SagaFilter {
+                    unknown_version_only: true,
+                    ..Default::default()
+                },
+            ),
+            (
                 "state and created",
                 SagaFilter {
                     states: vec![SagaState::Compensated],
@@ -1745,6 +1781,8 @@ mod operator {
             "order" => Some("saga_instances_by_key"),
             "customer" | "customer and state" => Some("saga_instances_by_customer"),
             "stuck" => Some("saga_instances_stuck"),
+            "version" => Some("saga_instances_by_version"),
+            "unknown version" => Some("saga_instances_unfinished"),
             _ => None,
         };
         for (name, filter) in &filters {
@@ -1824,5 +1862,788 @@ mod operator {
         let stuck = store::search(&pool, &stuck, None, 10).await.unwrap();
         assert_eq!(stuck.len(), 1);
         assert_eq!(stuck[0].business_key, "order-stuck");
+    }
+}
+
+/// Versioned definitions, conditional steps, and signals with durable
+/// timeouts.
+mod second_wave {
+    use super::*;
+    use saga_engine::store::SagaFilter;
+    use saga_engine::{Facts, NewSignal, OnTimeout, SignalOutcome, SignalWait};
+
+    /// A step that waits for `signal` for at most `timeout`.
+    fn waits(
+        name: &'static str,
+        signal: &'static str,
+        timeout: Duration,
+        on_timeout: OnTimeout,
+    ) -> Step {
+        let journal = Journal::default();
+        let mut step = step(name, &journal, vec![]);
+        step.action = None;
+        step.compensation = None;
+        step.wait = Some(SignalWait {
+            signal,
+            timeout,
+            on_timeout,
+        });
+        step
+    }
+
+    fn when(mut step: Step, holds: impl Fn(&Facts<'_>) -> bool + Send + Sync + 'static) -> Step {
+        step.condition = Some(Arc::new(holds));
+        step
+    }
+
+    fn engine_of(pool: &PgPool, definitions: Vec<SagaDefinition>, worker: &str) -> Arc<Engine> {
+        let config = EngineConfig {
+            worker_id: worker.to_owned(),
+            lease: Duration::from_secs(5),
+            concurrency: 8,
+            events_topic: "test.saga.events".into(),
+            producer: "test",
+        };
+        Arc::new(Engine::new(pool.clone(), definitions, config).unwrap())
+    }
+
+    async fn signal(
+        engine: &Engine,
+        saga_id: Uuid,
+        name: &str,
+        id: &str,
+        payload: serde_json::Value,
+    ) -> SignalOutcome {
+        let mut tx = engine.pool().begin().await.unwrap();
+        let outcome = engine
+            .signal(
+                &mut tx,
+                saga_id,
+                NewSignal {
+                    signal: name,
+                    signal_id: id,
+                    payload: &payload,
+                },
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        outcome
+    }
+
+    async fn until(
+        pool: &PgPool,
+        saga_id: Uuid,
+        what: &str,
+        check: impl Fn(&saga_engine::SagaRecord) -> bool,
+    ) -> saga_engine::SagaRecord {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let saga = store::load(pool, saga_id).await.unwrap().unwrap();
+                if check(&saga) {
+                    return saga;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the saga never {what}"))
+    }
+
+    fn waiting_on(saga: &saga_engine::SagaRecord, step: &str) -> bool {
+        saga.steps
+            .iter()
+            .any(|s| s.step == step && s.status == StepStatus::Waiting)
+    }
+
+    fn record<'a>(saga: &'a saga_engine::SagaRecord, step: &str) -> &'a saga_engine::StepRecord {
+        saga.steps
+            .iter()
+            .find(|s| s.step == step && s.kind == Kind::Action)
+            .unwrap_or_else(|| panic!("no {step} in {saga:#?}"))
+    }
+
+    /// v1: a, then a wait for "go", then b. v2: a, then c.
+    fn versions(journal: &Journal) -> (SagaDefinition, SagaDefinition) {
+        let v1 = SagaDefinition::sequence(
+            "test",
+            vec![
+                step("a", journal, vec![]),
+                waits(
+                    "go",
+                    "go",
+                    Duration::from_secs(60),
+                    OnTimeout::Fail("no go".into()),
+                ),
+                step("b", journal, vec![]),
+            ],
+        );
+        let v2 = SagaDefinition::sequence(
+            "test",
+            vec![step("a", journal, vec![]), step("c", journal, vec![])],
+        )
+        .with_version(2);
+        (v1, v2)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_saga_started_on_v1_finishes_as_v1_after_a_restart_onto_a_binary_with_v1_and_v2() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let (v1, v2) = versions(&journal);
+        // The old binary carries v1 only: its saga is v1, and waits for go.
+        let old = engine_of(&pool, vec![v1.clone()], "old");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(old.clone().run(shutdown.clone()));
+        let first = start(&old, "first").await;
+        until(&pool, first, "waited for go", |s| waiting_on(s, "go")).await;
+        shutdown.cancel();
+        running.await.unwrap();
+
+        // The new binary carries both: new sagas start on v2, and the v1
+        // saga goes on as v1 once signalled.
+        let new = engine_of(&pool, vec![v2, v1], "new");
+        assert_eq!(new.newest_version("test"), Some(2));
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(new.clone().run(shutdown.clone()));
+        let second = start(&new, "second").await;
+        let second = wait_for(&pool, second, SagaState::Completed).await;
+        assert_eq!(second.instance.version, 2);
+        let steps: Vec<&str> = second.steps.iter().map(|s| s.step.as_str()).collect();
+        assert_eq!(steps, ["a", "c"]);
+        assert!(matches!(
+            signal(&new, first, "go", "go-1", serde_json::json!({"ok": true})).await,
+            SignalOutcome::Kept(_)
+        ));
+        let first = wait_for(&pool, first, SagaState::Completed).await;
+        assert_eq!(first.instance.version, 1);
+        let steps: Vec<&str> = first.steps.iter().map(|s| s.step.as_str()).collect();
+        assert_eq!(steps, ["a", "go", "b"], "v1's steps, to its end");
+        assert_eq!(
+            record(&first, "go").output.as_ref().map(|o| o.0.clone()),
+            Some(serde_json::json!({"ok": true}))
+        );
+        assert_eq!(entries(&journal), ["a", "a", "c", "b"]);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_engine_without_its_version_leaves_a_saga_alone_and_it_is_reported() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let (v1, v2) = versions(&journal);
+        let old = engine_of(&pool, vec![v1], "old");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(old.clone().run(shutdown.clone()));
+        let orphan = start(&old, "orphan").await;
+        until(&pool, orphan, "waited for go", |s| waiting_on(s, "go")).await;
+        shutdown.cancel();
+        running.await.unwrap();
+        assert_eq!(
+            store::unknown_version_count(&pool).await.unwrap(),
+            0,
+            "v1 was carried lately"
+        );
+
+        // Every replica with v1 is gone (its word that it carries v1 has run
+        // out: two leases) and the saga's timer falls due.
+        sqlx::query("UPDATE saga_definitions SET carried_until = now() - interval '1 second' WHERE version = 1")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE saga_instances SET next_run_at = now() WHERE saga_id = $1")
+            .bind(orphan)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let before = store::load(&pool, orphan).await.unwrap().unwrap();
+        let new = engine_of(&pool, vec![v2], "new");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(new.clone().run(shutdown.clone()));
+        let canary = start(&new, "canary").await;
+        wait_for(&pool, canary, SagaState::Completed).await;
+        let after = store::load(&pool, orphan).await.unwrap().unwrap();
+        assert_eq!(after.instance.fence, before.instance.fence, "never claimed");
+        assert_eq!(after.instance.lease_owner, None);
+        assert_eq!(after.steps.len(), before.steps.len());
+        assert!(matches!(
+            signal(&new, orphan, "go", "go-1", serde_json::json!(null)).await,
+            SignalOutcome::UnknownVersion { version: 1, .. }
+        ));
+
+        // Reported: counted, found by search, and flagged stuck.
+        assert_eq!(store::unknown_version_count(&pool).await.unwrap(), 1);
+        let unknown = SagaFilter {
+            unknown_version_only: true,
+            ..Default::default()
+        };
+        let found = store::search(&pool, &unknown, None, 10).await.unwrap();
+        assert_eq!(
+            found.iter().map(|s| s.saga_id).collect::<Vec<_>>(),
+            [orphan]
+        );
+        let v1_only = SagaFilter {
+            saga_type: Some("test".into()),
+            version: Some(1),
+            ..Default::default()
+        };
+        let found = store::search(&pool, &v1_only, None, 10).await.unwrap();
+        assert_eq!(
+            found.iter().map(|s| s.saga_id).collect::<Vec<_>>(),
+            [orphan]
+        );
+        let carried = store::carried_definitions(&pool).await.unwrap();
+        assert_eq!(carried, [("test".to_owned(), 2)]);
+        let stuck = store::flag_stuck(&pool, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(
+            stuck.iter().map(|s| s.saga_id).collect::<Vec<_>>(),
+            [orphan]
+        );
+        assert_eq!(
+            stuck[0].stuck_reason,
+            "no live replica carries version 1 of its definition test"
+        );
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_skipped_step_is_recorded_and_nothing_is_compensated_for_it() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let definition = SagaDefinition::sequence(
+            "test",
+            vec![
+                step("a", &journal, vec![]),
+                // Only for express orders: this one is not.
+                when(step("express", &journal, vec![]), |facts| {
+                    facts.data["express"] == true
+                }),
+                // Reads a's output: it holds.
+                when(step("t", &journal, vec![]), |facts| {
+                    facts.output("a").is_some_and(|out| out["done"] == true)
+                }),
+                step("b", &journal, vec![StepError::Permanent("refused".into())]),
+            ],
+        );
+        let engine = engine(&pool, definition, "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let mut tx = pool.begin().await.unwrap();
+        let saga_id = engine
+            .start(
+                &mut tx,
+                "test",
+                "skip",
+                serde_json::json!({"express": false}),
+                "flow-1",
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        tx.commit().await.unwrap();
+        let saga = wait_for(&pool, saga_id, SagaState::Compensated).await;
+        assert_eq!(entries(&journal), ["a", "t", "b", "undo t", "undo a"]);
+        let express = record(&saga, "express");
+        assert_eq!((express.status, express.attempts), (StepStatus::Skipped, 0));
+        assert!(express.finished_at.is_some());
+        assert!(
+            !saga
+                .steps
+                .iter()
+                .any(|s| s.step == "express" && s.kind == Kind::Compensation),
+            "nothing to undo for a skipped step"
+        );
+        let events = operator_published(&pool, saga_id).await;
+        assert!(events.contains(&"SagaStepSkipped".to_owned()), "{events:?}");
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    /// The saga events of `saga_id` in the outbox, by type name.
+    async fn operator_published(pool: &PgPool, saga_id: Uuid) -> Vec<String> {
+        let payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT envelope FROM outbox ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        payloads
+            .iter()
+            .filter_map(|bytes| {
+                use prost::Message as _;
+                messaging::EventEnvelope::decode(bytes.as_slice()).ok()
+            })
+            .filter(|envelope| envelope.aggregate_id == saga_id.to_string())
+            .map(|envelope| envelope.event_type.rsplit('.').next().unwrap().to_owned())
+            .collect()
+    }
+
+    /// a, a review that waits for "review", then ship only if approved.
+    fn reviewed(journal: &Journal, timeout: Duration) -> SagaDefinition {
+        SagaDefinition::sequence(
+            "test",
+            vec![
+                step("a", journal, vec![]),
+                waits(
+                    "review",
+                    "review",
+                    timeout,
+                    OnTimeout::Output(serde_json::json!({"approved": false})),
+                ),
+                when(step("ship", journal, vec![]), |facts| {
+                    facts
+                        .output("review")
+                        .is_some_and(|r| r["approved"] == true)
+                }),
+            ],
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_signal_before_the_wait_is_kept_and_a_repeated_one_is_one_signal() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let engine = engine(
+            &pool,
+            reviewed(&journal, Duration::from_secs(60)),
+            "replica",
+        );
+        let saga_id = start(&engine, "early").await;
+        // Before anything ran: the signal is kept.
+        let approved = serde_json::json!({"approved": true, "by": "reviewer-1"});
+        let SignalOutcome::Kept(kept) =
+            signal(&engine, saga_id, "review", "r-1", approved.clone()).await
+        else {
+            panic!("kept");
+        };
+        assert_eq!(
+            signal(&engine, saga_id, "review", "r-1", approved.clone()).await,
+            SignalOutcome::Repeated(kept.clone()),
+            "the same id again is the same signal"
+        );
+        assert_eq!(
+            signal(
+                &engine,
+                saga_id,
+                "review",
+                "r-1",
+                serde_json::json!({"approved": false})
+            )
+            .await,
+            SignalOutcome::Conflict(kept.clone())
+        );
+        assert_eq!(
+            signal(&engine, saga_id, "reveiw", "r-2", approved.clone()).await,
+            SignalOutcome::UnknownSignal {
+                saga_type: "test".into(),
+                version: 1,
+                known: vec!["review"]
+            }
+        );
+        assert_eq!(
+            signal(&engine, saga_id, "review", "r-3", approved.clone()).await,
+            SignalOutcome::NoLongerAwaited(vec!["review"]),
+            "its one step waiting for a review has its signal"
+        );
+        let kept_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_signals")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(kept_rows, 1, "one signal, nothing written for the rest");
+
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let saga = wait_for(&pool, saga_id, SagaState::Completed).await;
+        assert_eq!(entries(&journal), ["a", "ship"], "approved: shipped");
+        let review = record(&saga, "review");
+        assert_eq!(review.status, StepStatus::Succeeded);
+        assert_eq!(
+            review.output.as_ref().map(|o| o.0.clone()),
+            Some(approved.clone())
+        );
+        assert_eq!(
+            signal(&engine, saga_id, "review", "r-4", approved.clone()).await,
+            SignalOutcome::NotApplicable(SagaState::Completed)
+        );
+        assert_eq!(
+            signal(&engine, saga_id, "review", "r-1", approved).await,
+            SignalOutcome::Repeated(kept),
+            "a repeat answers as the first, even once the saga is done"
+        );
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wait_times_out_on_another_engine_after_the_first_one_stopped() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let timeout = Duration::from_millis(1500);
+        let first = engine(&pool, reviewed(&journal, timeout), "replica-1");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(first.clone().run(shutdown.clone()));
+        let saga_id = start(&first, "timeout").await;
+        let waiting = until(&pool, saga_id, "waited", |s| waiting_on(s, "review")).await;
+        let review = record(&waiting, "review");
+        let until_at = review.deadline_at.expect("its timer is a row");
+        assert!(until_at - review.started_at >= chrono::Duration::milliseconds(1500));
+        assert_eq!(waiting.instance.lease_owner, None, "released while waiting");
+        assert_eq!(
+            waiting.instance.next_run_at,
+            Some(until_at),
+            "due when the timer fires"
+        );
+        assert!(
+            waiting.instance.progressed_at >= until_at,
+            "waiting within its timeout is not being stuck"
+        );
+        shutdown.cancel();
+        running.await.unwrap();
+
+        let second = engine(&pool, reviewed(&journal, timeout), "replica-2");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(second.clone().run(shutdown.clone()));
+        let saga = wait_for(&pool, saga_id, SagaState::Completed).await;
+        let review = record(&saga, "review");
+        assert_eq!(
+            review.output.as_ref().map(|o| o.0.clone()),
+            Some(serde_json::json!({"approved": false})),
+            "timed out: the definition's outcome"
+        );
+        assert!(review.finished_at.unwrap() >= until_at);
+        assert_eq!(
+            record(&saga, "ship").status,
+            StepStatus::Skipped,
+            "declined: not shipped"
+        );
+        assert_eq!(entries(&journal), ["a"]);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wait_that_times_out_into_a_failure_turns_the_saga_back() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let definition = SagaDefinition::sequence(
+            "test",
+            vec![
+                step("a", &journal, vec![]),
+                waits(
+                    "review",
+                    "review",
+                    Duration::from_millis(300),
+                    OnTimeout::Fail("nobody reviewed it".into()),
+                ),
+                step("ship", &journal, vec![]),
+            ],
+        );
+        let engine = engine(&pool, definition, "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let saga_id = start(&engine, "declined").await;
+        let saga = wait_for(&pool, saga_id, SagaState::Compensated).await;
+        assert_eq!(
+            saga.instance.failure_reason.as_deref(),
+            Some("review: timed out waiting for signal review: nobody reviewed it")
+        );
+        assert_eq!(entries(&journal), ["a", "undo a"]);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_signal_to_a_paused_saga_is_kept_and_taken_once_it_resumes() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let timeout = Duration::from_millis(1500);
+        let engine = engine(&pool, reviewed(&journal, timeout), "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let saga_id = start(&engine, "paused").await;
+        until(&pool, saga_id, "waited", |s| waiting_on(s, "review")).await;
+        let mut tx = pool.begin().await.unwrap();
+        assert_eq!(
+            engine.pause(&mut tx, saga_id).await.unwrap(),
+            RequestOutcome::Accepted
+        );
+        tx.commit().await.unwrap();
+        let approved = serde_json::json!({"approved": true});
+        assert!(matches!(
+            signal(&engine, saga_id, "review", "r-1", approved.clone()).await,
+            SignalOutcome::Kept(_)
+        ));
+        // Longer than the timeout: a paused saga's timers do not fire, and
+        // the signal does not move it.
+        tokio::time::sleep(timeout + Duration::from_millis(500)).await;
+        let paused = store::load(&pool, saga_id).await.unwrap().unwrap();
+        assert_eq!(paused.instance.state, SagaState::Paused);
+        assert!(paused.instance.signal_pending);
+        assert_eq!(record(&paused, "review").status, StepStatus::Waiting);
+
+        let mut tx = pool.begin().await.unwrap();
+        assert_eq!(
+            engine.resume(&mut tx, saga_id).await.unwrap(),
+            RequestOutcome::Accepted
+        );
+        tx.commit().await.unwrap();
+        let saga = wait_for(&pool, saga_id, SagaState::Completed).await;
+        assert_eq!(
+            record(&saga, "review").output.as_ref().map(|o| o.0.clone()),
+            Some(approved)
+        );
+        assert_eq!(entries(&journal), ["a", "ship"]);
+        assert!(!saga.instance.signal_pending);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    /// An action that journals its call, then waits until the test lets it
+    /// finish.
+    struct Held {
+        entry: &'static str,
+        journal: Journal,
+        open: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Action for Held {
+        fn run<'a>(
+            &'a self,
+            _: &'a StepContext,
+        ) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
+            self.journal
+                .lock()
+                .unwrap()
+                .push((self.entry.to_owned(), Instant::now()));
+            async move {
+                self.open.acquire().await.unwrap().forget();
+                Ok(serde_json::json!({ "done": true }))
+            }
+            .boxed()
+        }
+    }
+
+    /// The child saga "child" (c1, c2) and its parent "test": a, then kid
+    /// (the child, given a's output), then b.
+    fn family(journal: &Journal, c2: Vec<StepError>, b: Vec<StepError>) -> Vec<SagaDefinition> {
+        let child = SagaDefinition::sequence(
+            "child",
+            vec![step("c1", journal, vec![]), step("c2", journal, c2)],
+        );
+        let mut kid = step("kid", journal, vec![]);
+        kid.action = None;
+        kid.compensation = None;
+        kid.child = Some(saga_engine::ChildSaga {
+            saga_type: "child",
+            data: Arc::new(
+                |facts: &Facts<'_>| serde_json::json!({ "a": facts.output("a").cloned(), "key": facts.data["key"] }),
+            ),
+        });
+        let parent = SagaDefinition::sequence(
+            "test",
+            vec![step("a", journal, vec![]), kid, step("b", journal, b)],
+        );
+        vec![parent, child]
+    }
+
+    async fn child_of(pool: &PgPool, parent: Uuid) -> saga_engine::Child {
+        let mut children = store::children(pool, &[parent]).await.unwrap();
+        assert_eq!(children.len(), 1, "{children:?}");
+        children.remove(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_child_saga_runs_as_a_step_and_its_completion_moves_the_parent_on() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let engine = engine_of(&pool, family(&journal, vec![], vec![]), "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        let saga = wait_for(&pool, parent, SagaState::Completed).await;
+        assert_eq!(entries(&journal), ["a", "c1", "c2", "b"]);
+        let child = child_of(&pool, parent).await;
+        assert_eq!(
+            (child.state, child.parent_step.as_str()),
+            (SagaState::Completed, "kid")
+        );
+        assert_eq!(
+            record(&saga, "kid").output.as_ref().map(|o| o.0.clone()),
+            Some(serde_json::json!({ "child_saga_id": child.saga_id }))
+        );
+        let child_saga = store::load(&pool, child.saga_id).await.unwrap().unwrap();
+        assert_eq!(child_saga.instance.parent_saga_id, Some(parent));
+        assert_eq!(
+            child_saga.instance.data.0,
+            serde_json::json!({ "a": { "done": true }, "key": "family" })
+        );
+        assert_eq!(
+            child_saga.instance.correlation_id,
+            saga.instance.correlation_id
+        );
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_child_that_fails_fails_its_step_and_the_parent_compensates() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let refused = vec![StepError::Permanent("no".into())];
+        let engine = engine_of(&pool, family(&journal, refused, vec![]), "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        let saga = wait_for(&pool, parent, SagaState::Compensated).await;
+        assert_eq!(entries(&journal), ["a", "c1", "c2", "undo c1", "undo a"]);
+        let reason = saga.instance.failure_reason.unwrap();
+        assert!(reason.starts_with("kid: child saga child "), "{reason}");
+        assert!(reason.contains("compensated: c2: no"), "{reason}");
+        assert_eq!(child_of(&pool, parent).await.state, SagaState::Compensated);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compensating_the_parent_reopens_its_completed_child_and_undoes_it() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let refused = vec![StepError::Permanent("no".into())];
+        let engine = engine_of(&pool, family(&journal, vec![], refused), "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        let saga = wait_for(&pool, parent, SagaState::Compensated).await;
+        assert_eq!(
+            entries(&journal),
+            ["a", "c1", "c2", "b", "undo c2", "undo c1", "undo a"],
+            "the child is undone, in reverse, before what came before it"
+        );
+        let child = child_of(&pool, parent).await;
+        assert_eq!(child.state, SagaState::Compensated);
+        assert_eq!(
+            record(&saga, "kid").status,
+            StepStatus::Succeeded,
+            "the child completed"
+        );
+        let undone = saga
+            .steps
+            .iter()
+            .find(|s| s.step == "kid" && s.kind == Kind::Compensation)
+            .unwrap();
+        assert_eq!(undone.status, StepStatus::Succeeded);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelling_the_parent_reaches_its_running_child() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let open = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut definitions = family(&journal, vec![], vec![]);
+        definitions[1].groups[0][0].action = Some(Arc::new(Held {
+            entry: "c1",
+            journal: journal.clone(),
+            open: open.clone(),
+        }));
+        let engine = engine_of(&pool, definitions, "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !entries(&journal).iter().any(|e| e == "c1") {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        assert_eq!(
+            engine
+                .request_compensation(&mut tx, parent, "customer cancelled")
+                .await
+                .unwrap(),
+            RequestOutcome::Accepted
+        );
+        tx.commit().await.unwrap();
+        // The parent turns back and asks the child, whose c1 is in flight.
+        let child = until(
+            &pool,
+            child_of(&pool, parent).await.saga_id,
+            "was asked",
+            |s| s.instance.compensation_requested.is_some(),
+        )
+        .await;
+        assert!(
+            child
+                .instance
+                .compensation_requested
+                .as_deref()
+                .unwrap()
+                .ends_with("compensates: customer cancelled"),
+            "{:?}",
+            child.instance.compensation_requested
+        );
+        open.add_permits(1);
+        let saga = wait_for(&pool, parent, SagaState::Compensated).await;
+        assert_eq!(entries(&journal), ["a", "c1", "undo c1", "undo a"]);
+        assert_eq!(
+            saga.instance.failure_reason.as_deref(),
+            Some("customer cancelled")
+        );
+        assert_eq!(child_of(&pool, parent).await.state, SagaState::Compensated);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_keeps_a_finished_child_while_its_parent_may_still_compensate_it() {
+        let pool = pool().await;
+        let (parent, child, done_parent, done_child) = (
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        );
+        for (id, state, parent_id, key) in [
+            (parent, "running", None, "p"),
+            (child, "completed", Some(parent), "p/kid"),
+            (done_parent, "completed", None, "q"),
+            (done_child, "completed", Some(done_parent), "q/kid"),
+        ] {
+            sqlx::query(
+                "INSERT INTO saga_instances (saga_id, saga_type, business_key, state, data, correlation_id,
+                                             parent_saga_id, parent_step, finished_at)
+                 VALUES ($1, 'test', $3, $2, '{}', 'flow', $4, CASE WHEN $4 IS NULL THEN NULL ELSE 'kid' END,
+                         CASE WHEN $2 = 'completed' THEN now() - interval '1 day' END)",
+            )
+            .bind(id)
+            .bind(state)
+            .bind(key)
+            .bind(parent_id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let purge = store::finished_purge(Duration::from_secs(3600));
+        sqlx::query(purge.statement)
+            .bind(chrono::Duration::hours(1))
+            .bind(100_i64)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let left: Vec<Uuid> =
+            sqlx::query_scalar("SELECT saga_id FROM saga_instances ORDER BY saga_id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            left,
+            [parent, child],
+            "the running parent's child stays; the rest is purged"
+        );
     }
 }

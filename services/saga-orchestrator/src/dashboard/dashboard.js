@@ -246,6 +246,20 @@ function showSaga(one) {
   $("saga-stuck").hidden = !saga.stuck_since;
   $("saga-stuck").textContent = saga.stuck_since
     ? `stuck since ${time(saga.stuck_since)}: ${saga.stuck_reason ?? ""}` : "";
+  $("saga-version").textContent = `${saga.saga_type} v${saga.version}`;
+  $("saga-unknown-version").hidden = !saga.version_unknown;
+  $("saga-unknown-version").textContent = saga.version_unknown
+    ? `no live replica carries ${saga.saga_type} version ${saga.version}: nothing drives this saga until one does` : "";
+  const children = one.children ?? [];
+  const family = [
+    saga.parent_saga_id ? `child of saga ${saga.parent_saga_id} (step ${saga.parent_step})` : "",
+    children.length ? "children: " + children.map((c) => `${c.step} → ${c.saga_type} ${c.saga_id} (${c.state})`).join(", ") : "",
+  ].filter((part) => part).join("; ");
+  $("saga-family").hidden = !family;
+  $("saga-family").textContent = family;
+  $("saga-waiting").hidden = !saga.waiting_for_signal;
+  $("saga-waiting").textContent = saga.waiting_for_signal
+    ? `waiting for signal ${saga.waiting_for_signal} until ${time(saga.waiting_until)}` : "";
   const link = $("saga-trace");
   if (one.trace_url) {
     link.href = one.trace_url;
@@ -284,7 +298,9 @@ function timeline(one) {
     const y = top + i * lane;
     const compensation = e.kind === "compensation";
     svg("text", { x: 4, y: y + 15, class: "label" + (compensation ? " compensation" : "") }, chart).textContent =
-      (compensation ? "↩ compensate " : "") + e.step;
+      (compensation ? "↩ compensate " : "") + e.step +
+      (e.status === "skipped" ? " (skipped)" : "") +
+      (e.waiting_until ? ` (waits for ${e.signal})` : "");
     e.bars.forEach((b, n) => {
       const from = x(b.from), to = x(b.to);
       titled(svg("rect", {
@@ -373,7 +389,9 @@ function searchQuery() {
   put("failure_reason_contains", $("search-reason").value.trim());
   put("order_id", $("search-order").value.trim());
   put("customer_id", $("search-customer").value.trim());
+  put("version", $("search-version").value.trim());
   if ($("search-stuck").checked) query.set("stuck_only", "true");
+  if ($("search-unknown-version").checked) query.set("unknown_version_only", "true");
   return query;
 }
 
@@ -383,9 +401,10 @@ function sagaRow(saga) {
   link.className = "mono";
   link.onclick = () => showSagaById(saga.saga_id).catch(report);
   const stuck = saga.stuck_since ? `stuck since ${time(saga.stuck_since)}: ${saga.stuck_reason ?? ""}` : "";
-  return row([link, stateCell(saga.state), saga.saga_type, time(saga.created_at),
-    saga.finished_at ? time(saga.finished_at) : "", stuck || saga.failure_reason || ""],
-    saga.stuck_since ? "stuck" : "");
+  const unknown = saga.version_unknown ? "no live replica carries its version" : "";
+  return row([link, stateCell(saga.state), `${saga.saga_type} v${saga.version}`, time(saga.created_at),
+    saga.finished_at ? time(saga.finished_at) : "", stuck || unknown || saga.failure_reason || ""],
+    saga.stuck_since || saga.version_unknown ? "stuck" : "");
 }
 
 async function search(more) {

@@ -7,7 +7,7 @@
 use api_saga::v1 as pb;
 use chrono::{DateTime, Utc};
 use prost::Name as _;
-use saga_engine::{Kind, SagaRecord, StepRecord, StepStatus};
+use saga_engine::{Kind, SagaDefinition, SagaRecord, SagaState, StepRecord, StepStatus};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -18,6 +18,13 @@ use crate::trace_view::TraceEventRow;
 pub(crate) struct SagaView {
     pub(crate) saga_id: Uuid,
     pub(crate) saga_type: String,
+    /// The version of its definition it runs on, and whether no live
+    /// replica carries it (then nothing drives the saga).
+    pub(crate) version: i32,
+    pub(crate) version_unknown: bool,
+    /// The saga whose step started this one, if any.
+    pub(crate) parent_saga_id: Option<Uuid>,
+    pub(crate) parent_step: Option<String>,
     pub(crate) order_id: String,
     pub(crate) correlation_id: String,
     pub(crate) state: &'static str,
@@ -30,6 +37,9 @@ pub(crate) struct SagaView {
     /// Set while the saga is stuck: since when, and why.
     pub(crate) stuck_since: Option<DateTime<Utc>>,
     pub(crate) stuck_reason: Option<String>,
+    /// A step waits for this signal until then.
+    pub(crate) waiting_for_signal: Option<&'static str>,
+    pub(crate) waiting_until: Option<DateTime<Utc>>,
     pub(crate) pause_requested_at: Option<DateTime<Utc>>,
     pub(crate) paused_at: Option<DateTime<Utc>>,
     /// What a terminated saga left in effect, as the operator acknowledged.
@@ -40,11 +50,31 @@ pub(crate) struct SagaView {
 }
 
 impl SagaView {
-    pub(crate) fn new(saga: &SagaRecord, pivot: Option<&'static str>) -> Self {
+    /// `carried`: whether a live replica carries its definition version.
+    pub(crate) fn new(
+        saga: &SagaRecord,
+        definition: Option<&SagaDefinition>,
+        carried: bool,
+    ) -> Self {
         let instance = &saga.instance;
+        let pivot = definition.and_then(|definition| definition.pivot);
+        let waiting = if instance.state.is_driven() || instance.state == SagaState::Paused {
+            saga.steps
+                .iter()
+                .filter_map(|step| crate::grpc::waiting_for(definition, step))
+                .find_map(|(signal, until)| until.map(|until| (signal, until)))
+        } else {
+            None
+        };
         Self {
             saga_id: instance.saga_id,
             saga_type: instance.saga_type.clone(),
+            version: instance.version,
+            version_unknown: !carried && !instance.state.is_final(),
+            parent_saga_id: instance.parent_saga_id,
+            parent_step: instance.parent_step.clone(),
+            waiting_for_signal: waiting.map(|(signal, _)| signal),
+            waiting_until: waiting.map(|(_, until)| until),
             order_id: instance.business_key.clone(),
             correlation_id: instance.correlation_id.clone(),
             state: instance.state.as_str(),
@@ -76,6 +106,10 @@ pub(crate) struct Execution {
     pub(crate) last_error: Option<String>,
     pub(crate) started_at: DateTime<Utc>,
     pub(crate) finished_at: Option<DateTime<Utc>>,
+    /// For a step that waits for a signal: its name, and while it waits,
+    /// until when.
+    pub(crate) signal: Option<&'static str>,
+    pub(crate) waiting_until: Option<DateTime<Utc>>,
     pub(crate) bars: Vec<AttemptBar>,
 }
 
@@ -99,6 +133,7 @@ pub(crate) struct AttemptBar {
 /// end). Unfinished executions run until `now`.
 pub(crate) fn timeline(
     saga: &SagaRecord,
+    definition: Option<&SagaDefinition>,
     events: &[TraceEventRow],
     now: DateTime<Utc>,
 ) -> Vec<Execution> {
@@ -157,7 +192,14 @@ pub(crate) fn timeline(
                 (StepStatus::Waiting, Some(_)) => {
                     Some(("abandoned", "not tried again: the saga turned back"))
                 }
-                (StepStatus::Succeeded | StepStatus::Failed, _) => None,
+                (StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped, _) => None,
+            };
+            let wait = crate::grpc::waiting_for(definition, execution);
+            let unfinished = match (unfinished, wait) {
+                (Some(("waiting", _)), Some((_, Some(_)))) => {
+                    Some(("waiting", "waiting for its signal"))
+                }
+                (unfinished, _) => unfinished,
             };
             if let Some((outcome, note)) = unfinished {
                 bars.push(AttemptBar {
@@ -175,6 +217,8 @@ pub(crate) fn timeline(
                 last_error: execution.last_error.clone(),
                 started_at: execution.started_at,
                 finished_at: execution.finished_at,
+                signal: wait.map(|(signal, _)| signal),
+                waiting_until: wait.and_then(|(_, until)| until),
                 bars,
             }
         })
@@ -215,8 +259,8 @@ pub(crate) fn trace_url(pattern: Option<&str>, trace_id: Option<&str>) -> Option
 
 #[cfg(test)]
 mod tests {
+    use saga_engine::StepStatus;
     use saga_engine::store::Instance;
-    use saga_engine::{SagaState, StepStatus};
     use sqlx::types::Json;
 
     use super::*;
@@ -230,6 +274,7 @@ mod tests {
             instance: Instance {
                 saga_id: Uuid::from_u128(7),
                 saga_type: "order".into(),
+                version: 1,
                 business_key: "k".into(),
                 state: SagaState::Compensating,
                 data: Json(serde_json::Value::Null),
@@ -247,6 +292,9 @@ mod tests {
                 progressed_at: at(0),
                 stuck_since: None,
                 stuck_reason: None,
+                signal_pending: false,
+                parent_saga_id: None,
+                parent_step: None,
                 next_run_at: None,
                 lease_owner: None,
                 lease_expires_at: None,
@@ -327,7 +375,7 @@ mod tests {
                 10,
             ),
         ];
-        let timeline = timeline(&saga, &events, at(12));
+        let timeline = timeline(&saga, None, &events, at(12));
         let bars = |i: usize| -> Vec<(i64, i64, &str)> {
             timeline[i]
                 .bars
