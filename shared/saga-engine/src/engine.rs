@@ -733,7 +733,7 @@ impl Engine {
                 // Boxed: a driver's future is large (its PostgreSQL
                 // connection's TLS state among it), and each task holds one.
                 drivers.spawn(async move {
-                    Box::pin(engine.drive(claim, &shutdown)).await;
+                    engine.drive(claim, &shutdown).await;
                     drop(permit);
                 });
             }
@@ -767,7 +767,7 @@ impl Engine {
                         let shutdown = shutdown.clone();
                         drivers.spawn(async move {
                             let permit = permit.await.expect("the semaphore is never closed");
-                            Box::pin(engine.drive(claim, &shutdown)).await;
+                            engine.drive(claim, &shutdown).await;
                             drop(permit);
                         });
                         while drivers.try_join_next().is_some() {}
@@ -790,7 +790,7 @@ impl Engine {
         while let Some(claim) = adoptions.recv().await {
             let engine = self.clone();
             let shutdown = shutdown.clone();
-            drivers.spawn(async move { Box::pin(engine.drive(claim, &shutdown)).await });
+            drivers.spawn(async move { engine.drive(claim, &shutdown).await });
         }
         while drivers.join_next().await.is_some() {}
         tracing::debug!("saga engine stopped");
@@ -862,8 +862,10 @@ impl Engine {
                 .map(|(k, v)| (k.as_str(), v.as_str())),
         );
         telemetry::propagation::adopt_parent(&span, received.context);
+        // Boxed: a turn's future holds the whole saga record and the
+        // attempts in flight, too large to move around on the stack.
         async {
-            match self.drive_inner(claim, shutdown).await {
+            match Box::pin(self.drive_inner(claim, shutdown)).await {
                 Ok(()) | Err(WriteError::Fenced) => {}
                 Err(WriteError::Unexpected(error)) => {
                     tracing::warn!(

@@ -540,13 +540,13 @@ async fn a_stale_claim_is_fenced_off() {
 
     // The stale owner's first write is refused: it begins nothing.
     let shutdown = CancellationToken::new();
-    Box::pin(engine.drive(stale, &shutdown)).await;
+    engine.drive(stale, &shutdown).await;
     assert!(entries(&journal).is_empty(), "the stale writer did nothing");
     let saga = store::load(&pool, saga_id).await.unwrap().unwrap();
     assert!(saga.steps.is_empty());
     assert_eq!(saga.instance.lease_owner.as_deref(), Some("replica-b"));
 
-    Box::pin(engine.drive(current, &shutdown)).await;
+    engine.drive(current, &shutdown).await;
     assert_eq!(entries(&journal), vec!["a"]);
     let saga = store::load(&pool, saga_id).await.unwrap().unwrap();
     assert_eq!(saga.instance.state, SagaState::Completed);
