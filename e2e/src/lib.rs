@@ -67,6 +67,7 @@ pub struct Stack {
 #[derive(Debug, Default)]
 pub struct StackBuilder {
     env: Vec<(&'static str, String, String)>,
+    order_saga_version: Option<u32>,
     proxied: Vec<&'static str>,
     without_sagas: bool,
     tls: Option<TlsStack>,
@@ -132,6 +133,16 @@ impl StackBuilder {
         self
     }
 
+    /// Starts new orders on `version` of the order saga. Unless a test
+    /// asks, the stack starts version 1, which the suites written before
+    /// version 2 exercise (every replica still carries it, and
+    /// `ORDER_SAGA_VERSION=1` starts it); a deployment's default is the
+    /// newest, [`order_saga::NEWEST`](saga_orchestrator::order_saga::NEWEST).
+    pub fn order_saga_version(mut self, version: u32) -> Self {
+        self.order_saga_version = Some(version);
+        self
+    }
+
     /// Runs the stack over TLS (see [`TlsStack`]).
     pub fn tls(mut self, tls: TlsStack) -> Self {
         self.tls = Some(tls);
@@ -191,6 +202,10 @@ impl StackBuilder {
                     env.push(("GRPC_TLS_CLIENT_AUTH".into(), "true".into()));
                 }
             }
+            if name == saga_orchestrator::NAME {
+                let version = self.order_saga_version.unwrap_or(1);
+                env.push(("ORDER_SAGA_VERSION".into(), version.to_string()));
+            }
             for (service, key, value) in &self.env {
                 if *service == name {
                     env.retain(|(k, _)| k != key);
@@ -247,6 +262,13 @@ impl Stack {
     /// The running service named `name`, to stop or signal it.
     pub fn service_mut(&mut self, name: &str) -> &mut ServiceProcess {
         &mut self.services[index_of(name)]
+    }
+
+    /// Sets `key=value` in the environment `name` is restarted with.
+    pub fn set_env(&mut self, name: &str, key: &str, value: &str) {
+        let env = &mut self.envs[index_of(name)];
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_owned(), value.to_owned()));
     }
 
     /// Starts `name` again on the address it had (after a test killed it),

@@ -10,6 +10,7 @@ mod deployment;
 mod hostile_input;
 mod observability;
 mod operator;
+mod order_saga_v2;
 mod orders;
 mod payments;
 mod readme;

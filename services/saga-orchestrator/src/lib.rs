@@ -2,8 +2,11 @@
 //! compensating when a step fails; hosts the operators' saga API and the
 //! trace view.
 //!
-//! - `order_saga`: the order-processing saga (steps, calls, compensations).
-//! - `starter`: starts and calls off sagas from the order events topic.
+//! - `order_saga`: the order-processing saga, versions 1 and 2 (steps,
+//!   calls, compensations); `return_saga`: the return of a confirmed order
+//!   and its payment-refund child; `calls`: how their steps call services.
+//! - `starter`: starts, signals and calls off sagas from the order events
+//!   topic.
 //! - `trace_view`: the read model of every service's events, by flow, and
 //!   its live feed; `trace_api`: TraceService over it.
 //! - `operator`: the operators' actions (retry, compensate, pause, resume,
@@ -11,11 +14,13 @@
 //! - `grpc`: SagaService; the engine itself is the `saga-engine` crate.
 //! - `retention`: what the purge job deletes, and after how long.
 
+mod calls;
 mod dashboard;
 mod grpc;
 mod operator;
 pub mod order_saga;
 mod retention;
+pub mod return_saga;
 mod starter;
 mod trace_api;
 mod trace_view;
@@ -124,6 +129,8 @@ pub struct Settings {
     #[command(flatten)]
     pub saga: SagaSettings,
     #[command(flatten)]
+    pub order_saga: OrderSagaSettings,
+    #[command(flatten)]
     pub retention: retention::OrchestratorRetention,
     #[command(flatten)]
     pub dashboard: DashboardSettings,
@@ -191,6 +198,42 @@ pub struct SagaSettings {
     pub stuck_after: Duration,
 }
 
+/// What the order saga does.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OrderSagaSettings {
+    /// The version of the order saga new orders start on: 2 (authorize,
+    /// review, confirm, capture) or 1 (charge, confirm). Both are carried
+    /// whatever this says, so sagas under way finish on their own version;
+    /// roll a new version out by deploying it while starting the old one,
+    /// then switching.
+    #[arg(long = "order-saga-version", env = "ORDER_SAGA_VERSION", value_name = "VERSION", default_value_t = order_saga::NEWEST,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(order_saga::NEWEST)))]
+    pub start_version: u32,
+
+    /// Orders of at least this total, in minor units of their currency,
+    /// wait for an admin's ApproveOrder or DeclineOrder before they are
+    /// confirmed (version 2).
+    #[arg(long = "review-threshold", env = "REVIEW_THRESHOLD", default_value_t = 100_000,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub review_threshold: i64,
+
+    /// How long an order waits for its review; then it is declined. Keep
+    /// it well under the payment provider's authorization lifetime
+    /// (`AUTHORIZATION_LIFETIME`, 7 days by default): an approval that
+    /// comes too late to capture is a decline.
+    #[arg(long = "review-timeout", env = "REVIEW_TIMEOUT", default_value = "24h", value_parser = parse_review_timeout)]
+    pub review_timeout: Duration,
+}
+
+/// From a second to 30 days.
+fn parse_review_timeout(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if duration < Duration::from_secs(1) || duration > Duration::from_secs(30 * 86_400) {
+        return Err("must be from 1s to 30 days".to_owned());
+    }
+    Ok(duration)
+}
+
 /// At least a second: shorter would flag sagas between ordinary retries.
 fn parse_stuck_after(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text).map_err(|error| error.to_string())?;
@@ -243,6 +286,7 @@ pub struct Application {
     server: GrpcServer,
     platform: Platform,
     engine: Arc<Engine>,
+    review: order_saga::v2::Review,
     settings: Settings,
 }
 
@@ -300,18 +344,22 @@ impl Application {
             events_topic: platform.topics.saga_events(),
             producer: NAME,
         };
+        let review = order_saga::v2::Review {
+            threshold_minor: settings.order_saga.review_threshold,
+            timeout: settings.order_saga.review_timeout,
+        };
+        let mut definitions = order_saga::definitions(&downstreams, tuning, review);
+        definitions.extend(return_saga::definitions(&downstreams, tuning));
         let engine = Arc::new(
-            Engine::new(
-                platform.pool.clone(),
-                vec![order_saga::definition(&downstreams, tuning)],
-                config,
-            )?
-            .with_journal(Arc::new(trace_view::TraceJournal)),
+            Engine::new(platform.pool.clone(), definitions, config)?
+                .starting_on(order_saga::SAGA_TYPE, settings.order_saga.start_version)?
+                .with_journal(Arc::new(trace_view::TraceJournal)),
         );
         Ok(Self {
             server,
             platform,
             engine,
+            review,
             settings,
         })
     }
@@ -328,6 +376,7 @@ impl Application {
             server,
             mut platform,
             engine,
+            review,
             settings,
         } = self;
         platform.spawn_relay(&shutdown);
@@ -349,7 +398,7 @@ impl Application {
             &STARTER.topic_names(&platform.topics),
             platform.pool.clone(),
             platform.producer.clone(),
-            starter::SagaStarter::new(engine.clone()),
+            starter::SagaStarter::new(engine.clone(), review),
         )?;
         platform.spawn("order events consumer", starter.run(shutdown.clone()));
         let recorder = Consumer::new(

@@ -1,27 +1,53 @@
-//! The order-processing saga: charge the order, then confirm it; undo what
-//! was done when a step fails, the customer cancels, or an operator asks.
+//! The order-processing saga, in two versions. Both take an order to its
+//! confirmation and its money, and undo what was done when a step fails,
+//! the customer cancels, or an operator asks. A binary carries both: a saga
+//! finishes on the version it started on, and new sagas start on the
+//! version `ORDER_SAGA_VERSION` names.
+//!
+//! Version 1 ([`v1`]) charges the order, then confirms it:
 //!
 //! | step | class | action | compensation |
 //! |---|---|---|---|
-//! | `open-order` | compensatable | (none: the saga takes charge of the order) | `close-order`: CancelOrder if money was taken back or the saga was called off, RejectOrder if the payment failed |
+//! | `open-order` | compensatable | (none: the saga takes charge of the order) | `close-order`: RejectOrder if the payment failed, CancelOrder otherwise |
 //! | `process-payment` | compensatable | ProcessPayment, idempotency key = saga id + step | RefundPayment by that key: refunds a capture, voids a charge not made (at the provider too) |
 //! | `confirm-order` | pivot | ConfirmOrder with the payment id | (none: past it the saga only goes forward) |
 //!
+//! Version 2 ([`v2`]) holds the money first, has large orders reviewed,
+//! confirms, and only then takes the money:
+//!
+//! | step | class | action | compensation |
+//! |---|---|---|---|
+//! | `open-order` | compensatable | (none) | `close-order`: RejectOrder if the payment or the review said no, CancelOrder otherwise |
+//! | `authorize-payment` | compensatable | AuthorizePayment, key = saga id + step | VoidPayment by that key: releases the hold, or makes a late authorization hold nothing |
+//! | `hold-for-review` | compensatable, only for an order at or above `REVIEW_THRESHOLD` | HoldOrderForReview | (none: closing the order ends the review) |
+//! | `review` | the same | waits for the `review` signal (ApproveOrder, DeclineOrder), at most `REVIEW_TIMEOUT`, which counts as declined | (none) |
+//! | `check-review` | the same | fails if the review declined, or if the authorization lapses too soon to capture | (none) |
+//! | `confirm-order` | pivot | ConfirmOrder with the authorization's payment id | (none) |
+//! | `capture-payment` | retriable | CapturePayment by the authorization's key | (none: retried until it answers) |
+//!
+//! Undoing a v2 order before its pivot voids the authorization: nothing is
+//! ever refunded, because nothing was taken.
+//!
 //! `confirm-order` is the point of no return, and the order aggregate is
 //! what makes it one: it decides ConfirmOrder against the customer's
-//! RequestOrderCancellation atomically. Once the saga has begun confirming, it can no
+//! RequestOrderCancellation (and, in v2, against a review that has not
+//! approved) atomically. Once the saga has begun confirming, it can no
 //! longer know the order is not confirmed, so it refuses to compensate and
 //! repeats ConfirmOrder (idempotent) until the order answers for certain:
 //! confirmed (done), or refused because the customer's cancellation came
-//! first (then, and only then, it refunds and cancels).
+//! first (then, and only then, it undoes the payment and cancels).
 //!
-//! An unknown outcome of the charge (its answer was lost) needs no separate
-//! question: refunding by the charge's key asks the payment service, which
-//! asks the provider, under the key's lock, and undoes whatever happened.
+//! An unknown outcome of the charge or the authorization (its answer was
+//! lost) needs no separate question: undoing it by its key asks the payment
+//! service, which asks the provider, under the key's lock, and undoes
+//! whatever happened.
 //!
-//! Compensation runs in reverse, so a refund always precedes the order's
-//! cancellation. Every call is idempotent, so the engine may repeat any of
-//! them after a timeout or a crash.
+//! Compensation runs in reverse, so the money is released before the
+//! order is closed. Every call is idempotent, so the engine may repeat any
+//! of them after a timeout or a crash.
+
+pub mod v1;
+pub mod v2;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,30 +55,30 @@ use std::time::Duration;
 use access_control::Scope;
 use api_order::v1::order_service_client::OrderServiceClient;
 use api_order::v1::{CancelOrderRequest, ConfirmOrderRequest, RejectOrderRequest};
-use api_payment::v1::payment_service_client::PaymentServiceClient;
-use api_payment::v1::refund_payment_request::Target;
-use api_payment::v1::{PaymentStatus, ProcessPaymentRequest, RefundPaymentRequest};
+use api_payment::v1::PaymentStatus;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use saga_engine::{Action, RetryPolicy, SagaDefinition, Settle, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 use service_runtime::client::Downstream;
-use tonic::Code;
+
+use crate::calls::{classify, reason, request};
 
 /// The saga type name.
 pub const SAGA_TYPE: &str = "order-processing";
 
-/// The scopes of the calls below, which the orchestrator's service token
-/// asks for (its client must be granted them in `AUTH_SERVICE_CLIENTS`):
-/// ProcessPayment, RefundPayment, and ConfirmOrder, RejectOrder, CancelOrder.
-/// Nothing more: the saga never reads payments.
+/// The scopes of the calls of the orchestrator's sagas, which its service
+/// token asks for (its client must be granted them in
+/// `AUTH_SERVICE_CLIENTS`): ProcessPayment, AuthorizePayment and
+/// CapturePayment; RefundPayment and VoidPayment; and ConfirmOrder,
+/// RejectOrder, CancelOrder, HoldOrderForReview and MarkOrderReturned.
+/// Nothing more: the sagas never read payments.
 pub const SCOPES: [Scope; 3] = [
     Scope::PaymentsCharge,
     Scope::PaymentsRefund,
     Scope::OrdersSettle,
 ];
 
-const PROCESS_PAYMENT: &str = "process-payment";
 /// The saga's pivot.
 pub const CONFIRM_ORDER: &str = "confirm-order";
 
@@ -64,6 +90,11 @@ pub struct OrderData {
     pub amount_minor: i64,
     pub currency: String,
     pub payment_method_token: String,
+    /// Whether the order is reviewed before it is confirmed (v2): decided
+    /// once, when the saga starts, so that a change of `REVIEW_THRESHOLD`
+    /// never changes the course of a saga under way.
+    #[serde(default)]
+    pub review_required: bool,
 }
 
 /// How hard the saga tries.
@@ -75,170 +106,117 @@ pub struct Tuning {
     pub compensation_retry: RetryPolicy,
 }
 
-/// The downstream services the saga calls.
+impl Tuning {
+    /// A step of the saga with this tuning, doing nothing yet.
+    pub(crate) fn step(&self, name: &'static str) -> Step {
+        Step {
+            name,
+            action: None,
+            compensation: None,
+            retry: self.retry,
+            compensation_retry: self.compensation_retry,
+            attempt_timeout: self.attempt_timeout,
+            compensation_attempt_timeout: self.attempt_timeout,
+            deadline: self.step_deadline,
+            // The steps that have both an action and a compensation undo
+            // by the action's key, which settles an unknown outcome too.
+            settle: Settle::ByCompensation,
+            condition: None,
+            wait: None,
+            child: None,
+        }
+    }
+}
+
+/// The downstream services the sagas call.
 #[derive(Debug, Clone)]
 pub struct Downstreams {
     pub orders: Downstream,
     pub payments: Downstream,
 }
 
-pub fn definition(downstreams: &Downstreams, tuning: Tuning) -> SagaDefinition {
-    let step =
-        |name, action: Option<Arc<dyn Action>>, compensation: Option<Arc<dyn Action>>| Step {
-            name,
-            action,
-            compensation,
-            retry: tuning.retry,
-            compensation_retry: tuning.compensation_retry,
-            attempt_timeout: tuning.attempt_timeout,
-            compensation_attempt_timeout: tuning.attempt_timeout,
-            deadline: tuning.step_deadline,
-            // Only process-payment has both an action and a compensation,
-            // and its refund by key settles an unknown charge by itself.
-            settle: Settle::ByCompensation,
-            condition: None,
-            wait: None,
-            child: None,
-        };
-    SagaDefinition::sequence(
-        SAGA_TYPE,
-        vec![
-            step(
-                "open-order",
-                None,
-                Some(Arc::new(CloseOrder(downstreams.orders.clone()))),
-            ),
-            step(
-                PROCESS_PAYMENT,
-                Some(Arc::new(ProcessPayment(downstreams.payments.clone()))),
-                Some(Arc::new(RefundPayment(downstreams.payments.clone()))),
-            ),
-            step(
-                CONFIRM_ORDER,
-                Some(Arc::new(ConfirmOrder(downstreams.orders.clone()))),
-                None,
-            ),
-        ],
-    )
-    .with_pivot(CONFIRM_ORDER)
+/// The newest version of the order saga.
+pub const NEWEST: u32 = 2;
+
+/// Every version of the order saga: a replica carries them all, whichever
+/// it starts, so that a saga started anywhere finishes here.
+pub fn definitions(
+    downstreams: &Downstreams,
+    tuning: Tuning,
+    review: v2::Review,
+) -> Vec<SagaDefinition> {
+    vec![
+        v1::definition(downstreams, tuning),
+        v2::definition(downstreams, tuning, review),
+    ]
 }
 
-fn data(context: &StepContext) -> Result<OrderData, StepError> {
+pub(crate) fn data(context: &StepContext) -> Result<OrderData, StepError> {
     serde_json::from_value(context.data.clone())
         .map_err(|error| StepError::Permanent(format!("saga data: {error}")))
 }
 
-/// A request with the attempt's time left as its deadline and its id as
-/// its request id.
-fn request<T>(message: T, context: &StepContext) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(context.time_left);
-    // Names this attempt as the cause of the events the call records.
-    if let Ok(id) = context.request_id.parse() {
-        request
-            .metadata_mut()
-            .insert(telemetry::causation::REQUEST_ID_HEADER, id);
-    }
-    request
+/// `open-order`'s compensation: closes an order that did not go through.
+/// Rejected when one of `rejecting` failed (the payment, or the review,
+/// said no) and its own undoing took no money back; cancelled otherwise
+/// (the customer or an operator called it off, or money was refunded).
+pub(crate) struct CloseOrder {
+    pub(crate) orders: Downstream,
+    pub(crate) rejecting: &'static [&'static str],
 }
 
-/// What a failed call tells us. A call an open circuit refused was never
-/// made, and costs no attempt. A call that timed out, was cancelled, or
-/// broke (unavailable, unknown, internal) may have taken effect before its
-/// answer was lost: unknown. A service that refused for now (overloaded, a
-/// conflict, our token renewing) did nothing: retryable. Anything else is a
-/// refusal for certain.
-fn classify(status: &tonic::Status) -> StepError {
-    let message = format!("{:?}: {}", status.code(), status.message());
-    if let Some(retry_after) = service_runtime::client::refused_by_circuit(status) {
-        return StepError::NotAttempted {
-            reason: message,
-            retry_after,
-        };
-    }
-    match status.code() {
-        Code::Unavailable
-        | Code::DeadlineExceeded
-        | Code::Cancelled
-        | Code::Internal
-        | Code::Unknown
-        | Code::DataLoss => StepError::Unknown(message),
-        Code::ResourceExhausted | Code::Aborted | Code::Unauthenticated => {
-            StepError::Retryable(message)
-        }
-        _ => StepError::Permanent(message),
-    }
-}
-
-struct ProcessPayment(Downstream);
-
-impl Action for ProcessPayment {
+impl Action for CloseOrder {
     fn run<'a>(
         &'a self,
         context: &'a StepContext,
     ) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
         async move {
             let order = data(context)?;
-            let charge = ProcessPaymentRequest {
-                order_id: order.order_id,
-                customer_id: order.customer_id,
-                amount: Some(api_common::v1::Money {
-                    amount_minor: order.amount_minor,
-                    currency: order.currency,
-                }),
-                payment_method_token: order.payment_method_token,
-                idempotency_key: context.idempotency_key(),
+            let mut client = OrderServiceClient::new(self.orders.clone());
+            let refunded = |step: &str| {
+                context
+                    .compensation_outputs
+                    .get(step)
+                    .is_some_and(|undone| {
+                        undone["payment_status"] == PaymentStatus::Refunded.as_str_name()
+                    })
             };
-            let payment = PaymentServiceClient::new(self.0.clone())
-                .process_payment(request(charge, context))
-                .await
-                .map_err(|status| classify(&status))?
-                .into_inner();
-            match payment.status() {
-                PaymentStatus::Captured => {
-                    Ok(serde_json::json!({ "payment_id": payment.payment_id }))
+            let refusal = self.rejecting.iter().find_map(|step| {
+                context
+                    .failed_actions
+                    .get(*step)
+                    .filter(|_| !refunded(step))
+            });
+            let closed = match refusal {
+                Some(refusal) => {
+                    let reject = RejectOrderRequest {
+                        order_id: order.order_id,
+                        reason: reason(refusal),
+                    };
+                    client.reject_order(request(reject, context)).await
                 }
-                PaymentStatus::Declined => Err(StepError::Permanent(format!(
-                    "payment declined: {}",
-                    payment.decline_reason
-                ))),
-                other => Err(StepError::Permanent(format!(
-                    "payment is {}",
-                    other.as_str_name()
-                ))),
-            }
-        }
-        .boxed()
-    }
-}
-
-struct RefundPayment(Downstream);
-
-impl Action for RefundPayment {
-    fn run<'a>(
-        &'a self,
-        context: &'a StepContext,
-    ) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
-        async move {
-            // By the charge's key: refunds a capture, and voids a charge that
-            // was not made (or is still in flight), whatever we know of it.
-            let refund = RefundPaymentRequest {
-                target: Some(Target::ChargeIdempotencyKey(format!("{}:{PROCESS_PAYMENT}", context.saga_id))),
-                idempotency_key: context.idempotency_key(),
-                reason: context.failure_reason.clone().unwrap_or_default().chars().take(500).collect(),
+                None => {
+                    let why = context.failure_reason.as_deref().unwrap_or("cancelled");
+                    let cancel = CancelOrderRequest {
+                        order_id: order.order_id,
+                        reason: reason(why),
+                    };
+                    client.cancel_order(request(cancel, context)).await
+                }
             };
-            let payment = PaymentServiceClient::new(self.0.clone())
-                .refund_payment(request(refund, context))
-                .await
-                .map_err(|status| classify(&status))?
-                .into_inner();
-            Ok(serde_json::json!({ "payment_status": payment.status().as_str_name(), "payment_id": payment.payment_id }))
+            let closed = closed.map_err(|status| classify(&status))?.into_inner();
+            Ok(serde_json::json!({ "order_status": closed.status().as_str_name() }))
         }
         .boxed()
     }
 }
 
-struct ConfirmOrder(Downstream);
+/// The pivot: confirms the order with the payment that `payment_step`
+/// made.
+pub(crate) struct ConfirmOrder {
+    pub(crate) orders: Downstream,
+    pub(crate) payment_step: &'static str,
+}
 
 impl Action for ConfirmOrder {
     fn run<'a>(
@@ -247,7 +225,7 @@ impl Action for ConfirmOrder {
     ) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
         async move {
             let order = data(context)?;
-            let payment_id = context.outputs[PROCESS_PAYMENT]["payment_id"]
+            let payment_id = context.outputs[self.payment_step]["payment_id"]
                 .as_str()
                 .unwrap_or_default()
                 .to_owned();
@@ -255,7 +233,7 @@ impl Action for ConfirmOrder {
                 order_id: order.order_id,
                 payment_id,
             };
-            let confirmed = OrderServiceClient::new(self.0.clone())
+            let confirmed = OrderServiceClient::new(self.orders.clone())
                 .confirm_order(request(confirm, context))
                 .await
                 .map_err(|status| classify(&status))?
@@ -266,62 +244,32 @@ impl Action for ConfirmOrder {
     }
 }
 
-struct CloseOrder(Downstream);
+/// `open-order`: the saga takes charge of the order; undone by closing it.
+pub(crate) fn open_order(
+    tuning: Tuning,
+    downstreams: &Downstreams,
+    rejecting: &'static [&'static str],
+) -> Step {
+    Step {
+        compensation: Some(Arc::new(CloseOrder {
+            orders: downstreams.orders.clone(),
+            rejecting,
+        })),
+        ..tuning.step("open-order")
+    }
+}
 
-impl Action for CloseOrder {
-    fn run<'a>(
-        &'a self,
-        context: &'a StepContext,
-    ) -> BoxFuture<'a, Result<serde_json::Value, StepError>> {
-        async move {
-            let order = data(context)?;
-            let mut client = OrderServiceClient::new(self.0.clone());
-            let reason = context
-                .failure_reason
-                .clone()
-                .unwrap_or_else(|| "cancelled".to_owned());
-            let reason: String = reason.chars().take(500).collect();
-            // The payment failed on its own and nothing was charged: the
-            // order is rejected. Otherwise (money refunded, or the saga was
-            // called off) it is cancelled.
-            let refunded = context
-                .compensation_outputs
-                .get(PROCESS_PAYMENT)
-                .is_some_and(|undone| {
-                    undone["payment_status"] == PaymentStatus::Refunded.as_str_name()
-                });
-            let closed = match context
-                .failed_actions
-                .get(PROCESS_PAYMENT)
-                .filter(|_| !refunded)
-            {
-                Some(payment_error) => {
-                    let reason: String = payment_error.chars().take(500).collect();
-                    client
-                        .reject_order(request(
-                            RejectOrderRequest {
-                                order_id: order.order_id,
-                                reason,
-                            },
-                            context,
-                        ))
-                        .await
-                }
-                None => {
-                    client
-                        .cancel_order(request(
-                            CancelOrderRequest {
-                                order_id: order.order_id,
-                                reason,
-                            },
-                            context,
-                        ))
-                        .await
-                }
-            };
-            let closed = closed.map_err(|status| classify(&status))?.into_inner();
-            Ok(serde_json::json!({ "order_status": closed.status().as_str_name() }))
-        }
-        .boxed()
+/// `confirm-order`, the pivot, with the payment of `payment_step`.
+pub(crate) fn confirm_order(
+    tuning: Tuning,
+    downstreams: &Downstreams,
+    payment_step: &'static str,
+) -> Step {
+    Step {
+        action: Some(Arc::new(ConfirmOrder {
+            orders: downstreams.orders.clone(),
+            payment_step,
+        })),
+        ..tuning.step(CONFIRM_ORDER)
     }
 }

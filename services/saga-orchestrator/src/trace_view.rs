@@ -152,7 +152,13 @@ async fn record(conn: &mut PgConnection, rows: &[TraceEventRow]) -> sqlx::Result
                                    aggregate_id, aggregate_version, causation_id, occurred_at, summary)
          SELECT e.event_id, e.correlation_id,
                 coalesce(e.order_id, CASE WHEN e.aggregate_type = 'saga' THEN
-                    (SELECT s.business_key::uuid FROM saga_instances s WHERE s.saga_id = e.aggregate_id::uuid) END),
+                    -- A child saga's events belong to its parent's order.
+                    (SELECT CASE WHEN k.key ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                                 THEN k.key::uuid END
+                     FROM saga_instances s
+                     LEFT JOIN saga_instances p ON p.saga_id = s.parent_saga_id
+                     CROSS JOIN LATERAL (SELECT coalesce(p.business_key, s.business_key) AS key) k
+                     WHERE s.saga_id = e.aggregate_id::uuid) END),
                 e.service, e.event_type, e.aggregate_type, e.aggregate_id, e.aggregate_version,
                 e.causation_id, e.occurred_at, e.summary
          FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[],

@@ -221,10 +221,29 @@ impl Engine {
             .and_then(|(name, _)| self.definitions.get(&(*name, version)))
     }
 
-    /// The newest version of `saga_type` this engine carries: what a saga
-    /// it starts runs on.
+    /// The version of `saga_type` a saga this engine starts runs on: the
+    /// newest it carries, unless [`starting_on`](Self::starting_on) chose
+    /// another.
     pub fn newest_version(&self, saga_type: &str) -> Option<u32> {
         self.newest.get(saga_type).copied()
+    }
+
+    /// This engine, starting new sagas of `saga_type` on `version`, which
+    /// it must carry, rather than on the newest. A new version is rolled
+    /// out in two steps: first every replica carries it while still
+    /// starting the old one, then they start it; so no saga is ever
+    /// started on a version that a replica running it lacks. (Child sagas
+    /// follow the same choice.)
+    pub fn starting_on(mut self, saga_type: &str, version: u32) -> anyhow::Result<Self> {
+        let Some((name, _)) = self.newest.get_key_value(saga_type) else {
+            bail!("no definition for saga type {saga_type}");
+        };
+        let name: &'static str = name;
+        if !self.definitions.contains_key(&(name, version)) {
+            bail!("saga {saga_type} has no version {version} here");
+        }
+        Arc::make_mut(&mut self.newest).insert(name, version);
+        Ok(self)
     }
 
     /// Starts a saga of `saga_type` for `business_key` in the caller's

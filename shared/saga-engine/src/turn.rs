@@ -223,7 +223,9 @@ impl Turn {
         let started = pb::SagaStarted {
             saga_id: child_id.to_string(),
             saga_type: child.saga_type.to_owned(),
-            order_id: format!("{parent}/{step}"),
+            // The child works for its parent's order (its own business
+            // key, `<parent>/<step>`, only makes it unique).
+            order_id: self.saga.instance.business_key.clone(),
             version,
         };
         let envelope = saga_event(
