@@ -200,6 +200,9 @@ struct Provider {
     charges: Vec<ChargeRow>,
     /// What it holds, by order.
     held: HashMap<Uuid, (String, i64)>,
+    /// What live authorizations reserve, by order: money neither taken
+    /// nor released.
+    authorized: HashMap<Uuid, i64>,
 }
 
 /// Everything the checks look at, read in one snapshot.
@@ -333,16 +336,26 @@ impl World {
         .fetch_all(&mut *conn)
         .await
         .context("reading payments.simulated_provider_charges")?;
-        let held = sqlx::query_as::<_, (Uuid, String, i64)>(
-            "SELECT order_id, currency, held_minor FROM payments.simulated_provider_holdings",
+        let holdings = sqlx::query_as::<_, (Uuid, String, i64, i64)>(
+            "SELECT order_id, currency, held_minor, authorized_minor
+             FROM payments.simulated_provider_holdings",
         )
         .fetch_all(&mut *conn)
         .await
-        .context("reading payments.simulated_provider_holdings")?
-        .into_iter()
-        .map(|(order, currency, held)| (order, (currency, held)))
-        .collect();
-        Ok(Some(Provider { charges, held }))
+        .context("reading payments.simulated_provider_holdings")?;
+        let authorized = holdings
+            .iter()
+            .map(|(order, _, _, authorized)| (*order, *authorized))
+            .collect();
+        let held = holdings
+            .into_iter()
+            .map(|(order, currency, held, _)| (order, (currency, held)))
+            .collect();
+        Ok(Some(Provider {
+            charges,
+            held,
+            authorized,
+        }))
     }
 
     /// Every schema's outbox backlog and dead letters, wherever the
@@ -723,6 +736,8 @@ fn steps_settled(world: &World) -> Check {
             };
             let settled = match (completed, row.kind.as_str(), row.status.as_str()) {
                 (_, _, "succeeded") => true,
+                // Its condition did not hold: it never ran.
+                (_, "action", "skipped") => row.attempts == 0,
                 // A compensated saga's action may have failed, or have been
                 // left waiting for a retry or in flight when the saga
                 // turned back. Then either no call of it can have taken
@@ -905,7 +920,8 @@ fn ledger(world: &World) -> Check {
 fn provider(world: &World) -> Check {
     let mut check = CheckBuilder::new(
         "provider",
-        "the provider holds each confirmed order's total and nothing of any other order",
+        "the provider holds each confirmed order's total and nothing of any other order, \
+         and no authorization of a final order still reserves money",
     );
     let Some(provider) = &world.provider else {
         return check
@@ -918,6 +934,20 @@ fn provider(world: &World) -> Check {
     let mut owned_held = 0;
     let mut returning_held = 0;
     for view in world.views.values() {
+        // Taken or released, never left reserved, once the order is final
+        // (a confirmed order's authorization is captured).
+        let reserved = provider
+            .authorized
+            .get(&view.order_id)
+            .copied()
+            .unwrap_or(0);
+        if reserved != 0 && is_final_order(&view.status) && !operator_owned.contains(&view.order_id)
+        {
+            check.violation(format!(
+                "order {} is {}, yet an authorization still reserves {reserved} {} of it",
+                view.order_id, view.status, view.currency
+            ));
+        }
         // A return under way: its refund may or may not have happened yet.
         if view.status == OrderStatus::ReturnRequested.as_str() {
             returning_held += provider

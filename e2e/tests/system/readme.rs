@@ -6,13 +6,20 @@
 //! continue a shell session (using `$TOKEN`) run after the ones they need.
 //! Against a stack over TLS, `-plaintext` is replaced by the flags the
 //! README gives for `cargo xtask up --tls` (the CA, and a client
-//! certificate).
+//! certificate). The stack runs what a deployment runs by default: new
+//! orders on the order saga's newest version.
 
 use std::process::Command;
 use std::time::Duration;
 
 use dev_stack::tools;
-use e2e::{BINARIES, Stack};
+use e2e::{BINARIES, Stack, StackBuilder};
+use saga_orchestrator::order_saga;
+
+/// The system as the README describes it: default settings.
+fn as_deployed() -> StackBuilder {
+    Stack::builder().order_saga_version(order_saga::NEWEST)
+}
 
 fn walkthrough(name: &str) -> String {
     let readme = std::fs::read_to_string(tools::workspace_root().join("README.md")).unwrap();
@@ -78,7 +85,7 @@ fn run(stack: &Stack, names: &[&str]) -> String {
 
 #[tokio::test]
 async fn discovery_walkthrough() {
-    let stack = Stack::start().await.unwrap();
+    let stack = as_deployed().start().await.unwrap();
     let output = run(&stack, &["discovery"]);
     assert!(
         output.contains("ordersaga.order.v1.OrderService"),
@@ -94,7 +101,7 @@ async fn discovery_walkthrough() {
 
 #[tokio::test]
 async fn login_walkthrough() {
-    let stack = Stack::start().await.unwrap();
+    let stack = as_deployed().start().await.unwrap();
     let output = run(&stack, &["login"]);
     assert!(output.contains("\"userId\""), "registered: {output}");
     // ListOrders answered (an empty list prints as `{}`), so the token worked.
@@ -103,15 +110,16 @@ async fn login_walkthrough() {
 
 #[tokio::test]
 async fn happy_and_declined_walkthroughs() {
-    let stack = Stack::start().await.unwrap();
+    let stack = as_deployed().start().await.unwrap();
     let started = std::time::Instant::now();
     let output = run(&stack, &["login", "happy", "declined"]);
     eprintln!("walkthrough in cleartext: {:?}", started.elapsed());
     assert!(output.contains("SAGA_STATE_COMPLETED"), "{output}");
-    assert!(output.contains("\"step\": \"confirm-order\""), "{output}");
+    assert!(output.contains("\"step\": \"capture-payment\""), "{output}");
+    assert!(output.contains("STATUS_SKIPPED"), "the review: {output}");
     assert!(output.contains("SAGA_STATE_COMPENSATED"), "{output}");
     assert!(
-        output.contains("payment declined: card_declined"),
+        output.contains("authorize-payment: payment declined: card_declined"),
         "{output}"
     );
     assert!(output.contains("PAYMENT_STATUS_DECLINED"), "{output}");
@@ -119,11 +127,11 @@ async fn happy_and_declined_walkthroughs() {
 
 #[tokio::test]
 async fn operator_walkthrough() {
-    let stack = Stack::start().await.unwrap();
+    let stack = as_deployed().start().await.unwrap();
     let output = run(&stack, &["login", "happy", "declined", "operator"]);
     assert!(output.contains("\"pauseRequested\": true"), "{output}");
     assert!(
-        output.contains("steps open-order, process-payment may have taken effect"),
+        output.contains("steps open-order, authorize-payment may have taken effect"),
         "{output}"
     );
     // PauseSaga's answer (the pause requested), ResumeSaga's, then
@@ -134,9 +142,23 @@ async fn operator_walkthrough() {
         "{output}"
     );
     assert!(
-        output.contains("process-payment: payment declined: card_declined"),
+        output.contains("authorize-payment: payment declined: card_declined"),
         "{output}"
     );
+}
+
+#[tokio::test]
+async fn review_and_return_walkthrough() {
+    let stack = as_deployed().start().await.unwrap();
+    let output = run(&stack, &["login", "happy", "review"]);
+    assert!(output.contains("ORDER_STATUS_PENDING_REVIEW"), "{output}");
+    assert!(output.contains("ORDER_STATUS_REVIEW_APPROVED"), "{output}");
+    assert!(
+        output.contains("\"sagaType\": \"order-return\""),
+        "{output}"
+    );
+    assert!(output.contains("PAYMENT_KIND_AUTHORIZATION"), "{output}");
+    assert!(output.contains("PAYMENT_STATUS_REFUNDED"), "{output}");
 }
 
 /// The same walkthroughs against a stack where every connection is TLS:
@@ -145,7 +167,7 @@ async fn operator_walkthrough() {
 #[tokio::test]
 async fn happy_and_declined_walkthroughs_over_tls() {
     let (certificates, infrastructure) = e2e::tls_infrastructure().await.unwrap();
-    let stack = Stack::builder()
+    let stack = as_deployed()
         .tls(e2e::TlsStack {
             certificates,
             infrastructure,
