@@ -264,6 +264,21 @@ impl Stack {
         &mut self.services[index_of(name)]
     }
 
+    /// SIGKILLs `name`, as a crash would, and waits until it is gone (its
+    /// port free), so that [`restart`](Self::restart) may follow.
+    pub async fn crash(&mut self, name: &str) -> anyhow::Result<()> {
+        let process = self.service_mut(name).process();
+        process.signal("KILL")?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while process.is_running() {
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{name} still runs 10 s after SIGKILL");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
     /// Sets `key=value` in the environment `name` is restarted with.
     pub fn set_env(&mut self, name: &str, key: &str, value: &str) {
         let env = &mut self.envs[index_of(name)];

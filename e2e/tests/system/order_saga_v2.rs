@@ -1,6 +1,7 @@
 //! Order saga version 2 across the four real binaries: authorize, review
 //! large orders, confirm, capture; its review approved, declined and timed
-//! out while the orchestrator dies and comes back; the capture retried
+//! out while the orchestrator dies and comes back, and a customer who
+//! cancels during the review; the capture retried
 //! through a payment outage past the pivot; an authorization that lapses
 //! during the review; a return refunded by a child saga; and sagas of
 //! version 1 finishing as version 1 beside version 2 across a restart onto
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use api_order::v1::{
     ApproveOrderRequest, DeclineOrderRequest, GetOrderRequest, Order, OrderStatus,
-    RequestReturnRequest,
+    RequestOrderCancellationRequest, RequestReturnRequest,
 };
 use api_payment::v1::{ListPaymentsByOrderRequest, Payment, PaymentKind, PaymentStatus};
 use api_saga::v1::step_execution::{Kind, Status};
@@ -150,14 +151,18 @@ async fn waiting_for_review(stack: &Stack, order_id: &str) -> Saga {
     }
 }
 
+/// The dashboard's view of a saga (`/api/saga?{query}`).
+async fn dashboard_saga(stack: &Stack, query: &str) -> serde_json::Value {
+    let admin = stack.admin_token().await.unwrap();
+    let address = stack.service(ORCHESTRATOR).http_address().unwrap();
+    let body = e2e::http_get(&format!("http://{address}/api/saga?{query}"), Some(&admin)).await;
+    serde_json::from_str(&body).unwrap()
+}
+
 /// SIGKILLs the orchestrator (every replica of it this stack has) and
 /// starts it again.
 async fn crash_orchestrator(stack: &mut Stack) {
-    stack
-        .service_mut(ORCHESTRATOR)
-        .process()
-        .signal("KILL")
-        .unwrap();
+    stack.crash(ORCHESTRATOR).await.unwrap();
     stack.restart(ORCHESTRATOR).await.unwrap();
 }
 
@@ -221,6 +226,9 @@ async fn a_large_order_waits_for_its_review_across_a_crash_and_is_captured_once_
         waiting.stuck_since.is_none(),
         "a wait is not stuck: {waiting:#?}"
     );
+    let shown = dashboard_saga(&stack, &format!("order={}", large.order_id)).await;
+    assert_eq!(shown["saga"]["phase"], "pending review", "{shown:#}");
+    assert_eq!(shown["saga"]["waiting_for_signal"], "review", "{shown:#}");
 
     let approved = approve(&stack, &large.order_id).await.unwrap();
     assert_eq!(approved.status(), OrderStatus::ReviewApproved);
@@ -263,11 +271,7 @@ async fn a_declined_review_voids_the_authorization_and_rejects_the_order() {
     waiting_for_review(&stack, &large.order_id).await;
 
     // Declined while no orchestrator runs: the decision waits on the topic.
-    stack
-        .service_mut(ORCHESTRATOR)
-        .process()
-        .signal("KILL")
-        .unwrap();
+    stack.crash(ORCHESTRATOR).await.unwrap();
     let admin = stack.admin_token().await.unwrap();
     let request = DeclineOrderRequest {
         order_id: large.order_id.clone(),
@@ -309,6 +313,30 @@ async fn a_declined_review_voids_the_authorization_and_rejects_the_order() {
         "voided, never refunded"
     );
     assert_eq!(provider_holds(&stack, &large.order_id).await, (0, 0));
+
+    // A customer who changes their mind while the order waits for its
+    // review: voided and cancelled, not rejected.
+    let second = place_large(&stack, &customer, "changed-mind").await;
+    waiting_for_review(&stack, &second.order_id).await;
+    let request = RequestOrderCancellationRequest {
+        order_id: second.order_id.clone(),
+        reason: "found it cheaper".into(),
+    };
+    stack
+        .orders()
+        .await
+        .request_order_cancellation(bearer(request, &customer))
+        .await
+        .unwrap();
+    let saga = stack.settled_saga(&second.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:#?}");
+    assert_eq!(
+        order(&stack, &customer, &second.order_id).await.status(),
+        OrderStatus::Cancelled
+    );
+    let paid = payments(&stack, &customer, &second.order_id).await;
+    assert_eq!(paid[0].status(), PaymentStatus::Voided);
+    assert_eq!(provider_holds(&stack, &second.order_id).await, (0, 0));
 }
 
 #[tokio::test]
@@ -324,11 +352,7 @@ async fn a_review_that_times_out_is_declined_on_a_restarted_orchestrator() {
 
     // The timer passes while no orchestrator runs; the restarted one finds
     // it in the database and fires it.
-    stack
-        .service_mut(ORCHESTRATOR)
-        .process()
-        .signal("KILL")
-        .unwrap();
+    stack.crash(ORCHESTRATOR).await.unwrap();
     let left = (until.seconds - chrono::Utc::now().timestamp()).clamp(0, 10);
     tokio::time::sleep(Duration::from_secs(left as u64 + 1)).await;
     stack.restart(ORCHESTRATOR).await.unwrap();
@@ -494,6 +518,13 @@ async fn a_return_is_refunded_by_a_child_saga_and_the_order_marked_returned() {
     let refund = status(child.saga_id.clone()).await;
     assert_eq!(refund.parent_saga_id, returned.saga_id);
     assert_eq!(refund.correlation_id, returned.correlation_id, "one flow");
+    let shown = dashboard_saga(&stack, &format!("saga={}", returned.saga_id)).await;
+    assert_eq!(shown["saga"]["phase"], "returned", "{shown:#}");
+    assert_eq!(
+        shown["children"].as_array().map(Vec::len),
+        Some(1),
+        "{shown:#}"
+    );
 
     let paid = payments(&stack, &customer, &placed.order_id).await;
     assert_eq!(

@@ -12,9 +12,10 @@
 //! return today, a partial refund or a goodwill credit tomorrow) runs the
 //! same one. Once the refund has begun it only goes forward: the child's
 //! pivot is its one step, so compensating the return never takes the
-//! refund back. A refund refused for certain (the payment is not captured,
-//! say) fails the child, and with it the return, which then reports why;
-//! the order stays RETURN_REQUESTED for an operator.
+//! refund back (a compensation that would reach a completed refund fails,
+//! for an operator). A refund refused for certain (the payment is not
+//! captured, say) fails the child, and with it the return, which then
+//! reports why; the order stays RETURN_REQUESTED for an operator.
 
 use std::sync::Arc;
 

@@ -257,6 +257,8 @@ function showSaga(one) {
   ].filter((part) => part).join("; ");
   $("saga-family").hidden = !family;
   $("saga-family").textContent = family;
+  $("saga-phase").hidden = !saga.phase;
+  $("saga-phase").textContent = saga.phase ? `the order: ${saga.phase}` : "";
   $("saga-waiting").hidden = !saga.waiting_for_signal;
   $("saga-waiting").textContent = saga.waiting_for_signal
     ? `waiting for signal ${saga.waiting_for_signal} until ${time(saga.waiting_until)}` : "";

@@ -37,6 +37,9 @@ pub(crate) struct SagaView {
     /// Set while the saga is stuck: since when, and why.
     pub(crate) stuck_since: Option<DateTime<Utc>>,
     pub(crate) stuck_reason: Option<String>,
+    /// Where an order's saga stands, in the order's words: "pending
+    /// review", "awaiting capture", "refunding", "returned".
+    pub(crate) phase: Option<&'static str>,
     /// A step waits for this signal until then.
     pub(crate) waiting_for_signal: Option<&'static str>,
     pub(crate) waiting_until: Option<DateTime<Utc>>,
@@ -73,6 +76,7 @@ impl SagaView {
             version_unknown: !carried && !instance.state.is_final(),
             parent_saga_id: instance.parent_saga_id,
             parent_step: instance.parent_step.clone(),
+            phase: phase(saga, waiting.map(|(signal, _)| signal)),
             waiting_for_signal: waiting.map(|(signal, _)| signal),
             waiting_until: waiting.map(|(_, until)| until),
             order_id: instance.business_key.clone(),
@@ -93,6 +97,37 @@ impl SagaView {
             updated_at: instance.updated_at,
             finished_at: instance.finished_at,
         }
+    }
+}
+
+/// Where the orchestrator's sagas stand, for the steps that mean something
+/// to the order: its review, its capture after the confirmation, its
+/// return. `None` for any other moment or saga.
+fn phase(saga: &SagaRecord, waiting_for: Option<&'static str>) -> Option<&'static str> {
+    use crate::order_saga::{self, CONFIRM_ORDER, v2};
+    use crate::return_saga;
+    let instance = &saga.instance;
+    let succeeded = |name: &str| {
+        saga.steps
+            .iter()
+            .any(|r| r.step == name && r.kind == Kind::Action && r.status == StepStatus::Succeeded)
+    };
+    let driven = instance.state.is_driven() || instance.state == SagaState::Paused;
+    match instance.saga_type.as_str() {
+        order_saga::SAGA_TYPE if driven && waiting_for == Some(v2::REVIEW_SIGNAL) => {
+            Some("pending review")
+        }
+        order_saga::SAGA_TYPE
+            if driven
+                && instance.version >= 2
+                && succeeded(CONFIRM_ORDER)
+                && !succeeded(v2::CAPTURE_PAYMENT) =>
+        {
+            Some("awaiting capture")
+        }
+        return_saga::SAGA_TYPE if driven => Some("refunding"),
+        return_saga::SAGA_TYPE if instance.state == SagaState::Completed => Some("returned"),
+        _ => None,
     }
 }
 
@@ -321,6 +356,39 @@ mod tests {
             deadline_at: None,
             outcome_unknown: false,
         }
+    }
+
+    #[test]
+    fn an_order_saga_shows_its_review_its_capture_and_its_return() {
+        use crate::order_saga::{self, CONFIRM_ORDER, v2};
+        let mut waiting = saga(vec![step(v2::REVIEW, Kind::Action, StepStatus::Waiting, 1)]);
+        waiting.instance.saga_type = order_saga::SAGA_TYPE.into();
+        waiting.instance.version = 2;
+        waiting.instance.state = SagaState::Running;
+        assert_eq!(
+            phase(&waiting, Some(v2::REVIEW_SIGNAL)),
+            Some("pending review")
+        );
+        assert_eq!(phase(&waiting, None), None);
+
+        let mut capturing = saga(vec![
+            step(CONFIRM_ORDER, Kind::Action, StepStatus::Succeeded, 1),
+            step(v2::CAPTURE_PAYMENT, Kind::Action, StepStatus::Waiting, 2),
+        ]);
+        capturing.instance.saga_type = order_saga::SAGA_TYPE.into();
+        capturing.instance.version = 2;
+        capturing.instance.state = SagaState::Running;
+        assert_eq!(phase(&capturing, None), Some("awaiting capture"));
+        capturing.steps[1].status = StepStatus::Succeeded;
+        capturing.instance.state = SagaState::Completed;
+        assert_eq!(phase(&capturing, None), None);
+
+        let mut returning = saga(vec![]);
+        returning.instance.saga_type = crate::return_saga::SAGA_TYPE.into();
+        returning.instance.state = SagaState::Running;
+        assert_eq!(phase(&returning, None), Some("refunding"));
+        returning.instance.state = SagaState::Completed;
+        assert_eq!(phase(&returning, None), Some("returned"));
     }
 
     fn event(saga: u128, message: &str, summary: &str, seconds: i64) -> TraceEventRow {

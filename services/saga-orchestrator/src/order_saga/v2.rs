@@ -289,3 +289,89 @@ impl Action for Capture {
         .boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn context(review: serde_json::Value, expires_in: chrono::Duration) -> StepContext {
+        let expires_at = (Utc::now() + expires_in).to_rfc3339();
+        StepContext {
+            saga_id: uuid::Uuid::now_v7(),
+            step: CHECK_REVIEW,
+            data: serde_json::json!({}),
+            outputs: HashMap::from([
+                (REVIEW.to_owned(), review),
+                (
+                    AUTHORIZE_PAYMENT.to_owned(),
+                    serde_json::json!({ "payment_id": "p", "expires_at": expires_at }),
+                ),
+            ]),
+            compensation_outputs: HashMap::new(),
+            failed_actions: HashMap::new(),
+            failure_reason: None,
+            attempt: 1,
+            time_left: Duration::from_secs(5),
+            correlation_id: "c".into(),
+            request_id: "r".into(),
+        }
+    }
+
+    async fn check(
+        review: serde_json::Value,
+        expires_in: chrono::Duration,
+    ) -> Result<serde_json::Value, StepError> {
+        let check = CheckReview {
+            capture_margin: Duration::from_secs(60),
+        };
+        check.run(&context(review, expires_in)).await
+    }
+
+    #[test]
+    fn an_order_is_reviewed_from_the_threshold_on() {
+        let review = Review {
+            threshold_minor: 100_000,
+            timeout: Duration::from_secs(60),
+        };
+        assert!(!review.required(99_999));
+        assert!(review.required(100_000));
+    }
+
+    #[tokio::test]
+    async fn an_approval_in_time_lets_the_order_go_on() {
+        let outcome = check(review_decision(true, ""), chrono::Duration::days(7)).await;
+        assert_eq!(outcome, Ok(serde_json::json!({ "approved": true })));
+    }
+
+    #[tokio::test]
+    async fn a_decline_or_a_timeout_fails_the_step_with_its_reason() {
+        let declined = check(review_decision(false, "fraud"), chrono::Duration::days(7)).await;
+        assert_eq!(
+            declined,
+            Err(StepError::Permanent("review declined: fraud".into()))
+        );
+        // What the wait's timeout gives (see `definition`).
+        let timed_out = review_decision(false, "the review timed out after 1day");
+        let outcome = check(timed_out, chrono::Duration::days(7)).await;
+        assert_eq!(
+            outcome,
+            Err(StepError::Permanent(
+                "review declined: the review timed out after 1day".into()
+            ))
+        );
+        // A payload that is not a decision is no approval.
+        let garbled = check(serde_json::json!("yes"), chrono::Duration::days(7)).await;
+        assert_eq!(garbled, Err(StepError::Permanent("review declined".into())));
+    }
+
+    #[tokio::test]
+    async fn an_approval_too_late_to_capture_before_the_authorization_lapses_is_a_decline() {
+        let outcome = check(review_decision(true, ""), chrono::Duration::seconds(30)).await;
+        let Err(StepError::Permanent(message)) = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert!(message.contains("too soon to capture"), "{message}");
+    }
+}
