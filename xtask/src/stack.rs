@@ -324,7 +324,10 @@ impl LocalStack {
                 env.extend(certificates.grpc_env(service.name));
                 env.push(("GRPC_TLS_CLIENT_AUTH".to_owned(), "true".to_owned()));
             }
-            if let Some(certificates) = broker.as_ref().and_then(|_| certificates.as_ref()) {
+            // Our broker over TLS: each service presents its own certificate.
+            if broker.as_ref().and_then(Broker::tls).is_some()
+                && let Some(certificates) = &certificates
+            {
                 env.extend(certificates.kafka_client(service.name).env());
             }
 
