@@ -76,7 +76,8 @@ pub struct StackBuilder {
 /// A stack over TLS: every service serves and calls over TLS with its
 /// certificate from `certificates` (and with `client_auth`, refuses callers
 /// without one), on `infrastructure` (a PostgreSQL of its own that speaks
-/// TLS only, see [`tls_infrastructure`]).
+/// TLS only, and a broker reached over TLS only, see
+/// [`tls_infrastructure`]), presenting the same certificate to the broker.
 #[derive(Debug, Clone, Copy)]
 pub struct TlsStack {
     pub certificates: &'static dev_stack::Certificates,
@@ -85,20 +86,22 @@ pub struct TlsStack {
 }
 
 /// The services' names in [`dev_stack::Certificates`] made for a TLS stack,
-/// beside PostgreSQL's and a client's of the tests' own.
-pub const CERTIFICATE_NAMES: [&str; 6] = [
+/// beside PostgreSQL's, the broker's and a client's of the tests' own.
+pub const CERTIFICATE_NAMES: [&str; 7] = [
     auth_service::NAME,
     order_service::NAME,
     payment_service::NAME,
     saga_orchestrator::NAME,
     "postgres",
-    "client",
+    dev_stack::certs::BROKER,
+    dev_stack::certs::CLIENT,
 ];
 
-/// Certificates from a CA of their own for every service, PostgreSQL and a
-/// client, and a PostgreSQL (speaking TLS only, with that CA's
-/// certificate) and broker of their own, for [`StackBuilder::tls`]. They
-/// live until the test process exits.
+/// Certificates from a CA of their own for every service, PostgreSQL, the
+/// broker and a client, and a PostgreSQL and a broker of their own that
+/// speak TLS only, with that CA's certificates (the broker requires a
+/// client certificate from it too), for [`StackBuilder::tls`]. They live
+/// until the test process exits.
 pub async fn tls_infrastructure() -> anyhow::Result<(
     &'static dev_stack::Certificates,
     &'static dev_stack::TestEnv,
@@ -109,7 +112,7 @@ pub async fn tls_infrastructure() -> anyhow::Result<(
     )?));
     let (postgres, broker) = tokio::try_join!(
         dev_stack::PostgresServer::start_tls(certificates),
-        dev_stack::Broker::start()
+        dev_stack::Broker::start_tls(certificates)
     )?;
     Ok((
         certificates,
@@ -198,6 +201,13 @@ impl StackBuilder {
             }));
             if let Some(tls) = &self.tls {
                 env.extend(tls.certificates.grpc_env(binary.name()));
+                if tls.infrastructure.kafka_tls().is_some() {
+                    // Each service presents its own certificate to the
+                    // broker too, rather than the tests' client's.
+                    let kafka = tls.certificates.kafka_client(binary.name()).env();
+                    env.retain(|(key, _)| !kafka.iter().any(|(k, _)| k == key));
+                    env.extend(kafka);
+                }
                 if tls.client_auth {
                     env.push(("GRPC_TLS_CLIENT_AUTH".into(), "true".into()));
                 }
@@ -408,7 +418,9 @@ impl Stack {
 
     /// Reads `topic` (of this stack's prefix) from its beginning.
     pub fn reader(&self, topic: &str) -> TopicReader {
-        TopicReader::new(self.scenario.env.bootstrap_servers(), topic, 3).expect("a topic reader")
+        self.scenario
+            .topic_reader(topic, 3)
+            .expect("a topic reader")
     }
 
     /// The saga of `order_id` as it is now (NOT_FOUND until it started).

@@ -169,8 +169,13 @@ struct LocalStack {
 }
 
 /// The names `up --tls` makes certificates for, beside the services:
-/// PostgreSQL's and one for grpcurl (or any client) to present.
-const TLS_NAMES: [&str; 2] = ["postgres", "client"];
+/// PostgreSQL's, the broker's, and one for grpcurl (or any client) to
+/// present.
+const TLS_NAMES: [&str; 3] = [
+    "postgres",
+    dev_stack::certs::BROKER,
+    dev_stack::certs::CLIENT,
+];
 
 fn tls_dir() -> PathBuf {
     state_dir().join("tls")
@@ -202,6 +207,17 @@ pub(crate) fn certs() -> anyhow::Result<()> {
             std::fs::Permissions::from_mode(0o644),
         )?;
     }
+    // Apache Kafka reads its key and certificate from one PEM file
+    // (`ssl.keystore.type=PEM`), the key first: docker-compose.tls.yml.
+    let broker = dev_stack::certs::BROKER;
+    let keystore = certificates.dir().join(format!("{broker}-keystore.pem"));
+    std::fs::write(
+        &keystore,
+        std::fs::read_to_string(certificates.key(broker))?
+            + &std::fs::read_to_string(certificates.cert(broker))?,
+    )
+    .with_context(|| format!("writing {}", keystore.display()))?;
+    std::fs::set_permissions(&keystore, std::fs::Permissions::from_mode(0o644))?;
     std::fs::set_permissions(certificates.dir(), std::fs::Permissions::from_mode(0o755))?;
     println!(
         "a local CA ({}) and certificates for {} in {}",
@@ -251,10 +267,21 @@ impl LocalStack {
             Ok(brokers) => (None, brokers),
             Err(_) => {
                 eprintln!("starting the broker");
-                let broker = Broker::start().await?;
+                let broker = match &certificates {
+                    Some(certificates) => Broker::start_tls(certificates).await?,
+                    None => Broker::start().await?,
+                };
                 let brokers = broker.bootstrap_servers();
                 (Some(broker), brokers)
             }
+        };
+        // How the topics job and the services reach the broker: ours over
+        // TLS with the local CA, each with a certificate of its own; one of
+        // the user's as the environment says (the services inherit it).
+        let security = match broker.as_ref().and_then(Broker::tls) {
+            Some(tls) => messaging::KafkaSecurity::tls(&tls.ca)
+                .with_client_certificate(&tls.certificate, &tls.key),
+            None => messaging::KafkaSecurity::from_env()?,
         };
         // The same job a deployment runs (docker-compose.yml, k8s/).
         let topics = Topics::new(std::env::var("KAFKA_TOPIC_PREFIX").unwrap_or_default());
@@ -262,7 +289,14 @@ impl LocalStack {
             partitions: 3,
             replication_factor: 1,
         };
-        ops::create_topics(&brokers, topics.prefix(), &layout, Duration::from_secs(30)).await?;
+        ops::create_topics(
+            &brokers,
+            &security,
+            topics.prefix(),
+            &layout,
+            Duration::from_secs(30),
+        )
+        .await?;
 
         let logs = state_dir().join("logs");
         std::fs::create_dir_all(&logs)?;
@@ -289,6 +323,12 @@ impl LocalStack {
             if let Some(certificates) = &certificates {
                 env.extend(certificates.grpc_env(service.name));
                 env.push(("GRPC_TLS_CLIENT_AUTH".to_owned(), "true".to_owned()));
+            }
+            // Our broker over TLS: each service presents its own certificate.
+            if broker.as_ref().and_then(Broker::tls).is_some()
+                && let Some(certificates) = &certificates
+            {
+                env.extend(certificates.kafka_client(service.name).env());
             }
 
             eprintln!("starting {}", service.name);
@@ -351,7 +391,7 @@ impl LocalStack {
         let plaintext = match &self.certificates {
             Some(certificates) => {
                 text.push_str(&format!(
-                    "  {:<18} {} (CA: ca.pem; client certificates required)\n",
+                    "  {:<18} {} (CA: ca.pem; client certificates required, by the broker too)\n",
                     "TLS",
                     certificates.dir().display()
                 ));

@@ -45,6 +45,9 @@ pub enum Command {
             default_value = ""
         )]
         prefix: String,
+        /// TLS to the brokers, as the services have it.
+        #[command(flatten)]
+        security: messaging::KafkaSecurity,
         #[command(flatten)]
         layout: crate::TopicLayout,
         /// How long to wait for the brokers to answer.
@@ -78,9 +81,10 @@ impl Cli {
             Command::CreateTopics {
                 brokers,
                 prefix,
+                security,
                 layout,
                 wait,
-            } => crate::create_topics(&brokers, &prefix, &layout, wait).await,
+            } => crate::create_topics(&brokers, &security, &prefix, &layout, wait).await,
             Command::Healthcheck {
                 address,
                 service,

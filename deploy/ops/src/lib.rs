@@ -147,15 +147,15 @@ pub fn topics(prefix: &str) -> Vec<String> {
 }
 
 /// Creates every topic that does not exist yet, waiting up to `wait` for
-/// the brokers.
+/// the brokers (reached as `security` says).
 pub async fn create_topics(
     brokers: &str,
+    security: &messaging::KafkaSecurity,
     prefix: &str,
     layout: &TopicLayout,
     wait: Duration,
 ) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let admin: AdminClient<DefaultClientContext> = messaging::client_config(brokers, security)?
         .create()
         .context("creating a Kafka admin client")?;
     let names = topics(prefix);

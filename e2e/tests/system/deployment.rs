@@ -38,9 +38,11 @@ async fn jobs_and_replicas_started_at_once_on_a_fresh_stack_all_come_up() -> any
     };
     let wait = Duration::from_secs(10);
     let provisions = (0..REPLICAS).map(|_| ops::provision(&admin_url, &passwords, wait));
+    let security = scenario.kafka_security();
     let topic_jobs = (0..REPLICAS).map(|_| {
         ops::create_topics(
             env.bootstrap_servers(),
+            &security,
             scenario.topics.prefix(),
             &layout,
             wait,
@@ -54,9 +56,8 @@ async fn jobs_and_replicas_started_at_once_on_a_fresh_stack_all_come_up() -> any
         6,
         "four event topics, two dead-letter topics"
     );
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", env.bootstrap_servers())
-        .create()?;
+    let consumer: BaseConsumer =
+        messaging::client_config(env.bootstrap_servers(), &security)?.create()?;
     let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
     for topic in &expected {
         let found = metadata.topics().iter().find(|t| t.name() == topic);

@@ -163,7 +163,10 @@ async fn review_and_return_walkthrough() {
 
 /// The same walkthroughs against a stack where every connection is TLS:
 /// gRPC with client certificates required (the tests' grpcurl presents
-/// one), between the services too, and PostgreSQL with `verify-full`.
+/// one), between the services too, PostgreSQL with `verify-full`, and
+/// Kafka (`KAFKA_SECURITY_PROTOCOL=ssl`, each service presenting its own
+/// certificate to a broker reached over TLS only): the sagas' events all
+/// travel over it.
 #[tokio::test]
 async fn happy_and_declined_walkthroughs_over_tls() {
     let (certificates, infrastructure) = e2e::tls_infrastructure().await.unwrap();
@@ -176,6 +179,10 @@ async fn happy_and_declined_walkthroughs_over_tls() {
         .start()
         .await
         .unwrap();
+    assert!(
+        infrastructure.kafka_tls().is_some(),
+        "the broker is reached over TLS only"
+    );
     let started = std::time::Instant::now();
     let output = run(&stack, &["login", "happy", "declined"]);
     eprintln!("walkthrough over TLS: {:?}", started.elapsed());

@@ -1,6 +1,9 @@
 //! TLS on every connection, with the real binaries: gRPC between clients
-//! and services and between services (rustls, the `tls` crate), and the
-//! services' PostgreSQL connections (`sslmode=verify-full`).
+//! and services and between services (rustls, the `tls` crate), the
+//! services' PostgreSQL connections (`sslmode=verify-full`), and their
+//! Kafka connections (`KAFKA_SECURITY_PROTOCOL=ssl`, librdkafka with
+//! OpenSSL, to a broker reached over TLS only that wants a client
+//! certificate).
 //!
 //! The finding these close: over cleartext, whoever could intercept a
 //! service's connection to auth could serve public keys of their own and
@@ -298,4 +301,101 @@ async fn tls_stack_on(
         .start()
         .await
         .unwrap()
+}
+
+/// The auth binary on `scenario`, over TLS with its certificate from
+/// `certificates`, and with `kafka` as its only Kafka TLS settings.
+async fn auth_with_kafka(
+    scenario: &Scenario,
+    certificates: &Certificates,
+    kafka: Vec<(String, String)>,
+) -> anyhow::Result<ServiceProcess> {
+    let auth = BINARIES[0];
+    assert_eq!(auth.name(), auth_service::NAME);
+    let url = scenario.database.provision(&auth.account()).await.unwrap();
+    let mut env = scenario.service_env(&url);
+    env.extend(peer_env(auth.name(), |_| unreachable!("auth calls no one")));
+    env.extend(certificates.grpc_env(auth.name()));
+    env.retain(|(key, _)| key != "KAFKA_SECURITY_PROTOCOL" && !key.starts_with("KAFKA_SSL_"));
+    env.extend(kafka);
+    let folder = binaries_folder().await.unwrap();
+    ServiceProcess::start(auth.name(), &folder.join(auth.name()), env).await
+}
+
+#[tokio::test]
+async fn a_service_that_cannot_verify_the_broker_is_not_ready_and_says_why() {
+    let (certificates, infrastructure) = e2e::tls_infrastructure().await.unwrap();
+    let scenario = Scenario::on(infrastructure, &[&auth_service::MANIFEST])
+        .await
+        .unwrap();
+    let right = certificates.kafka_client(auth_service::NAME);
+
+    // Trusting another CA (with its own certificate from the right one):
+    // the broker's certificate does not verify, and there is no cleartext
+    // to fall back to.
+    let rogue = rogue_ca(&[]);
+    let mut kafka = right.env();
+    kafka.retain(|(key, _)| key != "KAFKA_SSL_CA_LOCATION");
+    kafka.push((
+        "KAFKA_SSL_CA_LOCATION".into(),
+        rogue.ca().display().to_string(),
+    ));
+    let mut misled = auth_with_kafka(&scenario, certificates, kafka)
+        .await
+        .unwrap();
+    let logs = misled
+        .wait_for_log(
+            "certificate verify failed: broker certificate could not be verified",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert!(logs.contains("SSL handshake failed"), "{logs}");
+    assert!(!logs.contains("ready: reporting SERVING"), "{logs}");
+    assert_eq!(
+        misled.health("").await.unwrap(),
+        ServingStatus::NotServing,
+        "not ready without its broker"
+    );
+
+    // Trusting the right CA but presenting no certificate: the broker
+    // refuses it (under TLS 1.3 the client has finished its handshake by
+    // then, so librdkafka sees the broker's alert on its first request).
+    let mut kafka = right.env();
+    kafka.retain(|(key, _)| {
+        !key.starts_with("KAFKA_SSL_CERTIFICATE") && !key.starts_with("KAFKA_SSL_KEY")
+    });
+    let mut anonymous = auth_with_kafka(&scenario, certificates, kafka)
+        .await
+        .unwrap();
+    let logs = anonymous
+        .wait_for_log("alert certificate required", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(!logs.contains("ready: reporting SERVING"), "{logs}");
+    assert_eq!(
+        anonymous.health("").await.unwrap(),
+        ServingStatus::NotServing
+    );
+
+    // The same binary with the right settings is ready.
+    let mut trusting = auth_with_kafka(&scenario, certificates, right.env())
+        .await
+        .unwrap();
+    trusting
+        .wait_for_health("", ServingStatus::Serving, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // And a certificate without its key stops it at start, naming the
+    // setting.
+    let mut kafka = right.env();
+    kafka.retain(|(key, _)| key != "KAFKA_SSL_KEY_LOCATION");
+    let stopped = auth_with_kafka(&scenario, certificates, kafka)
+        .await
+        .expect_err("a certificate without its key");
+    let error = format!("{stopped:#}");
+    assert!(
+        error.contains("KAFKA_SSL_CERTIFICATE_LOCATION is set without KAFKA_SSL_KEY_LOCATION"),
+        "{error}"
+    );
 }

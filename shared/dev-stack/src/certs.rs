@@ -16,6 +16,41 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose,
 };
 
+/// The certificate a TLS broker presents ([`Broker::start_tls`]); `kafka`
+/// is also the broker's host name in docker-compose.yml.
+///
+/// [`Broker::start_tls`]: crate::Broker::start_tls
+pub const BROKER: &str = "kafka";
+/// The certificate the tests' own clients (and grpcurl) present.
+pub const CLIENT: &str = "client";
+
+/// How a Kafka client reaches a TLS broker: the CA the broker's
+/// certificate chains to, and the client certificate it presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaTls {
+    pub ca: PathBuf,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+impl KafkaTls {
+    /// As settings (`KAFKA_SECURITY_PROTOCOL=ssl`, `KAFKA_SSL_*`).
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("KAFKA_SECURITY_PROTOCOL", "ssl".into()),
+            ("KAFKA_SSL_CA_LOCATION", self.ca.display().to_string()),
+            (
+                "KAFKA_SSL_CERTIFICATE_LOCATION",
+                self.certificate.display().to_string(),
+            ),
+            ("KAFKA_SSL_KEY_LOCATION", self.key.display().to_string()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect()
+    }
+}
+
 /// A CA and the certificates it signed, as PEM files in one folder:
 /// `ca.pem`, and `<name>.pem` with `<name>.key` for each name.
 #[derive(Debug)]
@@ -104,6 +139,16 @@ impl Certificates {
         .into_iter()
         .map(|(key, path)| (key.to_owned(), path.display().to_string()))
         .collect()
+    }
+
+    /// A Kafka client's TLS as `name`: trusting the CA, presenting
+    /// `name`'s certificate.
+    pub fn kafka_client(&self, name: &str) -> KafkaTls {
+        KafkaTls {
+            ca: self.ca(),
+            certificate: self.cert(name),
+            key: self.key(name),
+        }
     }
 
     /// A client's TLS as `name`: trusting the CA, presenting `name`'s

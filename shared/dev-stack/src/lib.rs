@@ -8,7 +8,8 @@
 //!   (`tansu`, a Kafka-protocol broker) and `grpcurl` into the build tree;
 //! - [`PostgresServer`] runs a private cluster in a temporary folder on a
 //!   free port (throwaway for tests, or durable for benchmarks),
-//!   [`Broker`] a private broker;
+//!   [`Broker`] a private broker (in cleartext, or over TLS behind a
+//!   listener of ours: tansu's own TLS cannot be switched on);
 //! - [`Supervised`] runs a child process that cannot outlive its parent, so
 //!   a test binary killed mid-run leaves no server behind;
 //! - [`ServiceProcess`] runs one of our service binaries and watches its
@@ -25,11 +26,12 @@ mod process;
 mod proxy;
 mod service;
 mod test_env;
+mod tls_front;
 pub mod tools;
 mod topic_reader;
 
 pub use broker::Broker;
-pub use certs::Certificates;
+pub use certs::{Certificates, KafkaTls};
 pub use ports::free_port;
 pub use postgres::PostgresServer;
 pub use process::Supervised;

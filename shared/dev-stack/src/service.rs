@@ -186,6 +186,30 @@ impl ServiceProcess {
         )
     }
 
+    /// Waits until the service has logged `text`, and returns the log.
+    pub async fn wait_for_log(&mut self, text: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let logs = self.logs();
+            if logs.contains(text) {
+                return Ok(logs);
+            }
+            if !self.process.is_running() {
+                bail!(
+                    "{} exited before logging {text:?}; its log:\n{logs}",
+                    self.name
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{} did not log {text:?} within {timeout:?}; its log:\n{logs}",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit code (`None` if it had to be
     /// killed after `grace`).
     pub async fn stop(&mut self, grace: Duration) -> anyhow::Result<Option<i32>> {

@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use sqlx::Connection as _;
 use tokio::sync::OnceCell;
 
-use crate::{Broker, PostgresServer, broker, tools};
+use crate::{Broker, KafkaTls, PostgresServer, broker, tools};
 
 /// Set by `cargo xtask test`: the superuser URL of a running PostgreSQL
 /// (without a database name) that tests share, one database each.
@@ -31,6 +31,11 @@ pub struct TestEnv {
     /// parameters, for a server that speaks TLS only.
     postgres_parameters: String,
     bootstrap_servers: String,
+    /// Where `tansu topic create` reaches the broker: its cleartext port
+    /// (the same as `bootstrap_servers` unless the broker is behind TLS).
+    admin_servers: String,
+    /// How clients reach a broker over TLS, if it speaks TLS.
+    kafka_tls: Option<KafkaTls>,
     tansu: PathBuf,
     /// The servers this run started, if it did; they stop with the process.
     postgres: Option<PostgresServer>,
@@ -53,7 +58,9 @@ impl TestEnv {
             (Ok(postgres_base_url), Ok(bootstrap_servers)) => Ok(TestEnv {
                 postgres_base_url,
                 postgres_parameters: String::new(),
+                admin_servers: bootstrap_servers.clone(),
                 bootstrap_servers,
+                kafka_tls: None,
                 tansu,
                 postgres: None,
                 broker: None,
@@ -71,6 +78,8 @@ impl TestEnv {
             postgres_base_url: format!("postgres://postgres@127.0.0.1:{}", postgres.port()),
             postgres_parameters: postgres.url_parameters(),
             bootstrap_servers: broker.bootstrap_servers(),
+            admin_servers: broker.admin_servers(),
+            kafka_tls: broker.tls().cloned(),
             tansu,
             postgres: Some(postgres),
             broker: Some(broker),
@@ -108,6 +117,8 @@ impl TestEnv {
             postgres_base_url: postgres_base_url.into(),
             postgres_parameters: String::new(),
             bootstrap_servers: broker.bootstrap_servers(),
+            admin_servers: broker.admin_servers(),
+            kafka_tls: broker.tls().cloned(),
             tansu: tools::tansu()?,
             postgres: None,
             broker: Some(broker),
@@ -160,6 +171,22 @@ impl TestEnv {
         &self.bootstrap_servers
     }
 
+    /// How clients reach the broker over TLS, if it speaks TLS (see
+    /// [`Broker::start_tls`]).
+    pub fn kafka_tls(&self) -> Option<&KafkaTls> {
+        self.kafka_tls.as_ref()
+    }
+
+    /// The Kafka settings of a service on this stack beside
+    /// `KAFKA_BROKERS`: over TLS, the CA and the tests' client certificate
+    /// (a service may present its own instead); none in cleartext.
+    pub fn kafka_env(&self) -> Vec<(String, String)> {
+        self.kafka_tls
+            .as_ref()
+            .map(KafkaTls::env)
+            .unwrap_or_default()
+    }
+
     /// A topic prefix no other test uses, such as `t3f9a1c2e.`.
     pub fn unique_topic_prefix(&self) -> String {
         format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..8])
@@ -167,7 +194,7 @@ impl TestEnv {
 
     /// Creates topics on the run's broker.
     pub fn create_topics(&self, names: &[String], partitions: u32) -> anyhow::Result<()> {
-        broker::create_topics_with(&self.tansu, &self.bootstrap_servers, names, partitions)
+        broker::create_topics_with(&self.tansu, &self.admin_servers, names, partitions)
     }
 }
 

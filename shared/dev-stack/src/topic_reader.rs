@@ -18,10 +18,15 @@ impl std::fmt::Debug for TopicReader {
 }
 
 impl TopicReader {
-    /// Reads all `partitions` partitions of `topic` on `bootstrap_servers`.
-    pub fn new(bootstrap_servers: &str, topic: &str, partitions: i32) -> anyhow::Result<Self> {
-        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", bootstrap_servers)
+    /// Reads all `partitions` partitions of `topic`, connecting as
+    /// `config` says (`messaging::client_config`: the brokers, and how the
+    /// connection is secured).
+    pub fn new(
+        mut config: rdkafka::ClientConfig,
+        topic: &str,
+        partitions: i32,
+    ) -> anyhow::Result<Self> {
+        let consumer: StreamConsumer = config
             .set("group.id", "topic-reader-without-a-group")
             .set("enable.auto.commit", "false")
             .create()?;

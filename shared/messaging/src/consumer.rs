@@ -206,7 +206,7 @@ impl<H: EventHandler> Consumer<H> {
             group: group_id.clone(),
         };
         let kafka: StreamConsumer<kafka::LagReporter> =
-            kafka::consumer_config(settings, &group_id, &group_id)
+            kafka::consumer_config(settings, &group_id, &group_id)?
                 .create_with_context(lag)
                 .context("creating the Kafka consumer")?;
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -6,14 +6,13 @@ use anyhow::Context as _;
 use rdkafka::ClientConfig;
 use rdkafka::producer::FutureProducer;
 
-use crate::KafkaSettings;
+use crate::{KafkaSettings, client_config};
 
 /// An idempotent producer: the broker drops the duplicates its own retries
 /// would create, and per-partition order survives them. `acks=all` makes an
 /// acknowledged record durable on every in-sync replica.
 pub fn producer(settings: &KafkaSettings, client_id: &str) -> anyhow::Result<FutureProducer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
+    client_config(&settings.brokers, &settings.security)?
         .set("client.id", client_id)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -34,10 +33,9 @@ pub(crate) fn consumer_config(
     settings: &KafkaSettings,
     group: &str,
     client_id: &str,
-) -> ClientConfig {
-    let mut config = ClientConfig::new();
+) -> anyhow::Result<ClientConfig> {
+    let mut config = client_config(&settings.brokers, &settings.security)?;
     config
-        .set("bootstrap.servers", &settings.brokers)
         .set("client.id", client_id)
         .set("group.id", group)
         .set("enable.auto.commit", "true")
@@ -61,7 +59,7 @@ pub(crate) fn consumer_config(
                 .max(100)
                 .to_string(),
         );
-    config
+    Ok(config)
 }
 
 /// Answers whether the broker is reachable, for health reporting.

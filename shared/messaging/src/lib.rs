@@ -13,6 +13,9 @@
 //!   an [`EventHandler`] inside a transaction that also records the event id
 //!   in the inbox; failures are retried, and an event that keeps failing goes
 //!   to a dead-letter topic so the rest keep flowing.
+//! - [`security`]: TLS and SASL to the brokers (`KAFKA_SECURITY_PROTOCOL`,
+//!   `KAFKA_SSL_*`, `KAFKA_SASL_*`), and [`client_config`], where every
+//!   rdkafka client of the system is configured from.
 //!
 //! The tables live in each service's own schema; [`MIGRATIONS`] creates them.
 
@@ -22,6 +25,7 @@ pub mod envelope;
 mod kafka;
 pub mod outbox;
 mod relay;
+pub mod security;
 mod settings;
 mod topics;
 
@@ -30,6 +34,7 @@ pub use consumer::{Consumer, EventHandler, HandleError, ReceivedEvent, inbox_pur
 pub use kafka::{BrokerProbe, producer};
 pub use outbox::Publisher;
 pub use relay::Relay;
+pub use security::{KafkaSecurity, SecurityProtocol, client_config};
 pub use settings::KafkaSettings;
 pub use topics::{ORDER_EVENTS, PAYMENT_EVENTS, SAGA_EVENTS, Topics, USER_EVENTS};
 

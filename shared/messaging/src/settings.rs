@@ -23,6 +23,10 @@ pub struct KafkaSettings {
     #[arg(long = "kafka-session-timeout", env = "KAFKA_SESSION_TIMEOUT", default_value = "10s",
           value_parser = humantime::parse_duration)]
     pub session_timeout: Duration,
+
+    /// TLS and SASL of every connection to the brokers.
+    #[command(flatten)]
+    pub security: crate::KafkaSecurity,
 }
 
 fn parse_brokers(value: &str) -> Result<String, String> {

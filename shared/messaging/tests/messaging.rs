@@ -384,3 +384,93 @@ async fn a_backlog_is_applied_in_batches_once_each_in_order() {
         "{EVENTS} events took {transactions} transactions"
     );
 }
+
+/// A stack of the test's own whose broker speaks TLS only and wants a
+/// client certificate from `certificates`' CA (see `Broker::start_tls`).
+async fn tls_env() -> (
+    &'static dev_stack::Certificates,
+    &'static dev_stack::TestEnv,
+) {
+    let certificates: &'static _ = Box::leak(Box::new(
+        dev_stack::Certificates::generate(
+            "messaging test CA",
+            &[dev_stack::certs::BROKER, dev_stack::certs::CLIENT],
+        )
+        .unwrap(),
+    ));
+    let (postgres, broker) = tokio::try_join!(
+        dev_stack::PostgresServer::start(),
+        dev_stack::Broker::start_tls(certificates)
+    )
+    .unwrap();
+    (
+        certificates,
+        dev_stack::TestEnv::separate(postgres, broker).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn over_tls_the_relay_publishes_and_a_consumer_group_applies_each_event() {
+    let (_, env) = tls_env().await;
+    let fixture = Fixture::on(env).await;
+    assert_eq!(
+        fixture.kafka.security.protocol,
+        messaging::SecurityProtocol::Ssl
+    );
+    let topic = fixture.topics.order_events();
+    let reader = fixture.reader(&topic);
+    let shutdown = CancellationToken::new();
+    let relay =
+        tokio::spawn(Relay::new(fixture.pool.clone(), fixture.producer()).run(shutdown.clone()));
+    let consumer = fixture.consumer(&topic, RecordingHandler::default());
+    let consuming = tokio::spawn(consumer.run(shutdown.clone()));
+
+    let committed = change_with_event(&fixture, "over-tls", true).await;
+    let records = receive(&reader, 1, WAIT).await;
+    let published = messaging::EventEnvelope::decode(records[0].payload().unwrap()).unwrap();
+    assert_eq!(published, committed);
+    fixture.wait_for_effects(1).await;
+    assert_eq!(fixture.effects().await[0].1, "over-tls");
+
+    shutdown.cancel();
+    relay.await.unwrap();
+    consuming.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tls_broker_answers_only_a_client_that_trusts_its_ca_and_presents_a_certificate() {
+    let (certificates, env) = tls_env().await;
+    let probe = |security: messaging::KafkaSecurity| async move {
+        let settings = messaging::KafkaSettings {
+            brokers: env.bootstrap_servers().to_owned(),
+            topic_prefix: String::new(),
+            publish_timeout: Duration::from_secs(5),
+            session_timeout: Duration::from_secs(2),
+            security,
+        };
+        let producer = messaging::producer(&settings, "probe").unwrap();
+        messaging::BrokerProbe::new(producer)
+            .check(Duration::from_secs(3))
+            .await
+    };
+    let tls = env.kafka_tls().expect("a TLS broker");
+    let trusted =
+        messaging::KafkaSecurity::tls(&tls.ca).with_client_certificate(&tls.certificate, &tls.key);
+    probe(trusted).await.expect("the broker answers over TLS");
+
+    // Trusting another CA (even presenting a certificate of that CA's):
+    // the broker's certificate does not verify, so no metadata.
+    let rogue = dev_stack::Certificates::generate("rogue CA", &["client"]).unwrap();
+    let refused = probe(
+        messaging::KafkaSecurity::tls(rogue.ca())
+            .with_client_certificate(rogue.cert("client"), rogue.key("client")),
+    )
+    .await;
+    assert!(refused.is_err(), "a client trusting another CA");
+    // Trusting the right CA without a certificate of its own.
+    let refused = probe(messaging::KafkaSecurity::tls(certificates.ca())).await;
+    assert!(refused.is_err(), "a client without a certificate");
+    // Cleartext to the TLS port.
+    let refused = probe(messaging::KafkaSecurity::default()).await;
+    assert!(refused.is_err(), "a cleartext client");
+}

@@ -36,6 +36,9 @@ impl Platform {
     /// messaging tables and the service's migrations to its schema, and
     /// creates the Kafka producer.
     pub async fn start(manifest: &Manifest, settings: &CommonSettings) -> anyhow::Result<Self> {
+        // A Kafka TLS setting that cannot work stops the service before it
+        // touches anything, naming the setting.
+        settings.kafka.security.check()?;
         let pool = database::connect(&settings.database, manifest.schema).await?;
         let mut all = vec![messaging::MIGRATIONS];
         all.extend_from_slice(manifest.migrations);

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use database::ServiceAccount;
-use dev_stack::{ServiceProcess, ServingStatus, TestDatabase, TestEnv};
+use dev_stack::{ServiceProcess, ServingStatus, TestDatabase, TestEnv, TopicReader};
 use messaging::Topics;
 use service_runtime::manifest::{self, Manifest};
 
@@ -117,7 +117,31 @@ impl Scenario {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .chain(self.env.kafka_env())
         .collect()
+    }
+
+    /// How the tests' own Kafka clients reach the broker: over TLS with
+    /// the tests' client certificate when the broker speaks TLS.
+    pub fn kafka_security(&self) -> messaging::KafkaSecurity {
+        kafka_security(self.env)
+    }
+
+    /// Reads `topic` (all of its `partitions`) from its beginning.
+    pub fn topic_reader(&self, topic: &str, partitions: i32) -> anyhow::Result<TopicReader> {
+        let config =
+            messaging::client_config(self.env.bootstrap_servers(), &self.kafka_security())?;
+        TopicReader::new(config, topic, partitions)
+    }
+}
+
+/// How a test's own Kafka clients reach `env`'s broker (see
+/// [`Scenario::kafka_security`]).
+pub fn kafka_security(env: &TestEnv) -> messaging::KafkaSecurity {
+    match env.kafka_tls() {
+        Some(tls) => messaging::KafkaSecurity::tls(&tls.ca)
+            .with_client_certificate(&tls.certificate, &tls.key),
+        None => messaging::KafkaSecurity::default(),
     }
 }
 

@@ -371,6 +371,48 @@ fn check_deployment(deployment: &Value, container: &Value, binary: &Manifest) ->
     problems
 }
 
+/// What `k8s/components/kafka-tls` promises of a rendered overlay: every
+/// service and the create-topics job speak TLS to the brokers, verify
+/// them against a CA and present a client certificate.
+pub(super) fn check_kafka_tls(documents: &[Value]) -> Vec<String> {
+    let workloads = SERVICES
+        .iter()
+        .map(|binary| ("Deployment", binary.name))
+        .chain([("Job", "create-topics")]);
+    let mut problems = Vec::new();
+    for (kind, name) in workloads {
+        let Some(workload) = documents
+            .iter()
+            .find(|doc| doc["kind"] == kind && doc["metadata"]["name"] == name)
+        else {
+            problems.push(format!("no {kind}/{name}"));
+            continue;
+        };
+        let env: BTreeMap<String, String> =
+            workload["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|var| (scalar(&var["name"]), scalar(&var["value"])))
+                .collect();
+        if env.get("KAFKA_SECURITY_PROTOCOL").map(String::as_str) != Some("ssl") {
+            problems.push(format!(
+                "{kind}/{name} does not speak TLS to the brokers (KAFKA_SECURITY_PROTOCOL)"
+            ));
+        }
+        for setting in [
+            "KAFKA_SSL_CA_LOCATION",
+            "KAFKA_SSL_CERTIFICATE_LOCATION",
+            "KAFKA_SSL_KEY_LOCATION",
+        ] {
+            if !env.contains_key(setting) {
+                problems.push(format!("{kind}/{name} does not set {setting}"));
+            }
+        }
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -496,6 +538,19 @@ mod tests {
             container["livenessProbe"] = json!({"exec": {"command": [OPS, "healthcheck", "--address", address, "--service", "liveness"]}});
         }
         documents
+    }
+
+    #[test]
+    fn without_the_kafka_tls_component_each_workload_is_reported() {
+        let problems = check_kafka_tls(&with_tls(good_overlay()));
+        for name in SERVICES.iter().map(|binary| binary.name) {
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains(&format!("Deployment/{name} does not speak TLS"))),
+                "{problems:?}"
+            );
+        }
     }
 
     #[test]

@@ -112,9 +112,9 @@ pub(crate) async fn check() -> anyhow::Result<()> {
         );
     }
 
-    // The TLS component, on the prod overlay: rendered through a
-    // kustomization of our own (kustomize takes relative paths only),
-    // validated, and held to the same checks, with its exec probes.
+    // The TLS components (gRPC, and Kafka), on the prod overlay: rendered
+    // through a kustomization of our own (kustomize takes relative paths
+    // only), validated, and held to the same checks, with its exec probes.
     let with_tls = out_dir.join("prod-with-tls");
     std::fs::create_dir_all(&with_tls)?;
     let k8s = relative_path(&with_tls, &root.join("k8s"))?;
@@ -122,7 +122,7 @@ pub(crate) async fn check() -> anyhow::Result<()> {
         with_tls.join("kustomization.yaml"),
         format!(
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
-             resources:\n  - {k8s}/overlays/prod\ncomponents:\n  - {k8s}/components/tls\n"
+             resources:\n  - {k8s}/overlays/prod\ncomponents:\n  - {k8s}/components/tls\n  - {k8s}/components/kafka-tls\n"
         ),
     )?;
     let rendered = tool_output(
@@ -130,7 +130,7 @@ pub(crate) async fn check() -> anyhow::Result<()> {
             .arg("kustomize")
             .arg(&with_tls),
     )
-    .context("rendering k8s/overlays/prod with k8s/components/tls")?;
+    .context("rendering k8s/overlays/prod with k8s/components/tls and kafka-tls")?;
     let file = out_dir.join("prod-with-tls.yaml");
     std::fs::write(&file, &rendered)?;
     run_tool(
@@ -138,13 +138,17 @@ pub(crate) async fn check() -> anyhow::Result<()> {
             .args(["--strict", "--quiet"])
             .arg(&file),
     )
-    .context("k8s/components/tls on the prod overlay fails Kubernetes' schemas")?;
+    .context("k8s/components/tls and kafka-tls on the prod overlay fail Kubernetes' schemas")?;
     let documents = yaml_documents(&venv, &rendered)?;
     let mut tls_problems = kubernetes::check_kubernetes(&documents);
     tls_problems.extend(kubernetes::check_tls(&documents));
-    problems.extend(prefixed("k8s/components/tls (on prod)", tls_problems));
+    tls_problems.extend(kubernetes::check_kafka_tls(&documents));
+    problems.extend(prefixed(
+        "k8s/components/tls and kafka-tls (on prod)",
+        tls_problems,
+    ));
     eprintln!(
-        "k8s/components/tls on prod: {} resources rendered and validated",
+        "k8s/components/tls and kafka-tls on prod: {} resources rendered and validated",
         documents.len()
     );
     let compose_tls = root.join("docker-compose.tls.yml");

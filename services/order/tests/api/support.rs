@@ -247,12 +247,10 @@ impl Service {
     pub(crate) async fn event_types(&self, count: usize) -> Vec<String> {
         use prost::Message as _;
         use rdkafka::Message as _;
-        let reader = dev_stack::TopicReader::new(
-            self.scenario.env.bootstrap_servers(),
-            &self.scenario.topics.order_events(),
-            3,
-        )
-        .unwrap();
+        let reader = self
+            .scenario
+            .topic_reader(&self.scenario.topics.order_events(), 3)
+            .unwrap();
         let records = reader
             .receive(count, Duration::from_secs(20))
             .await

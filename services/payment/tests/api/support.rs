@@ -137,12 +137,9 @@ impl Service {
 
     /// The payment events topic, from its beginning.
     pub(crate) fn events(&self) -> TopicReader {
-        TopicReader::new(
-            self.scenario.env.bootstrap_servers(),
-            &self.scenario.topics.payment_events(),
-            3,
-        )
-        .unwrap()
+        self.scenario
+            .topic_reader(&self.scenario.topics.payment_events(), 3)
+            .unwrap()
     }
 
     /// One number, read as the superuser (name the `payments.` tables).

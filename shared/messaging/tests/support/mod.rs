@@ -38,7 +38,12 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn new() -> Self {
-        let env = TestEnv::get().await;
+        Self::on(TestEnv::get().await).await
+    }
+
+    /// A fixture on `env` (a stack of the test's own, such as one whose
+    /// broker speaks TLS only), its clients secured as that broker wants.
+    pub async fn on(env: &'static TestEnv) -> Self {
         let db = env.database().await.unwrap();
         let account = ServiceAccount {
             schema: "shop",
@@ -68,6 +73,11 @@ impl Fixture {
             publish_timeout: Duration::from_secs(10),
             // Joining a group takes about half the session timeout here.
             session_timeout: Duration::from_secs(2),
+            security: match env.kafka_tls() {
+                Some(tls) => messaging::KafkaSecurity::tls(&tls.ca)
+                    .with_client_certificate(&tls.certificate, &tls.key),
+                None => messaging::KafkaSecurity::default(),
+            },
         };
         Self {
             pool,
@@ -100,7 +110,8 @@ impl Fixture {
 
     /// Reads every record of `topic` from the beginning.
     pub fn reader(&self, topic: &str) -> TopicReader {
-        TopicReader::new(&self.kafka.brokers, topic, PARTITIONS).unwrap()
+        let config = messaging::client_config(&self.kafka.brokers, &self.kafka.security).unwrap();
+        TopicReader::new(config, topic, PARTITIONS).unwrap()
     }
 
     pub async fn effects(&self) -> Vec<(uuid::Uuid, String)> {
