@@ -380,6 +380,7 @@ impl From<Refused> for Status {
             refusal @ (Refused::InState { .. }
             | Refused::ForwardOnly { .. }
             | Refused::EffectsNotAcknowledged(_)
+            | Refused::ChildCannotBeTerminated { .. }
             | Refused::UnknownVersion { .. }
             | Refused::NoLongerAwaited(_)) => Status::failed_precondition(refusal.to_string()),
         }

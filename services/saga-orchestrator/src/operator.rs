@@ -53,13 +53,24 @@ pub(crate) enum Refused {
         since: DateTime<Utc>,
         undone: &'static str,
     },
-    /// Terminating would leave these steps' effects in place, unacknowledged.
+    /// Terminating would leave these steps' effects in place, unacknowledged
+    /// (a child saga's named by the step that started it: `refund/void`).
     #[error(
         "step{} {} may have taken effect and {} not compensated: terminating leaves {} in place (a charge, an open order); compensate the saga instead, or set acknowledge_effects to take {} on",
         plural(.0), .0.join(", "), if .0.len() == 1 { "is" } else { "are" },
         if .0.len() == 1 { "it" } else { "them" }, if .0.len() == 1 { "it" } else { "them" }
     )]
-    EffectsNotAcknowledged(Vec<&'static str>),
+    EffectsNotAcknowledged(Vec<String>),
+    /// A child saga under the saga cannot be terminated, so neither can it.
+    #[error(
+        "its child saga {saga_type} {child} (started by step {step}) cannot be terminated: {why}; nothing was terminated"
+    )]
+    ChildCannotBeTerminated {
+        child: Uuid,
+        saga_type: String,
+        step: String,
+        why: String,
+    },
     /// No live replica carries the saga's definition at its version.
     #[error(
         "no definition of {saga_type} version {version} is carried by this replica: the saga waits for a replica that has it"
@@ -91,7 +102,7 @@ fn known_signals(known: &[&str]) -> String {
     }
 }
 
-fn plural(steps: &[&str]) -> &'static str {
+fn plural<T>(steps: &[T]) -> &'static str {
     if steps.len() == 1 { "" } else { "s" }
 }
 
@@ -192,6 +203,29 @@ pub(crate) async fn terminate(
             answer(engine, saga_id, RequestOutcome::Accepted, "", "terminated").await
         }
         Termination::EffectsNotAcknowledged(steps) => Err(Refused::EffectsNotAcknowledged(steps)),
+        Termination::ChildRefused {
+            child,
+            saga_type,
+            step,
+            outcome,
+        } => {
+            let why = match outcome {
+                RequestOutcome::ForwardOnly { pivot, since } => format!(
+                    "it is past its pivot step {pivot} (attempted since {}), so it only goes forward",
+                    since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                ),
+                RequestOutcome::UnknownVersion { version } => format!(
+                    "no definition of {saga_type} version {version} is carried by this replica"
+                ),
+                other => format!("{other:?}"),
+            };
+            Err(Refused::ChildCannotBeTerminated {
+                child,
+                saga_type,
+                step,
+                why,
+            })
+        }
         Termination::Refused(outcome) => {
             answer(
                 engine,
@@ -291,16 +325,31 @@ mod tests {
 
     #[test]
     fn a_refusal_names_the_steps_left_in_effect() {
-        let one = Refused::EffectsNotAcknowledged(vec!["process-payment"]).to_string();
+        let steps = |names: &[&str]| names.iter().map(|s| (*s).to_owned()).collect();
+        let one = Refused::EffectsNotAcknowledged(steps(&["process-payment"])).to_string();
         assert!(
             one.starts_with("step process-payment may have taken effect and is not compensated"),
             "{one}"
         );
         let two =
-            Refused::EffectsNotAcknowledged(vec!["open-order", "process-payment"]).to_string();
+            Refused::EffectsNotAcknowledged(steps(&["open-order", "refund/void"])).to_string();
         assert!(
-            two.starts_with("steps open-order, process-payment may have taken effect and are not"),
+            two.starts_with("steps open-order, refund/void may have taken effect and are not"),
             "{two}"
+        );
+        let child = Refused::ChildCannotBeTerminated {
+            child: Uuid::nil(),
+            saga_type: "payment-refund".into(),
+            step: "refund".into(),
+            why: "it is past its pivot step capture".into(),
+        }
+        .to_string();
+        assert_eq!(
+            child,
+            format!(
+                "its child saga payment-refund {} (started by step refund) cannot be terminated: it is past its pivot step capture; nothing was terminated",
+                Uuid::nil()
+            )
         );
         let state = Refused::InState {
             state: SagaState::Paused,

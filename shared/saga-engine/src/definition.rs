@@ -233,7 +233,11 @@ pub struct Step {
     /// waits for its outcome: completed is the step's success, anything
     /// else its failure. Compensating the step compensates the child (a
     /// completed one is reopened to compensate, unless it is past its
-    /// pivot); cancelling the parent reaches a child still running.
+    /// pivot); cancelling the parent reaches a child still running, and
+    /// terminating it terminates the child (see `Engine::terminate`);
+    /// pausing it does not pause the child (see `Engine::pause`). While the
+    /// child runs, the parent is not stuck for want of progress; it is if
+    /// the child is (see `store::flag_stuck`).
     pub child: Option<ChildSaga>,
 }
 

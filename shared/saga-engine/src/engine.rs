@@ -140,15 +140,32 @@ pub enum SignalOutcome {
     },
     NotFound,
 }
+/// What a termination came to. Steps of a child saga are named by the
+/// path of steps that started it: `refund/void` is the step `void` of the
+/// child that the step `refund` started (and `a/b/c` one level deeper).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Termination {
-    /// Terminated, leaving these steps in effect (acknowledged).
-    Terminated { left_in_effect: Vec<&'static str> },
-    /// These steps may have taken effect and are not compensated, and the
-    /// request did not acknowledge it: nothing was done.
-    EffectsNotAcknowledged(Vec<&'static str>),
+    /// Terminated, leaving these steps in effect (acknowledged), with the
+    /// child sagas under it that were not final (terminated too).
+    Terminated {
+        left_in_effect: Vec<String>,
+        children: Vec<Uuid>,
+    },
+    /// These steps (its own, and its children's) may have taken effect and
+    /// are not compensated, and the request did not acknowledge it:
+    /// nothing was done.
+    EffectsNotAcknowledged(Vec<String>),
     /// Not found, final, or past its pivot: nothing was done.
     Refused(RequestOutcome),
+    /// A child saga under it (started by the step, or path of steps,
+    /// `step`) cannot be terminated, so neither can it: the child is past
+    /// its own pivot, or its version is not carried here. Nothing was done.
+    ChildRefused {
+        child: Uuid,
+        saga_type: String,
+        step: String,
+        outcome: RequestOutcome,
+    },
 }
 
 impl Engine {
@@ -425,6 +442,15 @@ impl Engine {
     /// the request is recorded under the row's lock, which the owner's next
     /// write waits for. A paused saga, or one already asked to pause, needs
     /// nothing more. A failed saga runs nothing: there is nothing to pause.
+    ///
+    /// Pausing a parent does not pause its child sagas, on purpose: a pause
+    /// stops this saga between its own steps (before it goes on to the next,
+    /// say), and a child is a saga of its own, already asked for, which an
+    /// operator pauses by its own id if they mean to. A child that ends
+    /// while its parent is paused wakes it all the same (`signal_pending`):
+    /// the parent reads the outcome once resumed. Neither is stuck for the
+    /// other meanwhile: a paused saga never is, and a parent waiting on a
+    /// paused child is not either (see [`store::flag_stuck`]).
     pub async fn pause(
         &self,
         conn: &mut PgConnection,
@@ -494,6 +520,25 @@ impl Engine {
     /// compensated: stopping then leaves that effect (a charge) in place,
     /// which the operator must own. An attempt in flight is cut off by the
     /// new fence; it counts as in effect.
+    ///
+    /// The child sagas under it (at any depth) that are not final are
+    /// terminated with it, in this transaction, under the same rules: if one
+    /// cannot be (it is past its own pivot, or its version is not carried
+    /// here), nothing is done and the refusal names it
+    /// ([`Termination::ChildRefused`]). The steps of its children (those
+    /// terminated, and those that completed, which compensating it would
+    /// have undone) that may have taken effect are its effects to
+    /// acknowledge, named by their path (`refund/void`), and each child
+    /// terminated records its own (`void`); each gets its SagaTerminated. A
+    /// child already compensated or terminated leaves nothing new.
+    ///
+    /// Terminating a child saga on its own wakes its parent, for which the
+    /// child ended: terminated, the child step's failure.
+    ///
+    /// The rows are locked parent first, as a parent's turns lock them; a
+    /// child's last turn, which locks it then wakes its parent, may meet
+    /// this request in a deadlock, which PostgreSQL breaks by failing one:
+    /// the turn is written again, the request fails and may be repeated.
     pub async fn terminate(
         &self,
         conn: &mut PgConnection,
@@ -527,21 +572,135 @@ impl Engine {
                 .await?
                 .context("a locked saga exists")?,
         };
-        let left_in_effect = crate::plan::in_effect(definition, &record);
+        let family = Family::of(record, store::descendants(conn, saga_id).await?);
+        if let Some(refusal) = self.refusal_under(&family) {
+            return Ok(refusal);
+        }
+        let left_in_effect = self.left_by(&family, &family.root);
         if !left_in_effect.is_empty() && !acknowledge_effects {
             return Ok(Termination::EffectsNotAcknowledged(left_in_effect));
         }
-        store::terminate(conn, &saga, reason, &left_in_effect).await?;
-        let event = pb::SagaTerminated {
-            saga_id: saga_id.to_string(),
-            order_id: saga.business_key.clone(),
+
+        let terminated: Vec<&SagaRecord> = family
+            .under
+            .iter()
+            .filter(|child| !child.instance.state.is_final())
+            .collect();
+        let mut stops = vec![store::Stop {
+            saga_id,
             reason: reason.to_owned(),
-            steps_left_in_effect: left_in_effect.iter().map(|s| (*s).to_owned()).collect(),
+            left_in_effect: left_in_effect.clone(),
+        }];
+        let child_reason = format!("terminated with its parent saga {saga_id}: {reason}");
+        stops.extend(terminated.iter().map(|child| store::Stop {
+            saga_id: child.instance.saga_id,
+            reason: child_reason.clone(),
+            left_in_effect: self.left_by(&family, child),
+        }));
+        store::terminate(conn, &stops).await?;
+        let cause = telemetry::causation::current();
+        let envelopes: Vec<_> = stops
+            .iter()
+            .zip(std::iter::once(&family.root).chain(terminated.iter().copied()))
+            .map(|(stop, saga)| {
+                let instance = &saga.instance;
+                // A child works for its parent's order, as its SagaStarted
+                // said.
+                let order_id = instance
+                    .parent_saga_id
+                    .filter(|_| instance.saga_id != saga_id)
+                    .and_then(|parent| family.get(parent))
+                    .map_or(&instance.business_key, |parent| {
+                        &parent.instance.business_key
+                    });
+                let event = pb::SagaTerminated {
+                    saga_id: instance.saga_id.to_string(),
+                    order_id: order_id.clone(),
+                    reason: stop.reason.clone(),
+                    steps_left_in_effect: stop.left_in_effect.clone(),
+                };
+                turn::saga_event(
+                    &self.publisher,
+                    instance.saga_id,
+                    &instance.correlation_id,
+                    cause.clone(),
+                    &event,
+                )
+            })
+            .collect();
+        self.events().write(conn, &envelopes).await?;
+        let children: Vec<Uuid> = terminated.iter().map(|c| c.instance.saga_id).collect();
+        tracing::warn!(%saga_id, %reason, left_in_effect = ?left_in_effect, children = ?children, "saga terminated by an operator");
+        for saga in std::iter::once(&family.root).chain(terminated.iter().copied()) {
+            count_committed(
+                &saga.instance.saga_type,
+                Count::Finished(SagaState::Terminated),
+            );
+        }
+        Ok(Termination::Terminated {
+            left_in_effect,
+            children,
+        })
+    }
+
+    /// Why the children under a saga keep it from being terminated, if they
+    /// do: one not final is past its own pivot, or one whose steps count
+    /// (not final, or completed) is of a version not carried here.
+    fn refusal_under(&self, family: &Family) -> Option<Termination> {
+        family.under.iter().find_map(|child| {
+            let instance = &child.instance;
+            let refused = |outcome| Termination::ChildRefused {
+                child: instance.saga_id,
+                saga_type: instance.saga_type.clone(),
+                step: family.path(child),
+                outcome,
+            };
+            let counted = !matches!(
+                instance.state,
+                SagaState::Compensated | SagaState::Terminated
+            );
+            let Some(definition) = self.definition(&instance.saga_type, instance.version) else {
+                return counted.then(|| {
+                    refused(RequestOutcome::UnknownVersion {
+                        version: instance.version,
+                    })
+                });
+            };
+            let since = instance
+                .forward_only_since
+                .filter(|_| !instance.state.is_final())?;
+            Some(refused(RequestOutcome::ForwardOnly {
+                pivot: definition.pivot.unwrap_or("the pivot"),
+                since,
+            }))
+        })
+    }
+
+    /// What stopping `saga` now leaves in effect: its own steps that may
+    /// have taken effect and are not compensated (see `plan::in_effect`),
+    /// then those of the children under it, named by their path from it;
+    /// a child compensated or terminated already adds none of its own.
+    fn left_by(&self, family: &Family, saga: &SagaRecord) -> Vec<String> {
+        let instance = &saga.instance;
+        let mut left: Vec<String> = match instance.state {
+            SagaState::Compensated | SagaState::Terminated => Vec::new(),
+            _ => self
+                .definition(&instance.saga_type, instance.version)
+                .map(|definition| crate::plan::in_effect(definition, saga))
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
         };
-        self.record(conn, &saga, &event).await?;
-        tracing::warn!(%saga_id, %reason, left_in_effect = ?left_in_effect, "saga terminated by an operator");
-        count_committed(&saga.saga_type, Count::Finished(SagaState::Terminated));
-        Ok(Termination::Terminated { left_in_effect })
+        for child in family.children_of(instance.saga_id) {
+            let step = child.instance.parent_step.as_deref().unwrap_or("?");
+            left.extend(
+                self.left_by(family, child)
+                    .into_iter()
+                    .map(|theirs| format!("{step}/{theirs}")),
+            );
+        }
+        left
     }
 
     /// Keeps a signal for a running saga (or one paused while running),
@@ -949,12 +1108,14 @@ impl Engine {
                 }
                 Plan::Wait(until) => {
                     turn.awaits_until = turn.awaited(definition);
+                    turn.awaits_child = turn.awaiting_child();
                     return self
                         .commit(&mut turn, fence, Lease::Release(Some(until)))
                         .await
                         .map(drop);
                 }
                 Plan::Idle => {
+                    turn.awaits_child = turn.awaiting_child();
                     return self
                         .commit(&mut turn, fence, Lease::Release(None))
                         .await
@@ -1136,6 +1297,47 @@ impl Engine {
             );
         }
         Ok(true)
+    }
+}
+
+/// A saga being terminated and every saga under it, as read under their
+/// locks: parents before their children.
+struct Family {
+    root: SagaRecord,
+    under: Vec<SagaRecord>,
+}
+
+impl Family {
+    fn of(root: SagaRecord, under: Vec<SagaRecord>) -> Self {
+        Self { root, under }
+    }
+
+    fn get(&self, saga_id: Uuid) -> Option<&SagaRecord> {
+        std::iter::once(&self.root)
+            .chain(&self.under)
+            .find(|saga| saga.instance.saga_id == saga_id)
+    }
+
+    /// The children `parent`'s steps started, in the order they started.
+    fn children_of(&self, parent: Uuid) -> impl Iterator<Item = &SagaRecord> {
+        self.under
+            .iter()
+            .filter(move |child| child.instance.parent_saga_id == Some(parent))
+    }
+
+    /// The path of steps from the root that started `saga`: `refund`, or
+    /// `refund/void-child` a level deeper.
+    fn path(&self, saga: &SagaRecord) -> String {
+        let step = saga.instance.parent_step.as_deref().unwrap_or("?");
+        match saga
+            .instance
+            .parent_saga_id
+            .filter(|parent| *parent != self.root.instance.saga_id)
+            .and_then(|parent| self.get(parent))
+        {
+            Some(parent) => format!("{}/{step}", self.path(parent)),
+            None => step.to_owned(),
+        }
     }
 }
 

@@ -60,5 +60,6 @@ pub const MIGRATIONS: database::MigrationSet = database::migrations!(
         "0005_finished_sagas_by_age.sql",
         "0006_versions_conditions_signals.sql",
         "0007_child_sagas.sql",
+        "0008_children_and_stuck.sql",
     ]
 );

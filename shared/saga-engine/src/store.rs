@@ -23,20 +23,24 @@
 //! |                        | lease cleared, fence + 1)                    | held the saga is fenced off                            |
 //! | `request_pause`,       | `saga_instances` (`pause_requested_at`)      | the row lock of `lock`; leaves the fence, so the owner |
 //! | `withdraw_pause`       |                                              | pauses between steps (see `write`)                     |
-//! | `pause`, `resume`,     | `saga_instances` (state; `resume` also the   | the row lock of `lock`; takes a new fence, so whoever  |
-//! | `terminate`            | unfinished steps' deadlines), fence + 1      | held the saga is fenced off                            |
+//! | `pause`, `resume`      | `saga_instances` (state; `resume` also the   | the row lock of `lock`; takes a new fence, so whoever  |
+//! |                        | unfinished steps' deadlines), fence + 1      | held the saga is fenced off                            |
+//! | `terminate`            | `saga_instances` (a saga and the children    | the row locks of `lock` and `descendants`; takes new   |
+//! |                        | under it: state, fence + 1; a parent not     | fences; the wake-up as `keep_signal`'s                 |
+//! |                        | terminated with them woken)                  |                                                        |
 //! | `flag_stuck`           | `saga_instances` (`stuck_since`, reason)     | nothing: only the flag, set once (`stuck_since IS      |
-//! |                        |                                              | NULL`), which the owner's next progress clears         |
+//! |                        |                                              | NULL`), which the owner's next progress clears (or,    |
+//! |                        |                                              | for a parent waiting on a child, the child's)          |
 //! | `keep_signal`          | `saga_signals` (insert), `saga_instances`    | the row lock of `lock`; leaves the fence, so the owner |
 //! |                        | (`signal_pending`, next run)                 | reads the signal once it releases the saga             |
 //! | `carry`                | `saga_definitions` (upsert)                  | nothing to fence: it only extends `carried_until`      |
 //! | `Events::write`        | outbox, journal                              | the transaction it joins: `create`'s, `write`'s or a   |
 //! |                        |                                              | request's                                              |
 //!
-//! `lock` writes nothing: it takes the row lock that orders a request
-//! against the owner's turns. The rest only read: `load`, `load_instance`,
+//! `lock` and `descendants` write nothing: they take the row locks that
+//! order a request against the owners' turns. The rest only read: `load`, `load_instance`,
 //! `steps`, `find_by_business_key`, `find_by_correlation`, `trace_context`, `list`,
-//! `search`, `next_due`, `next_stuck`, `signals`, `find_signal`,
+//! `search`, `explain_search`, `next_due`, `next_stuck`, `explain_stuck`, `signals`, `find_signal`,
 //! `carried_definitions`, `unknown_version_count`, and `listen` (the channel on which
 //! the trigger of `0001_sagas.sql` announces due work).
 //!
@@ -296,6 +300,10 @@ pub struct Instance {
     /// A signal arrived (or a child saga ended) that the replica driving
     /// it may not have read.
     pub signal_pending: bool,
+    /// Released waiting for a child saga that runs (or compensates, or is
+    /// paused): not stuck for want of progress while it waits; see
+    /// [`flag_stuck`].
+    pub awaits_child: bool,
     /// The saga and step that started this one as a child.
     pub parent_saga_id: Option<Uuid>,
     pub parent_step: Option<String>,
@@ -336,6 +344,7 @@ impl Instance {
             stuck_since: None,
             stuck_reason: None,
             signal_pending: false,
+            awaits_child: false,
             parent_saga_id: None,
             parent_step: None,
             next_run_at: None,
@@ -425,7 +434,7 @@ macro_rules! instance_columns {
     () => {
         "saga_id, saga_type, version, business_key, state, data, correlation_id, position, failure_reason, \
          compensation_requested, forward_only_since, overdue_step, overdue_since, pause_requested_at, paused_at, \
-         paused_from, left_in_effect, progressed_at, stuck_since, stuck_reason, signal_pending, parent_saga_id, parent_step, next_run_at, lease_owner, \
+         paused_from, left_in_effect, progressed_at, stuck_since, stuck_reason, signal_pending, awaits_child, parent_saga_id, parent_step, next_run_at, lease_owner, \
          lease_expires_at, fence, created_at, updated_at, finished_at"
     };
 }
@@ -1117,8 +1126,13 @@ pub(crate) enum Written {
 /// stuck flag, unless a step is still past its deadline; a turn that finds
 /// a step past its deadline sets it, unless set already. A saga released
 /// to wait for a signal counts its progress from its timer: waiting is not
-/// being stuck. Released with a signal pending (one arrived while this
-/// replica held the saga), it is due at once, so that its signals are read.
+/// being stuck. Released to wait for a child saga that is running, it is
+/// marked as waiting for it (`awaits_child`), and out of the detector's
+/// index of sagas that may become stuck until it is written again: its
+/// progress is counted from then, as the wait was not being stuck. Released
+/// with a signal pending (one arrived, or a child ended, while this replica
+/// held the saga), it is due at once, so that its signals are read; it is
+/// left marked as the signal left it (a child's end clears the mark).
 pub(crate) async fn write(
     pool: &PgPool,
     fence: i64,
@@ -1157,8 +1171,9 @@ pub(crate) async fn write(
                  paused_at = $27, paused_from = $28,
                  progressed_at = CASE
                      WHEN $31::timestamptz IS NOT NULL THEN greatest(progressed_at, $31)
-                     WHEN $29 THEN now()
+                     WHEN $29 OR awaits_child THEN now()
                      ELSE progressed_at END,
+                 awaits_child = CASE WHEN signal_pending THEN awaits_child ELSE $32 END,
                  stuck_since = CASE
                      WHEN $3 NOT IN ('running', 'compensating') THEN NULL
                      WHEN $30::text IS NOT NULL THEN coalesce(stuck_since, now())
@@ -1219,6 +1234,7 @@ pub(crate) async fn write(
     .bind(turn.progressed)
     .bind(turn.flags_stuck.as_deref())
     .bind(turn.awaits_until)
+    .bind(turn.awaits_child)
     .fetch_optional(&mut *tx)
     .await
     .context("writing the saga and its steps")?;
@@ -1306,17 +1322,33 @@ async fn write_children(
             .iter()
             .any(|c| matches!(c, crate::turn::Count::Finished(_)))
     }) {
-        sqlx::query(
-            "UPDATE saga_instances SET signal_pending = true,
-                 next_run_at = CASE WHEN lease_owner IS NULL AND state IN ('running', 'compensating')
-                                    THEN now() ELSE next_run_at END
-             WHERE saga_id = $1",
-        )
-        .bind(parent)
-        .execute(&mut *conn)
-        .await
-        .context("waking a child saga's parent")?;
+        wake_parents(conn, &[parent]).await?;
     }
+    Ok(())
+}
+
+/// Wakes the parents of child sagas that ended (completed, compensated,
+/// failed or terminated): each reads its children when next claimed. A
+/// parent is due now unless a replica holds it (`signal_pending` makes
+/// that replica release it due now) or it is paused (it reads them once
+/// resumed). It waits for its child no more: its progress is counted from
+/// the child's end, so a parent that does not move on is stuck in time.
+///
+/// Writes `saga_instances` (`signal_pending`, `awaits_child`,
+/// `progressed_at`, next run). Not fenced, as [`keep_signal`]: under the
+/// row lock the update takes, which orders it against the parent's turns.
+async fn wake_parents(conn: &mut PgConnection, parents: &[Uuid]) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE saga_instances SET signal_pending = true, awaits_child = false,
+             progressed_at = greatest(progressed_at, now()),
+             next_run_at = CASE WHEN lease_owner IS NULL AND state IN ('running', 'compensating')
+                                THEN now() ELSE next_run_at END
+         WHERE saga_id = ANY($1)",
+    )
+    .bind(parents)
+    .execute(&mut *conn)
+    .await
+    .context("waking a child saga's parent")?;
     Ok(())
 }
 
@@ -1528,34 +1560,109 @@ pub(crate) async fn resume(
     Ok(())
 }
 
-/// Stops a saga for good, without compensating: terminated, with the
-/// operator's reason and the steps it leaves in effect.
+/// A saga to stop for good: why, and the steps it leaves in effect.
+#[derive(Debug, Clone)]
+pub(crate) struct Stop {
+    pub(crate) saga_id: Uuid,
+    pub(crate) reason: String,
+    pub(crate) left_in_effect: Vec<String>,
+}
+
+/// Stops sagas for good, without compensating (a saga and the children
+/// under it): each terminated, with its reason and the steps it leaves in
+/// effect. The parent of a stopped saga that is not stopped with it (an
+/// operator terminated a child) is woken, as by a child's last turn: for it,
+/// its child ended.
 ///
 /// Writes `saga_instances` (state, reason, steps left in effect, finished,
-/// no work due, requests and flags cleared, lease cleared, fence + 1).
-/// Under the row lock of [`lock`]; the new fence cuts off a replica mid
-/// attempt: its outcome is never written.
-pub(crate) async fn terminate(
-    conn: &mut PgConnection,
-    saga: &Locked,
-    reason: &str,
-    left_in_effect: &[&str],
-) -> anyhow::Result<()> {
-    sqlx::query(
-        "UPDATE saga_instances SET state = 'terminated', failure_reason = $2, left_in_effect = $3,
-             finished_at = now(), next_run_at = NULL, compensation_requested = NULL,
-             pause_requested_at = NULL, paused_at = NULL, paused_from = NULL,
-             stuck_since = NULL, stuck_reason = NULL,
-             lease_owner = NULL, lease_expires_at = NULL, fence = fence + 1, updated_at = now()
-         WHERE saga_id = $1",
+/// no work due, requests and flags cleared, lease cleared, fence + 1; and
+/// the wake-up of [`wake_parents`]). Under the row locks of [`lock`] and
+/// [`descendants`]; the new fence cuts off a replica mid attempt: its
+/// outcome is never written.
+pub(crate) async fn terminate(conn: &mut PgConnection, stops: &[Stop]) -> anyhow::Result<()> {
+    let ids: Vec<Uuid> = stops.iter().map(|stop| stop.saga_id).collect();
+    let parents: Vec<Uuid> = sqlx::query_scalar(
+        "WITH stopped AS (
+             UPDATE saga_instances s SET state = 'terminated', failure_reason = t.reason,
+                 left_in_effect = ARRAY(SELECT jsonb_array_elements_text(t.left_in_effect)),
+                 finished_at = now(), next_run_at = NULL, compensation_requested = NULL,
+                 pause_requested_at = NULL, paused_at = NULL, paused_from = NULL,
+                 stuck_since = NULL, stuck_reason = NULL, awaits_child = false,
+                 lease_owner = NULL, lease_expires_at = NULL, fence = s.fence + 1, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::jsonb[]) AS t (saga_id, reason, left_in_effect)
+             WHERE s.saga_id = t.saga_id
+             RETURNING s.parent_saga_id
+         )
+         SELECT DISTINCT parent_saga_id FROM stopped
+         WHERE parent_saga_id IS NOT NULL AND parent_saga_id <> ALL($1)",
     )
-    .bind(saga.saga_id)
-    .bind(reason)
-    .bind(left_in_effect)
-    .execute(&mut *conn)
+    .bind(&ids)
+    .bind(stops.iter().map(|stop| stop.reason.as_str()).collect::<Vec<_>>())
+    .bind(
+        stops
+            .iter()
+            .map(|stop| Json(&stop.left_in_effect))
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut *conn)
     .await
-    .context("terminating a saga")?;
+    .context("terminating sagas")?;
+    if !parents.is_empty() {
+        wake_parents(conn, &parents).await?;
+    }
     Ok(())
+}
+
+/// Every saga under `root` (its children, theirs, and so on), final or
+/// not, each with its step log: parents before their children, siblings in
+/// the order they started. Locks their rows for the caller's transaction,
+/// after `root`'s (taken by [`lock`]): the order in which a parent's turn
+/// takes them. Writes nothing. Two statements, whatever the family's size:
+/// the tree through `saga_instances_children`, then the step logs.
+pub(crate) async fn descendants(
+    conn: &mut PgConnection,
+    root: Uuid,
+) -> anyhow::Result<Vec<SagaRecord>> {
+    let instances: Vec<Instance> = sqlx::query_as(concat!(
+        "WITH RECURSIVE tree (id, depth) AS (
+             SELECT saga_id, 1 FROM saga_instances WHERE parent_saga_id = $1
+             UNION ALL
+             SELECT c.saga_id, tree.depth + 1 FROM saga_instances c JOIN tree ON c.parent_saga_id = tree.id
+         )
+         SELECT ",
+        instance_columns!(),
+        " FROM saga_instances JOIN tree ON saga_id = tree.id
+         ORDER BY tree.depth, created_at, saga_id
+         FOR UPDATE OF saga_instances"
+    ))
+    .bind(root)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading and locking a saga's children")?;
+    if instances.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = instances.iter().map(|i| i.saga_id).collect();
+    let owned: Vec<OwnedStep> = sqlx::query_as(concat!(
+        "SELECT saga_id, ",
+        step_columns!(),
+        " FROM saga_steps WHERE saga_id = ANY($1) ORDER BY seq"
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading a saga's children's steps")?;
+    let mut steps: HashMap<Uuid, Vec<StepRecord>> = HashMap::new();
+    for step in owned {
+        steps.entry(step.saga_id).or_default().push(step.record);
+    }
+    Ok(instances
+        .into_iter()
+        .map(|instance| SagaRecord {
+            steps: steps.remove(&instance.saga_id).unwrap_or_default(),
+            instance,
+        })
+        .collect())
 }
 
 /// The saga's step log, in the caller's transaction. Reads only.
@@ -1597,6 +1704,15 @@ pub struct Stuck {
 /// A saga of a version no live replica carries is stuck too, at once
 /// (nothing will drive it), found through
 /// `saga_instances_unfinished`.
+///
+/// A parent waiting for a child saga (`awaits_child`) is not in that
+/// index: its child's progress is its own, and the child is flagged on its
+/// own. Such a parent is flagged when a child of it is, with the child's
+/// reason, and a grandparent waiting on it in turn (a statement per
+/// generation, over live sagas only: see `FLAG_PARENTS`); the flag is
+/// cleared once none of its children is stuck any more. A child that ended
+/// woke its parent and cleared its `awaits_child`, counting its progress
+/// from then: a parent that does not move on is flagged like any saga.
 pub async fn flag_stuck(pool: &PgPool, stuck_after: Duration) -> anyhow::Result<Vec<Stuck>> {
     let mut stuck: Vec<Stuck> = sqlx::query_as(concat!(
         "UPDATE saga_instances SET stuck_since = now(),
@@ -1611,34 +1727,114 @@ pub async fn flag_stuck(pool: &PgPool, stuck_after: Duration) -> anyhow::Result<
     .await
     .context("flagging sagas of a version no replica carries")?;
     let stuck_after = chrono::Duration::from_std(stuck_after).context("stuck after")?;
-    let unprogressed: Vec<Stuck> = sqlx::query_as(
-        "UPDATE saga_instances SET stuck_since = now(),
-             stuck_reason = 'no progress since ' || to_char(progressed_at AT TIME ZONE 'UTC',
-                                                            'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
-         WHERE state IN ('running', 'compensating') AND stuck_since IS NULL AND progressed_at < now() - $1
-         RETURNING saga_id, saga_type, business_key, correlation_id, progressed_at, stuck_reason",
-    )
-    .bind(stuck_after)
-    .fetch_all(pool)
-    .await
-    .context("flagging stuck sagas")?;
+    let unprogressed: Vec<Stuck> = sqlx::query_as(FLAG_UNPROGRESSED)
+        .bind(stuck_after)
+        .fetch_all(pool)
+        .await
+        .context("flagging stuck sagas")?;
     stuck.extend(unprogressed);
+    // A waiting parent flagged for a child that is stuck no more: its
+    // other reasons (past a deadline, a version nobody carries) stay.
+    sqlx::query(UNFLAG_PARENTS)
+        .execute(pool)
+        .await
+        .context("clearing the flag of parents whose children moved on")?;
+    // Up the family, a generation per statement (a family is a few deep).
+    for _ in 0..MAX_GENERATIONS {
+        let parents: Vec<Stuck> = sqlx::query_as(FLAG_PARENTS)
+            .fetch_all(pool)
+            .await
+            .context("flagging the parents of stuck child sagas")?;
+        if parents.is_empty() {
+            break;
+        }
+        stuck.extend(parents);
+    }
     Ok(stuck)
 }
 
+/// How many generations of waiting parents one [`flag_stuck`] flags above
+/// a stuck child; the next pass goes on from there.
+const MAX_GENERATIONS: usize = 8;
+
+/// The sagas without progress for `$1`, flagged; through
+/// `saga_instances_unprogressed`, whose predicate it spells out.
+const FLAG_UNPROGRESSED: &str = "UPDATE saga_instances SET stuck_since = now(),
+         stuck_reason = 'no progress since ' || to_char(progressed_at AT TIME ZONE 'UTC',
+                                                        'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+     WHERE state IN ('running', 'compensating') AND stuck_since IS NULL AND NOT awaits_child
+       AND progressed_at < now() - $1
+     RETURNING saga_id, saga_type, business_key, correlation_id, progressed_at, stuck_reason";
+
+/// The waiting parents of stuck children, flagged: from the few sagas
+/// stuck now (`saga_instances_stuck`) or the unfinished ones
+/// (`saga_instances_unfinished`), whichever the planner finds fewer, and
+/// the other side by its key or `saga_instances_children`.
+const FLAG_PARENTS: &str = "UPDATE saga_instances p SET stuck_since = now(),
+         stuck_reason = 'child saga ' || c.saga_type || ' ' || c.saga_id || ' is stuck: '
+                        || coalesce(c.stuck_reason, 'no reason given')
+     FROM saga_instances c
+     WHERE c.stuck_since IS NOT NULL AND c.parent_saga_id = p.saga_id
+       AND p.awaits_child AND p.stuck_since IS NULL AND p.state IN ('running', 'compensating')
+     RETURNING p.saga_id, p.saga_type, p.business_key, p.correlation_id, p.progressed_at, p.stuck_reason";
+
+/// The waiting parents flagged for children stuck no more, cleared: from
+/// the sagas stuck now (or the unfinished ones), each one's children by
+/// `saga_instances_children`.
+const UNFLAG_PARENTS: &str = concat!(
+    "UPDATE saga_instances p SET stuck_since = NULL, stuck_reason = NULL
+     WHERE p.stuck_since IS NOT NULL AND p.awaits_child AND p.overdue_since IS NULL
+       AND p.state IN ('running', 'compensating')
+       AND (p.saga_type, p.version) NOT IN (",
+    uncarried!(),
+    ")
+       AND NOT EXISTS (SELECT FROM saga_instances c
+                       WHERE c.parent_saga_id = p.saga_id AND c.stuck_since IS NOT NULL)"
+);
+
+/// The least progressed saga that may become stuck, `$1` on; through
+/// `saga_instances_unprogressed`, whose predicate it spells out.
+const NEXT_STUCK: &str =
+    "SELECT extract(epoch FROM min(progressed_at) + $1 - now())::float8 FROM saga_instances
+     WHERE state IN ('running', 'compensating') AND stuck_since IS NULL AND NOT awaits_child";
+
+/// The plans PostgreSQL makes for the statements of [`flag_stuck`] and
+/// [`next_stuck`] that look at progress (EXPLAIN, not run), by name
+/// (`unprogressed`, `parents`, `moved on`, `next`): for the test that
+/// checks each reads its index, not the history of finished sagas. Reads
+/// only.
+pub async fn explain_stuck(pool: &PgPool) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let hour = chrono::Duration::hours(1);
+    let mut plans = Vec::new();
+    for (name, statement, binds) in [
+        ("unprogressed", FLAG_UNPROGRESSED, true),
+        ("parents", FLAG_PARENTS, false),
+        ("moved on", UNFLAG_PARENTS, false),
+        ("next", NEXT_STUCK, true),
+    ] {
+        let explain = format!("EXPLAIN {statement}");
+        let query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(explain));
+        let query = if binds { query.bind(hour) } else { query };
+        let lines: Vec<String> = query
+            .fetch_all(pool)
+            .await
+            .with_context(|| format!("explaining the stuck statement {name}"))?;
+        plans.push((name, lines.join("\n")));
+    }
+    Ok(plans)
+}
+
 /// How long until the next saga could become stuck (the least progressed
-/// of those not flagged), if any may. Reads only, from the
-/// `saga_instances_unprogressed` index.
+/// of those not flagged, and not waiting for a child), if any may. Reads
+/// only, from the `saga_instances_unprogressed` index: a parent waiting
+/// for a child, however old its progress, is not in it.
 pub async fn next_stuck(pool: &PgPool, stuck_after: Duration) -> anyhow::Result<Option<Duration>> {
     let stuck_after = chrono::Duration::from_std(stuck_after).context("stuck after")?;
-    let seconds: Option<f64> = sqlx::query_scalar(
-        "SELECT extract(epoch FROM min(progressed_at) + $1 - now())::float8 FROM saga_instances
-         WHERE state IN ('running', 'compensating') AND stuck_since IS NULL",
-    )
-    .bind(stuck_after)
-    .fetch_one(pool)
-    .await
-    .context("finding the next saga that may become stuck")?;
+    let seconds: Option<f64> = sqlx::query_scalar(NEXT_STUCK)
+        .bind(stuck_after)
+        .fetch_one(pool)
+        .await
+        .context("finding the next saga that may become stuck")?;
     Ok(seconds.map(|seconds| Duration::from_secs_f64(seconds.max(0.0))))
 }
 

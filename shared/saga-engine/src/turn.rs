@@ -74,6 +74,10 @@ pub(crate) struct Turn {
     /// The saga waits for a signal until then: it is not stuck for want of
     /// progress before that (its progress is counted from then).
     pub(crate) awaits_until: Option<DateTime<Utc>>,
+    /// The saga is released waiting for a child saga that is running: it
+    /// is not stuck for want of progress while it waits (the child is
+    /// watched on its own, and its end wakes the parent).
+    pub(crate) awaits_child: bool,
     pub(crate) events: Vec<EventEnvelope>,
     pub(crate) counts: Vec<Count>,
 }
@@ -105,6 +109,7 @@ impl Turn {
             progressed: false,
             flags_stuck: None,
             awaits_until: None,
+            awaits_child: false,
             events: Vec::new(),
             counts: Vec::new(),
         }
@@ -124,6 +129,7 @@ impl Turn {
         self.progressed = false;
         self.flags_stuck = None;
         self.awaits_until = None;
+        self.awaits_child = false;
         self.new_children.clear();
         self.child_requests.clear();
         std::mem::take(&mut self.counts)
@@ -166,6 +172,19 @@ impl Turn {
             })
             .filter_map(|r| r.deadline_at)
             .max()
+    }
+
+    /// Whether a child saga of this one is still under way (running,
+    /// compensating, or paused by an operator), as far as this replica
+    /// knows: the saga waits for it. A child that ended since it was read
+    /// has woken the saga (`signal_pending`), which is read again at once.
+    pub(crate) fn awaiting_child(&self) -> bool {
+        self.children.iter().any(|child| {
+            matches!(
+                child.state,
+                SagaState::Running | SagaState::Compensating | SagaState::Paused
+            )
+        })
     }
 
     /// Adds a record of `step`'s action, finished or waiting.

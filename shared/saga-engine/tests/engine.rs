@@ -1451,7 +1451,7 @@ mod operator {
         // z succeeded and a is in flight: both may have taken effect.
         assert_eq!(
             terminate(false).await,
-            Termination::EffectsNotAcknowledged(vec!["z", "a"])
+            Termination::EffectsNotAcknowledged(vec!["z".to_owned(), "a".to_owned()])
         );
         assert_eq!(
             store::load(&pool, saga_id)
@@ -1466,7 +1466,8 @@ mod operator {
         assert_eq!(
             terminate(true).await,
             Termination::Terminated {
-                left_in_effect: vec!["z", "a"]
+                left_in_effect: vec!["z".to_owned(), "a".to_owned()],
+                children: vec![],
             }
         );
         // a's attempt finishes, and its replica's write is fenced off.
@@ -1801,6 +1802,27 @@ mod operator {
                     );
                 }
             }
+        }
+
+        // The stuck detector reads what may become stuck (or is), never
+        // the history of finished sagas.
+        // (The parents' statements start from the stuck sagas or from the
+        // unfinished ones, whichever the planner finds fewer: either index
+        // holds only live sagas.)
+        for (name, plan) in store::explain_stuck(&pool).await.unwrap() {
+            // (saga_definitions has a row per definition: that one may.)
+            assert!(
+                !plan.contains("Seq Scan on saga_instances"),
+                "stuck {name} scans:\n{plan}"
+            );
+            let index = match name {
+                "unprogressed" | "next" => "saga_instances_unprogressed",
+                _ => "Index",
+            };
+            assert!(
+                plan.contains(index),
+                "stuck {name} does not read {index}:\n{plan}"
+            );
         }
 
         // What they find, and pages that follow on.
@@ -2645,5 +2667,320 @@ mod second_wave {
             [parent, child],
             "the running parent's child stays; the rest is purged"
         );
+    }
+
+    async fn terminate(
+        engine: &Engine,
+        saga_id: Uuid,
+        acknowledge: bool,
+    ) -> saga_engine::Termination {
+        let mut tx = engine.pool().begin().await.unwrap();
+        let outcome = engine
+            .terminate(
+                &mut tx,
+                saga_id,
+                "terminated by an operator: test",
+                acknowledge,
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        outcome
+    }
+
+    /// `family`, with the child's step `held` (c1 or c2) held in flight until
+    /// the test opens `open`.
+    fn held_family(
+        journal: &Journal,
+        open: &Arc<tokio::sync::Semaphore>,
+        held: usize,
+    ) -> Vec<SagaDefinition> {
+        let mut definitions = family(journal, vec![], vec![]);
+        let step = &mut definitions[1].groups[held][0];
+        step.action = Some(Arc::new(Held {
+            entry: step.name,
+            journal: journal.clone(),
+            open: open.clone(),
+        }));
+        definitions
+    }
+
+    async fn until_journal_has(journal: &Journal, entry: &str) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !entries(journal).iter().any(|e| e == entry) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{entry} never ran"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn terminating_the_parent_terminates_its_running_child_and_owns_what_the_child_leaves_in_effect()
+     {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let open = Arc::new(tokio::sync::Semaphore::new(0));
+        let engine = engine_of(&pool, held_family(&journal, &open, 0), "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        until_journal_has(&journal, "c1").await;
+        let child = child_of(&pool, parent).await.saga_id;
+
+        // a succeeded, and the child's c1 is in flight: both may have taken
+        // effect, the child's named by the step that started it.
+        let both = vec!["a".to_owned(), "kid/c1".to_owned()];
+        assert_eq!(
+            terminate(&engine, parent, false).await,
+            saga_engine::Termination::EffectsNotAcknowledged(both.clone())
+        );
+        assert_eq!(
+            child_of(&pool, parent).await.state,
+            SagaState::Running,
+            "nothing was done"
+        );
+        assert_eq!(
+            terminate(&engine, parent, true).await,
+            saga_engine::Termination::Terminated {
+                left_in_effect: both.clone(),
+                children: vec![child],
+            }
+        );
+
+        // c1's attempt finishes, and its replica's write is fenced off: c2
+        // never runs. A canary family runs through.
+        open.add_permits(1);
+        let canary = start(&engine, "canary").await;
+        open.add_permits(1);
+        wait_for(&pool, canary, SagaState::Completed).await;
+        assert_eq!(entries(&journal), ["a", "c1", "a", "c1", "c2", "b"]);
+        let terminated = store::load(&pool, parent).await.unwrap().unwrap();
+        assert_eq!(terminated.instance.state, SagaState::Terminated);
+        assert_eq!(terminated.instance.left_in_effect, Some(both));
+        let child_saga = store::load(&pool, child).await.unwrap().unwrap();
+        assert_eq!(child_saga.instance.state, SagaState::Terminated);
+        assert_eq!(
+            child_saga.instance.failure_reason,
+            Some(format!(
+                "terminated with its parent saga {parent}: terminated by an operator: test"
+            ))
+        );
+        assert_eq!(
+            child_saga.instance.left_in_effect,
+            Some(vec!["c1".to_owned()]),
+            "the child records its own"
+        );
+        assert!(child_saga.instance.finished_at.is_some());
+        assert!(!child_saga.steps.iter().any(|s| s.step == "c2"));
+        for saga_id in [parent, child] {
+            let events = operator_published(&pool, saga_id).await;
+            assert!(events.contains(&"SagaTerminated".to_owned()), "{events:?}");
+        }
+        assert_eq!(
+            terminate(&engine, parent, true).await,
+            saga_engine::Termination::Refused(RequestOutcome::NotApplicable(SagaState::Terminated))
+        );
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn terminating_the_parent_is_refused_while_its_child_is_past_its_pivot() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let open = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut definitions = held_family(&journal, &open, 1);
+        // The child's c2 is its pivot, held in flight.
+        definitions[1].groups[1][0].compensation = None;
+        definitions[1] = definitions[1].clone().with_pivot("c2");
+        let engine = engine_of(&pool, definitions, "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        until_journal_has(&journal, "c2").await;
+        let child = child_of(&pool, parent).await.saga_id;
+        until(&pool, child, "passed its pivot", |s| {
+            s.instance.forward_only_since.is_some()
+        })
+        .await;
+
+        let outcome = terminate(&engine, parent, true).await;
+        assert!(
+            matches!(
+                &outcome,
+                saga_engine::Termination::ChildRefused {
+                    child: refused,
+                    saga_type,
+                    step,
+                    outcome: RequestOutcome::ForwardOnly { pivot: "c2", .. },
+                } if *refused == child && saga_type == "child" && step == "kid"
+            ),
+            "{outcome:?}"
+        );
+        for saga_id in [parent, child] {
+            let saga = store::load(&pool, saga_id).await.unwrap().unwrap();
+            assert_eq!(saga.instance.state, SagaState::Running, "nothing was done");
+        }
+        open.add_permits(1);
+        wait_for(&pool, parent, SagaState::Completed).await;
+        assert_eq!(entries(&journal), ["a", "c1", "c2", "b"]);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn terminating_a_child_on_its_own_wakes_its_parent_which_turns_back() {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let open = Arc::new(tokio::sync::Semaphore::new(0));
+        let engine = engine_of(&pool, held_family(&journal, &open, 0), "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        until_journal_has(&journal, "c1").await;
+        let child = child_of(&pool, parent).await.saga_id;
+        assert_eq!(
+            terminate(&engine, child, true).await,
+            saga_engine::Termination::Terminated {
+                left_in_effect: vec!["c1".to_owned()],
+                children: vec![],
+            }
+        );
+        let saga = wait_for(&pool, parent, SagaState::Compensated).await;
+        let reason = saga.instance.failure_reason.unwrap();
+        assert!(
+            reason.starts_with(&format!("kid: child saga child {child} terminated: ")),
+            "{reason}"
+        );
+        open.add_permits(1);
+        assert_eq!(entries(&journal), ["a", "c1", "undo a"]);
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parent_waiting_on_its_child_is_stuck_only_if_the_child_is_or_once_it_ended_and_the_parent_does_not_move_on()
+     {
+        let pool = pool().await;
+        let journal = Journal::default();
+        let stuck_after = Duration::from_secs(1);
+        let long = Duration::from_secs(60);
+        let child_type = SagaDefinition::sequence(
+            "child",
+            vec![
+                waits("go", "go", long, OnTimeout::Fail("no go".into())),
+                waits("more", "more", long, OnTimeout::Fail("no more".into())),
+            ],
+        );
+        let mut parent_type = family(&journal, vec![], vec![]).remove(0);
+        parent_type.groups.pop();
+        let engine = engine_of(&pool, vec![parent_type, child_type.clone()], "replica");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let parent = start(&engine, "family").await;
+        until(&pool, parent, "waited for its child", |s| {
+            s.instance.awaits_child
+        })
+        .await;
+        let child = child_of(&pool, parent).await.saga_id;
+        until(&pool, child, "waited for go", |s| waiting_on(s, "go")).await;
+
+        // The child takes far longer than stuck_after (it waits for a
+        // signal, within its timeout): its parent is not stuck, and the
+        // detector does not wake for it.
+        let age = |saga_id: Uuid| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("UPDATE saga_instances SET progressed_at = now() - interval '1 hour' WHERE saga_id = $1")
+                    .bind(saga_id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        };
+        age(parent).await;
+        assert!(
+            store::flag_stuck(&pool, stuck_after)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let next = store::next_stuck(&pool, stuck_after)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            next > Duration::from_secs(30),
+            "{next:?}: the child's timer"
+        );
+
+        // The child is stuck: so is its parent, for it.
+        age(child).await;
+        let stuck = store::flag_stuck(&pool, stuck_after).await.unwrap();
+        assert_eq!(
+            stuck.iter().map(|s| s.saga_id).collect::<Vec<_>>(),
+            [child, parent]
+        );
+        assert!(
+            stuck[1].stuck_reason.starts_with(&format!(
+                "child saga child {child} is stuck: no progress since "
+            )),
+            "{}",
+            stuck[1].stuck_reason
+        );
+
+        // The child moves on: neither is stuck any more.
+        let go = serde_json::json!({ "go": true });
+        assert!(matches!(
+            signal(&engine, child, "go", "go-1", go.clone()).await,
+            SignalOutcome::Kept(_)
+        ));
+        until(&pool, child, "waited for more", |s| {
+            waiting_on(s, "more") && s.instance.stuck_since.is_none()
+        })
+        .await;
+        assert!(
+            store::flag_stuck(&pool, stuck_after)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let waiting = store::load(&pool, parent).await.unwrap().unwrap();
+        assert_eq!(waiting.instance.stuck_since, None, "{waiting:#?}");
+
+        // The child ends, and no replica drives its parent (the only one
+        // left carries the child's type alone): the parent is woken, and
+        // stuck once it does not move on for stuck_after.
+        shutdown.cancel();
+        running.await.unwrap();
+        let children_only = engine_of(&pool, vec![child_type], "children-only");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(children_only.clone().run(shutdown.clone()));
+        assert!(matches!(
+            signal(&children_only, child, "more", "more-1", go).await,
+            SignalOutcome::Kept(_)
+        ));
+        let ended = wait_for(&pool, child, SagaState::Completed).await;
+        let woken = store::load(&pool, parent).await.unwrap().unwrap();
+        assert!(!woken.instance.awaits_child);
+        assert!(woken.instance.signal_pending);
+        assert!(woken.instance.progressed_at >= ended.instance.finished_at.unwrap());
+        assert!(
+            store::flag_stuck(&pool, stuck_after)
+                .await
+                .unwrap()
+                .is_empty(),
+            "its progress counts from the child's end"
+        );
+        age(parent).await;
+        let stuck = store::flag_stuck(&pool, stuck_after).await.unwrap();
+        assert_eq!(
+            stuck.iter().map(|s| s.saga_id).collect::<Vec<_>>(),
+            [parent]
+        );
+        assert!(stuck[0].stuck_reason.starts_with("no progress since "));
+        shutdown.cancel();
+        running.await.unwrap();
     }
 }

@@ -328,6 +328,7 @@ mod tests {
                 stuck_since: None,
                 stuck_reason: None,
                 signal_pending: false,
+                awaits_child: false,
                 parent_saga_id: None,
                 parent_step: None,
                 next_run_at: None,
