@@ -474,11 +474,7 @@ impl World {
     /// The sagas of `saga_type` (one keyed by its order id), by order.
     fn sagas_of(&self, saga_type: &str) -> HashMap<Uuid, Vec<&SagaRow>> {
         let mut by_order: HashMap<Uuid, Vec<&SagaRow>> = HashMap::new();
-        for saga in self
-            .sagas
-            .iter()
-            .filter(|saga| saga.saga_type == saga_type)
-        {
+        for saga in self.sagas.iter().filter(|saga| saga.saga_type == saga_type) {
             if let Ok(order) = Uuid::parse_str(&saga.business_key) {
                 by_order.entry(order).or_default().push(saga);
             }
@@ -968,7 +964,11 @@ fn saga_per_order(world: &World) -> Check {
     }
     // Children belong to their parent, whose order they serve: a refund
     // belongs to a return, once per step of it.
-    let by_id: HashMap<Uuid, &SagaRow> = world.sagas.iter().map(|saga| (saga.saga_id, saga)).collect();
+    let by_id: HashMap<Uuid, &SagaRow> = world
+        .sagas
+        .iter()
+        .map(|saga| (saga.saga_id, saga))
+        .collect();
     let mut children: HashMap<(Uuid, &str), usize> = HashMap::new();
     let mut refunds = 0;
     for saga in &world.sagas {
@@ -994,10 +994,9 @@ fn saga_per_order(world: &World) -> Check {
                 "saga {} ({}) is a child of saga {parent}, which does not exist",
                 saga.saga_id, saga.saga_type
             )),
-            (REFUND_SAGA, None) => check.violation(format!(
-                "refund saga {} has no parent",
-                saga.saga_id
-            )),
+            (REFUND_SAGA, None) => {
+                check.violation(format!("refund saga {} has no parent", saga.saga_id))
+            }
             _ => {}
         }
     }
@@ -1095,7 +1094,8 @@ fn reviews(world: &World) -> Check {
                     match (saga, reason) {
                         (Some(saga), Some(reason)) =>
                             format!(": its saga {} says {reason:?}", saga.saga_id),
-                        (Some(saga), None) => format!(", and its saga {} says nothing", saga.saga_id),
+                        (Some(saga), None) =>
+                            format!(", and its saga {} says nothing", saga.saga_id),
                         (None, _) => " without a saga".to_owned(),
                     }
                 ));
@@ -1592,6 +1592,31 @@ fn fences(world: &World, watch: Option<&FenceWatch>) -> Check {
 
 #[cfg(test)]
 mod tests {
+    use super::{LateReview, review_refusal};
+
+    #[test]
+    fn only_check_reviews_refusals_for_a_timeout_or_a_lapse_explain_an_approved_rejection() {
+        assert_eq!(
+            review_refusal("check-review: review declined: the review timed out after 5s"),
+            Some(LateReview::TimedOut)
+        );
+        assert_eq!(
+            review_refusal(
+                "check-review: the payment authorization lapses at 2026-12-01T10:00:00+00:00, too soon to capture"
+            ),
+            Some(LateReview::AuthorizationLapses)
+        );
+        for other in [
+            "check-review: review declined: fraud suspected",
+            "check-review: review declined",
+            "authorize-payment: payment declined: card_declined",
+            "cancelled by the customer: the review timed out after 5s",
+            "",
+        ] {
+            assert_eq!(review_refusal(other), None, "{other:?}");
+        }
+    }
+
     #[test]
     fn the_schemas_read_are_the_services_own() {
         assert_eq!(order_service::SCHEMA, "orders");

@@ -16,8 +16,8 @@ use crate::app::{
     self, CaptureError, Ledger, Payments, ProcessError, RefundError, RefundTarget, VoidError,
 };
 use crate::domain::{
-    ChargeDetails, ChargeKey, ChargeRequest, CustomerId, OrderId, Payment, PaymentId, PaymentKind,
-    NothingToRefund, PaymentMethodToken, PaymentStatus, Refund, RefundKey, RefundReason,
+    ChargeDetails, ChargeKey, ChargeRequest, CustomerId, NothingToRefund, OrderId, Payment,
+    PaymentId, PaymentKind, PaymentMethodToken, PaymentStatus, Refund, RefundKey, RefundReason,
     RequestHash,
 };
 use crate::provider::ProviderError;

@@ -379,7 +379,12 @@ impl Load {
     /// spread over the replicas, backing off after a transient failure,
     /// logging in again when the token is refused. `Err` is the outcome to
     /// write down: the code of a refusal for good, or "gave up".
-    async fn order_call<T, F, Fut>(&self, caller: Caller, tries: usize, mut call: F) -> Result<T, String>
+    async fn order_call<T, F, Fut>(
+        &self,
+        caller: Caller,
+        tries: usize,
+        mut call: F,
+    ) -> Result<T, String>
     where
         F: FnMut(String, OrderServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,

@@ -38,7 +38,11 @@ pub(crate) struct Run<'a> {
 
 /// `text`, or "0" if there is none.
 fn or_zero(text: String) -> String {
-    if text.is_empty() { "0".to_owned() } else { text }
+    if text.is_empty() {
+        "0".to_owned()
+    } else {
+        text
+    }
 }
 
 fn seconds(duration: Duration) -> String {
