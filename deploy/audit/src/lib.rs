@@ -10,9 +10,10 @@
 //! | `accepted` | every CreateOrder the load client saw accepted exists exactly once, with the lines and total it asked for (needs the client's [`record`]) |
 //! | `sagas-final` | every saga is completed or compensated, or failed with a reason an operator sees |
 //! | `steps-settled` | a final saga's step log is settled: every action succeeded if it completed; if it compensated, every compensation succeeded, and an action left waiting or in flight had no effect or was undone by its compensation |
-//! | `saga-per-order` | exactly one saga per order, none without an order, and it ended as the order did |
-//! | `ledger` | per order, captured − refunded = total if confirmed, 0 if rejected or cancelled |
-//! | `provider` | the provider holds each confirmed order's total, nothing of any other, and in all the confirmed totals |
+//! | `saga-per-order` | exactly one order saga per order, and at most one return saga, there exactly if a return was asked for; none without an order; each ended as its order did (an order left RETURN_REQUESTED only with its return saga failed or terminated, for an operator); every `payment-refund` child belongs to a return saga |
+//! | `reviews` | an order an admin declined was rejected; one an admin approved was confirmed (then maybe returned) or cancelled, and rejected only when its saga says the review had timed out first or the authorization would lapse before the capture |
+//! | `ledger` | per order, captured − refunded = total if confirmed, 0 if rejected, cancelled or returned; a returned order's payment is refunded (or an authorization that took nothing) |
+//! | `provider` | the provider holds each confirmed order's total, nothing of any other, and in all the confirmed totals; no authorization of a final order still reserves money |
 //! | `charges` | no charge at the provider without a payment row that says so, nor a payment without its charge |
 //! | `outboxes` | every service's outbox is drained |
 //! | `dead-letters` | events dead-lettered, by schema and consumer (shown, not judged) |
@@ -35,7 +36,7 @@ mod report;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Context as _;
-use order_service::domain::{Order, OrderStatus};
+use order_service::domain::{Order, OrderEvent, OrderStatus};
 use serde::Deserialize;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
@@ -48,6 +49,10 @@ pub use report::{Check, Report, Totals, Verdict};
 
 /// The saga every order gets.
 const ORDER_SAGA: &str = saga_orchestrator::order_saga::SAGA_TYPE;
+/// The saga of an order's return, at most one per order.
+const RETURN_SAGA: &str = saga_orchestrator::return_saga::SAGA_TYPE;
+/// The return saga's child that refunds the payment.
+const REFUND_SAGA: &str = saga_orchestrator::return_saga::REFUND_SAGA_TYPE;
 
 /// What the audit may use besides the database.
 #[derive(Debug, Default, Clone)]
@@ -79,6 +84,7 @@ pub async fn audit(pool: &PgPool, inputs: &Inputs) -> anyhow::Result<Report> {
         sagas_final(&world),
         steps_settled(&world),
         saga_per_order(&world),
+        reviews(&world),
         ledger(&world),
         provider(&world),
         charges(&world),
@@ -132,6 +138,34 @@ struct Replayed {
     state: Result<Order, String>,
     /// The stream's versions, in order.
     versions: Vec<i64>,
+    /// What its history went through that its state no longer shows.
+    marks: Marks,
+}
+
+/// Events of an order's history that the checks ask about.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Marks {
+    /// An admin approved its review (OrderReviewApproved).
+    review_approved: bool,
+    /// An admin declined its review (OrderReviewDeclined).
+    review_declined: bool,
+    /// A return was asked for (OrderReturnRequested).
+    return_requested: bool,
+}
+
+impl Marks {
+    fn of<'a>(events: impl IntoIterator<Item = &'a OrderEvent>) -> Self {
+        let mut marks = Self::default();
+        for event in events {
+            match event {
+                OrderEvent::ReviewApproved => marks.review_approved = true,
+                OrderEvent::ReviewDeclined { .. } => marks.review_declined = true,
+                OrderEvent::ReturnRequested { .. } => marks.return_requested = true,
+                _ => {}
+            }
+        }
+        marks
+    }
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -139,6 +173,8 @@ struct SagaRow {
     saga_id: Uuid,
     saga_type: String,
     business_key: String,
+    /// A child saga's parent.
+    parent_saga_id: Option<Uuid>,
     state: String,
     failure_reason: Option<String>,
     fence: i64,
@@ -177,6 +213,7 @@ struct LedgerRow {
 
 #[derive(Debug, sqlx::FromRow)]
 struct PaymentRow {
+    payment_id: Uuid,
     idempotency_key: String,
     status: String,
     order_id: Option<Uuid>,
@@ -254,14 +291,26 @@ impl World {
         let mut streams = HashMap::new();
         for chunk in events.chunk_by(|a, b| a.0 == b.0) {
             let id = chunk[0].0;
-            let state = order_service::event_store::replay::<Order>(
+            let replayed = order_service::event_store::replay::<Order>(
                 id,
                 chunk.iter().map(|(_, _, envelope)| envelope.clone()),
-            )
-            .map(|stream| stream.state)
-            .map_err(|error| format!("{error:#}"));
+            );
+            let marks = replayed.as_ref().map_or_else(
+                |_| Marks::default(),
+                |stream| Marks::of(stream.history.iter().map(|recorded| &recorded.event)),
+            );
+            let state = replayed
+                .map(|stream| stream.state)
+                .map_err(|error| format!("{error:#}"));
             let versions = chunk.iter().map(|(_, version, _)| *version).collect();
-            streams.insert(id, Replayed { state, versions });
+            streams.insert(
+                id,
+                Replayed {
+                    state,
+                    versions,
+                    marks,
+                },
+            );
         }
         let keys = sqlx::query_as::<_, (Uuid, String, Uuid)>(
             "SELECT customer_id, key, order_id FROM orders.idempotency_keys",
@@ -273,8 +322,8 @@ impl World {
         .map(|(customer, key, order)| ((customer, key), order))
         .collect();
         let sagas = sqlx::query_as::<_, SagaRow>(
-            "SELECT saga_id, saga_type, business_key, state, failure_reason, fence, overdue_step,
-                    left_in_effect
+            "SELECT saga_id, saga_type, business_key, parent_saga_id, state, failure_reason, fence,
+                    overdue_step, left_in_effect
              FROM saga.saga_instances",
         )
         .fetch_all(&mut *conn)
@@ -297,7 +346,8 @@ impl World {
         .await
         .context("reading payments.order_ledger")?;
         let payments = sqlx::query_as(
-            "SELECT idempotency_key, status, order_id, amount_minor, currency FROM payments.payments",
+            "SELECT payment_id, idempotency_key, status, order_id, amount_minor, currency
+             FROM payments.payments",
         )
         .fetch_all(&mut *conn)
         .await
@@ -416,14 +466,15 @@ impl World {
         Ok((outboxes, dead_letters))
     }
 
-    /// The sagas of orders, by order.
+    /// The order sagas, by order.
     fn order_sagas(&self) -> HashMap<Uuid, Vec<&SagaRow>> {
+        self.sagas_of(ORDER_SAGA)
+    }
+
+    /// The sagas of `saga_type` (one keyed by its order id), by order.
+    fn sagas_of(&self, saga_type: &str) -> HashMap<Uuid, Vec<&SagaRow>> {
         let mut by_order: HashMap<Uuid, Vec<&SagaRow>> = HashMap::new();
-        for saga in self
-            .sagas
-            .iter()
-            .filter(|saga| saga.saga_type == ORDER_SAGA)
-        {
+        for saga in self.sagas.iter().filter(|saga| saga.saga_type == saga_type) {
             if let Ok(order) = Uuid::parse_str(&saga.business_key) {
                 by_order.entry(order).or_default().push(saga);
             }
@@ -449,7 +500,31 @@ impl World {
             .collect()
     }
 
+    /// The marks of `order`'s history (none if it does not replay).
+    fn marks(&self, order: &Uuid) -> Marks {
+        self.streams
+            .get(order)
+            .map(|stream| stream.marks)
+            .unwrap_or_default()
+    }
+
     fn totals(&self) -> Totals {
+        let marked = |mark: fn(&Marks) -> bool| {
+            self.streams
+                .values()
+                .filter(|stream| mark(&stream.marks))
+                .count()
+        };
+        let reviews_timed_out = self
+            .sagas
+            .iter()
+            .filter(|saga| saga.saga_type == ORDER_SAGA)
+            .filter(|saga| {
+                saga.failure_reason
+                    .as_deref()
+                    .is_some_and(|reason| review_refusal(reason) == Some(LateReview::TimedOut))
+            })
+            .count();
         let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
         for view in self.views.values() {
             *by_status.entry(view.status.clone()).or_default() += 1;
@@ -474,6 +549,15 @@ impl World {
                 .provider
                 .as_ref()
                 .map(|provider| provider.held.values().map(|(_, held)| held).sum()),
+            reviews_approved: marked(|marks| marks.review_approved),
+            reviews_declined: marked(|marks| marks.review_declined),
+            reviews_timed_out,
+            returns_requested: marked(|marks| marks.return_requested),
+            returned: self
+                .views
+                .values()
+                .filter(|view| view.status == OrderStatus::Returned.as_str())
+                .count(),
         }
     }
 }
@@ -788,22 +872,29 @@ fn steps_settled(world: &World) -> Check {
 fn saga_per_order(world: &World) -> Check {
     let mut check = CheckBuilder::new(
         "saga-per-order",
-        "exactly one saga per order, none without an order, and it ended as the order did",
+        "exactly one order saga per order and at most one return saga, there exactly if a return \
+         was asked for; none without an order; each ended as its order did (an order left \
+         RETURN_REQUESTED only with its return saga failed or terminated, for an operator); \
+         every payment-refund child belongs to a return saga",
     );
     let by_order = world.order_sagas();
+    let returns = world.sagas_of(RETURN_SAGA);
     let orders = world.order_ids();
     for order in &orders {
+        let status = world.views.get(order).map(|view| view.status.as_str());
+        let is = |wanted: OrderStatus| status == Some(wanted.as_str());
         let sagas = by_order.get(order).map(Vec::as_slice).unwrap_or_default();
         match sagas {
             [] => check.violation(format!("order {order} has no saga")),
             [saga] => {
-                let status = world.views.get(order).map(|view| view.status.as_str());
                 let agrees = match saga.state.as_str() {
-                    "completed" => status == Some(OrderStatus::Confirmed.as_str()),
-                    "compensated" => status.is_some_and(|status| {
-                        status == OrderStatus::Rejected.as_str()
-                            || status == OrderStatus::Cancelled.as_str()
-                    }),
+                    // Confirmed, and maybe returned since.
+                    "completed" => {
+                        is(OrderStatus::Confirmed)
+                            || is(OrderStatus::ReturnRequested)
+                            || is(OrderStatus::Returned)
+                    }
+                    "compensated" => is(OrderStatus::Rejected) || is(OrderStatus::Cancelled),
                     // Not over yet: `sagas-final` judges it.
                     _ => true,
                 };
@@ -818,37 +909,216 @@ fn saga_per_order(world: &World) -> Check {
             }
             more => check.violation(format!("order {order} has {} sagas", more.len())),
         }
+        let asked = world.marks(order).return_requested;
+        match returns.get(order).map(Vec::as_slice).unwrap_or_default() {
+            [] if asked => check.violation(format!(
+                "order {order} is {}: its return was asked for, and no return saga started",
+                status.unwrap_or("missing from the read model")
+            )),
+            [] => {}
+            [saga] if !asked => check.violation(format!(
+                "return saga {} is about order {order}, whose return was never asked for",
+                saga.saga_id
+            )),
+            [saga] => {
+                let agrees = match saga.state.as_str() {
+                    "completed" => is(OrderStatus::Returned),
+                    // Waiting for an operator, who sees why: the order stays
+                    // RETURN_REQUESTED until then.
+                    "failed" | "terminated" => is(OrderStatus::ReturnRequested),
+                    // Turned back: the order stays RETURN_REQUESTED, and no
+                    // operator is asked to act.
+                    "compensated" => false,
+                    _ => true,
+                };
+                if !agrees {
+                    check.violation(format!(
+                        "order {order} is {}, but its return saga {} {}{}",
+                        status.unwrap_or("missing from the read model"),
+                        saga.saga_id,
+                        saga.state,
+                        saga.failure_reason
+                            .as_deref()
+                            .map(|reason| format!(" ({reason})"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+            more => check.violation(format!("order {order} has {} return sagas", more.len())),
+        }
+        if is(OrderStatus::Returned) && !asked {
+            check.violation(format!(
+                "order {order} is returned, but its history has no return asked for"
+            ));
+        }
     }
-    for (order, sagas) in &by_order {
+    for (order, sagas) in by_order.iter().chain(&returns) {
         if !orders.contains(order) {
             for saga in sagas {
                 check.violation(format!(
-                    "saga {} is about order {order}, which does not exist",
-                    saga.saga_id
+                    "saga {} ({}) is about order {order}, which does not exist",
+                    saga.saga_id, saga.saga_type
                 ));
             }
         }
     }
+    // Children belong to their parent, whose order they serve: a refund
+    // belongs to a return, once per step of it.
+    let by_id: HashMap<Uuid, &SagaRow> = world
+        .sagas
+        .iter()
+        .map(|saga| (saga.saga_id, saga))
+        .collect();
+    let mut children: HashMap<(Uuid, &str), usize> = HashMap::new();
+    let mut refunds = 0;
     for saga in &world.sagas {
-        if saga.saga_type == ORDER_SAGA && Uuid::parse_str(&saga.business_key).is_err() {
+        if (saga.saga_type == ORDER_SAGA || saga.saga_type == RETURN_SAGA)
+            && Uuid::parse_str(&saga.business_key).is_err()
+        {
             check.violation(format!(
                 "saga {} is about {:?}, not an order id",
                 saga.saga_id, saga.business_key
             ));
         }
+        let parent = saga.parent_saga_id.map(|id| (id, by_id.get(&id)));
+        match (saga.saga_type.as_str(), parent) {
+            (REFUND_SAGA, Some((_, Some(parent)))) if parent.saga_type == RETURN_SAGA => {
+                refunds += 1;
+                *children.entry((parent.saga_id, REFUND_SAGA)).or_default() += 1;
+            }
+            (REFUND_SAGA, Some((_, Some(parent)))) => check.violation(format!(
+                "refund saga {} is a child of saga {}, a {}, not a return",
+                saga.saga_id, parent.saga_id, parent.saga_type
+            )),
+            (_, Some((parent, None))) => check.violation(format!(
+                "saga {} ({}) is a child of saga {parent}, which does not exist",
+                saga.saga_id, saga.saga_type
+            )),
+            (REFUND_SAGA, None) => {
+                check.violation(format!("refund saga {} has no parent", saga.saga_id))
+            }
+            _ => {}
+        }
+    }
+    for ((parent, saga_type), n) in children {
+        if n > 1 {
+            check.violation(format!("saga {parent} has {n} {saga_type} children"));
+        }
     }
     check.finish(format!(
-        "{} orders, {} sagas",
+        "{} orders: {} order sagas, {} return sagas, {refunds} refund children; {} sagas in all",
         orders.len(),
+        by_order.values().map(Vec::len).sum::<usize>(),
+        returns.values().map(Vec::len).sum::<usize>(),
         world.sagas.len()
+    ))
+}
+
+/// Why a review that an admin approved may still have ended in a
+/// rejection: the saga had taken the review's timeout first (the approval
+/// came after it, and the order took it since its RejectOrder had not
+/// landed yet), or the approval came so late that the authorization would
+/// lapse before the capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LateReview {
+    TimedOut,
+    AuthorizationLapses,
+}
+
+/// What `check-review`'s refusal in an order saga's failure reason says,
+/// when it says one of [`LateReview`]: the reason is exactly
+/// `check-review: review declined: the review timed out after …` or
+/// `check-review: the payment authorization lapses at …`.
+fn review_refusal(reason: &str) -> Option<LateReview> {
+    use saga_orchestrator::order_saga::v2;
+    let refusal = reason.strip_prefix(v2::CHECK_REVIEW)?.strip_prefix(": ")?;
+    if refusal
+        .strip_prefix(v2::REVIEW_DECLINED)
+        .and_then(|rest| rest.strip_prefix(": "))
+        .is_some_and(|why| why.starts_with(v2::REVIEW_TIMED_OUT))
+    {
+        Some(LateReview::TimedOut)
+    } else if refusal.starts_with(v2::AUTHORIZATION_LAPSES) {
+        Some(LateReview::AuthorizationLapses)
+    } else {
+        None
+    }
+}
+
+const REVIEWS: &str = "an order an admin declined was rejected; one an admin approved was confirmed \
+     (then maybe returned) or cancelled, or rejected only when its saga's failure reason is \
+     check-review's refusal because the review had timed out before the approval reached the saga, \
+     or because the authorization would lapse before the capture";
+
+fn reviews(world: &World) -> Check {
+    let mut check = CheckBuilder::new("reviews", REVIEWS);
+    let sagas = world.order_sagas();
+    let (mut approved, mut declined, mut late) = (0, 0, 0);
+    for (order, stream) in &world.streams {
+        let marks = stream.marks;
+        if !marks.review_approved && !marks.review_declined {
+            continue;
+        }
+        let Some(view) = world.views.get(order) else {
+            // `read-model` reports it.
+            continue;
+        };
+        if !is_final_order(&view.status) && view.status != OrderStatus::ReturnRequested.as_str() {
+            // Not over: `sagas-final` and `saga-per-order` judge it.
+            continue;
+        }
+        let is = |wanted: OrderStatus| view.status == wanted.as_str();
+        if marks.review_approved && marks.review_declined {
+            check.violation(format!("order {order} was both approved and declined"));
+            continue;
+        }
+        if marks.review_declined {
+            declined += 1;
+            if !is(OrderStatus::Rejected) {
+                check.violation(format!(
+                    "order {order} was declined on review, yet it is {}",
+                    view.status
+                ));
+            }
+            continue;
+        }
+        approved += 1;
+        if is(OrderStatus::Rejected) {
+            let saga = sagas.get(order).and_then(|sagas| sagas.first());
+            let reason = saga.and_then(|saga| saga.failure_reason.as_deref());
+            if reason.and_then(review_refusal).is_some() {
+                late += 1;
+            } else {
+                check.violation(format!(
+                    "order {order} was approved on review, yet rejected{}",
+                    match (saga, reason) {
+                        (Some(saga), Some(reason)) =>
+                            format!(": its saga {} says {reason:?}", saga.saga_id),
+                        (Some(saga), None) =>
+                            format!(", and its saga {} says nothing", saga.saga_id),
+                        (None, _) => " without a saga".to_owned(),
+                    }
+                ));
+            }
+        }
+    }
+    check.finish(format!(
+        "{approved} approved ({late} rejected after all: the approval came after the review's \
+         timeout, or too late to capture), {declined} declined"
     ))
 }
 
 fn ledger(world: &World) -> Check {
     let mut check = CheckBuilder::new(
         "ledger",
-        "captured − refunded = total if confirmed, 0 if rejected or cancelled",
+        "captured − refunded = total if confirmed, 0 if rejected, cancelled or returned; \
+         a returned order's payment is refunded, or is an authorization that took nothing",
     );
+    let payments: HashMap<Uuid, &PaymentRow> = world
+        .payments
+        .iter()
+        .map(|payment| (payment.payment_id, payment))
+        .collect();
     let mut net: HashMap<Uuid, Vec<(&str, i64)>> = HashMap::new();
     for row in &world.ledger {
         net.entry(row.order_id).or_default().push((
@@ -870,6 +1140,23 @@ fn ledger(world: &World) -> Check {
             continue;
         }
         judged += 1;
+        if view.status == OrderStatus::Returned.as_str() {
+            // Refunded; or, if the authorization lapsed or was released
+            // before anyone captured it, never taken.
+            let payment = view.payment_id.and_then(|id| payments.get(&id));
+            match payment.map(|payment| payment.status.as_str()) {
+                Some("refunded" | "voided" | "expired") => {}
+                Some(status) => check.violation(format!(
+                    "order {} is returned, but its payment {} is {status}",
+                    view.order_id,
+                    view.payment_id.unwrap_or_default()
+                )),
+                None => check.violation(format!(
+                    "order {} is returned, but its payment {:?} does not exist",
+                    view.order_id, view.payment_id
+                )),
+            }
+        }
         // A returned order's payment was refunded: it keeps nothing.
         let expected = if view.status == OrderStatus::Confirmed.as_str() {
             view.total_minor
@@ -1305,6 +1592,31 @@ fn fences(world: &World, watch: Option<&FenceWatch>) -> Check {
 
 #[cfg(test)]
 mod tests {
+    use super::{LateReview, review_refusal};
+
+    #[test]
+    fn only_check_reviews_refusals_for_a_timeout_or_a_lapse_explain_an_approved_rejection() {
+        assert_eq!(
+            review_refusal("check-review: review declined: the review timed out after 5s"),
+            Some(LateReview::TimedOut)
+        );
+        assert_eq!(
+            review_refusal(
+                "check-review: the payment authorization lapses at 2026-12-01T10:00:00+00:00, too soon to capture"
+            ),
+            Some(LateReview::AuthorizationLapses)
+        );
+        for other in [
+            "check-review: review declined: fraud suspected",
+            "check-review: review declined",
+            "authorize-payment: payment declined: card_declined",
+            "cancelled by the customer: the review timed out after 5s",
+            "",
+        ] {
+            assert_eq!(review_refusal(other), None, "{other:?}");
+        }
+    }
+
     #[test]
     fn the_schemas_read_are_the_services_own() {
         assert_eq!(order_service::SCHEMA, "orders");

@@ -71,6 +71,23 @@ pub enum Entry {
         outcome: String,
         at_ms: i64,
     },
+    /// What followed an order held for review: an admin's `approve` or
+    /// `decline`, the customer's `cancel` (RequestOrderCancellation while it
+    /// waits), or `none` (left to time out); and how it was answered (`ok`,
+    /// the status code of a refusal, or why it was not sent).
+    Review {
+        order_id: Uuid,
+        decision: String,
+        outcome: String,
+        at_ms: i64,
+    },
+    /// The customer's RequestReturn of a confirmed order, and how it was
+    /// answered (or why it was not sent: the order did not confirm).
+    Return {
+        order_id: Uuid,
+        outcome: String,
+        at_ms: i64,
+    },
 }
 
 /// A CreateOrder as it was asked for.
@@ -115,6 +132,10 @@ pub struct Record {
     pub cancels: BTreeMap<String, u64>,
     /// CompensateSaga outcomes, by outcome.
     pub compensations: BTreeMap<String, u64>,
+    /// Review decisions, by (decision, outcome).
+    pub reviews: BTreeMap<(String, String), u64>,
+    /// RequestReturn outcomes, by outcome.
+    pub returns: BTreeMap<String, u64>,
     /// Lines that could not be read (a client killed mid-line).
     pub torn_lines: u64,
 }
@@ -184,6 +205,10 @@ impl Record {
             Entry::Compensate { outcome, .. } => {
                 *self.compensations.entry(outcome).or_default() += 1;
             }
+            Entry::Review {
+                decision, outcome, ..
+            } => *self.reviews.entry((decision, outcome)).or_default() += 1,
+            Entry::Return { outcome, .. } => *self.returns.entry(outcome).or_default() += 1,
         }
     }
 

@@ -107,6 +107,14 @@ pub struct Totals {
     pub refunded_minor: i64,
     /// What the simulated provider holds, if it is there.
     pub provider_held_minor: Option<i64>,
+    /// Orders an admin approved, and declined, on review.
+    pub reviews_approved: usize,
+    pub reviews_declined: usize,
+    /// Order sagas that turned back because the review timed out.
+    pub reviews_timed_out: usize,
+    /// Orders whose return was asked for, and orders returned.
+    pub returns_requested: usize,
+    pub returned: usize,
 }
 
 /// Everything the audit found.
@@ -194,6 +202,15 @@ impl Report {
             totals
                 .provider_held_minor
                 .map_or_else(|| "unknown".to_owned(), |held| held.to_string())
+        );
+        let _ = writeln!(
+            out,
+            "Reviews: {} approved, {} declined by an admin, {} timed out; returns: {} asked for, {} returned.",
+            totals.reviews_approved,
+            totals.reviews_declined,
+            totals.reviews_timed_out,
+            totals.returns_requested,
+            totals.returned
         );
         for check in &self.checks {
             if let Verdict::Fail { count, examples } = &check.verdict {

@@ -103,6 +103,17 @@ impl World {
     /// the provider's charge, its saga and step log, and the load client's
     /// record of it.
     async fn order(&mut self, key: &str, ending: Ending) -> Fixture {
+        self.reviewed_order(key, ending, None).await
+    }
+
+    /// An order as [`World::order`] makes it, held for review first and
+    /// approved (`Some(true)`) or declined (`Some(false)`) by an admin.
+    async fn reviewed_order(
+        &mut self,
+        key: &str,
+        ending: Ending,
+        approved: Option<bool>,
+    ) -> Fixture {
         let order_id = Uuid::now_v7();
         let saga_id = Uuid::now_v7();
         let payment_id = Uuid::now_v7();
@@ -125,6 +136,16 @@ impl World {
         };
         let reason = |text: &str| Reason::parse(text).unwrap();
         let mut events = vec![OrderEvent::Placed(placed)];
+        if let Some(approved) = approved {
+            events.push(OrderEvent::HeldForReview);
+            events.push(if approved {
+                OrderEvent::ReviewApproved
+            } else {
+                OrderEvent::ReviewDeclined {
+                    reason: reason("fraud suspected"),
+                }
+            });
+        }
         let (status, status_reason, view_payment) = match ending {
             Ending::Confirmed => {
                 events.push(OrderEvent::Confirmed {
@@ -289,6 +310,81 @@ impl World {
             key: key.to_owned(),
             payment_key,
         }
+    }
+
+    /// Appends `events` to the order's stream, and sets its read model row
+    /// to what they make of it.
+    async fn append(
+        &self,
+        order_id: Uuid,
+        events: Vec<OrderEvent>,
+        status: &str,
+        reason: Option<&str>,
+    ) {
+        let mut tx = self.admin.begin().await.unwrap();
+        sqlx::query("SET LOCAL search_path TO orders")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let mut stream = order_service::event_store::load::<Order>(&mut tx, order_id)
+            .await
+            .unwrap();
+        let writer = Writer {
+            publisher: messaging::Publisher::new("order", "order.events"),
+            origin: messaging::envelope::Origin {
+                correlation_id: telemetry::CorrelationId::generate(),
+                causation_id: None,
+            },
+        };
+        append(&mut tx, &mut stream, events, &writer).await.unwrap();
+        sqlx::query(
+            "UPDATE order_view SET status = $2, status_reason = $3, version = $4 WHERE order_id = $1",
+        )
+        .bind(order_id)
+        .bind(status)
+        .bind(reason)
+        .bind(i64::try_from(stream.history.len()).unwrap())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    /// The payment the order was confirmed with.
+    async fn payment_of(&self, order_id: Uuid) -> PaymentId {
+        let id: Uuid =
+            sqlx::query_scalar("SELECT payment_id FROM orders.order_view WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_one(&self.admin)
+                .await
+                .unwrap();
+        PaymentId::new(id)
+    }
+
+    /// A saga of `saga_type` in `state`, about `business_key`, child of
+    /// `parent` if given.
+    async fn saga(
+        &self,
+        saga_type: &str,
+        business_key: &str,
+        state: &str,
+        parent: Option<Uuid>,
+    ) -> Uuid {
+        let saga_id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO saga.saga_instances (saga_id, saga_type, business_key, state, data, correlation_id,
+                                              fence, finished_at, parent_saga_id, parent_step)
+             VALUES ($1, $2, $3, $4, '{}', 'corr', 2, now(), $5, CASE WHEN $5 IS NOT NULL THEN 'refund-payment' END)",
+        )
+        .bind(saga_id)
+        .bind(saga_type)
+        .bind(business_key)
+        .bind(state)
+        .bind(parent)
+        .execute(&self.admin)
+        .await
+        .unwrap();
+        saga_id
     }
 
     /// A charge in the simulated provider's memory.
@@ -666,5 +762,195 @@ async fn a_saga_terminated_with_effects_left_is_the_operators_and_without_a_reas
     assert_fails(
         &world.audit().await,
         &["sagas-final", "charges", "provider"],
+    );
+}
+
+#[tokio::test]
+async fn a_return_is_judged_by_its_saga_its_refund_child_and_its_money() {
+    let mut world = World::new().await;
+    let order = world.confirmed.order_id;
+    let payment_id = world.payment_of(order).await;
+    let reason = Reason::parse("does not fit").unwrap();
+    world
+        .append(
+            order,
+            vec![
+                OrderEvent::ReturnRequested {
+                    payment_id,
+                    reason: reason.clone(),
+                },
+                OrderEvent::Returned { payment_id },
+            ],
+            "returned",
+            Some("does not fit"),
+        )
+        .await;
+    // Returned with its money kept, and no return saga.
+    assert_fails(
+        &world.audit().await,
+        &["saga-per-order", "ledger", "provider"],
+    );
+
+    // Refunded, by a return saga and its refund child.
+    world
+        .run(&format!(
+            "UPDATE payments.payments SET status = 'refunded', refunded_at = now() WHERE idempotency_key = '{key}';
+             UPDATE payments.simulated_provider_charges SET refunded_at = now() WHERE idempotency_key = '{key}'",
+            key = world.confirmed.payment_key
+        ))
+        .await;
+    let returning = world
+        .saga("order-return", &order.to_string(), "completed", None)
+        .await;
+    let refund = world
+        .saga(
+            "payment-refund",
+            &format!("{returning}/refund-payment"),
+            "completed",
+            Some(returning),
+        )
+        .await;
+    let report = world.audit().await;
+    assert_fails(&report, &[]);
+    assert_eq!(
+        (report.totals.returns_requested, report.totals.returned),
+        (1, 1)
+    );
+
+    // A refund that belongs to no return, and a second one.
+    world
+        .run(&format!(
+            "UPDATE saga.saga_instances SET parent_saga_id = NULL WHERE saga_id = '{refund}'"
+        ))
+        .await;
+    assert_fails(&world.audit().await, &["saga-per-order"]);
+    world
+        .run(&format!(
+            "UPDATE saga.saga_instances SET parent_saga_id = '{returning}' WHERE saga_id = '{refund}'"
+        ))
+        .await;
+    world
+        .saga(
+            "payment-refund",
+            &format!("{returning}/again"),
+            "completed",
+            Some(returning),
+        )
+        .await;
+    assert_fails(&world.audit().await, &["saga-per-order"]);
+    world
+        .run("DELETE FROM saga.saga_instances WHERE business_key LIKE '%/again'")
+        .await;
+
+    // A return left RETURN_REQUESTED: only for an operator, who sees why.
+    let left = world.order("k-left", Ending::Confirmed).await;
+    let payment_id = world.payment_of(left.order_id).await;
+    world
+        .append(
+            left.order_id,
+            vec![OrderEvent::ReturnRequested { payment_id, reason }],
+            "return_requested",
+            Some("does not fit"),
+        )
+        .await;
+    let stuck = world
+        .saga(
+            "order-return",
+            &left.order_id.to_string(),
+            "compensated",
+            None,
+        )
+        .await;
+    world
+        .run(&format!(
+            "UPDATE saga.saga_instances SET failure_reason = 'refund-payment: child saga compensated'
+             WHERE saga_id = '{stuck}'"
+        ))
+        .await;
+    assert_fails(&world.audit().await, &["saga-per-order"]);
+    world
+        .run(&format!(
+            "UPDATE saga.saga_instances SET state = 'failed' WHERE saga_id = '{stuck}'"
+        ))
+        .await;
+    assert_fails(&world.audit().await, &[]);
+    // And a return saga for an order whose return nobody asked for.
+    world
+        .saga(
+            "order-return",
+            &world.cancelled.order_id.to_string(),
+            "completed",
+            None,
+        )
+        .await;
+    assert_fails(&world.audit().await, &["saga-per-order"]);
+}
+
+#[tokio::test]
+async fn an_approved_order_is_rejected_only_when_its_review_timed_out_or_its_authorization_lapses()
+{
+    let mut world = World::new().await;
+    let approved = world
+        .reviewed_order("k-approved", Ending::Rejected, Some(true))
+        .await;
+    let declined = world
+        .reviewed_order("k-declined", Ending::Rejected, Some(false))
+        .await;
+    let reason = |reason: &str| {
+        format!(
+            "UPDATE saga.saga_instances SET failure_reason = '{reason}' WHERE saga_id = '{}'",
+            approved.saga_id
+        )
+    };
+    // Rejected for no reason its review explains.
+    assert_fails(&world.audit().await, &["reviews"]);
+    world
+        .run(&reason(
+            "authorize-payment: payment declined: card_declined",
+        ))
+        .await;
+    assert_fails(&world.audit().await, &["reviews"]);
+    // Also not a decline by the reviewer: the order says approved.
+    world
+        .run(&reason("check-review: review declined: fraud suspected"))
+        .await;
+    assert_fails(&world.audit().await, &["reviews"]);
+
+    // The timeout reached the saga before the approval did.
+    world
+        .run(&reason(
+            "check-review: review declined: the review timed out after 5s",
+        ))
+        .await;
+    let report = world.audit().await;
+    assert_fails(&report, &[]);
+    assert_eq!(
+        (
+            report.totals.reviews_approved,
+            report.totals.reviews_declined,
+            report.totals.reviews_timed_out
+        ),
+        (1, 1, 1)
+    );
+    // Approved too late to capture before the authorization lapses.
+    world
+        .run(&reason(
+            "check-review: the payment authorization lapses at 2026-12-01T10:00:00+00:00, too soon to capture",
+        ))
+        .await;
+    assert_fails(&world.audit().await, &[]);
+
+    // A declined order that was not rejected.
+    world
+        .run(&format!(
+            "UPDATE orders.order_view SET status = 'cancelled' WHERE order_id = '{}'",
+            declined.order_id
+        ))
+        .await;
+    let report = world.audit().await;
+    assert!(
+        report.failures().contains(&"reviews"),
+        "{}",
+        report.render()
     );
 }

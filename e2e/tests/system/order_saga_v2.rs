@@ -3,7 +3,8 @@
 //! out while the orchestrator dies and comes back, and a customer who
 //! cancels during the review; the capture retried
 //! through a payment outage past the pivot; an authorization that lapses
-//! during the review; a return refunded by a child saga; and sagas of
+//! during the review; a return refunded by a child saga, also one asked
+//! for before the capture; and sagas of
 //! version 1 finishing as version 1 beside version 2 across a restart onto
 //! a binary that starts version 2.
 
@@ -532,6 +533,50 @@ async fn a_return_is_refunded_by_a_child_saga_and_the_order_marked_returned() {
         vec![PaymentStatus::Refunded]
     );
     assert_eq!(provider_holds(&stack, &placed.order_id).await, (0, 0));
+}
+
+#[tokio::test]
+async fn a_return_asked_for_before_the_capture_waits_for_it_and_is_refunded() {
+    // Version 2 confirms, then captures. The first capture of
+    // `tok_capture_fails_once` fails transiently and its retry waits 4 to
+    // 8 s: the order is confirmed, and its money not taken yet, when its
+    // customer returns it. The refund must wait for the capture, not turn
+    // the return back and leave the order RETURN_REQUESTED.
+    let stack = stack_v2(
+        &[
+            (ORCHESTRATOR, "SAGA_RETRY_BACKOFF", "8s"),
+            (ORCHESTRATOR, "SAGA_RETRY_MAX_BACKOFF", "8s"),
+        ],
+        None,
+    )
+    .await;
+    let customer = stack.customer_token("early@example.com").await.unwrap();
+    let placed = stack
+        .place_order(&customer, "early-return", "tok_capture_fails_once")
+        .await;
+    order_reaching(&stack, &customer, &placed.order_id, OrderStatus::Confirmed).await;
+    let paid = payments(&stack, &customer, &placed.order_id).await;
+    assert_eq!(paid[0].status(), PaymentStatus::Authorized, "{paid:?}");
+
+    let request = RequestReturnRequest {
+        order_id: placed.order_id.clone(),
+        reason: "arrived broken".into(),
+    };
+    stack
+        .orders()
+        .await
+        .request_return(bearer(request, &customer))
+        .await
+        .unwrap();
+    order_reaching(&stack, &customer, &placed.order_id, OrderStatus::Returned).await;
+    let paid = payments(&stack, &customer, &placed.order_id).await;
+    assert_eq!(
+        paid.iter().map(Payment::status).collect::<Vec<_>>(),
+        vec![PaymentStatus::Refunded]
+    );
+    assert_eq!(provider_holds(&stack, &placed.order_id).await, (0, 0));
+    let saga = stack.settled_saga(&placed.order_id, SETTLE).await.unwrap();
+    assert_eq!(saga.state(), SagaState::Completed, "{saga:#?}");
 }
 
 #[tokio::test]

@@ -9,14 +9,16 @@ use money::{Currency, Money};
 use prost::Message as _;
 use service_runtime::status::{self, FieldViolations};
 use sha2::{Digest as _, Sha256};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::app::{
     self, CaptureError, Ledger, Payments, ProcessError, RefundError, RefundTarget, VoidError,
 };
 use crate::domain::{
-    ChargeDetails, ChargeKey, ChargeRequest, CustomerId, OrderId, Payment, PaymentId, PaymentKind,
-    PaymentMethodToken, PaymentStatus, Refund, RefundKey, RefundReason, RequestHash,
+    ChargeDetails, ChargeKey, ChargeRequest, CustomerId, NothingToRefund, OrderId, Payment,
+    PaymentId, PaymentKind, PaymentMethodToken, PaymentStatus, Refund, RefundKey, RefundReason,
+    RequestHash,
 };
 use crate::provider::ProviderError;
 
@@ -315,6 +317,19 @@ impl From<RefundError> for Status {
     fn from(error: RefundError) -> Self {
         match error {
             RefundError::NotFound => Status::not_found("no such payment"),
+            // Named in an `ErrorInfo`, so that a caller can tell "not
+            // captured yet" from "declined" without reading the message.
+            RefundError::NothingToRefund(error @ NothingToRefund::OnlyAuthorized) => {
+                Status::with_error_details(
+                    Code::FailedPrecondition,
+                    error.to_string(),
+                    ErrorDetails::with_error_info(
+                        api_payment::NOT_CAPTURED,
+                        api_payment::ERROR_DOMAIN,
+                        std::collections::HashMap::<String, String>::new(),
+                    ),
+                )
+            }
             RefundError::NothingToRefund(error) => Status::failed_precondition(error.to_string()),
             RefundError::Provider(error) => error.into(),
             RefundError::Unexpected(error) => status::internal(&error),

@@ -13,9 +13,15 @@
 //! same one. Once the refund has begun it only goes forward: the child's
 //! pivot is its one step, so compensating the return never takes the
 //! refund back (a compensation that would reach a completed refund fails,
-//! for an operator). A refund refused for certain (the payment is not
-//! captured, say) fails the child, and with it the return, which then
-//! reports why; the order stays RETURN_REQUESTED for an operator.
+//! for an operator). A v2 order is confirmed before its payment is
+//! captured, so a return may come while the capture is still being
+//! retried: the refund, told the payment is not captured yet
+//! (`PAYMENT_NOT_CAPTURED`), waits for it and asks again, as a pivot that
+//! never gives up (once the authorization is captured it is refunded; if
+//! it lapses instead, nothing was taken and the refund answers so). A
+//! refund refused for certain (the payment was declined, say) fails the
+//! child, and with it the return, which then reports why; the order stays
+//! RETURN_REQUESTED for an operator.
 
 use std::sync::Arc;
 
@@ -114,7 +120,19 @@ impl Action for Refund {
             let payment = PaymentServiceClient::new(self.0.clone())
                 .refund_payment(request(request_message, context))
                 .await
-                .map_err(|status| classify(&status))?
+                .map_err(|status| {
+                    // Confirmed before captured (order saga v2): the order
+                    // saga's capture, retried until it answers, is coming.
+                    // Refunding is waiting for it, as the pivot waits.
+                    if not_captured_yet(&status) {
+                        StepError::Retryable(format!(
+                            "the payment is not captured yet; waiting for its capture: {}",
+                            status.message()
+                        ))
+                    } else {
+                        classify(&status)
+                    }
+                })?
                 .into_inner();
             Ok(serde_json::json!({
                 "payment_id": payment.payment_id,
@@ -123,6 +141,15 @@ impl Action for Refund {
         }
         .boxed()
     }
+}
+
+/// RefundPayment's refusal of an authorization not captured (yet).
+fn not_captured_yet(status: &tonic::Status) -> bool {
+    use tonic_types::StatusExt as _;
+    status.code() == tonic::Code::FailedPrecondition
+        && status.get_details_error_info().is_some_and(|info| {
+            info.reason == api_payment::NOT_CAPTURED && info.domain == api_payment::ERROR_DOMAIN
+        })
 }
 
 struct MarkReturned(Downstream);

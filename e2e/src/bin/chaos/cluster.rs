@@ -33,13 +33,20 @@ const REPLICAS: [(&str, usize); 4] = [
 /// Settings that make faults show quickly: a dead orchestrator's sagas
 /// are taken over after 3 s (a replica stopped for longer is fenced off),
 /// an attempt gives up after 2 s, and `tok_slow` answers after 3 s, later
-/// than the saga waits.
-const TUNING: [(&str, &str, &str); 4] = [
+/// than the saga waits. A large order waits at most 5 s for its review,
+/// so that the load's late decisions race the timeout.
+const TUNING: [(&str, &str, &str); 6] = [
     (saga_orchestrator::NAME, "SAGA_LEASE", "3s"),
     (saga_orchestrator::NAME, "SAGA_ATTEMPT_TIMEOUT", "2s"),
     (saga_orchestrator::NAME, "SAGA_RETRY_BACKOFF", "50ms"),
+    (saga_orchestrator::NAME, "REVIEW_TIMEOUT", "5s"),
+    (saga_orchestrator::NAME, "REVIEW_THRESHOLD", "100000"),
     (payment_service::NAME, "PROVIDER_SLOW_DELAY", "3s"),
 ];
+
+/// `REVIEW_THRESHOLD` above: the load makes orders of at least this much
+/// to have them reviewed.
+pub(crate) const REVIEW_THRESHOLD_MINOR: i64 = 100_000;
 
 /// What a fault can be aimed at: the replicas and links, by name. The
 /// schedule picks among them by index, so it depends only on these lists.
@@ -346,5 +353,14 @@ mod tests {
         assert_eq!(topology.replicas.len(), 8);
         // Eight to PostgreSQL, two per orchestrator, two for the load client.
         assert_eq!(topology.links.len(), 8 + 6 + 2);
+    }
+
+    #[test]
+    fn the_load_knows_the_review_threshold_the_orchestrators_are_given() {
+        let given = TUNING
+            .iter()
+            .find(|(_, key, _)| *key == "REVIEW_THRESHOLD")
+            .map(|(_, _, value)| value.parse::<i64>().unwrap());
+        assert_eq!(given, Some(REVIEW_THRESHOLD_MINOR));
     }
 }

@@ -1,5 +1,6 @@
 //! The load: customers placing orders of every kind the simulated provider
-//! knows, some of them cancelling, and an operator compensating sagas.
+//! knows, some of them cancelling or returning, an operator compensating
+//! sagas, and an admin deciding the large orders held for review.
 //!
 //! It runs as a child process of the driver ([`LoadClient`]), so that the
 //! run can kill it mid-request like any other process: every CreateOrder
@@ -18,7 +19,10 @@ use anyhow::Context as _;
 use api_auth::v1::LoginRequest;
 use api_auth::v1::auth_service_client::AuthServiceClient;
 use api_order::v1::order_service_client::OrderServiceClient;
-use api_order::v1::{CreateOrderRequest, RequestOrderCancellationRequest};
+use api_order::v1::{
+    ApproveOrderRequest, CreateOrderRequest, DeclineOrderRequest, GetOrderRequest, OrderStatus,
+    RequestOrderCancellationRequest, RequestReturnRequest,
+};
 use api_saga::v1::saga_service_client::SagaServiceClient;
 use api_saga::v1::{CompensateSagaRequest, GetSagaStatusRequest, get_saga_status_request};
 use audit::record::{self, Entry, Intent, Writer};
@@ -76,7 +80,43 @@ enum FollowUp {
     Cancel(Duration),
     /// An operator compensates the saga after this long.
     Compensate(Duration),
+    /// A large order: once it is held for review, this, after this long.
+    Review(Decision, Duration),
+    /// The customer returns the order this long after it is confirmed.
+    Return(Duration),
 }
+
+/// What follows a large order's hold for review.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// An admin's ApproveOrder.
+    Approve,
+    /// An admin's DeclineOrder.
+    Decline,
+    /// The customer's RequestOrderCancellation while it waits.
+    Cancel,
+    /// Nobody decides: `REVIEW_TIMEOUT` declines it.
+    Never,
+}
+
+impl Decision {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Approve => "approve",
+            Self::Decline => "decline",
+            Self::Cancel => "cancel",
+            Self::Never => "none",
+        }
+    }
+}
+
+/// The share of orders (out of 100) that are large enough to be reviewed.
+const LARGE_SHARE: u32 = 12;
+
+/// How long a follow-up waits for its order to reach the state it acts on
+/// (held for review, confirmed) before it gives up; faults can hold a saga
+/// back for a while.
+const REACH_WITHIN: Duration = Duration::from_secs(90);
 
 /// A catalogue to pick lines from: (sku, unit price in minor units).
 const CATALOGUE: [(&str, i64); 6] = [
@@ -125,21 +165,47 @@ fn order_of(seed: u64, generation: u32, n: u64, customer: Uuid) -> (Intent, Foll
         .collect();
     lines.sort();
     lines.dedup_by(|a, b| a.0 == b.0);
-    let token = if token == "over_limit" {
+    let large = rng.random_range(0..100) < LARGE_SHARE;
+    let token = if token == "over_limit" && !large {
         // Well over the provider's 1 000 000 limit.
         lines.push(("PIANO-1".to_owned(), 1, 1_500_000));
+        "tok_visa"
+    } else if token == "over_limit" {
         "tok_visa"
     } else {
         token
     };
+    if large {
+        // At or above the review threshold, and with the other lines (at
+        // most 75 597) still under the provider's 1 000 000 limit.
+        let threshold = crate::cluster::REVIEW_THRESHOLD_MINOR;
+        lines.push((
+            "TV-55".to_owned(),
+            1,
+            rng.random_range(threshold..=threshold * 7),
+        ));
+    }
     let total_minor = lines
         .iter()
         .map(|(_, quantity, price)| i64::from(*quantity) * price)
         .sum();
-    let follow_up = match rng.random_range(0..100) {
-        0..10 => FollowUp::Cancel(Duration::from_millis(rng.random_range(0..400))),
-        10..16 => FollowUp::Compensate(Duration::from_millis(rng.random_range(0..600))),
-        _ => FollowUp::None,
+    let follow_up = if large {
+        // Decisions spread over the review's 5 s, some of them late enough
+        // to race its timeout once faults slow the way to the saga.
+        let decision = match rng.random_range(0..100) {
+            0..40 => Decision::Approve,
+            40..60 => Decision::Decline,
+            60..80 => Decision::Cancel,
+            _ => Decision::Never,
+        };
+        FollowUp::Review(decision, Duration::from_millis(rng.random_range(200..4800)))
+    } else {
+        match rng.random_range(0..100) {
+            0..10 => FollowUp::Cancel(Duration::from_millis(rng.random_range(0..400))),
+            10..16 => FollowUp::Compensate(Duration::from_millis(rng.random_range(0..600))),
+            16..26 => FollowUp::Return(Duration::from_millis(rng.random_range(0..1000))),
+            _ => FollowUp::None,
+        }
     };
     let intent = Intent {
         key: format!("chaos-{seed}-g{generation}-{n}"),
@@ -184,6 +250,19 @@ async fn backoff(attempt: u32) {
     let base = Duration::from_millis(50) * 2u32.saturating_pow(attempt.min(5));
     let base = base.min(Duration::from_secs(1));
     tokio::time::sleep(base.mul_f64(rand::random_range(0.5..1.5))).await;
+}
+
+/// Whom a follow-up call is made as.
+#[derive(Debug, Clone, Copy)]
+enum Caller {
+    /// The customer, by index.
+    Customer(usize),
+    Admin,
+}
+
+/// A follow-up call's outcome, as the record keeps it.
+fn outcome<T>(answer: Result<T, String>) -> String {
+    answer.map_or_else(|why| why, |_| "ok".to_owned())
 }
 
 /// Codes that say a request was refused for good: sending it again gets
@@ -295,34 +374,205 @@ impl Load {
         }
     }
 
-    /// The customer's RequestOrderCancellation, until it is answered (or 30 tries).
-    async fn cancel(&self, order_id: Uuid, customer: Uuid) {
-        let customer = self.customer_index(customer);
-        let mut outcome = "gave up".to_owned();
-        for attempt in 1..=30 {
-            let token = self.tokens.read().await[customer].clone();
-            let mut call = bearer(
-                RequestOrderCancellationRequest {
-                    order_id: order_id.to_string(),
-                    reason: "changed my mind".to_owned(),
+    /// Sends an order service call, made by `call` from a token and a
+    /// replica, until it is answered (or `tries` times), as `caller`:
+    /// spread over the replicas, backing off after a transient failure,
+    /// logging in again when the token is refused. `Err` is the outcome to
+    /// write down: the code of a refusal for good, or "gave up".
+    async fn order_call<T, F, Fut>(
+        &self,
+        caller: Caller,
+        tries: usize,
+        mut call: F,
+    ) -> Result<T, String>
+    where
+        F: FnMut(String, OrderServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        for attempt in 1..=tries {
+            let token = match caller {
+                Caller::Customer(index) => self.tokens.read().await[index].clone(),
+                Caller::Admin => self.admin.read().await.clone(),
+            };
+            let client = self.orders[attempt % self.orders.len()].clone();
+            match call(token, client).await {
+                Ok(answer) => return Ok(answer.into_inner()),
+                Err(status) if status.code() == Code::Unauthenticated => match caller {
+                    Caller::Customer(index) => {
+                        let email = self.customers[index].email.clone();
+                        let fresh = self.login(&email, e2e::CUSTOMER_PASSWORD).await;
+                        self.tokens.write().await[index] = fresh;
+                    }
+                    Caller::Admin => {
+                        *self.admin.write().await =
+                            self.login(e2e::ADMIN_EMAIL, e2e::ADMIN_PASSWORD).await;
+                    }
                 },
-                &token,
-            );
-            call.set_timeout(Duration::from_secs(5));
-            let mut client = self.orders[attempt % self.orders.len()].clone();
-            match client.request_order_cancellation(call).await {
-                Ok(_) => {
-                    outcome = "ok".to_owned();
-                    break;
-                }
                 Err(status) if is_definite(status.code()) => {
-                    outcome = format!("{:?}", status.code());
-                    break;
+                    return Err(format!("{:?}", status.code()));
                 }
                 Err(_) => backoff(attempt as u32).await,
             }
         }
+        Err("gave up".to_owned())
+    }
+
+    /// The customer's RequestOrderCancellation, until it is answered (or 30
+    /// tries): "ok", or why not.
+    async fn request_cancellation(&self, order_id: Uuid, customer: Uuid) -> String {
+        let caller = Caller::Customer(self.customer_index(customer));
+        let answer = self
+            .order_call(caller, 30, |token, mut client| {
+                let mut call = bearer(
+                    RequestOrderCancellationRequest {
+                        order_id: order_id.to_string(),
+                        reason: "changed my mind".to_owned(),
+                    },
+                    &token,
+                );
+                call.set_timeout(Duration::from_secs(5));
+                async move { client.request_order_cancellation(call).await }
+            })
+            .await;
+        outcome(answer)
+    }
+
+    /// The customer's RequestOrderCancellation, written down.
+    async fn cancel(&self, order_id: Uuid, customer: Uuid) {
+        let outcome = self.request_cancellation(order_id, customer).await;
         self.write(&Entry::Cancel {
+            order_id,
+            outcome,
+            at_ms: record::now_ms(),
+        });
+    }
+
+    /// Polls the order until `reached` says its status is one to act on,
+    /// for at most [`REACH_WITHIN`]: that status, or `None`.
+    async fn wait_for(
+        &self,
+        order_id: Uuid,
+        customer: Uuid,
+        reached: impl Fn(OrderStatus) -> bool,
+    ) -> Option<OrderStatus> {
+        let caller = Caller::Customer(self.customer_index(customer));
+        let deadline = tokio::time::Instant::now() + REACH_WITHIN;
+        while tokio::time::Instant::now() < deadline {
+            let order = self
+                .order_call(caller, 10, |token, mut client| {
+                    let mut call = bearer(
+                        GetOrderRequest {
+                            order_id: order_id.to_string(),
+                        },
+                        &token,
+                    );
+                    call.set_timeout(Duration::from_secs(5));
+                    async move { client.get_order(call).await }
+                })
+                .await;
+            if let Ok(order) = order
+                && reached(order.status())
+            {
+                return Some(order.status());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+
+    /// A large order's review: once it is held (or has moved on without
+    /// being held), `decision` after `after`, written down.
+    async fn review(&self, order_id: Uuid, customer: Uuid, decision: Decision, after: Duration) {
+        let status = self
+            .wait_for(order_id, customer, |status| {
+                !matches!(status, OrderStatus::Pending | OrderStatus::Unspecified)
+            })
+            .await;
+        let outcome = match status {
+            Some(OrderStatus::PendingReview) => {
+                tokio::time::sleep(after).await;
+                match decision {
+                    Decision::Approve => outcome(
+                        self.order_call(Caller::Admin, 30, |token, mut client| {
+                            let mut call = bearer(
+                                ApproveOrderRequest {
+                                    order_id: order_id.to_string(),
+                                },
+                                &token,
+                            );
+                            call.set_timeout(Duration::from_secs(5));
+                            async move { client.approve_order(call).await }
+                        })
+                        .await,
+                    ),
+                    Decision::Decline => outcome(
+                        self.order_call(Caller::Admin, 30, |token, mut client| {
+                            let mut call = bearer(
+                                DeclineOrderRequest {
+                                    order_id: order_id.to_string(),
+                                    reason: "chaos reviewer".to_owned(),
+                                },
+                                &token,
+                            );
+                            call.set_timeout(Duration::from_secs(5));
+                            async move { client.decline_order(call).await }
+                        })
+                        .await,
+                    ),
+                    Decision::Cancel => self.request_cancellation(order_id, customer).await,
+                    Decision::Never => "left to time out".to_owned(),
+                }
+            }
+            // Its payment said no first, say: nothing to review.
+            Some(other) => format!("not held ({})", other.as_str_name()),
+            None => "never held".to_owned(),
+        };
+        self.write(&Entry::Review {
+            order_id,
+            decision: decision.as_str().to_owned(),
+            outcome,
+            at_ms: record::now_ms(),
+        });
+    }
+
+    /// The customer's RequestReturn `after` the order is confirmed (if it
+    /// is), written down.
+    async fn request_return(&self, order_id: Uuid, customer: Uuid, after: Duration) {
+        let status = self
+            .wait_for(order_id, customer, |status| {
+                matches!(
+                    status,
+                    OrderStatus::Confirmed
+                        | OrderStatus::Rejected
+                        | OrderStatus::Cancelled
+                        | OrderStatus::ReturnRequested
+                        | OrderStatus::Returned
+                )
+            })
+            .await;
+        let outcome = match status {
+            Some(OrderStatus::Confirmed) => {
+                tokio::time::sleep(after).await;
+                let caller = Caller::Customer(self.customer_index(customer));
+                outcome(
+                    self.order_call(caller, 30, |token, mut client| {
+                        let mut call = bearer(
+                            RequestReturnRequest {
+                                order_id: order_id.to_string(),
+                                reason: "not what I expected".to_owned(),
+                            },
+                            &token,
+                        );
+                        call.set_timeout(Duration::from_secs(5));
+                        async move { client.request_return(call).await }
+                    })
+                    .await,
+                )
+            }
+            Some(other) => format!("not confirmed ({})", other.as_str_name()),
+            None => "never confirmed".to_owned(),
+        };
+        self.write(&Entry::Return {
             order_id,
             outcome,
             at_ms: record::now_ms(),
@@ -414,6 +664,14 @@ impl Load {
             FollowUp::Compensate(after) => {
                 tokio::time::sleep(after).await;
                 self.compensate(order_id).await;
+            }
+            FollowUp::Review(decision, after) => {
+                self.review(order_id, intent.customer_id, decision, after)
+                    .await;
+            }
+            FollowUp::Return(after) => {
+                self.request_return(order_id, intent.customer_id, after)
+                    .await;
             }
         }
     }
@@ -641,5 +899,35 @@ mod tests {
             tokens.insert(intent.payment_method);
         }
         assert_eq!(tokens.len(), TOKENS.len() - 1, "{tokens:?}");
+    }
+
+    #[test]
+    fn large_orders_are_reviewed_within_the_providers_limit_and_some_are_returned() {
+        let customer = Uuid::now_v7();
+        let threshold = crate::cluster::REVIEW_THRESHOLD_MINOR;
+        let mut decisions = std::collections::BTreeSet::new();
+        let (mut large, mut returned) = (0, 0);
+        for n in 0..2000 {
+            let (intent, follow_up) = order_of(7, 1, n, customer);
+            match follow_up {
+                FollowUp::Review(decision, _) => {
+                    large += 1;
+                    decisions.insert(decision.as_str());
+                    assert!(intent.total_minor >= threshold, "{intent:?}");
+                    assert!(intent.total_minor < 1_000_000, "{intent:?}");
+                }
+                follow_up => {
+                    returned += usize::from(matches!(follow_up, FollowUp::Return(_)));
+                    // Small, or over the limit on purpose (declined first).
+                    assert!(
+                        intent.total_minor < threshold || intent.total_minor > 1_000_000,
+                        "{intent:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(decisions.len(), 4, "{decisions:?}");
+        assert!((150..330).contains(&large), "{large} large orders of 2000");
+        assert!(returned > 100, "{returned} returns of 2000");
     }
 }

@@ -467,25 +467,32 @@ async fn register_customers(cluster: &Cluster) -> anyhow::Result<Vec<Customer>> 
 }
 
 /// Waits until no saga is running or compensating, every order has its
-/// saga, and every outbox is drained.
+/// saga, every return asked for has its saga, and every outbox is drained.
 async fn quiesce(admin: &sqlx::PgPool, timeout: Duration) -> bool {
+    use prost::Name as _;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
-        let counts: Result<(i64, i64, i64), _> = sqlx::query_as(
+        let counts: Result<(i64, i64, i64, i64, i64), _> = sqlx::query_as(
             "SELECT (SELECT count(*) FROM saga.saga_instances WHERE state IN ('running', 'compensating')),
                     (SELECT count(DISTINCT stream_id) FROM orders.events),
-                    (SELECT count(*) FROM saga.saga_instances)",
+                    (SELECT count(*) FROM saga.saga_instances WHERE saga_type = $1),
+                    (SELECT count(DISTINCT stream_id) FROM orders.events WHERE event_type = $2),
+                    (SELECT count(*) FROM saga.saga_instances WHERE saga_type = $3)",
         )
+        .bind(saga_orchestrator::order_saga::SAGA_TYPE)
+        .bind(api_order::v1::OrderReturnRequested::full_name())
+        .bind(saga_orchestrator::return_saga::SAGA_TYPE)
         .fetch_one(admin)
         .await;
         let backlog = audit::outbox_backlog(admin).await;
-        if let (Ok((open, orders, sagas)), Ok(backlog)) = (&counts, &backlog) {
-            if *open == 0 && orders == sagas && *backlog == 0 {
+        if let (Ok((open, orders, sagas, returning, returns)), Ok(backlog)) = (&counts, &backlog) {
+            if *open == 0 && orders == sagas && returning == returns && *backlog == 0 {
                 return true;
             }
             let now = format!(
-                "{open} sagas open, {orders} orders and {sagas} sagas, {backlog} events in outboxes"
+                "{open} sagas open, {orders} orders and {sagas} order sagas, \
+                 {returning} returns asked for and {returns} return sagas, {backlog} events in outboxes"
             );
             if now != last {
                 eprintln!("chaos: settling: {now}");

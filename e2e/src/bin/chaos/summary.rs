@@ -36,6 +36,15 @@ pub(crate) struct Run<'a> {
     pub(crate) resent: (usize, usize),
 }
 
+/// `text`, or "0" if there is none.
+fn or_zero(text: String) -> String {
+    if text.is_empty() {
+        "0".to_owned()
+    } else {
+        text
+    }
+}
+
 fn seconds(duration: Duration) -> String {
     format!("{:.1} s", duration.as_secs_f64())
 }
@@ -163,6 +172,32 @@ impl Run<'_> {
             } else {
                 compensations
             }
+        );
+        let reviews: BTreeMap<String, u64> = record
+            .reviews
+            .iter()
+            .map(|((decision, outcome), n)| (format!("{decision}: {outcome}"), *n))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| large orders' reviews, what followed the hold (ApproveOrder, DeclineOrder, the customer's cancellation, none) | {} |",
+            or_zero(outcomes(&reviews))
+        );
+        let totals = &self.report.totals;
+        let _ = writeln!(
+            out,
+            "| reviews approved / declined / timed out | {} / {} / {} |",
+            totals.reviews_approved, totals.reviews_declined, totals.reviews_timed_out
+        );
+        let _ = writeln!(
+            out,
+            "| customer returns (RequestReturn) | {} |",
+            or_zero(outcomes(&record.returns))
+        );
+        let _ = writeln!(
+            out,
+            "| returns requested / returned | {} / {} |",
+            totals.returns_requested, totals.returned
         );
 
         let _ = writeln!(out, "\n| measure | value |");

@@ -29,6 +29,14 @@ pub const CHECK_REVIEW: &str = "check-review";
 pub const CAPTURE_PAYMENT: &str = "capture-payment";
 /// The signal the review waits for: [`review_decision`]'s payload.
 pub const REVIEW_SIGNAL: &str = "review";
+/// How `check-review`'s refusal of a decline begins (then `: ` and the
+/// reviewer's reason, or the timeout's).
+pub const REVIEW_DECLINED: &str = "review declined";
+/// How the reason of a review that timed out begins (then the timeout).
+pub const REVIEW_TIMED_OUT: &str = "the review timed out after";
+/// How `check-review`'s refusal of an approval too late to capture
+/// begins (then when the authorization lapses).
+pub const AUTHORIZATION_LAPSES: &str = "the payment authorization lapses at";
 
 /// Which orders are reviewed, and for how long at most.
 #[derive(Debug, Clone, Copy)]
@@ -57,7 +65,7 @@ pub fn definition(downstreams: &Downstreams, tuning: Tuning, review: Review) -> 
         facts.data["review_required"] == serde_json::Value::Bool(true)
     });
     let timed_out = format!(
-        "the review timed out after {}",
+        "{REVIEW_TIMED_OUT} {}",
         humantime::format_duration(review.timeout)
     );
     SagaDefinition::sequence(
@@ -236,9 +244,9 @@ impl Action for CheckReview {
             if decision["approved"] != serde_json::Value::Bool(true) {
                 let why = decision["reason"].as_str().unwrap_or_default();
                 return Err(StepError::Permanent(if why.is_empty() {
-                    "review declined".to_owned()
+                    REVIEW_DECLINED.to_owned()
                 } else {
-                    format!("review declined: {why}")
+                    format!("{REVIEW_DECLINED}: {why}")
                 }));
             }
             let expires_at = context.outputs[AUTHORIZE_PAYMENT]["expires_at"]
@@ -251,7 +259,7 @@ impl Action for CheckReview {
                 && expires_at - Utc::now() < margin
             {
                 return Err(StepError::Permanent(format!(
-                    "the payment authorization lapses at {}, too soon to capture",
+                    "{AUTHORIZATION_LAPSES} {}, too soon to capture",
                     expires_at.to_rfc3339()
                 )));
             }

@@ -19,3 +19,13 @@ pub mod v1 {
 /// server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/payment_descriptor.bin"));
+
+/// The `ErrorInfo` domain of the payment service's refusals that carry one.
+pub const ERROR_DOMAIN: &str = "payment.ordersaga";
+
+/// The `ErrorInfo` reason of RefundPayment's `FAILED_PRECONDITION` for an
+/// authorization not captured (yet): nothing was taken, so nothing can be
+/// refunded. A caller that knows a capture is coming (a return of a
+/// confirmed order, whose saga captures after confirming) waits for it
+/// and asks again; any other voids the authorization instead.
+pub const NOT_CAPTURED: &str = "PAYMENT_NOT_CAPTURED";
