@@ -347,6 +347,33 @@ impl Stack {
             .into_inner()
     }
 
+    /// `order_id` as its customer (or an admin, with their token) reads it.
+    pub async fn order(&self, token: &str, order_id: &str) -> api_order::v1::Order {
+        let request = api_order::v1::GetOrderRequest {
+            order_id: order_id.to_owned(),
+        };
+        self.orders()
+            .await
+            .get_order(testkit::grpc::bearer(request, token))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// The payments of `order_id`, as its customer reads them.
+    pub async fn payments_of(&self, token: &str, order_id: &str) -> Vec<api_payment::v1::Payment> {
+        let request = api_payment::v1::ListPaymentsByOrderRequest {
+            order_id: order_id.to_owned(),
+        };
+        self.payments()
+            .await
+            .list_payments_by_order(testkit::grpc::bearer(request, token))
+            .await
+            .unwrap()
+            .into_inner()
+            .payments
+    }
+
     pub async fn payments(&self) -> PaymentServiceClient<Channel> {
         PaymentServiceClient::new(self.channel(payment_service::NAME).await)
     }

@@ -11,10 +11,10 @@
 use std::time::Duration;
 
 use api_order::v1::{
-    ApproveOrderRequest, DeclineOrderRequest, GetOrderRequest, Order, OrderStatus,
-    RequestOrderCancellationRequest, RequestReturnRequest,
+    ApproveOrderRequest, DeclineOrderRequest, Order, OrderStatus, RequestOrderCancellationRequest,
+    RequestReturnRequest,
 };
-use api_payment::v1::{ListPaymentsByOrderRequest, Payment, PaymentKind, PaymentStatus};
+use api_payment::v1::{Payment, PaymentKind, PaymentStatus};
 use api_saga::v1::step_execution::{Kind, Status};
 use api_saga::v1::{
     GetSagaStatusRequest, ListSagasRequest, Saga, SagaState, get_saga_status_request,
@@ -59,16 +59,7 @@ async fn place_large(stack: &Stack, customer: &str, key: &str) -> Order {
 }
 
 async fn order(stack: &Stack, customer: &str, order_id: &str) -> Order {
-    let request = GetOrderRequest {
-        order_id: order_id.to_owned(),
-    };
-    stack
-        .orders()
-        .await
-        .get_order(bearer(request, customer))
-        .await
-        .unwrap()
-        .into_inner()
+    stack.order(customer, order_id).await
 }
 
 /// Waits until the order is in `status`.
@@ -93,17 +84,7 @@ async fn order_reaching(
 }
 
 async fn payments(stack: &Stack, customer: &str, order_id: &str) -> Vec<Payment> {
-    let request = ListPaymentsByOrderRequest {
-        order_id: order_id.to_owned(),
-    };
-    stack
-        .payments()
-        .await
-        .list_payments_by_order(bearer(request, customer))
-        .await
-        .unwrap()
-        .into_inner()
-        .payments
+    stack.payments_of(customer, order_id).await
 }
 
 /// What the simulated provider holds of an order: taken, and reserved by

@@ -97,6 +97,16 @@ pub struct OrderData {
     pub review_required: bool,
 }
 
+impl OrderData {
+    /// The order's total, as the payment service takes it.
+    pub(crate) fn total(&self) -> api_common::v1::Money {
+        api_common::v1::Money {
+            amount_minor: self.amount_minor,
+            currency: self.currency.clone(),
+        }
+    }
+}
+
 /// How hard the saga tries.
 #[derive(Debug, Clone, Copy)]
 pub struct Tuning {

@@ -42,12 +42,9 @@ impl Action for ProcessPayment {
         async move {
             let order = data(context)?;
             let charge = ProcessPaymentRequest {
+                amount: Some(order.total()),
                 order_id: order.order_id,
                 customer_id: order.customer_id,
-                amount: Some(api_common::v1::Money {
-                    amount_minor: order.amount_minor,
-                    currency: order.currency,
-                }),
                 payment_method_token: order.payment_method_token,
                 idempotency_key: context.idempotency_key(),
             };
